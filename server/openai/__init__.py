@@ -1,0 +1,1 @@
+"""OpenAI-compatible endpoints: protocol (wire schemas), serving (logic), router (thin routes)."""
