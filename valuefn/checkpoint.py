@@ -1,0 +1,143 @@
+"""Self-describing value checkpoints: `manifest.json` + `adapter.safetensors` + `head.safetensors`.
+
+Only what was trained is stored (LoRA adapters and the head), as safetensors (never pickle).
+The manifest carries the format version, the architecture needed to rebuild the model, the
+backbone identity it must be used with, the value chain V_1..V_t with betas, default search
+settings, training metadata, and a sha256 of every file, checked before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from safetensors.torch import load_file, save_file
+
+from valuefn.model import ValueModel, ValueModelConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ADAPTER_FILE = "adapter.safetensors"
+HEAD_FILE = "head.safetensors"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that must not be used; `reason` is a short machine-readable tag."""
+
+    def __init__(self, message: str, *, reason: str, path: Path | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.path = path
+
+
+class ChainLink(BaseModel):
+    version: int = Field(ge=1)
+    beta: float = Field(1.0, gt=0)
+
+
+class SearchDefaults(BaseModel):
+    mode: Literal["cbs", "bon"] = "cbs"
+    w: int = Field(4, ge=1)
+    k: int = Field(4, ge=1)
+    l: int = Field(8, ge=1)
+
+
+class Manifest(BaseModel):
+    format_version: int
+    name: str
+    version: int = Field(ge=1)
+    created_at: float = Field(default_factory=time.time)
+    backbone: dict[str, Any]
+    model: ValueModelConfig
+    head: dict[str, int] = Field(default_factory=lambda: {"in_features": 0, "out_features": 1})
+    chain: list[ChainLink]
+    defaults: SearchDefaults = Field(default_factory=SearchDefaults)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checkpoint_files(model: ValueModel, directory: Path) -> dict[str, str]:
+    """Write adapter + head safetensors into `directory`; return {file: sha256}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(model.adapter_state_dict(), str(directory / ADAPTER_FILE))
+    save_file(model.head_state_dict(), str(directory / HEAD_FILE))
+    return {name: sha256_file(directory / name) for name in (ADAPTER_FILE, HEAD_FILE)}
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing", reason="missing_manifest", path=directory) from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable: {exc}", reason="bad_manifest", path=directory) from exc
+    fmt = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(fmt, int):
+        raise CheckpointError(f"{path} has no format_version", reason="bad_manifest", path=directory)
+    if fmt > FORMAT_VERSION:
+        raise CheckpointError(f"{path} is format {fmt}; this server reads format <= {FORMAT_VERSION} (upgrade iro-serve)",
+                              reason="future_format", path=directory)
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"{path} is invalid: {exc.errors()[0]['msg']}", reason="bad_manifest", path=directory) from exc
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Every listed file exists and matches its sha256; no pickle files are accepted."""
+    for required in (ADAPTER_FILE, HEAD_FILE):
+        if required not in manifest.files:
+            raise CheckpointError(f"manifest of {directory} does not list {required}", reason="bad_manifest", path=directory)
+    for name, digest in manifest.files.items():
+        if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{directory}: refusing file {name!r} (only safetensors inside the checkpoint)",
+                                  reason="bad_file", path=directory)
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing", reason="missing_file", path=directory)
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path} does not match its sha256 (corrupted or truncated)", reason="hash_mismatch",
+                                  path=directory)
+
+
+def check_backbone(manifest: Manifest, identity: dict[str, Any], directory: Path | None = None) -> None:
+    for key in ("config_sha256", "tokenizer_sha256"):
+        if manifest.backbone.get(key) != identity.get(key):
+            raise CheckpointError(
+                f"value {manifest.name} v{manifest.version} was trained for backbone {manifest.backbone.get('name')!r} "
+                f"({key} differs from this server's base model {identity.get('name')!r})",
+                reason="backbone_mismatch", path=directory)
+
+
+def load_trained_tensors(directory: Path, manifest: Manifest) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    verify_files(directory, manifest)
+    try:
+        return load_file(str(directory / ADAPTER_FILE)), load_file(str(directory / HEAD_FILE))
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(f"{directory}: unreadable safetensors: {exc}", reason="bad_file", path=directory) from exc
+
+
+def build_value_model(backbone, manifest: Manifest, adapter, head, *, for_inference: bool = True) -> ValueModel:
+    """Rebuild the value model of `manifest` on `backbone` (a fresh copy the model may own)."""
+    model = ValueModel(backbone, manifest.model)
+    try:
+        model.load_trained(adapter, head)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{manifest.name} v{manifest.version}: weights do not fit the model: {exc}",
+                              reason="shape_mismatch") from exc
+    return model.for_inference() if for_inference else model

@@ -1,0 +1,120 @@
+"""Turning registry entries into scoring-ready value chains (verified before use), and
+publishing value models into the registry.
+
+    loader = ValueLoader(registry, model_path)
+    chain = loader.load_chain("demo")          # V_1..V_t of demo's CURRENT version
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+from valuefn.checkpoint import (
+    FORMAT_VERSION, CheckpointError, Manifest, SearchDefaults, build_value_model, check_backbone,
+    load_trained_tensors, read_manifest, write_checkpoint_files,
+)
+from valuefn.model import ValueModel, ValueModelConfig, backbone_identity, copy_backbone, default_device, load_backbone
+from valuefn.registry import Registry
+from valuefn.scorer import LoadedValue, ScoreItem, ValueChain, forward_values
+
+log = logging.getLogger(__name__)
+
+
+class BackbonePool:
+    """Backbones of the base model, loaded once per layer count; values get copies."""
+
+    def __init__(self, model_path: str | Path, device: torch.device | None = None):
+        self.model_path = Path(model_path)
+        self.device = device or default_device()
+        self.identity = backbone_identity(self.model_path)
+        self._templates: dict[tuple[int | None, str], torch.nn.Module] = {}
+        self._lock = threading.Lock()
+
+    def template(self, config: ValueModelConfig) -> torch.nn.Module:
+        key = (config.num_layers, config.dtype)
+        with self._lock:
+            if key not in self._templates:
+                self._templates[key] = load_backbone(self.model_path, config.num_layers, config.torch_dtype(), self.device)
+            return self._templates[key]
+
+    def fresh(self, config: ValueModelConfig) -> torch.nn.Module:
+        return copy_backbone(self.template(config))
+
+
+class ValueLoader:
+    """Loads verified value versions; shares a version between chains that contain it."""
+
+    def __init__(self, registry: Registry, pool: BackbonePool):
+        self.registry = registry
+        self.pool = pool
+        self._loaded: weakref.WeakValueDictionary[tuple[str, int], LoadedValue] = weakref.WeakValueDictionary()
+
+    def load_version(self, name: str, version: int) -> LoadedValue:
+        cached = self._loaded.get((name, version))
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        directory = self.registry.path(name, version)
+        manifest = read_manifest(directory)
+        if manifest.name != name or manifest.version != version:
+            raise CheckpointError(f"{directory}: manifest says {manifest.name}@{manifest.version}",
+                                  reason="bad_manifest", path=directory)
+        check_backbone(manifest, self.pool.identity, directory)
+        adapter, head = load_trained_tensors(directory, manifest)
+        model = build_value_model(self.pool.fresh(manifest.model), manifest, adapter, head)
+        value = LoadedValue(name, version, manifest, model)
+        # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
+        probe = forward_values(value, [ScoreItem([1, 2, 3, 4], 0)], use_cache=False)
+        if not torch.isfinite(torch.as_tensor(probe)).all():
+            raise CheckpointError(f"{name}@{version} produces non-finite values", reason="bad_values", path=directory)
+        self._loaded[(name, version)] = value
+        log.info("loaded value %s@%d in %.3f s", name, version, time.perf_counter() - start)
+        return value
+
+    def load_chain(self, spec_name: str, version: int | None = None) -> ValueChain:
+        """The chain V_1..V_t that `name@version` (default CURRENT) names, every link verified."""
+        if version is None:
+            _, version = self.registry.resolve(spec_name)
+        top = self.load_version(spec_name, version)
+        links = []
+        for link in top.manifest.chain:
+            value = top if link.version == version else self.load_version(spec_name, link.version)
+            links.append((value, link.beta))
+        if not links or links[-1][0] is not top:
+            raise CheckpointError(f"{spec_name}@{version}: its chain must end with itself", reason="bad_manifest")
+        return ValueChain(spec_name, tuple(links))
+
+
+def make_manifest(name: str, config: ValueModelConfig, identity: dict, *, defaults: SearchDefaults | None = None,
+                  training: dict | None = None, metrics: dict | None = None) -> Manifest:
+    """A manifest for a new version (version and chain are filled in by `Registry.publish`)."""
+    from valuefn.checkpoint import ChainLink
+
+    return Manifest(format_version=FORMAT_VERSION, name=name, version=1, backbone=identity, model=config,
+                    head={"in_features": identity["hidden_size"], "out_features": 1}, chain=[ChainLink(version=1)],
+                    defaults=defaults or SearchDefaults(), training=training or {}, metrics=metrics or {})
+
+
+def publish_model(registry: Registry, name: str, model: ValueModel, identity: dict, *, extend_chain: bool,
+                  beta: float = 1.0, defaults: SearchDefaults | None = None, training: dict | None = None,
+                  metrics: dict | None = None) -> int:
+    manifest = make_manifest(name, model.config, identity, defaults=defaults, training=training, metrics=metrics)
+    return registry.publish(name, lambda d: write_checkpoint_files(model, d), manifest,
+                            extend_chain=extend_chain, beta=beta)
+
+
+def init_value(registry: Registry, name: str, model_path: str | Path, config: ValueModelConfig | None = None,
+               *, seed: int = 0, defaults: SearchDefaults | None = None) -> int:
+    """Publish a new untrained version of `name` (fresh head, identity LoRA); return its number."""
+    config = config or ValueModelConfig(num_layers=8)
+    pool = BackbonePool(model_path, torch.device("cpu"))
+    torch.manual_seed(seed)
+    model = ValueModel(pool.fresh(config), config)
+    return publish_model(registry, name, model, pool.identity, extend_chain=False, defaults=defaults,
+                         training={"kind": "init", "seed": seed})

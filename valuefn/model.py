@@ -1,0 +1,156 @@
+"""The value model: a (possibly truncated) decoder backbone + LoRA adapters + a scalar head.
+
+V(prompt, partial response) is the head's output at the sequence's last token. The backbone is
+the base model's own weights (optionally only its first `num_layers` decoder layers); only the
+LoRA adapters and the head are trained and stored.
+
+    >>> cfg = ValueModelConfig(num_layers=2)
+    >>> cfg.lora_r
+    16
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ValueModelConfig(BaseModel):
+    """Architecture of a value model; stored in every manifest so a checkpoint can be rebuilt."""
+
+    num_layers: int | None = Field(None, ge=1)
+    """Decoder layers of the backbone to keep (None: all). Fewer layers: faster, weaker."""
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def backbone_identity(model_path: str | Path) -> dict:
+    """What a checkpoint must match to be used with this base model: config and tokenizer hashes.
+
+    Token ids flow unchanged from the engine to the scorer, so the tokenizer must be identical.
+    """
+    path = Path(model_path)
+    config = json.loads((path / "config.json").read_text())
+    keep = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size", "rope_theta", "rope_parameters", "head_dim")
+    canonical = json.dumps({k: config.get(k) for k in keep}, sort_keys=True)
+    tok_files = [p for p in ("tokenizer.json", "tokenizer.model", "vocab.json") if (path / p).is_file()]
+    tok_hash = hashlib.sha256(b"".join(_sha256(path / p).encode() for p in tok_files)).hexdigest()
+    return {
+        "name": config.get("_name_or_path") or path.name,
+        "config_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+        "tokenizer_sha256": tok_hash,
+        "hidden_size": config["hidden_size"],
+        "total_layers": config["num_hidden_layers"],
+    }
+
+
+def load_backbone(model_path: str | Path, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                  device: torch.device | None = None) -> nn.Module:
+    """The base model's decoder (no LM head), truncated to its first `num_layers` layers."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_path), dtype=dtype)
+    return truncate(model, num_layers).to(device or default_device()).eval()
+
+
+def truncate(model: nn.Module, num_layers: int | None) -> nn.Module:
+    if num_layers is not None and num_layers < len(model.layers):
+        model.layers = model.layers[:num_layers]
+        model.config.num_hidden_layers = num_layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:num_layers]
+    return model
+
+
+def copy_backbone(template: nn.Module) -> nn.Module:
+    """A trainable copy of a backbone that shares the (never trained) embedding matrix."""
+    embed = template.get_input_embeddings()
+    return copy.deepcopy(template, memo={id(embed): embed, id(embed.weight): embed.weight})
+
+
+class ValueModel(nn.Module):
+    """backbone (+ LoRA) -> last hidden state -> linear head -> one scalar per token."""
+
+    def __init__(self, backbone: nn.Module, config: ValueModelConfig, *, lora: bool = True):
+        super().__init__()
+        self.config = config
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            for p in backbone.parameters():
+                p.requires_grad_(False)
+            backbone = get_peft_model(backbone, LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                target_modules=config.target_modules, bias="none"))
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, 1, dtype=torch.float32, device=next(backbone.parameters()).device)
+        nn.init.normal_(self.head.weight, std=1.0 / hidden**0.5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
+        """Values for every position, (B, T) float32, and the updated KV cache."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache)
+        hidden = out.last_hidden_state  # (B, T, H)
+        values = self.head(hidden.float()).squeeze(-1)  # (B, T)
+        return values, out.past_key_values
+
+    # --- what a checkpoint stores: adapters + head, with normalised keys -----------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(self.backbone).items()}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.head.state_dict().items()}
+
+    def load_trained(self, adapter: dict[str, torch.Tensor], head: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.backbone, adapter)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"adapter has keys this model does not: {unexpected[:3]}")
+        self.head.load_state_dict(head)
+
+    def for_inference(self) -> "ValueModel":
+        """Merge LoRA into the backbone weights (no adapter overhead when scoring)."""
+        if hasattr(self.backbone, "merge_and_unload"):
+            self.backbone = self.backbone.merge_and_unload()
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
