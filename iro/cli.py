@@ -74,7 +74,9 @@ def _add_optional(module: str, attr: str, name: str) -> None:
         sub = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError):
         return
-    if isinstance(sub, typer.Typer):
+    if attr == "register":  # the module adds its own commands
+        sub(app)
+    elif isinstance(sub, typer.Typer):
         app.add_typer(sub, name=name)
     else:
         app.command(name)(sub)

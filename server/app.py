@@ -87,14 +87,18 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), status_code=exc.status_code)
 
+    # A handler for `Exception` runs in Starlette's ServerErrorMiddleware, which re-raises after
+    # responding, so uvicorn drops the keep-alive connection; specific types are handled cleanly.
+    @app.exception_handler(ValueError)
+    async def value_error(_: Request, exc: ValueError):  # vLLM's own input validation
+        return JSONResponse(error_body(400, str(exc)), status_code=400)
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):
         name = type(exc).__name__
         if name in ("EngineDeadError", "EngineGenerateError"):
             return JSONResponse(error_body(503, "the inference engine failed", type="service_unavailable",
                                            code="engine_dead"), status_code=503)
-        if isinstance(exc, ValueError):  # vLLM's own input validation
-            return JSONResponse(error_body(400, str(exc)), status_code=400)
         log.exception("unexpected error")
         return JSONResponse(error_body(500, f"internal error ({name})", type="server_error"), status_code=500)
 
@@ -113,13 +117,9 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
         max_num_batched_tokens=settings.max_num_batched_tokens)
     app.state.engine = engine
     app.state.model_path = model_path
-    values = guided = None
-    try:
-        from server.values import start_values
+    from server.guided import start_values
 
-        values, guided = await start_values(app, settings, engine, model_path)
-    except ImportError:
-        pass
+    values, guided = await start_values(app, settings, engine, model_path)
     app.state.serving = OpenAIServing(engine, max_n=settings.max_n, max_queue=settings.max_queue,
                                       metrics=app.state.metrics, guided=guided, values=values,
                                       log_prompts=settings.log_prompts)
@@ -173,18 +173,16 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.serving = None
     app.state.engine = None
+    app.state.values = None
     app.state.closers = []
     install_error_handlers(app)
 
     from server.openai.router import router as openai_router
 
     app.include_router(openai_router)
-    try:
-        from server.values import admin_router
+    from server.admin.router import router as admin_router
 
-        app.include_router(admin_router)
-    except ImportError:
-        pass
+    app.include_router(admin_router)
 
     @app.get("/health")
     async def health():

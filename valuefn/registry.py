@@ -142,7 +142,9 @@ class Registry:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=name_dir))
         try:
             files = write(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; servers may run as another user
             for f in tmp.iterdir():
+                os.chmod(f, 0o644)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             previous = self.current(name) if extend_chain else None

@@ -55,7 +55,7 @@ class StreamOptions(OpenAIBaseModel):
 # ----------------------------------------------------------------------------- requests
 class _SamplingFields(OpenAIBaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[int, float] | None = None
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -68,6 +68,7 @@ class _SamplingFields(OpenAIBaseModel):
     user: str | None = None
     # vLLM extras
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: all).")
+    return_token_ids: bool = Field(False, description="Include prompt and completion token ids (like vLLM).")
     # --- iro extension -------------------------------------------------------------------
     guidance: GuidanceParams | None = Field(None, description="Value-guided decoding (iro extension).")
 
@@ -85,7 +86,7 @@ class _SamplingFields(OpenAIBaseModel):
             n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else -1,
             seed=self.seed, stop=self.stop_list() or None, max_tokens=max_tokens, logprobs=logprobs,
-            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            logit_bias=dict(self.logit_bias) if self.logit_bias else None,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
@@ -166,6 +167,7 @@ class CompletionChoice(OpenAIBaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "content_filter"] | None = None
+    token_ids: list[int] | None = None
 
 
 def _id(prefix: str) -> str:
@@ -181,6 +183,7 @@ class CompletionResponse(OpenAIBaseModel):
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
     guidance: GuidanceInfo | None = None
+    prompt_token_ids: list[list[int]] | None = Field(None, description="One list per prompt (return_token_ids).")
 
 
 class CompletionStreamResponse(OpenAIBaseModel):
@@ -217,6 +220,7 @@ class ChatCompletionChoice(OpenAIBaseModel):
     message: ChatResponseMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "content_filter"] | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -228,6 +232,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
     guidance: GuidanceInfo | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class DeltaMessage(OpenAIBaseModel):

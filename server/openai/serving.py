@@ -159,14 +159,15 @@ class OpenAIServing:
                 raise InvalidRequestError("prompt must not be empty", param="prompt")
         return out
 
-    def check_lengths(self, prompts: list[RenderedPrompt], requested: int | None) -> int:
+    def check_lengths(self, prompts: list[RenderedPrompt], requested: int | None, *,
+                      prompt_param: str = "messages") -> int:
         """Validate prompt and max_tokens against the context; return the max_tokens to use."""
         limit = self.engine.max_model_len
         longest = max(len(p.token_ids) for p in prompts)
         if longest >= limit:
             raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens. However, your prompt has {longest} "
-                "tokens. Please reduce the length of the prompt.", param="messages", code="context_length_exceeded")
+                "tokens. Please reduce the length of the prompt.", param=prompt_param, code="context_length_exceeded")
         if requested is None:
             return limit - longest
         if longest + requested > limit:
@@ -180,6 +181,13 @@ class OpenAIServing:
         if n > self.max_n:
             raise InvalidRequestError(f"n must be <= {self.max_n}", param="n", code="n_too_large")
 
+    def check_logit_bias(self, logit_bias: dict[int, float] | None) -> None:
+        vocab = len(self.engine.tokenizer)
+        bad = sorted(t for t in (logit_bias or {}) if t < 0 or t >= vocab)
+        if bad:  # vLLM would raise a bare ValueError, and only once streaming has begun
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}); got {bad[:5]}",
+                                      param="logit_bias", code="invalid_value")
+
     def count_tokens(self, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
         if self.metrics:
             self.metrics.prompt_tokens.inc(prompt_tokens)
@@ -191,6 +199,7 @@ class OpenAIServing:
     async def create_chat_completion(self, request: ChatCompletionRequest):
         value = self.resolve_model(request.model)
         self.check_n(request.n)
+        self.check_logit_bias(request.logit_bias)
         prompt = self.render_chat(request)
         max_tokens = self.check_lengths([prompt], request.requested_max_tokens())
         if self.log_prompts:
@@ -203,10 +212,12 @@ class OpenAIServing:
         final = await self._final(prompt, params)
         choices = [ChatCompletionChoice(index=o.index, message=ChatResponseMessage(content=o.text),
                                         logprobs=self._chat_logprobs(o, request.top_logprobs or 0) if request.logprobs else None,
-                                        finish_reason=o.finish_reason)
+                                        finish_reason=o.finish_reason,
+                                        token_ids=list(o.token_ids) if request.return_token_ids else None)
                    for o in final.outputs]
         usage = self.count_tokens(len(prompt.token_ids), sum(len(o.token_ids) for o in final.outputs))
-        return ChatCompletionResponse(model=request.model, choices=choices, usage=usage)
+        return ChatCompletionResponse(model=request.model, choices=choices, usage=usage,
+                                      prompt_token_ids=prompt.token_ids if request.return_token_ids else None)
 
     async def _final(self, prompt: RenderedPrompt, params) -> Any:
         final = None
@@ -253,12 +264,13 @@ class OpenAIServing:
     async def create_completion(self, request: CompletionRequest):
         value = self.resolve_model(request.model)
         self.check_n(request.n)
+        self.check_logit_bias(request.logit_bias)
         if request.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         prompts = self.render_completion(request)
         if len(prompts) * request.n > self.max_n * 4:
             raise InvalidRequestError(f"too many prompts x n (limit {self.max_n * 4})", param="prompt")
-        max_tokens = self.check_lengths(prompts, request.requested_max_tokens())
+        max_tokens = self.check_lengths(prompts, request.requested_max_tokens(), prompt_param="prompt")
         if value is not None or request.guidance is not None:
             if request.echo or request.logprobs is not None:
                 raise InvalidRequestError("echo and logprobs are not available with guidance", param="guidance")
@@ -273,10 +285,12 @@ class OpenAIServing:
             for o in final.outputs:
                 lp = self._completion_logprobs(o, len(prefix)) if request.logprobs is not None else None
                 choices.append(CompletionChoice(index=pi * request.n + o.index, text=prefix + o.text, logprobs=lp,
-                                                finish_reason=o.finish_reason))
+                                                finish_reason=o.finish_reason,
+                                                token_ids=list(o.token_ids) if request.return_token_ids else None))
         usage = self.count_tokens(sum(len(p.token_ids) for p in prompts),
                                   sum(len(o.token_ids) for f in finals for o in f.outputs))
-        return CompletionResponse(model=request.model, choices=choices, usage=usage)
+        return CompletionResponse(model=request.model, choices=choices, usage=usage,
+                                  prompt_token_ids=[p.token_ids for p in prompts] if request.return_token_ids else None)
 
     def _completion_logprobs(self, output, offset: int) -> CompletionLogprobs:
         lp = CompletionLogprobs()

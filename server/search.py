@@ -1,0 +1,198 @@
+"""Value-guided decoding: chunk-level beam search (CBS) and Best-of-N over a frozen engine.
+
+CBS keeps `w` beams. Each step every unfinished beam asks the engine for `k` continuations of up
+to `l` tokens (all beams' requests in flight together, as token-id prompts so vLLM's prefix
+cache hits); the candidates are scored by the value chain and the best `w` of (new candidates +
+beams that already finished) survive. Finished beams keep their raw values, so they are ranked
+again against every later candidate set. The answer is the best finished beam.
+
+The loop depends only on `EngineClient.sample` and a scorer with `values(chain, items)`, so it
+can be tested with scripted ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from server.engine import ChunkRequest, EngineClient
+from valuefn.scorer import ScoreItem, chain_scores
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    mode: Literal["cbs", "bon"]
+    w: int
+    k: int
+    l: int
+    max_tokens: int
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Beam:
+    token_ids: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    raw: np.ndarray | None = None  # raw values (one per chain member) of this sequence
+    score: float = float("-inf")  # chain score in the last candidate set it was ranked in
+
+
+@dataclass
+class SearchResult:
+    beams: list[Beam]  # best first, distinct texts, at most n
+    chunks: int = 0
+    candidates_generated: int = 0
+    candidates_scored: int = 0
+    completion_tokens: int = 0
+    steps: int = 0
+
+
+OnStep = Callable[[list[Beam]], Awaitable[None] | None]
+
+
+def chunk_seed(seed: int | None, *parts: Any) -> int | None:
+    """A deterministic per-chunk seed derived from the request seed."""
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Truncate `text` at the earliest stop string; return (text, whether one was found)."""
+    cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class Searcher:
+    """Runs CBS / BoN for one request against a shared engine and scorer."""
+
+    def __init__(self, engine: EngineClient, scorer, *, decode: Callable[[list[int]], str] | None = None):
+        self.engine = engine
+        self.scorer = scorer
+        self.decode = decode or (lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
+
+    async def run(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None = None) -> SearchResult:
+        if params.mode == "bon":
+            return await self._bon(chain, prompt_ids, params)
+        return await self._cbs(chain, prompt_ids, params, on_step)
+
+    def _request(self, prompt_ids: list[int], n: int, max_tokens: int, params: SearchParams, *seed_parts) -> ChunkRequest:
+        return ChunkRequest(prompt_ids=prompt_ids, n=n, max_tokens=max_tokens, temperature=params.temperature,
+                            top_p=params.top_p, top_k=params.top_k, seed=chunk_seed(params.seed, *seed_parts),
+                            stop=list(params.stop), presence_penalty=params.presence_penalty,
+                            frequency_penalty=params.frequency_penalty)
+
+    def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:
+        ids = parent.token_ids + list(sample.token_ids)
+        text, stopped = cut_at_stop(self.decode(ids), params.stop)
+        beam = Beam(ids, text)
+        if stopped or sample.finish_reason == "stop":
+            beam.finished, beam.finish_reason = True, "stop"
+        elif len(ids) >= params.max_tokens:
+            beam.finished, beam.finish_reason = True, "length"
+        return beam
+
+    async def _score(self, chain, prompt_ids: list[int], beams: list[Beam], parents: list[int], result: SearchResult):
+        items = [ScoreItem(prompt_ids + b.token_ids, len(prompt_ids) + p) for b, p in zip(beams, parents)]
+        raw = await self.scorer.values(chain, items) if items else np.zeros((0, len(chain.links)))
+        result.candidates_scored += len(items)
+        for b, r in zip(beams, raw):
+            b.raw = np.asarray(r, dtype=np.float64)
+
+    async def _cbs(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None) -> SearchResult:
+        result = SearchResult(beams=[])
+        pool: list[Beam] = [Beam([])]  # the w survivors (finished ones included)
+        max_steps = math.ceil(params.max_tokens / params.l) + 1
+        for step in range(max_steps):
+            active = [b for b in pool if not b.finished]
+            if not active:
+                break
+            # The first step expands the prompt alone: w*k samples, like w copies of it.
+            fanout = [(b, params.k * (params.w if step == 0 else 1)) for b in active]
+            requests = [self._request(prompt_ids + b.token_ids, n, min(params.l, params.max_tokens - len(b.token_ids)),
+                                      params, step, i) for i, (b, n) in enumerate(fanout)]
+            samples = await asyncio.gather(*[self.engine.sample(r) for r in requests])
+            result.chunks += len(requests)
+            candidates, parents = [], []
+            for (parent, _), outs in zip(fanout, samples):
+                for s in outs:
+                    result.candidates_generated += 1
+                    result.completion_tokens += len(s.token_ids)
+                    candidates.append(self._extend(parent, s, params))
+                    parents.append(len(parent.token_ids))
+            await self._score(chain, prompt_ids, candidates, parents, result)
+            pool = self._select(candidates + [b for b in pool if b.finished], chain, params.w)
+            result.steps = step + 1
+            if on_step is not None:
+                maybe = on_step(pool)
+                if asyncio.iscoroutine(maybe):
+                    await maybe
+        for b in pool:  # the step budget ran out (only possible with degenerate engines)
+            if not b.finished:
+                b.finished, b.finish_reason = True, "length"
+        result.beams = self._distinct(pool, params.n)
+        return result
+
+    @staticmethod
+    def _select(beams: list[Beam], chain, w: int) -> list[Beam]:
+        scores = chain_scores(np.stack([b.raw for b in beams]), chain.betas)
+        for b, s in zip(beams, scores):
+            b.score = float(s)
+        ranked = sorted(beams, key=lambda b: b.score, reverse=True)
+        return ranked[:w]
+
+    @staticmethod
+    def _distinct(beams: list[Beam], n: int) -> list[Beam]:
+        out, seen = [], set()
+        for b in sorted(beams, key=lambda b: b.score, reverse=True):
+            if b.text not in seen:
+                seen.add(b.text)
+                out.append(b)
+        # fewer distinct texts than n: repeat the best ones rather than return too few choices
+        while len(out) < n and beams:
+            out.append(out[len(out) % max(1, len(seen))])
+        return out[:n]
+
+    async def _bon(self, chain, prompt_ids: list[int], params: SearchParams) -> SearchResult:
+        result = SearchResult(beams=[])
+        samples = await self.engine.sample(self._request(prompt_ids, params.k, params.max_tokens, params, "bon"))
+        result.chunks = 1
+        root = Beam([])
+        candidates = [self._extend(root, s, params) for s in samples]
+        for c in candidates:
+            if not c.finished:
+                c.finished, c.finish_reason = True, "length"
+        result.candidates_generated = len(candidates)
+        result.completion_tokens = sum(len(s.token_ids) for s in samples)
+        await self._score(chain, prompt_ids, candidates, [0] * len(candidates), result)
+        self._select(candidates, chain, len(candidates))
+        result.beams = self._distinct(candidates, params.n)
+        result.steps = 1
+        return result
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    if not seqs:
+        return []
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    i = 0
+    while i < n and all(s[i] == first[i] for s in seqs):
+        i += 1
+    return list(first[:i])

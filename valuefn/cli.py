@@ -1,0 +1,82 @@
+"""`iro values ...`: inspect and change the value registry."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Value functions in the registry.")
+
+ValuesDir = typer.Option(None, "--values-dir", help="Registry folder [env IRO_VALUES_DIR; default $IRO_HOME/values].")
+
+
+def default_values_dir() -> Path:
+    if os.environ.get("IRO_VALUES_DIR"):
+        return Path(os.environ["IRO_VALUES_DIR"]).expanduser()
+    return Path(os.environ.get("IRO_HOME", Path.home() / ".cache" / "iro")).expanduser() / "values"
+
+
+def _registry(values_dir: Optional[Path]):
+    from valuefn.registry import Registry
+
+    return Registry(values_dir or default_values_dir())
+
+
+@app.command("ls")
+def ls(values_dir: Optional[Path] = ValuesDir, as_json: bool = typer.Option(False, "--json")):
+    """List values with their versions and CURRENT."""
+    reg = _registry(values_dir)
+    rows = [{"name": n, "current": reg.current(n), "versions": reg.versions(n)} for n in reg.names()]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "current", "versions", title=str(reg.root))
+    for r in rows:
+        table.add_row(r["name"], f"v{r['current']}" if r["current"] else "-", ", ".join(map(str, r["versions"])))
+    Console().print(table)
+
+
+@app.command()
+def show(name: str, values_dir: Optional[Path] = ValuesDir):
+    """Print the manifest of NAME or NAME@N."""
+    reg = _registry(values_dir)
+    n, v = reg.resolve(name)
+    typer.echo(reg.manifest(n, v).model_dump_json(indent=2))
+
+
+@app.command()
+def rollback(name: str, values_dir: Optional[Path] = ValuesDir):
+    """Point CURRENT at the version before it (a watching server follows)."""
+    typer.echo(f"{name}: CURRENT -> v{_registry(values_dir).rollback(name)}")
+
+
+@app.command()
+def init(
+    name: str,
+    values_dir: Optional[Path] = ValuesDir,
+    model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
+    layers: Optional[int] = typer.Option(8, help="Backbone decoder layers to keep (0: all)."),
+    seed: int = typer.Option(0),
+):
+    """Publish a new untrained version of NAME (fresh head; v0001, then v0002, ...)."""
+    from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
+    from valuefn.loader import init_value
+    from valuefn.model import ValueModelConfig
+
+    version = init_value(_registry(values_dir), name, resolve_model(model),
+                         ValueModelConfig(num_layers=layers or None), seed=seed)
+    typer.echo(f"published {name} v{version}")
+
+
+@app.command()
+def prune(name: str, keep: int = typer.Option(3, min=1), values_dir: Optional[Path] = ValuesDir):
+    """Delete old versions of NAME, keeping the newest KEEP (and CURRENT's chain)."""
+    removed = _registry(values_dir).remove_old(name, keep)
+    typer.echo(f"removed {', '.join(f'v{v}' for v in removed) or 'nothing'}")
