@@ -37,6 +37,7 @@ log = logging.getLogger("clients")
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 Messages = Union[str, Iterable[Union[ChatMessage, Mapping[str, Any]]]]
+Prompt = Union[str, list[str], list[int], list[list[int]]]
 Guidance = Union[GuidanceParams, Mapping[str, Any], None]
 #: One item of `generate_many`: a dict with `messages` (chat) or `prompt` (completion) plus any
 #: keyword of `chat`/`complete` (model, guidance, max_tokens, ...), or a request model.
@@ -152,7 +153,9 @@ class BaseIroClient:
         self.base_url = url[: -len("/v1")] if url.endswith("/v1") else url
         self.api_key = api_key if api_key is not None else os.environ.get("IRO_API_KEY") or None
         self.admin_key = admin_key if admin_key is not None else os.environ.get("IRO_ADMIN_KEY") or None
-        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        if not isinstance(timeout, httpx.Timeout):
+            timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self.timeout = timeout
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.max_retry_delay = max_retry_delay
@@ -183,7 +186,7 @@ class BaseIroClient:
         return Call("POST", "/v1/chat/completions", json=self._body(body), result=ChatCompletionResponse,
                     chunk=ChatCompletionStreamResponse if stream else None)
 
-    def _completion_call(self, prompt: str | list[str] | list[int], *, model: str, guidance: Guidance = None,
+    def _completion_call(self, prompt: Prompt, *, model: str, guidance: Guidance = None,
                          stream: bool = False, **sampling: Any) -> Call:
         extra = {"guidance": _guidance(guidance)} if guidance is not None else {}
         body = CompletionRequest(model=model, prompt=prompt, stream=stream, **extra, **sampling)
@@ -207,6 +210,9 @@ class BaseIroClient:
                     result: type[BaseModel] = ValueStatus) -> Call:
         path = f"/v1/values/{quote(name, safe='')}" + (f"/{action}" if action else "")
         return Call(method, path, json=body.model_dump(mode="json") if body else None, admin=True, result=result)
+
+    def _value_status_call(self, name: str) -> Call:
+        return self._value_call("GET", name)
 
     def _load_value_call(self, name: str, version: int | None) -> Call:
         return self._value_call("POST", name, "load", LoadValueRequest(version=version))
@@ -302,4 +308,7 @@ class BaseIroClient:
             return True
         if isinstance(error, ServiceUnavailableError):
             return error.code != "engine_dead"
-        return isinstance(error, TimeoutError) and isinstance(error.__cause__, (httpx.ConnectTimeout, httpx.PoolTimeout))
+        # A connect or pool timeout means the request was never sent; a read timeout may have cost
+        # the server a whole generation, so it is not repeated.
+        return isinstance(error, TimeoutError) and isinstance(error.__cause__, (httpx.ConnectTimeout,
+                                                                                  httpx.PoolTimeout))

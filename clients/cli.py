@@ -81,7 +81,7 @@ def _run(kind: str, text: str, *, system: str | None = None, model: str | None, 
             else:
                 _print_answer(result, as_json)
     except (IroClientError, ValueError) as exc:  # ValueError: pydantic's validation of the request
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 

@@ -19,7 +19,7 @@ from typing import Any, Union
 
 import httpx
 
-from clients.base import BaseIroClient, Call, GenerationRequest, Guidance, Messages
+from clients.base import BaseIroClient, Call, GenerationRequest, Guidance, Messages, Prompt
 from clients.errors import IroClientError
 from clients.streaming import AsyncStream, Stream
 from server.admin.protocol import DeletedValue, ValueList, ValueStatus
@@ -28,6 +28,8 @@ from server.openai.protocol import (
 )
 
 Generation = Union[ChatCompletionResponse, CompletionResponse]
+ChatChunk = ChatCompletionStreamResponse
+CompletionChunk = CompletionStreamResponse
 
 
 class IroClient(BaseIroClient):
@@ -87,20 +89,22 @@ class IroClient(BaseIroClient):
         """`GET /v1/models`: the base model, then one `<base>+<value>` id per loaded value."""
         return self._request(self._models_call())
 
-    def chat(self, messages: Messages, *, model: str | None = None, guidance: Guidance = None, stream: bool = False,
-             **sampling: Any) -> ChatCompletionResponse | Stream[ChatCompletionStreamResponse]:
+    def chat(self, messages: Messages, *, model: str | None = None, guidance: Guidance = None,
+             stream: bool = False, **sampling: Any) -> ChatCompletionResponse | Stream[ChatChunk]:
         """`POST /v1/chat/completions`. `messages` may be one user message as a string; `guidance`
         (dict or `GuidanceParams`) asks for value-guided decoding; `sampling` takes any other
         request field (max_tokens, temperature, n, seed, stop, ...). With `stream=True` returns a
         `Stream` of chunks."""
         model = model or self._default_model()
-        return self._request(self._chat_call(messages, model=model, guidance=guidance, stream=stream, **sampling))
+        call = self._chat_call(messages, model=model, guidance=guidance, stream=stream, **sampling)
+        return self._request(call)
 
-    def complete(self, prompt: str | list[str] | list[int], *, model: str | None = None, guidance: Guidance = None,
-                 stream: bool = False, **sampling: Any) -> CompletionResponse | Stream[CompletionStreamResponse]:
+    def complete(self, prompt: Prompt, *, model: str | None = None, guidance: Guidance = None,
+                 stream: bool = False, **sampling: Any) -> CompletionResponse | Stream[CompletionChunk]:
         """`POST /v1/completions`; arguments as for `chat`."""
         model = model or self._default_model()
-        return self._request(self._completion_call(prompt, model=model, guidance=guidance, stream=stream, **sampling))
+        call = self._completion_call(prompt, model=model, guidance=guidance, stream=stream, **sampling)
+        return self._request(call)
 
     def health(self) -> dict[str, Any]:
         """`GET /health` (not retried): `{"status": "ok"}`, or ServiceUnavailableError while starting."""
@@ -110,6 +114,10 @@ class IroClient(BaseIroClient):
     def values(self) -> ValueList:
         """`GET /v1/values`: every value function, its serving version and what is on disk."""
         return self._request(self._values_call())
+
+    def value(self, name: str) -> ValueStatus:
+        """`GET /v1/values/{name}`: one value function's status."""
+        return self._request(self._value_status_call(name))
 
     def load_value(self, name: str, version: int | None = None) -> ValueStatus:
         """Load (and pin) `version` of value `name`, or the registry's CURRENT when None."""
@@ -220,17 +228,19 @@ class AsyncIroClient(BaseIroClient):
         return await self._request(self._models_call())
 
     async def chat(self, messages: Messages, *, model: str | None = None, guidance: Guidance = None,
-                   stream: bool = False, **sampling: Any) -> ChatCompletionResponse | AsyncStream[ChatCompletionStreamResponse]:
+                   stream: bool = False, **sampling: Any) -> ChatCompletionResponse | AsyncStream[ChatChunk]:
         """`POST /v1/chat/completions`; see `IroClient.chat`. With `stream=True` returns an
         `AsyncStream` of chunks."""
         model = model or await self._default_model()
-        return await self._request(self._chat_call(messages, model=model, guidance=guidance, stream=stream, **sampling))
+        call = self._chat_call(messages, model=model, guidance=guidance, stream=stream, **sampling)
+        return await self._request(call)
 
-    async def complete(self, prompt: str | list[str] | list[int], *, model: str | None = None, guidance: Guidance = None,
-                       stream: bool = False, **sampling: Any) -> CompletionResponse | AsyncStream[CompletionStreamResponse]:
+    async def complete(self, prompt: Prompt, *, model: str | None = None, guidance: Guidance = None,
+                       stream: bool = False, **sampling: Any) -> CompletionResponse | AsyncStream[CompletionChunk]:
         """`POST /v1/completions`; arguments as for `chat`."""
         model = model or await self._default_model()
-        return await self._request(self._completion_call(prompt, model=model, guidance=guidance, stream=stream, **sampling))
+        call = self._completion_call(prompt, model=model, guidance=guidance, stream=stream, **sampling)
+        return await self._request(call)
 
     async def health(self) -> dict[str, Any]:
         """`GET /health` (not retried): `{"status": "ok"}`, or ServiceUnavailableError while starting."""
@@ -240,6 +250,10 @@ class AsyncIroClient(BaseIroClient):
     async def values(self) -> ValueList:
         """`GET /v1/values`: every value function, its serving version and what is on disk."""
         return await self._request(self._values_call())
+
+    async def value(self, name: str) -> ValueStatus:
+        """`GET /v1/values/{name}`: one value function's status."""
+        return await self._request(self._value_status_call(name))
 
     async def load_value(self, name: str, version: int | None = None) -> ValueStatus:
         """Load (and pin) `version` of value `name`, or the registry's CURRENT when None."""

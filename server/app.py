@@ -42,7 +42,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    raise _TooLarge(self.limit)
             return message
 
         try:
@@ -56,8 +56,10 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body.body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, so that FastAPI's body parsing re-raises it instead of answering 400.
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes")
 
 
 def _param_from_loc(loc) -> str | None:

@@ -104,6 +104,26 @@ class GuidedServing:
         return CompletionResponse(model=request.model, choices=choices, usage=usage, guidance=info,
                                   prompt_token_ids=[p.token_ids for p in prompts] if ids else None)
 
+    async def score(self, serving, request) -> "ScoreResponse":
+        from server.openai.protocol import ChatCompletionRequest, ScoreResponse
+        from valuefn.scorer import ScoreItem, chain_scores
+
+        chain = await self.values.chain_for(request.value)
+        if request.messages is not None:
+            chat = ChatCompletionRequest(model=serving.base_id, messages=request.messages)
+            prompt_ids = serving.render_chat(chat).token_ids
+        else:
+            prompt_ids = serving.engine.tokenizer.encode(request.prompt, add_special_tokens=False)
+        encode = serving.engine.tokenizer.encode
+        seqs = [prompt_ids + encode(r, add_special_tokens=False) for r in request.responses]
+        if max(len(s) for s in seqs) > serving.engine.max_model_len:
+            raise GuidanceError("prompt + response longer than the context", param="responses")
+        if any(len(s) == len(prompt_ids) for s in seqs) or not prompt_ids:
+            raise GuidanceError("prompt and responses must not be empty", param="responses")
+        raw = await self.scorer.values(chain, [ScoreItem(s, len(prompt_ids)) for s in seqs])
+        return ScoreResponse(value=chain.name, versions=chain.versions, scores=chain_scores(raw, chain.betas).tolist(),
+                             values=raw.tolist())
+
     # ------------------------------------------------------------------ streaming
     async def _stream(self, serving, request, prompts, chain, params: SearchParams, name: str,
                       chat: bool) -> AsyncIterator[str]:

@@ -66,6 +66,8 @@ class ValueManager:
             raise GuidanceError(f"value {name}@{version} was refused: {self.refused[name][version].reason}",
                                 param="guidance.value", code="value_refused")
         try:
+            if not self.registry.path(name, version).is_dir():
+                raise RegistryError(f"value {name}@{version} does not exist", param="guidance.value")
             chain = await asyncio.to_thread(self.loader.load_chain, name, version)
         except RegistryError as exc:
             raise NotFoundError(str(exc), param="guidance.value", code="value_not_found") from exc

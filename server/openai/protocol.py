@@ -270,3 +270,27 @@ class ModelCard(OpenAIBaseModel):
 class ModelList(OpenAIBaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ----------------------------------------------------------------------------- iro: scoring
+class ScoreRequest(OpenAIBaseModel):
+    """Score responses to one prompt with a value chain (iro extension: `POST /v1/score`)."""
+
+    value: str = Field(description='"name" or "name@N".')
+    messages: list[ChatMessage] | None = Field(None, description="Chat prompt (rendered with the chat template).")
+    prompt: str | None = Field(None, description="Raw text prompt (instead of messages).")
+    responses: list[str] = Field(..., min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        return self
+
+
+class ScoreResponse(OpenAIBaseModel):
+    object: Literal["score"] = "score"
+    value: str
+    versions: list[int]
+    scores: list[float] = Field(description="Chain score of each response within this set.")
+    values: list[list[float]] = Field(description="Raw V_1..V_t of each response.")

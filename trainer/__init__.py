@@ -1,0 +1,1 @@
+"""The "learn" half of IRO: tasks, rewards, Monte-Carlo returns and value training."""
