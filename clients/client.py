@@ -142,7 +142,7 @@ class IroClient(BaseIroClient):
         `(index, response)` as each finishes. `requests` is read lazily. With
         `return_exceptions`, a failed request yields `(index, error)` instead of raising.
 
-            for i, answer in client.generate_many({"prompt": p, "max_tokens": 64} for p in prompts):
+            for i, answer in client.generate_many({"prompt": p} for p in prompts):
                 ...
         """
         items = enumerate(requests)

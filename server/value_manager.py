@@ -118,9 +118,13 @@ class ValueManager:
         if self.metrics:
             self.metrics.value_refused.labels(name).inc()
 
-    async def load(self, name: str, version: int | None = None, *, pin: bool = False) -> ValueStatus:
+    async def load(self, name: str, version: int | None = None, *, pin: bool = False,
+                   from_watch: bool = False) -> ValueStatus:
         """Load `name@version` (default CURRENT) and serve it. Raises on refusal; the old chain stays."""
         async with self._lock:
+            if from_watch and (name in self.unloaded or name in self.pinned
+                               or (name in self.chains and self.chains[name].version == version)):
+                return self.status(name)  # an admin call decided otherwise while we waited
             try:
                 if version is None:
                     _, version = self.registry.resolve(name)
@@ -199,7 +203,7 @@ class ValueManager:
             if (chain is not None and chain.version == current) or current in self.refused.get(name, {}):
                 continue
             try:
-                await self.load(name, current)
+                await self.load(name, current, from_watch=True)
             except Exception as exc:  # refusal already recorded and logged
                 log.debug("reconcile %s: %s", name, exc)
 

@@ -100,12 +100,12 @@ class HFRewardModel:
     """
 
     def __init__(self, path: str | Path, *, batch_size: int = 16, max_length: int = 1024, device: str | None = None):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         path = Path(str(path)).expanduser()
         if not (path / "config.json").is_file():
             raise RewardError(f"hf:{path}: not a local Hugging Face model folder (no config.json)", spec=f"hf:{path}")
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         self.path = path
         self.batch_size = batch_size
         self.max_length = max_length
@@ -368,5 +368,43 @@ def parse_reward(spec: str) -> Reward:
     return Reward(spec, WeightedSum(tuple(terms)))
 
 
+# --------------------------------------------------------------------------- labelling rollouts
+def record_prompt(record: dict) -> str:
+    """The prompt a reward sees for a rollout record: `prompt` when it is a string, else the last
+    user message of `messages`, else the rendered `prompt_text`.
+
+    >>> record_prompt({"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]})
+    'Hi'
+    """
+    if isinstance(record.get("prompt"), str):
+        return record["prompt"]
+    for message in reversed(record.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # OpenAI content parts
+                return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            return str(content or "")
+    return str(record.get("prompt_text") or "")
+
+
+def label_records(records: Sequence[dict], reward: Callable[[list[str], list[str]], list[float]], *,
+                  batch_size: int = 64, progress: bool = False) -> list[dict]:
+    """Copies of rollout `records` with "reward" set by `reward`, called `batch_size` at a time.
+
+    >>> label_records([{"prompt": "p", "response": "a b"}], parse_reward("length:4"))[0]["reward"]
+    0.5
+    """
+    from tqdm.auto import tqdm
+
+    out: list[dict] = []
+    with tqdm(total=len(records), desc="reward", unit="resp", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(records), batch_size):
+            chunk = records[i: i + batch_size]
+            scores = reward([record_prompt(r) for r in chunk], [str(r.get("response") or "") for r in chunk])
+            out += [{**r, "reward": s} for r, s in zip(chunk, scores)]
+            bar.update(len(chunk))
+    return out
+
+
 __all__ = ["REWARDS", "HFRewardModel", "HTTPReward", "Reward", "RewardError", "WeightedSum", "import_reward",
-           "length", "parse_reward", "sentiment"]
+           "label_records", "length", "parse_reward", "record_prompt", "sentiment"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,7 +20,7 @@ class OpenAIBaseModel(BaseModel):
     """Base of every wire schema: unknown fields are accepted and logged once per field name."""
 
     model_config = ConfigDict(extra="allow")
-    _warned: set[str] = set()
+    _warned: ClassVar[set[str]] = set()
 
     @model_validator(mode="after")
     def _log_extra_fields(self):

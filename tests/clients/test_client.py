@@ -1,14 +1,16 @@
-"""IroClient and AsyncIroClient over httpx.MockTransport: every test runs on both flavours."""
+"""IroClient and AsyncIroClient over httpx.MockTransport; tests taking `make_client` run on both flavours."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import httpx
 import pytest
 from pydantic import ValidationError
 
-from clients import errors
+from clients import AsyncIroClient, IroClient, errors
 from server.admin.protocol import DeletedValue, ValueList, ValueStatus
 from server.openai.protocol import (
     ChatCompletionResponse, ChatCompletionStreamResponse, CompletionResponse, CompletionStreamResponse,
@@ -296,3 +298,48 @@ def test_generate_many_errors(make_client):
         client.generate_many(requests, concurrency=2)
     with pytest.raises(ValueError, match="messages"):
         client.generate_many([{"max_tokens": 3}])
+
+
+class InFlight:
+    """Counts concurrent requests; a prompt starting with "slow" takes longer."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def enter(self, request: httpx.Request) -> float:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        return 0.3 if b'"slow' in request.read() else 0.02
+
+    def leave(self) -> httpx.Response:
+        self.now -= 1
+        return httpx.Response(200, json=completion_body())
+
+
+def test_sync_generate_many_bounds_concurrency_and_yields_in_finish_order():
+    counter, lock = InFlight(), threading.Lock()
+
+    def handler(request):
+        with lock:
+            delay = counter.enter(request)
+        time.sleep(delay)
+        with lock:
+            return counter.leave()
+
+    requests = [{"prompt": "slow"}] + [{"prompt": f"p{i}"} for i in range(7)]
+    with IroClient("http://iro.test", model=BASE, transport=httpx.MockTransport(handler)) as client:
+        order = [i for i, _ in client.generate_many(requests, concurrency=3)]
+    assert counter.peak == 3 and sorted(order) == list(range(8)) and order[-1] == 0
+
+
+async def test_async_generate_many_bounds_concurrency_and_yields_in_finish_order():
+    counter = InFlight()
+
+    async def handler(request):
+        await asyncio.sleep(counter.enter(request))
+        return counter.leave()
+
+    requests = [{"prompt": "slow"}] + [{"prompt": f"p{i}"} for i in range(7)]
+    async with AsyncIroClient("http://iro.test", model=BASE, transport=httpx.MockTransport(handler)) as client:
+        order = [i async for i, _ in client.generate_many(iter(requests), concurrency=3)]
+    assert counter.peak == 3 and sorted(order) == list(range(8)) and order[-1] == 0

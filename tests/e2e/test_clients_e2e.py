@@ -95,6 +95,22 @@ def test_errors_from_the_real_server(client, server):
     assert info.value.type == "invalid_request_error"
 
 
+def test_cli_chat_and_stream(server):
+    import typer
+    from typer.testing import CliRunner
+
+    from clients.cli import register
+
+    app = typer.Typer()
+    register(app)
+    args = ["--max-tokens", "4", "--url", server.url, "--api-key", server.api_key]
+    result = CliRunner().invoke(app, ["chat", "Say hi.", *args])
+    assert result.exit_code == 0, result.output
+    assert f"{server.model_id} · " in result.output and "completion tokens" in result.output
+    result = CliRunner().invoke(app, ["complete", "Once upon a time", "--stream", *args])
+    assert result.exit_code == 0 and "completion tokens" in result.output, result.output
+
+
 # ----------------------------------------------------------------------------- value admin and guidance
 @pytest.fixture(scope="module")
 def value_api(server) -> None:

@@ -16,7 +16,14 @@ PROMPTS = ["Write one sentence about the sea.", "Describe a cat in a few words."
            "Give me a tip for learning to cook.", "What makes a good friend?"]
 
 
-def iro_values_init(server, name: str) -> int:
+def iro_values_init(server, name: str, *, cli: bool = False) -> int:
+    """Publish a new untrained version of `name` into the server's registry (like `iro values init`)."""
+    if not cli:
+        from server.model_store import prepare_default_model
+        from valuefn.loader import init_value
+        from valuefn.registry import Registry
+
+        return init_value(Registry(server.values_dir), name, prepare_default_model())
     out = subprocess.run([sys.executable, "-m", "iro.cli", "values", "init", name, "--values-dir",
                           str(server.values_dir)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -37,7 +44,7 @@ def wait_serving(server, name: str, version: int, timeout: float = 30.0) -> floa
 
 @pytest.fixture(scope="module")
 def demo(server):
-    version = iro_values_init(server, "demo")
+    version = iro_values_init(server, "demo", cli=True)  # the real CLI once
     wait_serving(server, "demo", version)
     return version
 

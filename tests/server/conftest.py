@@ -89,7 +89,7 @@ class ScriptedEngine(EngineClient):
         raise NotImplementedError
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def no_vllm_sampling_params(monkeypatch):
     """Serving converts requests to vLLM SamplingParams; importing vLLM costs ~7 s, so the unit
     tier gets a plain namespace (the real conversion is exercised end to end)."""

@@ -1,0 +1,57 @@
+"""Fixtures for the trainer tests: a tiny random Llama backbone and synthetic labelled rollouts."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+SPECIAL = 7  # the token whose share of a response is the synthetic reward
+
+
+def build_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, vocab: int = 64, seed: int = 0) -> Path:
+    """A tiny random Llama + an offline word-level tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    path.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def synthetic_records(n_prompts: int = 40, samples: int = 4, seed: int = 0, vocab: int = 64) -> list[dict]:
+    """Rollout records whose reward is the share of SPECIAL tokens in the response (a known answer).
+    Prompts end with the pad/eos id 2 as chat turns do, so pad-id searches would go wrong."""
+    rng = random.Random(seed)
+    records = []
+    for p in range(n_prompts):
+        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(3, 8))] + [2] + [rng.randrange(3, vocab)]
+        for j in range(samples):
+            share = rng.random()
+            response = [SPECIAL if rng.random() < share else rng.choice([t for t in range(3, vocab) if t != SPECIAL])
+                        for _ in range(rng.randint(4, 12))]
+            records.append({
+                "id": f"p{p}:{j}", "prompt_id": f"p{p}", "sample": j, "prompt": f"prompt {p}", "prompt_text": "",
+                "prompt_token_ids": prompt, "response": " ".join(f"w{t}" for t in response),
+                "response_token_ids": response, "finish_reason": "length",
+                "policy": {"model": "tiny", "value": None, "versions": [], "mode": None, "w": None, "k": None, "l": None},
+                "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": seed},
+                "reward": response.count(SPECIAL) / len(response),
+            })
+    return records
