@@ -30,6 +30,17 @@ def build_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, vocab: in
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models are latency-bound: one thread is much faster than two on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,229 @@
+"""`iro bench`: guided decoding performance on this machine, in one run.
+
+Starts a real server (vLLM + default model + one value), then measures:
+guided_vs_plain_time_ratio, speedup_vs_reference_loop, scoring_growth_ratio,
+concurrency_speedup, hot_swap_seconds / failed_requests_during_swap, and peak RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.server import peak_rss_mib, start
+
+TOPICS = ["the ocean", "a busy city", "learning to cook", "winter mornings", "an old library", "space travel",
+          "a mountain hike", "friendship", "a rainy day", "jazz music", "the history of bread", "a small garden",
+          "electric cars", "a night market", "chess", "autumn leaves"]
+PROMPTS = [f"Write a long, detailed paragraph about {t}." for t in TOPICS]
+TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "speedup_vs_reference_loop": (">=", 4.0),
+           "scoring_growth_ratio": ("<=", 1.5), "concurrency_speedup": (">=", 4.0),
+           "hot_swap_seconds": ("<", 1.0), "failed_requests_during_swap": ("<=", 0)}
+W, K, L, MAX_TOKENS, TEMPERATURE = 4, 4, 8, 48, 0.7
+GUIDANCE = {"value": "bench", "mode": "cbs", "w": W, "k": K, "l": L}
+
+
+def chat_body(model: str, prompt: str, **kw) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
+            "temperature": TEMPERATURE, **kw}
+
+
+async def _post_all(url: str, bodies: list[dict]) -> tuple[float, list[dict]]:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*[http.post("/v1/chat/completions", json=b) for b in bodies])
+        elapsed = time.perf_counter() - t0
+    for r in rs:
+        r.raise_for_status()
+    return elapsed, [r.json() for r in rs]
+
+
+def measure_plain_vs_guided(url: str, model: str) -> dict:
+    plain_t, plain = asyncio.run(_post_all(url, [chat_body(model, p, n=16) for p in PROMPTS]))
+    guided_t, guided = asyncio.run(_post_all(url, [chat_body(model, p, guidance=GUIDANCE) for p in PROMPTS]))
+    plain_tokens = sum(r["usage"]["completion_tokens"] for r in plain)
+    guided_tokens = sum(r["usage"]["completion_tokens"] for r in guided)
+    return {"plain_seconds": plain_t, "plain_candidate_tokens": plain_tokens, "plain_tok_per_s": plain_tokens / plain_t,
+            "guided_seconds": guided_t, "guided_candidate_tokens": guided_tokens,
+            "guided_tok_per_s": guided_tokens / guided_t, "guided_vs_plain_time_ratio": guided_t / plain_t,
+            "guided_vs_plain_per_token_ratio": (guided_t / guided_tokens) / (plain_t / plain_tokens),
+            "guided_chunks": sum(r["guidance"]["chunks"] for r in guided)}
+
+
+def measure_concurrency(url: str, model: str, sequential: int, concurrent_seconds: float) -> dict:
+    seq_t = 0.0
+    for p in PROMPTS[:sequential]:
+        t, _ = asyncio.run(_post_all(url, [chat_body(model, p, guidance=GUIDANCE)]))
+        seq_t += t
+    seq_rps = sequential / seq_t
+    conc_rps = len(PROMPTS) / concurrent_seconds
+    return {"sequential_seconds_per_request": seq_t / sequential, "concurrent_requests_per_s": conc_rps,
+            "sequential_requests_per_s": seq_rps, "concurrency_speedup": conc_rps / seq_rps}
+
+
+def measure_hot_swap(url: str, model: str, values_dir: Path, model_path: Path, clients: int = 16) -> dict:
+    from valuefn.loader import init_value
+    from valuefn.registry import Registry
+
+    failures, done = [], []
+    stop = asyncio.Event()
+
+    async def client(i: int, http: httpx.AsyncClient):
+        while not stop.is_set():
+            r = await http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[i % 16], max_tokens=16,
+                                                                       guidance={**GUIDANCE, "w": 2, "k": 2}))
+            (done if r.status_code == 200 else failures).append(r.status_code)
+
+    async def serving_version(http) -> int | None:
+        data = (await http.get("/v1/values")).json()["data"]
+        return next((v["serving_version"] for v in data if v["name"] == "bench"), None)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+            tasks = [asyncio.create_task(client(i, http)) for i in range(clients)]
+            while len(done) < clients:  # load established
+                await asyncio.sleep(0.05)
+            version = await asyncio.to_thread(init_value, Registry(values_dir), "bench", model_path)
+            published = time.perf_counter()
+            while await serving_version(http) != version:
+                await asyncio.sleep(0.01)
+            swap = time.perf_counter() - published
+            n_before = len(done)
+            while len(done) < n_before + clients:  # keep load on after the swap
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*tasks)
+            return swap
+
+    swap = asyncio.run(main())
+    return {"hot_swap_seconds": swap, "failed_requests_during_swap": len(failures),
+            "requests_during_swap_test": len(done) + len(failures)}
+
+
+def measure_scoring_growth(value, prompt_ids: list[int], repeats: int = 3) -> dict:
+    """Scorer time per chunk along one 48-token CBS response (16 candidates per step)."""
+    from valuefn.scorer import ScoreItem, forward_values
+
+    rng = np.random.default_rng(0)
+    per_step = []
+    for r in range(repeats):
+        value.cache = type(value.cache)(value.cache.max_bytes)
+        beams = [[] for _ in range(W)]
+        times = []
+        for step in range(MAX_TOKENS // L):
+            parents = [b for b in beams for _ in range(K)]
+            cands = [p + list(rng.integers(100, 40000, L)) for p in parents]
+            items = [ScoreItem(prompt_ids + c, len(prompt_ids) + len(p)) for c, p in zip(cands, parents)]
+            t0 = time.perf_counter()
+            scores = forward_values(value, items)
+            times.append(time.perf_counter() - t0)
+            beams = [cands[i] for i in np.argsort(-scores)[:W]]
+        per_step.append(times)
+    med = [statistics.median(x) for x in zip(*per_step)]
+    return {"scoring_step_seconds": med, "scoring_growth_ratio": med[-1] / med[0]}
+
+
+def measure_reference(model_path: Path, value, tokenizer, prompts: list[str], threads: int) -> dict:
+    import torch
+
+    from bench.reference import load_reference_model, reference_cbs
+
+    model = load_reference_model(model_path, threads)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    value_s = 0.0
+    for p in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        out = reference_cbs(model, value, tokenizer.encode(ids, add_special_tokens=False), w=W, k=K, l=L,
+                            max_new_tokens=MAX_TOKENS, temperature=TEMPERATURE, eos_token_id=tokenizer.eos_token_id,
+                            generator=gen)
+        value_s += out["value_seconds"]
+    elapsed = time.perf_counter() - t0
+    return {"reference_seconds_per_prompt": elapsed / len(prompts), "reference_value_fraction": value_s / elapsed}
+
+
+def run(quick: bool = False, json_path: Path | None = None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from server.model_store import prepare_default_model
+    from valuefn.loader import BackbonePool, ValueLoader, init_value
+    from valuefn.registry import Registry
+
+    from tqdm import tqdm
+
+    model_path = prepare_default_model()
+    steps = tqdm(total=7, desc="iro bench", unit="stage")
+    results: dict = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
+                                 "processor": platform.processor()},
+                     "settings": {"w": W, "k": K, "l": L, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
+                                  "prompts": len(PROMPTS), "quick": quick}}
+    with tempfile.TemporaryDirectory(prefix="iro-bench-") as tmp:
+        work = Path(tmp)
+        registry = Registry(work / "values")
+        init_value(registry, "bench", model_path)
+        srv = start(work)
+        results["engine_start_seconds"] = srv.started_in
+        steps.update()
+        try:
+            model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
+            asyncio.run(_post_all(srv.url, [chat_body(model, PROMPTS[0], max_tokens=8),
+                                            chat_body(model, PROMPTS[1], max_tokens=8, guidance=GUIDANCE)]))  # warm-up
+            results.update(measure_plain_vs_guided(srv.url, model))
+            steps.update()
+            results.update(measure_concurrency(srv.url, model, 2 if quick else 4, results["guided_seconds"]))
+            steps.update()
+            results.update(measure_hot_swap(srv.url, model, srv.values_dir, model_path))
+            steps.update()
+            results["peak_rss_mib"] = peak_rss_mib(srv.proc.pid)
+            results["peak_rss_api_process_mib"] = peak_rss_mib(srv.proc.pid, children=False)
+        finally:
+            srv.stop()
+        results["base_model_mib"] = sum(f.stat().st_size for f in model_path.glob("*.safetensors")) / 2**20
+        # in-process parts run with the engine stopped, so they get the whole machine like ours did
+        torch.set_num_threads(__import__("os").cpu_count() or 1)
+        pool = BackbonePool(model_path)
+        value = ValueLoader(registry, pool).load_version("bench", registry.current("bench"))
+        tok = AutoTokenizer.from_pretrained(str(model_path))
+        prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
+                                                        add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)
+        results.update(measure_scoring_growth(value, prompt_ids))
+        steps.update()
+        ref = measure_reference(model_path, value, tok, PROMPTS[: 2 if quick else 4], threads=None)
+        results.update(ref)
+        ours_per_prompt = results["guided_seconds"] / len(PROMPTS)
+        results["ours_seconds_per_prompt"] = ours_per_prompt
+        results["speedup_vs_reference_loop"] = ref["reference_seconds_per_prompt"] / ours_per_prompt
+        steps.update()
+    steps.update()
+    steps.close()
+    results["targets"] = {k: {"op": op, "target": t, "value": results[k],
+                              "met": bool(eval(f"{results[k]} {op} {t}"))} for k, (op, t) in TARGETS.items()}
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "value", "target", "met", title="iro bench")
+    for k, t in results["targets"].items():
+        table.add_row(k, f"{t['value']:.3g}", f"{t['op']} {t['target']}", "yes" if t["met"] else "NO")
+    for k in ("plain_seconds", "guided_seconds", "plain_tok_per_s", "guided_tok_per_s", "reference_seconds_per_prompt",
+              "ours_seconds_per_prompt", "reference_value_fraction", "peak_rss_mib", "peak_rss_api_process_mib",
+              "base_model_mib", "engine_start_seconds"):
+        if k in results:
+            table.add_row(k, f"{results[k]:.3g}", "", "")
+    Console().print(table)
