@@ -160,6 +160,9 @@ def run(quick: bool = False, json_path: Path | None = None) -> dict:
 
     from tqdm import tqdm
 
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     model_path = prepare_default_model()
     steps = tqdm(total=7, desc="iro bench", unit="stage")
     results: dict = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),

@@ -81,8 +81,10 @@ def _descendants(pid: int) -> list[int]:
     out, stack = [], [pid]
     while stack:
         p = stack.pop()
+        kids = []
         try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            for task in Path(f"/proc/{p}/task").iterdir():  # children of every thread
+                kids += (task / "children").read_text().split()
         except OSError:
             continue
         out += [int(k) for k in kids]

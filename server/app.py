@@ -15,11 +15,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import iro
-from server.errors import IroError, error_body
+from server.errors import IroError, error_body, error_responses
 from server.metrics import Metrics, MetricsMiddleware
+from server.openai.protocol import HealthStatus, VersionInfo
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
+EXIT_ENGINE_DEAD = 3
+"""Exit status of a server whose engine died or failed to start."""
 
 
 class BodyLimitMiddleware:
@@ -87,7 +90,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), status_code=exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))  # e.g. `Allow` on a 405
 
     # A handler for `Exception` runs in Starlette's ServerErrorMiddleware, which re-raises after
     # responding, so uvicorn drops the keep-alive connection; specific types are handled cleanly.
@@ -103,6 +107,23 @@ def install_error_handlers(app: FastAPI) -> None:
                                            code="engine_dead"), status_code=503)
         log.exception("unexpected error")
         return JSONResponse(error_body(500, f"internal error ({name})", type="server_error"), status_code=500)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """The OpenAPI document without FastAPI's 422 entries: validation errors answer 400 (ErrorResponse)."""
+    default = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = default()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
@@ -138,6 +159,7 @@ async def _watch_engine(app: FastAPI) -> None:
             if engine.errored:
                 log.error("the vLLM engine died; shutting the server down")
                 app.state.engine_dead = True
+                app.state.exit_code = EXIT_ENGINE_DEAD
                 await asyncio.sleep(1.0)  # let in-flight requests get their 503
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
@@ -155,6 +177,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
             if not task.cancelled() and task.exception() is not None:
                 log.error("engine failed to start: %r", task.exception())
                 app.state.start_error = repr(task.exception())
+                app.state.exit_code = EXIT_ENGINE_DEAD
                 os.kill(os.getpid(), signal.SIGTERM)
 
         app.state.starting.add_done_callback(started)
@@ -168,6 +191,9 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 engine.shutdown()
+            if app.state.exit_code:  # uvicorn would exit 0 (or by SIGTERM): tell supervisors it failed
+                logging.shutdown()
+                os._exit(app.state.exit_code)
 
     app = FastAPI(title="iro-serve", version=iro.__version__, lifespan=lifespan,
                   description="OpenAI-compatible server for a frozen model aligned at test time by value functions.")
@@ -177,6 +203,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.engine = None
     app.state.values = None
     app.state.closers = []
+    app.state.exit_code = 0
     install_error_handlers(app)
 
     from server.openai.router import router as openai_router
@@ -186,26 +213,27 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
 
     app.include_router(admin_router)
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthStatus, responses=error_responses(503))
     async def health():
         engine = app.state.engine
         if getattr(app.state, "engine_dead", False) or (engine is not None and engine.errored):
             return JSONResponse(error_body(503, "engine dead", type="service_unavailable", code="engine_dead"), 503)
         if app.state.serving is None:
             return JSONResponse(error_body(503, "engine starting", type="service_unavailable", code="engine_starting"), 503)
-        return {"status": "ok"}
+        return HealthStatus()
 
-    @app.get("/version")
+    @app.get("/version", response_model=VersionInfo)
     async def version():
         import vllm
 
         return {"version": iro.__version__, "vllm": getattr(vllm, "__version__", None),
                 "model": app.state.engine.model_id if app.state.engine else None}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return PlainTextResponse(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    install_openapi(app)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

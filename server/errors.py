@@ -94,6 +94,25 @@ class EngineDeadError(UnavailableError):
     """The engine died; the server cannot recover by itself."""
 
 
+_DESCRIPTIONS = {
+    400: "Invalid request (malformed JSON, a bad field, an unusable guidance setting).",
+    401: "Missing or wrong bearer token.",
+    403: "The token is valid but this route needs the admin key.",
+    404: "Unknown route, model, value or version.",
+    409: "Conflicting request.",
+    413: "Request body larger than the server's limit.",
+    429: "Too many requests in progress; retry after `Retry-After` seconds.",
+    503: "Engine starting or dead, or a value being swapped; retry after `Retry-After` seconds unless the engine died.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int, dict[str, Any]]:
+    """OpenAPI `responses=` for a route: each status documented with the `ErrorResponse` body."""
+    retry = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}
+    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s], **({"headers": retry} if s in (429, 503) else {})}
+            for s in statuses}
+
+
 def error_body(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()

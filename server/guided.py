@@ -28,7 +28,7 @@ class GuidedServing:
         self.values = values
         self.max_candidates = max_candidates
         self.metrics = metrics
-        self.searcher = Searcher(engine, scorer)
+        self.searcher = Searcher(engine, scorer, on_chunks=metrics.chunks.inc if metrics else None)
 
     # ------------------------------------------------------------------ request -> search
     async def resolve(self, request, value_from_model: str | None) -> tuple[ValueChain, SearchParams, str]:
@@ -78,17 +78,12 @@ class GuidedServing:
             candidates_scored=sum(r.candidates_scored for r in results),
             score=max(scores) if scores else None, scores=scores)
 
-    def _count(self, results: list[SearchResult]) -> None:
-        if self.metrics:
-            self.metrics.chunks.inc(sum(r.chunks for r in results))
-
     async def handle(self, serving, request, prompts, max_tokens: int, value_from_model: str | None, *, chat: bool):
         chain, params, name = await self.resolve(request, value_from_model)
         params = SearchParams(**{**params.__dict__, "max_tokens": max_tokens})
         if request.stream:
             return self._stream(serving, request, prompts, chain, params, name, chat)
         results = await asyncio.gather(*[self.searcher.run(chain, p.token_ids, params) for p in prompts])
-        self._count(results)
         usage = serving.count_tokens(sum(len(p.token_ids) for p in prompts), sum(r.completion_tokens for r in results))
         info = self.info(name, chain, params, results)
         ids = request.return_token_ids
@@ -176,7 +171,6 @@ class GuidedServing:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._count(results)
         info = self.info(name, chain, params, results)
         for pi, r in enumerate(results):
             for j, beam in enumerate(r.beams):

@@ -82,10 +82,12 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 class Searcher:
     """Runs CBS / BoN for one request against a shared engine and scorer."""
 
-    def __init__(self, engine: EngineClient, scorer, *, decode: Callable[[list[int]], str] | None = None):
+    def __init__(self, engine: EngineClient, scorer, *, decode: Callable[[list[int]], str] | None = None,
+                 on_chunks: Callable[[int], None] | None = None):
         self.engine = engine
         self.scorer = scorer
         self.decode = decode or (lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
+        self.on_chunks = on_chunks or (lambda n: None)  # told of chunk requests as they are sent (metrics)
 
     async def run(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None = None) -> SearchResult:
         if params.mode == "bon":
@@ -127,6 +129,7 @@ class Searcher:
             fanout = [(b, params.k * (params.w if step == 0 else 1)) for b in active]
             requests = [self._request(prompt_ids + b.token_ids, n, min(params.l, params.max_tokens - len(b.token_ids)),
                                       params, step, i) for i, (b, n) in enumerate(fanout)]
+            self.on_chunks(len(requests))
             samples = await asyncio.gather(*[self.engine.sample(r) for r in requests])
             result.chunks += len(requests)
             candidates, parents = [], []
@@ -171,6 +174,7 @@ class Searcher:
 
     async def _bon(self, chain, prompt_ids: list[int], params: SearchParams) -> SearchResult:
         result = SearchResult(beams=[])
+        self.on_chunks(1)
         samples = await self.engine.sample(self._request(prompt_ids, params.k, params.max_tokens, params, "bon"))
         result.chunks = 1
         root = Beam([])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def iro_home() -> Path:
@@ -55,9 +56,19 @@ class ServerSettings(BaseSettings):
     scorer_threads: int = Field(2, ge=1)
     """torch threads used by the value scorer."""
     watch_values: bool = True
-    cors_origins: list[str] = []
+    cors_origins: Annotated[list[str], NoDecode] = []
+    """Origins allowed to call the API from a browser (CORS); none by default, so no CORS headers.
+    `IRO_CORS_ORIGINS` takes a JSON list or a comma-separated list."""
     log_prompts: bool = False
     """Log prompts and answers (off by default: they may be private)."""
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_from_env(cls, value):
+        if isinstance(value, str):
+            value = value.strip()
+            return json.loads(value) if value.startswith("[") else [o.strip() for o in value.split(",") if o.strip()]
+        return value
 
     def resolved_values_dir(self) -> Path:
         return (self.values_dir or iro_home() / "values").expanduser()

@@ -103,7 +103,7 @@ class ValueManager:
     def list(self) -> ValueList:
         try:
             names = set(self.registry.names())
-        except OSError as exc:
+        except (OSError, RegistryError) as exc:
             names = set()
             self.registry_error = f"cannot read {self.registry.root}: {exc}"
         names |= set(self.chains) | set(self.refused)
@@ -177,11 +177,13 @@ class ValueManager:
     async def reconcile(self) -> None:
         """Serve each value's CURRENT unless it was refused, unloaded or pinned by an admin."""
         try:
-            names = self.registry.names() if self.registry.root.exists() else []
-            if not self.registry.root.exists():
-                raise FileNotFoundError(f"{self.registry.root} does not exist")
+            if not self.registry.root.is_dir():  # deleted, renamed away or replaced by a file
+                raise FileNotFoundError(f"{self.registry.root} is not a folder")
+            names = self.registry.names()
+            if self.registry_error is not None:
+                log.info("the value registry %s is readable again", self.registry.root)
             self.registry_error = None
-        except OSError as exc:
+        except (OSError, RegistryError) as exc:
             if self.registry_error is None:
                 log.error("cannot read the value registry (still serving what is loaded): %s", exc)
             self.registry_error = f"cannot read {self.registry.root}: {exc}"

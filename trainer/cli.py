@@ -89,7 +89,7 @@ def train(
         _fail("--no-publish keeps nothing without --out DIR")
     from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
     from trainer.value_config import ValueTrainConfig
-    from trainer.value_trainer import ValueTrainer, examples_from_records, read_rollouts, save_result
+    from trainer.value_trainer import ValueTrainer, examples_from_records, read_rollouts, rollout_policies, save_result
     from valuefn.checkpoint import CheckpointError
     from valuefn.registry import RegistryError, validate_name
 
@@ -97,7 +97,8 @@ def train(
         validate_name(name)
         options = dict(_parse_override(o) for o in overrides)
         config = ValueTrainConfig.from_preset(preset, **options)
-        examples, skipped = examples_from_records(read_rollouts(labelled))
+        records = read_rollouts(labelled)
+        examples, skipped = examples_from_records(records)
     except (ValueError, RegistryError) as exc:
         _fail(str(exc))
     if skipped:
@@ -105,9 +106,11 @@ def train(
     if not examples:
         _fail(f"{labelled} has no labelled responses (run `iro reward` first)")
     registry = _registry(values_dir)
+    policies = rollout_policies(records)
     try:
         trainer = ValueTrainer(config, resolve_model(model), registry=registry, name=name)
-        result = trainer.train(examples, data=str(labelled))
+        _warn_policy_mismatch(registry, name, trainer.parent, policies)
+        result = trainer.train(examples, data=str(labelled), extra={"rollout_policies": policies})
         if out is not None:
             save_result(result, out, name)
             typer.echo(f"wrote {out}")
@@ -139,6 +142,18 @@ def publish(
         _fail(str(exc))
     chain = [link.version for link in registry.manifest(name, version).chain]
     typer.echo(f"published {name} v{version} (chain {chain})")
+
+
+def _warn_policy_mismatch(registry, name: str, parent: int | None, policies: list[dict]) -> None:
+    """IRO trains V_t on rollouts of pi_{t-1} = search over V_1..V_{t-1}; say so when the data
+    came from another policy (the new version still extends the current chain)."""
+    chain = [link.version for link in registry.manifest(name, parent).chain] if parent else []
+    for p in policies:
+        value = (p["value"] or "").partition("@")[0] or None
+        if (value, p["versions"]) != ((name if chain else None), chain):
+            source = f"{p['value']} {p['versions']}" if p["value"] else "the base model"
+            expected = f"{name} {chain}" if chain else "the base model"
+            typer.echo(f"warning: {p['count']} rollouts came from {source}, but V_t follows {expected}", err=True)
 
 
 def _parse_override(text: str) -> tuple[str, str]:

@@ -103,6 +103,20 @@ def examples_from_records(records: Iterable[dict]) -> tuple[list[Example], dict[
     return examples, dict(skipped)
 
 
+def rollout_policies(records: Iterable[dict]) -> list[dict]:
+    """The distinct policies that produced `records`: [{"value", "versions", "mode", "count"}].
+
+    >>> rollout_policies([{"policy": {"value": "demo", "versions": [1], "mode": "cbs"}}, {"policy": None}])
+    [{'value': 'demo', 'versions': [1], 'mode': 'cbs', 'count': 1}, {'value': None, 'versions': [], 'mode': None, 'count': 1}]
+    """
+    counts: dict[tuple, int] = {}
+    for record in records:
+        policy = record.get("policy") or {}
+        key = (policy.get("value"), tuple(policy.get("versions") or ()), policy.get("mode"))
+        counts[key] = counts.get(key, 0) + 1
+    return [{"value": v, "versions": list(vs), "mode": m, "count": n} for (v, vs, m), n in counts.items()]
+
+
 def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, held-out), split by prompt so no prompt is on both sides; deterministic in `seed`."""
     groups = sorted({e.group for e in examples})
@@ -450,4 +464,4 @@ def publish_saved(directory: str | Path, registry: Registry, name: str | None = 
 
 
 __all__ = ["Batch", "Example", "TrainResult", "ValueTrainer", "collate", "examples_from_records", "pairwise_accuracy",
-           "publish_saved", "read_rollouts", "response_values", "save_result", "spearman", "split_examples"]
+           "publish_saved", "read_rollouts", "rollout_policies", "response_values", "save_result", "spearman", "split_examples"]

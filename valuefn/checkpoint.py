@@ -80,6 +80,8 @@ def write_checkpoint_files(model: ValueModel, directory: Path) -> dict[str, str]
 
 def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST
+    if path.is_symlink():  # everything a checkpoint reads lies inside its own folder
+        raise CheckpointError(f"{path} is a symlink; refusing it", reason="bad_file", path=directory)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -108,6 +110,8 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
             raise CheckpointError(f"{directory}: refusing file {name!r} (only safetensors inside the checkpoint)",
                                   reason="bad_file", path=directory)
         path = directory / name
+        if path.is_symlink():
+            raise CheckpointError(f"{path} is a symlink; refusing it", reason="bad_file", path=directory)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing", reason="missing_file", path=directory)
         if sha256_file(path) != digest:

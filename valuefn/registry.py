@@ -88,13 +88,24 @@ class Registry:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if NAME_RE.match(p.name) and p.is_dir() and self.versions(p.name))
+        names = []
+        for p in self.root.iterdir():
+            if not (NAME_RE.match(p.name) and p.is_dir()):
+                continue
+            try:
+                if self.versions(p.name):
+                    names.append(p.name)
+            except RegistryError:  # a symlink leading outside the registry: never listed nor served
+                continue
+        return sorted(names)
 
     def versions(self, name: str) -> list[int]:
         d = self._name_dir(name)
         if not d.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in d.iterdir() if (m := VERSION_RE.match(p.name)) and p.is_dir())
+        root = self.root.resolve()
+        return sorted(int(m.group(1)) for p in d.iterdir()
+                      if (m := VERSION_RE.match(p.name)) and p.is_dir() and root in p.resolve().parents)
 
     def current(self, name: str) -> int | None:
         """The version CURRENT names (None if there is no usable CURRENT)."""

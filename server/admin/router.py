@@ -6,11 +6,12 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from server.admin.protocol import DeletedValue, LoadValueRequest, ValueList, ValueStatus
 from server.auth import require_admin_key
-from server.errors import InvalidRequestError, UnavailableError
+from server.errors import InvalidRequestError, UnavailableError, error_responses
 from server.value_manager import ValueManager
 from valuefn.registry import RegistryError, validate_name
 
-router = APIRouter(prefix="/v1/values", dependencies=[Depends(require_admin_key)], tags=["values"])
+router = APIRouter(prefix="/v1/values", dependencies=[Depends(require_admin_key)], tags=["values"],
+                   responses=error_responses(400, 401, 403, 404, 413, 503))
 
 
 def get_manager(request: Request) -> ValueManager:

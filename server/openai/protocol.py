@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,11 +41,12 @@ class GuidanceParams(OpenAIBaseModel):
     value: str | None = Field(None, description='Value function: "name" or "name@3" (a version). '
                               "Defaults to the value named in `model` (`<base>+<value>`).")
     mode: Literal["cbs", "bon"] | None = Field(None, description="cbs: chunk-level beam search; bon: Best-of-N.")
-    w: int | None = Field(None, description="Beam width: beams kept after each chunk (cbs).")
-    k: int | None = Field(None, description="Successors sampled per beam (cbs) or N (bon).")
-    l: int | None = Field(None, description="Chunk length in tokens (cbs).")
-    beta: float | None = Field(None, description="One temperature for every value in the chain.")
-    betas: list[float] | None = Field(None, description="One beta per value in the chain (V_1..V_t).")
+    w: int | None = Field(None, ge=1, description="Beam width: beams kept after each chunk (cbs).")
+    k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs) or N (bon).")
+    l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs).")
+    beta: float | None = Field(None, gt=0, description="One temperature for every value in the chain.")
+    betas: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="One beta per value in the chain (V_1..V_t).")
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -270,6 +271,21 @@ class ModelCard(OpenAIBaseModel):
 class ModelList(OpenAIBaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ----------------------------------------------------------------------------- server info
+class HealthStatus(OpenAIBaseModel):
+    """`GET /health` when the engine is up (503 with an `ErrorResponse` otherwise)."""
+
+    status: Literal["ok"] = "ok"
+
+
+class VersionInfo(OpenAIBaseModel):
+    """`GET /version`."""
+
+    version: str = Field(description="iro-serve version.")
+    vllm: str | None = Field(None, description="vLLM version.")
+    model: str | None = Field(None, description="Base model id (None while the engine starts).")
 
 
 # ----------------------------------------------------------------------------- iro: scoring

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.auth import require_api_key
-from server.errors import IroError, UnavailableError
+from server.errors import IroError, UnavailableError, error_responses
 from server.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ModelList, ScoreRequest,
     ScoreResponse,
@@ -18,7 +18,15 @@ from server.openai.protocol import (
 from server.openai.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=error_responses(401, 503))
+
+# What a generation route may answer besides its JSON body: SSE when `stream` is true, shaped errors.
+GENERATION_RESPONSES = {
+    200: {"description": "The JSON response; with `stream: true`, server-sent events instead: one `data: <chunk "
+                         "JSON>` line per chunk, then `data: [DONE]`.",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(400, 404, 413, 429),
+}
 
 
 def get_serving(request: Request) -> OpenAIServing:
@@ -91,19 +99,19 @@ async def list_models(request: Request):
     return get_serving(request).list_models()
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     serving = get_serving(request)
     return await _respond(request, serving, serving.create_chat_completion, body)
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request):
     serving = get_serving(request)
     return await _respond(request, serving, serving.create_completion, body)
 
 
-@router.post("/score", response_model=ScoreResponse)
+@router.post("/score", response_model=ScoreResponse, responses=error_responses(400, 404, 413, 429))
 async def score(body: ScoreRequest, request: Request):
     """Score responses to a prompt with a value chain (iro extension)."""
     serving = get_serving(request)

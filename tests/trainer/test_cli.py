@@ -73,10 +73,11 @@ def test_train_publishes_then_trains_aside_and_publishes_later(app, tmp_path, ti
               "--set", "num_layers=null", "--set", "dtype=float32", "--set", "progress=false"]
     result = invoke(app, "train", data, "--name", "demo", *common)
     assert result.exit_code == 0, result.output
-    assert "published demo v1 (chain [1])" in result.output
+    assert "published demo v1 (chain [1])" in result.output and "warning" not in result.output
     result = invoke(app, "train", data, "--name", "demo", *common, "--no-publish", "--out", tmp_path / "ckpt")
     assert result.exit_code == 0, result.output
     assert Registry(values).versions("demo") == [1]
+    assert "20 rollouts came from the base model, but V_t follows demo [1]" in result.output
     result = invoke(app, "publish", tmp_path / "ckpt", "--values-dir", values)
     assert result.exit_code == 0, result.output
     assert "published demo v2 (chain [1, 2])" in result.output

@@ -1,0 +1,142 @@
+"""Schemathesis against the server's own OpenAPI document (/openapi.json), on the shared real server.
+
+Every operation (base, guided, scoring, admin, ops) gets generated valid and invalid requests:
+no 5xx, every status code and content type declared, every JSON body matching its schema.
+Generated requests are shaped before sending so the fuzz stays fast on two cores: generation is
+capped at a few tokens, guided searches at 4x4 candidates, and half of the requests name the
+real model (or its aligned `+fz` model) so they get past the 404 and into the engine. Admin
+calls only ever touch the fuzz's own value `fz`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+
+import hypothesis
+import pytest
+import schemathesis
+from schemathesis.checks import not_a_server_error
+from schemathesis.config import SchemathesisConfig
+from schemathesis.generation.modes import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance, response_headers_conformance, response_schema_conformance, status_code_conformance,
+)
+
+from tests.e2e.test_guided import iro_values_init, wait_serving
+
+pytestmark = pytest.mark.e2e
+
+MAX_EXAMPLES = 12  # per operation and generation mode
+MAX_TOKENS = 4
+MAX_CANDIDATES = 4  # cap on guidance.w and guidance.k
+FUZZ_VALUE = "fz"
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance]
+COUNTS: Counter = Counter()  # (operation, status) -> responses
+GUIDED_OK: Counter = Counter()  # operation -> 200s that went through a guided search
+
+
+OPERATIONS = [
+    ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"), ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/score"),
+    ("GET", "/v1/values"), ("GET", "/v1/values/{name}"), ("POST", "/v1/values/{name}/load"),
+    ("POST", "/v1/values/{name}/rollback"), ("DELETE", "/v1/values/{name}"),
+]
+
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    iro_values_init(server, FUZZ_VALUE)
+    wait_serving(server, FUZZ_VALUE, iro_values_init(server, FUZZ_VALUE))  # two versions: rollback can work
+    config = SchemathesisConfig.from_dict({"request-timeout": 120})
+    return schemathesis.openapi.from_url(server.url + "/openapi.json", config=config)
+
+
+def pick(value, choices: int) -> int:
+    """A deterministic choice from a generated value (so Hypothesis replays the same request)."""
+    return zlib.crc32(repr(value).encode()) % choices
+
+
+def _capped(value, cap: int):
+    return cap if value is None or (type(value) is int and value > cap) else value
+
+
+def shape(case, model_id: str) -> None:
+    """Keep a generated request cheap and pointed at real things; invalid values stay invalid."""
+    if case.path_parameters and "name" in case.path_parameters:
+        name = str(case.path_parameters["name"])
+        # only the fuzz's own value may be loaded, rolled back or unloaded
+        case.path_parameters["name"] = FUZZ_VALUE if pick(name, 3) == 0 else f"{FUZZ_VALUE}-{name}"
+    body = case.body
+    if not isinstance(body, dict) or case.path not in ("/v1/chat/completions", "/v1/completions", "/v1/score"):
+        return
+    if case.path == "/v1/score":
+        if isinstance(body.get("responses"), list):
+            body["responses"] = body["responses"][:4]
+        if pick(body.get("value"), 2) == 0:
+            body["value"] = FUZZ_VALUE
+        if pick(body.get("prompt"), 2) == 0 and "messages" in body:  # exactly one of them is valid
+            body.pop("prompt" if body["messages"] is not None else "messages")
+        return
+    model = body.get("model")
+    body["model"] = [model, model_id, model_id, f"{model_id}+{FUZZ_VALUE}"][pick(model, 4)]
+    body["max_tokens"] = _capped(body.get("max_tokens"), MAX_TOKENS)
+    if case.path == "/v1/chat/completions":
+        body["max_completion_tokens"] = _capped(body.get("max_completion_tokens"), MAX_TOKENS)
+    body["n"] = _capped(body.get("n", 1), MAX_CANDIDATES)
+    guidance = body.get("guidance")
+    if isinstance(guidance, dict):
+        for key in ("w", "k"):
+            guidance[key] = _capped(guidance.get(key), MAX_CANDIDATES)
+        if pick(guidance.get("value"), 2) == 0:
+            guidance["value"] = FUZZ_VALUE
+            if isinstance(guidance.get("betas"), list):
+                guidance["betas"] = guidance["betas"][:1] or None  # fz's chain has one value
+
+
+def test_the_document_lists_every_operation(api_schema):
+    listed = {(op.method.upper(), op.path) for op in (r.ok() for r in api_schema.get_all_operations())}
+    assert listed == set(OPERATIONS)
+
+
+WITH_BODY = ("/v1/chat/completions", "/v1/completions", "/v1/score", "/v1/values/{name}/load")
+CASES = [(m, p, mode) for m, p in OPERATIONS for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+         if mode is GenerationMode.POSITIVE or p in WITH_BODY]  # string path parameters have no invalid values
+
+
+@pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {mode}" for m, p, mode in CASES])
+def test_fuzz(api_schema, server, method, path, mode):
+    operation = api_schema[path][method]
+    failures = []
+
+    @hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=False,
+                         phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+    def run(case):
+        shape(case, server.model_id)
+        key = server.admin_key if case.path.startswith("/v1/values") else server.api_key
+        try:
+            response = case.call_and_validate(headers={"Authorization": f"Bearer {key}"}, checks=CHECKS)
+        except AssertionError as exc:  # schemathesis failures (collected: one report per operation)
+            failures.append(f"{exc}"[:2000])
+            return
+        COUNTS[(f"{method} {path}", response.status_code)] += 1
+        if response.status_code == 200 and ("guidance" in response.text or path == "/v1/score"):
+            GUIDED_OK[f"{method} {path}"] += 1
+
+    run()
+    assert not failures, "\n\n".join(failures[:3])
+
+
+def test_fuzz_reached_every_operation_and_the_engine(server):
+    """The fuzz is not just 400s: each operation was called and generation endpoints answered 200s."""
+    table = "\n".join(f"{op:40s} {status}: {n}" for (op, status), n in sorted(COUNTS.items()))
+    print(f"\nfuzz responses ({sum(COUNTS.values())} total):\n{table}\nguided/scored 200s: {dict(GUIDED_OK)}")
+    operations = {op for op, _ in COUNTS}
+    assert len(operations) >= 12, operations
+    for op in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/score"):
+        assert COUNTS[(op, 200)] > 0, table
+        assert GUIDED_OK[op] > 0, (op, dict(GUIDED_OK))
+    assert all(status < 500 for _, status in COUNTS), table

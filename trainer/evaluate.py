@@ -1,0 +1,234 @@
+"""Evaluation: base sampling vs Best-of-N vs IRO (chunk-level beam search over the value chain).
+
+Each method answers the same held-out prompts once; answers are labelled by the task's reward.
+Reported per method: mean reward with a 95% bootstrap confidence interval, distinct-2 over all
+answers (a collapse check), and tokens generated per prompt (the server's `usage`, which counts
+every candidate a search sampled: the cost axis of the paper's test-time scaling picture).
+
+    base      plain sampling from the frozen model (N = 1, no value)
+    bon-N     N samples from the base model, the one the value chain scores highest (guidance mode bon)
+    iro       chunk-level beam search guided by the value chain (guidance mode cbs, w/k/l)
+
+    methods = standard_methods("review@3", bon=[1, 2, 4, 8, 16])
+    results = evaluate(TASKS["review-sentiment"].eval_prompts()[:32], methods, "eval/", reward="sentiment",
+                       template=RolloutConfig(server="http://127.0.0.1:8000", max_tokens=48))
+    write_markdown(results, "eval/eval.md")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from trainer.rollout import PromptItem, RolloutConfig, RolloutError, read_records, run_rollout
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- metrics
+def mean_ci(values: Sequence[float], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its percentile-bootstrap confidence interval (seeded, so a
+    report is reproducible). A single value has a zero-width interval.
+
+    >>> mean_ci([1.0, 1.0, 1.0])
+    (1.0, 1.0, 1.0)
+    >>> m, lo, hi = mean_ci([0.0, 1.0] * 50); round(m, 2), lo < m < hi
+    (0.5, True)
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    boots = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return mean, float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def distinct_n(texts: Iterable[str], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over every text (lower-cased words and punctuation);
+    near 0 means the answers collapsed onto the same phrases.
+
+    >>> distinct_n(["a b c", "a b d"])
+    0.75
+    >>> distinct_n(["same same", "same same"])
+    0.5
+    """
+    grams: list[tuple[str, ...]] = []
+    for text in texts:
+        words = _WORD.findall(text.lower())
+        grams += [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# --------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """One way to answer a prompt."""
+
+    name: str
+    """File-safe id, e.g. `base`, `bon-4`, `iro-2`."""
+    label: str
+    """Human name, e.g. `Best-of-4`, `IRO-2`."""
+    kind: Literal["base", "bon", "cbs"]
+    value: str | None = None
+    """Value chain for bon/cbs (`name@N` pins a version)."""
+    n: int = 1
+    """Samples per prompt that a bon answer chooses from (1 for base)."""
+    w: int | None = None
+    k: int | None = None
+    l: int | None = None
+
+    def rollout_config(self, template: RolloutConfig) -> RolloutConfig:
+        if self.kind == "base":
+            guided = dict(value=None, mode=None, w=None, k=None, l=None)
+        elif self.kind == "bon":
+            guided = dict(value=self.value, mode="bon", w=None, k=self.n, l=None)
+        else:
+            guided = dict(value=self.value, mode="cbs", w=self.w, k=self.k, l=self.l)
+        return dataclasses.replace(template, samples_per_prompt=1, record_usage=True, **guided)
+
+    def settings(self) -> str:
+        if self.kind == "cbs":
+            return f"w={self.w} k={self.k} l={self.l}"
+        return f"N={self.n}"
+
+
+def standard_methods(value: str | None, *, bon: Sequence[int] = (1, 2, 4, 8, 16), cbs: tuple[int, int, int] = (4, 4, 8),
+                     iro_label: str = "IRO", iro_name: str = "iro", include_iro: bool = True) -> list[Method]:
+    """base (N=1), Best-of-N for every N > 1 in `bon`, and IRO (CBS), the last two only with a value.
+
+    >>> [m.name for m in standard_methods("v", bon=[1, 4])]
+    ['base', 'bon-4', 'iro']
+    >>> [m.name for m in standard_methods(None)]
+    ['base']
+    """
+    methods = [Method("base", "base (N=1)", "base")]
+    if value is None:
+        return methods
+    for n in sorted(set(bon)):
+        if n < 1:
+            raise ValueError(f"Best-of-N needs N >= 1, got {n}")
+        if n > 1:
+            methods.append(Method(f"bon-{n}", f"Best-of-{n}", "bon", value, n=n))
+    if include_iro:
+        w, k, l = cbs
+        methods.append(Method(iro_name, iro_label, "cbs", value, w=w, k=k, l=l))
+    return methods
+
+
+@dataclass
+class MethodResult:
+    """What one method scored on the evaluation prompts."""
+
+    name: str
+    label: str
+    kind: str
+    settings: str
+    value: str | None
+    versions: list[int]
+    prompts: int
+    mean: float
+    ci_low: float
+    ci_high: float
+    std: float
+    distinct2: float
+    tokens: int
+    """Completion tokens generated in all (every candidate of a search)."""
+    tokens_per_prompt: float
+    seconds: float
+    n: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodResult:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def ci_text(self) -> str:
+        return f"{self.mean:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
+
+
+def summarize(method: Method, records: Sequence[dict], rewards: Sequence[float], seconds: float) -> MethodResult:
+    """A `MethodResult` from labelled evaluation records (with `usage`)."""
+    mean, lo, hi = mean_ci(rewards)
+    tokens = sum(int((r.get("usage") or {}).get("completion_tokens") or len(r["response_token_ids"])) for r in records)
+    versions = sorted({v for r in records for v in r["policy"]["versions"]})
+    return MethodResult(
+        name=method.name, label=method.label, kind=method.kind, settings=method.settings(), value=method.value,
+        versions=versions, prompts=len(records), mean=mean, ci_low=lo, ci_high=hi,
+        std=float(np.std(rewards)) if rewards else float("nan"), distinct2=distinct_n(r["response"] for r in records),
+        tokens=tokens, tokens_per_prompt=tokens / len(records) if records else 0.0, seconds=seconds, n=method.n)
+
+
+def evaluate_method(method: Method, prompts: list[PromptItem], out_dir: str | Path, *, reward: str,
+                    template: RolloutConfig) -> MethodResult:
+    """Answer `prompts` with `method` (resumable: `out_dir/<name>.jsonl`), label, summarise."""
+    from trainer.rewards import label_records, parse_reward
+
+    path = Path(out_dir) / f"{method.name}.jsonl"
+    stats = run_rollout(prompts, path, method.rollout_config(template))
+    if not stats.complete:
+        raise RolloutError(f"{method.label}: {stats.failed} of {stats.total} requests failed "
+                           f"(first: {stats.errors[0] if stats.errors else '?'}); re-run to resume")
+    wanted = {p.id for p in prompts}
+    records = [r for r in read_records(path) if r["prompt_id"] in wanted]
+    labelled = label_records(records, parse_reward(reward))
+    rewards = [r["reward"] for r in labelled]
+    result = summarize(method, labelled, rewards, stats.seconds)
+    log.info("%s: reward %s, distinct-2 %.3f, %.0f tokens/prompt", method.label, result.ci_text(), result.distinct2,
+             result.tokens_per_prompt)
+    return result
+
+
+def evaluate(prompts: list[PromptItem], methods: Sequence[Method], out_dir: str | Path, *, reward: str,
+             template: RolloutConfig) -> list[MethodResult]:
+    """Every method on the same prompts; rollouts land in `out_dir`, one JSONL file per method."""
+    return [evaluate_method(m, prompts, out_dir, reward=reward, template=template) for m in methods]
+
+
+# --------------------------------------------------------------------------- reports
+def markdown_table(results: Sequence[MethodResult]) -> str:
+    """A markdown table of results (one row per method)."""
+    lines = ["| method | settings | value | mean reward [95% CI] | distinct-2 | tokens/prompt | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        value = f"{r.value} (chain {','.join(map(str, r.versions))})" if r.value else "-"
+        lines.append(f"| {r.label} | {r.settings} | {value} | {r.ci_text()} | {r.distinct2:.3f} | "
+                     f"{r.tokens_per_prompt:.0f} | {r.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def write_results(results: Sequence[MethodResult], out_dir: str | Path, *, title: str = "Evaluation",
+                  meta: dict | None = None) -> dict[str, Path]:
+    """`eval.json`, `eval.md` and `reward_vs_tokens.png` in `out_dir`; returns their paths."""
+    from trainer.plots import plot_reward_vs_tokens
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json", "md": out / "eval.md", "png": out / "reward_vs_tokens.png"}
+    paths["json"].write_text(json.dumps({"meta": meta or {}, "results": [r.to_dict() for r in results]}, indent=2))
+    header = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in (meta or {}).items()] + [""]
+    paths["md"].write_text("\n".join(header + [markdown_table(results), "", f"![reward vs tokens]({paths['png'].name})",
+                                               ""]))
+    plot_reward_vs_tokens(results, paths["png"], title=title)
+    return paths
+
+
+__all__ = ["Method", "MethodResult", "distinct_n", "evaluate", "evaluate_method", "markdown_table", "mean_ci",
+           "standard_methods", "summarize", "write_results"]
