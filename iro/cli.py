@@ -84,6 +84,7 @@ def _add_optional(module: str, attr: str, name: str) -> None:
 
 _add_optional("valuefn.cli", "app", "values")
 _add_optional("trainer.cli", "register", "_trainer")  # registers several commands itself
+_add_optional("trainer.jobs_cli", "register", "_jobs")  # rollout, eval, loop
 _add_optional("clients.cli", "register", "_clients")
 _add_optional("bench.cli", "bench", "bench")
 

@@ -110,12 +110,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def install_openapi(app: FastAPI) -> None:
-    """The OpenAPI document without FastAPI's 422 entries: validation errors answer 400 (ErrorResponse)."""
+    """The OpenAPI document without FastAPI's 422 entries (validation errors answer 400 with an
+    ErrorResponse), and with the stream chunk schemas that the routes' event streams refer to."""
+    from pydantic.json_schema import models_json_schema
+
+    from server.openai.protocol import ChatCompletionStreamResponse, CompletionStreamResponse
+
     default = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = default()
+            _, chunks = models_json_schema([(m, "serialization") for m in (ChatCompletionStreamResponse,
+                                                                           CompletionStreamResponse)],
+                                           ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in chunks.get("$defs", {}).items():
+                components.setdefault(name, definition)
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
                     operation.get("responses", {}).pop("422", None)

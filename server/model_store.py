@@ -7,7 +7,6 @@ on later calls only verifies and reuses it. Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -17,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from server.settings import iro_home
+from valuefn.model import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,6 @@ FORMAT = 1
 
 class ModelPrepareError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_model_dir() -> Path:

@@ -4,7 +4,6 @@ per test session in a subprocess on a free port (like vLLM's RemoteOpenAIServer)
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.server import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-api-key"
 ADMIN_KEY = "test-admin-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -101,6 +101,12 @@ class Method:
             guided = dict(value=self.value, mode="cbs", w=self.w, k=self.k, l=self.l)
         return dataclasses.replace(template, samples_per_prompt=1, record_usage=True, **guided)
 
+    def file_stem(self) -> str:
+        """`name`, plus the value spec when there is one (`bon-4__review-v3`)."""
+        if self.value is None:
+            return self.name
+        return f"{self.name}__{self.value.replace('@', '-v')}"
+
     def settings(self) -> str:
         if self.kind == "cbs":
             return f"w={self.w} k={self.k} l={self.l}"
@@ -181,8 +187,9 @@ def evaluate_method(method: Method, prompts: list[PromptItem], out_dir: str | Pa
     """Answer `prompts` with `method` (resumable: `out_dir/<name>.jsonl`), label, summarise."""
     from trainer.rewards import label_records, parse_reward
 
-    path = Path(out_dir) / f"{method.name}.jsonl"
-    stats = run_rollout(prompts, path, method.rollout_config(template))
+    config = method.rollout_config(template)
+    path = Path(out_dir) / f"{method.file_stem()}.jsonl"
+    stats = run_rollout(prompts, path, config)
     if not stats.complete:
         raise RolloutError(f"{method.label}: {stats.failed} of {stats.total} requests failed "
                            f"(first: {stats.errors[0] if stats.errors else '?'}); re-run to resume")

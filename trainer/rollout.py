@@ -336,15 +336,17 @@ class PromptRenderer:
         self._tried = False
         self._cache: dict[str, str] = {}
 
-    def _load(self, model_id: str) -> Any:
+    def load(self, model_id: str) -> Any:
+        """The tokenizer (loaded once; None when there is none for `model_id`)."""
         if not self._tried:
             self._tried = True
             path = self.path
             if path is None:
-                from server.model_store import DEFAULT_MODEL_NAME, prepare_default_model
+                from server.model_store import DEFAULT_MODEL_NAME, default_model_dir, prepare_default_model
 
-                if model_id.split("+")[0] == DEFAULT_MODEL_NAME:
-                    path = str(prepare_default_model())
+                if model_id.split("+")[0] == DEFAULT_MODEL_NAME:  # only the tokenizer is needed: skip verifying
+                    folder = default_model_dir()
+                    path = str(folder if (folder / "tokenizer.json").is_file() else prepare_default_model())
             if path is not None:
                 from transformers import AutoTokenizer
 
@@ -356,7 +358,7 @@ class PromptRenderer:
 
     def __call__(self, item: PromptItem, token_ids: list[int], model_id: str) -> str:
         if item.id not in self._cache:
-            tokenizer = self._load(model_id)
+            tokenizer = self.load(model_id)
             if tokenizer is not None:
                 text = tokenizer.decode(token_ids, skip_special_tokens=False)
             elif item.prompt is not None:
@@ -434,8 +436,31 @@ def _pending(items: list[PromptItem], out: str | Path, config: RolloutConfig) ->
     """The tasks still missing from `out` (after repairing a torn last line) and fresh stats."""
     everything = plan(items, config)
     done = scan_output(out)
+    if done:
+        _check_same_job(out, {t.id: t for t in everything}, config)
     tasks = [t for t in everything if t.id not in done]
     return tasks, RolloutStats(total=len(everything), skipped=len(everything) - len(tasks))
+
+
+def _check_same_job(out: str | Path, planned: dict[str, Task], config: RolloutConfig) -> None:
+    """Refuse to resume into a file whose records were made by another policy or sampling."""
+    with open(out, encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    task = planned.get(str(first.get("id")))
+    if task is None:
+        return
+    policy, sampling = first.get("policy") or {}, first.get("sampling") or {}
+    have = {"value": (policy.get("value") or "").partition("@")[0] or None,
+            **{k: sampling.get(k) for k in ("temperature", "max_tokens", "seed")}}
+    want = {"value": (config.value or "").partition("@")[0] or None,
+            **{k: task.sampling.get(k) for k in ("temperature", "max_tokens", "seed")}}
+    for key in ("mode", "w", "k", "l"):  # only what this job pins
+        if config.value is not None and getattr(config, key) is not None:
+            have[key], want[key] = policy.get(key), getattr(config, key)
+    diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+    if diff:
+        raise RolloutError(f"{out} already holds responses made otherwise ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                           "write to a new file or delete it")
 
 
 #: Errors after which every other request would fail too: stop at once.
@@ -464,10 +489,14 @@ async def arun_rollout(items: list[PromptItem], out: str | Path, config: Rollout
                                 max_retries=config.max_retries)
     guidance = config.guidance()
     render = PromptRenderer(config.tokenizer)
+    model = config.model
+    if model is None:  # ask once, not once per worker
+        model = next((card.id for card in (await client.models()).data if card.parent is None), None)
+    await asyncio.to_thread(render.load, model or "")
 
     def requests() -> Iterator[dict]:
         for t in tasks:
-            yield {**t.item.body(), "model": config.model, "guidance": guidance, "return_token_ids": True,
+            yield {**t.item.body(), "model": model, "guidance": guidance, "return_token_ids": True,
                    **{k: v for k, v in t.sampling.items() if v is not None}}
 
     start = time.perf_counter()

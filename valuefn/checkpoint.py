@@ -8,7 +8,6 @@ settings, training metadata, and a sha256 of every file, checked before anything
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
-from valuefn.model import ValueModel, ValueModelConfig
+from valuefn.model import ValueModel, ValueModelConfig, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,14 +59,6 @@ class Manifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_checkpoint_files(model: ValueModel, directory: Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, help="Value functions in the registry.")
 
-ValuesDir = typer.Option(None, "--values-dir", help="Registry folder [env IRO_VALUES_DIR; default $IRO_HOME/values].")
+ValuesDir = typer.Option(None, "--values-dir", help="Registry folder (env IRO_VALUES_DIR; default $IRO_HOME/values).")
 
 
 def default_values_dir() -> Path:

@@ -43,7 +43,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -62,7 +62,7 @@ def backbone_identity(model_path: str | Path) -> dict:
             "intermediate_size", "vocab_size", "rope_theta", "rope_parameters", "head_dim")
     canonical = json.dumps({k: config.get(k) for k in keep}, sort_keys=True)
     tok_files = [p for p in ("tokenizer.json", "tokenizer.model", "vocab.json") if (path / p).is_file()]
-    tok_hash = hashlib.sha256(b"".join(_sha256(path / p).encode() for p in tok_files)).hexdigest()
+    tok_hash = hashlib.sha256(b"".join(sha256_file(path / p).encode() for p in tok_files)).hexdigest()
     return {
         "name": config.get("_name_or_path") or path.name,
         "config_sha256": hashlib.sha256(canonical.encode()).hexdigest(),

@@ -20,13 +20,21 @@ from server.openai.serving import OpenAIServing
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=error_responses(401, 503))
 
-# What a generation route may answer besides its JSON body: SSE when `stream` is true, shaped errors.
-GENERATION_RESPONSES = {
-    200: {"description": "The JSON response; with `stream: true`, server-sent events instead: one `data: <chunk "
-                         "JSON>` line per chunk, then `data: [DONE]`.",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    **error_responses(400, 404, 413, 429),
-}
+
+
+def generation_responses(chunk_model: str) -> dict:
+    """What a generation route may answer besides its JSON body: SSE when `stream` is true, shaped errors.
+
+    Each event's `data` is a chunk (`chunk_model`), an `ErrorResponse` if generation fails midway,
+    or the final `[DONE]` (the schema describes one event, as OpenAPI 3.1 does for event streams).
+    """
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk_model}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}}}
+    return {200: {"description": "The JSON response; with `stream: true`, server-sent events instead: one "
+                                 "`data: <chunk JSON>` line per chunk, then `data: [DONE]`.",
+                  "content": {"text/event-stream": {"schema": event}}},
+            **error_responses(400, 404, 413, 429)}
 
 
 def get_serving(request: Request) -> OpenAIServing:
@@ -99,13 +107,13 @@ async def list_models(request: Request):
     return get_serving(request).list_models()
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=generation_responses("ChatCompletionStreamResponse"))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     serving = get_serving(request)
     return await _respond(request, serving, serving.create_chat_completion, body)
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
+@router.post("/completions", response_model=CompletionResponse, responses=generation_responses("CompletionStreamResponse"))
 async def create_completion(body: CompletionRequest, request: Request):
     serving = get_serving(request)
     return await _respond(request, serving, serving.create_completion, body)

@@ -10,6 +10,7 @@ calls only ever touch the fuzz's own value `fz`.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections import Counter
 
@@ -123,8 +124,10 @@ def test_fuzz(api_schema, server, method, path, mode):
             failures.append(f"{exc}"[:2000])
             return
         COUNTS[(f"{method} {path}", response.status_code)] += 1
-        if response.status_code == 200 and ("guidance" in response.text or path == "/v1/score"):
+        if response.status_code == 200 and ('"guidance":{' in response.text or path == "/v1/score"):
             GUIDED_OK[f"{method} {path}"] += 1
+        if os.environ.get("FUZZ_DEBUG") and response.status_code == 400 and mode is GenerationMode.POSITIVE:
+            print("400:", path, response.json()["error"]["message"][:150])
 
     run()
     assert not failures, "\n\n".join(failures[:3])

@@ -1,0 +1,93 @@
+"""Where does a guided request's time go? In-process: one engine, plain n=16 vs CBS with a free
+scorer vs CBS with the real scorer, all on the same 16 prompts, in one run.
+
+    python -m bench.profile_guided [--engine-threads 0-1] [--scorer-threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.guided import MAX_TOKENS, PROMPTS, TEMPERATURE
+from server.engine import ChunkRequest, VllmEngine
+from server.search import Searcher, SearchParams
+
+
+class FreeScorer:
+    async def values(self, chain, items):
+        return np.random.default_rng(len(items)).normal(size=(len(items), 1))
+
+
+class TimedScorer:
+    def __init__(self, inner):
+        self.inner, self.seconds, self.calls = inner, 0.0, 0
+
+    async def values(self, chain, items):
+        t0 = time.perf_counter()
+        out = await self.inner.values(chain, items)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+class Chain:
+    betas = [1.0]
+    links = ((None, 1.0),)
+
+
+async def main(args):
+    from server.model_store import prepare_default_model
+    from valuefn.loader import BackbonePool, ValueLoader, init_value
+    from valuefn.registry import Registry
+    from valuefn.scorer import Scorer
+
+    model_path = prepare_default_model()
+    engine = VllmEngine.start(str(model_path), "m", max_model_len=2048, kv_cache_gib=2, block_size=args.block_size,
+                              enforce_eager=True, dtype="bfloat16", engine_threads=args.engine_threads)
+    tok = engine.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False) for p in PROMPTS]
+    reg = Registry(Path(tempfile.mkdtemp()) / "values")
+    init_value(reg, "p", model_path)
+    chain = ValueLoader(reg, BackbonePool(model_path)).load_chain("p")
+    scorer = Scorer(threads=args.scorer_threads)
+    params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE)
+
+    async def plain():
+        return await asyncio.gather(*[engine.sample(ChunkRequest(p, 16, MAX_TOKENS, TEMPERATURE)) for p in prompts])
+
+    async def guided(sc, ch):
+        s = Searcher(engine, sc)
+        return await asyncio.gather(*[s.run(ch, p, params) for p in prompts])
+
+    await plain()  # warm-up
+    await guided(scorer, chain)
+    for rnd in range(args.rounds):
+        t0 = time.perf_counter(); outs = await plain(); tp = time.perf_counter() - t0
+        ntok = sum(len(s.token_ids) for o in outs for s in o)
+        free = TimedScorer(FreeScorer())
+        t0 = time.perf_counter(); rf = await guided(free, Chain()); tf = time.perf_counter() - t0
+        real = TimedScorer(scorer)
+        t0 = time.perf_counter(); rr = await guided(real, chain); tr = time.perf_counter() - t0
+        print(f"round {rnd}: plain {tp:.2f}s ({ntok} tok, {ntok/tp:.0f} tok/s) | free-scorer CBS {tf:.2f}s "
+              f"({sum(r.completion_tokens for r in rf)} tok) ratio {tf/tp:.2f} | real CBS {tr:.2f}s "
+              f"({sum(r.completion_tokens for r in rr)} tok) ratio {tr/tp:.2f}, scorer wait {real.seconds:.1f}s "
+              f"over {real.calls} calls, forward busy {scorer.busy_seconds:.1f}s in {scorer.batches} batches",
+              flush=True)
+    scorer.close()
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine-threads", default="all")
+    ap.add_argument("--scorer-threads", type=int, default=2)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    asyncio.run(main(ap.parse_args()))

@@ -1,0 +1,105 @@
+"""Evaluation metrics, reports and plots, and the loop's config and state (no server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.evaluate import Method, MethodResult, distinct_n, markdown_table, mean_ci, standard_methods, summarize, write_results
+from trainer.loop import LoopConfig, LoopError, RunState, verdict
+from trainer.rollout import RolloutConfig
+
+
+def test_mean_ci_is_reproducible_and_covers_the_mean():
+    values = [0.1, 0.9, -0.3, 0.5, 0.7, 0.2, -0.1, 0.4]
+    mean, lo, hi = mean_ci(values)
+    assert mean == pytest.approx(sum(values) / len(values)) and lo < mean < hi
+    assert mean_ci(values) == (mean, lo, hi)
+    _, lo_wide, hi_wide = mean_ci(values[:4])
+    assert hi_wide - lo_wide > hi - lo  # fewer samples, wider interval
+
+
+def test_distinct_2_detects_collapse():
+    varied = ["The film finds its heart late.", "A warm, funny ending redeems it.", "Great cast, weak script."]
+    assert distinct_n(varied) == 1.0
+    assert distinct_n(["great great great great"] * 3) < 0.2
+    assert distinct_n([]) == 0.0
+
+
+def test_methods_and_their_requests():
+    methods = standard_methods("review@3", bon=[16, 1, 4], cbs=(4, 4, 8), iro_label="IRO-3", iro_name="iro-3")
+    assert [m.name for m in methods] == ["base", "bon-4", "bon-16", "iro-3"]
+    template = RolloutConfig(server="http://x", max_tokens=32, samples_per_prompt=5)
+    base, bon4, _, iro = (m.rollout_config(template) for m in methods)
+    assert base.guidance() is None and base.samples_per_prompt == 1 and base.record_usage
+    assert bon4.guidance() == {"value": "review@3", "mode": "bon", "k": 4}
+    assert iro.guidance() == {"value": "review@3", "mode": "cbs", "w": 4, "k": 4, "l": 8}
+    assert methods[1].file_stem() == "bon-4__review-v3" and methods[0].file_stem() == "base"
+
+
+def _record(i: int, text: str, tokens: int, versions=(1,)):
+    return {"id": f"p{i}:0", "prompt_id": f"p{i}", "response": text, "response_token_ids": [1] * 5,
+            "policy": {"versions": list(versions)}, "usage": {"completion_tokens": tokens}}
+
+
+def _result(label: str, kind: str, mean: float, tokens: float, n: int = 1, half: float = 0.05) -> MethodResult:
+    return MethodResult(name=label.lower(), label=label, kind=kind, settings="", value="v@1" if kind != "base" else None,
+                        versions=[1], prompts=10, mean=mean, ci_low=mean - half, ci_high=mean + half, std=0.1,
+                        distinct2=0.9, tokens=int(tokens * 10), tokens_per_prompt=tokens, seconds=1.0, n=n)
+
+
+def test_summary_table_and_plot(tmp_path):
+    method = Method("bon-4", "Best-of-4", "bon", "v@1", n=4)
+    records = [_record(i, f"answer number {i}", 40 + i) for i in range(4)]
+    result = summarize(method, records, [0.5, 0.25, 0.0, 0.25], seconds=3.0)
+    assert (result.mean, result.tokens, result.tokens_per_prompt, result.versions) == (0.25, 166, 41.5, [1])
+    assert MethodResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    table = markdown_table([result])
+    assert "| Best-of-4 | N=4 | v@1 (chain 1) | +0.250 [" in table
+    results = [_result("base (N=1)", "base", 0.0, 32), _result("Best-of-4", "bon", 0.3, 128, n=4), result,
+               _result("IRO-1", "cbs", 0.35, 200)]
+    paths = write_results(results, tmp_path / "eval", meta={"task": "t"})
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
+    assert "IRO-1" in paths["md"].read_text() and len(json.loads(paths["json"].read_text())["results"]) == 4
+
+
+def test_iteration_plot_and_verdict(tmp_path):
+    from trainer.plots import plot_iterations
+
+    iro = [_result("IRO-1", "cbs", 0.2, 500), _result("IRO-2", "cbs", 0.3, 500), _result("IRO-3", "cbs", 0.5, 500)]
+    baselines = [_result("base (N=1)", "base", 0.0, 32), _result("Best-of-16", "bon", 0.35, 512, n=16)]
+    path = plot_iterations(iro, baselines, tmp_path / "it.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    lines = verdict(iro, baselines)
+    assert lines[0].startswith("- IRO-3 vs Best-of-16: +0.500 vs +0.350 (higher; CIs do not overlap)")
+    assert "at least as good" in lines[1] and "at least as good" in lines[2]
+    assert "worse" in verdict(iro[::-1], baselines)[1]
+
+
+def test_loop_presets_and_overrides():
+    smoke = LoopConfig.from_preset("smoke", iterations=2, **{"train.max_steps": "3", "bon": "[1, 2]"})
+    assert smoke.iterations == 2 and smoke.bon == [1, 2] and smoke.max_tokens == 16
+    assert smoke.train["max_steps"] == "3" and smoke.train["batch_size"] == 4  # coerced by ValueTrainConfig later
+    full = LoopConfig.from_preset("full")
+    assert (full.w, full.k, full.l, full.bon) == (4, 4, 8, [1, 2, 4, 8, 16])
+    with pytest.raises(ValueError, match="unknown loop option 'nope'"):
+        LoopConfig.from_preset("smoke", nope=1)
+    with pytest.raises(ValueError, match="unknown loop preset"):
+        LoopConfig.from_preset("gigantic")
+    with pytest.raises(ValueError, match="n_eval_prompts"):
+        LoopConfig(n_eval_prompts=0)
+    from trainer.value_config import ValueTrainConfig
+
+    assert ValueTrainConfig.from_preset(smoke.train_preset, **smoke.train).max_steps == 3
+
+
+def test_run_state_resumes_and_refuses_other_settings(tmp_path):
+    config = LoopConfig.from_preset("smoke")
+    state = RunState.open(tmp_path / "run", config)
+    state.finish("it1/rollout", {"seconds": 1.0})
+    state.set_version(1, 7)
+    again = RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", iterations=5))  # more iterations: fine
+    assert again.run_id == state.run_id and again.stage("it1/rollout") == {"seconds": 1.0} and again.version(1) == 7
+    with pytest.raises(LoopError, match="other settings.*max_tokens"):
+        RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", max_tokens=64))

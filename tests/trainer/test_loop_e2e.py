@@ -1,0 +1,51 @@
+"""`iro loop --preset smoke` end to end against the real server: two iterations, a report with
+plots, the chain [1, 2] in the registry, and a re-run that skips every finished stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from valuefn.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME = "loop-smoke"
+STAGES = [f"it{t}/{s}" for t in (1, 2) for s in ("rollout", "reward", "train", "serve", "eval")] + ["baselines/v2"]
+
+
+@pytest.mark.e2e
+def test_smoke_loop_two_iterations_and_resume(server, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "iro.cli", "loop", "--preset", "smoke", "--iterations", "2", "--server", server.url,
+           "--api-key", server.api_key, "--admin-key", server.admin_key, "--values-dir", str(server.values_dir),
+           "--name", NAME, "--run-dir", str(run_dir), "--no-progress"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+
+    report = (run_dir / "report.md").read_text()
+    assert "| 1 | loop-smoke@1 (1) |" in report and "| 2 | loop-smoke@2 (1,2) |" in report
+    assert "Best-of-4" in report and "IRO-2" in report and "## Verdict" in report
+    for png in ("reward_vs_tokens.png", "reward_per_iteration.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    registry = Registry(server.values_dir)
+    assert registry.current(NAME) == 2
+    assert [link.version for link in registry.manifest(NAME, 2).chain] == [1, 2]
+    assert registry.manifest(NAME, 2).training["init_from"] == 1
+    state = json.loads((run_dir / "state.json").read_text())
+    assert list(state["stages"]) == STAGES and state["versions"] == {"1": 1, "2": 2}
+    assert all(r["policy"]["value"] is None for r in map(json.loads, (run_dir / "it1/rollouts.jsonl").open()))
+    guided = [json.loads(line)["policy"] for line in (run_dir / "it2/rollouts.jsonl").open()]
+    assert all(p["value"] == NAME and p["versions"] == [1] and p["mode"] == "cbs" for p in guided)
+    with server.admin() as admin:
+        status = admin.get(f"/v1/values/{NAME}").json()
+    assert status["serving_version"] == 2 and status["chain"] == [1, 2]
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert all(f"stage {key}: done already" in again.stderr for key in STAGES), again.stderr[-3000:]
+    assert registry.versions(NAME) == [1, 2]  # nothing retrained or republished
+    assert json.loads((run_dir / "state.json").read_text())["stages"] == state["stages"]

@@ -1,0 +1,233 @@
+"""`iro rollout`, `iro eval`, `iro loop`: sample through the server, compare methods, run IRO.
+
+    iro rollout prompts.jsonl -o rollouts.jsonl --samples-per-prompt 4 --concurrency 16
+    iro eval --task review-sentiment --value review --bon 1,2,4,8,16 --out eval/
+    iro loop --task review-sentiment --iterations 3 --values-dir ~/.cache/iro/values --preset full
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+SERVER = typer.Option(None, "--server", help="Server root (env IRO_BASE_URL; default http://127.0.0.1:8000).")
+API_KEY = typer.Option(None, "--api-key", help="Bearer token for /v1 (env IRO_API_KEY).")
+CONCURRENCY = typer.Option(16, "--concurrency", "-c", min=1, help="Requests in flight at once.")
+
+
+class Mode(str, Enum):
+    cbs = "cbs"
+    bon = "bon"
+
+
+class Backend(str, Enum):
+    server = "server"
+    ray = "ray"
+
+
+def _quiet_http() -> None:
+    """One INFO line per HTTP request would bury the progress bar."""
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _server(url: Optional[str]) -> str:
+    import os
+
+    from trainer.rollout import DEFAULT_SERVER
+
+    return url or os.environ.get("IRO_BASE_URL") or DEFAULT_SERVER
+
+
+def rollout(
+    prompts: Path = typer.Argument(..., exists=True, dir_okay=False, help="Prompt JSONL (messages/prompt, or OpenAI batch lines)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Rollout JSONL to append to (a re-run skips what is there)."),
+    server: Optional[str] = SERVER,
+    api_key: Optional[str] = API_KEY,
+    model: Optional[str] = typer.Option(None, help="Model id (default: the server's base model)."),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", "-n", min=1, help="Responses per prompt."),
+    concurrency: int = CONCURRENCY,
+    value: Optional[str] = typer.Option(None, help='Sample from the guided policy of this value: "name" or "name@3".'),
+    mode: Optional[Mode] = typer.Option(None, help="Guided search: cbs or bon (default: the value's)."),
+    w: Optional[int] = typer.Option(None, "--w", min=1, help="Beam width (cbs)."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Successors per beam (cbs) or N (bon)."),
+    l: Optional[int] = typer.Option(None, "--l", min=1, help="Chunk length in tokens (cbs)."),
+    temperature: float = typer.Option(0.7, min=0.0, max=2.0, help="Sampling temperature."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Most tokens per response."),
+    seed: Optional[int] = typer.Option(None, help="Job seed (per-sample seeds derive from it): a re-run repeats."),
+    backend: Backend = typer.Option(Backend.server, help="server (HTTP, guided or not) or ray (offline vLLM on Ray, "
+                                                         "base model only; needs the ray extra)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for prompt_text (default: the embedded model)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Sample responses to every prompt into a rollout JSONL file (resumable, bounded concurrency)."""
+    _quiet_http()
+    import os
+
+    from clients.errors import IroClientError
+    from trainer.rollout import RolloutConfig, RolloutError, read_prompts, run_rollout
+
+    try:
+        config = RolloutConfig(
+            server=_server(server), api_key=api_key or os.environ.get("IRO_API_KEY"), model=model,
+            samples_per_prompt=samples_per_prompt, concurrency=concurrency, value=value,
+            mode=mode.value if mode else None, w=w, k=k, l=l, temperature=temperature, max_tokens=max_tokens,
+            seed=seed, backend=backend.value, progress=progress, tokenizer=tokenizer)
+        items = read_prompts(prompts)
+        stats = run_rollout(items, out, config)
+    except RolloutError as exc:
+        _fail(str(exc))
+    except IroClientError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+    typer.echo(f"{out}: {stats.summary()}")
+    if not stats.complete:
+        _fail(f"{stats.total - stats.skipped - stats.written} responses missing; run the same command again to "
+              "retry them", code=1)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def resolve_value(server: str, api_key: Optional[str], spec: str) -> str:
+    """`name` -> `name@N` with N the version the server serves now (asked through /v1/score),
+    so an evaluation keeps using one version; `name@N` is returned as is."""
+    import httpx
+
+    if "@" in spec:
+        return spec
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.post(f"{server.rstrip('/')}/v1/score", headers=headers, timeout=120,
+                   json={"value": spec, "prompt": "Hello", "responses": ["Hi"]})
+    if r.status_code != 200:
+        raise ValueError(f"value {spec!r}: the server answered {r.status_code}: {r.text[:300]}")
+    return f"{spec}@{r.json()['versions'][-1]}"
+
+
+def eval_(
+    task: str = typer.Option("review-sentiment", help="Built-in task whose held-out prompts and reward to use."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for answers, eval.json, eval.md and the plot."),
+    server: Optional[str] = SERVER,
+    api_key: Optional[str] = API_KEY,
+    value: Optional[str] = typer.Option(None, help='Value for Best-of-N and IRO ("name" = the version served now, or '
+                                                   '"name@3"); without it only the base model is evaluated.'),
+    n_prompts: int = typer.Option(32, "--n-prompts", min=1, help="Held-out prompts to use (the first N)."),
+    bon: str = typer.Option("1,2,4,8,16", help="N of the Best-of-N baselines (1 = plain base sampling)."),
+    w: int = typer.Option(4, "--w", min=1, help="IRO beam width."),
+    k: int = typer.Option(4, "--k", min=1, help="IRO successors per beam."),
+    l: int = typer.Option(8, "--l", min=1, help="IRO chunk length in tokens."),
+    iro: bool = typer.Option(True, "--iro/--no-iro", help="Also evaluate IRO (CBS over the value chain)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Response length (default: the task's)."),
+    temperature: Optional[float] = typer.Option(None, min=0.0, max=2.0, help="Default: the task's."),
+    reward: Optional[str] = typer.Option(None, help="Reward spec instead of the task's (see `iro reward`)."),
+    concurrency: int = CONCURRENCY,
+    seed: int = typer.Option(0, help="Seed of every method's sampling."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Base vs Best-of-N vs IRO on held-out prompts: reward (95% CI), distinct-2, tokens; table and plot."""
+    _quiet_http()
+    import os
+
+    from clients.errors import IroClientError
+    from trainer.evaluate import evaluate, standard_methods, write_results
+    from trainer.rewards import RewardError
+    from trainer.rollout import RolloutConfig, RolloutError, prompts_from_dicts
+    from trainer.tasks import TASKS
+
+    if task not in TASKS:
+        _fail(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    spec = TASKS[task]
+    url, key = _server(server), api_key or os.environ.get("IRO_API_KEY")
+    try:
+        value = resolve_value(url, key, value) if value else None
+        methods = standard_methods(value, bon=_int_list(bon), cbs=(w, k, l), include_iro=iro)
+        template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
+                                 max_tokens=max_tokens or spec.max_tokens,
+                                 temperature=temperature if temperature is not None else spec.temperature)
+        prompts = prompts_from_dicts(spec.eval_prompts()[:n_prompts])
+        results = evaluate(prompts, methods, out, reward=reward or spec.reward, template=template)
+    except (RolloutError, RewardError, ValueError) as exc:
+        _fail(str(exc))
+    except IroClientError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+    meta = {"task": task, "prompts": len(prompts), "value": value, "reward": reward or spec.reward,
+            "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": seed}
+    paths = write_results(results, out, title=f"{task}: base vs Best-of-N vs IRO", meta=meta)
+    typer.echo(paths["md"].read_text())
+    typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+
+
+def loop(
+    task: str = typer.Option("review-sentiment", help="Built-in task (training and held-out prompts, reward)."),
+    iterations: int = typer.Option(3, min=1, help="IRO iterations T."),
+    server: Optional[str] = SERVER,
+    api_key: Optional[str] = API_KEY,
+    admin_key: Optional[str] = typer.Option(None, "--admin-key", help="Bearer token for /v1/values (env IRO_ADMIN_KEY)."),
+    values_dir: Optional[Path] = typer.Option(None, "--values-dir", help="The server's value registry (env "
+                                              "IRO_VALUES_DIR; default $IRO_HOME/values)."),
+    name: Optional[str] = typer.Option(None, help="Value name (default: the task's name)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where state, rollouts and the report go "
+                                           "(default runs/<name>); re-running resumes it."),
+    preset: str = typer.Option("full", help="smoke | full | path to a YAML file of loop options."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a loop option KEY=VALUE (repeatable), e.g. "
+                                        "--set n_eval_prompts=16 --set train.lr=1e-4."),
+    model: Optional[str] = typer.Option(None, help="Base model folder for value training (default: the embedded one)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Run IRO: T x (rollout -> reward -> train V_t -> publish -> evaluate), then Best-of-N baselines and a report."""
+    _quiet_http()
+    import os
+
+    from clients.errors import IroClientError
+    from trainer.loop import IroLoop, LoopConfig, LoopError
+    from trainer.rewards import RewardError
+    from trainer.rollout import RolloutError
+    from valuefn.checkpoint import CheckpointError
+    from valuefn.cli import default_values_dir
+    from valuefn.registry import RegistryError
+
+    try:
+        options = dict(_key_value(o) for o in overrides)
+        config = LoopConfig.from_preset(preset, task=task, iterations=iterations, name=name, progress=progress,
+                                        **options)
+        runner = IroLoop(config, run_dir=run_dir or Path("runs") / (name or task),
+                         values_dir=values_dir or default_values_dir(), server=_server(server),
+                         api_key=api_key or os.environ.get("IRO_API_KEY"),
+                         admin_key=admin_key or os.environ.get("IRO_ADMIN_KEY"), model=model)
+        report = runner.run()
+    except (LoopError, RolloutError, RewardError, RegistryError, CheckpointError, ValueError) as exc:
+        _fail(str(exc), code=1)
+    except IroClientError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+    typer.echo(report.read_text())
+    typer.echo(f"wrote {report}")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def register(app: typer.Typer) -> None:
+    """Add `rollout`, `eval` and `loop` to the `iro` command line."""
+    app.command("rollout")(rollout)
+    app.command("eval")(eval_)
+    app.command("loop")(loop)
+

@@ -1,0 +1,507 @@
+"""The IRO loop against a running server: T iterations of rollout -> reward -> train V_t ->
+publish (the server hot-swaps) -> evaluate, then baselines and a report.
+
+    iteration t:  rollout   training prompts answered by pi_{t-1}: the base model at t = 1,
+                            CBS over the chain V_1..V_{t-1} after that
+                  reward    each response labelled with the task's reward
+                  train     V_t regresses the reward at every response token, from V_{t-1}
+                  publish   into the server's registry (chain V_1..V_t); wait until it serves
+                  eval      held-out prompts answered by IRO-t (CBS over V_1..V_t)
+    then:         baselines base (N = 1) and Best-of-N ranked by the final chain
+                  report    report.md, reward_vs_tokens.png, reward_per_iteration.png
+
+Every stage is recorded in `run_dir/state.json` when it finishes; a re-run skips finished
+stages (and the rollout stage resumes a half-written file), so a killed loop is simply started
+again. Versions are pinned (`name@N`) in every request, so results do not depend on timing.
+
+    config = LoopConfig.from_preset("smoke", iterations=2)
+    report = IroLoop(config, run_dir="runs/demo", values_dir="~/.cache/iro/values",
+                     server="http://127.0.0.1:8000").run()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.evaluate import Method, MethodResult, evaluate_method, markdown_table, standard_methods
+from trainer.rollout import DEFAULT_SERVER, RolloutConfig, prompts_from_dicts, run_rollout
+
+log = logging.getLogger(__name__)
+
+PRESETS_DIR = Path(__file__).parent / "presets" / "loop"
+STATE_FORMAT = 1
+
+
+class LoopError(RuntimeError):
+    """A stage that cannot go on (with what to do about it in the message)."""
+
+    def __init__(self, message: str, *, stage: str | None = None):
+        super().__init__(f"{stage}: {message}" if stage else message)
+        self.stage = stage
+
+
+@dataclass
+class LoopConfig:
+    """Sizes and settings of one loop run (connection settings are `IroLoop` arguments)."""
+
+    task: str = "review-sentiment"
+    iterations: int = 3
+    name: str | None = None
+    """Value name in the registry (default: the task's name)."""
+    # --- rollouts (training data)
+    n_train_prompts: int = 64
+    samples_per_prompt: int = 2
+    rollout_w: int = 4
+    """Beam width of the guided rollouts of iterations t > 1."""
+    rollout_k: int = 4
+    rollout_l: int = 8
+    # --- evaluation
+    n_eval_prompts: int = 32
+    bon: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """N of the Best-of-N baselines (1 is plain base sampling)."""
+    w: int = 4
+    """CBS of IRO-t at evaluation: beams, successors per beam, chunk length (reference: 4, 4, 8)."""
+    k: int = 4
+    l: int = 8
+    # --- sampling (all stages)
+    max_tokens: int | None = None
+    """Response length (default: the task's)."""
+    temperature: float | None = None
+    """Sampling temperature (default: the task's)."""
+    concurrency: int = 16
+    seed: int = 0
+    # --- value training
+    train_preset: str = "full"
+    """Value-training preset (trainer/presets/*.yaml) or a YAML path."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the value-training preset (ValueTrainConfig fields)."""
+    beta: float = 1.0
+    publish_timeout: float = 180.0
+    """Seconds to wait for the server to serve a new version."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "n_train_prompts", "samples_per_prompt", "n_eval_prompts", "w", "k", "l",
+                     "rollout_w", "rollout_k", "rollout_l", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.bon or any(n < 1 for n in self.bon):
+            raise ValueError(f"bon must list N >= 1, got {self.bon}")
+        if self.publish_timeout <= 0:
+            raise ValueError("publish_timeout must be > 0")
+        if not isinstance(self.train, dict):
+            raise ValueError("train must be a mapping of value-training options")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoopConfig:
+        """Build from a mapping; `train.KEY` keys go into `train`; strings are parsed as YAML
+        scalars (so `--set bon=[1,4]` and `--set iterations=2` work)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data: dict[str, Any] = {}
+        train: dict[str, Any] = {}
+        for key, value in values.items():
+            if isinstance(value, str) and key not in ("task", "name", "train_preset") and not key.startswith("train."):
+                value = yaml.safe_load(value) if value.strip() else value
+            if key.startswith("train."):
+                train[key[len("train."):]] = value
+            elif key in fields:
+                data[key] = value
+            else:
+                raise ValueError(f"unknown loop option {key!r}; known: {', '.join(sorted(fields))} "
+                                 "(value-training options as train.KEY)")
+        data["train"] = {**(data.get("train") or {}), **train}
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> LoopConfig:
+        """A preset by name (`smoke`, `full`; trainer/presets/loop/) or a YAML path, plus overrides."""
+        path = PRESETS_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            path = Path(preset).expanduser()
+            if not path.is_file():
+                known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+                raise ValueError(f"unknown loop preset {preset!r}; known: {known} (or a path to a YAML file)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of options")
+        train = {**(data.pop("train", None) or {}), **(overrides.pop("train", None) or {})}
+        return cls.from_dict({**data, "train": train, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- state
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunState:
+    """`state.json` of a run directory: the config, and each finished stage with its results."""
+
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def open(cls, run_dir: Path, config: LoopConfig) -> RunState:
+        path = run_dir / "state.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data.get("format") != STATE_FORMAT:
+                raise LoopError(f"{path}: unknown state format {data.get('format')!r}")
+            old = data.get("config", {})
+            changed = {k: (old.get(k), v) for k, v in config.to_dict().items()
+                       if k not in ("iterations", "progress", "publish_timeout", "concurrency") and old.get(k) != v}
+            if changed:
+                raise LoopError(f"{run_dir} was started with other settings {changed} (old, new); resume it with the "
+                                "same preset and options, or use a new --run-dir")
+            data["config"] = config.to_dict()
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            data = {"format": STATE_FORMAT, "run_id": uuid.uuid4().hex, "created_at": time.time(),
+                    "config": config.to_dict(), "stages": {}, "versions": {}}
+        state = cls(path, data)
+        state.save()
+        return state
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    def stage(self, key: str) -> dict[str, Any] | None:
+        return self.data["stages"].get(key)
+
+    def finish(self, key: str, info: dict[str, Any]) -> None:
+        self.data["stages"][key] = info
+        self.save()
+
+    def version(self, t: int) -> int | None:
+        return self.data["versions"].get(str(t))
+
+    def set_version(self, t: int, version: int) -> None:
+        self.data["versions"][str(t)] = version
+        self.save()
+
+    def save(self) -> None:
+        _write_json_atomic(self.path, self.data)
+
+
+# --------------------------------------------------------------------------- the loop
+class IroLoop:
+    """Runs (or resumes) the loop described by `config` against the server at `server`.
+
+    `values_dir` must be the registry the server watches: V_t is published there and the loop
+    waits (up to `publish_timeout`) until `GET /v1/values` shows the server serving it.
+    """
+
+    def __init__(self, config: LoopConfig, *, run_dir: str | Path, values_dir: str | Path,
+                 server: str = DEFAULT_SERVER, api_key: str | None = None, admin_key: str | None = None,
+                 model: str | None = None):
+        from trainer.tasks import TASKS
+        from valuefn.registry import Registry, validate_name
+
+        if config.task not in TASKS:
+            raise LoopError(f"unknown task {config.task!r}; known: {', '.join(TASKS)}")
+        self.config = config
+        self.task = TASKS[config.task]
+        self.name = validate_name(config.name or config.task)
+        self.run_dir = Path(run_dir).expanduser()
+        self.registry = Registry(values_dir)
+        self.server, self.api_key, self.admin_key, self.model = server, api_key, admin_key, model
+        self.max_tokens = config.max_tokens or self.task.max_tokens
+        self.temperature = config.temperature if config.temperature is not None else self.task.temperature
+        self.state: RunState | None = None
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> Path:
+        """All iterations, the baselines and the report; returns the report's path."""
+        self.state = RunState.open(self.run_dir, self.config)
+        self._check_registry()
+        for t in range(1, self.config.iterations + 1):
+            self._stage(f"it{t}/rollout", lambda: self.rollout(t))
+            self._stage(f"it{t}/reward", lambda: self.reward(t))
+            self._stage(f"it{t}/train", lambda: self.train(t))
+            self._stage(f"it{t}/serve", lambda: self.serve(t))
+            self._stage(f"it{t}/eval", lambda: self.evaluate(t))
+        final = self.state.version(self.config.iterations)
+        self._stage(f"baselines/v{final}", lambda: self.baselines(final))
+        return self.report()
+
+    def _check_registry(self) -> None:
+        """Fail before any work when the value name is taken by something other than this run."""
+        recorded = set(self.state.data["versions"].values())
+        current = self.registry.current(self.name)
+        if current is None or current in recorded:
+            return
+        training = self.registry.manifest(self.name, current).training
+        if training.get("loop_run") != self.state.run_id:
+            raise LoopError(f"value {self.name!r} already exists in {self.registry.root} (CURRENT v{current}) and "
+                            "was not made by this run: choose another --name, or remove it from the registry")
+
+    def _stage(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        assert self.state is not None
+        done = self.state.stage(key)
+        if done is not None:
+            log.info("stage %s: done already (%.1f s), skipped", key, done.get("seconds", 0.0))
+            return done
+        log.info("stage %s ...", key)
+        start = time.perf_counter()
+        try:
+            info = fn()
+        except LoopError as exc:
+            raise LoopError(str(exc), stage=key) from exc
+        info = {"seconds": round(time.perf_counter() - start, 2), "finished_at": time.time(), **info}
+        self.state.finish(key, info)
+        log.info("stage %s: done in %.1f s", key, info["seconds"])
+        return info
+
+    def _dir(self, t: int) -> Path:
+        d = self.run_dir / f"it{t}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _value(self, t: int) -> str:
+        version = self.state.version(t)
+        if version is None:
+            raise LoopError(f"iteration {t} has no published version in {self.state.path}")
+        return f"{self.name}@{version}"
+
+    def _template(self, **kw: Any) -> RolloutConfig:
+        return RolloutConfig(server=self.server, api_key=self.api_key, concurrency=self.config.concurrency,
+                             temperature=self.temperature, max_tokens=self.max_tokens, progress=self.config.progress,
+                             **kw)
+
+    # ------------------------------------------------------------------ stages
+    def rollout(self, t: int) -> dict[str, Any]:
+        """Training prompts answered by pi_{t-1} into `it{t}/rollouts.jsonl` (resumable)."""
+        c = self.config
+        guided = {} if t == 1 else dict(value=self._value(t - 1), mode="cbs", w=c.rollout_w, k=c.rollout_k,
+                                        l=c.rollout_l)
+        config = self._template(samples_per_prompt=c.samples_per_prompt, seed=c.seed * 1000 + t, **guided)
+        prompts = prompts_from_dicts(self.task.train_prompts()[: c.n_train_prompts])
+        stats = run_rollout(prompts, self._dir(t) / "rollouts.jsonl", config)
+        if not stats.complete:
+            raise LoopError(f"{stats.failed} of {stats.total} rollouts failed (first: {stats.errors[:1]}); "
+                            "run the loop again to resume")
+        return {"policy": guided.get("value") or "base", "records": stats.total, "new_records": stats.written,
+                "completion_tokens": stats.completion_tokens, "rollout_seconds": round(stats.seconds, 2)}
+
+    def reward(self, t: int) -> dict[str, Any]:
+        """`it{t}/labelled.jsonl`: the rollouts with the task's reward."""
+        from trainer.rewards import label_records, parse_reward
+        from trainer.rollout import read_records
+
+        d = self._dir(t)
+        records = label_records(read_records(d / "rollouts.jsonl"), parse_reward(self.task.reward))
+        tmp = d / ".labelled.jsonl.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, d / "labelled.jsonl")
+        rewards = [r["reward"] for r in records]
+        return {"records": len(records), "mean_reward": sum(rewards) / len(rewards) if rewards else None}
+
+    def train(self, t: int) -> dict[str, Any]:
+        """Train V_t from V_{t-1} on `it{t}/labelled.jsonl` and publish it (chain V_1..V_t)."""
+        from server.model_store import resolve_model
+        from trainer.value_config import ValueTrainConfig
+        from trainer.value_trainer import ValueTrainer, examples_from_records, read_rollouts, rollout_policies
+
+        expected = self.state.version(t - 1) if t > 1 else None
+        current = self.registry.current(self.name)
+        if current is not None:  # published by this run before a kill, but not recorded yet?
+            training = self.registry.manifest(self.name, current).training
+            if training.get("loop_run") == self.state.run_id and training.get("iteration") == t:
+                log.info("iteration %d: adopting %s v%d, already published by this run", t, self.name, current)
+                self.state.set_version(t, current)
+                return self._train_info(current, training, adopted=True)
+        if current != expected:
+            raise LoopError(
+                f"value {self.name!r} has CURRENT v{current} in {self.registry.root}, but iteration {t} must follow "
+                f"{f'v{expected}' if expected else 'nothing'}: another run or writer uses this name "
+                "(choose another --name, or remove it from the registry)")
+        config = ValueTrainConfig.from_preset(self.config.train_preset,
+                                              **{"progress": self.config.progress, **self.config.train})
+        labelled = self._dir(t) / "labelled.jsonl"
+        records = read_rollouts(labelled)
+        examples, skipped = examples_from_records(records)
+        if not examples:
+            raise LoopError(f"no usable training examples in {labelled} (skipped: {skipped})")
+        trainer = ValueTrainer(config, resolve_model(self.model), registry=self.registry, name=self.name)
+        result = trainer.train(examples, data=str(labelled), extra={"loop_run": self.state.run_id, "iteration": t,
+                                                                  "rollout_policies": rollout_policies(records)})
+        version = trainer.publish(result, beta=self.config.beta)
+        self.state.set_version(t, version)
+        info = self._train_info(version, result.training, metrics=result.metrics, skipped=skipped)
+        del trainer, result
+        gc.collect()
+        return info
+
+    def _train_info(self, version: int, training: dict, *, metrics: dict | None = None, adopted: bool = False,
+                    skipped: dict | None = None) -> dict[str, Any]:
+        metrics = metrics if metrics is not None else self.registry.manifest(self.name, version).metrics
+        after, before = metrics.get("eval") or {}, metrics.get("eval_before") or {}
+        return {"version": version, "chain": [link.version for link in self.registry.manifest(self.name, version).chain],
+                "init_from": training.get("init_from"), "steps": training.get("steps"),
+                "examples": training.get("examples"), "train_seconds": training.get("seconds"),
+                "heldout_mse_before": before.get("mse"), "heldout_mse": after.get("mse"),
+                "spearman": after.get("spearman"), "pair_acc": after.get("pair_acc"),
+                "train_loss_last": metrics.get("train_loss_last"), "adopted": adopted, "skipped": skipped or {}}
+
+    def serve(self, t: int) -> dict[str, Any]:
+        """Wait until the server serves V_t (its watcher picks CURRENT up; nudged once if slow)."""
+        from clients import IroClient
+        from clients.errors import APIStatusError
+
+        version = self.state.version(t)
+        start = time.monotonic()
+        deadline = start + self.config.publish_timeout
+        nudged = False
+        status = None
+        with IroClient(self.server, api_key=self.api_key, admin_key=self.admin_key) as client:
+            while time.monotonic() < deadline:
+                status = next((v for v in client.values().data if v.name == self.name), None)
+                if status is not None:
+                    if status.serving_version == version:
+                        return {"version": version, "wait_seconds": round(time.monotonic() - start, 2)}
+                    refused = next((r for r in status.refused if r.version == version), None)
+                    if refused is not None:
+                        raise LoopError(f"the server refused {self.name} v{version}: {refused.reason}")
+                if not nudged and time.monotonic() - start > min(15.0, self.config.publish_timeout / 3):
+                    nudged = True  # the watcher may be off: ask for CURRENT explicitly
+                    try:
+                        client.load_value(self.name)
+                    except APIStatusError as exc:
+                        log.warning("asking the server to load %s failed: %s", self.name, exc)
+                time.sleep(0.25)  # polling the server's state against a deadline
+        where = ("the server does not know this value at all: is --values-dir the server's values dir "
+                 f"({self.registry.root})?" if status is None else f"it serves v{status.serving_version}")
+        raise LoopError(f"{self.name} v{version} not served after {self.config.publish_timeout:.0f} s; {where}")
+
+    def _eval_prompts(self):
+        return prompts_from_dicts(self.task.eval_prompts()[: self.config.n_eval_prompts])
+
+    def evaluate(self, t: int) -> dict[str, Any]:
+        """IRO-t: CBS over V_1..V_t on the held-out prompts."""
+        c = self.config
+        method = Method(f"iro-{t}", f"IRO-{t}", "cbs", self._value(t), w=c.w, k=c.k, l=c.l)
+        result = evaluate_method(method, self._eval_prompts(), self.run_dir / "eval", reward=self.task.reward,
+                                 template=self._template(seed=c.seed * 1000 + 999))
+        return {"result": result.to_dict()}
+
+    def baselines(self, final: int) -> dict[str, Any]:
+        """base (N=1) and Best-of-N ranked by the final chain, on the held-out prompts."""
+        c = self.config
+        results = [evaluate_method(m, self._eval_prompts(), self.run_dir / "eval", reward=self.task.reward,
+                                   template=self._template(seed=c.seed * 1000 + 999))
+                   for m in standard_methods(f"{self.name}@{final}", bon=c.bon, include_iro=False)]
+        return {"value": f"{self.name}@{final}", "results": [r.to_dict() for r in results]}
+
+    # ------------------------------------------------------------------ report
+    def results(self) -> tuple[list[MethodResult], list[MethodResult]]:
+        """(IRO-t for t = 1..T, baselines) from the state."""
+        iro = [MethodResult.from_dict(self.state.stage(f"it{t}/eval")["result"])
+               for t in range(1, self.config.iterations + 1) if self.state.stage(f"it{t}/eval")]
+        final = self.state.version(self.config.iterations)
+        base = self.state.stage(f"baselines/v{final}") or {"results": []}
+        return iro, [MethodResult.from_dict(r) for r in base["results"]]
+
+    def report(self) -> Path:
+        """Write `report.md` and the two plots from the state; returns the report's path."""
+        from trainer.plots import plot_iterations, plot_reward_vs_tokens
+
+        iro, baselines = self.results()
+        plot_reward_vs_tokens(baselines + iro, self.run_dir / "reward_vs_tokens.png",
+                              title=f"{self.config.task}: reward vs tokens generated")
+        plot_iterations(iro, baselines, self.run_dir / "reward_per_iteration.png",
+                        title=f"{self.config.task}: held-out reward per IRO iteration")
+        path = self.run_dir / "report.md"
+        path.write_text(render_report(self, iro, baselines))
+        return path
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _seconds(state: RunState, key: str) -> str:
+    info = state.stage(key)
+    return f"{info['seconds']:.0f}" if info else "-"
+
+
+def verdict(iro: list[MethodResult], baselines: list[MethodResult]) -> list[str]:
+    """Plain-language comparisons: final IRO vs the largest Best-of-N, and iteration-over-iteration."""
+    lines = []
+    if iro and baselines:
+        last, best = iro[-1], max(baselines, key=lambda r: r.n)
+        beats = last.mean > best.mean
+        clear = last.ci_low > best.ci_high
+        lines.append(f"- {last.label} vs {best.label}: {last.mean:+.3f} vs {best.mean:+.3f} "
+                     f"({'higher' if beats else 'not higher'}; {'CIs do not overlap' if clear else 'CIs overlap'}) "
+                     f"with {last.tokens_per_prompt:.0f} vs {best.tokens_per_prompt:.0f} tokens per prompt.")
+    for prev, cur in zip(iro, iro[1:]):
+        lines.append(f"- {cur.label} vs {prev.label}: {cur.mean - prev.mean:+.3f} "
+                     f"({'at least as good' if cur.mean >= prev.mean else 'worse'}).")
+    return lines
+
+
+def render_report(loop: IroLoop, iro: list[MethodResult], baselines: list[MethodResult]) -> str:
+    state, c = loop.state, loop.config
+    rows = ["| t | value (chain) | held-out reward [95% CI] | distinct-2 | tokens/prompt | train-rollout reward | "
+            "value held-out MSE / Spearman | rollout s | reward s | train s | publish→serve s | eval s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in range(1, c.iterations + 1):
+        result = next((r for r in iro if r.label == f"IRO-{t}"), None)
+        train = state.stage(f"it{t}/train") or {}
+        reward = state.stage(f"it{t}/reward") or {}
+        chain = ",".join(map(str, train.get("chain") or []))
+        cells = [str(t), f"{loop.name}@{state.version(t)} ({chain})", result.ci_text() if result else "-",
+                 _fmt(result and result.distinct2, ".3f"), _fmt(result and result.tokens_per_prompt, ".0f"),
+                 _fmt(reward.get("mean_reward"), "+.3f"),
+                 f"{_fmt(train.get('heldout_mse'), '.4f')} / {_fmt(train.get('spearman'), '.3f')}"]
+        cells += [_seconds(state, f"it{t}/{s}") for s in ("rollout", "reward", "train", "serve", "eval")]
+        rows.append("| " + " | ".join(cells) + " |")
+    final = state.version(c.iterations)
+    total = sum(info.get("seconds", 0.0) for info in state.data["stages"].values())
+    lines = [
+        f"# IRO loop: value `{loop.name}` on task `{c.task}`", "",
+        f"- server: {loop.server}; registry: {loop.registry.root}; run: {state.run_id}",
+        f"- {c.iterations} iterations; {c.n_train_prompts} training prompts x {c.samples_per_prompt} samples per "
+        f"iteration (guided rollouts: CBS w={c.rollout_w} k={c.rollout_k} l={c.rollout_l}); {c.n_eval_prompts} "
+        f"held-out prompts; max_tokens {loop.max_tokens}, temperature {loop.temperature}; value training preset "
+        f"`{c.train_preset}` {c.train or ''}",
+        f"- reward: `{loop.task.reward}`; IRO-t = CBS w={c.w} k={c.k} l={c.l} over V_1..V_t; Best-of-N ranked by "
+        f"{loop.name}@{final}; tokens = completion tokens generated per prompt, every candidate included",
+        f"- wall time of all stages: {total:.0f} s", "",
+        "## Held-out reward per iteration", "", *rows, "",
+        f"## Baselines (held-out prompts, value {loop.name}@{final})", "", markdown_table(baselines + iro), "",
+        "## Verdict", "", *verdict(iro, baselines), "",
+        "![reward vs tokens](reward_vs_tokens.png)", "", "![reward per iteration](reward_per_iteration.png)", "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["IroLoop", "LoopConfig", "LoopError", "RunState", "render_report", "verdict"]
