@@ -32,17 +32,17 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, help="Local HF model folder (default: embedded SmolLM2-135M-Instruct). [env IRO_MODEL]"),
-    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1). [env IRO_HOST]"),
-    port: Optional[int] = typer.Option(None, help="Port (default 8000). [env IRO_PORT]"),
-    api_key: Optional[str] = typer.Option(None, help="Require this bearer token on /v1. [env IRO_API_KEY]"),
-    admin_key: Optional[str] = typer.Option(None, help="Bearer token for value admin routes. [env IRO_ADMIN_KEY]"),
-    values_dir: Optional[Path] = typer.Option(None, help="Value registry (default $IRO_HOME/values). [env IRO_VALUES_DIR]"),
-    max_model_len: Optional[int] = typer.Option(None, help="Context length (default 2048). [env IRO_MAX_MODEL_LEN]"),
-    served_model_name: Optional[str] = typer.Option(None, help="Model id in the API. [env IRO_SERVED_MODEL_NAME]"),
-    max_n: Optional[int] = typer.Option(None, help="Largest n per request. [env IRO_MAX_N]"),
-    max_queue: Optional[int] = typer.Option(None, help="Requests admitted at once before 429. [env IRO_MAX_QUEUE]"),
-    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--compile", help="Skip vLLM graph compilation. [env IRO_ENFORCE_EAGER]"),
+    model: Optional[str] = typer.Option(None, help="Local HF model folder (default: embedded SmolLM2-135M-Instruct). (env IRO_MODEL)"),
+    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1). (env IRO_HOST)"),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000). (env IRO_PORT)"),
+    api_key: Optional[str] = typer.Option(None, help="Require this bearer token on /v1. (env IRO_API_KEY)"),
+    admin_key: Optional[str] = typer.Option(None, help="Bearer token for value admin routes. (env IRO_ADMIN_KEY)"),
+    values_dir: Optional[Path] = typer.Option(None, help="Value registry (default $IRO_HOME/values). (env IRO_VALUES_DIR)"),
+    max_model_len: Optional[int] = typer.Option(None, help="Context length (default 2048). (env IRO_MAX_MODEL_LEN)"),
+    served_model_name: Optional[str] = typer.Option(None, help="Model id in the API. (env IRO_SERVED_MODEL_NAME)"),
+    max_n: Optional[int] = typer.Option(None, help="Largest n per request. (env IRO_MAX_N)"),
+    max_queue: Optional[int] = typer.Option(None, help="Requests admitted at once before 429. (env IRO_MAX_QUEUE)"),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--compile", help="Skip vLLM graph compilation. (env IRO_ENFORCE_EAGER)"),
 ):
     """Serve the OpenAI-compatible API (and value-guided decoding) on HOST:PORT."""
     import uvicorn

@@ -133,11 +133,18 @@ class VllmEngine(EngineClient):
 
     async def stream(self, prompt_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead, EngineGenerateError
+
+        from server.errors import EngineDeadError, UnavailableError
 
         self._in_flight += 1
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
                 yield output
+        except VllmEngineDead as exc:  # our error types answer 503 without an "Exception in ASGI app" trace
+            raise EngineDeadError("the inference engine died; the server is shutting down", code="engine_dead") from exc
+        except EngineGenerateError as exc:
+            raise UnavailableError("the inference engine failed on this request; retry", code="engine_error") from exc
         finally:
             self._in_flight -= 1
 

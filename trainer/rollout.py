@@ -457,9 +457,9 @@ def _check_same_job(out: str | Path, planned: dict[str, Task], config: RolloutCo
     for key in ("mode", "w", "k", "l"):  # only what this job pins
         if config.value is not None and getattr(config, key) is not None:
             have[key], want[key] = policy.get(key), getattr(config, key)
-    diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+    diff = [f"{k}: {have[k]!r} there, {want[k]!r} now" for k in want if have[k] != want[k]]
     if diff:
-        raise RolloutError(f"{out} already holds responses made otherwise ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+        raise RolloutError(f"{out} already holds responses made otherwise ({'; '.join(diff)}); "
                            "write to a new file or delete it")
 
 
@@ -475,10 +475,7 @@ async def arun_rollout(items: list[PromptItem], out: str | Path, config: Rollout
     client's retries is counted in `stats.failed` and left for a re-run; authentication
     errors and unknown models/values stop the job (`APIStatusError`).
     """
-    from tqdm.auto import tqdm
-
     from clients import AsyncIroClient
-    from clients.errors import APIStatusError
 
     tasks, stats = _pending(items, out, config)
     if not tasks:
@@ -487,11 +484,24 @@ async def arun_rollout(items: list[PromptItem], out: str | Path, config: Rollout
     if owned:
         client = AsyncIroClient(config.server, api_key=config.api_key, model=config.model, timeout=config.timeout,
                                 max_retries=config.max_retries)
+    try:
+        return await _sample(client, tasks, stats, out, config)
+    finally:
+        if owned:
+            await client.aclose()
+
+
+async def _sample(client: Any, tasks: list[Task], stats: RolloutStats, out: str | Path,
+                  config: RolloutConfig) -> RolloutStats:
+    from tqdm.auto import tqdm
+
+    from clients.errors import APIStatusError
+
     guidance = config.guidance()
-    render = PromptRenderer(config.tokenizer)
     model = config.model
     if model is None:  # ask once, not once per worker
         model = next((card.id for card in (await client.models()).data if card.parent is None), None)
+    render = PromptRenderer(config.tokenizer)
     await asyncio.to_thread(render.load, model or "")
 
     def requests() -> Iterator[dict]:
@@ -516,14 +526,12 @@ async def arun_rollout(items: list[PromptItem], out: str | Path, config: Rollout
                     sink.write(record_from_response(task, answer, render, record_usage=config.record_usage))
                     stats.written += 1
                     stats.completion_tokens += answer.usage.completion_tokens if answer.usage else 0
-                elapsed = time.perf_counter() - start
                 bar.update(1)
-                bar.set_postfix(tok_s=f"{stats.completion_tokens / max(elapsed, 1e-9):.0f}", failed=stats.failed)
+                rate = stats.completion_tokens / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(tok_s=f"{rate:.0f}", failed=stats.failed)
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - start
-        if owned:
-            await client.aclose()
     return stats
 
 

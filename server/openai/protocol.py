@@ -26,7 +26,7 @@ class OpenAIBaseModel(BaseModel):
     def _log_extra_fields(self):
         for name in (self.model_extra or {}):
             key = f"{type(self).__name__}.{name}"
-            if key not in OpenAIBaseModel._warned:
+            if key not in OpenAIBaseModel._warned and len(OpenAIBaseModel._warned) < 1000:  # bounded: names are input
                 OpenAIBaseModel._warned.add(key)
                 log.info("ignoring unknown field %r in %s", name, type(self).__name__)
         return self
@@ -293,7 +293,8 @@ class ScoreRequest(OpenAIBaseModel):
     """Score responses to one prompt with a value chain (iro extension: `POST /v1/score`)."""
 
     value: str = Field(description='"name" or "name@N".')
-    messages: list[ChatMessage] | None = Field(None, description="Chat prompt (rendered with the chat template).")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat prompt (rendered with the chat "
+                                                                         "template).")
     prompt: str | None = Field(None, description="Raw text prompt (instead of messages).")
     responses: list[str] = Field(..., min_length=1, max_length=256)
 

@@ -24,11 +24,11 @@ from schemathesis.specs.openapi.checks import (
     content_type_conformance, response_headers_conformance, response_schema_conformance, status_code_conformance,
 )
 
-from tests.e2e.test_guided import iro_values_init, wait_serving
+from tests.e2e.test_guided import iro_values_init
 
 pytestmark = pytest.mark.e2e
 
-MAX_EXAMPLES = 12  # per operation and generation mode
+MAX_EXAMPLES = 100  # per operation and generation mode
 MAX_TOKENS = 4
 MAX_CANDIDATES = 4  # cap on guidance.w and guidance.k
 FUZZ_VALUE = "fz"
@@ -49,7 +49,9 @@ OPERATIONS = [
 @pytest.fixture(scope="module")
 def api_schema(server):
     iro_values_init(server, FUZZ_VALUE)
-    wait_serving(server, FUZZ_VALUE, iro_values_init(server, FUZZ_VALUE))  # two versions: rollback can work
+    iro_values_init(server, FUZZ_VALUE)  # two versions: rollback can work
+    with server.admin() as admin:  # serve CURRENT even if an earlier fuzz unloaded it
+        assert admin.post(f"/v1/values/{FUZZ_VALUE}/load").status_code == 200
     config = SchemathesisConfig.from_dict({"request-timeout": 120})
     return schemathesis.openapi.from_url(server.url + "/openapi.json", config=config)
 
@@ -87,6 +89,8 @@ def shape(case, model_id: str) -> None:
         body["max_completion_tokens"] = _capped(body.get("max_completion_tokens"), MAX_TOKENS)
     body["n"] = _capped(body.get("n", 1), MAX_CANDIDATES)
     guidance = body.get("guidance")
+    if guidance is None and pick(body.get("messages", body.get("prompt")), 3) == 0:
+        body["guidance"] = guidance = {"value": FUZZ_VALUE, "w": 2, "k": 2, "l": 2}  # guided, random sampling
     if isinstance(guidance, dict):
         for key in ("w", "k"):
             guidance[key] = _capped(guidance.get(key), MAX_CANDIDATES)

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from trainer.rewards import (
-    HFRewardModel, HTTPReward, RewardError, label_records, length, parse_reward, record_prompt, sentiment,
+    HFRewardModel, HTTPReward, Reward, RewardError, label_records, length, parse_reward, record_prompt, sentiment,
 )
 
 from .conftest import build_tiny_llama
@@ -102,7 +102,7 @@ def test_label_records_uses_the_user_message_and_the_response():
         seen.append((prompts, responses))
         return [float(len(r)) for r in responses]
 
-    out = label_records(records, parse_reward("sentiment").__class__("spy", spy), batch_size=2)
+    out = label_records(records, Reward("spy", spy), batch_size=2)
     assert [r["reward"] for r in out] == [5.0, 0.0, 1.0]
     assert seen[0] == (["one two", "raw prompt"], ["a b c", ""]) and len(seen) == 2
     assert "reward" not in records[0] and out[0]["id"] == "a:0"

@@ -270,3 +270,11 @@ def test_rollout_survives_kill_9(server, tmp_path):
     assert chat["prompt_text"].startswith("<|im_start|>") and "number 0" in chat["prompt_text"]
     batch = [r for r in records if r["prompt_id"] == "batch-1"]
     assert all(r["prompt"] == "My favourite season is" and len(r["response_token_ids"]) <= 8 for r in batch)
+
+
+def test_ray_backend_without_ray_says_how_to_install(tmp_path, monkeypatch):
+    from trainer.rollout import run_rollout
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # an import of ray now fails, as when the extra is missing
+    with pytest.raises(RolloutError, match=r"pip install 'iro-serve\[ray\]'"):
+        run_rollout(_items(2), tmp_path / "out.jsonl", RolloutConfig(backend="ray", progress=False))
