@@ -39,8 +39,9 @@ class LoadConfig:
     clients: int = 64
     duration: float = 300.0
     """Seconds during which clients start new requests."""
-    warmup: float = 10.0
-    """RSS is sampled this long after the start (the baseline for growth)."""
+    warmup: float = 60.0
+    """RSS is sampled this long after the start (the baseline for growth): long enough for the value's
+    KV cache (bounded, 512 MiB per loaded version) and the allocator to reach their working size."""
     model: str | None = None
     """Base model id (default: the first model of /v1/models)."""
     value: str | None = None
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--duration", type=float, default=300.0, help="seconds")
-    p.add_argument("--warmup", type=float, default=10.0, help="seconds before the baseline RSS sample")
+    p.add_argument("--warmup", type=float, default=60.0, help="seconds before the baseline RSS sample")
     p.add_argument("--model", help="base model id (default: the first of /v1/models)")
     p.add_argument("--value", help="value for guided requests (default: the first aligned model's)")
     p.add_argument("--mix", type=_mix, default="plain=3,guided=2,stream=3,cancel=2", help="kind=weight,...")

@@ -132,10 +132,11 @@ class VllmEngine(EngineClient):
         return self._in_flight
 
     async def stream(self, prompt_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead, EngineGenerateError
 
-        from server.errors import EngineDeadError, UnavailableError
+        from server.errors import EngineDeadError, InvalidRequestError, UnavailableError
 
         self._in_flight += 1
         try:
@@ -145,19 +146,27 @@ class VllmEngine(EngineClient):
             raise EngineDeadError("the inference engine died; the server is shutting down", code="engine_dead") from exc
         except EngineGenerateError as exc:
             raise UnavailableError("the inference engine failed on this request; retry", code="engine_error") from exc
+        except VLLMClientError as exc:  # vLLM's own request validation: the caller's fault
+            raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc
         finally:
             self._in_flight -= 1
 
     async def sample(self, request: ChunkRequest) -> list[Sample]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=request.n, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-            top_k=request.top_k if request.top_k > 0 else -1, seed=request.seed, stop=request.stop or None,
-            stop_token_ids=request.stop_token_ids or None, presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty, output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        from server.errors import InvalidRequestError
+
+        try:
+            params = SamplingParams(
+                n=request.n, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                top_k=request.top_k if request.top_k > 0 else -1, seed=request.seed, stop=request.stop or None,
+                stop_token_ids=request.stop_token_ids or None, presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty, output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+        except VLLMClientError as exc:
+            raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc
         final = None
         async for final in self.stream(request.prompt_ids, params, f"chunk-{uuid.uuid4().hex}"):
             pass

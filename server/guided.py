@@ -58,6 +58,9 @@ class GuidedServing:
             betas = chain.betas
         if any(b <= 0 for b in betas):
             raise GuidanceError("beta must be > 0", param="guidance.betas" if g.betas is not None else "guidance.beta")
+        if request.temperature == 0 and (k > 1 or (mode == "cbs" and w > 1)):
+            raise GuidanceError("guided decoding samples several candidates per step: it needs temperature > 0",
+                                param="temperature", code="invalid_value")
         if request.n > (w if mode == "cbs" else k):
             raise GuidanceError(f"n={request.n} needs at least n beams (guidance.{'w' if mode == 'cbs' else 'k'})",
                                 param="n")

@@ -7,6 +7,8 @@ every candidate a search sampled: the cost axis of the paper's test-time scaling
 
     base      plain sampling from the frozen model (N = 1, no value)
     bon-N     N samples from the base model, the one the value chain scores highest (guidance mode bon)
+    oracle-N  N samples from the base model, the one the reward scores highest (an upper bound for bon-N;
+              the paper's Best-of-N ranks with its reward model)
     iro       chunk-level beam search guided by the value chain (guidance mode cbs, w/k/l)
 
     methods = standard_methods("review@3", bon=[1, 2, 4, 8, 16])
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- metrics
-def mean_ci(values: Sequence[float], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def mean_ci(values: Sequence[float], confidence: float = 0.95, n_boot: int = 2000,
+            seed: int = 0) -> tuple[float, float, float]:
     """(mean, low, high): the mean and its percentile-bootstrap confidence interval (seeded, so a
     report is reproducible). A single value has a zero-width interval.
 
@@ -83,7 +86,7 @@ class Method:
     """File-safe id, e.g. `base`, `bon-4`, `iro-2`."""
     label: str
     """Human name, e.g. `Best-of-4`, `IRO-2`."""
-    kind: Literal["base", "bon", "cbs"]
+    kind: Literal["base", "bon", "cbs", "oracle"]
     value: str | None = None
     """Value chain for bon/cbs (`name@N` pins a version)."""
     n: int = 1
@@ -110,6 +113,8 @@ class Method:
     def settings(self) -> str:
         if self.kind == "cbs":
             return f"w={self.w} k={self.k} l={self.l}"
+        if self.kind == "oracle":
+            return f"N={self.n}, ranked by the reward"
         return f"N={self.n}"
 
 
@@ -203,6 +208,40 @@ def evaluate_method(method: Method, prompts: list[PromptItem], out_dir: str | Pa
     return result
 
 
+def oracle_best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path, *, reward: str,
+                     template: RolloutConfig) -> list[MethodResult]:
+    """Best-of-N ranked by the reward itself (the paper's baseline, which ranks with the reward
+    model): max(N) base samples per prompt, then for each N the best of the first N. An upper
+    bound for what a value can pick out of N samples; tokens count the N samples.
+
+    Samples live in `out_dir/oracle.jsonl` (resumable), shared by every N.
+    """
+    from trainer.rewards import label_records, parse_reward
+
+    n_max = max(ns)
+    config = dataclasses.replace(template, samples_per_prompt=n_max, record_usage=True, value=None, mode=None,
+                                 w=None, k=None, l=None)
+    path = Path(out_dir) / "oracle.jsonl"
+    stats = run_rollout(prompts, path, config)
+    if not stats.complete:
+        raise RolloutError(f"oracle Best-of-N: {stats.failed} of {stats.total} requests failed; re-run to resume")
+    wanted = {p.id for p in prompts}
+    records = label_records([r for r in read_records(path) if r["prompt_id"] in wanted and r["sample"] < n_max],
+                            parse_reward(reward))
+    by_prompt: dict[str, list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["sample"]):
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    results = []
+    for n in sorted(set(ns) - {1}):  # N = 1 is the base method itself (same seeds, same samples)
+        picked = [max(rs[:n], key=lambda r: r["reward"]) for rs in by_prompt.values()]
+        tokens = sum(int(r["usage"]["completion_tokens"]) for rs in by_prompt.values() for r in rs[:n])
+        method = Method(f"oracle-{n}", f"Best-of-{n} (reward)", "oracle", n=n)
+        result = summarize(method, picked, [r["reward"] for r in picked], stats.seconds * n / n_max)
+        result.tokens, result.tokens_per_prompt = tokens, tokens / len(picked)
+        results.append(result)
+    return results
+
+
 def evaluate(prompts: list[PromptItem], methods: Sequence[Method], out_dir: str | Path, *, reward: str,
              template: RolloutConfig) -> list[MethodResult]:
     """Every method on the same prompts; rollouts land in `out_dir`, one JSONL file per method."""
@@ -238,4 +277,4 @@ def write_results(results: Sequence[MethodResult], out_dir: str | Path, *, title
 
 
 __all__ = ["Method", "MethodResult", "distinct_n", "evaluate", "evaluate_method", "markdown_table", "mean_ci",
-           "standard_methods", "summarize", "write_results"]
+           "oracle_best_of_n", "standard_methods", "summarize", "write_results"]

@@ -49,7 +49,8 @@ def _server(url: Optional[str]) -> str:
 
 
 def rollout(
-    prompts: Path = typer.Argument(..., exists=True, dir_okay=False, help="Prompt JSONL (messages/prompt, or OpenAI batch lines)."),
+    prompts: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                   help="Prompt JSONL (messages/prompt, or OpenAI batch lines)."),
     out: Path = typer.Option(..., "--out", "-o", help="Rollout JSONL to append to (a re-run skips what is there)."),
     server: Optional[str] = SERVER,
     api_key: Optional[str] = API_KEY,
@@ -66,7 +67,8 @@ def rollout(
     seed: Optional[int] = typer.Option(None, help="Job seed (per-sample seeds derive from it): a re-run repeats."),
     backend: Backend = typer.Option(Backend.server, help="server (HTTP, guided or not) or ray (offline vLLM on Ray, "
                                                          "base model only; needs the ray extra)."),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for prompt_text (default: the embedded model)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for prompt_text (default: the embedded "
+                                                       "model)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Sample responses to every prompt into a rollout JSONL file (resumable, bounded concurrency)."""
@@ -132,7 +134,9 @@ def eval_(
     k: int = typer.Option(4, "--k", min=1, help="IRO successors per beam."),
     l: int = typer.Option(8, "--l", min=1, help="IRO chunk length in tokens."),
     iro: bool = typer.Option(True, "--iro/--no-iro", help="Also evaluate IRO (CBS over the value chain)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Response length (default: the task's)."),
+    oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Also Best-of-N ranked by the reward itself "
+                                "(max(N) base samples per prompt; the headroom a value could reach)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Default: the task's."),
     temperature: Optional[float] = typer.Option(None, min=0.0, max=2.0, help="Default: the task's."),
     reward: Optional[str] = typer.Option(None, help="Reward spec instead of the task's (see `iro reward`)."),
     concurrency: int = CONCURRENCY,
@@ -144,7 +148,7 @@ def eval_(
     import os
 
     from clients.errors import IroClientError
-    from trainer.evaluate import evaluate, standard_methods, write_results
+    from trainer.evaluate import evaluate, oracle_best_of_n, standard_methods, write_results
     from trainer.rewards import RewardError
     from trainer.rollout import RolloutConfig, RolloutError, prompts_from_dicts
     from trainer.tasks import TASKS
@@ -161,6 +165,8 @@ def eval_(
                                  temperature=temperature if temperature is not None else spec.temperature)
         prompts = prompts_from_dicts(spec.eval_prompts()[:n_prompts])
         results = evaluate(prompts, methods, out, reward=reward or spec.reward, template=template)
+        if oracle:
+            results += oracle_best_of_n(prompts, _int_list(bon), out, reward=reward or spec.reward, template=template)
     except (RolloutError, RewardError, ValueError) as exc:
         _fail(str(exc))
     except IroClientError as exc:
@@ -177,7 +183,8 @@ def loop(
     iterations: int = typer.Option(3, min=1, help="IRO iterations T."),
     server: Optional[str] = SERVER,
     api_key: Optional[str] = API_KEY,
-    admin_key: Optional[str] = typer.Option(None, "--admin-key", help="Bearer token for /v1/values (env IRO_ADMIN_KEY)."),
+    admin_key: Optional[str] = typer.Option(None, "--admin-key",
+                                            help="Bearer token for /v1/values (env IRO_ADMIN_KEY)."),
     values_dir: Optional[Path] = typer.Option(None, "--values-dir", help="The server's value registry (env "
                                               "IRO_VALUES_DIR; default $IRO_HOME/values)."),
     name: Optional[str] = typer.Option(None, help="Value name (default: the task's name)."),

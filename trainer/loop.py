@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from trainer.evaluate import Method, MethodResult, evaluate_method, markdown_table, standard_methods
+from trainer.evaluate import Method, MethodResult, evaluate_method, markdown_table, oracle_best_of_n, standard_methods
 from trainer.rollout import DEFAULT_SERVER, RolloutConfig, prompts_from_dicts, run_rollout
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class LoopConfig:
     n_eval_prompts: int = 32
     bon: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     """N of the Best-of-N baselines (1 is plain base sampling)."""
+    oracle: bool = True
+    """Also Best-of-N ranked by the reward itself (the headroom a value could reach)."""
     w: int = 4
     """CBS of IRO-t at evaluation: beams, successors per beam, chunk length (reference: 4, 4, 8)."""
     k: int = 4
@@ -364,7 +366,8 @@ class IroLoop:
                     skipped: dict | None = None) -> dict[str, Any]:
         metrics = metrics if metrics is not None else self.registry.manifest(self.name, version).metrics
         after, before = metrics.get("eval") or {}, metrics.get("eval_before") or {}
-        return {"version": version, "chain": [link.version for link in self.registry.manifest(self.name, version).chain],
+        chain = [link.version for link in self.registry.manifest(self.name, version).chain]
+        return {"version": version, "chain": chain,
                 "init_from": training.get("init_from"), "steps": training.get("steps"),
                 "examples": training.get("examples"), "train_seconds": training.get("seconds"),
                 "heldout_mse_before": before.get("mse"), "heldout_mse": after.get("mse"),
@@ -415,9 +418,12 @@ class IroLoop:
     def baselines(self, final: int) -> dict[str, Any]:
         """base (N=1) and Best-of-N ranked by the final chain, on the held-out prompts."""
         c = self.config
-        results = [evaluate_method(m, self._eval_prompts(), self.run_dir / "eval", reward=self.task.reward,
-                                   template=self._template(seed=c.seed * 1000 + 999))
+        prompts, template = self._eval_prompts(), self._template(seed=c.seed * 1000 + 999)
+        results = [evaluate_method(m, prompts, self.run_dir / "eval", reward=self.task.reward, template=template)
                    for m in standard_methods(f"{self.name}@{final}", bon=c.bon, include_iro=False)]
+        if c.oracle:
+            results += oracle_best_of_n(prompts, c.bon, self.run_dir / "eval", reward=self.task.reward,
+                                        template=template)
         return {"value": f"{self.name}@{final}", "results": [r.to_dict() for r in results]}
 
     # ------------------------------------------------------------------ report
@@ -455,13 +461,19 @@ def _seconds(state: RunState, key: str) -> str:
 def verdict(iro: list[MethodResult], baselines: list[MethodResult]) -> list[str]:
     """Plain-language comparisons: final IRO vs the largest Best-of-N, and iteration-over-iteration."""
     lines = []
-    if iro and baselines:
-        last, best = iro[-1], max(baselines, key=lambda r: r.n)
+    ranked = [r for r in baselines if r.kind in ("base", "bon")]
+    if iro and ranked:
+        last, best = iro[-1], max(ranked, key=lambda r: r.n)
         beats = last.mean > best.mean
         clear = last.ci_low > best.ci_high
         lines.append(f"- {last.label} vs {best.label}: {last.mean:+.3f} vs {best.mean:+.3f} "
                      f"({'higher' if beats else 'not higher'}; {'CIs do not overlap' if clear else 'CIs overlap'}) "
                      f"with {last.tokens_per_prompt:.0f} vs {best.tokens_per_prompt:.0f} tokens per prompt.")
+    oracle = [r for r in baselines if r.kind == "oracle"]
+    if iro and oracle:
+        top = max(oracle, key=lambda r: r.n)
+        lines.append(f"- Headroom: {top.label} reaches {top.mean:+.3f}; a value that ranked like the reward would "
+                     f"get there with {top.tokens_per_prompt:.0f} tokens per prompt.")
     for prev, cur in zip(iro, iro[1:]):
         lines.append(f"- {cur.label} vs {prev.label}: {cur.mean - prev.mean:+.3f} "
                      f"({'at least as good' if cur.mean >= prev.mean else 'worse'}).")

@@ -35,6 +35,11 @@ def plot_reward_vs_tokens(results: Sequence[MethodResult], path: str | Path, *, 
     fig, ax = _figure()
     bon = sorted([r for r in results if r.kind in ("base", "bon")], key=lambda r: r.n)
     iro = [r for r in results if r.kind == "cbs"]
+    oracle = sorted([r for r in results if r.kind == "oracle"], key=lambda r: r.n)
+    if oracle:
+        oracle = [r for r in results if r.kind == "base"][:1] + oracle  # both curves start at N = 1
+        ax.errorbar([r.tokens_per_prompt for r in oracle], [r.mean for r in oracle], yerr=_errors(oracle),
+                    color=BASE_COLOR, marker="^", capsize=3, linestyle=":", label="Best-of-N ranked by the reward")
     if bon:
         ax.errorbar([r.tokens_per_prompt for r in bon], [r.mean for r in bon], yerr=_errors(bon), color=BON_COLOR,
                     marker="o", capsize=3, label="base / Best-of-N")
@@ -43,7 +48,7 @@ def plot_reward_vs_tokens(results: Sequence[MethodResult], path: str | Path, *, 
                         fontsize=8, color=BON_COLOR)
     if iro:
         ax.errorbar([r.tokens_per_prompt for r in iro], [r.mean for r in iro], yerr=_errors(iro), color=IRO_COLOR,
-                    marker="s", capsize=3, linestyle="--" if len(iro) > 1 else "none", label="IRO (CBS)")
+                    marker="s", capsize=3, linestyle="none", label="IRO (CBS)")
         for r in iro:
             ax.annotate(r.label, (r.tokens_per_prompt, r.mean), textcoords="offset points", xytext=(4, 6),
                         fontsize=8, color=IRO_COLOR)
@@ -72,7 +77,7 @@ def plot_iterations(iro: Sequence[MethodResult], baselines: Sequence[MethodResul
     if iro:
         ax.errorbar(xs, [r.mean for r in iro], yerr=_errors(iro), color=IRO_COLOR, marker="s", capsize=4,
                     label="IRO-t (CBS)")
-    lines = sorted(baselines, key=lambda r: r.n)
+    lines = sorted([r for r in baselines if r.kind in ("base", "bon")], key=lambda r: r.n)
     cmap = __import__("matplotlib").colormaps["Blues"]
     for i, r in enumerate(lines):
         color = BASE_COLOR if r.kind == "base" else cmap(0.35 + 0.65 * (i / max(1, len(lines) - 1)))

@@ -28,7 +28,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -76,7 +75,8 @@ def parse_prompt_line(obj: Any, line_no: int, where: str = "") -> PromptItem:
     >>> parse_prompt_line({"prompt": "Once upon a time"}, 3)
     PromptItem(id='3', messages=None, prompt='Once upon a time', sampling={}, samples=None)
     >>> item = parse_prompt_line({"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
-    ...     "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 8, "n": 2}}, 1)
+    ...     "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+    ...              "max_completion_tokens": 8, "n": 2}}, 1)
     >>> item.id, item.sampling, item.samples
     ('r1', {'max_tokens': 8}, 2)
     """
@@ -432,7 +432,7 @@ class RolloutStats:
         return text
 
 
-def _pending(items: list[PromptItem], out: str | Path, config: RolloutConfig) -> tuple[list[Task], RolloutStats]:
+def pending(items: list[PromptItem], out: str | Path, config: RolloutConfig) -> tuple[list[Task], RolloutStats]:
     """The tasks still missing from `out` (after repairing a torn last line) and fresh stats."""
     everything = plan(items, config)
     done = scan_output(out)
@@ -477,7 +477,7 @@ async def arun_rollout(items: list[PromptItem], out: str | Path, config: Rollout
     """
     from clients import AsyncIroClient
 
-    tasks, stats = _pending(items, out, config)
+    tasks, stats = pending(items, out, config)
     if not tasks:
         return stats
     owned = client is None
@@ -538,93 +538,13 @@ async def _sample(client: Any, tasks: list[Task], stats: RolloutStats, out: str 
 def run_rollout(items: list[PromptItem], out: str | Path, config: RolloutConfig, **kw: Any) -> RolloutStats:
     """`arun_rollout` for synchronous callers, or the Ray backend when `config.backend == "ray"`."""
     if config.backend == "ray":
+        from trainer.rollout_ray import run_rollout_ray
+
         return run_rollout_ray(items, out, config, **kw)
     return asyncio.run(arun_rollout(items, out, config, **kw))
 
 
-# --------------------------------------------------------------------------- Ray backend
-def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutConfig, *, model: str | None = None,
-                    replicas: int = 1, batch_size: int = 64) -> RolloutStats:
-    """The same job as offline vLLM batch generation on Ray Data (one vLLM `LLM` per replica),
-    streaming records into `out` with the same resume rules. Samples the base model only: value
-    guidance lives in the server. Needs the `ray` extra (`pip install 'iro-serve[ray]'`)."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as exc:
-        raise RolloutError("--backend ray needs Ray, an optional extra: pip install 'iro-serve[ray]' "
-                           "(or use the default --backend server)") from exc
-    if config.value is not None:
-        raise RolloutError("--backend ray samples the base model only; value-guided rollouts need the server "
-                           "(drop --value or use --backend server)")
-    from server.model_store import resolve_model
-
-    model_path = str(resolve_model(model or config.model))
-    tasks, stats = _pending(items, out, config)
-    if not tasks:
-        return stats
-    rows = [{"index": i, "messages": json.dumps(t.item.messages) if t.item.messages is not None else None,
-             "prompt": t.item.prompt, "sampling": json.dumps(t.sampling)} for i, t in enumerate(tasks)]
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
-    try:
-        import torch
-
-        gpus = 1 if torch.cuda.is_available() else 0
-    except ImportError:
-        gpus = 0
-    dataset = ray.data.from_items(rows).map_batches(
-        _VllmSampler, fn_constructor_kwargs={"model_path": model_path}, batch_size=batch_size,
-        concurrency=replicas, num_gpus=gpus)
-    start = time.perf_counter()
-    with JsonlAppender(out, fsync_every=config.fsync_every) as sink:
-        for row in dataset.iter_rows():
-            task = tasks[int(row["index"])]
-            sink.write(make_record(task, model=os.path.basename(model_path), prompt_text=row["prompt_text"],
-                                   prompt_token_ids=list(row["prompt_token_ids"]), response=row["response"],
-                                   response_token_ids=list(row["response_token_ids"]),
-                                   finish_reason=row["finish_reason"]))
-            stats.written += 1
-            stats.completion_tokens += len(row["response_token_ids"])
-    stats.seconds = time.perf_counter() - start
-    return stats
-
-
-class _VllmSampler:
-    """Ray Data callable class: one offline vLLM engine per actor, a batch of rows per call."""
-
-    def __init__(self, model_path: str):
-        from vllm import LLM
-
-        self.llm = LLM(model=model_path, enable_prefix_caching=True)
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from vllm import SamplingParams
-
-        prompts, params = [], []
-        for messages, prompt, sampling in zip(batch["messages"], batch["prompt"], batch["sampling"]):
-            s = json.loads(sampling)
-            if messages is not None:
-                ids = self.tokenizer.apply_chat_template(json.loads(messages), add_generation_prompt=True, tokenize=True)
-            else:
-                ids = self.tokenizer.encode(prompt)
-            prompts.append({"prompt_token_ids": list(ids)})
-            params.append(SamplingParams(n=1, temperature=s.get("temperature", 1.0), top_p=s.get("top_p", 1.0),
-                                         top_k=s.get("top_k") or -1, max_tokens=s.get("max_tokens"),
-                                         seed=s.get("seed"), stop=s.get("stop")))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return {
-            "index": batch["index"],
-            "prompt_text": [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts],
-            "prompt_token_ids": [p["prompt_token_ids"] for p in prompts],
-            "response": [o.outputs[0].text for o in outputs],
-            "response_token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-            "finish_reason": [o.outputs[0].finish_reason or "length" for o in outputs],
-        }
-
-
 __all__ = ["DEFAULT_SERVER", "JsonlAppender", "PromptItem", "PromptRenderer", "RolloutConfig", "RolloutError",
-           "RolloutStats", "Task", "arun_rollout", "make_record", "parse_prompt_line", "plan", "prompts_from_dicts",
-           "read_prompts", "read_records", "record_from_response", "run_rollout", "run_rollout_ray", "sample_seed",
+           "RolloutStats", "Task", "arun_rollout", "make_record", "parse_prompt_line", "pending", "plan",
+           "prompts_from_dicts", "read_prompts", "read_records", "record_from_response", "run_rollout", "sample_seed",
            "scan_output"]

@@ -81,15 +81,21 @@ class _SamplingFields(OpenAIBaseModel):
 
     def to_sampling_params(self, max_tokens: int, *, logprobs: int | None, stream: bool) -> Any:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(
-            n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else -1,
-            seed=self.seed, stop=self.stop_list() or None, max_tokens=max_tokens, logprobs=logprobs,
-            logit_bias=dict(self.logit_bias) if self.logit_bias else None,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        )
+        from server.errors import InvalidRequestError
+
+        try:
+            return SamplingParams(
+                n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else -1,
+                seed=self.seed, stop=self.stop_list() or None, max_tokens=max_tokens, logprobs=logprobs,
+                logit_bias=dict(self.logit_bias) if self.logit_bias else None,
+                output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except VLLMClientError as exc:  # e.g. n > 1 with temperature 0 (greedy)
+            raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc
 
 
 class ChatMessage(OpenAIBaseModel):

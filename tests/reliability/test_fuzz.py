@@ -3,17 +3,18 @@
 Every operation (base, guided, scoring, admin, ops) gets generated valid and invalid requests:
 no 5xx, every status code and content type declared, every JSON body matching its schema.
 Generated requests are shaped before sending so the fuzz stays fast on two cores: generation is
-capped at a few tokens, guided searches at 4x4 candidates, and half of the requests name the
-real model (or its aligned `+fz` model) so they get past the 404 and into the engine. Admin
-calls only ever touch the fuzz's own value `fz`.
+capped at a few tokens (`max_tokens`, `n`), guided searches at 4x4 candidates; most requests name
+the real model (or its aligned `+fz` model) and a third of those without `guidance` get a valid
+one, so they get past the 404 and into the engine and the search. Admin calls only ever touch
+the fuzz's own value `fz`.
 """
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections import Counter
 
+import httpx
 import hypothesis
 import pytest
 import schemathesis
@@ -28,7 +29,7 @@ from tests.e2e.test_guided import iro_values_init
 
 pytestmark = pytest.mark.e2e
 
-MAX_EXAMPLES = 100  # per operation and generation mode
+MAX_EXAMPLES = 60  # per operation and generation mode
 MAX_TOKENS = 4
 MAX_CANDIDATES = 4  # cap on guidance.w and guidance.k
 FUZZ_VALUE = "fz"
@@ -100,9 +101,26 @@ def shape(case, model_id: str) -> None:
                 guidance["betas"] = guidance["betas"][:1] or None  # fz's chain has one value
 
 
-def test_the_document_lists_every_operation(api_schema):
+def test_the_document_lists_every_operation(api_schema, server):
     listed = {(op.method.upper(), op.path) for op in (r.ok() for r in api_schema.get_all_operations())}
     assert listed == set(OPERATIONS)
+    doc = httpx.get(server.url + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        assert schemas[request]["properties"]["guidance"]["anyOf"][0] == {"$ref": "#/components/schemas/GuidanceParams"}
+    assert "guidance" in schemas["ChatCompletionResponse"]["properties"]
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert set(doc["paths"][path]["post"]["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (method, path)  # validation errors are 400s
+            for status, response in operation["responses"].items():
+                if status != "200":
+                    assert response["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/score"):
+        assert {"400", "401", "404", "413", "429", "503"} <= set(doc["paths"][path]["post"]["responses"])
+    assert {"400", "401", "403", "404", "413", "503"} <= set(doc["paths"]["/v1/values/{name}/load"]["post"]["responses"])
 
 
 WITH_BODY = ("/v1/chat/completions", "/v1/completions", "/v1/score", "/v1/values/{name}/load")
@@ -113,7 +131,6 @@ CASES = [(m, p, mode) for m, p in OPERATIONS for mode in (GenerationMode.POSITIV
 @pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {mode}" for m, p, mode in CASES])
 def test_fuzz(api_schema, server, method, path, mode):
     operation = api_schema[path][method]
-    failures = []
 
     @hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=False,
                          phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
@@ -122,19 +139,12 @@ def test_fuzz(api_schema, server, method, path, mode):
     def run(case):
         shape(case, server.model_id)
         key = server.admin_key if case.path.startswith("/v1/values") else server.api_key
-        try:
-            response = case.call_and_validate(headers={"Authorization": f"Bearer {key}"}, checks=CHECKS)
-        except AssertionError as exc:  # schemathesis failures (collected: one report per operation)
-            failures.append(f"{exc}"[:2000])
-            return
+        response = case.call_and_validate(headers={"Authorization": f"Bearer {key}"}, checks=CHECKS)
         COUNTS[(f"{method} {path}", response.status_code)] += 1
         if response.status_code == 200 and ('"guidance":{' in response.text or path == "/v1/score"):
             GUIDED_OK[f"{method} {path}"] += 1
-        if os.environ.get("FUZZ_DEBUG") and response.status_code == 400 and mode is GenerationMode.POSITIVE:
-            print("400:", path, response.json()["error"]["message"][:150])
 
     run()
-    assert not failures, "\n\n".join(failures[:3])
 
 
 def test_fuzz_reached_every_operation_and_the_engine(server):
@@ -147,3 +157,19 @@ def test_fuzz_reached_every_operation_and_the_engine(server):
         assert COUNTS[(op, 200)] > 0, table
         assert GUIDED_OK[op] > 0, (op, dict(GUIDED_OK))
     assert all(status < 500 for _, status in COUNTS), table
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "hi", "n": 2, "temperature": 0}, None),  # was a 500 (VLLMValidationError)
+    ("/v1/completions", {"prompt": "hi", "n": 2, "temperature": 0, "stream": True}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+                              "guidance": {"value": FUZZ_VALUE, "w": 2, "k": 2, "l": 2}}, "temperature"),  # was a 500
+    ("/v1/score", {"value": FUZZ_VALUE, "messages": [], "responses": ["a"]}, "messages"),  # was pydantic's text
+])
+def test_fuzz_findings_stay_fixed(api_schema, server, path, body, param):
+    with server.admin() as admin:  # the fuzz may have unloaded it
+        assert admin.post(f"/v1/values/{FUZZ_VALUE}/load").status_code == 200
+    with server.http() as http:
+        r = http.post(path, json={"model": server.model_id, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] and (param is None or r.json()["error"]["param"] == param)

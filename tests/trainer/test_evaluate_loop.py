@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from trainer.evaluate import Method, MethodResult, distinct_n, markdown_table, mean_ci, standard_methods, summarize, write_results
+from trainer.evaluate import (
+    Method, MethodResult, distinct_n, markdown_table, mean_ci, standard_methods, summarize, write_results,
+)
 from trainer.loop import LoopConfig, LoopError, RunState, verdict
 from trainer.rollout import RolloutConfig
 
@@ -44,7 +46,8 @@ def _record(i: int, text: str, tokens: int, versions=(1,)):
 
 
 def _result(label: str, kind: str, mean: float, tokens: float, n: int = 1, half: float = 0.05) -> MethodResult:
-    return MethodResult(name=label.lower(), label=label, kind=kind, settings="", value="v@1" if kind != "base" else None,
+    return MethodResult(name=label.lower(), label=label, kind=kind, settings="",
+                        value="v@1" if kind != "base" else None,
                         versions=[1], prompts=10, mean=mean, ci_low=mean - half, ci_high=mean + half, std=0.1,
                         distinct2=0.9, tokens=int(tokens * 10), tokens_per_prompt=tokens, seconds=1.0, n=n)
 
@@ -58,23 +61,42 @@ def test_summary_table_and_plot(tmp_path):
     table = markdown_table([result])
     assert "| Best-of-4 | N=4 | v@1 (chain 1) | +0.250 [" in table
     results = [_result("base (N=1)", "base", 0.0, 32), _result("Best-of-4", "bon", 0.3, 128, n=4), result,
-               _result("IRO-1", "cbs", 0.35, 200)]
+               _result("IRO-1", "cbs", 0.35, 200), _result("Best-of-4 (reward)", "oracle", 0.6, 128, n=4)]
     paths = write_results(results, tmp_path / "eval", meta={"task": "t"})
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
-    assert "IRO-1" in paths["md"].read_text() and len(json.loads(paths["json"].read_text())["results"]) == 4
+    assert "IRO-1" in paths["md"].read_text() and len(json.loads(paths["json"].read_text())["results"]) == 5
+
+
+def test_oracle_best_of_n_picks_the_best_of_the_first_n(tmp_path):
+    from trainer.evaluate import oracle_best_of_n
+    from trainer.rollout import JsonlAppender, make_record, plan, prompts_from_dicts
+
+    prompts = prompts_from_dicts([{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(3)])
+    template = RolloutConfig(server="http://unused", max_tokens=8, seed=1, progress=False)
+    words = ["bad", "good", "terrible", "wonderful"]
+    with JsonlAppender(tmp_path / "oracle.jsonl") as sink:  # already sampled: no server needed
+        for task in plan(prompts, RolloutConfig(server="http://unused", max_tokens=8, seed=1, samples_per_prompt=4)):
+            sink.write(make_record(task, model="m", prompt_text="", prompt_token_ids=[1], response=words[task.sample],
+                                   response_token_ids=[2, 3], finish_reason="stop", usage={"completion_tokens": 10}))
+    results = oracle_best_of_n(prompts, [1, 2, 4], tmp_path, reward="sentiment", template=template)
+    assert [(r.name, r.kind, r.n) for r in results] == [("oracle-2", "oracle", 2), ("oracle-4", "oracle", 4)]
+    assert results[1].mean > results[0].mean > 0  # best of 2: "good"; best of 4: "wonderful"
+    assert (results[0].tokens_per_prompt, results[1].tokens_per_prompt) == (20, 40)
 
 
 def test_iteration_plot_and_verdict(tmp_path):
     from trainer.plots import plot_iterations
 
     iro = [_result("IRO-1", "cbs", 0.2, 500), _result("IRO-2", "cbs", 0.3, 500), _result("IRO-3", "cbs", 0.5, 500)]
-    baselines = [_result("base (N=1)", "base", 0.0, 32), _result("Best-of-16", "bon", 0.35, 512, n=16)]
+    baselines = [_result("base (N=1)", "base", 0.0, 32), _result("Best-of-16 (reward)", "oracle", 0.9, 512, n=16),
+                 _result("Best-of-16", "bon", 0.35, 512, n=16)]
     path = plot_iterations(iro, baselines, tmp_path / "it.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     lines = verdict(iro, baselines)
     assert lines[0].startswith("- IRO-3 vs Best-of-16: +0.500 vs +0.350 (higher; CIs do not overlap)")
-    assert "at least as good" in lines[1] and "at least as good" in lines[2]
-    assert "worse" in verdict(iro[::-1], baselines)[1]
+    assert lines[1].startswith("- Headroom: Best-of-16 (reward) reaches +0.900")
+    assert "at least as good" in lines[2] and "at least as good" in lines[3]
+    assert "worse" in verdict(iro[::-1], baselines)[2]
 
 
 def test_loop_presets_and_overrides():

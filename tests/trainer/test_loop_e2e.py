@@ -28,7 +28,7 @@ def test_smoke_loop_two_iterations_and_resume(server, tmp_path):
 
     report = (run_dir / "report.md").read_text()
     assert "| 1 | loop-smoke@1 (1) |" in report and "| 2 | loop-smoke@2 (1,2) |" in report
-    assert "Best-of-4" in report and "IRO-2" in report and "## Verdict" in report
+    assert "Best-of-4" in report and "Best-of-4 (reward)" in report and "IRO-2" in report and "## Verdict" in report
     for png in ("reward_vs_tokens.png", "reward_per_iteration.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     registry = Registry(server.values_dir)

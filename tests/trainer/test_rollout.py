@@ -246,7 +246,7 @@ def test_rollout_survives_kill_9(server, tmp_path):
         if out.exists() and out.read_bytes().count(b"\n") >= 4:
             break
         time.sleep(0.05)  # polling the output file for progress
-    assert proc.poll() is None, "the rollout finished before it could be killed:\n" + proc.stdout.read().decode()[-2000:]
+    assert proc.poll() is None, "finished before it could be killed:\n" + proc.stdout.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     proc.stdout.close()
