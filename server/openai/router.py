@@ -28,7 +28,8 @@ def generation_responses(chunk_model: str) -> dict:
     Each event's `data` is a chunk (`chunk_model`), an `ErrorResponse` if generation fails midway,
     or the final `[DONE]` (the schema describes one event, as OpenAPI 3.1 does for event streams).
     """
-    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk_model}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk_model}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
     event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
         {"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}}}
     return {200: {"description": "The JSON response; with `stream: true`, server-sent events instead: one "
@@ -107,13 +108,15 @@ async def list_models(request: Request):
     return get_serving(request).list_models()
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=generation_responses("ChatCompletionStreamResponse"))
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses=generation_responses("ChatCompletionStreamResponse"))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     serving = get_serving(request)
     return await _respond(request, serving, serving.create_chat_completion, body)
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=generation_responses("CompletionStreamResponse"))
+@router.post("/completions", response_model=CompletionResponse,
+             responses=generation_responses("CompletionStreamResponse"))
 async def create_completion(body: CompletionRequest, request: Request):
     serving = get_serving(request)
     return await _respond(request, serving, serving.create_completion, body)

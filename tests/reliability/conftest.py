@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -30,3 +31,25 @@ def wait_until(probe: Callable[[], T], done: Callable[[T], bool], timeout: float
         time.sleep(interval)  # bounded polling of observable state, not a fixed wait
         value = probe()
     return value
+
+
+def engine_core_pid(server_pid: int) -> int | None:
+    """The pid of the vLLM EngineCore child process of a server (None if there is none yet)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        ppid = int(text[text.rindex(")") + 2:].split()[1])
+        if ppid == server_pid and "EngineCor" in comm:
+            return int(stat.parent.name)
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -183,12 +183,14 @@ def test_prompts_and_answers_are_not_logged(server):
     with server.http() as http:
         assert http.post("/v1/chat/completions", json={"model": server.model_id, "messages": user,
                                                        "max_tokens": 4}).status_code == 200
-        assert http.post("/v1/chat/completions", json={"model": f"{server.model_id}+quiet", "messages": user,
-                                                       "max_tokens": 4, "guidance": {"w": 2, "k": 2, "l": 2}}).status_code == 200
+        guided = {"model": f"{server.model_id}+quiet", "messages": user, "max_tokens": 4,
+                  "guidance": {"w": 2, "k": 2, "l": 2}}
+        assert http.post("/v1/chat/completions", json=guided).status_code == 200
         with http.stream("POST", "/v1/completions", json={"model": server.model_id, "prompt": marker,
                                                           "max_tokens": 4, "stream": True}) as r:
             assert r.status_code == 200 and list(r.iter_lines())
-        assert http.post("/v1/score", json={"value": "quiet", "prompt": marker, "responses": [marker]}).status_code == 200
+        scored = http.post("/v1/score", json={"value": "quiet", "prompt": marker, "responses": [marker]})
+        assert scored.status_code == 200
         # refused requests too (the error message may echo the input to the client, never to the log)
         assert http.post("/v1/completions", json={"model": marker, "prompt": marker}).status_code == 404
         assert http.post("/v1/chat/completions", json={"model": server.model_id, "messages": user,

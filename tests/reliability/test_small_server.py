@@ -10,13 +10,12 @@ import asyncio
 import os
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import start_server, stop_server
-from tests.reliability.conftest import metric, wait_until
+from tests.reliability.conftest import engine_core_pid, metric, wait_until
 
 pytestmark = pytest.mark.e2e
 ORIGIN = "https://app.example"
@@ -79,7 +78,8 @@ def test_cors_headers_only_for_the_configured_origin(small, server):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
     with small.http() as http:
         assert http.get("/v1/models", headers={"Origin": ORIGIN}).headers["access-control-allow-origin"] == ORIGIN
-        assert "access-control-allow-origin" not in http.get("/v1/models", headers={"Origin": "https://evil.example"}).headers
+        other = http.get("/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
     # the shared server has no IRO_CORS_ORIGINS: no CORS headers at all
     r = httpx.options(server.url + "/v1/chat/completions", headers={"Origin": ORIGIN, **preflight})
     assert r.status_code in (400, 404, 405) and "access-control-allow-origin" not in r.headers
@@ -95,26 +95,15 @@ def test_prompt_logging_when_asked_for(small):
     assert wait_until(lambda: marker in small.log_path.read_text(errors="replace"), bool, 10)
 
 
-def engine_core_pid(server_pid: int) -> int:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        comm = text[text.index("(") + 1:text.rindex(")")]
-        ppid = int(text[text.rindex(")") + 2:].split()[1])
-        if ppid == server_pid and "EngineCor" in comm:
-            return int(stat.parent.name)
-    raise AssertionError(f"no EngineCore child of {server_pid}")
-
-
 async def test_engine_death_fails_fast_and_exits_nonzero(small):
     headers = {"Authorization": f"Bearer {small.api_key}"}
     async with httpx.AsyncClient(base_url=small.url, headers=headers, timeout=30) as http:
         in_flight = asyncio.create_task(http.post("/v1/chat/completions", json=chat(small, "A long story", 600)))
         await asyncio.to_thread(wait_until, lambda: metric(small.url, "iro_engine_requests_in_flight"),
                                 lambda v: v >= 1, 30)
-        os.kill(engine_core_pid(small.proc.pid), signal.SIGKILL)
+        core = engine_core_pid(small.proc.pid)
+        assert core is not None
+        os.kill(core, signal.SIGKILL)
         killed = time.monotonic()
 
         async def health() -> int | None:
