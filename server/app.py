@@ -196,6 +196,9 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
             yield
         finally:
             watcher.cancel()
+            if not app.state.starting.done():  # stopped mid-start: cancelling would orphan the engine process
+                log.info("waiting for the engine to finish starting, to shut it down")
+                await asyncio.wait({app.state.starting}, timeout=300)
             app.state.starting.cancel()
             for closer in getattr(app.state, "closers", []):
                 await closer()
