@@ -45,11 +45,3 @@ def engine_core_pid(server_pid: int) -> int | None:
         if ppid == server_pid and "EngineCor" in comm:
             return int(stat.parent.name)
     return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -156,7 +157,7 @@ def test_publish_is_atomic_under_a_concurrent_reader(tiny_model_dir, registry):
     model = trained_like(pool, 6)
     publish_model(registry, "atom", model, pool.identity, extend_chain=False)
     stop = threading.Event()
-    seen, problems = set(), []
+    seen, problems, reads = set(), [], [0]
 
     def reader():
         while not stop.is_set():
@@ -166,18 +167,23 @@ def test_publish_is_atomic_under_a_concurrent_reader(tiny_model_dir, registry):
                 seen.add(v)
             except Exception as exc:  # noqa: BLE001 - any failure is a finding
                 problems.append(repr(exc))
+            reads[0] += 1
 
     t = threading.Thread(target=reader)
     t.start()
     try:
         for _ in range(5):
             publish_model(registry, "atom", model, pool.identity, extend_chain=False)
+            before = reads[0]
+            deadline = time.monotonic() + 30
+            while reads[0] < before + 2 and time.monotonic() < deadline:  # the reader sees each version
+                time.sleep(0.001)
     finally:
         stop.set()
         t.join()
     assert not problems, problems[:3]
     assert registry.versions("atom") == [1, 2, 3, 4, 5, 6]
-    assert len(seen) >= 2
+    assert len(seen) >= 5
 
 
 def test_init_value_publishes_successive_versions(tiny_model_dir, registry):
