@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from bench.server import peak_rss_mib, start
 
@@ -29,6 +30,37 @@ TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "speedup_vs_reference_loop
            "hot_swap_seconds": ("<", 1.0), "failed_requests_during_swap": ("<=", 0)}
 W, K, L, MAX_TOKENS, TEMPERATURE = 4, 4, 8, 48, 0.7
 GUIDANCE = {"value": "bench", "mode": "cbs", "w": W, "k": K, "l": L}
+
+
+class Target(BaseModel):
+    op: str
+    target: float
+    value: float
+    met: bool
+
+
+class BenchReport(BaseModel):
+    """Schema of `iro bench --json` (extra detail fields are allowed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    guided_vs_plain_time_ratio: float
+    speedup_vs_reference_loop: float
+    scoring_growth_ratio: float
+    concurrency_speedup: float
+    hot_swap_seconds: float
+    failed_requests_during_swap: int
+    peak_rss_mib: float
+    base_model_mib: float
+    machine: dict
+    settings: dict
+    targets: dict[str, Target]
+
+
+def evaluate_targets(results: dict) -> dict:
+    ops = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__}
+    return {k: {"op": op, "target": t, "value": results[k], "met": bool(ops[op](float(results[k]), float(t)))}
+            for k, (op, t) in TARGETS.items()}
 
 
 def chat_body(model: str, prompt: str, **kw) -> dict:
@@ -209,8 +241,8 @@ def run(quick: bool = False, json_path: Path | None = None) -> dict:
         steps.update()
     steps.update()
     steps.close()
-    results["targets"] = {k: {"op": op, "target": t, "value": results[k],
-                              "met": bool(eval(f"{results[k]} {op} {t}"))} for k, (op, t) in TARGETS.items()}
+    results["targets"] = evaluate_targets(results)
+    BenchReport.model_validate(results)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2))
