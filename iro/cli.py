@@ -67,13 +67,11 @@ def model_prepare(force: bool = typer.Option(False, help="Convert again even if 
     typer.echo(prepare_default_model(force=force))
 
 
-def _add_optional(module: str, attr: str, name: str) -> None:
+def _add_commands(module: str, attr: str, name: str) -> None:
+    """Mount the commands a package owns (`register(app)`, a Typer app, or one function)."""
     import importlib
 
-    try:
-        sub = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return
+    sub = getattr(importlib.import_module(module), attr)
     if attr == "register":  # the module adds its own commands
         sub(app)
     elif isinstance(sub, typer.Typer):
@@ -82,11 +80,11 @@ def _add_optional(module: str, attr: str, name: str) -> None:
         app.command(name)(sub)
 
 
-_add_optional("valuefn.cli", "app", "values")
-_add_optional("trainer.cli", "register", "_trainer")  # registers several commands itself
-_add_optional("trainer.jobs_cli", "register", "_jobs")  # rollout, eval, loop
-_add_optional("clients.cli", "register", "_clients")
-_add_optional("bench.cli", "bench", "bench")
+_add_commands("valuefn.cli", "app", "values")
+_add_commands("trainer.cli", "register", "_trainer")  # registers several commands itself
+_add_commands("trainer.jobs_cli", "register", "_jobs")  # rollout, eval, loop
+_add_commands("clients.cli", "register", "_clients")
+_add_commands("bench.cli", "bench", "bench")
 
 if __name__ == "__main__":
     app()
