@@ -36,27 +36,33 @@ class ServerProcess:
             self.proc.wait(10)
 
 
-def start(workdir: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 300) -> ServerProcess:
+def _log_tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:]
+
+
+def start(workdir: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 300,
+          cwd: Path | None = None) -> ServerProcess:
+    """`iro serve` on a free port with `workdir/values` as its registry; returns once /health is 200."""
     port = free_port()
     values_dir = workdir / "values"
     values_dir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"server-{port}.log"
     full_env = {**os.environ, "IRO_VALUES_DIR": str(values_dir), "IRO_PORT": str(port), **(env or {})}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "iro.cli", "serve", *args], env=full_env,
+    proc = subprocess.Popen([sys.executable, "-m", "iro.cli", "serve", *args], env=full_env, cwd=cwd,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     while time.monotonic() - t0 < wait:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); see {log_path}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{_log_tail(log_path)}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return ServerProcess(url, proc, values_dir, log_path, time.monotonic() - t0)
         except httpx.HTTPError:
             pass
-        time.sleep(0.25)
+        time.sleep(0.25)  # polling for readiness
     proc.kill()
-    raise RuntimeError(f"server not healthy after {wait}s; see {log_path}")
+    raise RuntimeError(f"server not healthy after {wait}s:\n{_log_tail(log_path)}")
 
 
 def peak_rss_mib(pid: int, *, children: bool = True) -> float:

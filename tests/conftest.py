@@ -3,17 +3,14 @@ per test session in a subprocess on a free port (like vLLM's RemoteOpenAIServer)
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bench.server import free_port
+from bench import server as bench_server
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-api-key"
@@ -29,6 +26,7 @@ class RemoteServer:
     model_id: str
     proc: subprocess.Popen
     log_path: Path
+    process: bench_server.ServerProcess
 
     @property
     def v1(self) -> str:
@@ -55,38 +53,15 @@ class RemoteServer:
 
 
 def start_server(tmp: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 240) -> RemoteServer:
-    port = free_port()
-    values_dir = tmp / "values"
-    values_dir.mkdir(parents=True, exist_ok=True)
-    log_path = tmp / f"server-{port}.log"
-    full_env = {**os.environ, "IRO_API_KEY": API_KEY, "IRO_ADMIN_KEY": ADMIN_KEY, "IRO_VALUES_DIR": str(values_dir),
-                "IRO_PORT": str(port), "IRO_MAX_NUM_BATCHED_TOKENS": "256", "IRO_KV_CACHE_GIB": "2",
-                **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "iro.cli", "serve", *args], env=full_env, cwd=ROOT,
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n" + log_path.read_text(errors="replace")[-4000:])
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                model_id = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"][0]["id"]
-                return RemoteServer(url, API_KEY, ADMIN_KEY, values_dir, model_id, proc, log_path)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)  # polling for readiness, not synchronising test logic
-    proc.kill()
-    raise RuntimeError("server did not become healthy:\n" + log_path.read_text(errors="replace")[-4000:])
+    env = {"IRO_API_KEY": API_KEY, "IRO_ADMIN_KEY": ADMIN_KEY, "IRO_MAX_NUM_BATCHED_TOKENS": "256",
+           "IRO_KV_CACHE_GIB": "2", **(env or {})}
+    srv = bench_server.start(tmp, env=env, args=list(args), wait=wait, cwd=ROOT)
+    model_id = httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"][0]["id"]
+    return RemoteServer(srv.url, API_KEY, ADMIN_KEY, srv.values_dir, model_id, srv.proc, srv.log_path, srv)
 
 
 def stop_server(server: RemoteServer) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(10)
+    server.process.stop()
 
 
 @pytest.fixture(scope="session")
@@ -97,24 +72,28 @@ def server(tmp_path_factory) -> RemoteServer:
     stop_server(srv)
 
 
-def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, vocab: int = 128, seed: int = 0) -> Path:
-    """A tiny random Llama (+ word-level tokenizer) saved as a HF folder, for fast unit tests."""
+def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, vocab: int = 128, seed: int = 0,
+                    pad_is_eos: bool = False, max_positions: int = 512) -> Path:
+    """A tiny random Llama (+ word-level tokenizer) saved as a HF folder, for fast unit tests.
+
+    `pad_is_eos` mimics SmolLM2, whose pad token also ends every chat turn."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         pad_token_id=2 if pad_is_eos else 0, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    vocab_map = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, vocab)}
+    special = {"<unk>": 0, "<s>": 1, "</s>": 2} if pad_is_eos else {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab_map = special | {f"w{i}": i for i in range(len(special), vocab)}
     tok = Tokenizer(models.WordLevel(vocab_map, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="</s>" if pad_is_eos else "<pad>", bos_token="<s>",
+                            eos_token="</s>", unk_token="<unk>").save_pretrained(path)
     return path
 
 

@@ -57,15 +57,8 @@ def plot_reward_vs_tokens(results: Sequence[MethodResult], path: str | Path, *, 
 
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel("tokens generated per prompt (all candidates)")
-    ax.set_ylabel("mean reward (95% CI)")
-    ax.set_title(title or "Reward vs test-time compute")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _finish(fig, ax, path, "tokens generated per prompt (all candidates)", "mean reward (95% CI)",
+                   title or "Reward vs test-time compute", legend_size=8)
 
 
 def plot_iterations(iro: Sequence[MethodResult], baselines: Sequence[MethodResult], path: str | Path, *,
@@ -84,11 +77,16 @@ def plot_iterations(iro: Sequence[MethodResult], baselines: Sequence[MethodResul
         ax.axhline(r.mean, color=color, linestyle=":" if r.kind == "base" else "--", linewidth=1.2,
                    label=f"{r.label} ({r.tokens_per_prompt:.0f} tok/prompt)")
     ax.set_xticks(xs or [1])
-    ax.set_xlabel("iteration t")
-    ax.set_ylabel("mean held-out reward (95% CI)")
-    ax.set_title(title or "IRO iterations vs Best-of-N")
+    return _finish(fig, ax, path, "iteration t", "mean held-out reward (95% CI)",
+                   title or "IRO iterations vs Best-of-N", legend_size=7)
+
+
+def _finish(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str, *, legend_size: int) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=7)
+    ax.legend(loc="best", fontsize=legend_size)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -7,27 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_tiny_llama
+
 SPECIAL = 7  # the token whose share of a response is the synthetic reward
 
 
 def build_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, vocab: int = 64, seed: int = 0) -> Path:
-    """A tiny random Llama + an offline word-level tokenizer, saved as a Hugging Face folder."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    path.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
-    return path
+    """A tiny random Llama whose pad token is its EOS (like SmolLM2), saved as a HF folder."""
+    return make_tiny_llama(path, hidden=hidden, layers=layers, vocab=vocab, seed=seed, pad_is_eos=True,
+                           max_positions=256)
 
 
 @pytest.fixture(autouse=True)
