@@ -31,7 +31,8 @@ class GuidedServing:
         self.searcher = Searcher(engine, scorer, on_chunks=metrics.chunks.inc if metrics else None)
 
     # ------------------------------------------------------------------ request -> search
-    async def resolve(self, request, value_from_model: str | None) -> tuple[ValueChain, SearchParams, str]:
+    async def resolve(self, request, value_from_model: str | None,
+                      max_tokens: int) -> tuple[ValueChain, SearchParams, str]:
         g = request.guidance or GuidanceParams()
         spec = g.value or value_from_model
         if not spec:
@@ -67,8 +68,8 @@ class GuidedServing:
         if list(betas) != chain.betas:
             chain = chain.with_betas(betas)
         params = SearchParams(
-            mode=mode, w=w, k=k, l=l, max_tokens=0, n=request.n, temperature=request.temperature, top_p=request.top_p,
-            top_k=request.top_k, seed=request.seed, stop=tuple(request.stop_list()),
+            mode=mode, w=w, k=k, l=l, max_tokens=max_tokens, n=request.n, temperature=request.temperature,
+            top_p=request.top_p, top_k=request.top_k, seed=request.seed, stop=tuple(request.stop_list()),
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty)
         return chain, params, spec.split("@")[0]
 
@@ -82,8 +83,7 @@ class GuidedServing:
             score=max(scores) if scores else None, scores=scores)
 
     async def handle(self, serving, request, prompts, max_tokens: int, value_from_model: str | None, *, chat: bool):
-        chain, params, name = await self.resolve(request, value_from_model)
-        params = SearchParams(**{**params.__dict__, "max_tokens": max_tokens})
+        chain, params, name = await self.resolve(request, value_from_model, max_tokens)
         if request.stream:
             return self._stream(serving, request, prompts, chain, params, name, chat)
         results = await asyncio.gather(*[self.searcher.run(chain, p.token_ids, params) for p in prompts])
