@@ -36,7 +36,7 @@ def reference_cbs(model, value: LoadedValue, prompt_ids: list[int], *, w: int, k
             past, logits = out.past_key_values, out.logits[:, -1]
             generated += 1
         t0 = time.perf_counter()
-        scores = forward_values(value, [ScoreItem(s.tolist()) for s in seqs], use_cache=False)
+        scores = forward_values(value, [ScoreItem(s.tolist(), 0, len(prompt_ids)) for s in seqs], use_cache=False)
         value_seconds += time.perf_counter() - t0
         top = torch.topk(torch.as_tensor(scores), w).indices
         keep = top.repeat_interleave(k)  # each survivor repeated k times

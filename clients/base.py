@@ -30,7 +30,7 @@ from server.admin.protocol import DeletedValue, LoadValueRequest, ValueList, Val
 from server.errors import ErrorInfo
 from server.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage, CompletionRequest,
-    CompletionResponse, CompletionStreamResponse, GuidanceParams, ModelList,
+    CompletionResponse, CompletionStreamResponse, GuidanceParams, ModelList, ScoreRequest, ScoreResponse,
 )
 
 log = logging.getLogger("clients")
@@ -192,6 +192,12 @@ class BaseIroClient:
         body = CompletionRequest(model=model, prompt=prompt, stream=stream, **extra, **sampling)
         return Call("POST", "/v1/completions", json=self._body(body), result=CompletionResponse,
                     chunk=CompletionStreamResponse if stream else None)
+
+    def _score_call(self, value: str, responses: list[str], *, messages: Messages | None = None,
+                    prompt: str | None = None) -> Call:
+        where = {"messages": _messages(messages)} if messages is not None else {"prompt": prompt}
+        body = ScoreRequest(value=value, responses=responses, **where)
+        return Call("POST", "/v1/score", json=self._body(body), result=ScoreResponse)
 
     @staticmethod
     def _models_call() -> Call:

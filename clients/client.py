@@ -24,7 +24,7 @@ from clients.errors import IroClientError
 from clients.streaming import AsyncStream, Stream
 from server.admin.protocol import DeletedValue, ValueList, ValueStatus
 from server.openai.protocol import (
-    ChatCompletionResponse, ChatCompletionStreamResponse, CompletionResponse, CompletionStreamResponse, ModelList,
+    ChatCompletionResponse, ChatCompletionStreamResponse, CompletionResponse, CompletionStreamResponse, ModelList, ScoreResponse,
 )
 
 Generation = Union[ChatCompletionResponse, CompletionResponse]
@@ -105,6 +105,11 @@ class IroClient(BaseIroClient):
         model = model or self._default_model()
         call = self._completion_call(prompt, model=model, guidance=guidance, stream=stream, **sampling)
         return self._request(call)
+
+    def score(self, value: str, responses: list[str], *, messages: Messages | None = None,
+              prompt: str | None = None) -> ScoreResponse:
+        """`POST /v1/score`: chain scores (and raw values) of `responses` to one chat or text prompt."""
+        return self._request(self._score_call(value, responses, messages=messages, prompt=prompt))
 
     def health(self) -> dict[str, Any]:
         """`GET /health` (not retried): `{"status": "ok"}`, or ServiceUnavailableError while starting."""
@@ -241,6 +246,11 @@ class AsyncIroClient(BaseIroClient):
         model = model or await self._default_model()
         call = self._completion_call(prompt, model=model, guidance=guidance, stream=stream, **sampling)
         return await self._request(call)
+
+    async def score(self, value: str, responses: list[str], *, messages: Messages | None = None,
+                    prompt: str | None = None) -> ScoreResponse:
+        """`POST /v1/score`: chain scores (and raw values) of `responses` to one chat or text prompt."""
+        return await self._request(self._score_call(value, responses, messages=messages, prompt=prompt))
 
     async def health(self) -> dict[str, Any]:
         """`GET /health` (not retried): `{"status": "ok"}`, or ServiceUnavailableError while starting."""

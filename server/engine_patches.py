@@ -52,8 +52,25 @@ def patch_cpu_model_runner(cls) -> None:
     cls._iro_seed_fix = True
 
 
+def allow_block_size_16() -> None:
+    """Let the CPU attention backend take 16-token KV blocks (its `vec16` kernels; the backend
+    declares multiples of 32 only). Smaller blocks mean shorter uncached tails for chunk requests:
+    vLLM's prefix cache reuses only full blocks. Enabled by IRO_CPU_BLOCK16=1 (experimental)."""
+    from vllm.v1.attention.backend import MultipleOf
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    CPUAttentionBackend.get_supported_kernel_block_sizes = staticmethod(lambda kv_cache_spec=None: [MultipleOf(16)])
+
+
 def register() -> None:
     """vLLM general-plugin entry point."""
+    import os
+
+    if os.environ.get("IRO_CPU_BLOCK16") == "1":
+        try:
+            allow_block_size_16()
+        except ImportError:
+            pass
     try:
         import torch
 

@@ -118,7 +118,7 @@ class GuidedServing:
             raise GuidanceError("prompt + response longer than the context", param="responses")
         if any(len(s) == len(prompt_ids) for s in seqs) or not prompt_ids:
             raise GuidanceError("prompt and responses must not be empty", param="responses")
-        raw = await self.scorer.values(chain, [ScoreItem(s, len(prompt_ids)) for s in seqs])
+        raw = await self.scorer.values(chain, [ScoreItem(s, len(prompt_ids), len(prompt_ids)) for s in seqs])
         return ScoreResponse(value=chain.name, versions=chain.versions, scores=chain_scores(raw, chain.betas).tolist(),
                              values=raw.tolist())
 

@@ -111,7 +111,7 @@ class Searcher:
         return beam
 
     async def _score(self, chain, prompt_ids: list[int], beams: list[Beam], parents: list[int], result: SearchResult):
-        items = [ScoreItem(prompt_ids + b.token_ids, len(prompt_ids) + p) for b, p in zip(beams, parents)]
+        items = [ScoreItem(prompt_ids + b.token_ids, len(prompt_ids) + p, len(prompt_ids)) for b, p in zip(beams, parents)]
         raw = await self.scorer.values(chain, items) if items else np.zeros((0, len(chain.links)))
         result.candidates_scored += len(items)
         for b, r in zip(beams, raw):

@@ -6,7 +6,8 @@ answers (a collapse check), and tokens generated per prompt (the server's `usage
 every candidate a search sampled: the cost axis of the paper's test-time scaling picture).
 
     base      plain sampling from the frozen model (N = 1, no value)
-    bon-N     N samples from the base model, the one the value chain scores highest (guidance mode bon)
+    bon-N     N samples from the base model, the one the value chain scores highest (`best_of_n`: one set
+              of max(N) samples per prompt shared by every N, scored through POST /v1/score)
     oracle-N  N samples from the base model, the one the reward scores highest (an upper bound for bon-N;
               the paper's Best-of-N ranks with its reward model)
     iro       chunk-level beam search guided by the value chain (guidance mode cbs, w/k/l)
@@ -208,14 +209,18 @@ def evaluate_method(method: Method, prompts: list[PromptItem], out_dir: str | Pa
     return result
 
 
-def oracle_best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path, *, reward: str,
-                     template: RolloutConfig) -> list[MethodResult]:
-    """Best-of-N ranked by the reward itself (the paper's baseline, which ranks with the reward
-    model): max(N) base samples per prompt, then for each N the best of the first N. An upper
-    bound for what a value can pick out of N samples; tokens count the N samples.
+def best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path, *, reward: str,
+              template: RolloutConfig, value: str | None = None, oracle: bool = True) -> list[MethodResult]:
+    """Best-of-N from one set of max(N) base samples per prompt, for every N > 1 in `ns`: the best
+    of the first N by the value chain `value` (through `POST /v1/score`; the same choice as the
+    server's guidance mode `bon`) and, with `oracle`, by the reward itself (the paper's baseline,
+    which ranks with its reward model: the upper bound for what a value can pick out of N).
+    Tokens count the N samples. Sharing the samples makes every N and both rankings comparable
+    and costs one generation pass instead of one per N.
 
-    Samples live in `out_dir/oracle.jsonl` (resumable), shared by every N.
+    Samples live in `out_dir/oracle.jsonl` (resumable); value scores in `out_dir/bon-scores__<value>.json`.
     """
+    from clients import IroClient
     from trainer.rewards import label_records, parse_reward
 
     n_max = max(ns)
@@ -224,22 +229,54 @@ def oracle_best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str 
     path = Path(out_dir) / "oracle.jsonl"
     stats = run_rollout(prompts, path, config)
     if not stats.complete:
-        raise RolloutError(f"oracle Best-of-N: {stats.failed} of {stats.total} requests failed; re-run to resume")
+        raise RolloutError(f"Best-of-N samples: {stats.failed} of {stats.total} requests failed; re-run to resume")
     wanted = {p.id for p in prompts}
     records = label_records([r for r in read_records(path) if r["prompt_id"] in wanted and r["sample"] < n_max],
                             parse_reward(reward))
     by_prompt: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: r["sample"]):
         by_prompt.setdefault(r["prompt_id"], []).append(r)
+    rankings: list[tuple[str, str, str, dict[str, float]]] = []  # (kind, label suffix, value, score per record id)
+    if value is not None:
+        scores_path = Path(out_dir) / f"bon-scores__{value.replace('@', '-v')}.json"
+        saved = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+        scores: dict[str, float] = saved.get("scores", {})
+        versions: list[int] = saved.get("versions", [])
+        todo = [rs for rs in by_prompt.values() if any(r["id"] not in scores for r in rs)]
+        if todo:
+            with IroClient(template.server, api_key=template.api_key) as client:
+                for rs in todo:
+                    scorable = [r for r in rs if r["response"]]
+                    for r in rs:
+                        scores[r["id"]] = float("-inf")  # an empty answer never wins
+                    if scorable:
+                        where = {"messages": rs[0]["messages"]} if rs[0].get("messages") else {"prompt": rs[0]["prompt"]}
+                        got = client.score(value, [r["response"] for r in scorable], **where)
+                        scores.update({r["id"]: s for r, s in zip(scorable, got.scores)})
+                        versions = got.versions
+            scores_path.write_text(json.dumps({"value": value, "versions": versions, "scores": scores}))
+        rankings.append(("bon", "", value, scores))
+    if oracle:
+        rankings.append(("oracle", " (reward)", None, {r["id"]: r["reward"] for r in records}))
     results = []
-    for n in sorted(set(ns) - {1}):  # N = 1 is the base method itself (same seeds, same samples)
-        picked = [max(rs[:n], key=lambda r: r["reward"]) for rs in by_prompt.values()]
-        tokens = sum(int(r["usage"]["completion_tokens"]) for rs in by_prompt.values() for r in rs[:n])
-        method = Method(f"oracle-{n}", f"Best-of-{n} (reward)", "oracle", n=n)
-        result = summarize(method, picked, [r["reward"] for r in picked], stats.seconds * n / n_max)
-        result.tokens, result.tokens_per_prompt = tokens, tokens / len(picked)
-        results.append(result)
+    for kind, suffix, ranked_by, score in rankings:
+        for n in sorted(set(ns) - {1}):  # N = 1 is the base method itself (same seeds, same samples)
+            picked = [max(rs[:n], key=lambda r: score[r["id"]]) for rs in by_prompt.values()]
+            tokens = sum(int(r["usage"]["completion_tokens"]) for rs in by_prompt.values() for r in rs[:n])
+            name = f"bon-{n}" if kind == "bon" else f"oracle-{n}"
+            method = Method(name, f"Best-of-{n}{suffix}", kind, ranked_by, n=n)
+            result = summarize(method, picked, [r["reward"] for r in picked], stats.seconds * n / n_max)
+            result.tokens, result.tokens_per_prompt = tokens, tokens / len(picked)
+            if kind == "bon":
+                result.versions = list(versions)
+            results.append(result)
     return results
+
+
+def oracle_best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path, *, reward: str,
+                     template: RolloutConfig) -> list[MethodResult]:
+    """Best-of-N ranked by the reward itself (see `best_of_n`)."""
+    return best_of_n(prompts, ns, out_dir, reward=reward, template=template)
 
 
 def evaluate(prompts: list[PromptItem], methods: Sequence[Method], out_dir: str | Path, *, reward: str,
@@ -276,5 +313,5 @@ def write_results(results: Sequence[MethodResult], out_dir: str | Path, *, title
     return paths
 
 
-__all__ = ["Method", "MethodResult", "distinct_n", "evaluate", "evaluate_method", "markdown_table", "mean_ci",
+__all__ = ["Method", "MethodResult", "best_of_n", "distinct_n", "evaluate", "evaluate_method", "markdown_table", "mean_ci",
            "oracle_best_of_n", "standard_methods", "summarize", "write_results"]

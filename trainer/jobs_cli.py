@@ -135,7 +135,7 @@ def eval_(
     l: int = typer.Option(8, "--l", min=1, help="IRO chunk length in tokens."),
     iro: bool = typer.Option(True, "--iro/--no-iro", help="Also evaluate IRO (CBS over the value chain)."),
     oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Also Best-of-N ranked by the reward itself "
-                                "(max(N) base samples per prompt; the headroom a value could reach)."),
+                                "(the same max(N) base samples per prompt; the headroom a value could reach)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Default: the task's."),
     temperature: Optional[float] = typer.Option(None, min=0.0, max=2.0, help="Default: the task's."),
     reward: Optional[str] = typer.Option(None, help="Reward spec instead of the task's (see `iro reward`)."),
@@ -148,7 +148,7 @@ def eval_(
     import os
 
     from clients.errors import IroClientError
-    from trainer.evaluate import evaluate, oracle_best_of_n, standard_methods, write_results
+    from trainer.evaluate import best_of_n, evaluate, standard_methods, write_results
     from trainer.rewards import RewardError
     from trainer.rollout import RolloutConfig, RolloutError, prompts_from_dicts
     from trainer.tasks import TASKS
@@ -159,14 +159,16 @@ def eval_(
     url, key = _server(server), api_key or os.environ.get("IRO_API_KEY")
     try:
         value = resolve_value(url, key, value) if value else None
-        methods = standard_methods(value, bon=_int_list(bon), cbs=(w, k, l), include_iro=iro)
+        methods = [m for m in standard_methods(value, bon=[1], cbs=(w, k, l), include_iro=iro)]  # base (+ IRO)
         template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
                                  max_tokens=max_tokens or spec.max_tokens,
                                  temperature=temperature if temperature is not None else spec.temperature)
         prompts = prompts_from_dicts(spec.eval_prompts()[:n_prompts])
-        results = evaluate(prompts, methods, out, reward=reward or spec.reward, template=template)
-        if oracle:
-            results += oracle_best_of_n(prompts, _int_list(bon), out, reward=reward or spec.reward, template=template)
+        results = evaluate(prompts, methods[:1], out, reward=reward or spec.reward, template=template)
+        if (value is not None or oracle) and max(_int_list(bon)) > 1:  # Best-of-N: one set of samples, both rankings
+            results += best_of_n(prompts, _int_list(bon), out, reward=reward or spec.reward, template=template,
+                                 value=value, oracle=oracle)
+        results += evaluate(prompts, methods[1:], out, reward=reward or spec.reward, template=template)
     except (RolloutError, RewardError, ValueError) as exc:
         _fail(str(exc))
     except IroClientError as exc:

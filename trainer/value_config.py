@@ -67,6 +67,9 @@ class ValueTrainConfig:
     lora_dropout: float = 0.0
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Backbone dtype; the head and the LoRA adapters always train in float32."""
+    pooling: Literal["last", "mean"] = "mean"
+    """V from the head's per-token outputs: their mean over the response so far (`mean`), or the last
+    token's (`last`). See valuefn.model for why mean is the default."""
     init_from_previous: bool = True
     """Start from the CURRENT version of the value in the registry (V_{t-1}) when there is one."""
 
@@ -98,6 +101,8 @@ class ValueTrainConfig:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 

@@ -36,7 +36,7 @@ from valuefn.checkpoint import (
     load_trained_tensors, read_manifest, sha256_file, verify_files, write_checkpoint_files,
 )
 from valuefn.loader import BackbonePool, make_manifest, publish_model
-from valuefn.model import ValueModel, ValueModelConfig, default_device
+from valuefn.model import ValueModel, ValueModelConfig, default_device, pool_response
 from valuefn.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -276,13 +276,14 @@ class ValueTrainer:
         previous = self.parent if c.init_from_previous else None
         if previous is None:
             arch = ValueModelConfig(num_layers=c.num_layers, lora_r=c.lora_r, lora_alpha=c.lora_alpha,
-                                    lora_dropout=c.lora_dropout, dtype=c.dtype)
+                                    lora_dropout=c.lora_dropout, dtype=c.dtype, pooling=c.pooling)
             return ValueModel(self.pool.fresh(arch), arch), None, SearchDefaults()
         directory = self.registry.path(self.name, previous)
         manifest = read_manifest(directory)
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
-        ours = {"num_layers": c.num_layers, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "dtype": c.dtype}
+        ours = {"num_layers": c.num_layers, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "dtype": c.dtype,
+                "pooling": c.pooling}
         theirs = {k: getattr(manifest.model, k) for k in ours}
         if ours != theirs:
             log.warning("initialising from %s v%d: its architecture %s is kept (config asked for %s)",
@@ -305,7 +306,7 @@ class ValueTrainer:
         position_ids = torch.arange(L, device=self.device).expand(B, L)
         values, _ = self.model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids)  # (B, L)
         W = int(batch.kept.max())
-        pred = response_values(values, batch.prompt_lens, W)  # (B, W)
+        pred = pool_response(response_values(values, batch.prompt_lens, W), self.model.config.pooling)  # (B, W)
         mask = torch.arange(W, device=self.device)[None, :] < batch.kept[:, None]
         return pred, mask
 
@@ -356,6 +357,12 @@ class ValueTrainer:
         train_set, eval_set = split_examples(kept, c.eval_fraction, c.seed)
         if not train_set:
             raise ValueError("no training examples (are the rollouts labelled? see `iro reward`)")
+        if self.init_from is None:
+            # A fresh head starts at "every response is worth the mean reward": a random head's
+            # large initial errors would spend the first steps undoing it.
+            with torch.no_grad():
+                self.model.head.weight.zero_()
+                self.model.head.bias.fill_(float(np.mean([e.reward for e in train_set])))
         steps_per_epoch = math.ceil(len(train_set) / c.batch_size)
         total = steps_per_epoch * c.epochs if c.max_steps is None else min(c.max_steps, steps_per_epoch * c.epochs)
         params = self.model.trainable_parameters()

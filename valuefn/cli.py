@@ -64,14 +64,18 @@ def init(
     model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
     layers: Optional[int] = typer.Option(8, help="Backbone decoder layers to keep (0: all)."),
     seed: int = typer.Option(0),
+    pooling: str = typer.Option("mean", help="mean: V averages the head over the response tokens; last: the "
+                                             "last token's output."),
 ):
     """Publish a new untrained version of NAME (fresh head; v0001, then v0002, ...)."""
     from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
     from valuefn.loader import init_value
     from valuefn.model import ValueModelConfig
 
+    if pooling not in ("mean", "last"):
+        raise typer.BadParameter(f"expected mean or last, got {pooling!r}", param_hint="--pooling")
     version = init_value(_registry(values_dir), name, resolve_model(model),
-                         ValueModelConfig(num_layers=layers or None), seed=seed)
+                         ValueModelConfig(num_layers=layers or None, pooling=pooling), seed=seed)
     typer.echo(f"published {name} v{version}")
 
 

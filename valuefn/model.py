@@ -1,8 +1,15 @@
 """The value model: a (possibly truncated) decoder backbone + LoRA adapters + a scalar head.
 
-V(prompt, partial response) is the head's output at the sequence's last token. The backbone is
+The head gives one scalar per token; `pooling` turns those into V(prompt, partial response):
+`last` takes the scalar at the sequence's last token, `mean` averages the scalars of the response
+tokens so far (a head on mean-pooled hidden states, since the head is linear). The backbone is
 the base model's own weights (optionally only its first `num_layers` decoder layers); only the
 LoRA adapters and the head are trained and stored.
+
+Why `mean` is the default: a causal LM's last hidden state is about the next token, not
+about the text so far. A linear probe on SmolLM2's first 8 layers, predicting the sentiment reward
+of 1,760 rollouts (5-fold by prompt), reached Spearman 0.17 from the last token and 0.56 from the
+response mean; LoRA training with `last` pooling stayed near 0 on held-out rollouts.
 
     >>> cfg = ValueModelConfig(num_layers=2)
     >>> cfg.lora_r
@@ -34,9 +41,38 @@ class ValueModelConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    pooling: Literal["last", "mean"] = "mean"
+    """How per-token head outputs become V: the last token's (`last`), or the mean over the response
+    tokens so far (`mean`; the prompt's last token when there is no response yet)."""
 
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+def pool_values(scalars, response_start: int | None, pooling: str) -> float:
+    """V of one sequence from its per-token head outputs `scalars` (a 1-d array over all tokens).
+
+    >>> pool_values([0.0, 1.0, 2.0, 6.0], 2, "mean"), pool_values([0.0, 1.0, 2.0, 6.0], 2, "last")
+    (4.0, 6.0)
+    >>> pool_values([0.0, 1.0], 2, "mean")  # no response token yet: the prompt's last token
+    1.0
+    """
+    if pooling == "last" or response_start is None or response_start >= len(scalars):
+        return float(scalars[-1])
+    tail = scalars[response_start:]
+    return float(sum(float(x) for x in tail) / len(tail))
+
+
+def pool_response(values: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, W) head outputs at response tokens 0..W-1 -> (B, W) V after each response token.
+
+    >>> pool_response(torch.tensor([[1.0, 3.0, 5.0]]), "mean").tolist()
+    [[1.0, 2.0, 3.0]]
+    """
+    if pooling == "last":
+        return values
+    counts = torch.arange(1, values.shape[1] + 1, device=values.device, dtype=values.dtype)
+    return values.cumsum(dim=1) / counts
 
 
 def default_device() -> torch.device:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from valuefn.checkpoint import Manifest, SearchDefaults
-from valuefn.model import ValueModel
+from valuefn.model import ValueModel, pool_values
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,13 @@ def seq_key(token_ids: Sequence[int]) -> bytes:
 
 
 class KVCache:
-    """LRU of per-sequence key/values ([(K, V)] per layer, each (kv_heads, T, head_dim))."""
+    """LRU of per-sequence state: key/values ([(K, V)] per layer, each (kv_heads, T, head_dim)) and
+    the head's output at every token (what pooling over the response needs)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._d: OrderedDict[bytes, tuple[list[tuple[torch.Tensor, torch.Tensor]], int]] = OrderedDict()
+        self._d: OrderedDict[bytes, tuple[tuple[list[tuple[torch.Tensor, torch.Tensor]], np.ndarray], int]] = OrderedDict()
         self.hits = self.misses = 0
 
     def get(self, key: bytes):
@@ -68,12 +69,12 @@ class KVCache:
         self._d.move_to_end(key)
         return item[0]
 
-    def put(self, key: bytes, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def put(self, key: bytes, kv: list[tuple[torch.Tensor, torch.Tensor]], scalars: np.ndarray) -> None:
         if key in self._d:
             self._d.move_to_end(key)
             return
-        size = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
-        self._d[key] = (kv, size)
+        size = sum(k.numel() * k.element_size() * 2 for k, _ in kv) + scalars.nbytes
+        self._d[key] = ((kv, scalars), size)
         self.bytes += size
         while self.bytes > self.max_bytes and len(self._d) > 1:
             _, (_, s) = self._d.popitem(last=False)
@@ -128,10 +129,12 @@ class ValueChain:
 @dataclass
 class ScoreItem:
     """A sequence to score: prompt + partial response ids. `prefix_len` tokens of it (its parent
-    beam) were scored before, so their key/values are probably cached."""
+    beam) were scored before, so their key/values are probably cached. `response_start` is the
+    prompt's length (where mean pooling starts; None: no known prompt, the last token's value)."""
 
     token_ids: Sequence[int]
     prefix_len: int = 0
+    response_start: int | None = None
 
 
 @dataclass
@@ -145,7 +148,7 @@ class _Job:
 @torch.inference_mode()
 def forward_values(value: LoadedValue, items: Sequence[ScoreItem], *, max_batch_tokens: int = 16384,
                    use_cache: bool = True) -> np.ndarray:
-    """V(sequence) at each item's last token, reusing and extending `value.cache`."""
+    """V of each item (its pooling over the head outputs), reusing and extending `value.cache`."""
     if use_cache:
         # Shared prefixes (e.g. the prompt at the first step) are computed once and cached.
         missing: dict[bytes, Sequence[int]] = {}
@@ -193,27 +196,28 @@ def _run_batch(value: LoadedValue, batch: list, out: np.ndarray, use_cache: bool
     if P > 0:  # left-pad every cached prefix to P
         layers = []
         template = next(p[2] for p in batch if p[2] is not None)
-        for layer, (k0, _) in enumerate(template):
+        for layer, (k0, _) in enumerate(template[0]):
             K = k0.new_zeros(B, k0.shape[0], P, k0.shape[2])
             V = torch.zeros_like(K)
             for i, (_, _, past, plen) in enumerate(batch):
                 if past is not None:
-                    K[i, :, P - plen:] = past[layer][0]
-                    V[i, :, P - plen:] = past[layer][1]
+                    K[i, :, P - plen:] = past[0][layer][0]
+                    V[i, :, P - plen:] = past[0][layer][1]
             layers.append((K, V))
         cache = DynamicCache(ddp_cache_data=layers)
     values, new_cache = value.model(input_ids.to(device), attention_mask=mask.to(device),
                                     position_ids=position_ids.to(device), past_key_values=cache,
                                     use_cache=use_cache)
-    last = torch.tensor([len(n) - 1 for n in news], device=device)
-    picked = values[torch.arange(B, device=device), last].float().cpu().numpy()
-    for i, (idx, it, _, plen) in enumerate(batch):
-        out[idx] = picked[i]
+    values = values.float().cpu().numpy()
+    pooling = value.model.config.pooling
+    for i, (idx, it, past, plen) in enumerate(batch):
+        n = len(news[i])
+        scalars = values[i, :n] if past is None else np.concatenate([past[1], values[i, :n]])
+        out[idx] = pool_values(scalars, it.response_start, pooling)
         if use_cache:
-            n = len(news[i])
             kv = [(layer.keys[i, :, P - plen: P + n].clone(), layer.values[i, :, P - plen: P + n].clone())
                   for layer in new_cache.layers]
-            value.cache.put(seq_key(it.token_ids), kv)
+            value.cache.put(seq_key(it.token_ids), kv, scalars)
 
 
 class Scorer:

@@ -160,6 +160,18 @@ def test_guided_completion_with_aligned_model_id(client, server, published):
     assert answer.guidance.value == published and answer.guidance.mode == "bon" and answer.guidance.k == 2
 
 
+async def test_score_sync_and_async_agree(client, aclient, published):
+    responses = ["What a wonderful film.", "A dull, tedious mess.", "It was a film."]
+    sync = client.score(published, responses, messages="Review the film.")
+    other = await aclient.score(published, responses, messages=[{"role": "user", "content": "Review the film."}])
+    assert sync.value == published and len(sync.scores) == 3 and len(sync.values) == 3
+    assert sync.scores == pytest.approx(other.scores) and len(set(sync.scores)) == 3
+    as_text = client.score(published, responses[:1], prompt="Review the film.")
+    assert as_text.values[0] != sync.values[0]  # another prompt (no chat template): another value
+    with pytest.raises(errors.BadRequestError):
+        client.score(published, [""], prompt="x")
+
+
 async def test_guided_stream_async(aclient, published):
     stream = await aclient.chat("Hello!", guidance={"value": published, **SMALL}, stream=True, max_tokens=8)
     async with stream:

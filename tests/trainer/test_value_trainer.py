@@ -103,8 +103,10 @@ def test_training_lowers_held_out_loss_on_a_task_with_a_known_answer(tiny_backbo
     assert np.mean(result.history[-8:]) < np.mean(result.history[:8])
 
 
-def test_one_step_changes_lora_and_head_but_not_the_backbone(tiny_backbone, examples):
-    trainer = ValueTrainer(config(max_steps=1), tiny_backbone)
+def test_training_changes_lora_and_head_but_not_the_backbone(tiny_backbone, examples):
+    # Two steps: a fresh head starts at zero weights (the mean reward as bias), so the LoRA
+    # adapters only get a gradient once the head has moved.
+    trainer = ValueTrainer(config(max_steps=2), tiny_backbone)
     before = snapshot(trainer.model)
     trainer.train(examples)
     after = snapshot(trainer.model)
@@ -167,11 +169,15 @@ def test_publish_extends_the_chain_and_the_next_version_starts_from_the_previous
     chain = ValueLoader(registry, BackbonePool(tiny_backbone, torch.device("cpu"))).load_chain("demo")
     assert chain.versions == [1, 2]
     ex = examples[0]
+    assert chain.links[-1][0].model.config.pooling == "mean"  # the trainer's default, carried by the manifest
     with torch.no_grad():
         ids = torch.tensor([ex.prompt_ids + ex.response_ids])
-        expected = r2.model(ids)[0][0, -1].item()
-    got = forward_values(chain.links[-1][0], [ScoreItem(list(ex.prompt_ids + ex.response_ids))], use_cache=False)[0]
+        expected = r2.model(ids)[0][0, len(ex.prompt_ids):].mean().item()
+    item = ScoreItem(list(ex.prompt_ids + ex.response_ids), 0, len(ex.prompt_ids))
+    got = forward_values(chain.links[-1][0], [item], use_cache=False)[0]
     assert got == pytest.approx(expected, abs=1e-4)
+    trainer_side = second.evaluate([ex])  # the trainer's final-token prediction is the same pooled value
+    assert trainer_side["final_mse"] == pytest.approx((got - ex.reward) ** 2, abs=1e-3)
 
 
 def test_publishing_after_current_moved_is_refused(tiny_backbone, examples, tmp_path, pool):

@@ -25,10 +25,11 @@ def registry(tmp_path):
     return Registry(tmp_path / "values")
 
 
-def trained_like(pool: BackbonePool, seed: int) -> ValueModel:
+def trained_like(pool: BackbonePool, seed: int, pooling: str = "last") -> ValueModel:
     """A value model with non-trivial LoRA weights (as if trained)."""
     torch.manual_seed(seed)
-    model = ValueModel(pool.fresh(F32), F32)
+    config = F32.model_copy(update={"pooling": pooling})
+    model = ValueModel(pool.fresh(config), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -95,19 +96,25 @@ def test_chain_scores_match_direct_computation():
     np.testing.assert_allclose(chain_scores(values[:, :1], [2.0]), values[:, 0] / 2.0)
 
 
-def test_incremental_scoring_equals_full_recomputation(tiny_model_dir, registry):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_incremental_scoring_equals_full_recomputation(tiny_model_dir, registry, pooling):
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
-    version = publish_model(registry, "inc", trained_like(pool, 2), pool.identity, extend_chain=False)
+    version = publish_model(registry, "inc", trained_like(pool, 2, pooling), pool.identity, extend_chain=False)
     value = ValueLoader(registry, pool).load_version("inc", version)
+    assert value.model.config.pooling == pooling  # the manifest carries it
     rng = np.random.default_rng(0)
     prompt = list(rng.integers(4, 128, 9))
     beams = [prompt + list(rng.integers(4, 128, int(n))) for n in (3, 5, 1, 4)]
     for step in range(3):
         parents = [len(b) for b in beams]
         beams = [b + list(rng.integers(4, 128, int(n))) for b, n in zip(beams, (4, 2, 3, 1))]
-        inc = forward_values(value, [ScoreItem(b, p if step else len(prompt)) for b, p in zip(beams, parents)])
-        full = forward_values(value, [ScoreItem(b) for b in beams], use_cache=False)
+        inc = forward_values(value, [ScoreItem(b, p if step else len(prompt), len(prompt)) for b, p in zip(beams, parents)])
+        full = forward_values(value, [ScoreItem(b, 0, len(prompt)) for b in beams], use_cache=False)
         np.testing.assert_allclose(inc, full, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # and both are the model's per-token outputs, pooled over the response
+            per_token = [value.model(torch.tensor([b]))[0][0].numpy() for b in beams]
+        direct = [t[len(prompt):].mean() if pooling == "mean" else t[-1] for t in per_token]
+        np.testing.assert_allclose(full, direct, rtol=1e-4, atol=1e-5)
     assert value.cache.hits > 0
 
 
