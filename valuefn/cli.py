@@ -62,7 +62,7 @@ def init(
     name: str,
     values_dir: Optional[Path] = ValuesDir,
     model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
-    layers: Optional[int] = typer.Option(8, help="Backbone decoder layers to keep (0: all)."),
+    layers: Optional[int] = typer.Option(4, help="Backbone decoder layers to keep (0: all)."),
     seed: int = typer.Option(0),
     pooling: str = typer.Option("mean", help="mean: V averages the head over the response tokens; last: the "
                                              "last token's output."),

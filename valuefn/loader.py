@@ -112,7 +112,7 @@ def publish_model(registry: Registry, name: str, model: ValueModel, identity: di
 def init_value(registry: Registry, name: str, model_path: str | Path, config: ValueModelConfig | None = None,
                *, seed: int = 0, defaults: SearchDefaults | None = None) -> int:
     """Publish a new untrained version of `name` (fresh head, identity LoRA); return its number."""
-    config = config or ValueModelConfig(num_layers=8)
+    config = config or ValueModelConfig(num_layers=4)
     pool = BackbonePool(model_path, torch.device("cpu"))
     torch.manual_seed(seed)
     model = ValueModel(pool.fresh(config), config)
