@@ -50,7 +50,7 @@ async def main(args):
 
     model_path = prepare_default_model()
     engine = VllmEngine.start(str(model_path), "m", max_model_len=2048, kv_cache_gib=2, block_size=args.block_size,
-                              enforce_eager=True, dtype="bfloat16", engine_threads=args.engine_threads,
+                              enforce_eager=not args.compile, dtype="bfloat16", engine_threads=args.engine_threads,
                               max_num_batched_tokens=args.max_num_batched_tokens)
     tok = engine.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -92,6 +92,7 @@ if __name__ == "__main__":
     ap.add_argument("--scorer-threads", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--value-layers", type=int, default=4)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the engine (enforce_eager=False)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     asyncio.run(main(ap.parse_args()))

@@ -33,6 +33,8 @@ class ChunkRequest:
     stop_token_ids: list[int] = field(default_factory=list)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    detokenize: bool = True
+    """False: the engine skips detokenising (Sample.text is empty); stop strings need it."""
 
 
 @dataclass
@@ -164,6 +166,7 @@ class VllmEngine(EngineClient):
                 top_k=request.top_k if request.top_k > 0 else -1, seed=request.seed, stop=request.stop or None,
                 stop_token_ids=request.stop_token_ids or None, presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty, output_kind=RequestOutputKind.FINAL_ONLY,
+                detokenize=request.detokenize or bool(request.stop),
             )
         except VLLMClientError as exc:
             raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc

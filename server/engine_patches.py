@@ -57,8 +57,9 @@ def allow_block_size_16(backend) -> None:
     """Let `backend` (vLLM's CPU attention backend) take 16-token KV blocks. Idempotent.
 
     The backend declares multiples of 32 only, but its kernel selection already routes block
-    sizes that are not multiples of 32 to its `vec16` kernels, and the CPU platform only warns
-    about them ("prefers multiples of 32"). Why we want it: vLLM's prefix cache reuses full blocks
+    sizes that are not multiples of 32 to its `vec16` kernels (whose C++ side checks for a
+    multiple of 16: block 8 fails that check), and the CPU platform only warns about them
+    ("prefers multiples of 32"). Why we want it: vLLM's prefix cache reuses full blocks
     only, so every chunk request of a search re-prefills the partial last block of its prefix,
     once per sampled continuation. Measured (bench.profile_guided, 16 prompts, CBS w4 k4 l8, 48
     tokens, one run each): CBS with a free scorer took 1.31x plain n=16 sampling at block 16

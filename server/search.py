@@ -98,7 +98,8 @@ class Searcher:
         return ChunkRequest(prompt_ids=prompt_ids, n=n, max_tokens=max_tokens, temperature=params.temperature,
                             top_p=params.top_p, top_k=params.top_k, seed=chunk_seed(params.seed, *seed_parts),
                             stop=list(params.stop), presence_penalty=params.presence_penalty,
-                            frequency_penalty=params.frequency_penalty)
+                            frequency_penalty=params.frequency_penalty,
+                            detokenize=False)  # the search decodes whole beams itself (_extend)
 
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:
         ids = parent.token_ids + list(sample.token_ids)

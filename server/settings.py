@@ -50,8 +50,9 @@ class ServerSettings(BaseSettings):
     (16 on CPU through server.engine_patches; CBS took 1.31x plain sampling at 16, 1.60x at 32)."""
     max_num_batched_tokens: int | None = Field(None, ge=64)
     """Tokens per engine step (vLLM's default when None)."""
-    enforce_eager: bool = True
-    """Skip graph compilation: ~2x faster engine start for ~6% throughput."""
+    enforce_eager: bool = False
+    """Skip torch.compile of the engine's model: start ~2x faster, ~10% less throughput (measured on
+    CPU: plain sampling 1398 vs 1271 tok/s, guided 12.9 vs 14.6 s). The tests run eager."""
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "bfloat16"
     engine_threads: str | None = "all"
     """CPU cores for the engine worker ("all", a vLLM bind spec like "0-1", or None for vLLM's default)."""

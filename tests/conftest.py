@@ -3,6 +3,7 @@ per test session in a subprocess on a free port (like vLLM's RemoteOpenAIServer)
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,9 @@ import httpx
 import pytest
 
 from bench import server as bench_server
+
+# Every server the tests start runs eager: half the engine start time; throughput is not tested here.
+os.environ.setdefault("IRO_ENFORCE_EAGER", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-api-key"
