@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= cpu,test
+EXTRAS ?= cpu,test,ray
 STAMP := $(VENV)/.iro-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000

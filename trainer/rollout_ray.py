@@ -17,7 +17,7 @@ from typing import Any
 from trainer.rollout import JsonlAppender, PromptItem, RolloutConfig, RolloutError, RolloutStats, pending, make_record
 
 def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutConfig, *, model: str | None = None,
-                    replicas: int = 1, batch_size: int = 64) -> RolloutStats:
+                    replicas: int = 1, batch_size: int = 64, enforce_eager: bool | None = None) -> RolloutStats:
     """The same job as offline vLLM batch generation on Ray Data (one vLLM `LLM` per replica),
     streaming records into `out` with the same resume rules. Samples the base model only: value
     guidance lives in the server. Needs the `ray` extra (`pip install 'iro-serve[ray]'`)."""
@@ -46,9 +46,11 @@ def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutCon
         gpus = 1 if torch.cuda.is_available() else 0
     except ImportError:
         gpus = 0
+    if enforce_eager is None:  # the server's setting (IRO_ENFORCE_EAGER), so tests stay quick
+        enforce_eager = os.environ.get("IRO_ENFORCE_EAGER", "").lower() in ("1", "true", "yes", "on")
     dataset = ray.data.from_items(rows).map_batches(
-        _VllmSampler, fn_constructor_kwargs={"model_path": model_path}, batch_size=batch_size,
-        concurrency=replicas, num_gpus=gpus)
+        _VllmSampler, fn_constructor_kwargs={"model_path": model_path, "enforce_eager": enforce_eager},
+        batch_size=batch_size, concurrency=replicas, num_gpus=gpus)
     start = time.perf_counter()
     with JsonlAppender(out, fsync_every=config.fsync_every) as sink:
         for row in dataset.iter_rows():
@@ -67,10 +69,19 @@ def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutCon
 class _VllmSampler:
     """Ray Data callable class: one offline vLLM engine per actor, a batch of rows per call."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, enforce_eager: bool = False):
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:  # the server's engine settings (server.engine.VllmEngine.start)
+            from server.engine import configure_cpu_threads
+
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            configure_cpu_threads("all")
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, enable_prefix_caching=True)
+        self.llm = LLM(model=model_path, enable_prefix_caching=True, dtype="bfloat16", max_model_len=2048,
+                       enforce_eager=enforce_eager, block_size=16 if on_cpu else None)
         self.tokenizer = self.llm.get_tokenizer()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -79,11 +90,12 @@ class _VllmSampler:
         prompts, params = [], []
         for messages, prompt, sampling in zip(batch["messages"], batch["prompt"], batch["sampling"]):
             s = json.loads(sampling)
-            if messages is not None:
-                ids = self.tokenizer.apply_chat_template(json.loads(messages), add_generation_prompt=True,
-                                                         tokenize=True)
+            if messages is not None:  # rendered as the server renders it (server.openai.serving)
+                text = self.tokenizer.apply_chat_template(json.loads(messages), add_generation_prompt=True,
+                                                          tokenize=False)
             else:
-                ids = self.tokenizer.encode(prompt)
+                text = prompt
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
             prompts.append({"prompt_token_ids": list(ids)})
             params.append(SamplingParams(n=1, temperature=s.get("temperature", 1.0), top_p=s.get("top_p", 1.0),
                                          top_k=s.get("top_k") or -1, max_tokens=s.get("max_tokens"),

@@ -94,7 +94,7 @@ def test_iteration_plot_and_verdict(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     lines = verdict(iro, baselines)
     assert lines[0].startswith("- IRO-3 vs Best-of-16: +0.500 vs +0.350 (higher; CIs do not overlap)")
-    assert lines[1].startswith("- Headroom: Best-of-16 (reward) reaches +0.900")
+    assert lines[1].startswith("- IRO-3 vs Best-of-16 (reward): +0.500 vs +0.900 (not higher;")
     assert "at least as good" in lines[2] and "at least as good" in lines[3]
     assert "worse" in verdict(iro[::-1], baselines)[2]
 
