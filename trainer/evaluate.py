@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -220,7 +221,6 @@ def best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path,
 
     Samples live in `out_dir/oracle.jsonl` (resumable); value scores in `out_dir/bon-scores__<value>.json`.
     """
-    from clients import IroClient
     from trainer.rewards import label_records, parse_reward
 
     n_max = max(ns)
@@ -237,24 +237,10 @@ def best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path,
     for r in sorted(records, key=lambda r: r["sample"]):
         by_prompt.setdefault(r["prompt_id"], []).append(r)
     rankings: list[tuple[str, str, str, dict[str, float]]] = []  # (kind, label suffix, value, score per record id)
+    versions: list[int] = []
     if value is not None:
-        scores_path = Path(out_dir) / f"bon-scores__{value.replace('@', '-v')}.json"
-        saved = json.loads(scores_path.read_text()) if scores_path.exists() else {}
-        scores: dict[str, float] = saved.get("scores", {})
-        versions: list[int] = saved.get("versions", [])
-        todo = [rs for rs in by_prompt.values() if any(r["id"] not in scores for r in rs)]
-        if todo:
-            with IroClient(template.server, api_key=template.api_key) as client:
-                for rs in todo:
-                    scorable = [r for r in rs if r["response"]]
-                    for r in rs:
-                        scores[r["id"]] = float("-inf")  # an empty answer never wins
-                    if scorable:
-                        where = {"messages": rs[0]["messages"]} if rs[0].get("messages") else {"prompt": rs[0]["prompt"]}
-                        got = client.score(value, [r["response"] for r in scorable], **where)
-                        scores.update({r["id"]: s for r, s in zip(scorable, got.scores)})
-                        versions = got.versions
-            scores_path.write_text(json.dumps({"value": value, "versions": versions, "scores": scores}))
+        scores, versions = value_scores(by_prompt, value, Path(out_dir) / f"bon-scores__{value.replace('@', '-v')}.json",
+                                        template)
         rankings.append(("bon", "", value, scores))
     if oracle:
         rankings.append(("oracle", " (reward)", None, {r["id"]: r["reward"] for r in records}))
@@ -271,6 +257,34 @@ def best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path,
                 result.versions = list(versions)
             results.append(result)
     return results
+
+
+def value_scores(by_prompt: dict[str, list[dict]], value: str, path: Path,
+                 template: RolloutConfig) -> tuple[dict[str, float], list[int]]:
+    """Chain scores of every sample (record id -> score; each prompt's samples scored as one set, as
+    the server's `bon` mode does) and the chain's versions, through `POST /v1/score`. Cached in
+    `path` (written atomically), so a resumed evaluation scores only what is missing."""
+    from clients import IroClient
+
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    scores: dict[str, float] = saved.get("scores", {})
+    versions: list[int] = saved.get("versions", [])
+    todo = [rs for rs in by_prompt.values() if any(r["id"] not in scores for r in rs)]
+    if not todo:
+        return scores, versions
+    with IroClient(template.server, api_key=template.api_key) as client:
+        for rs in todo:
+            scorable = [r for r in rs if r["response"]]
+            scores.update({r["id"]: float("-inf") for r in rs})  # an empty answer never wins
+            if scorable:
+                where = {"messages": rs[0]["messages"]} if rs[0].get("messages") else {"prompt": rs[0]["prompt"]}
+                got = client.score(value, [r["response"] for r in scorable], **where)
+                scores.update({r["id"]: s for r, s in zip(scorable, got.scores)})
+                versions = got.versions
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"value": value, "versions": versions, "scores": scores}))
+    os.replace(tmp, path)
+    return scores, versions
 
 
 def oracle_best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path, *, reward: str,
@@ -314,4 +328,4 @@ def write_results(results: Sequence[MethodResult], out_dir: str | Path, *, title
 
 
 __all__ = ["Method", "MethodResult", "best_of_n", "distinct_n", "evaluate", "evaluate_method", "markdown_table", "mean_ci",
-           "oracle_best_of_n", "standard_methods", "summarize", "write_results"]
+           "oracle_best_of_n", "standard_methods", "summarize", "value_scores", "write_results"]

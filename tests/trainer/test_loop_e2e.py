@@ -29,6 +29,10 @@ def test_smoke_loop_two_iterations_and_resume(server, tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "| 1 | loop-smoke@1 (1) |" in report and "| 2 | loop-smoke@2 (1,2) |" in report
     assert "Best-of-4" in report and "Best-of-4 (reward)" in report and "IRO-2" in report and "## Verdict" in report
+    # value-ranked Best-of-N: every sample scored by the final chain, the best of the first N picked
+    scored = json.loads((run_dir / f"eval/bon-scores__{NAME}-v2.json").read_text())
+    samples = [json.loads(line) for line in (run_dir / "eval/oracle.jsonl").open()]
+    assert scored["versions"] == [1, 2] and set(scored["scores"]) == {r["id"] for r in samples}
     for png in ("reward_vs_tokens.png", "reward_per_iteration.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     registry = Registry(server.values_dir)
