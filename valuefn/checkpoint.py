@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from valuefn.model import ValueModel, ValueModelConfig, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: `model.pooling` (mean by default). Format 1 knew the last token's value only, so a format-1
+manifest reads as `pooling: last`; a format-1 reader refuses format 2 rather than misread it."""
 MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter.safetensors"
 HEAD_FILE = "head.safetensors"
@@ -85,6 +87,8 @@ def read_manifest(directory: Path) -> Manifest:
     if fmt > FORMAT_VERSION:
         raise CheckpointError(f"{path} is format {fmt}; this server reads format <= {FORMAT_VERSION} (upgrade iro-serve)",
                               reason="future_format", path=directory)
+    if fmt < 2 and isinstance(raw.get("model"), dict):
+        raw["model"].setdefault("pooling", "last")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:

@@ -53,6 +53,23 @@ def test_checkpoint_round_trip_gives_identical_scores(tiny_model_dir, registry):
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in registry.path("rt", version).iterdir())
 
 
+def test_format_1_manifests_read_as_last_token_values(tiny_model_dir, registry):
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    version = publish_model(registry, "old", trained_like(pool, 3, "mean"), pool.identity, extend_chain=False)
+    path = registry.path("old", version) / MANIFEST
+    m = json.loads(path.read_text())
+    assert m["format_version"] == 2 and m["model"]["pooling"] == "mean"
+    m["format_version"] = 1  # written before pooling existed: values were the last token's
+    del m["model"]["pooling"]
+    path.write_text(json.dumps(m))
+    loaded = ValueLoader(registry, pool).load_version("old", version)
+    assert loaded.model.config.pooling == "last"
+    ids = [5, 6, 7, 8, 9]
+    with torch.no_grad():
+        expected = loaded.model(torch.tensor([ids]))[0][0, -1].item()
+    assert forward_values(loaded, [ScoreItem(ids, 0, 2)], use_cache=False)[0] == pytest.approx(expected, abs=1e-5)
+
+
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "missing_file", "future_format", "wrong_backbone"])
 def test_bad_checkpoints_are_refused(tiny_model_dir, registry, damage, tmp_path):
     from tests.conftest import make_tiny_llama
