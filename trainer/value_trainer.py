@@ -358,10 +358,11 @@ class ValueTrainer:
         if not train_set:
             raise ValueError("no training examples (are the rollouts labelled? see `iro reward`)")
         if self.init_from is None:
-            # A fresh head starts at "every response is worth the mean reward": a random head's
-            # large initial errors would spend the first steps undoing it.
+            # A fresh head starts at about "every response is worth the mean reward": a random head's
+            # large initial errors would spend the first steps undoing it. Small rather than zero
+            # weights, so the LoRA adapters get a gradient from the first step on.
             with torch.no_grad():
-                self.model.head.weight.zero_()
+                self.model.head.weight.normal_(std=0.01 / self.model.head.in_features**0.5)
                 self.model.head.bias.fill_(float(np.mean([e.reward for e in train_set])))
         steps_per_epoch = math.ceil(len(train_set) / c.batch_size)
         total = steps_per_epoch * c.epochs if c.max_steps is None else min(c.max_steps, steps_per_epoch * c.epochs)
