@@ -50,17 +50,30 @@ def seq_key(token_ids: Sequence[int]) -> bytes:
     return hashlib.blake2b(np.asarray(token_ids, dtype=np.int32).tobytes(), digest_size=16).digest()
 
 
+@dataclass(frozen=True)
+class CachedSeq:
+    """What the scorer keeps of a scored sequence of T tokens."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    """(K, V) per layer, each (kv_heads, T, head_dim)."""
+    scalars: np.ndarray
+    """(T,) the head's output at every token: what pooling over the response needs."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv) + self.scalars.nbytes
+
+
 class KVCache:
-    """LRU of per-sequence state: key/values ([(K, V)] per layer, each (kv_heads, T, head_dim)) and
-    the head's output at every token (what pooling over the response needs)."""
+    """LRU of `CachedSeq` by token-sequence key, bounded in bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._d: OrderedDict[bytes, tuple[tuple[list[tuple[torch.Tensor, torch.Tensor]], np.ndarray], int]] = OrderedDict()
+        self._d: OrderedDict[bytes, tuple[CachedSeq, int]] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, key: bytes):
+    def get(self, key: bytes) -> CachedSeq | None:
         item = self._d.get(key)
         if item is None:
             self.misses += 1
@@ -69,12 +82,12 @@ class KVCache:
         self._d.move_to_end(key)
         return item[0]
 
-    def put(self, key: bytes, kv: list[tuple[torch.Tensor, torch.Tensor]], scalars: np.ndarray) -> None:
+    def put(self, key: bytes, seq: CachedSeq) -> None:
         if key in self._d:
             self._d.move_to_end(key)
             return
-        size = sum(k.numel() * k.element_size() * 2 for k, _ in kv) + scalars.nbytes
-        self._d[key] = ((kv, scalars), size)
+        size = seq.nbytes
+        self._d[key] = (seq, size)
         self.bytes += size
         while self.bytes > self.max_bytes and len(self._d) > 1:
             _, (_, s) = self._d.popitem(last=False)
@@ -196,13 +209,13 @@ def _run_batch(value: LoadedValue, batch: list, out: np.ndarray, use_cache: bool
     if P > 0:  # left-pad every cached prefix to P
         layers = []
         template = next(p[2] for p in batch if p[2] is not None)
-        for layer, (k0, _) in enumerate(template[0]):
+        for layer, (k0, _) in enumerate(template.kv):
             K = k0.new_zeros(B, k0.shape[0], P, k0.shape[2])
             V = torch.zeros_like(K)
             for i, (_, _, past, plen) in enumerate(batch):
                 if past is not None:
-                    K[i, :, P - plen:] = past[0][layer][0]
-                    V[i, :, P - plen:] = past[0][layer][1]
+                    K[i, :, P - plen:] = past.kv[layer][0]
+                    V[i, :, P - plen:] = past.kv[layer][1]
             layers.append((K, V))
         cache = DynamicCache(ddp_cache_data=layers)
     values, new_cache = value.model(input_ids.to(device), attention_mask=mask.to(device),
@@ -212,12 +225,12 @@ def _run_batch(value: LoadedValue, batch: list, out: np.ndarray, use_cache: bool
     pooling = value.model.config.pooling
     for i, (idx, it, past, plen) in enumerate(batch):
         n = len(news[i])
-        scalars = values[i, :n] if past is None else np.concatenate([past[1], values[i, :n]])
+        scalars = values[i, :n].copy() if past is None else np.concatenate([past.scalars, values[i, :n]])
         out[idx] = pool_values(scalars, it.response_start, pooling)
         if use_cache:
             kv = [(layer.keys[i, :, P - plen: P + n].clone(), layer.values[i, :, P - plen: P + n].clone())
                   for layer in new_cache.layers]
-            value.cache.put(seq_key(it.token_ids), kv, scalars)
+            value.cache.put(seq_key(it.token_ids), CachedSeq(kv, scalars))
 
 
 class Scorer:
