@@ -145,10 +145,7 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     model_id = settings.served_model_name or model_path.name
     engine = await asyncio.to_thread(
-        VllmEngine.start, str(model_path), model_id, max_model_len=settings.max_model_len,
-        kv_cache_gib=settings.kv_cache_gib, block_size=settings.block_size, enforce_eager=settings.enforce_eager,
-        dtype=settings.dtype, engine_threads=settings.engine_threads,
-        max_num_batched_tokens=settings.max_num_batched_tokens)
+        VllmEngine.start, str(model_path), model_id, **settings.engine_options())
     app.state.engine = engine
     app.state.model_path = model_path
     from server.guided import start_values

@@ -75,3 +75,8 @@ class ServerSettings(BaseSettings):
 
     def resolved_values_dir(self) -> Path:
         return (self.values_dir or iro_home() / "values").expanduser()
+
+    def engine_options(self) -> dict:
+        """The engine's part of these settings (`server.engine.engine_kwargs` / `VllmEngine.start`)."""
+        return self.model_dump(include={"max_model_len", "kv_cache_gib", "block_size", "enforce_eager", "dtype",
+                                        "engine_threads", "max_num_batched_tokens"})

@@ -95,7 +95,7 @@ def train(
 
     try:
         validate_name(name)
-        options = dict(_parse_override(o) for o in overrides)
+        options = dict(parse_override(o) for o in overrides)
         config = ValueTrainConfig.from_preset(preset, **options)
         records = read_rollouts(labelled)
         examples, skipped = examples_from_records(records)
@@ -156,7 +156,8 @@ def _warn_policy_mismatch(registry, name: str, parent: int | None, policies: lis
             typer.echo(f"warning: {p['count']} rollouts came from {source}, but V_t follows {expected}", err=True)
 
 
-def _parse_override(text: str) -> tuple[str, str]:
+def parse_override(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` of a `--set` option as (key, value)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set expects KEY=VALUE, got {text!r}")

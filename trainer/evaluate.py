@@ -120,6 +120,10 @@ class Method:
         return f"N={self.n}"
 
 
+BASE = Method("base", "base (N=1)", "base")
+"""Plain sampling from the frozen model."""
+
+
 def standard_methods(value: str | None, *, bon: Sequence[int] = (1, 2, 4, 8, 16), cbs: tuple[int, int, int] = (4, 4, 8),
                      iro_label: str = "IRO", iro_name: str = "iro", include_iro: bool = True) -> list[Method]:
     """base (N=1), Best-of-N for every N > 1 in `bon`, and IRO (CBS), the last two only with a value.
@@ -129,7 +133,7 @@ def standard_methods(value: str | None, *, bon: Sequence[int] = (1, 2, 4, 8, 16)
     >>> [m.name for m in standard_methods(None)]
     ['base']
     """
-    methods = [Method("base", "base (N=1)", "base")]
+    methods = [BASE]
     if value is None:
         return methods
     for n in sorted(set(bon)):
@@ -236,25 +240,22 @@ def best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path,
     by_prompt: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: r["sample"]):
         by_prompt.setdefault(r["prompt_id"], []).append(r)
-    rankings: list[tuple[str, str, str, dict[str, float]]] = []  # (kind, label suffix, value, score per record id)
-    versions: list[int] = []
+    # (kind, label suffix, value, its chain versions, score per record id)
+    rankings: list[tuple[str, str, str | None, list[int], dict[str, float]]] = []
     if value is not None:
         scores, versions = value_scores(by_prompt, value, Path(out_dir) / f"bon-scores__{value.replace('@', '-v')}.json",
                                         template)
-        rankings.append(("bon", "", value, scores))
+        rankings.append(("bon", "", value, versions, scores))
     if oracle:
-        rankings.append(("oracle", " (reward)", None, {r["id"]: r["reward"] for r in records}))
+        rankings.append(("oracle", " (reward)", None, [], {r["id"]: r["reward"] for r in records}))
     results = []
-    for kind, suffix, ranked_by, score in rankings:
+    for kind, suffix, ranked_by, versions, score in rankings:
         for n in sorted(set(ns) - {1}):  # N = 1 is the base method itself (same seeds, same samples)
             picked = [max(rs[:n], key=lambda r: score[r["id"]]) for rs in by_prompt.values()]
             tokens = sum(int(r["usage"]["completion_tokens"]) for rs in by_prompt.values() for r in rs[:n])
-            name = f"bon-{n}" if kind == "bon" else f"oracle-{n}"
-            method = Method(name, f"Best-of-{n}{suffix}", kind, ranked_by, n=n)
+            method = Method(f"{kind}-{n}", f"Best-of-{n}{suffix}", kind, ranked_by, n=n)
             result = summarize(method, picked, [r["reward"] for r in picked], stats.seconds * n / n_max)
-            result.tokens, result.tokens_per_prompt = tokens, tokens / len(picked)
-            if kind == "bon":
-                result.versions = list(versions)
+            result.tokens, result.tokens_per_prompt, result.versions = tokens, tokens / len(picked), versions
             results.append(result)
     return results
 
@@ -327,5 +328,5 @@ def write_results(results: Sequence[MethodResult], out_dir: str | Path, *, title
     return paths
 
 
-__all__ = ["Method", "MethodResult", "best_of_n", "distinct_n", "evaluate", "evaluate_method", "markdown_table", "mean_ci",
+__all__ = ["BASE", "Method", "MethodResult", "best_of_n", "distinct_n", "evaluate", "evaluate_method", "markdown_table", "mean_ci",
            "oracle_best_of_n", "standard_methods", "summarize", "value_scores", "write_results"]

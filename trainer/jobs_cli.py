@@ -148,7 +148,7 @@ def eval_(
     import os
 
     from clients.errors import IroClientError
-    from trainer.evaluate import best_of_n, evaluate, standard_methods, write_results
+    from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
     from trainer.rewards import RewardError
     from trainer.rollout import RolloutConfig, RolloutError, prompts_from_dicts
     from trainer.tasks import TASKS
@@ -157,23 +157,24 @@ def eval_(
         _fail(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     spec = TASKS[task]
     url, key = _server(server), api_key or os.environ.get("IRO_API_KEY")
+    reward, ns = reward or spec.reward, _int_list(bon)
     try:
         value = resolve_value(url, key, value) if value else None
-        methods = [m for m in standard_methods(value, bon=[1], cbs=(w, k, l), include_iro=iro)]  # base (+ IRO)
         template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
                                  max_tokens=max_tokens or spec.max_tokens,
                                  temperature=temperature if temperature is not None else spec.temperature)
         prompts = prompts_from_dicts(spec.eval_prompts()[:n_prompts])
-        results = evaluate(prompts, methods[:1], out, reward=reward or spec.reward, template=template)
-        if (value is not None or oracle) and max(_int_list(bon)) > 1:  # Best-of-N: one set of samples, both rankings
-            results += best_of_n(prompts, _int_list(bon), out, reward=reward or spec.reward, template=template,
-                                 value=value, oracle=oracle)
-        results += evaluate(prompts, methods[1:], out, reward=reward or spec.reward, template=template)
+        results = evaluate(prompts, [BASE], out, reward=reward, template=template)
+        if (value is not None or oracle) and max(ns) > 1:  # Best-of-N: one set of samples, both rankings
+            results += best_of_n(prompts, ns, out, reward=reward, template=template, value=value, oracle=oracle)
+        if iro and value is not None:
+            method = Method("iro", "IRO", "cbs", value, w=w, k=k, l=l)
+            results += evaluate(prompts, [method], out, reward=reward, template=template)
     except (RolloutError, RewardError, ValueError) as exc:
         _fail(str(exc))
     except IroClientError as exc:
         _fail(f"{type(exc).__name__}: {exc}", code=1)
-    meta = {"task": task, "prompts": len(prompts), "value": value, "reward": reward or spec.reward,
+    meta = {"task": task, "prompts": len(prompts), "value": value, "reward": reward,
             "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": seed}
     paths = write_results(results, out, title=f"{task}: base vs Best-of-N vs IRO", meta=meta)
     typer.echo(paths["md"].read_text())
@@ -203,6 +204,7 @@ def loop(
     import os
 
     from clients.errors import IroClientError
+    from trainer.cli import parse_override
     from trainer.loop import IroLoop, LoopConfig, LoopError
     from trainer.rewards import RewardError
     from trainer.rollout import RolloutError
@@ -211,7 +213,7 @@ def loop(
     from valuefn.registry import RegistryError
 
     try:
-        options = dict(_key_value(o) for o in overrides)
+        options = dict(parse_override(o) for o in overrides)
         config = LoopConfig.from_preset(preset, task=task, iterations=iterations, name=name, progress=progress,
                                         **options)
         runner = IroLoop(config, run_dir=run_dir or Path("runs") / (name or task),
@@ -225,13 +227,6 @@ def loop(
         _fail(f"{type(exc).__name__}: {exc}", code=1)
     typer.echo(report.read_text())
     typer.echo(f"wrote {report}")
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
 
 
 def register(app: typer.Typer) -> None:

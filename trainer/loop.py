@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from trainer.evaluate import Method, MethodResult, best_of_n, evaluate_method, markdown_table
+from trainer.evaluate import BASE, Method, MethodResult, best_of_n, evaluate_method, markdown_table
 from trainer.rollout import DEFAULT_SERVER, RolloutConfig, prompts_from_dicts, run_rollout
 
 log = logging.getLogger(__name__)
@@ -419,8 +419,7 @@ class IroLoop:
         """base (N=1) and Best-of-N (ranked by the final chain, and by the reward), on the held-out prompts."""
         c = self.config
         prompts, template = self._eval_prompts(), self._template(seed=c.seed * 1000 + 999)
-        results = [evaluate_method(Method("base", "base (N=1)", "base"), prompts, self.run_dir / "eval",
-                                   reward=self.task.reward, template=template)]
+        results = [evaluate_method(BASE, prompts, self.run_dir / "eval", reward=self.task.reward, template=template)]
         results += best_of_n(prompts, c.bon, self.run_dir / "eval", reward=self.task.reward, template=template,
                              value=f"{self.name}@{final}", oracle=c.oracle)
         return {"value": f"{self.name}@{final}", "results": [r.to_dict() for r in results]}

@@ -17,7 +17,7 @@ from typing import Any
 from trainer.rollout import JsonlAppender, PromptItem, RolloutConfig, RolloutError, RolloutStats, pending, make_record
 
 def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutConfig, *, model: str | None = None,
-                    replicas: int = 1, batch_size: int = 64, enforce_eager: bool | None = None) -> RolloutStats:
+                    replicas: int = 1, batch_size: int = 64) -> RolloutStats:
     """The same job as offline vLLM batch generation on Ray Data (one vLLM `LLM` per replica),
     streaming records into `out` with the same resume rules. Samples the base model only: value
     guidance lives in the server. Needs the `ray` extra (`pip install 'iro-serve[ray]'`)."""
@@ -30,7 +30,10 @@ def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutCon
     if config.value is not None:
         raise RolloutError("--backend ray samples the base model only; value-guided rollouts need the server "
                            "(drop --value or use --backend server)")
+    import torch
+
     from server.model_store import resolve_model
+    from server.settings import ServerSettings
 
     model_path = str(resolve_model(model or config.model))
     tasks, stats = pending(items, out, config)
@@ -40,17 +43,10 @@ def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutCon
              "prompt": t.item.prompt, "sampling": json.dumps(t.sampling)} for i, t in enumerate(tasks)]
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False)
-    try:
-        import torch
-
-        gpus = 1 if torch.cuda.is_available() else 0
-    except ImportError:
-        gpus = 0
-    if enforce_eager is None:  # the server's setting (IRO_ENFORCE_EAGER), so tests stay quick
-        enforce_eager = os.environ.get("IRO_ENFORCE_EAGER", "").lower() in ("1", "true", "yes", "on")
+    engine = ServerSettings().engine_options()  # the server's engine settings (IRO_* variables included)
     dataset = ray.data.from_items(rows).map_batches(
-        _VllmSampler, fn_constructor_kwargs={"model_path": model_path, "enforce_eager": enforce_eager},
-        batch_size=batch_size, concurrency=replicas, num_gpus=gpus)
+        _VllmSampler, fn_constructor_kwargs={"model_path": model_path, "engine": engine},
+        batch_size=batch_size, concurrency=replicas, num_gpus=1 if torch.cuda.is_available() else 0)
     start = time.perf_counter()
     with JsonlAppender(out, fsync_every=config.fsync_every) as sink:
         for row in dataset.iter_rows():
@@ -69,19 +65,12 @@ def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutCon
 class _VllmSampler:
     """Ray Data callable class: one offline vLLM engine per actor, a batch of rows per call."""
 
-    def __init__(self, model_path: str, enforce_eager: bool = False):
-        import torch
-
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu:  # the server's engine settings (server.engine.VllmEngine.start)
-            from server.engine import configure_cpu_threads
-
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-            configure_cpu_threads("all")
+    def __init__(self, model_path: str, engine: dict[str, Any]):
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, enable_prefix_caching=True, dtype="bfloat16", max_model_len=2048,
-                       enforce_eager=enforce_eager, block_size=16 if on_cpu else None)
+        from server.engine import engine_kwargs
+
+        self.llm = LLM(model=model_path, **engine_kwargs(**engine))
         self.tokenizer = self.llm.get_tokenizer()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
