@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -31,16 +30,6 @@ def _registry(values_dir: Optional[Path]):
     return Registry(values_dir or default_values_dir())
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write atomically: a reader (or a crash) never leaves half a file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def reward(
     rollouts: Path = typer.Argument(..., exists=True, dir_okay=False, help="Rollout JSONL file."),
     out: Path = typer.Option(..., "--out", "-o", help="Labelled JSONL to write (may be the input)."),
@@ -52,6 +41,7 @@ def reward(
 ):
     """Label every response of a rollout file with a reward (fills the `reward` field)."""
     from trainer.rewards import RewardError, label_records, parse_reward
+    from trainer.rollout import write_records
     from trainer.tasks import TASKS
     from trainer.value_trainer import read_rollouts
 
@@ -67,7 +57,7 @@ def reward(
         labelled = label_records(records, fn, batch_size=batch_size, progress=True)
     except (RewardError, ValueError) as exc:
         _fail(str(exc))
-    _write_jsonl(out, labelled)
+    write_records(out, labelled)
     scores = [r["reward"] for r in labelled]
     summary = (f"mean {statistics.fmean(scores):.4f}, min {min(scores):.4f}, max {max(scores):.4f}" if scores else "empty")
     typer.echo(f"labelled {len(scores)} responses with {spec!r} ({summary}) -> {out}")

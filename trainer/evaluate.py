@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from trainer.rollout import PromptItem, RolloutConfig, RolloutError, read_records, run_rollout
+from trainer.rollout import PromptItem, RolloutConfig, RolloutError, read_records, run_rollout, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +281,7 @@ def value_scores(by_prompt: dict[str, list[dict]], value: str, path: Path,
                 got = client.score(value, [r["response"] for r in scorable], **where)
                 scores.update({r["id"]: s for r, s in zip(scorable, got.scores)})
                 versions = got.versions
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"value": value, "versions": versions, "scores": scores}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"value": value, "versions": versions, "scores": scores}))
     return scores, versions
 
 

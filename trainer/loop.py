@@ -25,8 +25,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -37,7 +35,7 @@ from typing import Any
 import yaml
 
 from trainer.evaluate import BASE, Method, MethodResult, best_of_n, evaluate_method, markdown_table
-from trainer.rollout import DEFAULT_SERVER, RolloutConfig, prompts_from_dicts, run_rollout
+from trainer.rollout import DEFAULT_SERVER, RolloutConfig, prompts_from_dicts, run_rollout, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +145,6 @@ class LoopConfig:
 
 
 # --------------------------------------------------------------------------- state
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RunState:
     """`state.json` of a run directory: the config, and each finished stage with its results."""
 
@@ -208,7 +193,7 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        _write_json_atomic(self.path, self.data)
+        write_atomic(self.path, json.dumps(self.data, indent=2))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -314,15 +299,11 @@ class IroLoop:
     def reward(self, t: int) -> dict[str, Any]:
         """`it{t}/labelled.jsonl`: the rollouts with the task's reward."""
         from trainer.rewards import label_records, parse_reward
-        from trainer.rollout import read_records
+        from trainer.rollout import read_records, write_records
 
         d = self._dir(t)
         records = label_records(read_records(d / "rollouts.jsonl"), parse_reward(self.task.reward))
-        tmp = d / ".labelled.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, d / "labelled.jsonl")
+        write_records(d / "labelled.jsonl", records)
         rewards = [r["reward"] for r in records]
         return {"records": len(records), "mean_reward": sum(rewards) / len(rewards) if rewards else None}
 

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -219,6 +220,28 @@ class JsonlAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` atomically (a temp file in the same folder, fsync, rename): a
+    reader or a crash never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_records(path: str | Path, records: Iterable[dict]) -> None:
+    """Write a whole record file (JSONL) atomically."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -547,4 +570,4 @@ def run_rollout(items: list[PromptItem], out: str | Path, config: RolloutConfig,
 __all__ = ["DEFAULT_SERVER", "JsonlAppender", "PromptItem", "PromptRenderer", "RolloutConfig", "RolloutError",
            "RolloutStats", "Task", "arun_rollout", "make_record", "parse_prompt_line", "pending", "plan",
            "prompts_from_dicts", "read_prompts", "read_records", "record_from_response", "run_rollout", "sample_seed",
-           "scan_output"]
+           "scan_output", "write_atomic", "write_records"]

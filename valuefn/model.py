@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
@@ -59,8 +60,7 @@ def pool_values(scalars, response_start: int | None, pooling: str) -> float:
     """
     if pooling == "last" or response_start is None or response_start >= len(scalars):
         return float(scalars[-1])
-    tail = scalars[response_start:]
-    return float(sum(float(x) for x in tail) / len(tail))
+    return float(np.mean(scalars[response_start:]))
 
 
 def pool_response(values: torch.Tensor, pooling: str) -> torch.Tensor:
