@@ -68,7 +68,7 @@ class _SamplingFields(OpenAIBaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
     # vLLM extras
-    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: all).")
+    top_k: int = Field(0, ge=0, le=2**31 - 1, description="Sample from the k most likely tokens (0: all).")
     return_token_ids: bool = Field(False, description="Include prompt and completion token ids (like vLLM).")
     # --- iro extension -------------------------------------------------------------------
     guidance: GuidanceParams | None = Field(None, description="Value-guided decoding (iro extension).")

@@ -71,6 +71,8 @@ BAD_REQUESTS = [
      400, "n_too_large", "n"),
     ("n zero", "POST", "/v1/chat/completions", dict(json={"model": MODEL, "messages": CHAT, "n": 0}),
      400, "invalid_value", "n"),
+    ("top_k beyond int32 (found by the fuzz: it reached the engine)", "POST", "/v1/chat/completions",
+     dict(json={"model": MODEL, "messages": CHAT, "top_k": 2**90}), 400, "invalid_value", "top_k"),
     ("token id beyond vocab", "POST", "/v1/completions",
      dict(json={"model": MODEL, "prompt": [1, 2, 10**9], "max_tokens": 2}), 400, None, "prompt"),
     ("negative token id", "POST", "/v1/completions", dict(json={"model": MODEL, "prompt": [[5, -1]]}), 400, None, "prompt"),
