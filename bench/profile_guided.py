@@ -1,7 +1,9 @@
 """Where does a guided request's time go? In-process: one engine, plain n=16 vs CBS with a free
-scorer vs CBS with the real scorer, all on the same 16 prompts, in one run.
+scorer vs CBS with the real scorer, all on the same 16 prompts, in one run, and CBS with an engine-head value (the engine
+computes the value while it samples; no scorer pass).
 
     python -m bench.profile_guided [--engine-threads 0-1] [--scorer-threads 2] [--block-size 16] [--value-layers 4]
+                                   [--dtype bfloat16|float32]
 """
 
 from __future__ import annotations
@@ -50,15 +52,17 @@ async def main(args):
 
     model_path = prepare_default_model()
     engine = VllmEngine.start(str(model_path), "m", max_model_len=2048, kv_cache_gib=2, block_size=args.block_size,
-                              enforce_eager=not args.compile, dtype="bfloat16", engine_threads=args.engine_threads,
+                              enforce_eager=not args.compile, dtype=args.dtype, engine_threads=args.engine_threads,
                               max_num_batched_tokens=args.max_num_batched_tokens)
     tok = engine.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                   tokenize=False), add_special_tokens=False) for p in PROMPTS]
     reg = Registry(Path(tempfile.mkdtemp()) / "values")
-    init_value(reg, "p", model_path, ValueModelConfig(num_layers=args.value_layers))
+    init_value(reg, "p", model_path, ValueModelConfig(num_layers=args.value_layers, dtype=args.dtype))
     chain = ValueLoader(reg, BackbonePool(model_path)).load_chain("p")
     scorer = Scorer(threads=args.scorer_threads)
+    init_value(reg, "h", model_path, ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype=args.dtype))
+    head_chain = ValueLoader(reg, BackbonePool(model_path)).load_chain("h")  # the engine values candidates
     params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE)
 
     async def plain():
@@ -68,8 +72,10 @@ async def main(args):
         s = Searcher(engine, sc)
         return await asyncio.gather(*[s.run(ch, p, params) for p in prompts])
 
-    await plain()  # warm-up
-    await guided(scorer, chain)
+    t0 = time.perf_counter(); await plain(); print(f"warm-up plain {time.perf_counter() - t0:.1f}s", flush=True)
+    t0 = time.perf_counter(); await guided(scorer, chain); print(f"warm-up CBS {time.perf_counter() - t0:.1f}s", flush=True)
+    t0 = time.perf_counter(); await guided(scorer, head_chain)
+    print(f"warm-up engine-head CBS {time.perf_counter() - t0:.1f}s", flush=True)
     for rnd in range(args.rounds):
         t0 = time.perf_counter(); outs = await plain(); tp = time.perf_counter() - t0
         ntok = sum(len(s.token_ids) for o in outs for s in o)
@@ -77,10 +83,12 @@ async def main(args):
         t0 = time.perf_counter(); rf = await guided(free, Chain()); tf = time.perf_counter() - t0
         real = TimedScorer(scorer)
         t0 = time.perf_counter(); rr = await guided(real, chain); tr = time.perf_counter() - t0
+        t0 = time.perf_counter(); rh = await guided(scorer, head_chain); th = time.perf_counter() - t0
         print(f"round {rnd}: plain {tp:.2f}s ({ntok} tok, {ntok/tp:.0f} tok/s) | free-scorer CBS {tf:.2f}s "
               f"({sum(r.completion_tokens for r in rf)} tok) ratio {tf/tp:.2f} | real CBS {tr:.2f}s "
               f"({sum(r.completion_tokens for r in rr)} tok) ratio {tr/tp:.2f}, scorer wait {real.seconds:.1f}s "
-              f"over {real.calls} calls, forward busy {scorer.busy_seconds:.1f}s in {scorer.batches} batches",
+              f"over {real.calls} calls, forward busy {scorer.busy_seconds:.1f}s in {scorer.batches} batches | "
+              f"engine-head value CBS {th:.2f}s ({sum(r.completion_tokens for r in rh)} tok) ratio {th/tp:.2f}",
               flush=True)
     scorer.close()
     engine.shutdown()
@@ -94,5 +102,7 @@ if __name__ == "__main__":
     ap.add_argument("--value-layers", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine (enforce_eager=False)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="engine and value dtype (float32 on CPUs without AVX-512 bf16, where bf16 is emulated)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     asyncio.run(main(ap.parse_args()))

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine_patches import VALUE_HEADS_ARG
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,9 @@ class ChunkRequest:
     frequency_penalty: float = 0.0
     detokenize: bool = True
     """False: the engine skips detokenising (Sample.text is empty); stop strings need it."""
+    value_heads: tuple[tuple[float, ...], ...] | None = None
+    """m linear heads (H weights + bias each) on the engine's final hidden states: each sample then
+    carries `token_values`, the heads' outputs at the position that sampled each token."""
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Sample:
     text: str
     finish_reason: str | None  # "stop" (EOS or stop string) | "length" | None
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    token_values: list[list[float]] | None = None  # per sampled token, ChunkRequest.value_heads' outputs
 
 
 class EngineClient(abc.ABC):
@@ -66,6 +72,9 @@ class EngineClient(abc.ABC):
     async def sample(self, request: ChunkRequest) -> list[Sample]:
         """Return `request.n` finished continuations."""
 
+    max_value_heads = 0
+    """How many `ChunkRequest.value_heads` the engine evaluates per request (0: none)."""
+
     @property
     def errored(self) -> bool:
         return False
@@ -75,6 +84,12 @@ class EngineClient(abc.ABC):
 
     def shutdown(self) -> None:  # pragma: no cover - trivial default
         pass
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def configure_cpu_threads(engine_threads: str | None) -> None:
@@ -113,6 +128,9 @@ class VllmEngine(EngineClient):
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_token_ids = sorted(e for e in eos if e is not None)
         self._in_flight = 0
+        # engine_patches.patch_value_heads runs in the CPU worker; the heads ride in logprob slots
+        max_logprobs = llm.model_config.max_logprobs  # -1: no limit
+        self.max_value_heads = 0 if _on_cuda() else (max_logprobs + 1 if max_logprobs >= 0 else 64)
 
     @classmethod
     def start(cls, model_path: str, model_id: str, *, max_model_len: int, kv_cache_gib: int, block_size: int,
@@ -173,6 +191,9 @@ class VllmEngine(EngineClient):
                 stop_token_ids=request.stop_token_ids or None, presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty, output_kind=RequestOutputKind.FINAL_ONLY,
                 detokenize=request.detokenize or bool(request.stop),
+                **({} if not request.value_heads else
+                   {"logprobs": len(request.value_heads) - 1,
+                    "extra_args": {VALUE_HEADS_ARG: [list(h) for h in request.value_heads]}}),
             )
         except VLLMClientError as exc:
             raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc
@@ -180,7 +201,10 @@ class VllmEngine(EngineClient):
         async for final in self.stream(request.prompt_ids, params, f"chunk-{uuid.uuid4().hex}"):
             pass
         assert final is not None
-        return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason) for o in final.outputs]
+        return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason,
+                       None if not request.value_heads else
+                       [[step[j].logprob for j in range(len(request.value_heads))] for step in o.logprobs])
+                for o in final.outputs]
 
     def shutdown(self) -> None:
         self._llm.shutdown()

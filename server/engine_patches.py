@@ -53,6 +53,71 @@ def patch_cpu_model_runner(cls) -> None:
     cls._iro_seed_fix = True
 
 
+VALUE_HEADS_ARG = "iro_value_heads"
+"""`SamplingParams.extra_args` key of linear value heads: m rows of [w_1..w_H, bias] floats."""
+
+
+def patch_value_heads(cls) -> None:
+    """Let requests read linear value heads on the engine's own hidden states. Idempotent.
+
+    A request whose `extra_args` carry `VALUE_HEADS_ARG` (m heads of H weights and a bias) and
+    that asks for `logprobs=m-1` gets, in place of each sampled token's m logprob entries, the
+    m heads' outputs `w . h + b` keyed by the "token ids" 0..m-1, where h is the final (normed)
+    hidden state at the position that sampled the token. The server sets this key only on its own
+    chunk requests (no API field reaches it): a search then values candidates with no second
+    backbone pass, the value sharing the engine's forward.
+    """
+    if getattr(cls, "_iro_value_heads", False):
+        return
+    import torch
+
+    original_load = cls.load_model
+    original_sample = cls._sample
+
+    def load_model(self, *args, **kwargs):
+        out = original_load(self, *args, **kwargs)
+        compute_logits = self.model.compute_logits
+
+        def keep_hidden(hidden_states, *a, **kw):
+            self._iro_sample_hidden = hidden_states  # one row per request, in batch order
+            return compute_logits(hidden_states, *a, **kw)
+
+        self.model.compute_logits = keep_hidden
+        return out
+
+    def heads_of(state, hidden_size: int):
+        heads = getattr(state, "_iro_heads", None)
+        if heads is None:
+            params = state.sampling_params
+            extra = params.extra_args if params is not None else None
+            if not extra or VALUE_HEADS_ARG not in extra:
+                return None
+            heads = torch.tensor(extra[VALUE_HEADS_ARG], dtype=torch.float32).reshape(-1, hidden_size + 1)
+            state._iro_heads = heads
+        return heads
+
+    def _sample(self, *args, **kwargs):
+        output = original_sample(self, *args, **kwargs)
+        hidden, self._iro_sample_hidden = getattr(self, "_iro_sample_hidden", None), None
+        logprobs = output.logprobs_tensors
+        if hidden is None or logprobs is None:
+            return output
+        for i, req_id in enumerate(self.input_batch.req_ids):
+            state = self.requests.get(req_id)
+            heads = heads_of(state, hidden.shape[-1]) if state is not None else None
+            if heads is None or heads.shape[0] > logprobs.logprobs.shape[1]:
+                continue
+            m = heads.shape[0]
+            values = heads[:, :-1] @ hidden[i].float() + heads[:, -1]
+            logprobs.logprobs[i, :m] = values.to(logprobs.logprobs.dtype)
+            logprobs.logprob_token_ids[i, :m] = torch.arange(m, dtype=logprobs.logprob_token_ids.dtype)
+        return output
+
+    cls.load_model = load_model
+    cls._sample = _sample
+    cls._iro_value_heads = True
+
+
 def allow_block_size_16(backend) -> None:
     """Let `backend` (vLLM's CPU attention backend) take 16-token KV blocks. Idempotent.
 
@@ -86,4 +151,5 @@ def register() -> None:
     except ImportError:  # not the CPU build of vLLM
         return
     patch_cpu_model_runner(CPUModelRunner)
+    patch_value_heads(CPUModelRunner)
     allow_block_size_16(CPUAttentionBackend)

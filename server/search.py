@@ -6,6 +6,11 @@ cache hits); the candidates are scored by the value chain and the best `w` of (n
 beams that already finished) survive. Finished beams keep their raw values, so they are ranked
 again against every later candidate set. The answer is the best finished beam.
 
+When every member of the chain is an engine head (`ValueChain.engine_heads`) and the engine can
+evaluate heads (`EngineClient.value_heads_supported`), the chunk requests carry the heads and
+the engine returns their outputs with every sampled token: a candidate's values are then the
+mean of its tokens' (`mean_before` pooling) and the scorer is not called at all.
+
 The loop depends only on `EngineClient.sample` and a scorer with `values(chain, items)`, so it
 can be tested with scripted ones.
 """
@@ -49,6 +54,7 @@ class Beam:
     finished: bool = False
     finish_reason: str | None = None
     raw: np.ndarray | None = None  # raw values (one per chain member) of this sequence
+    token_values: np.ndarray | None = None  # (tokens, chain members) engine head outputs, when used
     score: float = float("-inf")  # chain score in the last candidate set it was ranked in
 
 
@@ -90,21 +96,29 @@ class Searcher:
         self.on_chunks = on_chunks or (lambda n: None)  # told of chunk requests as they are sent (metrics)
 
     async def run(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None = None) -> SearchResult:
+        heads = getattr(chain, "engine_heads", None)
+        if heads is not None and len(heads) > getattr(self.engine, "max_value_heads", 0):
+            heads = None  # the scorer values the candidates instead
         if params.mode == "bon":
-            return await self._bon(chain, prompt_ids, params)
-        return await self._cbs(chain, prompt_ids, params, on_step)
+            return await self._bon(chain, prompt_ids, params, heads)
+        return await self._cbs(chain, prompt_ids, params, heads, on_step)
 
-    def _request(self, prompt_ids: list[int], n: int, max_tokens: int, params: SearchParams, *seed_parts) -> ChunkRequest:
+    def _request(self, prompt_ids: list[int], n: int, max_tokens: int, params: SearchParams, heads,
+                 *seed_parts) -> ChunkRequest:
         return ChunkRequest(prompt_ids=prompt_ids, n=n, max_tokens=max_tokens, temperature=params.temperature,
                             top_p=params.top_p, top_k=params.top_k, seed=chunk_seed(params.seed, *seed_parts),
                             stop=list(params.stop), presence_penalty=params.presence_penalty,
                             frequency_penalty=params.frequency_penalty,
-                            detokenize=False)  # the search decodes whole beams itself (_extend)
+                            detokenize=False,  # the search decodes whole beams itself (_extend)
+                            value_heads=heads)
 
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:
         ids = parent.token_ids + list(sample.token_ids)
         text, stopped = cut_at_stop(self.decode(ids), params.stop)
         beam = Beam(ids, text)
+        if sample.token_values is not None and (parent.token_values is not None or not parent.token_ids):
+            new = np.asarray(sample.token_values, dtype=np.float64).reshape(len(sample.token_ids), -1)
+            beam.token_values = new if parent.token_values is None else np.concatenate([parent.token_values, new])
         if stopped or sample.finish_reason == "stop":
             beam.finished, beam.finish_reason = True, "stop"
         elif len(ids) >= params.max_tokens:
@@ -112,13 +126,17 @@ class Searcher:
         return beam
 
     async def _score(self, chain, prompt_ids: list[int], beams: list[Beam], parents: list[int], result: SearchResult):
-        items = [ScoreItem(prompt_ids + b.token_ids, len(prompt_ids) + p, len(prompt_ids)) for b, p in zip(beams, parents)]
-        raw = await self.scorer.values(chain, items) if items else np.zeros((0, len(chain.links)))
-        result.candidates_scored += len(items)
+        if beams and all(b.token_values is not None and len(b.token_values) for b in beams):
+            raw = [b.token_values.mean(axis=0) for b in beams]  # the engine's head outputs, mean_before
+        else:
+            items = [ScoreItem(prompt_ids + b.token_ids, len(prompt_ids) + p, len(prompt_ids))
+                     for b, p in zip(beams, parents)]
+            raw = await self.scorer.values(chain, items) if items else np.zeros((0, len(chain.links)))
+        result.candidates_scored += len(beams)
         for b, r in zip(beams, raw):
             b.raw = np.asarray(r, dtype=np.float64)
 
-    async def _cbs(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None) -> SearchResult:
+    async def _cbs(self, chain, prompt_ids: list[int], params: SearchParams, heads, on_step: OnStep | None) -> SearchResult:
         result = SearchResult(beams=[])
         pool: list[Beam] = [Beam([])]  # the w survivors (finished ones included)
         max_steps = math.ceil(params.max_tokens / params.l) + 1
@@ -129,7 +147,7 @@ class Searcher:
             # The first step expands the prompt alone: w*k samples, like w copies of it.
             fanout = [(b, params.k * (params.w if step == 0 else 1)) for b in active]
             requests = [self._request(prompt_ids + b.token_ids, n, min(params.l, params.max_tokens - len(b.token_ids)),
-                                      params, step, i) for i, (b, n) in enumerate(fanout)]
+                                      params, heads, step, i) for i, (b, n) in enumerate(fanout)]
             self.on_chunks(len(requests))
             samples = await asyncio.gather(*[self.engine.sample(r) for r in requests])
             result.chunks += len(requests)
@@ -173,10 +191,10 @@ class Searcher:
             out.append(out[len(out) % max(1, len(seen))])
         return out[:n]
 
-    async def _bon(self, chain, prompt_ids: list[int], params: SearchParams) -> SearchResult:
+    async def _bon(self, chain, prompt_ids: list[int], params: SearchParams, heads) -> SearchResult:
         result = SearchResult(beams=[])
         self.on_chunks(1)
-        samples = await self.engine.sample(self._request(prompt_ids, params.k, params.max_tokens, params, "bon"))
+        samples = await self.engine.sample(self._request(prompt_ids, params.k, params.max_tokens, params, heads, "bon"))
         result.chunks = 1
         root = Beam([])
         candidates = [self._extend(root, s, params) for s in samples]

@@ -69,9 +69,14 @@ class ValueTrainConfig:
     lora_dropout: float = 0.0
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Backbone dtype; the head and the LoRA adapters always train in float32."""
-    pooling: Literal["last", "mean"] = "mean"
-    """V from the head's per-token outputs: their mean over the response so far (`mean`), or the last
-    token's (`last`). See valuefn.model for why mean is the default."""
+    pooling: Literal["last", "mean", "mean_before"] = "mean"
+    """V from the head's per-token outputs: their mean over the response so far (`mean`), the last
+    token's (`last`), or the mean at the positions that sampled the response (`mean_before`). See
+    valuefn.model for why mean is the default."""
+    engine_head: bool = False
+    """True: a linear head on the frozen base model's final hidden states (all layers, no LoRA,
+    `mean_before` pooling), which the serving engine computes while it generates: guided decoding
+    then needs no value forward pass. Overrides num_layers, lora_r and pooling."""
     init_from_previous: bool = True
     """Start from the CURRENT version of the value in the registry (V_{t-1}) when there is one."""
 
@@ -83,7 +88,11 @@ class ValueTrainConfig:
     """Show a tqdm progress bar (rate and ETA)."""
 
     def __post_init__(self) -> None:
-        positive = ("lr", "epochs", "batch_size", "max_len", "eval_batch_size", "lora_r", "lora_alpha")
+        if self.engine_head:
+            self.num_layers, self.lora_r, self.pooling = None, 0, "mean_before"
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
+        positive = ("lr", "epochs", "batch_size", "max_len", "eval_batch_size", "lora_alpha")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -103,8 +112,8 @@ class ValueTrainConfig:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
-        if self.pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
+        if self.pooling not in ("last", "mean", "mean_before"):
+            raise ValueError(f"pooling must be 'last', 'mean' or 'mean_before', got {self.pooling!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 

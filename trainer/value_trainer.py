@@ -36,7 +36,7 @@ from valuefn.checkpoint import (
     load_trained_tensors, read_manifest, sha256_file, verify_files, write_checkpoint_files,
 )
 from valuefn.loader import BackbonePool, make_manifest, publish_model
-from valuefn.model import ValueModel, ValueModelConfig, default_device, pool_response
+from valuefn.model import POOLING_SHIFT, ValueModel, ValueModelConfig, default_device, pool_response
 from valuefn.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,9 @@ class ValueTrainer:
         position_ids = torch.arange(L, device=self.device).expand(B, L)
         values, _ = self.model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids)  # (B, L)
         W = int(batch.kept.max())
-        pred = pool_response(response_values(values, batch.prompt_lens, W), self.model.config.pooling)  # (B, W)
+        pooling = self.model.config.pooling
+        starts = batch.prompt_lens - POOLING_SHIFT[pooling]  # the positions whose outputs value the response
+        pred = pool_response(response_values(values, starts, W), pooling)  # (B, W)
         mask = torch.arange(W, device=self.device)[None, :] < batch.kept[:, None]
         return pred, mask
 

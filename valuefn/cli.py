@@ -66,16 +66,19 @@ def init(
     seed: int = typer.Option(0),
     pooling: str = typer.Option("mean", help="mean: V averages the head over the response tokens; last: the "
                                              "last token's output."),
+    engine_head: bool = typer.Option(False, "--engine-head", help="A head on the frozen base model's final hidden "
+                                     "states (no LoRA, all layers): the engine computes it while generating."),
 ):
     """Publish a new untrained version of NAME (fresh head; v0001, then v0002, ...)."""
     from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
     from valuefn.loader import init_value
     from valuefn.model import ValueModelConfig
 
-    if pooling not in ("mean", "last"):
-        raise typer.BadParameter(f"expected mean or last, got {pooling!r}", param_hint="--pooling")
-    version = init_value(_registry(values_dir), name, resolve_model(model),
-                         ValueModelConfig(num_layers=layers or None, pooling=pooling), seed=seed)
+    if pooling not in ("mean", "last", "mean_before"):
+        raise typer.BadParameter(f"expected mean, last or mean_before, got {pooling!r}", param_hint="--pooling")
+    config = (ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before") if engine_head
+              else ValueModelConfig(num_layers=layers or None, pooling=pooling))
+    version = init_value(_registry(values_dir), name, resolve_model(model), config, seed=seed)
     typer.echo(f"published {name} v{version}")
 
 

@@ -44,7 +44,10 @@ class BackbonePool:
             return self._templates[key]
 
     def fresh(self, config: ValueModelConfig) -> torch.nn.Module:
-        return copy_backbone(self.template(config))
+        """A backbone a value model of `config` may own: a copy when LoRA goes into it, the shared
+        (frozen, never modified) template when it has none."""
+        template = self.template(config)
+        return template if config.lora_r == 0 else copy_backbone(template)
 
 
 class ValueLoader:

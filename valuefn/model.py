@@ -11,6 +11,12 @@ about the text so far. A linear probe on SmolLM2's first 8 layers, predicting th
 of 1,760 rollouts (5-fold by prompt), reached Spearman 0.17 from the last token and 0.56 from the
 response mean; LoRA training with `last` pooling stayed near 0 on held-out rollouts.
 
+`mean_before` averages the scalars at the positions that *sampled* the response tokens (the
+prompt's last token .. the response's second-to-last). With `lora_r=0` and all layers
+(`engine_head`), the scalar is a linear head on the frozen base model's final hidden states,
+which the serving engine computes anyway: such a value costs the search no forward pass of its
+own (the engine hands the head's outputs back with every sampled token).
+
     >>> cfg = ValueModelConfig(num_layers=2)
     >>> cfg.lora_r
     16
@@ -37,14 +43,22 @@ class ValueModelConfig(BaseModel):
 
     num_layers: int | None = Field(None, ge=1)
     """Decoder layers of the backbone to keep (None: all). Fewer layers: faster, weaker."""
-    lora_r: int = Field(16, ge=1)
+    lora_r: int = Field(16, ge=0)
+    """LoRA rank; 0: no adapters, the backbone stays frozen and only the head is trained."""
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    pooling: Literal["last", "mean"] = "mean"
-    """How per-token head outputs become V: the last token's (`last`), or the mean over the response
-    tokens so far (`mean`; the prompt's last token when there is no response yet)."""
+    pooling: Literal["last", "mean", "mean_before"] = "mean"
+    """How per-token head outputs become V: the last token's (`last`), the mean over the response
+    tokens so far (`mean`; the prompt's last token when there is no response yet), or the mean
+    over the positions that sampled them (`mean_before`: the prompt's last token .. the response's
+    second-to-last)."""
+
+    @property
+    def engine_head(self) -> bool:
+        """True when V needs only the base model's own final hidden states (the engine's)."""
+        return self.lora_r == 0 and self.num_layers is None and self.pooling == "mean_before"
 
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
@@ -57,10 +71,17 @@ def pool_values(scalars, response_start: int | None, pooling: str) -> float:
     (4.0, 6.0)
     >>> pool_values([0.0, 1.0], 2, "mean")  # no response token yet: the prompt's last token
     1.0
+    >>> pool_values([0.0, 1.0, 2.0, 6.0], 2, "mean_before")  # positions 1 and 2 sampled tokens 2 and 3
+    1.5
     """
     if pooling == "last" or response_start is None or response_start >= len(scalars):
         return float(scalars[-1])
-    return float(np.mean(scalars[response_start:]))
+    shift = POOLING_SHIFT[pooling]
+    return float(np.mean(scalars[max(response_start - shift, 0): len(scalars) - shift]))
+
+
+POOLING_SHIFT = {"last": 0, "mean": 0, "mean_before": 1}
+"""How many positions before each response token the scalar that values it sits."""
 
 
 def pool_response(values: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -68,6 +89,9 @@ def pool_response(values: torch.Tensor, pooling: str) -> torch.Tensor:
 
     >>> pool_response(torch.tensor([[1.0, 3.0, 5.0]]), "mean").tolist()
     [[1.0, 2.0, 3.0]]
+
+    For `mean_before` the caller passes the outputs at the positions that sampled the tokens
+    (`POOLING_SHIFT`).
     """
     if pooling == "last":
         return values
@@ -135,14 +159,14 @@ def copy_backbone(template: nn.Module) -> nn.Module:
 class ValueModel(nn.Module):
     """backbone (+ LoRA) -> last hidden state -> linear head -> one scalar per token."""
 
-    def __init__(self, backbone: nn.Module, config: ValueModelConfig, *, lora: bool = True):
+    def __init__(self, backbone: nn.Module, config: ValueModelConfig):
         super().__init__()
         self.config = config
-        if lora:
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        if config.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
-            for p in backbone.parameters():
-                p.requires_grad_(False)
             backbone = get_peft_model(backbone, LoraConfig(
                 r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                 target_modules=config.target_modules, bias="none"))
@@ -163,6 +187,8 @@ class ValueModel(nn.Module):
 
     # --- what a checkpoint stores: adapters + head, with normalised keys -----------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.config.lora_r == 0:
+            return {}
         from peft import get_peft_model_state_dict
 
         return {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(self.backbone).items()}
@@ -171,6 +197,11 @@ class ValueModel(nn.Module):
         return {k: v.detach().to("cpu").contiguous() for k, v in self.head.state_dict().items()}
 
     def load_trained(self, adapter: dict[str, torch.Tensor], head: dict[str, torch.Tensor]) -> None:
+        if self.config.lora_r == 0:
+            if adapter:
+                raise ValueError(f"a model without LoRA got adapter tensors {list(adapter)[:3]}")
+            self.head.load_state_dict(head)
+            return
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(self.backbone, adapter)

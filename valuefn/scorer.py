@@ -18,6 +18,7 @@ Chain score of candidate j in one step's candidate set (the reference's Weighted
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import queue
@@ -137,6 +138,16 @@ class ValueChain:
 
     def with_betas(self, betas: Sequence[float]) -> "ValueChain":
         return ValueChain(self.name, tuple((v, float(b)) for (v, _), b in zip(self.links, betas)))
+
+    @functools.cached_property
+    def engine_heads(self) -> tuple[tuple[float, ...], ...] | None:
+        """Each member's head (H weights + bias) when every member is an engine head
+        (`ValueModelConfig.engine_head`): the engine can then value candidates as it samples them
+        (`mean_before` over its per-token head outputs), with no forward pass here."""
+        if not all(v.model.config.engine_head for v, _ in self.links):
+            return None
+        return tuple(tuple(v.model.head.weight.detach().float().flatten().tolist()) +
+                     (float(v.model.head.bias.detach().float()),) for v, _ in self.links)
 
 
 @dataclass

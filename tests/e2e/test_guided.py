@@ -184,3 +184,41 @@ def test_score_endpoint_validates(server, demo):
         assert r.status_code == 400
         r = http.post("/v1/score", json={"value": "demo", "prompt": "Hello", "responses": ["there", "you"]})
         assert r.status_code == 200 and len(r.json()["scores"]) == 2
+
+
+def scorer_passes(server) -> float:
+    with server.http() as http:
+        text = http.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("iro_scorer_batch_size_count"))
+
+
+def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(server):
+    """A head on the frozen base model's hidden states: the engine values candidates as it samples
+    them (no scorer pass), and its values match the scorer's (Hugging Face) forward of the same text."""
+    from server.model_store import prepare_default_model
+    from valuefn.loader import init_value
+    from valuefn.model import ValueModelConfig
+    from valuefn.registry import Registry
+
+    config = ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before")
+    version = init_value(Registry(server.values_dir), "engine-head", prepare_default_model(), config, seed=3)
+    wait_serving(server, "engine-head", version)
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    before = scorer_passes(server)
+    resp = server.openai().chat.completions.with_raw_response.create(
+        model=f"{server.model_id}+engine-head", messages=messages, max_tokens=8, temperature=0.9, n=2,
+        extra_body={"guidance": {"mode": "bon", "k": 6}})
+    assert scorer_passes(server) == before  # no value forward pass: the engine did the scoring
+    body = json.loads(resp.text)
+    assert body["guidance"]["candidates_scored"] == 6
+    choices = [(c["message"]["content"], s) for c, s in zip(body["choices"], body["guidance"]["scores"])
+               if c["finish_reason"] == "length"]  # EOS-ended choices would carry the EOS token's state too
+    assert choices, body
+    with server.http() as http:
+        r = http.post("/v1/score", json={"value": "engine-head", "messages": messages,
+                                         "responses": [text for text, _ in choices]})
+    assert r.status_code == 200, r.text
+    assert scorer_passes(server) > before
+    for (text, engine_score), scorer_score in zip(choices, r.json()["scores"]):
+        # bf16 engine kernels vs the scorer's bf16 Hugging Face forward: close, not bit-equal
+        assert abs(engine_score - scorer_score) <= 0.05 + 0.03 * abs(scorer_score), (text, engine_score, scorer_score)

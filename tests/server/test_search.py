@@ -163,3 +163,50 @@ def test_cut_at_stop(text, stops, expected):
 def test_common_prefix():
     assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == [1, 2]
     assert common_prefix([]) == []
+
+
+class HeadEngine(ScriptedEngine):
+    """Also evaluates value heads: each sampled token's "head output" is 1 for token 7, else 0."""
+
+    max_value_heads = 2
+
+    async def sample(self, request: ChunkRequest) -> list[Sample]:
+        samples = await super().sample(request)
+        if request.value_heads:
+            for s in samples:
+                s.token_values = [[float(t == 7)] * len(request.value_heads) for t in s.token_ids]
+        return samples
+
+
+@dataclass
+class HeadChain(Chain):
+    engine_heads: tuple | None = ((0.5, -1.0, 0.0),)
+
+
+def test_engine_heads_value_the_candidates_without_the_scorer():
+    scorer, engine = CountingScorer(3, target=1), HeadEngine()  # the scorer would prefer 1s
+    params = SearchParams(mode="cbs", w=2, k=4, l=2, max_tokens=8, seed=3)
+    chain = HeadChain([1.0])
+    result = asyncio.run(Searcher(engine, scorer, decode=decode).run(chain, PROMPT, params))
+    assert scorer.calls == 0
+    assert engine.requests and all(r.value_heads == chain.engine_heads for r in engine.requests)
+    best = result.beams[0]
+    assert best.token_values.shape == (8, 1)
+    assert best.raw.tolist() == [best.token_ids.count(7) / 8]  # the mean of its tokens' head outputs
+    plain = ScriptedEngine()
+    plain_sevens = np.mean([s.token_ids.count(7) for s in asyncio.run(plain.sample(
+        ChunkRequest(PROMPT, 64, 8, seed=5)))])
+    assert best.token_ids.count(7) >= 2 * max(plain_sevens, 0.5)
+
+
+@pytest.mark.parametrize("engine,chain", [
+    (ScriptedEngine(), HeadChain([1.0])),  # the engine cannot evaluate heads
+    (HeadEngine(), HeadChain([1.0, 1.0], links=((None, 1.0),) * 3, engine_heads=((0.0,),) * 3)),  # too many
+    (HeadEngine(), HeadChain([1.0], engine_heads=None)),  # a member needs its own backbone
+])
+def test_the_scorer_values_candidates_when_the_engine_cannot(engine, chain):
+    scorer = CountingScorer(3)
+    params = SearchParams(mode="bon", w=1, k=4, l=8, max_tokens=8, seed=1)
+    result = asyncio.run(Searcher(engine, scorer, decode=decode).run(chain, PROMPT, params))
+    assert scorer.calls == 1 and result.candidates_scored == 4
+    assert all(r.value_heads is None for r in engine.requests)

@@ -116,6 +116,18 @@ def test_one_step_changes_lora_and_head_but_not_the_backbone(tiny_backbone, exam
     assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n and not n.startswith("head."))
 
 
+def test_an_engine_head_value_trains_only_its_head_on_the_frozen_base_model(tiny_backbone, examples):
+    trainer = ValueTrainer(config(engine_head=True, lr=3e-2, epochs=5), tiny_backbone)
+    assert trainer.model.config.engine_head and trainer.model.config.num_layers is None
+    before = snapshot(trainer.model)
+    result = trainer.train(examples)
+    after = snapshot(trainer.model)
+    assert not any("lora_" in k for k in after) and trainer.model.adapter_state_dict() == {}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+    assert result.metrics["eval"]["mse"] < 0.8 * result.metrics["eval_before"]["mse"]
+
+
 def test_bfloat16_backbone_with_float32_head_trains_on_cpu(tiny_backbone, examples):
     trainer = ValueTrainer(config(dtype="bfloat16", max_steps=2), tiny_backbone)
     result = trainer.train(examples)

@@ -113,7 +113,7 @@ def test_chain_scores_match_direct_computation():
     np.testing.assert_allclose(chain_scores(values[:, :1], [2.0]), values[:, 0] / 2.0)
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_before"])
 def test_incremental_scoring_equals_full_recomputation(tiny_model_dir, registry, pooling):
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
     version = publish_model(registry, "inc", trained_like(pool, 2, pooling), pool.identity, extend_chain=False)
@@ -130,9 +130,35 @@ def test_incremental_scoring_equals_full_recomputation(tiny_model_dir, registry,
         np.testing.assert_allclose(inc, full, rtol=1e-4, atol=1e-5)
         with torch.no_grad():  # and both are the model's per-token outputs, pooled over the response
             per_token = [value.model(torch.tensor([b]))[0][0].numpy() for b in beams]
-        direct = [t[len(prompt):].mean() if pooling == "mean" else t[-1] for t in per_token]
+        direct = {"mean": [t[len(prompt):].mean() for t in per_token], "last": [t[-1] for t in per_token],
+                  "mean_before": [t[len(prompt) - 1: -1].mean() for t in per_token]}[pooling]
         np.testing.assert_allclose(full, direct, rtol=1e-4, atol=1e-5)
     assert value.cache.hits > 0
+
+
+def test_engine_head_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, registry):
+    from transformers import AutoModel
+
+    config = ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype="float32")
+    assert config.engine_head and not F32.engine_head
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    version = init_value(registry, "eh", tiny_model_dir, config, seed=1)
+    value = ValueLoader(registry, pool).load_version("eh", version)
+    assert value.model.backbone is pool.template(config)  # frozen and shared: no copy per version
+    manifest = json.loads((registry.path("eh", version) / MANIFEST).read_text())
+    assert manifest["model"]["lora_r"] == 0 and set(manifest["files"]) == {ADAPTER_FILE, HEAD_FILE}
+    chain = ValueChain("eh", ((value, 1.0),))
+    (head,) = chain.engine_heads
+    base = AutoModel.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    ids = [5, 6, 7, 8, 9, 10]
+    with torch.no_grad():
+        hidden = base(torch.tensor([ids])).last_hidden_state[0].numpy()
+    per_token = hidden @ np.array(head[:-1]) + head[-1]  # what the engine computes at every position
+    got = forward_values(value, [ScoreItem(ids, 0, 2)], use_cache=False)
+    np.testing.assert_allclose(got[0], per_token[1:5].mean(), rtol=1e-4, atol=1e-5)
+    lora_chain = ValueChain("x", ((ValueLoader(registry, pool).load_version("eh", version), 1.0),
+                                  (LoadedValue("t", 1, None, trained_like(pool, 0)), 1.0)))
+    assert lora_chain.engine_heads is None  # one member needs its own backbone pass
 
 
 def test_scorer_micro_batches_concurrent_requests(tiny_model_dir, registry):
