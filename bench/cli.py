@@ -10,11 +10,15 @@ import typer
 
 
 def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference prompts (same workload otherwise)."),
-          json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here.")):
+          json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
+          dtype: str = typer.Option("bfloat16", help="bfloat16 | float32 (engine, values and reference loop; "
+                                                     "float32 where the CPU has no native bf16, e.g. AVX2 only)")):
     """Measure guided decoding against plain vLLM sampling and the reference HF loop."""
     from bench.guided import print_table, run
 
-    results = run(quick=quick, json_path=json_path)
+    if dtype not in ("bfloat16", "float32"):
+        raise typer.BadParameter(f"expected bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
+    results = run(quick=quick, json_path=json_path, dtype=dtype)
     print_table(results)
     if json_path is None:
         typer.echo(json.dumps({k: v for k, v in results.items() if k != "targets"}, indent=2))

@@ -1,7 +1,9 @@
 """`iro bench`: guided decoding performance on this machine, in one run.
 
 Starts a real server (vLLM + default model + one value), then measures:
-guided_vs_plain_time_ratio, speedup_vs_reference_loop, scoring_growth_ratio,
+guided_vs_plain_time_ratio (a 4-layer LoRA value, scored by the scorer) and
+guided_engine_head_vs_plain_time_ratio (an engine-head value, computed by the engine while it
+samples), speedup_vs_reference_loop, scoring_growth_ratio,
 concurrency_speedup, hot_swap_seconds / failed_requests_during_swap, and peak RSS.
 """
 
@@ -25,11 +27,13 @@ TOPICS = ["the ocean", "a busy city", "learning to cook", "winter mornings", "an
           "a mountain hike", "friendship", "a rainy day", "jazz music", "the history of bread", "a small garden",
           "electric cars", "a night market", "chess", "autumn leaves"]
 PROMPTS = [f"Write a long, detailed paragraph about {t}." for t in TOPICS]
-TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "speedup_vs_reference_loop": (">=", 4.0),
+TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "guided_engine_head_vs_plain_time_ratio": ("<=", 1.3),
+           "speedup_vs_reference_loop": (">=", 4.0),
            "scoring_growth_ratio": ("<=", 1.5), "concurrency_speedup": (">=", 4.0),
            "hot_swap_seconds": ("<", 1.0), "failed_requests_during_swap": ("<=", 0)}
 W, K, L, MAX_TOKENS, TEMPERATURE = 4, 4, 8, 48, 0.7
 GUIDANCE = {"value": "bench", "mode": "cbs", "w": W, "k": K, "l": L}
+HEAD_GUIDANCE = GUIDANCE | {"value": "bench-head"}  # an engine-head value: the engine computes it (no scorer)
 
 
 class Target(BaseModel):
@@ -45,6 +49,7 @@ class BenchReport(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     guided_vs_plain_time_ratio: float
+    guided_engine_head_vs_plain_time_ratio: float
     speedup_vs_reference_loop: float
     scoring_growth_ratio: float
     concurrency_speedup: float
@@ -81,13 +86,17 @@ async def _post_all(url: str, bodies: list[dict]) -> tuple[float, list[dict]]:
 def measure_plain_vs_guided(url: str, model: str) -> dict:
     plain_t, plain = asyncio.run(_post_all(url, [chat_body(model, p, n=16) for p in PROMPTS]))
     guided_t, guided = asyncio.run(_post_all(url, [chat_body(model, p, guidance=GUIDANCE) for p in PROMPTS]))
+    head_t, head = asyncio.run(_post_all(url, [chat_body(model, p, guidance=HEAD_GUIDANCE) for p in PROMPTS]))
     plain_tokens = sum(r["usage"]["completion_tokens"] for r in plain)
     guided_tokens = sum(r["usage"]["completion_tokens"] for r in guided)
     return {"plain_seconds": plain_t, "plain_candidate_tokens": plain_tokens, "plain_tok_per_s": plain_tokens / plain_t,
             "guided_seconds": guided_t, "guided_candidate_tokens": guided_tokens,
             "guided_tok_per_s": guided_tokens / guided_t, "guided_vs_plain_time_ratio": guided_t / plain_t,
             "guided_vs_plain_per_token_ratio": (guided_t / guided_tokens) / (plain_t / plain_tokens),
-            "guided_chunks": sum(r["guidance"]["chunks"] for r in guided)}
+            "guided_chunks": sum(r["guidance"]["chunks"] for r in guided),
+            "guided_engine_head_seconds": head_t,
+            "guided_engine_head_candidate_tokens": sum(r["usage"]["completion_tokens"] for r in head),
+            "guided_engine_head_vs_plain_time_ratio": head_t / plain_t}
 
 
 def measure_concurrency(url: str, model: str, sequential: int, concurrent_seconds: float,
@@ -172,12 +181,13 @@ def measure_scoring_growth(value, prompt_ids: list[int], repeats: int = 3) -> di
     return {"scoring_step_seconds": med, "scoring_growth_ratio": med[-1] / med[0]}
 
 
-def measure_reference(model_path: Path, value, tokenizer, prompts: list[str], threads: int) -> dict:
+def measure_reference(model_path: Path, value, tokenizer, prompts: list[str], threads: int,
+                      dtype: str = "bfloat16") -> dict:
     import torch
 
     from bench.reference import load_reference_model, reference_cbs
 
-    model = load_reference_model(model_path, threads)
+    model = load_reference_model(model_path, threads, dtype)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     value_s = 0.0
@@ -191,12 +201,15 @@ def measure_reference(model_path: Path, value, tokenizer, prompts: list[str], th
     return {"reference_seconds_per_prompt": elapsed / len(prompts), "reference_value_fraction": value_s / elapsed}
 
 
-def run(quick: bool = False, json_path: Path | None = None) -> dict:
+def run(quick: bool = False, json_path: Path | None = None, dtype: str = "bfloat16") -> dict:
+    """One run of every measurement. `dtype` is the engine's, the values' and the reference loop's
+    (float32 on CPUs without native bf16, e.g. AVX2-only ones, where bf16 matmuls are emulated)."""
     import torch
     from transformers import AutoTokenizer
 
     from server.model_store import prepare_default_model
     from valuefn.loader import BackbonePool, ValueLoader, init_value
+    from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry
 
     from tqdm import tqdm
@@ -209,12 +222,14 @@ def run(quick: bool = False, json_path: Path | None = None) -> dict:
     results: dict = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
                                  "processor": platform.processor()},
                      "settings": {"w": W, "k": K, "l": L, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
-                                  "prompts": len(PROMPTS), "quick": quick}}
+                                  "prompts": len(PROMPTS), "quick": quick, "dtype": dtype}}
     with tempfile.TemporaryDirectory(prefix="iro-bench-") as tmp:
         work = Path(tmp)
         registry = Registry(work / "values")
-        init_value(registry, "bench", model_path)
-        srv = start(work)
+        init_value(registry, "bench", model_path, ValueModelConfig(num_layers=4, dtype=dtype))
+        init_value(registry, "bench-head", model_path,
+                   ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype=dtype))
+        srv = start(work, env={"IRO_DTYPE": dtype})
         results["engine_start_seconds"] = srv.started_in
         steps.update()
         try:
@@ -243,7 +258,7 @@ def run(quick: bool = False, json_path: Path | None = None) -> dict:
                                 add_special_tokens=False)
         results.update(measure_scoring_growth(value, prompt_ids))
         steps.update()
-        ref = measure_reference(model_path, value, tok, PROMPTS[: 2 if quick else 4], threads=None)
+        ref = measure_reference(model_path, value, tok, PROMPTS[: 2 if quick else 4], threads=None, dtype=dtype)
         results.update(ref)
         ours_per_prompt = results["guided_seconds"] / len(PROMPTS)
         results["ours_seconds_per_prompt"] = ours_per_prompt
@@ -266,7 +281,7 @@ def print_table(results: dict) -> None:
     table = Table("metric", "value", "target", "met", title="iro bench")
     for k, t in results["targets"].items():
         table.add_row(k, f"{t['value']:.3g}", f"{t['op']} {t['target']}", "yes" if t["met"] else "NO")
-    for k in ("plain_seconds", "guided_seconds", "plain_tok_per_s", "guided_tok_per_s", "plain_concurrency_speedup",
+    for k in ("plain_seconds", "guided_seconds", "guided_engine_head_seconds", "plain_tok_per_s", "guided_tok_per_s", "plain_concurrency_speedup",
               "reference_seconds_per_prompt",
               "ours_seconds_per_prompt", "reference_value_fraction", "peak_rss_mib", "peak_rss_api_process_mib",
               "base_model_mib", "engine_start_seconds"):

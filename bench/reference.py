@@ -47,9 +47,9 @@ def reference_cbs(model, value: LoadedValue, prompt_ids: list[int], *, w: int, k
             "candidate_tokens": rows * generated}
 
 
-def load_reference_model(model_path, threads: int | None = None):
+def load_reference_model(model_path, threads: int | None = None, dtype: str = "bfloat16"):
     from transformers import AutoModelForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
-    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).eval()
