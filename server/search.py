@@ -7,7 +7,7 @@ beams that already finished) survive. Finished beams keep their raw values, so t
 again against every later candidate set. The answer is the best finished beam.
 
 When every member of the chain is an engine head (`ValueChain.engine_heads`) and the engine can
-evaluate heads (`EngineClient.value_heads_supported`), the chunk requests carry the heads and
+evaluate that many heads (`EngineClient.max_value_heads`), the chunk requests carry the heads and
 the engine returns their outputs with every sampled token: a candidate's values are then the
 mean of its tokens' (`mean_before` pooling) and the scorer is not called at all.
 
@@ -116,8 +116,8 @@ class Searcher:
         ids = parent.token_ids + list(sample.token_ids)
         text, stopped = cut_at_stop(self.decode(ids), params.stop)
         beam = Beam(ids, text)
-        if sample.token_values is not None and (parent.token_values is not None or not parent.token_ids):
-            new = np.asarray(sample.token_values, dtype=np.float64).reshape(len(sample.token_ids), -1)
+        if sample.token_values and (parent.token_values is not None or not parent.token_ids):
+            new = np.asarray(sample.token_values, dtype=np.float64)  # (tokens, heads)
             beam.token_values = new if parent.token_values is None else np.concatenate([parent.token_values, new])
         if stopped or sample.finish_reason == "stop":
             beam.finished, beam.finish_reason = True, "stop"
