@@ -31,3 +31,40 @@ def test_plugin_entry_point_patches_the_cpu_backend():
     import torch
 
     assert _get_attn_isa(torch.bfloat16, 16, 64) in ("vec16", "neon")  # the kernels that handle 16-token blocks
+
+
+def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them():
+    """The worker-side logic of patch_value_heads on a stand-in runner (the real engine is
+    checked end to end in tests/e2e/test_guided.py)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from server.engine_patches import VALUE_HEADS_ARG, patch_value_heads
+
+    H = 4
+
+    class Runner:
+        def load_model(self):
+            self.model = SimpleNamespace(compute_logits=lambda h: h.sum(-1, keepdim=True))
+
+        def _sample(self, logits):
+            n = logits.shape[0]
+            return SimpleNamespace(logprobs_tensors=SimpleNamespace(
+                logprobs=torch.full((n, 3), -1.0), logprob_token_ids=torch.full((n, 3), 77, dtype=torch.int64)))
+
+    patch_value_heads(Runner)
+    patch_value_heads(Runner)  # idempotent
+    runner = Runner()
+    runner.load_model()
+    heads = [[1.0, 0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 2.0, -1.0]]
+    params = lambda extra: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))  # noqa: E731
+    runner.requests = {"a": params(None), "b": params({VALUE_HEADS_ARG: heads}), "c": params({"other": 1})}
+    runner.input_batch = SimpleNamespace(req_ids=["a", "b", "c"])
+    hidden = torch.arange(3 * H, dtype=torch.float32).reshape(3, H)
+    out = runner._sample(runner.model.compute_logits(hidden))
+    lp = out.logprobs_tensors
+    assert lp.logprobs[1, :2].tolist() == [hidden[1, 0] + 0.5, 2 * hidden[1, 3] - 1.0]  # w . h + b per head
+    assert lp.logprob_token_ids[1, :2].tolist() == [0, 1] and lp.logprob_token_ids[1, 2] == 77
+    assert lp.logprobs[0].tolist() == [-1.0] * 3 and lp.logprobs[2].tolist() == [-1.0] * 3  # untouched rows
+    assert lp.logprobs[1, 2] == -1.0
