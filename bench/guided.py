@@ -227,8 +227,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "bfloat
         work = Path(tmp)
         registry = Registry(work / "values")
         init_value(registry, "bench", model_path, ValueModelConfig(num_layers=4, dtype=dtype))
-        init_value(registry, "bench-head", model_path,
-                   ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype=dtype))
+        init_value(registry, "bench-head", model_path, ValueModelConfig.for_engine_head(dtype=dtype))
         srv = start(work, env={"IRO_DTYPE": dtype})
         results["engine_start_seconds"] = srv.started_in
         steps.update()

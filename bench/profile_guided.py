@@ -59,10 +59,11 @@ async def main(args):
                                                   tokenize=False), add_special_tokens=False) for p in PROMPTS]
     reg = Registry(Path(tempfile.mkdtemp()) / "values")
     init_value(reg, "p", model_path, ValueModelConfig(num_layers=args.value_layers, dtype=args.dtype))
-    chain = ValueLoader(reg, BackbonePool(model_path)).load_chain("p")
+    loader = ValueLoader(reg, BackbonePool(model_path))
+    chain = loader.load_chain("p")
     scorer = Scorer(threads=args.scorer_threads)
-    init_value(reg, "h", model_path, ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype=args.dtype))
-    head_chain = ValueLoader(reg, BackbonePool(model_path)).load_chain("h")  # the engine values candidates
+    init_value(reg, "h", model_path, ValueModelConfig.for_engine_head(dtype=args.dtype))
+    head_chain = loader.load_chain("h")  # the engine values candidates
     params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE)
 
     async def plain():

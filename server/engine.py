@@ -105,9 +105,7 @@ def engine_kwargs(*, max_model_len: int, kv_cache_gib: int, block_size: int, enf
                   engine_threads: str | None, max_num_batched_tokens: int | None = None) -> dict[str, Any]:
     """vLLM engine arguments for the base model (and, on CPU, the environment vLLM's CPU worker
     reads before it starts): one recipe for the server's engine and offline batch jobs."""
-    import torch
-
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = not _on_cuda()
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         configure_cpu_threads(engine_threads)

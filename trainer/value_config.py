@@ -89,7 +89,10 @@ class ValueTrainConfig:
 
     def __post_init__(self) -> None:
         if self.engine_head:
-            self.num_layers, self.lora_r, self.pooling = None, 0, "mean_before"
+            from valuefn.model import ValueModelConfig
+
+            arch = ValueModelConfig.for_engine_head()
+            self.num_layers, self.lora_r, self.pooling = arch.num_layers, arch.lora_r, arch.pooling
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
         positive = ("lr", "epochs", "batch_size", "max_len", "eval_batch_size", "lora_alpha")

@@ -76,7 +76,7 @@ def init(
 
     if pooling not in ("mean", "last", "mean_before"):
         raise typer.BadParameter(f"expected mean, last or mean_before, got {pooling!r}", param_hint="--pooling")
-    config = (ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before") if engine_head
+    config = (ValueModelConfig.for_engine_head() if engine_head
               else ValueModelConfig(num_layers=layers or None, pooling=pooling))
     version = init_value(_registry(values_dir), name, resolve_model(model), config, seed=seed)
     typer.echo(f"published {name} v{version}")

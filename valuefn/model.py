@@ -60,6 +60,11 @@ class ValueModelConfig(BaseModel):
         """True when V needs only the base model's own final hidden states (the engine's)."""
         return self.lora_r == 0 and self.num_layers is None and self.pooling == "mean_before"
 
+    @classmethod
+    def for_engine_head(cls, **kwargs) -> "ValueModelConfig":
+        """The engine-head architecture: all layers, no LoRA, `mean_before` pooling."""
+        return cls(num_layers=None, lora_r=0, pooling="mean_before", **kwargs)
+
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
@@ -200,14 +205,13 @@ class ValueModel(nn.Module):
         if self.config.lora_r == 0:
             if adapter:
                 raise ValueError(f"a model without LoRA got adapter tensors {list(adapter)[:3]}")
-            self.head.load_state_dict(head)
-            return
-        from peft import set_peft_model_state_dict
+        else:
+            from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.backbone, adapter)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"adapter has keys this model does not: {unexpected[:3]}")
+            result = set_peft_model_state_dict(self.backbone, adapter)
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise ValueError(f"adapter has keys this model does not: {unexpected[:3]}")
         self.head.load_state_dict(head)
 
     def for_inference(self) -> "ValueModel":
