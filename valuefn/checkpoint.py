@@ -132,11 +132,14 @@ def load_trained_tensors(directory: Path, manifest: Manifest) -> tuple[dict[str,
 
 
 def build_value_model(backbone, manifest: Manifest, adapter, head, *, for_inference: bool = True) -> ValueModel:
-    """Rebuild the value model of `manifest` on `backbone` (a fresh copy the model may own)."""
-    model = ValueModel(backbone, manifest.model)
+    """Rebuild the value model of `manifest` on `backbone` (a fresh copy the model may own):
+    LoRA merged into the weights for inference, peft adapters to train on otherwise."""
     try:
+        if for_inference:
+            return ValueModel.merged(backbone, manifest.model, adapter, head)
+        model = ValueModel(backbone, manifest.model)
         model.load_trained(adapter, head)
+        return model
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{manifest.name} v{manifest.version}: weights do not fit the model: {exc}",
                               reason="shape_mismatch") from exc
-    return model.for_inference() if for_inference else model

@@ -19,7 +19,8 @@ from valuefn.checkpoint import (
     FORMAT_VERSION, CheckpointError, Manifest, SearchDefaults, build_value_model, check_backbone,
     load_trained_tensors, read_manifest, write_checkpoint_files,
 )
-from valuefn.model import ValueModel, ValueModelConfig, backbone_identity, copy_backbone, default_device, load_backbone
+from valuefn.model import (ValueModel, ValueModelConfig, backbone_identity, copy_backbone, default_device, load_backbone,
+                           share_tensors)
 from valuefn.registry import Registry
 from valuefn.scorer import LoadedValue, ScoreItem, ValueChain, forward_values
 
@@ -49,6 +50,12 @@ class BackbonePool:
         template = self.template(config)
         return template if config.lora_r == 0 else copy_backbone(template)
 
+    def for_inference(self, config: ValueModelConfig) -> torch.nn.Module:
+        """A backbone to merge a value's LoRA into (`ValueModel.merged`): the template's modules,
+        sharing its tensors (merging replaces the weights it changes)."""
+        template = self.template(config)
+        return template if config.lora_r == 0 else share_tensors(template)
+
 
 class ValueLoader:
     """Loads verified value versions; shares a version between chains that contain it."""
@@ -70,7 +77,7 @@ class ValueLoader:
                                   reason="bad_manifest", path=directory)
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
-        model = build_value_model(self.pool.fresh(manifest.model), manifest, adapter, head)
+        model = build_value_model(self.pool.for_inference(manifest.model), manifest, adapter, head)
         value = LoadedValue(name, version, manifest, model)
         # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
         probe = forward_values(value, [ScoreItem([1, 2, 3, 4], 0)], use_cache=False)

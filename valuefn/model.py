@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -161,15 +162,53 @@ def copy_backbone(template: nn.Module) -> nn.Module:
     return copy.deepcopy(template, memo={id(embed): embed, id(embed.weight): embed.weight})
 
 
+def share_tensors(template: nn.Module) -> nn.Module:
+    """A copy of a backbone's modules that shares every tensor with it: for `merge_lora`, which
+    replaces the weights it changes, so a loaded value copies only those (a fast hot swap)."""
+    memo = {id(t): t for t in (*template.parameters(), *template.buffers())}
+    return copy.deepcopy(template, memo=memo)
+
+
+def merge_lora(backbone: nn.Module, adapter: dict[str, torch.Tensor], config: ValueModelConfig) -> None:
+    """W += B @ A * alpha / r for every LoRA pair in `adapter` (keys as peft saves them:
+    `base_model.model.<module>.lora_A.weight`). Raises ValueError on keys or shapes that do not fit."""
+    if config.lora_r == 0:
+        if adapter:
+            raise ValueError(f"a model without LoRA got adapter tensors {list(adapter)[:3]}")
+        return
+    modules = dict(backbone.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])\.weight", key)
+        if match is None or not isinstance(modules.get(match[1]), nn.Linear):
+            raise ValueError(f"adapter has keys this model does not: {key}")
+        pairs.setdefault(match[1], {})[match[2]] = tensor
+    expected = {n for n, m in modules.items() if isinstance(m, nn.Linear) and n.split(".")[-1] in config.target_modules}
+    if set(pairs) != expected or any(len(p) != 2 for p in pairs.values()):
+        missing = sorted(expected - {n for n, p in pairs.items() if len(p) == 2})
+        raise ValueError(f"adapter does not cover the model's LoRA modules (e.g. {missing[:3]})")
+    scaling = config.lora_alpha / config.lora_r
+    with torch.no_grad():
+        for name, pair in pairs.items():
+            weight = modules[name].weight
+            a, b = pair["lora_A"].float(), pair["lora_B"].float()
+            if a.shape != (config.lora_r, weight.shape[1]) or b.shape != (weight.shape[0], config.lora_r):
+                raise ValueError(f"{name}: LoRA shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit {tuple(weight.shape)}")
+            merged = torch.addmm(weight.float(), b.to(weight.device), a.to(weight.device), alpha=scaling)
+            modules[name].weight = nn.Parameter(merged.to(weight.dtype), requires_grad=False)  # never in place:
+            # `backbone` may share its tensors with the pool's template (`share_tensors`)
+
+
 class ValueModel(nn.Module):
     """backbone (+ LoRA) -> last hidden state -> linear head -> one scalar per token."""
 
-    def __init__(self, backbone: nn.Module, config: ValueModelConfig):
+    def __init__(self, backbone: nn.Module, config: ValueModelConfig, *, with_lora: bool = True):
+        """`with_lora=False`: no adapters are added (the backbone already holds merged ones)."""
         super().__init__()
         self.config = config
         for p in backbone.parameters():
             p.requires_grad_(False)
-        if config.lora_r > 0:
+        if config.lora_r > 0 and with_lora:
             from peft import LoraConfig, get_peft_model
 
             backbone = get_peft_model(backbone, LoraConfig(
@@ -222,6 +261,18 @@ class ValueModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         return self
+
+    @classmethod
+    def merged(cls, backbone: nn.Module, config: ValueModelConfig, adapter: dict[str, torch.Tensor],
+               head: dict[str, torch.Tensor]) -> "ValueModel":
+        """An inference model with `adapter` (peft LoRA tensors) merged straight into `backbone`
+        (which may share tensors with the pool's template: merging replaces weights, never writes
+        into them): the weights `for_inference` gives, without building peft modules, which were
+        most of the time of a hot swap."""
+        merge_lora(backbone, adapter, config)
+        model = cls(backbone, config, with_lora=False)
+        model.head.load_state_dict(head)
+        return model.for_inference()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -48,6 +48,11 @@ def test_checkpoint_round_trip_gives_identical_scores(tiny_model_dir, registry):
     loaded = ValueLoader(registry, pool).load_version("rt", version)
     got = forward_values(loaded, [ScoreItem(s) for s in ids], use_cache=False)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # loaded values share the pool's backbone tensors: loading another must not change this one
+    other = publish_model(registry, "rt", trained_like(pool, 9), pool.identity, extend_chain=False)
+    second = ValueLoader(registry, pool).load_version("rt", other)
+    assert not np.allclose(forward_values(second, [ScoreItem(s) for s in ids], use_cache=False), expected, atol=1e-3)
+    np.testing.assert_allclose(forward_values(loaded, [ScoreItem(s) for s in ids], use_cache=False), got, rtol=1e-6)
     manifest = json.loads((registry.path("rt", version) / MANIFEST).read_text())
     assert set(manifest["files"]) == {ADAPTER_FILE, HEAD_FILE}
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in registry.path("rt", version).iterdir())
@@ -101,6 +106,26 @@ def test_bad_checkpoints_are_refused(tiny_model_dir, registry, damage, tmp_path)
                 "future_format": "future_format"}[damage]
     assert err.value.reason == expected
     assert str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["unknown_key", "missing_module", "wrong_shape"])
+def test_adapters_that_do_not_fit_the_model_are_refused(tiny_model_dir, registry, damage):
+    from valuefn.checkpoint import build_value_model, load_trained_tensors, read_manifest
+
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    version = publish_model(registry, "fit", trained_like(pool, 2), pool.identity, extend_chain=False)
+    manifest = read_manifest(registry.path("fit", version))
+    adapter, head = load_trained_tensors(registry.path("fit", version), manifest)
+    key = next(k for k in adapter if k.endswith("q_proj.lora_A.weight"))
+    if damage == "unknown_key":
+        adapter[key.replace("q_proj", "qq_proj")] = adapter.pop(key)
+    elif damage == "missing_module":
+        del adapter[key], adapter[key.replace("lora_A", "lora_B")]
+    else:
+        adapter[key] = adapter[key][:, :-1]
+    with pytest.raises(CheckpointError) as err:
+        build_value_model(pool.fresh(manifest.model), manifest, adapter, head)
+    assert err.value.reason == "shape_mismatch"
 
 
 def test_chain_scores_match_direct_computation():
