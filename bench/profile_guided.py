@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -64,33 +65,42 @@ async def main(args):
     scorer = Scorer(threads=args.scorer_threads)
     init_value(reg, "h", model_path, ValueModelConfig.for_engine_head(dtype=args.dtype))
     head_chain = loader.load_chain("h")  # the engine values candidates
-    params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE)
+    params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE,
+                          align=args.block_size if args.align else 1)
 
     async def plain():
         return await asyncio.gather(*[engine.sample(ChunkRequest(p, 16, MAX_TOKENS, TEMPERATURE)) for p in prompts])
 
-    async def guided(sc, ch):
+    async def guided(sc, ch, p=params):
         s = Searcher(engine, sc)
-        return await asyncio.gather(*[s.run(ch, p, params) for p in prompts])
+        return await asyncio.gather(*[s.run(ch, ids, p) for ids in prompts])
 
+    unaligned = dataclasses.replace(params, align=1)
     t0 = time.perf_counter(); await plain(); print(f"warm-up plain {time.perf_counter() - t0:.1f}s", flush=True)
-    t0 = time.perf_counter(); await guided(scorer, chain); print(f"warm-up CBS {time.perf_counter() - t0:.1f}s", flush=True)
+    if not args.skip_real:
+        t0 = time.perf_counter(); await guided(scorer, chain); print(f"warm-up CBS {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter(); await guided(scorer, head_chain)
     print(f"warm-up engine-head CBS {time.perf_counter() - t0:.1f}s", flush=True)
     for rnd in range(args.rounds):
         t0 = time.perf_counter(); outs = await plain(); tp = time.perf_counter() - t0
         ntok = sum(len(s.token_ids) for o in outs for s in o)
-        free = TimedScorer(FreeScorer())
-        t0 = time.perf_counter(); rf = await guided(free, Chain()); tf = time.perf_counter() - t0
+        line = [f"round {rnd}: plain {tp:.2f}s ({ntok} tok, {ntok/tp:.0f} tok/s)"]
+        variants = [("free-scorer CBS", lambda: guided(TimedScorer(FreeScorer()), Chain()))]
+        if args.align:
+            variants.append(("free-scorer CBS unaligned", lambda: guided(TimedScorer(FreeScorer()), Chain(), unaligned)))
         real = TimedScorer(scorer)
-        t0 = time.perf_counter(); rr = await guided(real, chain); tr = time.perf_counter() - t0
-        t0 = time.perf_counter(); rh = await guided(scorer, head_chain); th = time.perf_counter() - t0
-        print(f"round {rnd}: plain {tp:.2f}s ({ntok} tok, {ntok/tp:.0f} tok/s) | free-scorer CBS {tf:.2f}s "
-              f"({sum(r.completion_tokens for r in rf)} tok) ratio {tf/tp:.2f} | real CBS {tr:.2f}s "
-              f"({sum(r.completion_tokens for r in rr)} tok) ratio {tr/tp:.2f}, scorer wait {real.seconds:.1f}s "
-              f"over {real.calls} calls, forward busy {scorer.busy_seconds:.1f}s in {scorer.batches} batches | "
-              f"engine-head value CBS {th:.2f}s ({sum(r.completion_tokens for r in rh)} tok) ratio {th/tp:.2f}",
-              flush=True)
+        if not args.skip_real:
+            variants.append(("real CBS", lambda: guided(real, chain)))
+        variants.append(("engine-head CBS", lambda: guided(scorer, head_chain)))
+        if args.align:
+            variants.append(("engine-head CBS unaligned", lambda: guided(scorer, head_chain, unaligned)))
+        for name, run in variants:
+            t0 = time.perf_counter(); res = await run(); t = time.perf_counter() - t0
+            line.append(f"{name} {t:.2f}s ({sum(r.completion_tokens for r in res)} tok) ratio {t/tp:.2f}")
+            print(line[-1], flush=True)
+        line.append(f"real scorer wait {real.seconds:.1f}s over {real.calls} calls, forward busy "
+                    f"{scorer.busy_seconds:.1f}s in {scorer.batches} batches")
+        print(" | ".join(line), flush=True)
     scorer.close()
     engine.shutdown()
 
@@ -106,4 +116,7 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="engine and value dtype (float32 on CPUs without AVX-512 bf16, where bf16 is emulated)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--skip-real", action="store_true", help="no CBS with the scorer (engine-side variants only)")
+    ap.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
+                    help="align chunk boundaries to the KV block size (SearchParams.align)")
     asyncio.run(main(ap.parse_args()))

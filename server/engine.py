@@ -75,6 +75,9 @@ class EngineClient(abc.ABC):
     max_value_heads = 0
     """How many `ChunkRequest.value_heads` the engine evaluates per request (0: none)."""
 
+    kv_block_size = 1
+    """Tokens per KV-cache block its prefix cache reuses (whole blocks only); 1: any prefix."""
+
     @property
     def errored(self) -> bool:
         return False
@@ -129,6 +132,8 @@ class VllmEngine(EngineClient):
         # engine_patches.patch_value_heads runs in the CPU worker; the heads ride in logprob slots
         max_logprobs = llm.model_config.max_logprobs  # -1: no limit
         self.max_value_heads = 0 if _on_cuda() else (max_logprobs + 1 if max_logprobs >= 0 else 64)
+        cache = llm.vllm_config.cache_config
+        self.kv_block_size = cache.block_size if cache.enable_prefix_caching else 1
 
     @classmethod
     def start(cls, model_path: str, model_id: str, *, max_model_len: int, kv_cache_gib: int, block_size: int,

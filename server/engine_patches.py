@@ -67,10 +67,18 @@ def patch_value_heads(cls) -> None:
     hidden state at the position that sampled the token. The server sets this key only on its own
     chunk requests (no API field reaches it): a search then values candidates with no second
     backbone pass, the value sharing the engine's forward.
+
+    When no other request of the batch wants logprobs, the sampler is told to compute none (no
+    log-softmax, top-k or rank over the vocabulary for every row) and the logprob slots are built
+    from the head outputs alone; otherwise real logprobs are computed and the value rows' slots
+    overwritten. The heads of all rows are evaluated in one batched product per head count.
     """
     if getattr(cls, "_iro_value_heads", False):
         return
+    import dataclasses
+
     import torch
+    from vllm.v1.outputs import LogprobsTensors
 
     original_load = cls.load_model
     original_sample = cls._sample
@@ -97,21 +105,49 @@ def patch_value_heads(cls) -> None:
             state._iro_heads = heads
         return heads
 
-    def _sample(self, *args, **kwargs):
-        output = original_sample(self, *args, **kwargs)
-        hidden, self._iro_sample_hidden = getattr(self, "_iro_sample_hidden", None), None
-        logprobs = output.logprobs_tensors
-        if hidden is None or logprobs is None:
-            return output
+    def value_rows(self, hidden_size: int, slots: int) -> dict[int, tuple[list[int], list]]:
+        """head count -> (batch rows, their heads) for the value-head requests of this batch."""
+        groups: dict[int, tuple[list[int], list]] = {}
         for i, req_id in enumerate(self.input_batch.req_ids):
             state = self.requests.get(req_id)
-            heads = heads_of(state, hidden.shape[-1]) if state is not None else None
-            if heads is None or heads.shape[0] > logprobs.logprobs.shape[1]:
-                continue
-            m = heads.shape[0]
-            values = heads[:, :-1] @ hidden[i].float() + heads[:, -1]
-            logprobs.logprobs[i, :m] = values.to(logprobs.logprobs.dtype)
-            logprobs.logprob_token_ids[i, :m] = torch.arange(m, dtype=logprobs.logprob_token_ids.dtype)
+            heads = heads_of(state, hidden_size) if state is not None else None
+            if heads is not None and heads.shape[0] <= slots:
+                rows, hs = groups.setdefault(heads.shape[0], ([], []))
+                rows.append(i)
+                hs.append(heads)
+        return groups
+
+    def _sample(self, *args, **kwargs):
+        hidden, self._iro_sample_hidden = getattr(self, "_iro_sample_hidden", None), None
+        batch = self.input_batch
+        meta = batch.sampling_metadata
+        if hidden is None or meta.max_num_logprobs is None or meta.max_num_logprobs < 0:
+            return original_sample(self, *args, **kwargs)
+        slots = meta.max_num_logprobs + 1
+        groups = value_rows(self, hidden.shape[-1], slots)
+        if not groups:
+            return original_sample(self, *args, **kwargs)
+        value_req_ids = {batch.req_ids[i] for rows, _ in groups.values() for i in rows}
+        only_values = not meta.logprob_token_ids and all(r in value_req_ids for r in batch.num_logprobs)
+        if only_values:
+            batch.sampling_metadata = dataclasses.replace(meta, max_num_logprobs=None)
+            try:
+                output = original_sample(self, *args, **kwargs)
+            finally:
+                batch.sampling_metadata = meta
+            n = output.sampled_token_ids.shape[0]
+            output.logprobs_tensors = LogprobsTensors(torch.zeros((n, slots), dtype=torch.int32),
+                                                      torch.zeros((n, slots), dtype=torch.float32),
+                                                      torch.zeros(n, dtype=torch.int64))
+        else:
+            output = original_sample(self, *args, **kwargs)
+        logprobs = output.logprobs_tensors
+        for m, (rows, heads) in groups.items():
+            w = torch.stack(heads)  # (rows, m, H + 1)
+            index = torch.tensor(rows)
+            values = torch.einsum("rmh,rh->rm", w[:, :, :-1], hidden[index].float()) + w[:, :, -1]
+            logprobs.logprobs[index, :m] = values.to(logprobs.logprobs.dtype)
+            logprobs.logprob_token_ids[index, :m] = torch.arange(m, dtype=logprobs.logprob_token_ids.dtype)
         return output
 
     cls.load_model = load_model

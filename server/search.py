@@ -45,6 +45,17 @@ class SearchParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    align: int = 1
+    """Tokens per KV block of the engine's prefix cache (1: no alignment). CBS then lengthens its
+    first chunk by less than u = gcd(l, align) tokens (and shortens its last) so that every chunk
+    boundary falls one token past a multiple of u (`first_chunk_length`). Why: vLLM's prefix cache
+    reuses whole blocks only and always recomputes a prompt's last token, so a chunk request
+    re-prefills ((prefix length - 1) mod block) + 1 tokens, once per continuation: 1 token at
+    1 past a block boundary, a whole block at a boundary itself."""
+
+    def first_chunk_length(self, prompt_len: int) -> int:
+        unit = math.gcd(self.l, max(1, self.align))
+        return min(self.max_tokens, self.l + (1 - (prompt_len + self.l)) % unit)
 
 
 @dataclass
@@ -146,7 +157,8 @@ class Searcher:
                 break
             # The first step expands the prompt alone: w*k samples, like w copies of it.
             fanout = [(b, params.k * (params.w if step == 0 else 1)) for b in active]
-            requests = [self._request(prompt_ids + b.token_ids, n, min(params.l, params.max_tokens - len(b.token_ids)),
+            length = params.first_chunk_length(len(prompt_ids)) if step == 0 else params.l
+            requests = [self._request(prompt_ids + b.token_ids, n, min(length, params.max_tokens - len(b.token_ids)),
                                       params, heads, step, i) for i, (b, n) in enumerate(fanout)]
             self.on_chunks(len(requests))
             samples = await asyncio.gather(*[self.engine.sample(r) for r in requests])

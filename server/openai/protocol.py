@@ -47,6 +47,10 @@ class GuidanceParams(OpenAIBaseModel):
     beta: float | None = Field(None, gt=0, description="One temperature for every value in the chain.")
     betas: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="One beta per value in the chain (V_1..V_t).")
+    align_chunks: bool = Field(
+        True, description="cbs: lengthen the first chunk by fewer than gcd(l, KV block size) tokens (and shorten "
+                          "the last) so that every chunk boundary falls on the engine's prefix-cache grid (faster: chunk requests re-prefill less). false: "
+                          "every chunk is exactly l tokens.")
 
 
 class StreamOptions(OpenAIBaseModel):

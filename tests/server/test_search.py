@@ -144,6 +144,28 @@ def test_chunk_requests_are_token_prompts_that_extend_the_beams():
     assert result.completion_tokens == result.candidates_generated * 2
 
 
+@pytest.mark.parametrize("prompt_len, align, l, max_tokens, lengths", [
+    (3, 1, 2, 8, [2, 2, 2, 2]),          # no alignment: chunks of l
+    (3, 16, 8, 48, [14, 8, 8, 8, 8, 2]),  # prompt 3 + 14 = 17: every boundary 1 past a multiple of gcd(8, 16)
+    (21, 16, 8, 48, [12, 8, 8, 8, 8, 4]),  # 21 + 12 = 33
+    (25, 16, 8, 48, [8, 8, 8, 8, 8, 8]),  # already there
+    (3, 16, 8, 10, [10]),                 # the first chunk never exceeds max_tokens
+    (5, 32, 16, 40, [28, 12]),            # l a multiple of the block: 1 past whole blocks
+])
+def test_aligned_chunks_put_every_boundary_on_the_prefix_cache_grid(prompt_len, align, l, max_tokens, lengths):
+    engine = ScriptedEngine()
+    params = SearchParams(mode="cbs", w=2, k=2, l=l, max_tokens=max_tokens, seed=1, align=align)
+    result = asyncio.run(Searcher(engine, CountingScorer(prompt_len), decode=decode).run(
+        Chain([1.0]), [3] * prompt_len, params))
+    assert len(result.beams[0].token_ids) == max_tokens
+    by_step: dict[int, set] = {}
+    for r in engine.requests:
+        by_step.setdefault(len(r.prompt_ids), set()).add(r.max_tokens)
+    assert [m for _, ms in sorted(by_step.items()) for m in ms] == lengths
+    unit = np.gcd(l, align)
+    assert all(n % unit == 1 % unit for n in sorted(by_step)[1:])  # every later chunk starts 1 past the grid
+
+
 def test_same_seed_same_result_different_seed_differs():
     a = run(ScriptedEngine(), CountingScorer(3), seed=5).beams[0].token_ids
     b = run(ScriptedEngine(), CountingScorer(3), seed=5).beams[0].token_ids
