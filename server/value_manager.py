@@ -134,6 +134,7 @@ class ValueManager:
                 raise NotFoundError(str(exc), param=exc.param or "name", code="value_not_found") from exc
             except OSError as exc:
                 raise UnavailableError(f"cannot read the registry: {exc}", code="registry_unreadable") from exc
+            log.info("loading value %s@%d%s", name, version, " (registry change)" if from_watch else "")
             try:
                 chain = await asyncio.to_thread(self.loader.load_chain, name, version)
             except (CheckpointError, RegistryError, OSError) as exc:

@@ -77,14 +77,18 @@ class ValueLoader:
                                   reason="bad_manifest", path=directory)
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
+        verified = time.perf_counter()
         model = build_value_model(self.pool.for_inference(manifest.model), manifest, adapter, head)
         value = LoadedValue(name, version, manifest, model)
+        built = time.perf_counter()
         # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
         probe = forward_values(value, [ScoreItem([1, 2, 3, 4], 0)], use_cache=False)
         if not torch.isfinite(torch.as_tensor(probe)).all():
             raise CheckpointError(f"{name}@{version} produces non-finite values", reason="bad_values", path=directory)
         self._loaded[(name, version)] = value
-        log.info("loaded value %s@%d in %.3f s", name, version, time.perf_counter() - start)
+        end = time.perf_counter()
+        log.info("loaded value %s@%d in %.3f s (read + verify %.3f, build %.3f, test forward %.3f)", name, version,
+                 end - start, verified - start, built - verified, end - built)
         return value
 
     def load_chain(self, spec_name: str, version: int | None = None) -> ValueChain:
