@@ -98,8 +98,9 @@ async def main(args):
             t0 = time.perf_counter(); res = await run(); t = time.perf_counter() - t0
             line.append(f"{name} {t:.2f}s ({sum(r.completion_tokens for r in res)} tok) ratio {t/tp:.2f}")
             print(line[-1], flush=True)
-        line.append(f"real scorer wait {real.seconds:.1f}s over {real.calls} calls, forward busy "
-                    f"{scorer.busy_seconds:.1f}s in {scorer.batches} batches")
+        if not args.skip_real:
+            line.append(f"real scorer wait {real.seconds:.1f}s over {real.calls} calls, forward busy "
+                        f"{scorer.busy_seconds:.1f}s in {scorer.batches} batches")
         print(" | ".join(line), flush=True)
     scorer.close()
     engine.shutdown()

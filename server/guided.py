@@ -71,7 +71,7 @@ class GuidedServing:
             mode=mode, w=w, k=k, l=l, max_tokens=max_tokens, n=request.n, temperature=request.temperature,
             top_p=request.top_p, top_k=request.top_k, seed=request.seed, stop=tuple(request.stop_list()),
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            align=getattr(self.engine, "kv_block_size", 1) if g.align_chunks else 1)
+            align=self.engine.kv_block_size if g.align_chunks else 1)
         return chain, params, spec.split("@")[0]
 
     def info(self, name: str, chain: ValueChain, params: SearchParams, results: list[SearchResult]) -> GuidanceInfo:

@@ -49,8 +49,8 @@ class GuidanceParams(OpenAIBaseModel):
         None, description="One beta per value in the chain (V_1..V_t).")
     align_chunks: bool = Field(
         True, description="cbs: lengthen the first chunk by fewer than gcd(l, KV block size) tokens (and shorten "
-                          "the last) so that every chunk boundary falls on the engine's prefix-cache grid (faster: chunk requests re-prefill less). false: "
-                          "every chunk is exactly l tokens.")
+                          "the last) so that every later chunk starts 1 token past the engine's prefix-cache grid "
+                          "(faster: chunk requests re-prefill less). false: every chunk is exactly l tokens.")
 
 
 class StreamOptions(OpenAIBaseModel):
