@@ -22,7 +22,7 @@ from valuefn.checkpoint import (
 from valuefn.model import (ValueModel, ValueModelConfig, backbone_identity, copy_backbone, default_device, load_backbone,
                            share_tensors)
 from valuefn.registry import Registry
-from valuefn.scorer import LoadedValue, ScoreItem, ValueChain, forward_values
+from valuefn.scorer import LoadedValue, ScoreItem, ValueChain, check_kv_reuse, forward_values
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class ValueLoader:
         probe = forward_values(value, [ScoreItem([1, 2, 3, 4], 0)], use_cache=False)
         if not torch.isfinite(torch.as_tensor(probe)).all():
             raise CheckpointError(f"{name}@{version} produces non-finite values", reason="bad_values", path=directory)
+        if not model.config.engine_head:
+            check_kv_reuse(value)
         self._loaded[(name, version)] = value
         end = time.perf_counter()
         log.info("loaded value %s@%d in %.3f s (read + verify %.3f, build %.3f, test forward %.3f)", name, version,

@@ -25,6 +25,7 @@ own (the engine hands the head's outputs back with every sampled token).
 from __future__ import annotations
 
 import copy
+import logging
 import hashlib
 import json
 import re
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -83,7 +86,8 @@ def pool_values(scalars, response_start: int | None, pooling: str) -> float:
     if pooling == "last" or response_start is None or response_start >= len(scalars):
         return float(scalars[-1])
     shift = POOLING_SHIFT[pooling]
-    return float(np.mean(scalars[max(response_start - shift, 0): len(scalars) - shift]))
+    window = scalars[max(response_start - shift, 0): len(scalars) - shift]
+    return float(np.add.reduce(window) / len(window))
 
 
 POOLING_SHIFT = {"last": 0, "mean": 0, "mean_before": 1}
@@ -140,11 +144,57 @@ def backbone_identity(model_path: str | Path) -> dict:
 
 def load_backbone(model_path: str | Path, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16,
                   device: torch.device | None = None) -> nn.Module:
-    """The base model's decoder (no LM head), truncated to its first `num_layers` layers."""
+    """The base model's decoder (no LM head), truncated to its first `num_layers` layers.
+
+    Only the tensors those layers need are read (safetensors files are read lazily), straight
+    to `device`: a 4-layer value of an 8B model reads ~1 GB, not 16."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_path), dtype=dtype)
-    return truncate(model, num_layers).to(device or default_device()).eval()
+    device = device or default_device()
+    try:
+        model = _load_layers(Path(model_path), num_layers, dtype, device)
+    except Exception as exc:  # noqa: BLE001 - an unusual checkpoint layout: read it all
+        log.info("partial load of %s failed (%s); loading the whole model", model_path, exc)
+        model = None
+    if model is None:
+        model = truncate(AutoModel.from_pretrained(str(model_path), dtype=dtype), num_layers)
+    return model.to(device).eval()
+
+
+def _load_layers(path: Path, num_layers: int | None, dtype: torch.dtype, device: torch.device) -> nn.Module | None:
+    """The decoder's first `num_layers` layers from the checkpoint's safetensors files, or None
+    when that is not possible here (no safetensors files, or all layers wanted)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+
+    files = sorted(path.glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(str(path))
+    if not files or num_layers is None or num_layers >= config.num_hidden_layers:
+        return None
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, dtype=dtype)
+    wanted = set(model.state_dict())
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                name = key[len("model."):] if key.startswith("model.") else key
+                if name in wanted:
+                    state[name] = f.get_tensor(key).to(dtype)
+    missing = wanted - set(state)
+    if missing:
+        raise ValueError(f"checkpoint lacks {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, module in model.named_modules():  # non-persistent buffers (rotary frequencies) are rebuilt
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not name.endswith("rotary_emb"):
+                raise ValueError(f"cannot rebuild buffers of {name}")
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], type(module)(config=config).to(device))
+    return model
 
 
 def truncate(model: nn.Module, num_layers: int | None) -> nn.Module:

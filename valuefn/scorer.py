@@ -1,9 +1,10 @@
 """Scoring partial responses with a value chain: one queue shared by every search in the server.
 
 Searches submit candidate sets; a worker thread micro-batches the candidates of all concurrent
-searches into forward passes. Key/values of scored sequences are cached per value model, so
-a candidate that extends an already-scored beam only runs its new tokens through the backbone:
-cost per step follows the chunk length, not the prefix length.
+searches into forward passes. Key/values of scored sequences are kept per value model in a slot
+pool (`valuefn.kv_pool`), so a candidate that extends an already-scored beam only runs its new
+tokens through the backbone, and a step is a constant number of batched tensor operations: its
+cost follows the chunk length, not the prefix length or the number of candidates.
 
 Chain score of candidate j in one step's candidate set (the reference's WeightedMultiValueScorer):
 
@@ -24,7 +25,6 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from valuefn.checkpoint import Manifest, SearchDefaults
+from valuefn.kv_pool import KVPool, Row
 from valuefn.model import ValueModel, pool_values
 
 log = logging.getLogger(__name__)
@@ -48,65 +49,29 @@ def chain_scores(values: np.ndarray, betas: Sequence[float]) -> np.ndarray:
 
 
 def seq_key(token_ids: Sequence[int]) -> bytes:
-    return hashlib.blake2b(np.asarray(token_ids, dtype=np.int32).tobytes(), digest_size=16).digest()
+    return _key(np.asarray(token_ids, dtype=np.int32).tobytes())
 
 
-@dataclass(frozen=True)
-class CachedSeq:
-    """What the scorer keeps of a scored sequence of T tokens."""
-
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-    """(K, V) per layer, each (kv_heads, T, head_dim)."""
-    scalars: np.ndarray
-    """(T,) the head's output at every token: what pooling over the response needs."""
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv) + self.scalars.nbytes
-
-
-class KVCache:
-    """LRU of `CachedSeq` by token-sequence key, bounded in bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._d: OrderedDict[bytes, tuple[CachedSeq, int]] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key: bytes) -> CachedSeq | None:
-        item = self._d.get(key)
-        if item is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._d.move_to_end(key)
-        return item[0]
-
-    def put(self, key: bytes, seq: CachedSeq) -> None:
-        if key in self._d:
-            self._d.move_to_end(key)
-            return
-        size = seq.nbytes
-        self._d[key] = (seq, size)
-        self.bytes += size
-        while self.bytes > self.max_bytes and len(self._d) > 1:
-            _, (_, s) = self._d.popitem(last=False)
-            self.bytes -= s
-
-    def __len__(self) -> int:
-        return len(self._d)
+def _key(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 @dataclass(eq=False)
 class LoadedValue:
-    """One verified, loaded value version (inference weights + its KV cache)."""
+    """One verified, loaded value version (inference weights + the key/values of what it scored)."""
 
     name: str
     version: int
     manifest: Manifest
     model: ValueModel
-    cache: KVCache = field(default_factory=lambda: KVCache(512 << 20))
+    cache: KVPool | None = None
+    """Key/values of scored sequences (`valuefn.kv_pool`); built on first use, sized by the budget."""
+    kv_reuse: bool = True
+    """False when the pool path failed its check at load (`check_kv_reuse`): every step recomputes."""
+
+    def __post_init__(self):
+        if self.cache is None:
+            self.cache = KVPool.for_model(self.model.backbone)
 
     @property
     def device(self) -> torch.device:
@@ -169,85 +134,136 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
+def default_max_batch_tokens(device: torch.device) -> int:
+    """Keys attended per forward pass (rows x longest row): small on a CPU, one pass per step on a GPU."""
+    return 1 << 18 if device.type == "cuda" else 16384
+
+
 @torch.inference_mode()
-def forward_values(value: LoadedValue, items: Sequence[ScoreItem], *, max_batch_tokens: int = 16384,
+def forward_values(value: LoadedValue, items: Sequence[ScoreItem], *, max_batch_tokens: int | None = None,
                    use_cache: bool = True) -> np.ndarray:
-    """V of each item (its pooling over the head outputs), reusing and extending `value.cache`."""
-    if use_cache:
-        # Shared prefixes (e.g. the prompt at the first step) are computed once and cached.
-        missing: dict[bytes, Sequence[int]] = {}
-        for it in items:
-            if it.prefix_len > 0:
-                k = seq_key(it.token_ids[: it.prefix_len])
-                if k not in missing and value.cache.get(k) is None:
-                    missing[k] = it.token_ids[: it.prefix_len]
-        if missing:
-            forward_values(value, [ScoreItem(ids, 0) for ids in missing.values()], max_batch_tokens=max_batch_tokens)
-    plans = []
-    for idx, it in enumerate(items):
-        past = value.cache.get(seq_key(it.token_ids[: it.prefix_len])) if use_cache and it.prefix_len > 0 else None
-        plans.append((idx, it, past, it.prefix_len if past is not None else 0))
-    plans.sort(key=lambda p: (p[3], len(p[1].token_ids)))
+    """V of each item (its pooling over the head outputs). With `use_cache` the key/values of
+    scored sequences are kept in `value.cache` and a child of a cached sequence runs only its
+    new tokens; without, every item is recomputed from its first token."""
+    max_batch_tokens = max_batch_tokens or default_max_batch_tokens(value.device)
     out = np.zeros(len(items), dtype=np.float64)
-    batch: list = []
-    for plan in plans:
-        longest = max([len(p[1].token_ids) for p in batch] + [len(plan[1].token_ids)])
-        if batch and longest * (len(batch) + 1) > max_batch_tokens:
-            _run_batch(value, batch, out, use_cache)
-            batch = []
-        batch.append(plan)
-    if batch:
-        _run_batch(value, batch, out, use_cache)
+    if not items:
+        return out
+    if not (use_cache and value.kv_reuse):
+        for batch in _batches(list(range(len(items))), [len(it.token_ids) for it in items], max_batch_tokens):
+            _recompute(value, [items[i] for i in batch], out, batch)
+        return out
+    pool = value.cache
+    data = [np.asarray(it.token_ids, dtype=np.int32).tobytes() for it in items]
+    parent_keys = [_key(d[: 4 * it.prefix_len]) if it.prefix_len > 0 else None for d, it in zip(data, items)]
+    # Shared prefixes (e.g. the prompt at the first step) are computed once and cached.
+    missing: dict[bytes, Sequence[int]] = {}
+    for k, it in zip(parent_keys, items):
+        if k is not None and k not in missing and k not in pool:
+            missing[k] = it.token_ids[: it.prefix_len]
+    if missing:
+        forward_values(value, [ScoreItem(ids, 0) for ids in missing.values()], max_batch_tokens=max_batch_tokens)
+    rows, todo = [], []
+    pooling = value.model.config.pooling
+    for i, (k, it) in enumerate(zip(parent_keys, items)):
+        parent = pool.get(k) if k is not None else None
+        plen = 0 if parent is None else len(parent.slots)
+        if plen == len(it.token_ids):  # nothing new (an empty chunk): its parent's value
+            out[i] = pool_values(parent.scalars, it.response_start, pooling)
+        else:
+            todo.append(i)
+        rows.append(Row(parent, list(it.token_ids[plen:])))
+    lengths = [len(r.new_ids) + (0 if r.parent is None else len(r.parent.slots)) for r in rows]
+    for batch in _batches(todo, lengths, max_batch_tokens):
+        _run_pooled(value, [rows[i] for i in batch], [items[i] for i in batch], [_key(data[i]) for i in batch],
+                    out, batch)
     return out
 
 
-def _run_batch(value: LoadedValue, batch: list, out: np.ndarray, use_cache: bool) -> None:
-    from transformers import DynamicCache
+def _batches(order: list[int], lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Consecutive groups whose rows x longest row stays under `max_batch_tokens`."""
+    order = sorted(order, key=lambda i: lengths[i])
+    batches, batch, longest = [], [], 0
+    for i in order:
+        longest_with = max(longest, lengths[i])
+        if batch and longest_with * (len(batch) + 1) > max_batch_tokens:
+            batches.append(batch)
+            batch, longest_with = [], lengths[i]
+        batch.append(i)
+        longest = longest_with
+    if batch:
+        batches.append(batch)
+    return batches
 
+
+def _run_pooled(value: LoadedValue, rows: list[Row], items: list[ScoreItem], keys: list[bytes], out: np.ndarray,
+                idx: list[int]) -> None:
+    step = value.cache.plan(rows)
+    if step is None:  # the pool cannot hold this batch: recompute it without caching
+        log.warning("value %s@%s: key/value pool full, recomputing %d sequences", value.name, value.version, len(rows))
+        _recompute(value, items, out, idx)
+        return
+    try:
+        mask = step.mask
+        if value.model.backbone.config._attn_implementation == "eager":  # additive mask
+            mask = torch.zeros(mask.shape, dtype=value.model.head.weight.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(torch.float32).min)
+        values, _ = value.model(step.input_ids, attention_mask=mask, position_ids=step.positions,
+                                past_key_values=step, use_cache=True)
+        values = values.float().cpu().numpy()  # (B, L)
+    except BaseException:
+        step.abort()
+        raise
+    pooling = value.model.config.pooling
+    scalars = []
+    for b, (row, it) in enumerate(zip(rows, items)):
+        new = values[b, : len(row.new_ids)]
+        s = new.copy() if row.parent is None else np.concatenate([row.parent.scalars, new])
+        scalars.append(s)
+        out[idx[b]] = pool_values(s, it.response_start, pooling)
+    step.finish(keys, scalars)
+
+
+def _recompute(value: LoadedValue, items: list[ScoreItem], out: np.ndarray, idx: list[int]) -> None:
     device = value.device
-    B = len(batch)
-    P = max(p[3] for p in batch)
-    news = [list(p[1].token_ids[p[3]:]) for p in batch]
-    L = max(len(n) for n in news)
-    input_ids = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, P + L, dtype=torch.long)
-    position_ids = torch.zeros(B, L, dtype=torch.long)
-    for i, ((_, _, _, plen), new) in enumerate(zip(batch, news)):
-        input_ids[i, : len(new)] = torch.tensor(new)
-        mask[i, P - plen: P + len(new)] = 1
-        position_ids[i] = plen + torch.arange(L)
-    cache = None
-    if P > 0:  # left-pad every cached prefix to P
-        layers = []
-        template = next(p[2] for p in batch if p[2] is not None)
-        for layer, (k0, _) in enumerate(template.kv):
-            K = k0.new_zeros(B, k0.shape[0], P, k0.shape[2])
-            V = torch.zeros_like(K)
-            for i, (_, _, past, plen) in enumerate(batch):
-                if past is not None:
-                    K[i, :, P - plen:] = past.kv[layer][0]
-                    V[i, :, P - plen:] = past.kv[layer][1]
-            layers.append((K, V))
-        cache = DynamicCache(ddp_cache_data=layers)
-    values, new_cache = value.model(input_ids.to(device), attention_mask=mask.to(device),
-                                    position_ids=position_ids.to(device), past_key_values=cache,
-                                    use_cache=use_cache)
+    B = len(items)
+    T = max(len(it.token_ids) for it in items)
+    ids = np.zeros((B, T), dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.int64)
+    for b, it in enumerate(items):  # right padding: positions start at 0 in every row
+        ids[b, : len(it.token_ids)] = it.token_ids
+        mask[b, : len(it.token_ids)] = 1
+    values, _ = value.model(torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device))
     values = values.float().cpu().numpy()
     pooling = value.model.config.pooling
-    for i, (idx, it, past, plen) in enumerate(batch):
-        n = len(news[i])
-        scalars = values[i, :n].copy() if past is None else np.concatenate([past.scalars, values[i, :n]])
-        out[idx] = pool_values(scalars, it.response_start, pooling)
-        if use_cache:
-            kv = [(layer.keys[i, :, P - plen: P + n].clone(), layer.values[i, :, P - plen: P + n].clone())
-                  for layer in new_cache.layers]
-            value.cache.put(seq_key(it.token_ids), CachedSeq(kv, scalars))
+    for b, it in enumerate(items):
+        out[idx[b]] = pool_values(values[b, : len(it.token_ids)], it.response_start, pooling)
+
+
+def check_kv_reuse(value: LoadedValue, *, atol: float = 2e-2) -> bool:
+    """Run a tiny two-step search both ways; keep the pool path only if it matches recomputation
+    (a guard against a transformers version whose attention no longer follows the cache protocol)."""
+    ids = [[1, 2, 3, 4, 5], [1, 2, 3, 6]]
+    try:
+        full = forward_values(value, [ScoreItem(i + [7, 8], 0, 3) for i in ids], use_cache=False)
+        forward_values(value, [ScoreItem(i, 0, 3) for i in ids])
+        reused = forward_values(value, [ScoreItem(i + [7, 8], len(i), 3) for i in ids])
+        ok = bool(np.allclose(full, reused, atol=atol, rtol=atol))
+        reason = f"max difference {np.max(np.abs(full - reused)):.3g}"
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the pool
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
+    value.cache.clear(release=True)
+    if not ok:
+        log.warning("value %s@%s: key/value reuse disagrees with recomputation (%s); scoring recomputes",
+                    value.name, value.version, reason)
+    value.kv_reuse = ok
+    return ok
 
 
 class Scorer:
     """One scoring queue for the whole server; call `await scorer.score(chain, items)`."""
 
-    def __init__(self, *, threads: int | None = None, max_batch_tokens: int = 16384, metrics=None):
+    def __init__(self, *, threads: int | None = None, max_batch_tokens: int | None = None, metrics=None):
         self.threads = threads
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
