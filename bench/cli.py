@@ -12,12 +12,25 @@ import typer
 def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference prompts (same workload otherwise)."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
           dtype: str = typer.Option("bfloat16", help="bfloat16 | float32 (engine, values and reference loop; "
-                                                     "float32 where the CPU has no native bf16, e.g. AVX2 only)")):
-    """Measure guided decoding against plain vLLM sampling and the reference HF loop."""
-    from bench.guided import print_table, run
-
+                                                     "float32 where the CPU has no native bf16, e.g. AVX2 only)"),
+          scorer: bool = typer.Option(False, "--scorer", help="Only the value scorer (no vLLM, no model files): "
+                                      "key/value reuse vs recomputation on random-weight values of real shapes."),
+          device: Optional[str] = typer.Option(None, help="With --scorer: cpu | cuda (default: cuda if present)")):
+    """Measure guided decoding against plain vLLM sampling and the reference HF loop (or, with
+    --scorer, the value scorer alone, on CPU or CUDA)."""
     if dtype not in ("bfloat16", "float32"):
         raise typer.BadParameter(f"expected bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
+    if scorer:
+        from bench import scorer as scorer_bench
+
+        args = ["--dtype", dtype] + (["--device", device] if device else []) + (["--json", str(json_path)] if json_path else [])
+        args += ["--repeats", "1"] if quick else []
+        scorer_bench.main(args)
+        return
+    if device is not None:
+        raise typer.BadParameter("--device applies to --scorer only (the engine runs where vLLM runs)", param_hint="--device")
+    from bench.guided import print_table, run
+
     results = run(quick=quick, json_path=json_path, dtype=dtype)
     print_table(results)
     if json_path is None:
