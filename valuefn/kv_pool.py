@@ -23,6 +23,7 @@ used other pools.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -253,18 +254,31 @@ class KVPool:
                 return None
             B, L = len(rows), int(n.max())
             P = np.array([0 if r.parent is None else len(r.parent.slots) for r in rows])
-            gather = np.zeros((B, int(P.max()) + L), dtype=np.int64)  # (B, T) slot of each key; 0 = scratch
-            scatter = np.zeros((B, L), dtype=np.int64)  # (B, L) slot of each new token
-            ids = np.zeros((B, L), dtype=np.int64)
+            T = int(P.max()) + L
             offsets = np.concatenate([[0], np.cumsum(n)])
-            for b, r in enumerate(rows):
-                if r.parent is not None:
-                    gather[b, : P[b]] = r.parent.slots
-                own = new[offsets[b]: offsets[b + 1]]
-                gather[b, P[b]: P[b] + n[b]] = own
-                scatter[b, : n[b]] = own
-                ids[b, : n[b]] = r.new_ids
+            gather = np.zeros(B * (int(P.max()) + L), dtype=np.int64)  # (B, T) slot of each key; 0 = scratch
+            scatter = np.zeros(B * L, dtype=np.int64)  # (B, L) slot of each new token
+            ids = np.zeros(B * L, dtype=np.int64)
+            if len(parents):  # every row's parent slots at b*T + [0, P_b)
+                gather[_runs(np.arange(B) * T, P)] = np.concatenate([p.slots for p in parents])
+            gather[_runs(np.arange(B) * T + P, n)] = new  # its own at b*T + [P_b, P_b + n_b)
+            own = _runs(np.arange(B) * L, n)
+            scatter[own] = new
+            ids[own] = np.fromiter(itertools.chain.from_iterable(r.new_ids for r in rows), dtype=np.int64,
+                                   count=len(new))
+            gather, scatter, ids = gather.reshape(B, T), scatter.reshape(B, L), ids.reshape(B, L)
             return PoolStep(self, rows, P, n, offsets, ids, gather, scatter, new)
+
+
+def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ranges [start, start + length) of every row, without a loop over rows.
+
+    >>> _runs(np.array([0, 10, 20]), np.array([2, 0, 3])).tolist()
+    [0, 1, 20, 21, 22]
+    """
+    total = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(total)
 
 
 class PoolStep:
