@@ -50,6 +50,15 @@ def apa_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tenso
     return err.sum() / mask.sum().clamp(min=1)
 
 
+def apa_sequence_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor, *,
+                      lam: float = APA_LAMBDA) -> torch.Tensor:
+    """APA with the whole response as the action (the bandit view DPO also takes): when only a
+    final reward is known, A(x, y) = R - b(x) belongs to the response, not to any one token.
+
+    logp, ref_logp: (B,) summed log-probabilities of each response; advantages: (B,)."""
+    return ((logp - ref_logp - advantages / lam) ** 2).mean()
+
+
 @dataclass
 class PairLoss:
     loss: torch.Tensor
@@ -109,4 +118,4 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor)
     return (kl * m).sum() / m.sum().clamp(min=1)
 
 
-__all__ = ["APA_LAMBDA", "IS_BETA", "IS_CLIP_EPS", "PairLoss", "apa_loss", "is_daa_loss", "sequence_logps", "token_kl"]
+__all__ = ["APA_LAMBDA", "IS_BETA", "IS_CLIP_EPS", "PairLoss", "apa_loss", "apa_sequence_loss", "is_daa_loss", "sequence_logps", "token_kl"]

@@ -80,3 +80,11 @@ def test_sequence_logps_and_kl():
     peaked[..., 0] = math.log(3.0)  # p = [1/2, 1/6, 1/6, 1/6] vs uniform
     kl = 0.5 * math.log(2) + 3 * (1 / 6) * math.log(4 / 6)
     assert token_kl(peaked, logits, t([0, 1, 1])).item() == pytest.approx(kl, rel=1e-5)
+
+
+def test_apa_sequence_hand_computed():
+    from trainer.distill_losses import apa_sequence_loss
+
+    # log-ratios [1, -0.5]; targets A/lambda = [0.5/0.5, 0.25/0.5] = [1, 0.5]: errors 0 and 1
+    loss = apa_sequence_loss(torch.tensor([-2.0, -3.5]), torch.tensor([-3.0, -3.0]), torch.tensor([0.5, 0.25]), lam=0.5)
+    assert loss.item() == pytest.approx(0.5)
