@@ -197,8 +197,9 @@ class DistillTrainer:
             else:
                 loss, _ = self._pair_step(units[i: i + bs])
             losses.append((float(loss), len(units[i: i + bs])))
-        for i in range(0, len(eval_examples), bs):
-            batch = collate(eval_examples[i: i + bs], self.config.max_len).to(self.device)
+        kl_bs = max(1, bs // 4)  # two vocabulary-wide logits tensors per sequence: keep the batch small
+        for i in range(0, len(eval_examples), kl_bs):
+            batch = collate(eval_examples[i: i + kl_bs], self.config.max_len).to(self.device)
             mask = self._response_mask(batch)
             kl = token_kl(self._logits(batch, reference=False), self._logits(batch, reference=True), mask)
             weights.append(float(mask.sum()))
