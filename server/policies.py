@@ -112,14 +112,32 @@ class PolicyManager:
         return policy
 
     async def rollback(self, name: str) -> ServedPolicy:
-        version = await asyncio.to_thread(self.registry.rollback, name)
-        self.pinned.pop(name, None)
-        return await self.load(name, version)
+        """Serve the newest version before CURRENT that verifies (refused ones are skipped) and
+        point CURRENT at it."""
+        current = self.registry.current(name)
+        older = [v for v in self.registry.versions(name) if current is None or v < current]
+        for version in reversed(older):
+            if version in self.refused.get(name, {}):
+                continue
+            try:
+                policy = await asyncio.to_thread(self._verify, name, version)
+            except (CheckpointError, RegistryError, OSError) as exc:
+                self.refused.setdefault(name, {})[version] = str(exc)
+                continue
+            await asyncio.to_thread(self.registry.set_current, name, version)
+            self.served[name] = policy
+            self.pinned.pop(name, None)
+            log.info("rolled policy %s back to v%d", name, version)
+            return policy
+        raise RegistryError(f"policy {name!r} has no good version before v{current}", param="policy")
 
     def delete(self, name: str, version: int) -> None:
         """Delete a version from the registry (never the one being served)."""
+        from server.errors import ConflictError
+
         if name in self.served and self.served[name].version == version:
-            raise RegistryError(f"policy {name}@{version} is being served; roll back first", param="version")
+            raise ConflictError(f"policy {name}@{version} is being served; roll back first", param="version",
+                                code="policy_in_use")
         self.registry.delete(name, version)
         self.refused.get(name, {}).pop(version, None)
 

@@ -307,9 +307,10 @@ class DistillTrainer:
         bar.close()
         self.model.eval()
         after = self.evaluate(eval_units, eval_adv, eval_set)
+        window = max(1, min(steps_per_epoch, len(history) // 4))  # first vs last epoch (or quarter of the run)
         metrics: dict[str, Any] = {"eval": after, "eval_before": before,
-                                   "train_loss_first": float(np.mean(history[:steps_per_epoch])) if history else None,
-                                   "train_loss_last": float(np.mean(history[-steps_per_epoch:])) if history else None}
+                                   "train_loss_first": float(np.mean(history[:window])) if history else None,
+                                   "train_loss_last": float(np.mean(history[-window:])) if history else None}
         if reward_fn is not None and c.eval_prompts and eval_set:
             prompts: dict[str, tuple] = {}
             for e in eval_set:

@@ -60,7 +60,7 @@ def test_manager_serves_refuses_and_swaps(tiny_model_dir, peft_model, tmp_path):
     asyncio.run(manager.reconcile())
     assert "big" not in manager.served and "rank" in manager.status("big")["refused"][0]["reason"]
 
-    with pytest.raises(Exception, match="being served"):
+    with pytest.raises(Exception, match="being served"):  # ConflictError: 409
         manager.delete("pol", 3)
     manager.delete("pol", 2)
     assert registry.versions("pol") == [1, 3]
