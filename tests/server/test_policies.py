@@ -80,3 +80,18 @@ def test_resolve_sets_the_request_adapter(tiny_model_dir, peft_model, tmp_path):
     other = PolicyManager(registry, identity=identity_other, base_id="tiny", max_lora_rank=8)
     asyncio.run(other.reconcile())
     assert other.names() == [] and "base" in other.status("pol")["refused"][0]["reason"]
+
+
+def test_vllm_lora_loader_reads_a_published_adapter(tiny_model_dir, peft_model, tmp_path):
+    """The version folder is what vLLM's own LoRA loader reads (no engine needed for that)."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    identity = backbone_identity(tiny_model_dir)
+    registry = PolicyRegistry(tmp_path)
+    publish(registry, "pol", peft_model, identity)
+    directory = str(registry.path("pol", 1))
+    helper = PEFTHelper.from_local_dir(directory, 512)
+    assert helper.r == 4 and sorted(helper.target_modules) == ["q_proj", "v_proj"]
+    model = LoRAModel.from_local_checkpoint(directory, {"q_proj", "v_proj"}, helper, lora_model_id=1, device="cpu")
+    assert sorted(model.loras) == [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
