@@ -123,3 +123,33 @@ def test_pairs_need_different_rewards():
     assert make_pairs(same) == []
     with pytest.raises(ValueError, match="method"):
         DistillConfig(method="ppo")
+
+
+def test_distill_and_policies_commands(tiny32, data, tmp_path):
+    """`iro distill` publishes a version; `iro policies ls/show/rollback` read the registry."""
+    from typer.testing import CliRunner
+
+    from iro.cli import app
+
+    examples, texts = data
+    rollouts = tmp_path / "labelled.jsonl"
+    rollouts.write_text("".join(json.dumps({"id": f"{e.group}:{i}", "prompt_id": e.group, "prompt": texts[e.group],
+                                            "prompt_token_ids": list(e.prompt_ids),
+                                            "response_token_ids": list(e.response_ids), "reward": e.reward}) + "\n"
+                                for i, e in enumerate(examples[:64])))
+    policies = tmp_path / "policies"
+    runner = CliRunner()
+    args = ["distill", str(rollouts), "--method", "is-dpo", "--name", "cli-pol", "--policies-dir", str(policies),
+            "--preset", "smoke", "--model", str(tiny32), "--set", "device=cpu", "--set", "dtype=float32",
+            "--set", "progress=false", "--set", "max_steps=2", "--set", "eval_prompts=0"]
+    for expected in (1, 2):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 0, out.output
+        assert f"published policy cli-pol v{expected} (is-dpo)" in out.output
+    listed = json.loads(runner.invoke(app, ["policies", "ls", "--policies-dir", str(policies), "--json"]).output)
+    assert listed == [{"name": "cli-pol", "current": 2, "versions": [1, 2], "method": "is-dpo"}]
+    shown = json.loads(runner.invoke(app, ["policies", "show", "cli-pol@1", "--policies-dir", str(policies)]).output)
+    assert shown["hyperparameters"]["beta"] == 0.1 and shown["hyperparameters"]["clip_eps"] == 1.0
+    assert "v1" in runner.invoke(app, ["policies", "rollback", "cli-pol", "--policies-dir", str(policies)]).output
+    bad = runner.invoke(app, args[:4] + ["--name", "../x"] + args[6:])
+    assert bad.exit_code == 2 and "invalid policy name" in bad.output
