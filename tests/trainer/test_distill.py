@@ -153,3 +153,22 @@ def test_distill_and_policies_commands(tiny32, data, tmp_path):
     assert "v1" in runner.invoke(app, ["policies", "rollback", "cli-pol", "--policies-dir", str(policies)]).output
     bad = runner.invoke(app, args[:4] + ["--name", "../x"] + args[6:])
     assert bad.exit_code == 2 and "invalid policy name" in bad.output
+
+
+def test_value_advantages_telescope_to_reward_minus_value(monkeypatch):
+    """Per-token APA advantages from a value: chunk temporal differences, V after the last token = R."""
+    from types import SimpleNamespace
+
+    import valuefn.scorer
+    from trainer.distill import value_advantages
+
+    # V(prompt + k response tokens) = 0.1 * k: the fake value reads only how far the response got
+    monkeypatch.setattr(valuefn.scorer, "forward_values",
+                        lambda value, items: [0.1 * (len(it.token_ids) - it.response_start) for it in items])
+    chain = SimpleNamespace(links=((object(), 1.0),))
+    e = Example((1, 2), tuple(range(10, 20)), 2.0, "p")  # 10 response tokens, chunks [0, 4), [4, 8), [8, 10)
+    adv = value_advantages(chain, [e], chunk=4)[0]
+    assert len(adv) == 10
+    assert adv[:4] == pytest.approx([0.1] * 4)  # (V(4) - V(0)) / 4 = 0.4 / 4
+    assert adv[8:] == pytest.approx([(2.0 - 0.8) / 2] * 2)  # the last chunk ends at the reward
+    assert sum(adv) == pytest.approx(2.0 - 0.0)  # R - V(prompt)
