@@ -43,6 +43,7 @@ def serve(
     max_n: Optional[int] = typer.Option(None, help="Largest n per request. (env IRO_MAX_N)"),
     max_queue: Optional[int] = typer.Option(None, help="Requests admitted at once before 429. (env IRO_MAX_QUEUE)"),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--compile", help="Skip vLLM graph compilation. (env IRO_ENFORCE_EAGER)"),
+    policies_dir: Optional[Path] = typer.Option(None, help="Serve distilled LoRA policies from this registry (enables LoRA in the engine). (env IRO_POLICIES_DIR)"),
 ):
     """Serve the OpenAI-compatible API (and value-guided decoding) on HOST:PORT."""
     import uvicorn
@@ -53,7 +54,7 @@ def serve(
     given = {k: v for k, v in dict(model=model, host=host, port=port, api_key=api_key, admin_key=admin_key,
                                    values_dir=values_dir, max_model_len=max_model_len, max_n=max_n,
                                    served_model_name=served_model_name, max_queue=max_queue,
-                                   enforce_eager=enforce_eager).items() if v is not None}
+                                   enforce_eager=enforce_eager, policies_dir=policies_dir).items() if v is not None}
     settings = ServerSettings(**given)
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=5)
@@ -81,8 +82,10 @@ def _add_commands(module: str, attr: str, name: str) -> None:
 
 
 _add_commands("valuefn.cli", "app", "values")
+_add_commands("valuefn.policies_cli", "app", "policies")
 _add_commands("trainer.cli", "register", "_trainer")  # registers several commands itself
 _add_commands("trainer.jobs_cli", "register", "_jobs")  # rollout, eval, loop
+_add_commands("trainer.distill_cli", "register", "_distill")
 _add_commands("clients.cli", "register", "_clients")
 _add_commands("bench.cli", "bench", "bench")
 

@@ -145,7 +145,7 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     model_id = settings.served_model_name or model_path.name
     engine = await asyncio.to_thread(
-        VllmEngine.start, str(model_path), model_id, **settings.engine_options())
+        VllmEngine.start, str(model_path), model_id, **settings.engine_options(), lora=settings.lora_options())
     app.state.engine = engine
     app.state.model_path = model_path
     from server.guided import start_values
@@ -154,6 +154,9 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     app.state.serving = OpenAIServing(engine, max_n=settings.max_n, max_queue=settings.max_queue,
                                       metrics=app.state.metrics, guided=guided, values=values,
                                       log_prompts=settings.log_prompts)
+    from server.policies import start_policies
+
+    app.state.policies = app.state.serving.policies = await start_policies(app, settings, engine, model_path)
     log.info("engine ready: %s", model_id)
 
 
@@ -213,6 +216,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.serving = None
     app.state.engine = None
     app.state.values = None
+    app.state.policies = None
     app.state.closers = []
     app.state.exit_code = 0
     install_error_handlers(app)
@@ -223,6 +227,9 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     from server.admin.router import router as admin_router
 
     app.include_router(admin_router)
+    from server.admin.policies_router import router as policies_router
+
+    app.include_router(policies_router)
 
     @app.get("/health", response_model=HealthStatus, responses=error_responses(503))
     async def health():

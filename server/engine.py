@@ -138,7 +138,7 @@ class VllmEngine(EngineClient):
     @classmethod
     def start(cls, model_path: str, model_id: str, *, max_model_len: int, kv_cache_gib: int, block_size: int,
               enforce_eager: bool, dtype: str, engine_threads: str | None,
-              max_num_batched_tokens: int | None = None) -> "VllmEngine":
+              max_num_batched_tokens: int | None = None, lora: dict | None = None) -> "VllmEngine":
         """Build the engine (blocking; ~25 s on CPU with enforce_eager, ~55 s compiled)."""
         kwargs = engine_kwargs(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, block_size=block_size,
                                enforce_eager=enforce_eager, dtype=dtype, engine_threads=engine_threads,
@@ -146,7 +146,8 @@ class VllmEngine(EngineClient):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(model=model_path, served_model_name=[model_id], disable_log_stats=True, **kwargs)
+        args = AsyncEngineArgs(model=model_path, served_model_name=[model_id], disable_log_stats=True, **kwargs,
+                               **(lora or {}))  # lora: ServerSettings.lora_options() (policy adapters)
         return cls(AsyncLLM.from_engine_args(args), model_id)
 
     @property
@@ -167,9 +168,12 @@ class VllmEngine(EngineClient):
 
         from server.errors import EngineDeadError, InvalidRequestError, UnavailableError
 
+        from server.policies import ACTIVE_LORA
+
         self._in_flight += 1
         try:
-            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                                                   lora_request=ACTIVE_LORA.get()):
                 yield output
         except VllmEngineDead as exc:  # our error types answer 503 without an "Exception in ASGI app" trace
             raise EngineDeadError("the inference engine died; the server is shutting down", code="engine_dead") from exc

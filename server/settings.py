@@ -64,6 +64,13 @@ class ServerSettings(BaseSettings):
     `IRO_CORS_ORIGINS` takes a JSON list or a comma-separated list."""
     log_prompts: bool = False
     """Log prompts and answers (off by default: they may be private)."""
+    policies_dir: Path | None = None
+    """Policy registry (distilled LoRA adapters) to serve and watch. Unset: no adapters, and the
+    engine is built without LoRA (on CPU, LoRA turns graph compilation off)."""
+    max_lora_rank: int = Field(16, ge=1)
+    """Largest LoRA rank a policy adapter may have (vLLM sizes its LoRA buffers by it)."""
+    max_loras: int = Field(4, ge=1)
+    """Adapters vLLM holds at once (a swap keeps the old version until its requests finish)."""
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -75,6 +82,12 @@ class ServerSettings(BaseSettings):
 
     def resolved_values_dir(self) -> Path:
         return (self.values_dir or iro_home() / "values").expanduser()
+
+    def lora_options(self) -> dict:
+        """vLLM's LoRA arguments: none unless a policy registry is configured."""
+        if self.policies_dir is None:
+            return {}
+        return {"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": self.max_loras}
 
     def engine_options(self) -> dict:
         """The engine's part of these settings (`server.engine.engine_kwargs` / `VllmEngine.start`)."""

@@ -23,9 +23,51 @@ import yaml
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
+class PresetConfig:
+    """Building a dataclass config from a mapping, a YAML file or a named preset under
+    `PRESETS_DIR / <subdir>` (shared by value training and distillation)."""
+
+    _presets_subdir: typing.ClassVar[str] = ""
+    _what: typing.ClassVar[str] = "option"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build from a mapping; values may be strings (from the command line) and are coerced."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown {cls._what}(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any):
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of options")
+        return cls.from_dict(data | overrides)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any):
+        """A preset by name (see trainer/presets/) or a path to a YAML file."""
+        folder = PRESETS_DIR / cls._presets_subdir
+        path = folder / f"{preset}.yaml"
+        if not path.is_file():
+            path = Path(preset).expanduser()
+            if not path.is_file():
+                known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+                raise ValueError(f"unknown preset {preset!r}; known: {known} (or a path to a YAML file)")
+        return cls.from_yaml(path, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class ValueTrainConfig:
+class ValueTrainConfig(PresetConfig):
     """Everything `train_value` needs besides the data, the base model and the registry."""
+
+    _what: typing.ClassVar[str] = "value-training option"
 
     # --- optimisation
     lr: float = 3e-4
@@ -120,38 +162,6 @@ class ValueTrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
-    # ------------------------------------------------------------------ building
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ValueTrainConfig":
-        """Build from a mapping; values may be strings (from the command line) and are coerced."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown value-training option(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> "ValueTrainConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of options")
-        return cls.from_dict(data | overrides)
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> "ValueTrainConfig":
-        """A preset by name (`smoke`, `full`; see trainer/presets/) or a path to a YAML file."""
-        path = PRESETS_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            path = Path(preset).expanduser()
-            if not path.is_file():
-                known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-                raise ValueError(f"unknown preset {preset!r}; known: {known} (or a path to a YAML file)")
-        return cls.from_yaml(path, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
     """`value` (maybe a string from the command line or YAML) as the type `hint` names."""
@@ -182,4 +192,4 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     return value
 
 
-__all__ = ["PRESETS_DIR", "ValueTrainConfig"]
+__all__ = ["PRESETS_DIR", "PresetConfig", "ValueTrainConfig"]

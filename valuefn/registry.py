@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from valuefn.checkpoint import FORMAT_VERSION, MANIFEST, CheckpointError, ChainLink, Manifest, read_manifest, sha256_file
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -37,20 +39,20 @@ class RegistryError(Exception):
         self.param = param
 
 
-def validate_name(name: str) -> str:
+def validate_name(name: str, param: str = "value") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise RegistryError(f"invalid value name {name!r} (letters, digits, '.', '_', '-'; at most 64)", param="value")
+        raise RegistryError(f"invalid {param} name {name!r} (letters, digits, '.', '_', '-'; at most 64)", param=param)
     return name
 
 
-def parse_spec(spec: str) -> tuple[str, int | None]:
+def parse_spec(spec: str, param: str = "value") -> tuple[str, int | None]:
     """`"name"` -> (name, None); `"name@3"` -> (name, 3)."""
     name, sep, version = spec.partition("@")
-    validate_name(name)
+    validate_name(name, param)
     if not sep:
         return name, None
     if not version.isdigit() or int(version) < 1:
-        raise RegistryError(f"invalid version in {spec!r} (expected name@N with N >= 1)", param="value")
+        raise RegistryError(f"invalid version in {spec!r} (expected name@N with N >= 1)", param=param)
     return name, int(version)
 
 
@@ -74,15 +76,44 @@ def _write_durable(path: Path, data: bytes) -> None:
 
 
 class Registry:
+    """A registry of versioned checkpoints. The base class holds values (with their chains);
+    subclasses override the hooks below for other kinds (valuefn.policies: policy adapters)."""
+
+    kind = "value"
+    """What the entries are, in messages and error params."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
 
+    # ------------------------------------------------------------------ hooks (values: chains)
+    def _read_manifest(self, directory: Path):
+        return read_manifest(directory)
+
+    def _verify_files(self, directory: Path, manifest) -> None:
+        from valuefn.checkpoint import verify_files
+
+        verify_files(directory, manifest)
+
+    def _finalise(self, base: dict, name: str, version: int, files: dict[str, str], previous: int | None,
+                  beta: float) -> dict:
+        """The manifest of the new version (validated); `previous` is the version it extends."""
+        chain = [link.model_dump() for link in self.manifest(name, previous).chain] if previous else []
+        chain.append(ChainLink(version=version, beta=beta).model_dump())
+        final = base | {"format_version": base.get("format_version", FORMAT_VERSION), "name": name,
+                        "version": version, "chain": chain, "files": files}
+        Manifest.model_validate(final)
+        return final
+
+    def _protected(self, name: str, current: int | None) -> set[int]:
+        """Versions `remove_old` must keep besides CURRENT (a value's chain)."""
+        return {link.version for link in self.manifest(name, current).chain} if current else set()
+
     # ------------------------------------------------------------------ reading
     def _name_dir(self, name: str) -> Path:
-        path = self.root / validate_name(name)
+        path = self.root / validate_name(name, self.kind)
         root = self.root.resolve()
         if path.exists() and root not in path.resolve().parents:
-            raise RegistryError(f"value {name!r} points outside the registry", param="value")
+            raise RegistryError(f"{self.kind} {name!r} points outside the registry", param=self.kind)
         return path
 
     def names(self) -> list[str]:
@@ -121,22 +152,22 @@ class Registry:
         d = self._name_dir(name) / vdir(version)
         root = self.root.resolve()
         if d.exists() and root not in d.resolve().parents:
-            raise RegistryError(f"{name}@{version} points outside the registry", param="value")
+            raise RegistryError(f"{name}@{version} points outside the registry", param=self.kind)
         return d
 
     def resolve(self, spec: str) -> tuple[str, int]:
         """`name` or `name@N` -> (name, version) that exists on disk."""
-        name, version = parse_spec(spec)
+        name, version = parse_spec(spec, param=self.kind)
         if version is None:
             version = self.current(name)
             if version is None:
-                raise RegistryError(f"value {name!r} has no published version", param="value")
+                raise RegistryError(f"{self.kind} {name!r} has no published version", param=self.kind)
         if not self.path(name, version).is_dir():
-            raise RegistryError(f"value {name}@{version} does not exist", param="value")
+            raise RegistryError(f"{self.kind} {name}@{version} does not exist", param=self.kind)
         return name, version
 
     def manifest(self, name: str, version: int) -> Manifest:
-        return read_manifest(self.path(name, version))
+        return self._read_manifest(self.path(name, version))
 
     # ------------------------------------------------------------------ writing
     def publish(self, name: str, write: Callable[[Path], dict[str, str]], manifest: Manifest | dict,
@@ -146,10 +177,10 @@ class Registry:
         `write(tmpdir)` writes the checkpoint files and returns {file: sha256}. With
         `extend_chain`, the chain is the current version's chain + this version.
         """
-        validate_name(name)
+        validate_name(name, self.kind)
         name_dir = self._name_dir(name)
         name_dir.mkdir(parents=True, exist_ok=True)
-        base = manifest.model_dump() if isinstance(manifest, Manifest) else dict(manifest)
+        base = manifest.model_dump() if isinstance(manifest, BaseModel) else dict(manifest)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=name_dir))
         try:
             files = write(tmp)
@@ -159,13 +190,9 @@ class Registry:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             previous = self.current(name) if extend_chain else None
-            chain = [link.model_dump() for link in self.manifest(name, previous).chain] if previous else []
             while True:  # claim the next free version number; rename fails if another writer won it
                 version = max(self.versions(name), default=0) + 1
-                chain_v = chain + [ChainLink(version=version, beta=beta).model_dump()]
-                final = base | {"format_version": base.get("format_version", FORMAT_VERSION), "name": name,
-                                "version": version, "chain": chain_v, "files": files}
-                Manifest.model_validate(final)
+                final = self._finalise(base, name, version, files, previous, beta)
                 _write_durable(tmp / MANIFEST, json.dumps(final, indent=2).encode())
                 _fsync_dir(tmp)
                 try:
@@ -186,7 +213,7 @@ class Registry:
         """Atomically point CURRENT at an existing version (used by publish and rollback)."""
         name_dir = self._name_dir(name)
         if not self.path(name, version).is_dir():
-            raise RegistryError(f"value {name}@{version} does not exist", param="version")
+            raise RegistryError(f"{self.kind} {name}@{version} does not exist", param="version")
         fd, tmp = tempfile.mkstemp(prefix=".CURRENT-", dir=name_dir)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -204,14 +231,14 @@ class Registry:
         current = self.current(name)
         older = [v for v in self.versions(name) if current is None or v < current]
         if not older:
-            raise RegistryError(f"value {name!r} has no version before v{current}", param="value")
+            raise RegistryError(f"{self.kind} {name!r} has no version before v{current}", param=self.kind)
         self.set_current(name, older[-1])
         return older[-1]
 
     def remove_old(self, name: str, keep: int = 3) -> list[int]:
         """Delete all but the newest `keep` versions (never CURRENT or anything in its chain)."""
         current = self.current(name)
-        protected = {current} | ({link.version for link in self.manifest(name, current).chain} if current else set())
+        protected = {current} | self._protected(name, current)
         versions = self.versions(name)
         doomed = [v for v in versions[:-keep] if v not in protected] if keep > 0 else []
         for v in doomed:
@@ -220,13 +247,11 @@ class Registry:
 
     def verify(self, name: str, version: int) -> Manifest:
         """Read the manifest and check every file's hash (no model is built)."""
-        from valuefn.checkpoint import verify_files
-
         d = self.path(name, version)
-        m = read_manifest(d)
+        m = self._read_manifest(d)
         if m.name != name or m.version != version:
             raise CheckpointError(f"{d}: manifest says {m.name}@{m.version}", reason="bad_manifest", path=d)
-        verify_files(d, m)
+        self._verify_files(d, m)
         return m
 
 

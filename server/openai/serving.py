@@ -92,8 +92,13 @@ class OpenAIServing:
     def base_id(self) -> str:
         return self.engine.model_id
 
+    policies = None
+    """`server.policies.PolicyManager` when a policy registry is configured."""
+
     def list_models(self) -> ModelList:
         cards = [ModelCard(id=self.base_id, root=self.base_id, max_model_len=self.engine.max_model_len)]
+        for name in (self.policies.names() if self.policies else []):  # vLLM's convention for LoRA adapters
+            cards.append(ModelCard(id=name, root=self.base_id, parent=self.base_id, max_model_len=self.engine.max_model_len))
         for name in (self.values.names() if self.values else []):
             cards.append(ModelCard(id=f"{self.base_id}+{name}", root=self.base_id, parent=self.base_id,
                                    max_model_len=self.engine.max_model_len))
@@ -101,6 +106,8 @@ class OpenAIServing:
 
     def resolve_model(self, model: str) -> str | None:
         """Return the value name a `<base>+<value>` model id asks for, None for the base model."""
+        if self.policies is not None and self.policies.resolve(model, self.values):  # `<policy>[+<value>]`
+            return model.partition("+")[2] or None
         if model == self.base_id:
             return None
         base, sep, value = model.partition("+")

@@ -1,0 +1,233 @@
+"""Serving distilled policy adapters (the policy registry) through vLLM's own LoRA support.
+
+Only active when the server is started with a policy registry (`iro serve --policies-dir DIR`):
+the engine is then built with LoRA enabled (which, on CPU, also turns graph compilation off), so
+plain serving without one keeps its compiled speed.
+
+- A policy NAME is a model id of its own in /v1/models (root/parent = the base model), and
+  `NAME+VALUE` runs guided decoding over the adapted policy.
+- Each served version is one `LoRARequest` with its own `lora_int_id`: a new version gets a new id,
+  so requests that started on the old adapter finish on it while new ones get the new one.
+- A version is verified before it serves (sha256 of every file, safetensors readable and finite,
+  LoRA rank, base model identity); a refused version is recorded with its reason and the
+  previous one keeps serving.
+- The request's adapter reaches the engine through `ACTIVE_LORA`, a context variable set when the
+  model id is resolved: tasks a request starts (guided search chunks) inherit it, so serving and
+  search code pass nothing new around.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from valuefn.checkpoint import CheckpointError
+from valuefn.policies import PolicyRegistry, check_adapter, check_base
+from valuefn.registry import RegistryError
+
+log = logging.getLogger(__name__)
+
+ACTIVE_LORA: contextvars.ContextVar[Any] = contextvars.ContextVar("iro_active_lora", default=None)
+"""The `vllm.lora.request.LoRARequest` of the request being served (None: the base model)."""
+
+
+@dataclass
+class ServedPolicy:
+    name: str
+    version: int
+    path: Path
+    lora: Any
+    """Its `LoRARequest`."""
+    method: str
+    metrics: dict = field(default_factory=dict)
+
+
+class PolicyManager:
+    """Loads, verifies and swaps policy adapters; the watcher follows each policy's CURRENT."""
+
+    def __init__(self, registry: PolicyRegistry, *, identity: dict, base_id: str, max_lora_rank: int):
+        self.registry = registry
+        self.identity = identity
+        self.base_id = base_id
+        self.max_lora_rank = max_lora_rank
+        self.served: dict[str, ServedPolicy] = {}
+        self.refused: dict[str, dict[int, str]] = {}
+        self.pinned: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._stop = asyncio.Event()
+
+    # ------------------------------------------------------------------ requests
+    def names(self) -> list[str]:
+        return sorted(self.served)
+
+    def resolve(self, model: str, values=None) -> bool:
+        """Whether `model` is `POLICY` or `POLICY+VALUE` (with VALUE served by `values`); sets
+        `ACTIVE_LORA` to the policy's adapter for this request (None otherwise)."""
+        ACTIVE_LORA.set(None)
+        name, sep, value = model.partition("+")
+        served = self.served.get(name)
+        if served is None or (sep and not (value and values is not None and values.has(value.split("@")[0]))):
+            return False
+        ACTIVE_LORA.set(served.lora)
+        return True
+
+    # ------------------------------------------------------------------ loading
+    def _verify(self, name: str, version: int) -> ServedPolicy:
+        directory = self.registry.path(name, version)
+        manifest = self.registry.verify(name, version)
+        check_base(manifest, self.identity, directory)
+        if manifest.lora_rank > self.max_lora_rank:
+            raise CheckpointError(f"policy {name}@{version} has LoRA rank {manifest.lora_rank}; this server takes "
+                                  f"<= {self.max_lora_rank} (IRO_MAX_LORA_RANK)", reason="rank_too_large", path=directory)
+        check_adapter(directory, manifest)
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(lora_name=f"{name}@{version}", lora_int_id=next(self._ids), lora_path=str(directory),
+                           base_model_name=self.base_id)
+        return ServedPolicy(name, version, directory, lora, manifest.method, manifest.metrics)
+
+    async def load(self, name: str, version: int | None = None, *, pin: bool = False) -> ServedPolicy:
+        """Verify `name@version` (default CURRENT) and serve it; raises with the reason if refused."""
+        if version is None:
+            version = self.registry.current(name)
+            if version is None:
+                raise RegistryError(f"policy {name!r} has no published version", param="policy")
+        try:
+            policy = await asyncio.to_thread(self._verify, name, version)
+        except (CheckpointError, RegistryError, OSError) as exc:
+            self.refused.setdefault(name, {})[version] = str(exc)
+            log.error("refused policy %s@%d (still serving %s): %s", name, version,
+                      f"v{self.served[name].version}" if name in self.served else "nothing", exc)
+            raise
+        self.served[name] = policy  # in-flight requests keep the LoRARequest they started with
+        self.refused.get(name, {}).pop(version, None)
+        if pin:
+            self.pinned[name] = version
+        log.info("serving policy %s@%d (%s) from %s", name, version, policy.method, policy.path)
+        return policy
+
+    async def rollback(self, name: str) -> ServedPolicy:
+        """Serve the newest version before CURRENT that verifies (refused ones are skipped) and
+        point CURRENT at it."""
+        current = self.registry.current(name)
+        older = [v for v in self.registry.versions(name) if current is None or v < current]
+        for version in reversed(older):
+            if version in self.refused.get(name, {}):
+                continue
+            try:
+                policy = await asyncio.to_thread(self._verify, name, version)
+            except (CheckpointError, RegistryError, OSError) as exc:
+                self.refused.setdefault(name, {})[version] = str(exc)
+                continue
+            await asyncio.to_thread(self.registry.set_current, name, version)
+            self.served[name] = policy
+            self.pinned.pop(name, None)
+            log.info("rolled policy %s back to v%d", name, version)
+            return policy
+        raise RegistryError(f"policy {name!r} has no good version before v{current}", param="policy")
+
+    def delete(self, name: str, version: int) -> None:
+        """Delete a version from the registry (never the one being served)."""
+        from server.errors import ConflictError
+
+        if name in self.served and self.served[name].version == version:
+            raise ConflictError(f"policy {name}@{version} is being served; roll back first", param="version",
+                                code="policy_in_use")
+        self.registry.delete(name, version)
+        self.refused.get(name, {}).pop(version, None)
+
+    def status(self, name: str) -> dict:
+        served = self.served.get(name)
+        try:
+            versions, current = self.registry.versions(name), self.registry.current(name)
+        except RegistryError:
+            versions, current = [], None
+        return {"name": name, "model": name, "root": self.base_id, "served_version": served.version if served else None,
+                "current": current, "versions": versions, "pinned": self.pinned.get(name),
+                "method": served.method if served else None,
+                "refused": [{"version": v, "reason": r} for v, r in sorted(self.refused.get(name, {}).items())]}
+
+    def list(self) -> list[dict]:
+        try:
+            names = set(self.registry.names())
+        except (OSError, RegistryError):
+            names = set()
+        return [self.status(n) for n in sorted(names | set(self.served))]
+
+    # ------------------------------------------------------------------ watching
+    async def reconcile(self) -> None:
+        """Serve each policy's CURRENT unless it was refused or an admin pinned another version."""
+        try:
+            names = self.registry.names() if self.registry.root.is_dir() else []
+        except (OSError, RegistryError) as exc:
+            log.error("cannot read the policy registry (still serving what is loaded): %s", exc)
+            return
+        for name in names:
+            try:
+                current = self.registry.current(name)
+            except (OSError, RegistryError):
+                continue
+            if current is None or current in self.refused.get(name, {}):
+                continue
+            if name in self.pinned:
+                if self.pinned[name] == current:
+                    continue
+                self.pinned.pop(name)
+            served = self.served.get(name)
+            if served is not None and served.version == current:
+                continue
+            try:
+                await self.load(name, current)
+            except Exception as exc:  # recorded and logged by load
+                log.debug("reconcile %s: %s", name, exc)
+
+    async def watch(self) -> None:
+        from watchfiles import awatch
+
+        while not self._stop.is_set():
+            await self.reconcile()
+            root = self.registry.root
+            if not root.is_dir():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                async for _ in awatch(root, stop_event=self._stop, debounce=50, step=20, recursive=True,
+                                      rust_timeout=1000, yield_on_timeout=True):
+                    await self.reconcile()
+                    if not root.is_dir():
+                        break
+            except (FileNotFoundError, RuntimeError, OSError) as exc:
+                log.warning("policy registry watch interrupted (%s); retrying", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def start_policies(app, settings, engine, model_path) -> PolicyManager | None:
+    """The policy manager and its watcher when a policy registry is configured (None otherwise)."""
+    if settings.policies_dir is None:
+        return None
+    from valuefn.model import backbone_identity
+
+    manager = PolicyManager(PolicyRegistry(settings.policies_dir), identity=backbone_identity(model_path),
+                            base_id=engine.model_id, max_lora_rank=settings.max_lora_rank)
+    await manager.reconcile()
+    task = asyncio.create_task(manager.watch())
+
+    async def close():
+        manager.stop()
+        task.cancel()
+
+    app.state.closers.append(close)
+    return manager
+
+
+__all__ = ["ACTIVE_LORA", "PolicyManager", "ServedPolicy", "start_policies"]

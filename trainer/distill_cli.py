@@ -1,0 +1,101 @@
+"""`iro distill`: distil labelled (guided) rollouts into a LoRA policy adapter and publish it.
+
+    iro distill guided.jsonl --method apa --name review-apa --preset smoke --task review-sentiment
+    iro distill guided.jsonl --method is-dpo --name review-isdpo --value review@3
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def distill(
+    rollouts: Path = typer.Argument(..., exists=True, dir_okay=False, help="Labelled rollout JSONL (see `iro reward`)."),
+    method: str = typer.Option(..., "--method", help="apa | is-dpo | is-ipo"),
+    name: str = typer.Option(..., "--name", help="Policy name in the registry (the model name it is served as)."),
+    value: Optional[str] = typer.Option(None, "--value", help="NAME[@V]: APA advantages from this value (per token); "
+                                        "default: reward minus the mean reward of the prompt's samples."),
+    values_dir: Optional[Path] = typer.Option(None, "--values-dir", help="Value registry (env IRO_VALUES_DIR)."),
+    policies_dir: Optional[Path] = typer.Option(None, "--policies-dir", help="Policy registry (env IRO_POLICIES_DIR; "
+                                                "default $IRO_HOME/policies)."),
+    preset: str = typer.Option("full", help="smoke | full | path to a YAML file of options."),
+    overrides: list[str] = typer.Option([], "--set", help="Override an option: KEY=VALUE (repeatable), e.g. --set lam=0.5."),
+    model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="Reward spec to score held-out samples (see `iro reward`)."),
+    task: Optional[str] = typer.Option(None, help="Score held-out samples with this built-in task's reward."),
+):
+    """Train a LoRA policy on the frozen base with APA or IS-DPO and publish it as NAME's next version."""
+    from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
+    from trainer.cli import parse_override
+    from trainer.distill import DistillTrainer
+    from trainer.distill_config import DistillConfig
+    from trainer.rewards import RewardError, parse_reward, record_prompt
+    from trainer.tasks import TASKS
+    from trainer.value_trainer import examples_from_records, read_rollouts
+    from valuefn.checkpoint import CheckpointError
+    from valuefn.policies import PolicyRegistry, default_policies_dir
+    from valuefn.registry import RegistryError, validate_name
+
+    started = time.perf_counter()
+    if reward is not None and task is not None:
+        _fail("give at most one of --reward SPEC or --task NAME")
+    try:
+        validate_name(name, "policy")
+        options = dict(parse_override(o) for o in overrides)
+        config = DistillConfig.from_preset(preset, **({"method": method} | options))
+        if task is not None:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+            reward = TASKS[task].reward
+        reward_fn = parse_reward(reward) if reward else None
+        records = read_rollouts(rollouts)
+        examples, skipped = examples_from_records(records)
+    except (ValueError, RegistryError, RewardError) as exc:
+        _fail(str(exc))
+    if skipped:
+        typer.echo(f"skipped {', '.join(f'{n} {why}' for why, n in skipped.items())}", err=True)
+    if not examples:
+        _fail(f"{rollouts} has no labelled responses (run `iro reward` first)")
+    texts = {}
+    for n, r in enumerate(records):
+        group = str(r.get("prompt_id") if r.get("prompt_id") is not None else r.get("id", n))
+        if group not in texts:
+            try:
+                texts[group] = record_prompt(r)
+            except Exception:  # a record without prompt text: its held-out samples are scored on ""
+                texts[group] = ""
+    model_path = resolve_model(model)
+    registry = PolicyRegistry(policies_dir or default_policies_dir())
+    try:
+        chain = None
+        if value is not None:
+            from valuefn.cli import default_values_dir
+            from valuefn.loader import BackbonePool, ValueLoader
+            from valuefn.registry import Registry
+
+            values = Registry(values_dir or default_values_dir())
+            vname, version = values.resolve(value)
+            chain = ValueLoader(values, BackbonePool(model_path)).load_chain(vname, version)
+        trainer = DistillTrainer(config, model_path)
+        result = trainer.train(examples, value=chain, reward_fn=reward_fn, prompt_texts=texts, data=str(rollouts),
+                               extra={"value": value, "reward": reward})
+        result.training["command_seconds"] = round(time.perf_counter() - started, 3)
+        version = trainer.publish(result, registry, name)
+    except (CheckpointError, RegistryError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"published policy {name} v{version} ({config.method}) -> {registry.path(name, version)}")
+    typer.echo(json.dumps({"wall_seconds": result.training["command_seconds"], **result.metrics}, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(distill)
