@@ -83,6 +83,7 @@ def _add_commands(module: str, attr: str, name: str) -> None:
 _add_commands("valuefn.cli", "app", "values")
 _add_commands("trainer.cli", "register", "_trainer")  # registers several commands itself
 _add_commands("trainer.jobs_cli", "register", "_jobs")  # rollout, eval, loop
+_add_commands("trainer.tasks_cli", "app", "tasks")
 _add_commands("clients.cli", "register", "_clients")
 _add_commands("bench.cli", "bench", "bench")
 
