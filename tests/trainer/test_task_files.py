@@ -231,3 +231,17 @@ def test_json_checker_grades_validity_form_and_content(response, expected):
 
 def test_find_object_skips_braces_that_are_not_an_object():
     assert find_object("Here {it} is: {\"a\": [1, {\"b\": 2}]} done") == ({"a": [1, {"b": 2}]}, False)
+
+
+def test_the_readme_worked_example_writes_a_task_that_loads(tmp_path):
+    """The files of README's "Your own task" example, written by its own shell lines, load as a task."""
+    import subprocess
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Your own task"):]
+    block = section[section.index("```bash\n") + len("```bash\n"): section.index("\ncd ..\n")]
+    subprocess.run(["bash", "-ec", block], cwd=tmp_path, check=True, timeout=30)
+    task = load_task(tmp_path / "tagger")
+    assert (task.name, len(task.train), len(task.eval), task.stop) == ("tagger", 6, 2, ("\n\n",))
+    assert parse_reward(task.reward)(["p"] * 3, ['{"tags": ["bikes", "repair"]}', '{"x": 1}', "tags"]) == \
+        pytest.approx([0.9 + 0.1 * 3 / 20, 0.9 * 0.5 + 0.1 * 2 / 20, 0.1 / 20])  # length: words / 20
