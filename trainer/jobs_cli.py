@@ -54,7 +54,7 @@ def _load_task(ref: str):
     try:
         return load_task(ref)
     except TaskError as exc:
-        _fail(f"task {ref}: {exc}" if str(ref) not in str(exc) else str(exc))
+        _fail(str(exc))
 
 
 def _server(url: Optional[str]) -> str:
@@ -166,8 +166,7 @@ def eval_(
 
     from clients.errors import IroClientError
     from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
-    from trainer.rewards import RewardError
-    from trainer.rewards import resolve_reward
+    from trainer.rewards import RewardError, resolve_reward
     from trainer.rollout import RolloutConfig, RolloutError
 
     spec = _load_task(task)
