@@ -36,21 +36,23 @@ def reward(
     spec: Optional[str] = typer.Option(None, "--reward", "-r", help=(
         "sentiment | length[:N] | hf:PATH | python:MODULE:FUNCTION | http:URL | weighted sums like "
         "0.8*sentiment+0.2*length.")),
-    task: Optional[str] = typer.Option(None, help="Use a built-in task's reward instead (e.g. review-sentiment)."),
+    task: Optional[str] = typer.Option(None, help="Use a task's reward instead: a built-in name (e.g. "
+                                       "review-sentiment), a task file or a folder with task.yaml."),
     batch_size: int = typer.Option(64, min=1, help="Responses per reward call."),
 ):
     """Label every response of a rollout file with a reward (fills the `reward` field)."""
     from trainer.rewards import RewardError, label_records, parse_reward
     from trainer.rollout import write_records
-    from trainer.tasks import TASKS
+    from trainer.tasks import TaskError, load_task
     from trainer.value_trainer import read_rollouts
 
     if (spec is None) == (task is None):
-        _fail("give exactly one of --reward SPEC or --task NAME")
+        _fail("give exactly one of --reward SPEC or --task NAME|FILE")
     if task is not None:
-        if task not in TASKS:
-            _fail(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-        spec = TASKS[task].reward
+        try:
+            spec = load_task(task).reward
+        except TaskError as exc:
+            _fail(str(exc))
     try:
         fn = parse_reward(spec)
         records = read_rollouts(rollouts)

@@ -13,7 +13,7 @@ every candidate a search sampled: the cost axis of the paper's test-time scaling
     iro       chunk-level beam search guided by the value chain (guidance mode cbs, w/k/l)
 
     methods = standard_methods("review@3", bon=[1, 2, 4, 8, 16])
-    results = evaluate(TASKS["review-sentiment"].eval_prompts()[:32], methods, "eval/", reward="sentiment",
+    results = evaluate(load_task("review-sentiment").items("eval", 32), methods, "eval/", reward="sentiment",
                        template=RolloutConfig(server="http://127.0.0.1:8000", max_tokens=48))
     write_markdown(results, "eval/eval.md")
 """

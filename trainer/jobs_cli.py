@@ -3,6 +3,9 @@
     iro rollout prompts.jsonl -o rollouts.jsonl --samples-per-prompt 4 --concurrency 16
     iro eval --task review-sentiment --value review --bon 1,2,4,8,16 --out eval/
     iro loop --task review-sentiment --iterations 3 --values-dir ~/.cache/iro/values --preset full
+    iro loop --task my-task/task.yaml --preset smoke      # any task file (see `iro tasks init`)
+
+A bad task file is reported (file, line, field) with exit code 2 before any server call.
 """
 
 from __future__ import annotations
@@ -38,6 +41,20 @@ def _quiet_http() -> None:
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+TASK = typer.Option("review-sentiment", "--task", "-t", help="Built-in task name (see `iro tasks ls`), a task "
+                    "file, or a folder with task.yaml.")
+
+
+def _load_task(ref: str):
+    """The task `ref` names, or exit 2 with the task error (before any server or registry use)."""
+    from trainer.tasks import TaskError, load_task
+
+    try:
+        return load_task(ref)
+    except TaskError as exc:
+        _fail(str(exc))
 
 
 def _server(url: Optional[str]) -> str:
@@ -122,7 +139,7 @@ def resolve_value(server: str, api_key: Optional[str], spec: str) -> str:
 
 
 def eval_(
-    task: str = typer.Option("review-sentiment", help="Built-in task whose held-out prompts and reward to use."),
+    task: str = TASK,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for answers, eval.json, eval.md and the plot."),
     server: Optional[str] = SERVER,
     api_key: Optional[str] = API_KEY,
@@ -130,9 +147,9 @@ def eval_(
                                                    '"name@3"); without it only the base model is evaluated.'),
     n_prompts: int = typer.Option(32, "--n-prompts", min=1, help="Held-out prompts to use (the first N)."),
     bon: str = typer.Option("1,2,4,8,16", help="N of the Best-of-N baselines (1 = plain base sampling)."),
-    w: int = typer.Option(4, "--w", min=1, help="IRO beam width."),
-    k: int = typer.Option(4, "--k", min=1, help="IRO successors per beam."),
-    l: int = typer.Option(8, "--l", min=1, help="IRO chunk length in tokens."),
+    w: Optional[int] = typer.Option(None, "--w", min=1, help="IRO beam width (default: the task's search, 4)."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="IRO successors per beam (default: the task's, 4)."),
+    l: Optional[int] = typer.Option(None, "--l", min=1, help="IRO chunk length in tokens (default: the task's, 8)."),
     iro: bool = typer.Option(True, "--iro/--no-iro", help="Also evaluate IRO (CBS over the value chain)."),
     oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Also Best-of-N ranked by the reward itself "
                                 "(the same max(N) base samples per prompt; the headroom a value could reach)."),
@@ -149,13 +166,15 @@ def eval_(
 
     from clients.errors import IroClientError
     from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
-    from trainer.rewards import RewardError
-    from trainer.rollout import RolloutConfig, RolloutError, prompts_from_dicts
-    from trainer.tasks import TASKS
+    from trainer.rewards import RewardError, resolve_reward
+    from trainer.rollout import RolloutConfig, RolloutError
 
-    if task not in TASKS:
-        _fail(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    spec = TASKS[task]
+    spec = _load_task(task)
+    if reward is not None:
+        try:
+            resolve_reward(reward)
+        except RewardError as exc:
+            _fail(f"--reward: {exc}")
     url, key = _server(server), api_key or os.environ.get("IRO_API_KEY")
     reward, ns = reward or spec.reward, _int_list(bon)
     try:
@@ -163,26 +182,27 @@ def eval_(
         template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
                                  max_tokens=max_tokens or spec.max_tokens,
                                  temperature=temperature if temperature is not None else spec.temperature)
-        prompts = prompts_from_dicts(spec.eval_prompts()[:n_prompts])
+        prompts = spec.items("eval", n_prompts)
         results = evaluate(prompts, [BASE], out, reward=reward, template=template)
         if (value is not None or oracle) and max(ns) > 1:  # Best-of-N: one set of samples, both rankings
             results += best_of_n(prompts, ns, out, reward=reward, template=template, value=value, oracle=oracle)
         if iro and value is not None:
-            method = Method("iro", "IRO", "cbs", value, w=w, k=k, l=l)
+            method = Method("iro", "IRO", "cbs", value, w=w or spec.search.w, k=k or spec.search.k,
+                            l=l or spec.search.l)
             results += evaluate(prompts, [method], out, reward=reward, template=template)
     except (RolloutError, RewardError, ValueError) as exc:
         _fail(str(exc))
     except IroClientError as exc:
         _fail(f"{type(exc).__name__}: {exc}", code=1)
-    meta = {"task": task, "prompts": len(prompts), "value": value, "reward": reward,
+    meta = {"task": spec.name, "source": spec.source, "prompts": len(prompts), "value": value, "reward": reward,
             "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": seed}
-    paths = write_results(results, out, title=f"{task}: base vs Best-of-N vs IRO", meta=meta)
+    paths = write_results(results, out, title=f"{spec.name}: base vs Best-of-N vs IRO", meta=meta)
     typer.echo(paths["md"].read_text())
     typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
 
 
 def loop(
-    task: str = typer.Option("review-sentiment", help="Built-in task (training and held-out prompts, reward)."),
+    task: str = TASK,
     iterations: int = typer.Option(3, min=1, help="IRO iterations T."),
     server: Optional[str] = SERVER,
     api_key: Optional[str] = API_KEY,
@@ -212,11 +232,15 @@ def loop(
     from valuefn.cli import default_values_dir
     from valuefn.registry import RegistryError
 
+    spec = _load_task(task)
     try:
         options = dict(parse_override(o) for o in overrides)
         config = LoopConfig.from_preset(preset, task=task, iterations=iterations, name=name, progress=progress,
                                         **options)
-        runner = IroLoop(config, run_dir=run_dir or Path("runs") / (name or task),
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        runner = IroLoop(config, task=spec, run_dir=run_dir or Path("runs") / (name or spec.name),
                          values_dir=values_dir or default_values_dir(), server=_server(server),
                          api_key=api_key or os.environ.get("IRO_API_KEY"),
                          admin_key=admin_key or os.environ.get("IRO_ADMIN_KEY"), model=model)

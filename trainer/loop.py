@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from trainer.evaluate import BASE, Method, MethodResult, best_of_n, evaluate_method, markdown_table
-from trainer.rollout import DEFAULT_SERVER, RolloutConfig, prompts_from_dicts, run_rollout, write_atomic
+from trainer.rollout import DEFAULT_SERVER, RolloutConfig, run_rollout, write_atomic
+from trainer.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class LoopConfig:
     """Sizes and settings of one loop run (connection settings are `IroLoop` arguments)."""
 
     task: str = "review-sentiment"
+    """A built-in task's name, a task file, or a folder with task.yaml (see trainer.tasks)."""
     iterations: int = 3
     name: str | None = None
     """Value name in the registry (default: the task's name)."""
@@ -72,10 +74,11 @@ class LoopConfig:
     """N of the Best-of-N baselines (1 is plain base sampling)."""
     oracle: bool = True
     """Also Best-of-N ranked by the reward itself (the headroom a value could reach)."""
-    w: int = 4
-    """CBS of IRO-t at evaluation: beams, successors per beam, chunk length (reference: 4, 4, 8)."""
-    k: int = 4
-    l: int = 8
+    w: int | None = None
+    """CBS of IRO-t at evaluation: beams, successors per beam, chunk length (default: the task's
+    `search`, whose own default is the reference's 4, 4, 8)."""
+    k: int | None = None
+    l: int | None = None
     # --- sampling (all stages)
     max_tokens: int | None = None
     """Response length (default: the task's)."""
@@ -96,7 +99,7 @@ class LoopConfig:
     def __post_init__(self) -> None:
         for name in ("iterations", "n_train_prompts", "samples_per_prompt", "n_eval_prompts", "w", "k", "l",
                      "rollout_w", "rollout_k", "rollout_l", "concurrency"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.bon or any(n < 1 for n in self.bon):
             raise ValueError(f"bon must list N >= 1, got {self.bon}")
@@ -201,20 +204,21 @@ class IroLoop:
     """Runs (or resumes) the loop described by `config` against the server at `server`.
 
     `values_dir` must be the registry the server watches: V_t is published there and the loop
-    waits (up to `publish_timeout`) until `GET /v1/values` shows the server serving it.
+    waits (up to `publish_timeout`) until `GET /v1/values` shows the server serving it. `task` is
+    `config.task` already loaded (`trainer.tasks.load_task`), so a caller can check it first.
     """
 
     def __init__(self, config: LoopConfig, *, run_dir: str | Path, values_dir: str | Path,
                  server: str = DEFAULT_SERVER, api_key: str | None = None, admin_key: str | None = None,
-                 model: str | None = None):
-        from trainer.tasks import TASKS
+                 model: str | None = None, task: Task | None = None):
+        from trainer.tasks import load_task
         from valuefn.registry import Registry, validate_name
 
-        if config.task not in TASKS:
-            raise LoopError(f"unknown task {config.task!r}; known: {', '.join(TASKS)}")
         self.config = config
-        self.task = TASKS[config.task]
-        self.name = validate_name(config.name or config.task)
+        self.task = task if task is not None else load_task(config.task)
+        self.name = validate_name(config.name or self.task.name)
+        search = self.task.search
+        self.search = (config.w or search.w, config.k or search.k, config.l or search.l)
         self.run_dir = Path(run_dir).expanduser()
         self.registry = Registry(values_dir)
         self.server, self.api_key, self.admin_key, self.model = server, api_key, admin_key, model
@@ -288,7 +292,7 @@ class IroLoop:
         guided = {} if t == 1 else dict(value=self._value(t - 1), mode="cbs", w=c.rollout_w, k=c.rollout_k,
                                         l=c.rollout_l)
         config = self._template(samples_per_prompt=c.samples_per_prompt, seed=c.seed * 1000 + t, **guided)
-        prompts = prompts_from_dicts(self.task.train_prompts()[: c.n_train_prompts])
+        prompts = self.task.items("train", c.n_train_prompts)
         stats = run_rollout(prompts, self._dir(t) / "rollouts.jsonl", config)
         if not stats.complete:
             raise LoopError(f"{stats.failed} of {stats.total} rollouts failed (first: {stats.errors[:1]}); "
@@ -386,12 +390,13 @@ class IroLoop:
         raise LoopError(f"{self.name} v{version} not served after {self.config.publish_timeout:.0f} s; {where}")
 
     def _eval_prompts(self):
-        return prompts_from_dicts(self.task.eval_prompts()[: self.config.n_eval_prompts])
+        return self.task.items("eval", self.config.n_eval_prompts)
 
     def evaluate(self, t: int) -> dict[str, Any]:
         """IRO-t: CBS over V_1..V_t on the held-out prompts."""
         c = self.config
-        method = Method(f"iro-{t}", f"IRO-{t}", "cbs", self._value(t), w=c.w, k=c.k, l=c.l)
+        w, k, l = self.search
+        method = Method(f"iro-{t}", f"IRO-{t}", "cbs", self._value(t), w=w, k=k, l=l)
         result = evaluate_method(method, self._eval_prompts(), self.run_dir / "eval", reward=self.task.reward,
                                  template=self._template(seed=c.seed * 1000 + 999))
         return {"result": result.to_dict()}
@@ -420,9 +425,9 @@ class IroLoop:
 
         iro, baselines = self.results()
         plot_reward_vs_tokens(baselines + iro, self.run_dir / "reward_vs_tokens.png",
-                              title=f"{self.config.task}: reward vs tokens generated")
+                              title=f"{self.task.name}: reward vs tokens generated")
         plot_iterations(iro, baselines, self.run_dir / "reward_per_iteration.png",
-                        title=f"{self.config.task}: held-out reward per IRO iteration")
+                        title=f"{self.task.name}: held-out reward per IRO iteration")
         path = self.run_dir / "report.md"
         path.write_text(render_report(self, iro, baselines))
         return path
@@ -461,6 +466,18 @@ def verdict(iro: list[MethodResult], baselines: list[MethodResult]) -> list[str]
     return lines
 
 
+def closing_note(iro: list[MethodResult], baselines: list[MethodResult], seconds: float) -> list[str]:
+    """One line with the figures that matter: held-out reward of base, the largest Best-of-N (ranked
+    by the value and by the reward) and every IRO-t, and the loop's wall time."""
+    def find(kind: str) -> MethodResult | None:
+        return max((r for r in baselines if r.kind == kind), key=lambda r: r.n, default=None)
+
+    parts = [f"base {r.mean:+.3f}" for r in baselines if r.kind == "base"]
+    parts += [f"{r.label} {r.mean:+.3f}" for r in (find("bon"), find("oracle")) if r is not None]
+    parts += [f"{r.label} {r.mean:+.3f}" for r in iro]
+    return [f"- held-out reward: {', '.join(parts)}; wall time {seconds / 60:.1f} min."] if parts else []
+
+
 def render_report(loop: IroLoop, iro: list[MethodResult], baselines: list[MethodResult]) -> str:
     state, c = loop.state, loop.config
     rows = ["| t | value (chain) | held-out reward [95% CI] | distinct-2 | tokens/prompt | train-rollout reward | "
@@ -478,23 +495,24 @@ def render_report(loop: IroLoop, iro: list[MethodResult], baselines: list[Method
         cells += [_seconds(state, f"it{t}/{s}") for s in ("rollout", "reward", "train", "serve", "eval")]
         rows.append("| " + " | ".join(cells) + " |")
     final = state.version(c.iterations)
+    w, k, l = loop.search
     total = sum(info.get("seconds", 0.0) for info in state.data["stages"].values())
     lines = [
-        f"# IRO loop: value `{loop.name}` on task `{c.task}`", "",
+        f"# IRO loop: value `{loop.name}` on task `{loop.task.name}` ({loop.task.source})", "",
         f"- server: {loop.server}; registry: {loop.registry.root}; run: {state.run_id}",
         f"- {c.iterations} iterations; {c.n_train_prompts} training prompts x {c.samples_per_prompt} samples per "
         f"iteration (guided rollouts: CBS w={c.rollout_w} k={c.rollout_k} l={c.rollout_l}); {c.n_eval_prompts} "
         f"held-out prompts; max_tokens {loop.max_tokens}, temperature {loop.temperature}; value training preset "
         f"`{c.train_preset}` {c.train or ''}",
-        f"- reward: `{loop.task.reward}`; IRO-t = CBS w={c.w} k={c.k} l={c.l} over V_1..V_t; Best-of-N ranked by "
+        f"- reward: `{loop.task.reward}`; IRO-t = CBS w={w} k={k} l={l} over V_1..V_t; Best-of-N ranked by "
         f"{loop.name}@{final}; tokens = completion tokens generated per prompt, every candidate included",
         f"- wall time of all stages: {total:.0f} s", "",
         "## Held-out reward per iteration", "", *rows, "",
         f"## Baselines (held-out prompts, value {loop.name}@{final})", "", markdown_table(baselines + iro), "",
-        "## Verdict", "", *verdict(iro, baselines), "",
+        "## Verdict", "", *closing_note(iro, baselines, total), *verdict(iro, baselines), "",
         "![reward vs tokens](reward_vs_tokens.png)", "", "![reward per iteration](reward_per_iteration.png)", "",
     ]
     return "\n".join(lines)
 
 
-__all__ = ["IroLoop", "LoopConfig", "LoopError", "RunState", "render_report", "verdict"]
+__all__ = ["IroLoop", "LoopConfig", "LoopError", "RunState", "closing_note", "render_report", "verdict"]

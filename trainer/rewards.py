@@ -368,6 +368,54 @@ def parse_reward(spec: str) -> Reward:
     return Reward(spec, WeightedSum(tuple(terms)))
 
 
+def resolve_reward(spec: str, *, base_dir: str | Path | None = None) -> str:
+    """Check a spec without running it and return it with relative file paths (`python:FILE.py:fn`,
+    `hf:DIR`) made absolute against `base_dir` (a task file's folder). `python:` plug-ins are
+    imported, `hf:` folders must hold a config.json (the model is not loaded), URLs must be http(s);
+    a bad term raises RewardError.
+
+    >>> resolve_reward("0.5*sentiment + 0.5*length:20")
+    '0.5*sentiment+0.5*length:20'
+    >>> try:
+    ...     resolve_reward("sentimnt")
+    ... except RewardError as exc:
+    ...     print(exc)
+    unknown reward 'sentimnt' in 'sentimnt'; known: sentiment, length, hf, python, http (or a weighted sum like 0.8*sentiment+0.2*length)
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardError("empty reward spec; e.g. --reward sentiment", spec=spec)
+    base = Path(base_dir) if base_dir is not None else None
+    terms = []
+    for part in _SPLIT.split(spec.strip()):
+        m = _TERM.match(part)
+        if m is None:
+            raise RewardError(f"empty term in reward spec {spec!r}", spec=spec)
+        term = m.group("spec")
+        name, _, arg = term.partition(":")
+        name, arg = name.strip(), arg.strip()
+        if name == "python" and base is not None:
+            module, sep, fn = arg.rpartition(":")
+            if sep and module.endswith(".py") and not Path(module).expanduser().is_absolute():
+                term = f"python:{(base / module).resolve()}:{fn}"
+        elif name == "hf" and arg and base is not None and not Path(arg).expanduser().is_absolute():
+            term = f"hf:{(base / arg).resolve()}"
+        name, _, arg = term.partition(":")
+        if name == "hf":
+            if not arg:
+                raise RewardError("hf: needs path (hf:PATH)", spec=term)
+            if not (Path(arg).expanduser() / "config.json").is_file():
+                raise RewardError(f"hf:{arg}: not a local Hugging Face model folder (no config.json)", spec=term)
+        elif name == "http" or re.match(r"^https?://", term):
+            url = arg if name == "http" else term
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise RewardError(f"{term}: expected an http:// or https:// URL", spec=term)
+        else:
+            _build_one(term)  # cheap: sentiment, length, python (imports the plug-in)
+        weight = m.group("weight")
+        terms.append(f"{weight}*{term}" if weight is not None else term)
+    return "+".join(terms)
+
+
 # --------------------------------------------------------------------------- labelling rollouts
 def record_prompt(record: dict) -> str:
     """The prompt a reward sees for a rollout record: `prompt` when it is a string, else the last
@@ -407,4 +455,4 @@ def label_records(records: Sequence[dict], reward: Callable[[list[str], list[str
 
 
 __all__ = ["REWARDS", "HFRewardModel", "HTTPReward", "Reward", "RewardError", "WeightedSum", "import_reward",
-           "label_records", "length", "parse_reward", "record_prompt", "sentiment"]
+           "label_records", "length", "parse_reward", "record_prompt", "resolve_reward", "sentiment"]

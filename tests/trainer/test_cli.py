@@ -109,7 +109,8 @@ def test_train_refuses_unlabelled_rollouts(app, tmp_path, tiny_backbone):
     assert result.exit_code == 2 and "no labelled responses" in result.output
 
 
-@pytest.mark.parametrize("module", ["trainer.rewards", "trainer.returns", "trainer.tasks", "trainer.value_config",
+@pytest.mark.parametrize("module", ["trainer.rewards", "trainer.returns", "trainer.tasks.spec", "trainer.tasks.json_extract",
+                                    "trainer.tasks.review_sentiment", "trainer.value_config",
                                     "trainer.value_trainer"])
 def test_doctests(module):
     result = doctest.testmod(importlib.import_module(module))

@@ -104,7 +104,8 @@ def test_loop_presets_and_overrides():
     assert smoke.iterations == 2 and smoke.bon == [1, 2] and smoke.max_tokens == 16
     assert smoke.train["max_steps"] == "3" and smoke.train["batch_size"] == 4  # coerced by ValueTrainConfig later
     full = LoopConfig.from_preset("full")
-    assert (full.w, full.k, full.l, full.bon) == (4, 4, 8, [1, 2, 4, 8, 16])
+    assert (full.w, full.k, full.l, full.bon) == (None, None, None, [1, 2, 4, 8, 16])  # w/k/l: the task's search
+    assert (smoke.w, smoke.k, smoke.l, full.max_tokens) == (2, 2, 8, None)  # max_tokens: the task's
     with pytest.raises(ValueError, match="unknown loop option 'nope'"):
         LoopConfig.from_preset("smoke", nope=1)
     with pytest.raises(ValueError, match="unknown loop preset"):

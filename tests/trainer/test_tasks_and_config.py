@@ -1,28 +1,10 @@
-"""The built-in demo task and the value-training configuration."""
+"""The value-training configuration (the tasks: test_task_files.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from trainer.rewards import parse_reward
-from trainer.tasks import TASKS, TITLES, N_TRAIN_TITLES
 from trainer.value_config import ValueTrainConfig
-
-
-def test_review_sentiment_prompts_are_many_distinct_deterministic_and_held_out_by_title():
-    task = TASKS["review-sentiment"]
-    train, held_out = task.train_prompts(), task.eval_prompts()
-    assert len(train) >= 300 and len(held_out) >= 100
-    assert train == TASKS["review-sentiment"].train_prompts()
-    texts = [p["messages"][0]["content"] for p in train + held_out]
-    assert len(set(texts)) == len(texts)
-    assert len({p["id"] for p in train + held_out}) == len(texts)
-    for p in train + held_out:
-        assert p["messages"] == [{"role": "user", "content": p["messages"][0]["content"]}]
-    eval_titles = TITLES[N_TRAIN_TITLES:]
-    assert not any(t in p["messages"][0]["content"] for p in train for t in eval_titles)
-    assert all(any(t in p["messages"][0]["content"] for t in eval_titles) for p in held_out)
-    assert task.max_tokens == 48 and parse_reward(task.reward)(["p"], ["great"])[0] > 0
 
 
 def test_presets_load_with_overrides_coerced_from_strings():

@@ -1,23 +1,20 @@
-"""Built-in tasks: prompt sets with a reward, ready for rollouts, training and evaluation.
+"""Prompts of the built-in `review-sentiment` task (its task file: builtin/review-sentiment.yaml).
 
-`review-sentiment` (the demo): continue a movie review that opens hesitantly or negatively; the
-reward is the VADER sentiment of the continuation, so an aligned model turns reviews around.
-Prompts are generated deterministically from templates written here (invented titles, genres,
-openings, instructions): nothing is downloaded, and every run sees the same prompts. Held-out
-prompts use titles that never appear in training.
+Continue a movie review that opens hesitantly or negatively; the reward is the VADER sentiment of
+the continuation, so an aligned model turns reviews around. Prompts are generated
+deterministically from templates written here (invented titles, genres, openings,
+instructions): nothing is downloaded, and every run sees the same prompts. Held-out prompts use
+titles that never appear in training.
 
-    >>> task = TASKS["review-sentiment"]
-    >>> len(task.train_prompts()), len(task.eval_prompts()), task.reward, task.max_tokens
-    (400, 100, 'sentiment', 48)
-    >>> task.train_prompts()[0]["messages"][0]["role"]
-    'user'
+    >>> train = prompts("train", 400)
+    >>> len(train), len(prompts("eval", 100)), train[0]["messages"][0]["role"]
+    (400, 100, 'user')
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass
 from typing import Literal
 
 TITLES = [
@@ -93,51 +90,28 @@ def _key(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class ReviewSentimentTask:
-    """Continue hesitant or negative movie reviews; reward = VADER sentiment of the continuation."""
-
-    name: str = "review-sentiment"
-    reward: str = "sentiment"
-    """Reward spec (see trainer.rewards)."""
-    max_tokens: int = 48
-    """Default response length for rollouts and evaluation."""
-    temperature: float = 0.7
-    n_train: int = 400
-    n_eval: int = 100
-
-    def _prompts(self, split: Literal["train", "eval"], n: int) -> list[dict]:
-        titles = TITLES[:N_TRAIN_TITLES] if split == "train" else TITLES[N_TRAIN_TITLES:]
-        combos = sorted(itertools.product(titles, GENRES, OPENINGS), key=lambda c: _key(self.name, split, *c))
-        prompts: list[dict] = []
-        seen: set[str] = set()
-        for title, genre, opening in combos:  # many openings do not name the genre: skip repeats
-            fill = {"title": title, "genre": genre, "a_genre": _article(genre)}
-            text = opening.format(**fill)
-            text = text[0].upper() + text[1:]
-            instruction = INSTRUCTIONS[int(_key(split, title, genre, opening)[:8], 16) % len(INSTRUCTIONS)]
-            content = instruction.format(opening=text, **fill)
-            if content in seen:
-                continue
-            seen.add(content)
-            prompts.append({"id": f"{self.name}/{split}/{len(prompts):04d}",
-                            "messages": [{"role": "user", "content": content}]})
-            if len(prompts) == n:
-                break
-        return prompts
-
-    def train_prompts(self) -> list[dict]:
-        """Training prompts: [{"id", "messages"}], always the same, in the same order."""
-        return self._prompts("train", self.n_train)
-
-    def eval_prompts(self) -> list[dict]:
-        """Held-out prompts (titles never seen in training)."""
-        return self._prompts("eval", self.n_eval)
+def prompts(split: Literal["train", "eval"], n: int, *, name: str = "review-sentiment") -> list[dict]:
+    """`n` prompts of a split as `{"id", "messages"}` lines, always the same, in the same order
+    (held-out prompts use titles never seen in training)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    titles = TITLES[:N_TRAIN_TITLES] if split == "train" else TITLES[N_TRAIN_TITLES:]
+    combos = sorted(itertools.product(titles, GENRES, OPENINGS), key=lambda c: _key(name, split, *c))
+    out: list[dict] = []
+    seen: set[str] = set()
+    for title, genre, opening in combos:  # many openings do not name the genre: skip repeats
+        fill = {"title": title, "genre": genre, "a_genre": _article(genre)}
+        text = opening.format(**fill)
+        text = text[0].upper() + text[1:]
+        instruction = INSTRUCTIONS[int(_key(split, title, genre, opening)[:8], 16) % len(INSTRUCTIONS)]
+        content = instruction.format(opening=text, **fill)
+        if content in seen:
+            continue
+        seen.add(content)
+        out.append({"id": f"{name}/{split}/{len(out):04d}", "messages": [{"role": "user", "content": content}]})
+        if len(out) == n:
+            break
+    return out
 
 
-TASKS = {
-    "review-sentiment": ReviewSentimentTask(),
-}
-"""Task name -> task (train_prompts(), eval_prompts(), reward spec, max_tokens)."""
-
-__all__ = ["TASKS", "ReviewSentimentTask"]
+__all__ = ["N_TRAIN_TITLES", "TITLES", "prompts"]
