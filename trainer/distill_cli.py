@@ -32,7 +32,7 @@ def distill(
     overrides: list[str] = typer.Option([], "--set", help="Override an option: KEY=VALUE (repeatable), e.g. --set lam=0.5."),
     model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
     reward: Optional[str] = typer.Option(None, "--reward", help="Reward spec to score held-out samples (see `iro reward`)."),
-    task: Optional[str] = typer.Option(None, help="Score held-out samples with this built-in task's reward."),
+    task: Optional[str] = typer.Option(None, help="Score held-out samples with this task's reward (a built-in name or a task file)."),
 ):
     """Train a LoRA policy on the frozen base with APA or IS-DPO and publish it as NAME's next version."""
     from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
@@ -40,7 +40,7 @@ def distill(
     from trainer.distill import DistillTrainer
     from trainer.distill_config import DistillConfig
     from trainer.rewards import RewardError, parse_reward, record_prompt
-    from trainer.tasks import TASKS
+    from trainer.tasks import load_task
     from trainer.value_trainer import examples_from_records, read_rollouts
     from valuefn.checkpoint import CheckpointError
     from valuefn.policies import PolicyRegistry, default_policies_dir
@@ -54,9 +54,7 @@ def distill(
         options = dict(parse_override(o) for o in overrides)
         config = DistillConfig.from_preset(preset, **({"method": method} | options))
         if task is not None:
-            if task not in TASKS:
-                raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-            reward = TASKS[task].reward
+            reward = load_task(task).reward  # a TaskError (ValueError) names the file, line and field
         reward_fn = parse_reward(reward) if reward else None
         records = read_rollouts(rollouts)
         examples, skipped = examples_from_records(records)
