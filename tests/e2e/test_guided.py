@@ -262,12 +262,11 @@ def test_guided_logprobs_are_refused_naming_the_field(server, demo):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("mode,n", [("cbs", 1), ("cbs", 2), ("bon", 2)])
-def test_guided_n_above_beams_is_refused(server, demo, mode, n):
+@pytest.mark.parametrize("guidance,n", [({"value": "demo", "w": 1, "k": 2, "l": 4}, 2),
+                                       ({"value": "demo", "mode": "bon", "k": 2}, 3)], ids=["n>w", "n>k"])
+def test_guided_n_above_beams_is_refused(server, demo, guidance, n):
     import openai
 
-    guidance = {"value": "demo", "w": 1, "k": 2, "l": 4} if mode == "cbs" else {"value": "demo", "mode": "bon", "k": 2}
-    n = n + 1 if mode == "bon" else 2
     with pytest.raises(openai.BadRequestError) as exc:
         server.openai().completions.create(model=server.model_id, prompt="hi", max_tokens=4, n=n,
                                            extra_body={"guidance": guidance})

@@ -396,29 +396,29 @@ def test_logit_bias_minus_100_bans_a_token(server):
     assert all(banned not in c.model_extra["token_ids"] for c in sampled.choices)
 
 
-@pytest.mark.parametrize("penalty", [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
-                                     {"extra_body": {"repetition_penalty": 1.8}}], ids=["presence", "frequency",
-                                                                                      "repetition"])
-def test_penalties_lower_repeats(server, penalty):
+@pytest.mark.parametrize("prompt,penalty", [
+    ("la la la la la la la la la la la la", {"presence_penalty": 2.0}),
+    ("1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,", {"frequency_penalty": 2.0}),
+    ("1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,", {"extra_body": {"repetition_penalty": 1.8}}),
+], ids=["presence", "frequency", "repetition"])
+def test_penalties_lower_repeats(server, prompt, penalty):
     client = server.openai()
-    prompt = "la la la la la la la la la la la la"
     plain = completion_ids(client, server, prompt, max_tokens=24, temperature=0, logit_bias=NO_EOS)
     penalised = completion_ids(client, server, prompt, max_tokens=24, temperature=0, logit_bias=NO_EOS, **penalty)
     assert repeats(penalised) < repeats(plain)
 
 
-def test_min_tokens_and_stop_token_ids(server):
+def test_stop_token_ids_and_min_tokens(server):
     client = server.openai()
-    messages = [{"role": "user", "content": "Reply with just the word yes."}]
-    short = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=32, temperature=0)
-    assert short.usage.completion_tokens < 12  # the premise: it answers briefly
-    forced = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=32, temperature=0,
-                                            extra_body={"min_tokens": 12})
-    assert forced.usage.completion_tokens >= 12
-    ids = completion_ids(client, server, "One, two, three, four,", max_tokens=8, temperature=0, logit_bias=NO_EOS)
-    stopped = client.completions.create(model=server.model_id, prompt="One, two, three, four,", max_tokens=8,
-                                        temperature=0, logit_bias=NO_EOS, extra_body={"stop_token_ids": [ids[2]]})
+    prompt = "One, two, three, four,"
+    ids = completion_ids(client, server, prompt, max_tokens=8, temperature=0, logit_bias=NO_EOS)
+    stop = {"stop_token_ids": [ids[2]]}
+    stopped = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=8, temperature=0,
+                                        logit_bias=NO_EOS, extra_body=stop)
     assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 3
+    held = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=12, temperature=0,
+                                     logit_bias=NO_EOS, extra_body=stop | {"min_tokens": 6})
+    assert held.usage.completion_tokens >= 6  # the stop token cannot end it before min_tokens
 
 
 def test_echo_returns_the_prompt_then_the_completion(server):
@@ -448,8 +448,10 @@ def test_response_format_json_object_and_schema(server):
     import jsonschema
 
     client = server.openai()
-    obj = client.chat.completions.create(model=server.model_id, messages=PERSON_CHAT, max_tokens=64, temperature=0,
-                                         response_format={"type": "json_object"})
+    obj = client.chat.completions.create(
+        model=server.model_id, messages=[{"role": "user", "content": "A JSON object with keys a and b set to 1 and 2."}],
+        max_tokens=64, temperature=0, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
     out = client.chat.completions.create(model=server.model_id, messages=PERSON_CHAT, max_tokens=64, n=2, seed=1,
                                          temperature=0.8, response_format=JSON_SCHEMA)
