@@ -12,7 +12,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from common.sampling import Sampling
@@ -216,6 +216,11 @@ class VllmEngine(EngineClient):
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params,
                                                    request_id):
+                if any(o.finish_reason == "error" for o in output.outputs):  # vLLM failed this request alone
+                    if request.sampling.structured is not None:  # its grammar did not compile
+                        raise InvalidRequestError("response_format: the engine could not compile or apply this "
+                                                  "schema", param="response_format", code="invalid_value")
+                    raise UnavailableError("the inference engine failed on this request; retry", code="engine_error")
                 yield output
         except VllmEngineDead as exc:  # our error types answer 503 without an "Exception in ASGI app" trace
             raise EngineDeadError("the inference engine died; the server is shutting down", code="engine_dead") from exc
