@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import iro
+from common.protocol import HealthStatus, VersionInfo
 from server.errors import IroError, error_body, error_responses
 from server.metrics import Metrics, MetricsMiddleware
-from common.protocol import HealthStatus, VersionInfo
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.auth import require_api_key
-from server.errors import IroError, UnavailableError, error_responses
 from common.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ModelList, ScoreRequest,
     ScoreResponse,
 )
+from server.auth import require_api_key
+from server.errors import IroError, UnavailableError, error_responses
 from server.openai.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
