@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.guided import MAX_TOKENS, PROMPTS, TEMPERATURE
+from common.sampling import Sampling
 from server.engine import ChunkRequest, VllmEngine
 from server.search import Searcher, SearchParams
 
@@ -65,11 +66,11 @@ async def main(args):
     scorer = Scorer(threads=args.scorer_threads)
     init_value(reg, "h", model_path, ValueModelConfig.for_engine_head(dtype=args.dtype))
     head_chain = loader.load_chain("h")  # the engine values candidates
-    params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE,
+    params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, sampling=Sampling(temperature=TEMPERATURE),
                           align=args.block_size if args.align else 1)
 
     async def plain():
-        return await asyncio.gather(*[engine.sample(ChunkRequest(p, 16, MAX_TOKENS, TEMPERATURE)) for p in prompts])
+        return await asyncio.gather(*[engine.sample(ChunkRequest(p, 16, MAX_TOKENS, Sampling(temperature=TEMPERATURE))) for p in prompts])
 
     async def guided(sc, ch, p=params):
         s = Searcher(engine, sc)

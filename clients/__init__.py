@@ -1,7 +1,7 @@
 """Python clients for iro-serve: `IroClient` (sync) and `AsyncIroClient` (asyncio), on httpx.
 
-Requests and answers are the server's own pydantic schemas (`server.openai.protocol`,
-`server.admin.protocol`); errors are typed (`clients.errors`). Configuration defaults come from
+Requests and answers are the server's own pydantic schemas (`common.protocol`,
+`common.admin_protocol`); errors are typed (`clients.errors`). Configuration defaults come from
 `IRO_BASE_URL`, `IRO_API_KEY` and `IRO_ADMIN_KEY`. `clients.errors.ConnectError` and
 `clients.errors.TimeoutError` are not re-exported here (the names would shadow builtins).
 

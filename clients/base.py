@@ -26,9 +26,9 @@ from clients.errors import (
     APIStatusError, ConnectError, IroClientError, RateLimitError, ServiceUnavailableError, TimeoutError,
     TransportError, error_class, status_for_type,
 )
-from server.admin.protocol import DeletedValue, LoadValueRequest, ValueList, ValueStatus
-from server.errors import ErrorInfo
-from server.openai.protocol import (
+from common.admin_protocol import DeletedValue, LoadValueRequest, ValueList, ValueStatus
+from common.errors import ErrorInfo
+from common.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage, CompletionRequest,
     CompletionResponse, CompletionStreamResponse, GuidanceParams, ModelList, ScoreRequest, ScoreResponse,
 )

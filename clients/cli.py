@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from clients.client import IroClient
 from clients.errors import IroClientError
-from server.openai.protocol import GuidanceInfo, UsageInfo
+from common.protocol import GuidanceInfo, UsageInfo
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)

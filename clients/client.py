@@ -22,8 +22,8 @@ import httpx
 from clients.base import BaseIroClient, Call, GenerationRequest, Guidance, Messages, Prompt
 from clients.errors import IroClientError
 from clients.streaming import AsyncStream, Stream
-from server.admin.protocol import DeletedValue, ValueList, ValueStatus
-from server.openai.protocol import (
+from common.admin_protocol import DeletedValue, ValueList, ValueStatus
+from common.protocol import (
     ChatCompletionResponse, ChatCompletionStreamResponse, CompletionResponse, CompletionStreamResponse, ModelList, ScoreResponse,
 )
 

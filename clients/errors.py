@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import httpx
 
-from server.errors import ErrorInfo
+from common.errors import ErrorInfo
 
 __all__ = [
     "IroClientError", "TransportError", "ConnectError", "TimeoutError", "APIStatusError", "BadRequestError",

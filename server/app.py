@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import iro
+from common.protocol import HealthStatus, VersionInfo
 from server.errors import IroError, error_body, error_responses
 from server.metrics import Metrics, MetricsMiddleware
-from server.openai.protocol import HealthStatus, VersionInfo
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(error_body(400, f"We could not parse the JSON body of your request: {first.get('msg')}",
                                            code="invalid_json"), status_code=400)
         param = _param_from_loc(first.get("loc", ()))
+        if first.get("type") == "extra_forbidden":  # OpenAI's wording for an unknown field
+            return JSONResponse(error_body(400, f"Unrecognized request argument supplied: {param}", param=param,
+                                           code="unknown_field"), status_code=400)
         message = "; ".join(f"{_param_from_loc(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[:5])
         return JSONResponse(error_body(400, message, param=param, code="invalid_value"), status_code=400)
 
@@ -114,7 +117,7 @@ def install_openapi(app: FastAPI) -> None:
     ErrorResponse), and with the stream chunk schemas that the routes' event streams refer to."""
     from pydantic.json_schema import models_json_schema
 
-    from server.openai.protocol import ChatCompletionStreamResponse, CompletionStreamResponse
+    from common.protocol import ChatCompletionStreamResponse, CompletionStreamResponse
 
     default = app.openapi
 
@@ -137,10 +140,45 @@ def install_openapi(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_path):
+    """The value registry's manager and the scorer; every value loaded; closers registered."""
+    from server.value_manager import ValueManager
+    from valuefn.loader import BackbonePool, ValueLoader
+    from valuefn.registry import Registry
+    from valuefn.scorer import Scorer
+
+    root = settings.resolved_values_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.error("cannot create the value registry %s: %s", root, exc)
+    registry = Registry(root)
+    manager = ValueManager(registry, ValueLoader(registry, BackbonePool(model_path)), base_id=engine.model_id,
+                           metrics=app.state.metrics)
+    scorer = Scorer(threads=settings.scorer_threads, metrics=app.state.metrics)
+    await manager.reconcile()
+    app.state.values = manager
+    app.state.scorer = scorer
+    watcher = asyncio.create_task(manager.watch()) if settings.watch_values else None
+
+    async def close():
+        if watcher is not None:
+            manager.stop()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        scorer.close()
+
+    app.state.closers.append(close)
+    return manager, scorer
+
+
 async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
+    """Start-up wiring (run by the lifespan): engine, values, scorer, and the serving objects."""
     from server.engine import VllmEngine
+    from server.guided import GuidedGenerator
     from server.model_store import resolve_model
     from server.openai.serving import OpenAIServing
+    from server.openai.serving_score import ScoreServing
 
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     model_id = settings.served_model_name or model_path.name
@@ -148,9 +186,10 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
         VllmEngine.start, str(model_path), model_id, **settings.engine_options(), lora=settings.lora_options())
     app.state.engine = engine
     app.state.model_path = model_path
-    from server.guided import start_values
-
-    values, guided = await start_values(app, settings, engine, model_path)
+    values, scorer = await _start_values(app, settings, engine, model_path)
+    guided = GuidedGenerator(engine, scorer, values, max_candidates=settings.max_guided_candidates,
+                             metrics=app.state.metrics)
+    app.state.score_serving = ScoreServing(engine, scorer, values)
     app.state.serving = OpenAIServing(engine, max_n=settings.max_n, max_queue=settings.max_queue,
                                       metrics=app.state.metrics, guided=guided, values=values,
                                       log_prompts=settings.log_prompts)
@@ -217,6 +256,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.engine = None
     app.state.values = None
     app.state.policies = None
+    app.state.score_serving = None
     app.state.closers = []
     app.state.exit_code = 0
     install_error_handlers(app)

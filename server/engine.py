@@ -12,34 +12,77 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from common.sampling import Sampling
 from server.engine_patches import VALUE_HEADS_ARG
+from server.grammar_prefix import GRAMMAR_PREFIX_ARG
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ChunkRequest:
-    """Sampling of `n` continuations of `prompt_ids` (engine-agnostic)."""
+class EngineRequest:
+    """`n` continuations of `prompt_ids`, sampled as `sampling` says (engine-agnostic).
+
+    Plain requests and the search's chunk requests are both this; only the engine turns it into
+    vLLM's `SamplingParams` (`to_sampling_params`)."""
 
     prompt_ids: list[int]
     n: int
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    sampling: Sampling = Sampling()
     detokenize: bool = True
     """False: the engine skips detokenising (Sample.text is empty); stop strings need it."""
     value_heads: tuple[tuple[float, ...], ...] | None = None
     """m linear heads (H weights + bias each) on the engine's final hidden states: each sample then
     carries `token_values`, the heads' outputs at the position that sampled each token."""
+    grammar_prefix: int = 0
+    """The last `grammar_prefix` prompt tokens were generated under `sampling.structured` already
+    (a beam's earlier chunks): the constraint continues after them (`server.grammar_prefix`)."""
+
+
+ChunkRequest = EngineRequest
+"""The search's name for it: one chunk of a beam."""
+
+
+def to_sampling_params(request: EngineRequest, *, delta: bool = False) -> Any:
+    """vLLM's `SamplingParams` for `request`: the one place where our sampling settings meet vLLM's.
+
+    Every field of `Sampling` is mapped here (tests/server/test_sampling.py checks it)."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    from server.errors import InvalidRequestError
+
+    s = request.sampling
+    extra_args: dict[str, Any] = {}
+    logprobs = s.logprobs
+    if request.value_heads:
+        if logprobs is not None:
+            raise InvalidRequestError("logprobs cannot be combined with engine value heads", param="logprobs")
+        logprobs = len(request.value_heads) - 1
+        extra_args[VALUE_HEADS_ARG] = [list(h) for h in request.value_heads]
+    structured = None
+    if s.structured is not None:
+        structured = (StructuredOutputsParams(json_object=True) if s.structured.kind == "json_object"
+                      else StructuredOutputsParams(json=s.structured.schema))
+        if request.grammar_prefix:
+            extra_args[GRAMMAR_PREFIX_ARG] = request.grammar_prefix
+    try:
+        return SamplingParams(
+            n=request.n, max_tokens=request.max_tokens, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1, min_p=s.min_p, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+            logit_bias=s.logit_bias_dict(), seed=s.seed, stop=list(s.stop) or None,
+            stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos,
+            min_tokens=min(s.min_tokens, request.max_tokens), logprobs=logprobs, structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+            detokenize=request.detokenize or bool(s.stop), extra_args=extra_args or None)
+    except VLLMClientError as exc:  # e.g. n > 1 with temperature 0 (greedy)
+        raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc
 
 
 @dataclass
@@ -65,11 +108,12 @@ class EngineClient(abc.ABC):
     def tokenizer(self) -> Any: ...
 
     @abc.abstractmethod
-    def stream(self, prompt_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
-        """Yield vLLM `RequestOutput`s for one request (aborted when the iterator is closed)."""
+    def stream(self, request: EngineRequest, request_id: str, *, delta: bool = False) -> AsyncIterator[Any]:
+        """Yield vLLM `RequestOutput`s for one request (aborted when the iterator is closed); with
+        `delta`, each output holds only the new tokens, else one final output."""
 
     @abc.abstractmethod
-    async def sample(self, request: ChunkRequest) -> list[Sample]:
+    async def sample(self, request: EngineRequest) -> list[Sample]:
         """Return `request.n` finished continuations."""
 
     max_value_heads = 0
@@ -161,7 +205,7 @@ class VllmEngine(EngineClient):
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def stream(self, prompt_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]:
+    async def stream(self, request: EngineRequest, request_id: str, *, delta: bool = False) -> AsyncIterator[Any]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead, EngineGenerateError
@@ -170,10 +214,16 @@ class VllmEngine(EngineClient):
 
         from server.policies import ACTIVE_LORA
 
+        params = to_sampling_params(request, delta=delta)
         self._in_flight += 1
         try:
-            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
-                                                   lora_request=ACTIVE_LORA.get()):
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params,
+                                                   request_id, lora_request=ACTIVE_LORA.get()):
+                if any(o.finish_reason == "error" for o in output.outputs):  # vLLM failed this request alone
+                    if request.sampling.structured is not None:  # its grammar did not compile
+                        raise InvalidRequestError("response_format: the engine could not compile or apply this "
+                                                  "schema", param="response_format", code="invalid_value")
+                    raise UnavailableError("the inference engine failed on this request; retry", code="engine_error")
                 yield output
         except VllmEngineDead as exc:  # our error types answer 503 without an "Exception in ASGI app" trace
             raise EngineDeadError("the inference engine died; the server is shutting down", code="engine_dead") from exc
@@ -184,28 +234,9 @@ class VllmEngine(EngineClient):
         finally:
             self._in_flight -= 1
 
-    async def sample(self, request: ChunkRequest) -> list[Sample]:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind
-
-        from server.errors import InvalidRequestError
-
-        try:
-            params = SamplingParams(
-                n=request.n, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                top_k=request.top_k if request.top_k > 0 else -1, seed=request.seed, stop=request.stop or None,
-                stop_token_ids=request.stop_token_ids or None, presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty, output_kind=RequestOutputKind.FINAL_ONLY,
-                detokenize=request.detokenize or bool(request.stop),
-                **({} if not request.value_heads else
-                   {"logprobs": len(request.value_heads) - 1,
-                    "extra_args": {VALUE_HEADS_ARG: [list(h) for h in request.value_heads]}}),
-            )
-        except VLLMClientError as exc:
-            raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc
+    async def sample(self, request: EngineRequest) -> list[Sample]:
         final = None
-        async for final in self.stream(request.prompt_ids, params, f"chunk-{uuid.uuid4().hex}"):
+        async for final in self.stream(request, f"chunk-{uuid.uuid4().hex}"):
             pass
         assert final is not None
         return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason,

@@ -178,6 +178,9 @@ def allow_block_size_16(backend) -> None:
 
 def register() -> None:
     """vLLM general-plugin entry point."""
+    from server.grammar_prefix import install as install_grammar_prefix
+
+    install_grammar_prefix()  # engine core: structured outputs continue a beam (CPU and CUDA)
     try:
         import torch
 

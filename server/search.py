@@ -21,12 +21,13 @@ import asyncio
 import hashlib
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
-from server.engine import ChunkRequest, EngineClient
+from common.sampling import Sampling
+from server.engine import EngineClient, EngineRequest
 from valuefn.scorer import ScoreItem, chain_scores
 
 
@@ -38,13 +39,9 @@ class SearchParams:
     l: int
     max_tokens: int
     n: int = 1
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    sampling: Sampling = Sampling(temperature=0.7)
+    """The request's sampling settings, passed to every chunk unchanged but for a per-chunk seed
+    (derived from `sampling.seed`) and what is left of `min_tokens`."""
     align: int = 1
     """Tokens per KV block of the engine's prefix cache (1: no alignment). CBS then lengthens its
     first chunk by less than u = gcd(l, align) tokens (and shortens its last) so that every chunk
@@ -114,18 +111,19 @@ class Searcher:
             return await self._bon(chain, prompt_ids, params, heads)
         return await self._cbs(chain, prompt_ids, params, heads, on_step)
 
-    def _request(self, prompt_ids: list[int], n: int, max_tokens: int, params: SearchParams, heads,
-                 *seed_parts) -> ChunkRequest:
-        return ChunkRequest(prompt_ids=prompt_ids, n=n, max_tokens=max_tokens, temperature=params.temperature,
-                            top_p=params.top_p, top_k=params.top_k, seed=chunk_seed(params.seed, *seed_parts),
-                            stop=list(params.stop), presence_penalty=params.presence_penalty,
-                            frequency_penalty=params.frequency_penalty,
-                            detokenize=False,  # the search decodes whole beams itself (_extend)
-                            value_heads=heads)
+    def _request(self, prompt_ids: list[int], beam: Beam, n: int, max_tokens: int, params: SearchParams, heads,
+                 *seed_parts) -> EngineRequest:
+        s = params.sampling
+        sampling = replace(s, seed=chunk_seed(s.seed, *seed_parts),
+                           min_tokens=max(0, s.min_tokens - len(beam.token_ids)))
+        return EngineRequest(prompt_ids=prompt_ids + beam.token_ids, n=n, max_tokens=max_tokens, sampling=sampling,
+                             detokenize=False,  # the search decodes whole beams itself (_extend)
+                             value_heads=heads,
+                             grammar_prefix=len(beam.token_ids) if s.structured is not None else 0)
 
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:
         ids = parent.token_ids + list(sample.token_ids)
-        text, stopped = cut_at_stop(self.decode(ids), params.stop)
+        text, stopped = cut_at_stop(self.decode(ids), params.sampling.stop)
         beam = Beam(ids, text)
         if sample.token_values and (parent.token_values is not None or not parent.token_ids):
             new = np.asarray(sample.token_values, dtype=np.float64)  # (tokens, heads)
@@ -158,7 +156,7 @@ class Searcher:
             # The first step expands the prompt alone: w*k samples, like w copies of it.
             fanout = [(b, params.k * (params.w if step == 0 else 1)) for b in active]
             length = params.first_chunk_length(len(prompt_ids)) if step == 0 else params.l
-            requests = [self._request(prompt_ids + b.token_ids, n, min(length, params.max_tokens - len(b.token_ids)),
+            requests = [self._request(prompt_ids, b, n, min(length, params.max_tokens - len(b.token_ids)),
                                       params, heads, step, i) for i, (b, n) in enumerate(fanout)]
             self.on_chunks(len(requests))
             samples = await asyncio.gather(*[self.engine.sample(r) for r in requests])
@@ -206,7 +204,8 @@ class Searcher:
     async def _bon(self, chain, prompt_ids: list[int], params: SearchParams, heads) -> SearchResult:
         result = SearchResult(beams=[])
         self.on_chunks(1)
-        samples = await self.engine.sample(self._request(prompt_ids, params.k, params.max_tokens, params, heads, "bon"))
+        samples = await self.engine.sample(self._request(prompt_ids, Beam([]), params.k, params.max_tokens, params, heads,
+                                                          "bon"))
         result.chunks = 1
         root = Beam([])
         candidates = [self._extend(root, s, params) for s in samples]

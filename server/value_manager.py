@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 
-from server.admin.protocol import RefusedVersion, ValueList, ValueStatus
+from common.admin_protocol import RefusedVersion, ValueList, ValueStatus
 from server.errors import GuidanceError, NotFoundError, UnavailableError
 from valuefn.checkpoint import CheckpointError
 from valuefn.loader import ValueLoader

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Body, Depends, Request
 
-from server.admin.protocol import DeletedValue, LoadValueRequest, ValueList, ValueStatus
+from common.admin_protocol import DeletedValue, LoadValueRequest, ValueList, ValueStatus
 from server.auth import require_admin_key
 from server.errors import InvalidRequestError, UnavailableError, error_responses
 from server.value_manager import ValueManager

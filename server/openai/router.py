@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.auth import require_api_key
-from server.errors import IroError, UnavailableError, error_responses
-from server.openai.protocol import (
+from common.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ModelList, ScoreRequest,
     ScoreResponse,
 )
+from server.auth import require_api_key
+from server.errors import IroError, UnavailableError, error_responses
 from server.openai.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ async def create_completion(body: CompletionRequest, request: Request):
 async def score(body: ScoreRequest, request: Request):
     """Score responses to a prompt with a value chain (iro extension)."""
     serving = get_serving(request)
-    if serving.guided is None:
+    scoring = getattr(request.app.state, "score_serving", None)
+    if scoring is None:
         raise UnavailableError("value functions are not enabled", code="values_disabled")
-    return await _respond(request, serving, lambda b: serving.guided.score(serving, b), body)
+    return await _respond(request, serving, scoring.score, body)

@@ -10,7 +10,7 @@ import pytest
 
 from clients import AsyncIroClient, IroClient, errors
 from clients.base import BaseIroClient, SSEDecoder, retry_after_seconds
-from server.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from common.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 
 @pytest.fixture

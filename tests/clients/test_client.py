@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from clients import AsyncIroClient, IroClient, errors
-from server.admin.protocol import DeletedValue, ValueList, ValueStatus
-from server.openai.protocol import (
+from common.admin_protocol import DeletedValue, ValueList, ValueStatus
+from common.protocol import (
     ChatCompletionResponse, ChatCompletionStreamResponse, CompletionResponse, CompletionStreamResponse,
     GuidanceParams, ModelList,
 )

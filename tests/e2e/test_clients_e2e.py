@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from clients import AsyncIroClient, IroClient, errors
-from server.admin.protocol import DeletedValue, ValueList
-from server.openai.protocol import ChatCompletionResponse, CompletionResponse
+from common.admin_protocol import DeletedValue, ValueList
+from common.protocol import ChatCompletionResponse, CompletionResponse
 
 pytestmark = pytest.mark.e2e
 

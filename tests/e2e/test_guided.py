@@ -222,3 +222,116 @@ def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(
     for (text, engine_score), scorer_score in zip(choices, r.json()["scores"]):
         # bf16 engine kernels vs the scorer's bf16 Hugging Face forward: close, not bit-equal
         assert abs(engine_score - scorer_score) <= 0.05 + 0.03 * abs(scorer_score), (text, engine_score, scorer_score)
+
+
+# ----------------------------------------------------------------------------- sampling fields on guided requests
+NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end-of-sequence tokens
+GUIDES = {"cbs": {"value": "demo", "w": 2, "k": 2, "l": 4}, "bon": {"value": "demo", "mode": "bon", "k": 3}}
+
+
+def guided_ids(server, prompt: str, guidance: dict, **kw) -> list[list[int]]:
+    out = server.openai().completions.create(model=server.model_id, prompt=prompt, temperature=0.8, **kw,
+                                             extra_body={"guidance": guidance, "return_token_ids": True})
+    return [c.model_extra["token_ids"] for c in out.choices]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["cbs", "bon"])
+def test_guided_logit_bias_bans_a_token(server, demo, mode):
+    prompt = "One, two, three, four,"
+    plain = server.openai().completions.create(model=server.model_id, prompt=prompt, max_tokens=8, temperature=0,
+                                               logit_bias=NO_EOS, extra_body={"return_token_ids": True})
+    banned = set(plain.choices[0].model_extra["token_ids"][:4])  # the likeliest continuation's tokens
+    bias = NO_EOS | {str(t): -100 for t in banned}
+    for ids in guided_ids(server, prompt, GUIDES[mode], max_tokens=12, n=2, seed=3, logit_bias=bias):
+        assert len(ids) == 12 and not banned & set(ids)  # EOS banned too: the bias reached every chunk
+
+
+@pytest.mark.e2e
+def test_guided_logprobs_are_refused_naming_the_field(server, demo):
+    import openai
+
+    client = server.openai()
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=f"{server.model_id}+demo", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, logprobs=True, top_logprobs=2)
+    assert exc.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model=f"{server.model_id}+demo", prompt="hi", max_tokens=4, logprobs=1)
+    assert exc.value.body["param"] == "logprobs"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("guidance,n", [({"value": "demo", "w": 1, "k": 2, "l": 4}, 2),
+                                       ({"value": "demo", "mode": "bon", "k": 2}, 3)], ids=["n>w", "n>k"])
+def test_guided_n_above_beams_is_refused(server, demo, guidance, n):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        server.openai().completions.create(model=server.model_id, prompt="hi", max_tokens=4, n=n,
+                                           extra_body={"guidance": guidance})
+    assert exc.value.body["param"] == "n"
+
+
+@pytest.mark.e2e
+def test_guided_seed_is_reproducible(server, demo):
+    runs = [guided_ids(server, "The sea is", GUIDES["cbs"], max_tokens=12, seed=7, logit_bias=NO_EOS)
+            for _ in range(2)]
+    other = guided_ids(server, "The sea is", GUIDES["cbs"], max_tokens=12, seed=8, logit_bias=NO_EOS)
+    assert runs[0] == runs[1]
+    assert len(runs[0][0]) == len(other[0]) == 12
+
+
+@pytest.mark.e2e
+def test_beta_and_betas_apply_and_are_reported(server, demo):
+    client = server.openai()
+    for guidance, betas in (({"beta": 2.5}, [2.5]), ({"betas": [0.5]}, [0.5]), ({}, None)):
+        resp = client.completions.with_raw_response.create(
+            model=f"{server.model_id}+demo", prompt="Hello", max_tokens=8, temperature=0.8,
+            extra_body={"guidance": {"w": 2, "k": 2, "l": 4, **guidance}})
+        info = json.loads(resp.text)["guidance"]
+        assert info["versions"] == [demo] and len(info["betas"]) == 1
+        if betas is not None:
+            assert info["betas"] == betas
+        assert info["score"] == max(info["scores"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("align", [True, False])
+def test_align_chunks_through_the_api(server, demo, align):
+    guidance = {**GUIDES["cbs"], "l": 6, "align_chunks": align}
+    ids = [guided_ids(server, "Once upon a time", guidance, max_tokens=20, seed=4, logit_bias=NO_EOS)[0]
+           for _ in range(2)]
+    assert len(ids[0]) == 20 and ids[0] == ids[1]  # every chunk length adds up to max_tokens, seeded
+
+
+# ----------------------------------------------------------------------------- response_format on guided requests
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+PERSON_CHAT = [{"role": "user", "content": "Invent a person. Give their name and age as JSON."}]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["cbs", "bon"])
+def test_guided_response_format_stays_in_the_schema(server, demo, mode):
+    """CBS continues each beam's JSON in every chunk (the grammar is advanced over the beam's tokens)."""
+    import jsonschema
+
+    client = server.openai()
+    guidance = {**GUIDES[mode], "l": 6} if mode == "cbs" else GUIDES[mode]
+    out = client.chat.completions.create(model=server.model_id, messages=PERSON_CHAT, max_tokens=64, n=2, seed=1,
+                                         temperature=0.8, response_format=JSON_SCHEMA,
+                                         extra_body={"guidance": guidance})
+    assert out.model_extra["guidance"]["mode"] == mode
+    for choice in out.choices:
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    stream = client.chat.completions.create(model=server.model_id, messages=PERSON_CHAT, max_tokens=64, n=2, seed=2,
+                                            temperature=0.8, response_format={"type": "json_object"}, stream=True,
+                                            extra_body={"guidance": guidance})
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert all(isinstance(json.loads(t), dict) for t in texts)

@@ -362,3 +362,128 @@ async def test_sixteen_concurrent_requests(server):
     results = await asyncio.gather(*[one(i) for i in range(16)])
     assert len(results) == 16
     assert all(text and 0 < n <= 6 for text, n in results)
+
+
+# ----------------------------------------------------------------------------- sampling fields have their effect
+def completion_ids(client, server, prompt: str, **kw) -> list[int]:
+    out = client.completions.create(model=server.model_id, prompt=prompt, extra_body={"return_token_ids": True,
+                                                                                      **kw.pop("extra_body", {})}, **kw)
+    return out.choices[0].model_extra["token_ids"]
+
+
+def repeats(ids: list[int]) -> int:
+    return len(ids) - len(set(ids))
+
+
+def test_temperature_zero_is_deterministic(server):
+    client = server.openai()
+    runs = [client.completions.create(model=server.model_id, prompt="The best thing about mornings is",
+                                      max_tokens=12, temperature=0, logit_bias=NO_EOS).choices[0].text
+            for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0]
+
+
+def test_logit_bias_minus_100_bans_a_token(server):
+    client = server.openai()
+    prompt = "One, two, three, four,"
+    greedy = completion_ids(client, server, prompt, max_tokens=8, temperature=0, logit_bias=NO_EOS)
+    banned = greedy[0]
+    bias = {**NO_EOS, str(banned): -100}
+    biased = completion_ids(client, server, prompt, max_tokens=8, temperature=0, logit_bias=bias)
+    assert banned not in biased
+    sampled = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=8, temperature=1.0, n=4,
+                                        seed=5, logit_bias=bias, extra_body={"return_token_ids": True})
+    assert all(banned not in c.model_extra["token_ids"] for c in sampled.choices)
+
+
+@pytest.mark.parametrize("prompt,penalty", [
+    ("la la la la la la la la la la la la", {"presence_penalty": 2.0}),
+    ("1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,", {"frequency_penalty": 2.0}),
+    ("1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,", {"extra_body": {"repetition_penalty": 1.8}}),
+], ids=["presence", "frequency", "repetition"])
+def test_penalties_lower_repeats(server, prompt, penalty):
+    client = server.openai()
+    plain = completion_ids(client, server, prompt, max_tokens=24, temperature=0, logit_bias=NO_EOS)
+    penalised = completion_ids(client, server, prompt, max_tokens=24, temperature=0, logit_bias=NO_EOS, **penalty)
+    assert repeats(penalised) < repeats(plain)
+
+
+def test_stop_token_ids_and_min_tokens(server):
+    client = server.openai()
+    prompt = "One, two, three, four,"
+    ids = completion_ids(client, server, prompt, max_tokens=8, temperature=0, logit_bias=NO_EOS)
+    stop = {"stop_token_ids": [ids[2]]}
+    stopped = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=8, temperature=0,
+                                        logit_bias=NO_EOS, extra_body=stop)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 3
+    held = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=12, temperature=0,
+                                     logit_bias=NO_EOS, extra_body=stop | {"min_tokens": 6})
+    assert held.usage.completion_tokens >= 6  # the stop token cannot end it before min_tokens
+
+
+def test_echo_returns_the_prompt_then_the_completion(server):
+    client = server.openai()
+    prompt = "The capital of France is"
+    plain = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=4, temperature=0,
+                                      logit_bias=NO_EOS)
+    echoed = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias=NO_EOS, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    stream = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias=NO_EOS, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == prompt + plain.choices[0].text
+
+
+# ----------------------------------------------------------------------------- response_format
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+PERSON_CHAT = [{"role": "user", "content": "Invent a person. Give their name and age as JSON."}]
+
+
+def test_response_format_json_object_and_schema(server):
+    import json
+
+    import jsonschema
+
+    client = server.openai()
+    obj = client.chat.completions.create(
+        model=server.model_id, messages=[{"role": "user", "content": "A JSON object with keys a and b set to 1 and 2."}],
+        max_tokens=64, temperature=0, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    out = client.chat.completions.create(model=server.model_id, messages=PERSON_CHAT, max_tokens=64, n=2, seed=1,
+                                         temperature=0.8, response_format=JSON_SCHEMA)
+    for choice in out.choices:
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    stream = client.chat.completions.create(model=server.model_id, messages=PERSON_CHAT, max_tokens=64, n=2, seed=2,
+                                            temperature=0.8, response_format=JSON_SCHEMA, stream=True)
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    plain = client.completions.create(model=server.model_id, prompt="A person as JSON:", max_tokens=64,
+                                      temperature=0, extra_body={"response_format": JSON_SCHEMA})
+    jsonschema.validate(json.loads(plain.choices[0].text), PERSON)
+
+
+# ----------------------------------------------------------------------------- refused fields
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(extra_body={"frobnicate": 1}), "frobnicate"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), "tools"),
+    (dict(tool_choice="required"), "tool_choice"),
+    (dict(messages=[{"role": "tool", "content": "42"}]), "messages.0"),
+    (dict(messages=[{"role": "tool", "tool_call_id": "call_1"}]), "messages.0"),
+    (dict(response_format={"type": "json_schema"}), "response_format"),
+], ids=["unknown-field", "tools", "tool-choice", "tool-without-call-id", "tool-without-content",
+        "schema-missing"])
+def test_unsupported_fields_are_refused_naming_them(server, kwargs, param):
+    import openai
+
+    args = dict(model=server.model_id, messages=CHAT, max_tokens=2) | kwargs
+    with pytest.raises(openai.BadRequestError) as exc:
+        server.openai().chat.completions.create(**args)
+    assert exc.value.body["param"] == param

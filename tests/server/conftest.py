@@ -9,7 +9,6 @@ from fastapi.testclient import TestClient
 
 from server.app import build_app
 from server.engine import EngineClient
-from server.openai.protocol import _SamplingFields
 from server.openai.serving import OpenAIServing
 from server.settings import ServerSettings
 
@@ -27,7 +26,7 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode())
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(ids).decode(errors="replace")
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False) -> str:
@@ -63,11 +62,12 @@ class ScriptedEngine(EngineClient):
     def errored(self) -> bool:
         return self.dead
 
-    async def stream(self, prompt_ids, params, request_id):
-        self.requests.append((list(prompt_ids), params))
+    async def stream(self, request, request_id, *, delta=False):
+        params = request
+        self.requests.append((list(request.prompt_ids), request))
         text = self.script[:params.max_tokens]
         try:
-            if params.stream:
+            if delta:
                 for pos, ch in enumerate(text):
                     if self.error is not None and pos == self.fail_after:
                         raise self.error
@@ -87,18 +87,6 @@ class ScriptedEngine(EngineClient):
 
     async def sample(self, request):  # pragma: no cover - not used by the OpenAI endpoints
         raise NotImplementedError
-
-
-@pytest.fixture
-def no_vllm_sampling_params(monkeypatch):
-    """Serving converts requests to vLLM SamplingParams; importing vLLM costs ~7 s, so the unit
-    tier gets a plain namespace (the real conversion is exercised end to end)."""
-
-    def to_sampling_params(self, max_tokens, *, logprobs, stream):
-        return SimpleNamespace(n=self.n, max_tokens=max_tokens, logprobs=logprobs, stream=stream, seed=self.seed,
-                               stop=self.stop_list(), temperature=self.temperature)
-
-    monkeypatch.setattr(_SamplingFields, "to_sampling_params", to_sampling_params)
 
 
 def make_client(engine: EngineClient | None = None, *, serving: bool = True, raise_server_exceptions: bool = True,

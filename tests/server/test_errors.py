@@ -6,7 +6,6 @@ import pytest
 
 from tests.server.conftest import API_KEY, ScriptedEngine, make_client
 
-pytestmark = pytest.mark.usefixtures("no_vllm_sampling_params")
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -32,11 +31,23 @@ def error_of(response, status: int) -> dict:
      "context_length_exceeded", "messages"),
     (dict(json={"model": "tiny", "messages": CHAT, "logit_bias": {"300": 1}}), 400, "invalid_value", "logit_bias"),
     (dict(json={"model": "tiny", "messages": CHAT, "logit_bias": {"a": 1}}), 400, "invalid_value", None),
-    (dict(json={"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400, None, "messages"),
+    (dict(json={"model": "tiny", "messages": [{"role": "tool", "content": "x", "tool_call_id": "c1"}]}), 400, None,
+     "messages"),
+    (dict(json={"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400, None, "messages.0"),
+    (dict(json={"model": "tiny", "messages": [{"role": "user"}]}), 400, None, "messages.0"),
+    (dict(json={"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400, None,
+     "messages.0"),
+    (dict(json={"model": "tiny", "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+     400, None, "tools"),
+    (dict(json={"model": "tiny", "messages": CHAT, "tool_choice": "auto"}), 400, None, "tool_choice"),
+    (dict(json={"model": "tiny", "messages": CHAT, "frobnicate": 1}), 400, "unknown_field", "frobnicate"),
+    (dict(json={"model": "tiny", "messages": CHAT, "response_format": {"type": "xml"}}), 400, None,
+     "response_format.type"),
     (dict(json={"model": "tiny", "messages": CHAT, "guidance": {"w": 2}}), 400, None, "guidance"),
 ], ids=["bad-json", "wrong-type", "empty-messages", "missing-model", "unknown-model", "negative-temperature",
         "n-over-cap", "max-tokens-beyond-context", "prompt-beyond-context", "logit-bias-vocab", "logit-bias-key",
-        "template-error", "guidance-disabled"])
+        "template-error", "tool-without-call-id", "user-without-content", "image-part", "tools", "tool-choice",
+        "unknown-field", "bad-response-format", "guidance-disabled"])
 def test_chat_errors(client, engine, kwargs, status, code, param):
     error = error_of(client.post("/v1/chat/completions", **kwargs), status)
     if code is not None:

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from server.errors import InvalidRequestError
-from server.openai.serving import OpenAIServing, RenderedPrompt, merge
+from server.openai.generate import merge
+from server.openai.serving import OpenAIServing, RenderedPrompt
 from tests.server.conftest import ScriptedEngine, make_client
 
-pytestmark = pytest.mark.usefixtures("no_vllm_sampling_params")
 
 
 def sse_events(response) -> list:

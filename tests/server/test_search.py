@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from common.sampling import Sampling
 from server.engine import ChunkRequest, EngineClient, Sample
 from server.search import Searcher, SearchParams, chunk_seed, common_prefix, cut_at_stop
 
@@ -33,7 +34,7 @@ class ScriptedEngine(EngineClient):
     def tokenizer(self):
         return None
 
-    def stream(self, prompt_ids, params, request_id):  # pragma: no cover - unused by the search
+    def stream(self, request, request_id, *, delta=False):  # pragma: no cover - unused by the search
         raise NotImplementedError
 
     async def sample(self, request: ChunkRequest) -> list[Sample]:
@@ -41,7 +42,7 @@ class ScriptedEngine(EngineClient):
         await asyncio.sleep(0)
         if self.script is not None:
             return self.script(request)
-        rng = random.Random(request.seed if request.seed is not None else hash(tuple(request.prompt_ids)))
+        rng = random.Random(request.sampling.seed if request.sampling.seed is not None else hash(tuple(request.prompt_ids)))
         out = []
         for _ in range(request.n):
             ids, reason = [], "length"
@@ -83,7 +84,9 @@ PROMPT = [3, 3, 3]
 
 
 def run(engine, scorer, **kw):
-    params = SearchParams(**({"mode": "cbs", "w": 2, "k": 4, "l": 2, "max_tokens": 8, "seed": 1} | kw))
+    kw = {"seed": 1} | kw
+    sampling = Sampling(temperature=0.7, seed=kw.pop("seed"), stop=kw.pop("stop", ()))
+    params = SearchParams(**({"mode": "cbs", "w": 2, "k": 4, "l": 2, "max_tokens": 8, "sampling": sampling} | kw))
     return asyncio.run(Searcher(engine, scorer, decode=decode).run(Chain([1.0]), PROMPT, params))
 
 
@@ -154,7 +157,7 @@ def test_chunk_requests_are_token_prompts_that_extend_the_beams():
 ])
 def test_aligned_chunks_put_every_boundary_on_the_prefix_cache_grid(prompt_len, align, l, max_tokens, lengths):
     engine = ScriptedEngine()
-    params = SearchParams(mode="cbs", w=2, k=2, l=l, max_tokens=max_tokens, seed=1, align=align)
+    params = SearchParams(mode="cbs", w=2, k=2, l=l, max_tokens=max_tokens, sampling=Sampling(seed=1), align=align)
     result = asyncio.run(Searcher(engine, CountingScorer(prompt_len), decode=decode).run(
         Chain([1.0]), [3] * prompt_len, params))
     assert len(result.beams[0].token_ids) == max_tokens
@@ -207,7 +210,7 @@ class HeadChain(Chain):
 
 def test_engine_heads_value_the_candidates_without_the_scorer():
     scorer, engine = CountingScorer(3, target=1), HeadEngine()  # the scorer would prefer 1s
-    params = SearchParams(mode="cbs", w=2, k=4, l=2, max_tokens=8, seed=3)
+    params = SearchParams(mode="cbs", w=2, k=4, l=2, max_tokens=8, sampling=Sampling(seed=3))
     chain = HeadChain([1.0])
     result = asyncio.run(Searcher(engine, scorer, decode=decode).run(chain, PROMPT, params))
     assert scorer.calls == 0
@@ -217,7 +220,7 @@ def test_engine_heads_value_the_candidates_without_the_scorer():
     assert best.raw.tolist() == [best.token_ids.count(7) / 8]  # the mean of its tokens' head outputs
     plain = ScriptedEngine()
     plain_sevens = np.mean([s.token_ids.count(7) for s in asyncio.run(plain.sample(
-        ChunkRequest(PROMPT, 64, 8, seed=5)))])
+        ChunkRequest(PROMPT, 64, 8, Sampling(seed=5))))])
     assert best.token_ids.count(7) >= 2 * max(plain_sevens, 0.5)
 
 
@@ -228,7 +231,7 @@ def test_engine_heads_value_the_candidates_without_the_scorer():
 ])
 def test_the_scorer_values_candidates_when_the_engine_cannot(engine, chain):
     scorer = CountingScorer(3)
-    params = SearchParams(mode="bon", w=1, k=4, l=8, max_tokens=8, seed=1)
+    params = SearchParams(mode="bon", w=1, k=4, l=8, max_tokens=8, sampling=Sampling(seed=1))
     result = asyncio.run(Searcher(engine, scorer, decode=decode).run(chain, PROMPT, params))
     assert scorer.calls == 1 and result.candidates_scored == 4
     assert all(r.value_heads is None for r in engine.requests)

@@ -1,0 +1,78 @@
+"""Structured outputs that continue a beam: the grammar starts after the beam's tokens.
+
+vLLM applies a request's structured-output grammar (a JSON schema, `json_object`) to the tokens
+it *generates*; the prompt is not fed to the grammar. A value-guided search asks for each chunk
+as a new request whose prompt ends with the beam's earlier chunks, so with a plain constraint
+every chunk would have to be a whole JSON document on its own. This patch lets a request say
+"my last N prompt tokens were generated under this grammar already" (`GRAMMAR_PREFIX_ARG` in
+`SamplingParams.extra_args`, set by `server.engine.to_sampling_params` from
+`EngineRequest.grammar_prefix`): once the grammar is compiled, it is advanced over those N
+tokens, so the chunk continues the document where the beam stopped.
+
+It wraps `StructuredOutputManager._create_grammar` (vllm 0.32.x), which runs in the engine-core
+process, where vLLM loads its general plugins (`server.engine_patches.register` calls
+`install()`). `supported()` answers the same question in the API process, which refuses a
+guided request with `response_format` (400) when the patch cannot apply.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+GRAMMAR_PREFIX_ARG = "iro_grammar_prefix"
+"""`SamplingParams.extra_args` key: how many trailing prompt tokens the grammar must accept first."""
+
+_TESTED_VLLM = ("0.32.",)
+
+
+def _manager_class():
+    try:
+        import vllm
+        from vllm.v1.structured_output import StructuredOutputManager
+    except ImportError:
+        return None, "vLLM's v1 structured outputs are not importable"
+    version = getattr(vllm, "__version__", "")
+    if not version.startswith(_TESTED_VLLM):
+        return None, f"vLLM {version} is not a version this patch was written for ({', '.join(_TESTED_VLLM)})"
+    if not callable(getattr(StructuredOutputManager, "_create_grammar", None)):
+        return None, "StructuredOutputManager._create_grammar is missing"
+    return StructuredOutputManager, None
+
+
+def supported() -> bool:
+    """Whether structured outputs can continue a beam in this vLLM (see the module docstring)."""
+    cls, _ = _manager_class()
+    return cls is not None
+
+
+def patch_create_grammar(cls) -> None:
+    """Advance each new grammar over the request's last `GRAMMAR_PREFIX_ARG` prompt tokens. Idempotent."""
+    if getattr(cls, "_iro_grammar_prefix", False):
+        return
+    original = cls._create_grammar
+
+    def _create_grammar(self, request):
+        grammar = original(self, request)
+        extra = getattr(request.sampling_params, "extra_args", None) or {}
+        n = int(extra.get(GRAMMAR_PREFIX_ARG) or 0)
+        if n > 0:
+            prefix = list(request.prompt_token_ids[-n:])
+            if not grammar.accept_tokens(request.request_id, prefix):
+                # Fails this request only (the scheduler reads the error from the future).
+                raise ValueError(f"the {n} prefix tokens do not match the request's grammar")
+        return grammar
+
+    cls._create_grammar = _create_grammar
+    cls._iro_grammar_prefix = True
+
+
+def install() -> bool:
+    """Patch vLLM's structured-output manager if it is the one this module knows; else log why not."""
+    cls, why = _manager_class()
+    if cls is None:
+        log.warning("iro: guided requests with response_format are refused: %s", why)
+        return False
+    patch_create_grammar(cls)
+    return True
