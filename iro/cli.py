@@ -62,7 +62,7 @@ def serve(
 @model_app.command("prepare")
 def model_prepare(force: bool = typer.Option(False, help="Convert again even if a verified copy exists.")):
     """Materialise the embedded default model (GGUF -> HF folder, once) and print its path."""
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
 
     typer.echo(prepare_default_model(force=force))
 

@@ -139,7 +139,7 @@ def install_openapi(app: FastAPI) -> None:
 
 async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     from server.engine import VllmEngine
-    from server.model_store import resolve_model
+    from common.model_store import resolve_model
     from server.openai.serving import OpenAIServing
 
     model_path = await asyncio.to_thread(resolve_model, settings.model)

@@ -24,7 +24,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _registry(values_dir: Optional[Path]):
-    from valuefn.cli import default_values_dir
+    from common.paths import default_values_dir
     from valuefn.registry import Registry
 
     return Registry(values_dir or default_values_dir())
@@ -77,7 +77,7 @@ def train(
     """Train value V_t on labelled rollouts (from V_{t-1} when NAME has a version) and publish it."""
     if not publish and out is None:
         _fail("--no-publish keeps nothing without --out DIR")
-    from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
+    from common.model_store import resolve_model
     from trainer.value_config import ValueTrainConfig
     from trainer.value_trainer import ValueTrainer, examples_from_records, read_rollouts, rollout_policies, save_result
     from valuefn.checkpoint import CheckpointError

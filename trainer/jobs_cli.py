@@ -209,7 +209,7 @@ def loop(
     from trainer.rewards import RewardError
     from trainer.rollout import RolloutError
     from valuefn.checkpoint import CheckpointError
-    from valuefn.cli import default_values_dir
+    from common.paths import default_values_dir
     from valuefn.registry import RegistryError
 
     try:

@@ -309,7 +309,7 @@ class IroLoop:
 
     def train(self, t: int) -> dict[str, Any]:
         """Train V_t from V_{t-1} on `it{t}/labelled.jsonl` and publish it (chain V_1..V_t)."""
-        from server.model_store import resolve_model
+        from common.model_store import resolve_model
         from trainer.value_config import ValueTrainConfig
         from trainer.value_trainer import ValueTrainer, examples_from_records, read_rollouts, rollout_policies
 

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from common.paths import default_values_dir
+
 app = typer.Typer(no_args_is_help=True, help="Value functions in the registry.")
 
 ValuesDir = typer.Option(None, "--values-dir", help="Registry folder (env IRO_VALUES_DIR; default $IRO_HOME/values).")
-
-
-def default_values_dir() -> Path:
-    if os.environ.get("IRO_VALUES_DIR"):
-        return Path(os.environ["IRO_VALUES_DIR"]).expanduser()
-    return Path(os.environ.get("IRO_HOME", Path.home() / ".cache" / "iro")).expanduser() / "values"
 
 
 def _registry(values_dir: Optional[Path]):
@@ -70,7 +65,7 @@ def init(
                                      "states (no LoRA, all layers): the engine computes it while generating."),
 ):
     """Publish a new untrained version of NAME (fresh head; v0001, then v0002, ...)."""
-    from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
+    from common.model_store import resolve_model
     from valuefn.loader import init_value
     from valuefn.model import ValueModelConfig
 
