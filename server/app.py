@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import iro
+from common.version import __version__
 from server.errors import IroError, error_body, error_responses
 from server.metrics import Metrics, MetricsMiddleware
 from server.openai.protocol import HealthStatus, VersionInfo
@@ -138,8 +138,8 @@ def install_openapi(app: FastAPI) -> None:
 
 
 async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
-    from server.engine import VllmEngine
     from common.model_store import resolve_model
+    from server.engine import VllmEngine
     from server.openai.serving import OpenAIServing
 
     model_path = await asyncio.to_thread(resolve_model, settings.model)
@@ -206,7 +206,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
                 logging.shutdown()
                 os._exit(app.state.exit_code)
 
-    app = FastAPI(title="iro-serve", version=iro.__version__, lifespan=lifespan,
+    app = FastAPI(title="iro-serve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible server for a frozen model aligned at test time by value functions.")
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -237,7 +237,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     async def version():
         import vllm
 
-        return {"version": iro.__version__, "vllm": getattr(vllm, "__version__", None),
+        return {"version": __version__, "vllm": getattr(vllm, "__version__", None),
                 "model": app.state.engine.model_id if app.state.engine else None}
 
     @app.get("/metrics", response_class=PlainTextResponse)
