@@ -104,3 +104,15 @@ def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, vocab: int
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+ENGINE_FIXTURES = {"server"}
+"""Fixtures that start (or share) a real engine: a test using one is end to end whatever its marks."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a real engine `e2e`, so `-m "not e2e"` (`make test-fast`) never
+    starts one even when a test forgot its marker."""
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

@@ -12,6 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 PROMPTS = ["Write one sentence about the sea.", "Describe a cat in a few words.",
            "Give me a tip for learning to cook.", "What makes a good friend?"]
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.e2e.test_guided import iro_values_init, wait_serving
 
+pytestmark = pytest.mark.e2e
+
 GUIDED = {"w": 2, "k": 2, "l": 4}
 
 
