@@ -41,8 +41,9 @@ def _log_tail(path: Path, chars: int = 4000) -> str:
 
 
 def start(workdir: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 300,
-          cwd: Path | None = None) -> ServerProcess:
-    """`iro serve` on a free port with `workdir/values` as its registry; returns once /health is 200."""
+          cwd: Path | None = None, ready: bool = True) -> ServerProcess:
+    """`iro serve` on a free port with `workdir/values` as its registry; returns once /health is 200
+    (or right away with `ready=False`, to watch the start)."""
     port = free_port()
     values_dir = workdir / "values"
     values_dir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,8 @@ def start(workdir: Path, *, env: dict | None = None, args: list[str] = (), wait:
     proc = subprocess.Popen([sys.executable, "-m", "iro.cli", "serve", *args], env=full_env, cwd=cwd,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    if not ready:
+        return ServerProcess(url, proc, values_dir, log_path, 0.0)
     while time.monotonic() - t0 < wait:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{_log_tail(log_path)}")
