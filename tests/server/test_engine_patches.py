@@ -41,8 +41,16 @@ def test_plugin_entry_point_patches_the_cpu_backend():
     assert _get_attn_isa(torch.bfloat16, 16, 64) in ("vec16", "neon")  # the kernels that handle 16-token blocks
 
 
+def _devices() -> list:
+    import torch
+
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    return ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("plain_logprobs", [False, True])
-def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(plain_logprobs):
+def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(plain_logprobs, device):
     """The worker-side logic of patch_value_heads on a stand-in runner (the real engine is
     checked end to end in tests/e2e/test_guided.py). When only value rows want logprobs the
     sampler computes none; when another request wants real ones, they are kept for it."""
@@ -68,9 +76,10 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
             n = logits.shape[0]
             self.asked = self.input_batch.sampling_metadata.max_num_logprobs
             real = None if self.asked is None else SimpleNamespace(
-                logprobs=torch.full((n, self.asked + 1), -1.0),
-                logprob_token_ids=torch.full((n, self.asked + 1), 77, dtype=torch.int64))
-            return SimpleNamespace(sampled_token_ids=torch.zeros((n, 1), dtype=torch.int32), logprobs_tensors=real)
+                logprobs=torch.full((n, self.asked + 1), -1.0, device=device),
+                logprob_token_ids=torch.full((n, self.asked + 1), 77, dtype=torch.int64, device=device))
+            return SimpleNamespace(sampled_token_ids=torch.zeros((n, 1), dtype=torch.int32, device=device),
+                                   logprobs_tensors=real)
 
     patch_value_heads(Runner)
     patch_value_heads(Runner)  # idempotent
@@ -83,11 +92,12 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
     meta = Meta(max_num_logprobs=2)
     num_logprobs = {"b": 1, "d": 0} | ({"a": 2} if plain_logprobs else {})
     runner.input_batch = SimpleNamespace(req_ids=["a", "b", "c", "d"], sampling_metadata=meta, num_logprobs=num_logprobs)
-    hidden = torch.arange(4 * H, dtype=torch.float32).reshape(4, H)
+    hidden = torch.arange(4 * H, dtype=torch.float32, device=device).reshape(4, H)  # the engine's, on its device
     out = runner._sample(runner.model.compute_logits(hidden))
     assert runner.asked == (2 if plain_logprobs else None)  # no vocabulary-wide logprobs unless someone wants them
     assert runner.input_batch.sampling_metadata is meta  # restored
     lp = out.logprobs_tensors
+    assert lp.logprobs.device.type == device and lp.logprob_token_ids.device.type == device
     assert lp.logprobs[1, :2].tolist() == [hidden[1, 0] + 0.5, 2 * hidden[1, 3] - 1.0]  # w . h + b per head
     assert lp.logprobs[3, :1].tolist() == [2 * hidden[3, 3] - 1.0]
     assert lp.logprob_token_ids[1, :2].tolist() == [0, 1] and lp.logprob_token_ids[3, 0] == 0
