@@ -56,12 +56,21 @@ class RemoteServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def start_server(tmp: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 240) -> RemoteServer:
+def start_server(tmp: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 240,
+                 ready: bool = True) -> RemoteServer:
+    """`iro serve` in a subprocess; with `ready=False` it returns at once (then `wait_ready`)."""
     env = {"IRO_API_KEY": API_KEY, "IRO_ADMIN_KEY": ADMIN_KEY, "IRO_MAX_NUM_BATCHED_TOKENS": "256",
            "IRO_KV_CACHE_GIB": "2", **(env or {})}
-    srv = bench_server.start(tmp, env=env, args=list(args), wait=wait, cwd=ROOT)
-    model_id = httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"][0]["id"]
-    return RemoteServer(srv.url, API_KEY, ADMIN_KEY, srv.values_dir, model_id, srv.proc, srv.log_path, srv)
+    srv = bench_server.start(tmp, env=env, args=list(args), wait=wait, cwd=ROOT, ready=ready)
+    server = RemoteServer(srv.url, API_KEY, ADMIN_KEY, srv.values_dir, "", srv.proc, srv.log_path, srv)
+    return wait_ready(server, wait) if ready else server
+
+
+def wait_ready(server: RemoteServer, wait: float = 240) -> RemoteServer:
+    server.process.wait_healthy(wait)
+    models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {server.api_key}"}).json()
+    server.model_id = models["data"][0]["id"]
+    return server
 
 
 def stop_server(server: RemoteServer) -> None:
