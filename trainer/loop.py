@@ -119,17 +119,21 @@ class LoopConfig(BaseModel):
         """Build from a mapping; dotted keys reach into sections (`train.lr`, `train.model.lora_r`),
         strings are read as YAML scalars (so `--set bon=[1,4]` and `--set iterations=2` work)."""
         try:
-            return cls.model_validate(nest(values))
+            return cls.model_validate(nest(values, TEXT_OPTIONS))
         except ValidationError as exc:
             raise short_error(exc, "loop options") from None
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> LoopConfig:
         """A preset by name (`smoke`, `full`; trainer/presets/loop/) or a YAML path, plus overrides."""
-        return cls.from_dict(merge(nest(load_preset(preset, PRESETS_DIR, "loop preset")), nest(overrides)))
+        return cls.from_dict(merge(nest(load_preset(preset, PRESETS_DIR, "loop preset")), nest(overrides, TEXT_OPTIONS)))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
+
+
+TEXT_OPTIONS = frozenset({"task", "name", "train_preset"})
+"""Loop options taken as text from the command line (a value named `null` or `yes` is a name)."""
 
 
 def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:

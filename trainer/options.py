@@ -45,12 +45,13 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys as nested sections, each value parsed as by `parse_value`."""
+def nest(flat: dict[str, Any], text_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Dotted keys as nested sections, each value parsed as by `parse_value` except those of
+    `text_keys` (names, where `null` or `yes` are text)."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
         *sections, leaf = key.split(".")
-        extra: dict[str, Any] = {leaf: parse_value(value)}
+        extra: dict[str, Any] = {leaf: value if key in text_keys else parse_value(value)}
         for section in reversed(sections):
             extra = {section: extra}
         out = merge(out, extra)
