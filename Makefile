@@ -1,4 +1,5 @@
-# The two commands a newcomer needs: `make serve` and `make test`.
+# The two commands a newcomer needs: `make serve` and `make test` (`make test-fast` skips the tests
+# that start a real engine: under 3 minutes on 2 cores).
 # Both run `make setup` first: it creates .venv, installs the project with the CPU engine and
 # prepares the embedded default model. It is idempotent and quick when already done.
 PY ?= python3
@@ -10,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup install model serve test bench clean
+.PHONY: setup install model serve test test-fast bench clean
 
 setup: install model
 
@@ -34,6 +35,9 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not e2e" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/iro bench --json bench/out/bench.json

@@ -210,7 +210,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "bfloat
     import torch
     from transformers import AutoTokenizer
 
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
     from valuefn.loader import BackbonePool, ValueLoader, init_value
     from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry

@@ -46,7 +46,7 @@ class Chain:
 
 
 async def main(args):
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
     from valuefn.loader import BackbonePool, ValueLoader, init_value
     from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry

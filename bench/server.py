@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -26,6 +26,33 @@ class ServerProcess:
     values_dir: Path
     log_path: Path
     started_in: float
+    t0: float = field(default_factory=time.monotonic)
+    """When the process was started (time.monotonic)."""
+    health_seen: list = field(default_factory=list)
+    """What /health answered while the server started, in order: "no connection", or
+    (status, error code) pairs (code None on a 200)."""
+
+    def wait_healthy(self, wait: float = 300) -> "ServerProcess":
+        """Poll /health until 200 (recording the answers in `health_seen`); raise if the process
+        exits or `wait` seconds pass."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < wait:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{_log_tail(self.log_path)}")
+            try:
+                r = httpx.get(self.url + "/health", timeout=2)
+                code = None if r.status_code == 200 else (r.json().get("error") or {}).get("code")
+                if not self.health_seen or self.health_seen[-1] != (r.status_code, code):
+                    self.health_seen.append((r.status_code, code))
+                if r.status_code == 200:
+                    self.started_in = time.monotonic() - self.t0
+                    return self
+            except (httpx.HTTPError, ValueError):
+                if not self.health_seen:
+                    self.health_seen.append("no connection")
+            time.sleep(0.25)  # polling for readiness
+        self.proc.kill()
+        raise RuntimeError(f"server not healthy after {wait}s:\n{_log_tail(self.log_path)}")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -41,8 +68,9 @@ def _log_tail(path: Path, chars: int = 4000) -> str:
 
 
 def start(workdir: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 300,
-          cwd: Path | None = None) -> ServerProcess:
-    """`iro serve` on a free port with `workdir/values` as its registry; returns once /health is 200."""
+          cwd: Path | None = None, ready: bool = True) -> ServerProcess:
+    """`iro serve` on a free port with `workdir/values` as its registry; returns once /health is 200
+    (or right away with `ready=False`, to watch the start)."""
     port = free_port()
     values_dir = workdir / "values"
     values_dir.mkdir(parents=True, exist_ok=True)
@@ -51,18 +79,8 @@ def start(workdir: Path, *, env: dict | None = None, args: list[str] = (), wait:
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "iro.cli", "serve", *args], env=full_env, cwd=cwd,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    while time.monotonic() - t0 < wait:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{_log_tail(log_path)}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return ServerProcess(url, proc, values_dir, log_path, time.monotonic() - t0)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)  # polling for readiness
-    proc.kill()
-    raise RuntimeError(f"server not healthy after {wait}s:\n{_log_tail(log_path)}")
+    srv = ServerProcess(f"http://127.0.0.1:{port}", proc, values_dir, log_path, 0.0, t0)
+    return srv.wait_healthy(wait) if ready else srv
 
 
 def peak_rss_mib(pid: int, *, children: bool = True) -> float:

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-import iro
+from common.version import __version__
 from clients.errors import (
     APIStatusError, ConnectError, IroClientError, RateLimitError, ServiceUnavailableError, TimeoutError,
     TransportError, error_class, status_for_type,
@@ -159,7 +159,7 @@ class BaseIroClient:
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.max_retry_delay = max_retry_delay
-        self.headers = {"User-Agent": f"iro-client/{iro.__version__}", "Accept": "application/json",
+        self.headers = {"User-Agent": f"iro-client/{__version__}", "Accept": "application/json",
                         **dict(headers or {})}
         self._model = model
         self._http: httpx.Client | httpx.AsyncClient  # set by the subclass

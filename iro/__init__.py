@@ -1,3 +1,5 @@
 """iro-serve: serve a frozen LLM with vLLM and align it at test time with value functions."""
 
-__version__ = "0.1.0"
+from common.version import __version__
+
+__all__ = ["__version__"]

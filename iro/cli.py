@@ -36,34 +36,58 @@ def serve(
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1). (env IRO_HOST)"),
     port: Optional[int] = typer.Option(None, help="Port (default 8000). (env IRO_PORT)"),
     api_key: Optional[str] = typer.Option(None, help="Require this bearer token on /v1. (env IRO_API_KEY)"),
-    admin_key: Optional[str] = typer.Option(None, help="Bearer token for value admin routes. (env IRO_ADMIN_KEY)"),
+    admin_key: Optional[str] = typer.Option(None, help="Bearer token for value admin routes (default: the API key). (env IRO_ADMIN_KEY)"),
     values_dir: Optional[Path] = typer.Option(None, help="Value registry (default $IRO_HOME/values). (env IRO_VALUES_DIR)"),
     max_model_len: Optional[int] = typer.Option(None, help="Context length (default 2048). (env IRO_MAX_MODEL_LEN)"),
     served_model_name: Optional[str] = typer.Option(None, help="Model id in the API. (env IRO_SERVED_MODEL_NAME)"),
-    max_n: Optional[int] = typer.Option(None, help="Largest n per request. (env IRO_MAX_N)"),
-    max_queue: Optional[int] = typer.Option(None, help="Requests admitted at once before 429. (env IRO_MAX_QUEUE)"),
+    max_n: Optional[int] = typer.Option(None, help="Largest n per request (default 16). (env IRO_MAX_N)"),
+    max_guided_candidates: Optional[int] = typer.Option(None, help="Cap on w*k of guided requests (default 64). (env IRO_MAX_GUIDED_CANDIDATES)"),
+    max_queue: Optional[int] = typer.Option(None, help="Requests admitted at once before 429 (default 256). (env IRO_MAX_QUEUE)"),
+    max_body_bytes: Optional[int] = typer.Option(None, help="413 above this request size (default 2000000). (env IRO_MAX_BODY_BYTES)"),
+    kv_cache_gib: Optional[int] = typer.Option(None, help="vLLM KV cache in GiB (default 2). (env IRO_KV_CACHE_GIB)"),
+    block_size: Optional[int] = typer.Option(None, help="KV block size, a multiple of 16 (default 16). (env IRO_BLOCK_SIZE)"),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="Tokens per engine step (default: vLLM's). (env IRO_MAX_NUM_BATCHED_TOKENS)"),
+    dtype: Optional[str] = typer.Option(None, help="Engine dtype: auto, bfloat16, float32 or float16 (default bfloat16). (env IRO_DTYPE)"),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--compile", help="Skip vLLM graph compilation. (env IRO_ENFORCE_EAGER)"),
+    engine_threads: Optional[str] = typer.Option(None, help='CPU cores of the engine: "all" or a bind spec like 0-1 (default all). (env IRO_ENGINE_THREADS)'),
+    scorer_threads: Optional[int] = typer.Option(None, help="torch threads of the value scorer (default 2). (env IRO_SCORER_THREADS)"),
+    watch_values: Optional[bool] = typer.Option(None, "--watch-values/--no-watch-values", help="Follow the registry's CURRENT (default on). (env IRO_WATCH_VALUES)"),
+    cors_origins: Optional[str] = typer.Option(None, help="Browser origins allowed (CORS): a JSON or comma-separated list. (env IRO_CORS_ORIGINS)"),
+    log_prompts: Optional[bool] = typer.Option(None, "--log-prompts/--no-log-prompts", help="Log prompts and answers (default off). (env IRO_LOG_PROMPTS)"),
     policies_dir: Optional[Path] = typer.Option(None, help="Serve distilled LoRA policies from this registry (enables LoRA in the engine). (env IRO_POLICIES_DIR)"),
+    max_lora_rank: Optional[int] = typer.Option(None, help="Largest policy adapter rank (default 16). (env IRO_MAX_LORA_RANK)"),
+    max_loras: Optional[int] = typer.Option(None, help="Policy adapters held at once (default 4). (env IRO_MAX_LORAS)"),
 ):
-    """Serve the OpenAI-compatible API (and value-guided decoding) on HOST:PORT."""
+    """Serve the OpenAI-compatible API (and value-guided decoding) on HOST:PORT.
+
+    Every flag is a `ServerSettings` field; a flag given wins over its `IRO_*` variable."""
     import uvicorn
 
     from server.app import build_app
-    from server.settings import ServerSettings
 
-    given = {k: v for k, v in dict(model=model, host=host, port=port, api_key=api_key, admin_key=admin_key,
-                                   values_dir=values_dir, max_model_len=max_model_len, max_n=max_n,
-                                   served_model_name=served_model_name, max_queue=max_queue,
-                                   enforce_eager=enforce_eager, policies_dir=policies_dir).items() if v is not None}
-    settings = ServerSettings(**given)
+    settings = serve_settings(**{k: v for k, v in locals().items() if k not in ("uvicorn", "build_app")})
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=5)
+
+
+def serve_settings(**flags):
+    """The server's settings from `iro serve`'s flags (those given) over the environment."""
+    from pydantic import ValidationError
+
+    from server.settings import ServerSettings
+
+    try:
+        return ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        flag = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
+        raise typer.BadParameter(f"{error['msg']} (got {error.get('input')!r})", param_hint=flag) from None
 
 
 @model_app.command("prepare")
 def model_prepare(force: bool = typer.Option(False, help="Convert again even if a verified copy exists.")):
     """Materialise the embedded default model (GGUF -> HF folder, once) and print its path."""
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
 
     typer.echo(prepare_default_model(force=force))
 

@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import iro
 from common.protocol import HealthStatus, VersionInfo
+from common.version import __version__
 from server.errors import IroError, error_body, error_responses
 from server.metrics import Metrics, MetricsMiddleware
 from server.settings import ServerSettings
@@ -174,9 +174,9 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
 
 async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     """Start-up wiring (run by the lifespan): engine, values, scorer, and the serving objects."""
+    from common.model_store import resolve_model
     from server.engine import VllmEngine
     from server.guided import GuidedGenerator
-    from server.model_store import resolve_model
     from server.openai.serving import OpenAIServing
     from server.openai.serving_score import ScoreServing
 
@@ -248,7 +248,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
                 logging.shutdown()
                 os._exit(app.state.exit_code)
 
-    app = FastAPI(title="iro-serve", version=iro.__version__, lifespan=lifespan,
+    app = FastAPI(title="iro-serve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible server for a frozen model aligned at test time by value functions.")
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -284,7 +284,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     async def version():
         import vllm
 
-        return {"version": iro.__version__, "vllm": getattr(vllm, "__version__", None),
+        return {"version": __version__, "vllm": getattr(vllm, "__version__", None),
                 "model": app.state.engine.model_id if app.state.engine else None}
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from common.engine_args import engine_kwargs
 from common.sampling import Sampling
-from server.engine_patches import VALUE_HEADS_ARG
+from server.engine_patches import VALUE_HEADS_ARG, value_heads_installed
 from server.grammar_prefix import GRAMMAR_PREFIX_ARG
 
 log = logging.getLogger(__name__)
@@ -133,31 +133,19 @@ class EngineClient(abc.ABC):
         pass
 
 
-def _on_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def configure_cpu_threads(engine_threads: str | None) -> None:
-    """Choose the cores vLLM's CPU worker binds its OpenMP threads to (before the engine starts)."""
-    if engine_threads is None or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return
-    if engine_threads == "all":
-        engine_threads = f"0-{(os.cpu_count() or 1) - 1}"
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine_threads
-
-
-def engine_kwargs(*, max_model_len: int, kv_cache_gib: int, block_size: int, enforce_eager: bool, dtype: str,
-                  engine_threads: str | None, max_num_batched_tokens: int | None = None) -> dict[str, Any]:
-    """vLLM engine arguments for the base model (and, on CPU, the environment vLLM's CPU worker
-    reads before it starts): one recipe for the server's engine and offline batch jobs."""
-    on_cpu = not _on_cuda()
-    if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        configure_cpu_threads(engine_threads)
-    return dict(max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager, enable_prefix_caching=True,
-                block_size=block_size if on_cpu else None, max_num_batched_tokens=max_num_batched_tokens)
+def engine_value_heads(vllm_config: Any) -> int:
+    """How many value heads the engine's worker evaluates per request: 0 unless the value-head
+    patch took (`server.engine_patches`, probed in this process on the same vLLM as the worker's)
+    and the worker runs the model runner it patches (vLLM's V1 runner; a GPU engine picks V2 by
+    default: set VLLM_USE_V2_MODEL_RUNNER=0 for engine heads). At 0 the scorer values candidates."""
+    if not value_heads_installed():
+        return 0
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        log.warning("engine heads are off: the engine runs vLLM's V2 model runner, which the value-head patch "
+                    "does not reach (VLLM_USE_V2_MODEL_RUNNER=0 turns them on); the scorer values candidates")
+        return 0
+    max_logprobs = vllm_config.model_config.max_logprobs  # the heads ride in logprob slots; -1: no limit
+    return max_logprobs + 1 if max_logprobs >= 0 else 64
 
 
 class VllmEngine(EngineClient):
@@ -173,9 +161,7 @@ class VllmEngine(EngineClient):
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_token_ids = sorted(e for e in eos if e is not None)
         self._in_flight = 0
-        # engine_patches.patch_value_heads runs in the CPU worker; the heads ride in logprob slots
-        max_logprobs = llm.model_config.max_logprobs  # -1: no limit
-        self.max_value_heads = 0 if _on_cuda() else (max_logprobs + 1 if max_logprobs >= 0 else 64)
+        self.max_value_heads = engine_value_heads(llm.vllm_config)
         cache = llm.vllm_config.cache_config
         self.kv_block_size = cache.block_size if cache.enable_prefix_caching else 1
 

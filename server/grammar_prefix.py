@@ -10,8 +10,8 @@ every chunk would have to be a whole JSON document on its own. This patch lets a
 tokens, so the chunk continues the document where the beam stopped.
 
 It wraps `StructuredOutputManager._create_grammar` (vllm 0.32.x), which runs in the engine-core
-process, where vLLM loads its general plugins (`server.engine_patches.register` calls
-`install()`). `supported()` answers the same question in the API process, which refuses a
+process, where vLLM loads its general plugins (`server.engine_patches.install_worker_patches`
+calls `install()`). `supported()` answers the same question in the API process, which refuses a
 guided request with `response_format` (400) when the patch cannot apply.
 """
 

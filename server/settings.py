@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from common.engine_args import EngineSettings
+from common.paths import default_values_dir
 
 
-def iro_home() -> Path:
-    """Cache folder for prepared models and the default value registry (`$IRO_HOME`)."""
-    import os
-
-    return Path(os.environ.get("IRO_HOME", Path.home() / ".cache" / "iro")).expanduser()
-
-
-class ServerSettings(BaseSettings):
-    """Everything `iro serve` needs. Each field can be set as `IRO_<FIELD>` in the environment."""
+class ServerSettings(EngineSettings):
+    """Everything `iro serve` needs. Each field can be set as `IRO_<FIELD>` in the environment; the
+    engine's fields (max_model_len, kv_cache_gib, block_size, ...) come from `EngineSettings`."""
 
     model_config = SettingsConfigDict(env_prefix="IRO_", extra="ignore")
 
@@ -34,7 +31,6 @@ class ServerSettings(BaseSettings):
     """Bearer token required on value admin routes; falls back to api_key when unset."""
     values_dir: Path | None = None
     """Value registry to load and watch; default `$IRO_HOME/values`."""
-    max_model_len: int = Field(2048, ge=64)
     max_n: int = Field(16, ge=1)
     """Largest `n` a request may ask for."""
     max_guided_candidates: int = Field(64, ge=1)
@@ -42,20 +38,6 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_queue: int = Field(256, ge=1)
     """Requests admitted at once; past it new requests get 429."""
-    kv_cache_gib: int = Field(2, ge=1)
-    """vLLM KV cache size (VLLM_CPU_KVCACHE_SPACE on CPU)."""
-    block_size: int = Field(16, ge=16, multiple_of=16)
-    """vLLM KV block size. vLLM's prefix cache reuses full blocks only, so each chunk request of a
-    search re-prefills the partial last block of its prefix: small blocks make that short
-    (16 on CPU through server.engine_patches; CBS took 1.31x plain sampling at 16, 1.60x at 32)."""
-    max_num_batched_tokens: int | None = Field(None, ge=64)
-    """Tokens per engine step (vLLM's default when None)."""
-    enforce_eager: bool = False
-    """Skip torch.compile of the engine's model: start ~2x faster, ~10% less throughput (measured on
-    CPU: plain sampling 1398 vs 1271 tok/s, guided 12.9 vs 14.6 s). The tests run eager."""
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "bfloat16"
-    engine_threads: str | None = "all"
-    """CPU cores for the engine worker ("all", a vLLM bind spec like "0-1", or None for vLLM's default)."""
     scorer_threads: int = Field(2, ge=1)
     """torch threads used by the value scorer."""
     watch_values: bool = True
@@ -81,15 +63,10 @@ class ServerSettings(BaseSettings):
         return value
 
     def resolved_values_dir(self) -> Path:
-        return (self.values_dir or iro_home() / "values").expanduser()
+        return (self.values_dir or default_values_dir()).expanduser()
 
     def lora_options(self) -> dict:
         """vLLM's LoRA arguments: none unless a policy registry is configured."""
         if self.policies_dir is None:
             return {}
         return {"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": self.max_loras}
-
-    def engine_options(self) -> dict:
-        """The engine's part of these settings (`server.engine.engine_kwargs` / `VllmEngine.start`)."""
-        return self.model_dump(include={"max_model_len", "kv_cache_gib", "block_size", "enforce_eager", "dtype",
-                                        "engine_threads", "max_num_batched_tokens"})

@@ -56,12 +56,21 @@ class RemoteServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def start_server(tmp: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 240) -> RemoteServer:
+def start_server(tmp: Path, *, env: dict | None = None, args: list[str] = (), wait: float = 240,
+                 ready: bool = True) -> RemoteServer:
+    """`iro serve` in a subprocess; with `ready=False` it returns at once (then `wait_ready`)."""
     env = {"IRO_API_KEY": API_KEY, "IRO_ADMIN_KEY": ADMIN_KEY, "IRO_MAX_NUM_BATCHED_TOKENS": "256",
            "IRO_KV_CACHE_GIB": "2", **(env or {})}
-    srv = bench_server.start(tmp, env=env, args=list(args), wait=wait, cwd=ROOT)
-    model_id = httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"][0]["id"]
-    return RemoteServer(srv.url, API_KEY, ADMIN_KEY, srv.values_dir, model_id, srv.proc, srv.log_path, srv)
+    srv = bench_server.start(tmp, env=env, args=list(args), wait=wait, cwd=ROOT, ready=ready)
+    server = RemoteServer(srv.url, API_KEY, ADMIN_KEY, srv.values_dir, "", srv.proc, srv.log_path, srv)
+    return wait_ready(server, wait) if ready else server
+
+
+def wait_ready(server: RemoteServer, wait: float = 240) -> RemoteServer:
+    server.process.wait_healthy(wait)
+    models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {server.api_key}"}).json()
+    server.model_id = models["data"][0]["id"]
+    return server
 
 
 def stop_server(server: RemoteServer) -> None:
@@ -104,3 +113,15 @@ def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, vocab: int
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+ENGINE_FIXTURES = {"server"}
+"""Fixtures that start (or share) a real engine: a test using one is end to end whatever its marks."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a real engine `e2e`, so `-m "not e2e"` (`make test-fast`) never
+    starts one even when a test forgot its marker."""
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

@@ -24,7 +24,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _registry(values_dir: Optional[Path]):
-    from valuefn.cli import default_values_dir
+    from common.paths import default_values_dir
     from valuefn.registry import Registry
 
     return Registry(values_dir or default_values_dir())
@@ -70,7 +70,7 @@ def train(
     name: str = typer.Option(..., "--name", help="Value name in the registry (V_t follows its CURRENT version)."),
     values_dir: Optional[Path] = ValuesDir,
     preset: str = typer.Option("full", help="smoke | full | path to a YAML file of options."),
-    overrides: list[str] = typer.Option([], "--set", help="Override an option: KEY=VALUE (repeatable), e.g. --set lr=1e-4."),
+    overrides: list[str] = typer.Option([], "--set", help="Override an option: KEY=VALUE (repeatable), e.g. --set lr=1e-4 --set model.lora_r=8."),
     model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish into the registry when done."),
     out: Optional[Path] = typer.Option(None, help="Also write the checkpoint to this folder (needed with --no-publish)."),
@@ -79,7 +79,8 @@ def train(
     """Train value V_t on labelled rollouts (from V_{t-1} when NAME has a version) and publish it."""
     if not publish and out is None:
         _fail("--no-publish keeps nothing without --out DIR")
-    from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
+    from common.model_store import resolve_model
+    from trainer.options import parse_override
     from trainer.value_config import ValueTrainConfig
     from trainer.value_trainer import ValueTrainer, examples_from_records, read_rollouts, rollout_policies, save_result
     from valuefn.checkpoint import CheckpointError
@@ -146,14 +147,6 @@ def _warn_policy_mismatch(registry, name: str, parent: int | None, policies: lis
             source = f"{p['value']} {p['versions']}" if p["value"] else "the base model"
             expected = f"{name} {chain}" if chain else "the base model"
             typer.echo(f"warning: {p['count']} rollouts came from {source}, but V_t follows {expected}", err=True)
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """`KEY=VALUE` of a `--set` option as (key, value)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
 
 
 def register(app: typer.Typer) -> None:

@@ -224,12 +224,12 @@ def loop(
     import os
 
     from clients.errors import IroClientError
-    from trainer.cli import parse_override
+    from common.paths import default_values_dir
     from trainer.loop import IroLoop, LoopConfig, LoopError
+    from trainer.options import parse_override
     from trainer.rewards import RewardError
     from trainer.rollout import RolloutError
     from valuefn.checkpoint import CheckpointError
-    from valuefn.cli import default_values_dir
     from valuefn.registry import RegistryError
 
     spec = _load_task(task)

@@ -21,20 +21,19 @@ again. Versions are pinned (`name@N`) in every request, so results do not depend
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.evaluate import BASE, Method, MethodResult, best_of_n, evaluate_method, markdown_table
+from trainer.options import load_preset, merge, nest, short_error
 from trainer.rollout import DEFAULT_SERVER, RolloutConfig, run_rollout, write_atomic
 from trainer.tasks import Task
 
@@ -52,99 +51,103 @@ class LoopError(RuntimeError):
         self.stage = stage
 
 
-@dataclass
-class LoopConfig:
+class LoopConfig(BaseModel):
     """Sizes and settings of one loop run (connection settings are `IroLoop` arguments)."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     task: str = "review-sentiment"
     """A built-in task's name, a task file, or a folder with task.yaml (see trainer.tasks)."""
-    iterations: int = 3
+    iterations: int = Field(3, ge=1)
     name: str | None = None
     """Value name in the registry (default: the task's name)."""
     # --- rollouts (training data)
-    n_train_prompts: int = 64
-    samples_per_prompt: int = 2
-    rollout_w: int = 4
+    n_train_prompts: int = Field(64, ge=1)
+    samples_per_prompt: int = Field(2, ge=1)
+    rollout_w: int = Field(4, ge=1)
     """Beam width of the guided rollouts of iterations t > 1."""
-    rollout_k: int = 4
-    rollout_l: int = 8
+    rollout_k: int = Field(4, ge=1)
+    rollout_l: int = Field(8, ge=1)
     # --- evaluation
-    n_eval_prompts: int = 32
-    bon: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    n_eval_prompts: int = Field(32, ge=1)
+    bon: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
     """N of the Best-of-N baselines (1 is plain base sampling)."""
     oracle: bool = True
     """Also Best-of-N ranked by the reward itself (the headroom a value could reach)."""
-    w: int | None = None
+    w: int | None = Field(None, ge=1)
     """CBS of IRO-t at evaluation: beams, successors per beam, chunk length (default: the task's
     `search`, whose own default is the reference's 4, 4, 8)."""
-    k: int | None = None
-    l: int | None = None
+    k: int | None = Field(None, ge=1)
+    l: int | None = Field(None, ge=1)
     # --- sampling (all stages)
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
     """Response length (default: the task's)."""
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0)
     """Sampling temperature (default: the task's)."""
-    concurrency: int = 16
+    concurrency: int = Field(16, ge=1)
     seed: int = 0
     # --- value training
     train_preset: str = "full"
     """Value-training preset (trainer/presets/*.yaml) or a YAML path."""
-    train: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the value-training preset (ValueTrainConfig fields)."""
-    beta: float = 1.0
-    publish_timeout: float = 180.0
+    train: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the value-training preset (ValueTrainConfig options, `model:` nested)."""
+    beta: float = Field(1.0, gt=0)
+    publish_timeout: float = Field(180.0, gt=0)
     """Seconds to wait for the server to serve a new version."""
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        for name in ("iterations", "n_train_prompts", "samples_per_prompt", "n_eval_prompts", "w", "k", "l",
-                     "rollout_w", "rollout_k", "rollout_l", "concurrency"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.bon or any(n < 1 for n in self.bon):
-            raise ValueError(f"bon must list N >= 1, got {self.bon}")
-        if self.publish_timeout <= 0:
-            raise ValueError("publish_timeout must be > 0")
-        if not isinstance(self.train, dict):
-            raise ValueError("train must be a mapping of value-training options")
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"unknown loop option {unknown[0]!r}; known: {', '.join(sorted(cls.model_fields))} "
+                                 "(value-training options as train.KEY)")
+        return data
+
+    @model_validator(mode="after")
+    def _train_options_are_known(self) -> "LoopConfig":
+        self.train_config()  # refuses a bad train.KEY now rather than after an hour of rollouts
+        return self
+
+    def train_config(self, **overrides: Any):
+        """The value-training config of every iteration: `train_preset` with `train` over it."""
+        from trainer.value_config import ValueTrainConfig
+
+        return ValueTrainConfig.from_preset(self.train_preset, **{**overrides, **flatten(self.train)})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoopConfig:
-        """Build from a mapping; `train.KEY` keys go into `train`; strings are parsed as YAML
-        scalars (so `--set bon=[1,4]` and `--set iterations=2` work)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        data: dict[str, Any] = {}
-        train: dict[str, Any] = {}
-        for key, value in values.items():
-            if isinstance(value, str) and key not in ("task", "name", "train_preset") and not key.startswith("train."):
-                value = yaml.safe_load(value) if value.strip() else value
-            if key.startswith("train."):
-                train[key[len("train."):]] = value
-            elif key in fields:
-                data[key] = value
-            else:
-                raise ValueError(f"unknown loop option {key!r}; known: {', '.join(sorted(fields))} "
-                                 "(value-training options as train.KEY)")
-        data["train"] = {**(data.get("train") or {}), **train}
-        return cls(**data)
+        """Build from a mapping; dotted keys reach into sections (`train.lr`, `train.model.lora_r`),
+        strings are read as YAML scalars (so `--set bon=[1,4]` and `--set iterations=2` work)."""
+        try:
+            return cls.model_validate(nest(values, TEXT_OPTIONS))
+        except ValidationError as exc:
+            raise short_error(exc, "loop options") from None
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> LoopConfig:
         """A preset by name (`smoke`, `full`; trainer/presets/loop/) or a YAML path, plus overrides."""
-        path = PRESETS_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            path = Path(preset).expanduser()
-            if not path.is_file():
-                known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-                raise ValueError(f"unknown loop preset {preset!r}; known: {known} (or a path to a YAML file)")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of options")
-        train = {**(data.pop("train", None) or {}), **(overrides.pop("train", None) or {})}
-        return cls.from_dict({**data, "train": train, **overrides})
+        return cls.from_dict(merge(nest(load_preset(preset, PRESETS_DIR, "loop preset")), nest(overrides, TEXT_OPTIONS)))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+
+TEXT_OPTIONS = frozenset({"task", "name", "train_preset"})
+"""Loop options taken as text from the command line (a value named `null` or `yes` is a name)."""
+
+
+def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested options as dotted keys (the inverse of trainer.options.nest)."""
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # --------------------------------------------------------------------------- state
@@ -313,8 +316,7 @@ class IroLoop:
 
     def train(self, t: int) -> dict[str, Any]:
         """Train V_t from V_{t-1} on `it{t}/labelled.jsonl` and publish it (chain V_1..V_t)."""
-        from server.model_store import resolve_model
-        from trainer.value_config import ValueTrainConfig
+        from common.model_store import resolve_model
         from trainer.value_trainer import ValueTrainer, examples_from_records, read_rollouts, rollout_policies
 
         expected = self.state.version(t - 1) if t > 1 else None
@@ -330,8 +332,7 @@ class IroLoop:
                 f"value {self.name!r} has CURRENT v{current} in {self.registry.root}, but iteration {t} must follow "
                 f"{f'v{expected}' if expected else 'nothing'}: another run or writer uses this name "
                 "(choose another --name, or remove it from the registry)")
-        config = ValueTrainConfig.from_preset(self.config.train_preset,
-                                              **{"progress": self.config.progress, **self.config.train})
+        config = self.config.train_config(progress=self.config.progress)
         labelled = self._dir(t) / "labelled.jsonl"
         records = read_rollouts(labelled)
         examples, skipped = examples_from_records(records)

@@ -365,7 +365,7 @@ class PromptRenderer:
             self._tried = True
             path = self.path
             if path is None:
-                from server.model_store import DEFAULT_MODEL_NAME, default_model_dir, prepare_default_model
+                from common.model_store import DEFAULT_MODEL_NAME, default_model_dir, prepare_default_model
 
                 if model_id.split("+")[0] == DEFAULT_MODEL_NAME:  # only the tokenizer is needed: skip verifying
                     folder = default_model_dir()

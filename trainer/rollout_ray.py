@@ -32,8 +32,8 @@ def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutCon
                            "(drop --value or use --backend server)")
     import torch
 
-    from server.model_store import resolve_model
-    from server.settings import ServerSettings
+    from common.model_store import resolve_model
+    from common.engine_args import EngineSettings
 
     model_path = str(resolve_model(model or config.model))
     tasks, stats = pending(items, out, config)
@@ -43,7 +43,7 @@ def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutCon
              "prompt": t.item.prompt, "sampling": json.dumps(t.sampling)} for i, t in enumerate(tasks)]
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False)
-    engine = ServerSettings().engine_options()  # the server's engine settings (IRO_* variables included)
+    engine = EngineSettings().engine_options()  # the server's engine settings (IRO_* variables included)
     dataset = ray.data.from_items(rows).map_batches(
         _VllmSampler, fn_constructor_kwargs={"model_path": model_path, "engine": engine},
         batch_size=batch_size, concurrency=replicas, num_gpus=1 if torch.cuda.is_available() else 0)
@@ -68,7 +68,7 @@ class _VllmSampler:
     def __init__(self, model_path: str, engine: dict[str, Any]):
         from vllm import LLM
 
-        from server.engine import engine_kwargs
+        from common.engine_args import engine_kwargs
 
         self.llm = LLM(model=model_path, **engine_kwargs(**engine))
         self.tokenizer = self.llm.get_tokenizer()

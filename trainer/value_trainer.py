@@ -36,7 +36,7 @@ from valuefn.checkpoint import (
     load_trained_tensors, read_manifest, sha256_file, verify_files, write_checkpoint_files,
 )
 from valuefn.loader import BackbonePool, make_manifest, publish_model
-from valuefn.model import POOLING_SHIFT, ValueModel, ValueModelConfig, default_device, pool_response
+from valuefn.model import POOLING_SHIFT, ValueModel, default_device, pool_response
 from valuefn.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -275,15 +275,13 @@ class ValueTrainer:
         torch.manual_seed(c.seed)
         previous = self.parent if c.init_from_previous else None
         if previous is None:
-            arch = ValueModelConfig(num_layers=c.num_layers, lora_r=c.lora_r, lora_alpha=c.lora_alpha,
-                                    lora_dropout=c.lora_dropout, dtype=c.dtype, pooling=c.pooling)
+            arch = c.model
             return ValueModel(self.pool.fresh(arch), arch), None, SearchDefaults()
         directory = self.registry.path(self.name, previous)
         manifest = read_manifest(directory)
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
-        ours = {"num_layers": c.num_layers, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "dtype": c.dtype,
-                "pooling": c.pooling}
+        ours = c.model.model_dump(include={"num_layers", "lora_r", "lora_alpha", "dtype", "pooling"})
         theirs = {k: getattr(manifest.model, k) for k in ours}
         if ours != theirs:
             log.warning("initialising from %s v%d: its architecture %s is kept (config asked for %s)",

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from common.paths import default_values_dir
 
 app = typer.Typer(no_args_is_help=True, help="Value functions in the registry.")
 
 ValuesDir = typer.Option(None, "--values-dir", help="Registry folder (env IRO_VALUES_DIR; default $IRO_HOME/values).")
 
 
-def default_values_dir() -> Path:
-    if os.environ.get("IRO_VALUES_DIR"):
-        return Path(os.environ["IRO_VALUES_DIR"]).expanduser()
-    return Path(os.environ.get("IRO_HOME", Path.home() / ".cache" / "iro")).expanduser() / "values"
-
-
 def _registry(values_dir: Optional[Path]):
     from valuefn.registry import Registry
 
     return Registry(values_dir or default_values_dir())
+
+
+@contextlib.contextmanager
+def _clear_errors():
+    """A registry or checkpoint refusal as one line on stderr and exit status 2, not a traceback."""
+    from valuefn.checkpoint import CheckpointError
+    from valuefn.registry import RegistryError
+
+    try:
+        yield
+    except (RegistryError, CheckpointError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("ls")
@@ -47,14 +56,16 @@ def ls(values_dir: Optional[Path] = ValuesDir, as_json: bool = typer.Option(Fals
 def show(name: str, values_dir: Optional[Path] = ValuesDir):
     """Print the manifest of NAME or NAME@N."""
     reg = _registry(values_dir)
-    n, v = reg.resolve(name)
-    typer.echo(reg.manifest(n, v).model_dump_json(indent=2))
+    with _clear_errors():
+        n, v = reg.resolve(name)
+        typer.echo(reg.manifest(n, v).model_dump_json(indent=2))
 
 
 @app.command()
 def rollback(name: str, values_dir: Optional[Path] = ValuesDir):
     """Point CURRENT at the version before it (a watching server follows)."""
-    typer.echo(f"{name}: CURRENT -> v{_registry(values_dir).rollback(name)}")
+    with _clear_errors():
+        typer.echo(f"{name}: CURRENT -> v{_registry(values_dir).rollback(name)}")
 
 
 @app.command()
@@ -70,7 +81,7 @@ def init(
                                      "states (no LoRA, all layers): the engine computes it while generating."),
 ):
     """Publish a new untrained version of NAME (fresh head; v0001, then v0002, ...)."""
-    from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
+    from common.model_store import resolve_model
     from valuefn.loader import init_value
     from valuefn.model import ValueModelConfig
 
@@ -78,12 +89,14 @@ def init(
         raise typer.BadParameter(f"expected mean, last or mean_before, got {pooling!r}", param_hint="--pooling")
     config = (ValueModelConfig.for_engine_head() if engine_head
               else ValueModelConfig(num_layers=layers or None, pooling=pooling))
-    version = init_value(_registry(values_dir), name, resolve_model(model), config, seed=seed)
+    with _clear_errors():
+        version = init_value(_registry(values_dir), name, resolve_model(model), config, seed=seed)
     typer.echo(f"published {name} v{version}")
 
 
 @app.command()
 def prune(name: str, keep: int = typer.Option(3, min=1), values_dir: Optional[Path] = ValuesDir):
     """Delete old versions of NAME, keeping the newest KEEP (and CURRENT's chain)."""
-    removed = _registry(values_dir).remove_old(name, keep)
+    with _clear_errors():
+        removed = _registry(values_dir).remove_old(name, keep)
     typer.echo(f"removed {', '.join(f'v{v}' for v in removed) or 'nothing'}")

@@ -37,6 +37,8 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
+from common.hashing import sha256_file  # noqa: F401  (re-exported: valuefn.checkpoint and the trainer use it)
+
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,14 +113,6 @@ def pool_response(values: torch.Tensor, pooling: str) -> torch.Tensor:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def backbone_identity(model_path: str | Path) -> dict:

@@ -298,30 +298,37 @@ def test_generate_many_errors(make_client):
 
 
 class InFlight:
-    """Counts concurrent requests; a prompt starting with "slow" takes longer."""
+    """Counts concurrent requests. No timing: the first requests wait until three are in flight, and
+    the one whose prompt starts with "slow" until every other request has finished."""
 
-    def __init__(self):
-        self.now = self.peak = 0
+    def __init__(self, others: int = 7):
+        self.now = self.peak = self.done = 0
+        self.others = others
 
-    def enter(self, request: httpx.Request) -> float:
+    def enter(self, request: httpx.Request) -> bool:
         self.now += 1
         self.peak = max(self.peak, self.now)
-        return 0.3 if b'"slow' in request.read() else 0.02
+        return b'"slow' in request.read()
 
-    def leave(self) -> httpx.Response:
+    def may_leave(self, slow: bool) -> bool:
+        return self.done == self.others if slow else self.peak >= 3
+
+    def leave(self, slow: bool) -> httpx.Response:
         self.now -= 1
+        self.done += not slow
         return httpx.Response(200, json=completion_body())
 
 
 def test_sync_generate_many_bounds_concurrency_and_yields_in_finish_order():
-    counter, lock = InFlight(), threading.Lock()
+    counter, cond = InFlight(), threading.Condition()
 
     def handler(request):
-        with lock:
-            delay = counter.enter(request)
-        time.sleep(delay)
-        with lock:
-            return counter.leave()
+        with cond:
+            slow = counter.enter(request)
+            assert cond.wait_for(lambda: counter.may_leave(slow), timeout=30)
+            response = counter.leave(slow)
+            cond.notify_all()
+            return response
 
     requests = [{"prompt": "slow"}] + [{"prompt": f"p{i}"} for i in range(7)]
     with IroClient("http://iro.test", model=BASE, transport=httpx.MockTransport(handler)) as client:
@@ -330,11 +337,15 @@ def test_sync_generate_many_bounds_concurrency_and_yields_in_finish_order():
 
 
 async def test_async_generate_many_bounds_concurrency_and_yields_in_finish_order():
-    counter = InFlight()
+    counter, cond = InFlight(), asyncio.Condition()
 
     async def handler(request):
-        await asyncio.sleep(counter.enter(request))
-        return counter.leave()
+        async with cond:
+            slow = counter.enter(request)
+            await asyncio.wait_for(cond.wait_for(lambda: counter.may_leave(slow)), timeout=30)
+            response = counter.leave(slow)
+            cond.notify_all()
+            return response
 
     requests = [{"prompt": "slow"}] + [{"prompt": f"p{i}"} for i in range(7)]
     async with AsyncIroClient("http://iro.test", model=BASE, transport=httpx.MockTransport(handler)) as client:

@@ -124,7 +124,7 @@ def value_api(server) -> None:
 @pytest.fixture(scope="module")
 def published(server, value_api) -> str:
     """Two untrained versions of VALUE in the server's registry (2-layer backbone), v2 serving."""
-    from server.model_store import resolve_model
+    from common.model_store import resolve_model
     from valuefn.loader import init_value
     from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry

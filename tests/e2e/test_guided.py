@@ -12,6 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 PROMPTS = ["Write one sentence about the sea.", "Describe a cat in a few words.",
            "Give me a tip for learning to cook.", "What makes a good friend?"]
 
@@ -19,7 +21,7 @@ PROMPTS = ["Write one sentence about the sea.", "Describe a cat in a few words."
 def iro_values_init(server, name: str, *, cli: bool = False) -> int:
     """Publish a new untrained version of `name` into the server's registry (like `iro values init`)."""
     if not cli:
-        from server.model_store import prepare_default_model
+        from common.model_store import prepare_default_model
         from valuefn.loader import init_value
         from valuefn.registry import Registry
 
@@ -195,7 +197,7 @@ def scorer_passes(server) -> float:
 def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(server):
     """A head on the frozen base model's hidden states: the engine values candidates as it samples
     them (no scorer pass), and its values match the scorer's (Hugging Face) forward of the same text."""
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
     from valuefn.loader import init_value
     from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry

@@ -73,7 +73,7 @@ def test_value_versions_are_validated(server):
 
 
 def test_symlinks_leading_outside_the_registry_are_never_loaded(server, tmp_path, request):
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
     from valuefn.loader import init_value
     from valuefn.registry import Registry
 

@@ -1,11 +1,16 @@
-"""The vLLM worker patches: 16-token KV blocks on the CPU attention backend (the seed fix is
-tested end to end in tests/e2e/test_openai_api.py; every integration test serves with block 16)."""
+"""The vLLM worker patches: probes and fallbacks, 16-token KV blocks on the CPU attention backend,
+value heads on a stand-in runner (the seed fix is tested end to end in tests/e2e/test_openai_api.py;
+every integration test serves with block 16)."""
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
 import pytest
 
-from server.engine_patches import allow_block_size_16, register
+from server import engine_patches
+from server.engine_patches import allow_block_size_16, install_worker_patches
 
 
 def test_block16_patch_widens_the_declared_sizes_and_is_idempotent():
@@ -27,7 +32,8 @@ def test_block16_patch_widens_the_declared_sizes_and_is_idempotent():
 def test_plugin_entry_point_patches_the_cpu_backend():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
 
-    register()
+    status = install_worker_patches()
+    assert status == {"value_heads": "installed", "block16": "installed", "seed_fix": "installed"}
     (size,) = CPUAttentionBackend.get_supported_kernel_block_sizes()
     assert size.base == 16
     import torch
@@ -35,8 +41,16 @@ def test_plugin_entry_point_patches_the_cpu_backend():
     assert _get_attn_isa(torch.bfloat16, 16, 64) in ("vec16", "neon")  # the kernels that handle 16-token blocks
 
 
+def _devices() -> list:
+    import torch
+
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    return ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("plain_logprobs", [False, True])
-def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(plain_logprobs):
+def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(plain_logprobs, device):
     """The worker-side logic of patch_value_heads on a stand-in runner (the real engine is
     checked end to end in tests/e2e/test_guided.py). When only value rows want logprobs the
     sampler computes none; when another request wants real ones, they are kept for it."""
@@ -62,9 +76,10 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
             n = logits.shape[0]
             self.asked = self.input_batch.sampling_metadata.max_num_logprobs
             real = None if self.asked is None else SimpleNamespace(
-                logprobs=torch.full((n, self.asked + 1), -1.0),
-                logprob_token_ids=torch.full((n, self.asked + 1), 77, dtype=torch.int64))
-            return SimpleNamespace(sampled_token_ids=torch.zeros((n, 1), dtype=torch.int32), logprobs_tensors=real)
+                logprobs=torch.full((n, self.asked + 1), -1.0, device=device),
+                logprob_token_ids=torch.full((n, self.asked + 1), 77, dtype=torch.int64, device=device))
+            return SimpleNamespace(sampled_token_ids=torch.zeros((n, 1), dtype=torch.int32, device=device),
+                                   logprobs_tensors=real)
 
     patch_value_heads(Runner)
     patch_value_heads(Runner)  # idempotent
@@ -77,14 +92,147 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
     meta = Meta(max_num_logprobs=2)
     num_logprobs = {"b": 1, "d": 0} | ({"a": 2} if plain_logprobs else {})
     runner.input_batch = SimpleNamespace(req_ids=["a", "b", "c", "d"], sampling_metadata=meta, num_logprobs=num_logprobs)
-    hidden = torch.arange(4 * H, dtype=torch.float32).reshape(4, H)
+    hidden = torch.arange(4 * H, dtype=torch.float32, device=device).reshape(4, H)  # the engine's, on its device
     out = runner._sample(runner.model.compute_logits(hidden))
     assert runner.asked == (2 if plain_logprobs else None)  # no vocabulary-wide logprobs unless someone wants them
     assert runner.input_batch.sampling_metadata is meta  # restored
     lp = out.logprobs_tensors
+    assert lp.logprobs.device.type == device and lp.logprob_token_ids.device.type == device
     assert lp.logprobs[1, :2].tolist() == [hidden[1, 0] + 0.5, 2 * hidden[1, 3] - 1.0]  # w . h + b per head
     assert lp.logprobs[3, :1].tolist() == [2 * hidden[3, 3] - 1.0]
     assert lp.logprob_token_ids[1, :2].tolist() == [0, 1] and lp.logprob_token_ids[3, 0] == 0
     if plain_logprobs:  # the real logprobs of the other rows are untouched
         assert lp.logprob_token_ids[1, 2] == 77
         assert lp.logprobs[0].tolist() == [-1.0] * 3 and lp.logprobs[2].tolist() == [-1.0] * 3
+
+
+@pytest.fixture
+def fresh_status(monkeypatch):
+    """An empty patch record, so a test sees its own outcomes (the real patches stay installed)."""
+    monkeypatch.setattr(engine_patches, "STATUS", {})
+    monkeypatch.setattr(engine_patches, "_warned", {})
+    return engine_patches.STATUS
+
+
+def _runner_class(name="Runner", **methods):
+    return type(name, (), methods)
+
+
+def test_a_runner_missing_a_wrapped_method_keeps_its_methods_and_records_why(fresh_status):
+    """The fallback when vLLM renamed what a patch wraps: nothing is replaced, STATUS says why."""
+    def _sample(self, logits, spec_decode_metadata):
+        return "sampled"
+
+    Runner = _runner_class(_sample=_sample)  # no _bookkeeping_sync
+    ok = engine_patches.install(engine_patches.SEED_FIX, lambda: engine_patches.probe_seed_fix(Runner),
+                                lambda: engine_patches.patch_seed_fix(Runner))
+    assert not ok and Runner._sample is _sample and not hasattr(Runner, "_iro_seed_fix")
+    assert fresh_status["seed_fix"] == "Runner._bookkeeping_sync is missing"
+
+
+def test_a_changed_signature_or_a_missing_load_model_turns_engine_heads_off(fresh_status):
+    def _sample(self, sampler_input):  # the parameter the patch relies on is gone
+        return None
+
+    Runner = _runner_class(_sample=_sample, load_model=lambda self: None)
+    assert not engine_patches.install(engine_patches.VALUE_HEADS,
+                                      lambda: engine_patches.probe_value_heads(Runner),
+                                      lambda: engine_patches.patch_value_heads(Runner))
+    assert fresh_status["value_heads"] == "Runner._sample no longer takes logits"
+    assert not engine_patches.value_heads_installed() and Runner._sample is _sample
+
+    NoLoader = _runner_class("NoLoader", _sample=lambda self, logits, spec_decode_metadata: None)
+    engine_patches.install(engine_patches.VALUE_HEADS, lambda: engine_patches.probe_value_heads(NoLoader),
+                           lambda: engine_patches.patch_value_heads(NoLoader))
+    assert fresh_status["value_heads"] == "NoLoader.load_model is missing"
+
+
+def test_the_seed_fix_is_skipped_when_vllm_no_longer_rewinds_generators(fresh_status):
+    Runner = _runner_class(_sample=lambda self, logits: None,
+                           _bookkeeping_sync=lambda self, sampler_output: None)  # no set_offset in its source
+    with pytest.raises(engine_patches.PatchMismatch, match="no longer rewinds generators"):
+        engine_patches.probe_seed_fix(Runner)
+
+
+def test_another_vllm_line_gets_no_patches_and_one_warning(fresh_status, monkeypatch, caplog):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    with caplog.at_level(logging.WARNING, logger="server.engine_patches"):
+        status = install_worker_patches()
+        install_worker_patches()  # vLLM loads plugins once per process, but twice must not warn twice
+    assert all("not the tested 0.32.x line" in why for why in status.values()) and len(status) == 3
+    (record,) = [r for r in caplog.records if r.name == "server.engine_patches"]
+    assert "value_heads" in record.message and "the scorer values candidates" in record.message
+    assert "KV blocks of 32" in record.message
+    assert not engine_patches.value_heads_installed()
+
+
+def test_a_patch_that_raises_is_recorded_not_propagated(fresh_status):
+    """vLLM calls plugins unguarded: an exception there would kill every engine process."""
+    def boom():
+        raise RuntimeError("internal layout changed")
+
+    assert not engine_patches.install("value_heads", lambda: None, boom)
+    assert fresh_status["value_heads"] == "RuntimeError: internal layout changed"
+
+
+def _vllm_config(v2=False, max_logprobs=20):
+    return SimpleNamespace(use_v2_model_runner=v2, model_config=SimpleNamespace(max_logprobs=max_logprobs))
+
+
+def test_the_engine_offers_value_heads_only_when_the_worker_patch_took(fresh_status, monkeypatch):
+    """What the server learns: 0 heads (the search then uses the scorer, tests/server/test_search.py)
+    when the patch was skipped or the worker runs vLLM's V2 runner, which the patch does not reach."""
+    from server.engine import engine_value_heads
+
+    assert engine_value_heads(_vllm_config()) == 0  # nothing installed in this record
+    fresh_status["value_heads"] = "installed"
+    assert engine_value_heads(_vllm_config()) == 21
+    assert engine_value_heads(_vllm_config(max_logprobs=-1)) == 64
+    assert engine_value_heads(_vllm_config(v2=True)) == 0
+
+
+def test_value_heads_patch_the_gpu_runner_that_the_cpu_runner_inherits_from():
+    """One code path on both: `_sample` is wrapped on GPUModelRunner (the CPU runner has none of its
+    own), `load_model` on each runner that defines one, and the seed fix on the CPU runner only."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    install_worker_patches()
+    assert GPUModelRunner.__dict__.get("_iro_value_heads") and "_iro_value_heads" not in CPUModelRunner.__dict__
+    assert GPUModelRunner.__dict__.get("_iro_keeps_hidden") and CPUModelRunner.__dict__.get("_iro_keeps_hidden")
+    assert CPUModelRunner.__dict__.get("_iro_seed_fix") and "_iro_seed_fix" not in GPUModelRunner.__dict__
+    assert engine_patches.value_heads_installed()
+
+
+def test_the_cpu_engine_falls_back_to_32_token_blocks_without_the_patch(monkeypatch, caplog):
+    from vllm.v1.attention.backend import MultipleOf
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from common.engine_args import cpu_block_size, supported_block_size
+
+    monkeypatch.setattr(CPUAttentionBackend, "get_supported_kernel_block_sizes",
+                        staticmethod(lambda kv_cache_spec=None: [MultipleOf(32)]))
+    with caplog.at_level(logging.WARNING, logger="common.engine_args"):
+        assert cpu_block_size(16) == 32
+    assert "using 32" in caplog.text
+    assert cpu_block_size(64) == 64
+    assert supported_block_size(16, [MultipleOf(16)]) == 16 and supported_block_size(48, [MultipleOf(32)]) == 64
+    assert supported_block_size(16, [128]) == 128
+
+
+def test_the_engine_recipe_asks_vllm_for_the_fallback_block_size(monkeypatch):
+    """What the engine is built with when the 16-token patch is missing (server and Ray jobs alike)."""
+    from vllm.v1.attention.backend import MultipleOf
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from common.engine_args import EngineSettings, engine_kwargs
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # engine_kwargs leaves set variables alone
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    options = EngineSettings().engine_options()
+    assert engine_kwargs(**options)["block_size"] == 16
+    monkeypatch.setattr(CPUAttentionBackend, "get_supported_kernel_block_sizes",
+                        staticmethod(lambda kv_cache_spec=None: [MultipleOf(32)]))
+    assert engine_kwargs(**options)["block_size"] == 32

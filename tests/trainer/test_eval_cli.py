@@ -16,7 +16,7 @@ NAME = "eval-cli"
 
 @pytest.mark.e2e
 def test_iro_eval_reports_every_method(server, tmp_path):
-    from server.model_store import resolve_model
+    from common.model_store import resolve_model
     from valuefn.loader import init_value
     from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry

@@ -102,7 +102,7 @@ def test_iteration_plot_and_verdict(tmp_path):
 def test_loop_presets_and_overrides():
     smoke = LoopConfig.from_preset("smoke", iterations=2, **{"train.max_steps": "3", "bon": "[1, 2]"})
     assert smoke.iterations == 2 and smoke.bon == [1, 2] and smoke.max_tokens == 16
-    assert smoke.train["max_steps"] == "3" and smoke.train["batch_size"] == 4  # coerced by ValueTrainConfig later
+    assert smoke.train["max_steps"] == 3 and smoke.train["batch_size"] == 4
     full = LoopConfig.from_preset("full")
     assert (full.w, full.k, full.l, full.bon) == (None, None, None, [1, 2, 4, 8, 16])  # w/k/l: the task's search
     assert (smoke.w, smoke.k, smoke.l, full.max_tokens) == (2, 2, 8, None)  # max_tokens: the task's
@@ -112,9 +112,13 @@ def test_loop_presets_and_overrides():
         LoopConfig.from_preset("gigantic")
     with pytest.raises(ValueError, match="n_eval_prompts"):
         LoopConfig(n_eval_prompts=0)
-    from trainer.value_config import ValueTrainConfig
-
-    assert ValueTrainConfig.from_preset(smoke.train_preset, **smoke.train).max_steps == 3
+    with pytest.raises(ValueError, match="unknown value-training option"):  # refused before any rollout
+        LoopConfig.from_preset("smoke", **{"train.lrr": "1"})
+    assert smoke.train_config().max_steps == 3
+    named = LoopConfig.from_preset("smoke", name="yes", task="review-sentiment")
+    assert named.name == "yes"  # names stay text (YAML would read `yes` as true)
+    deep = LoopConfig.from_preset("smoke", **{"train.model.lora_r": "2"})
+    assert deep.train_config().model.lora_r == 2 and deep.train_config().model.lora_alpha == 16
 
 
 def test_run_state_resumes_and_refuses_other_settings(tmp_path):

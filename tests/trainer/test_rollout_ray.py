@@ -25,6 +25,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.e2e
 def test_ray_backend_matches_the_server_job_format_and_resumes(local_ray, server, tmp_path):
     items = prompts_from_dicts(PROMPTS)
     config = RolloutConfig(server=server.url, api_key=server.api_key, samples_per_prompt=2, max_tokens=12,

@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from server.settings import iro_home
-from valuefn.model import sha256_file
+from common.hashing import sha256_file
+from common.paths import models_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ModelPrepareError(RuntimeError):
 
 
 def default_model_dir() -> Path:
-    return iro_home() / "models" / DEFAULT_MODEL_NAME
+    return models_dir() / DEFAULT_MODEL_NAME
 
 
 def gguf_path() -> Path:
