@@ -25,16 +25,6 @@ MAY_IMPORT = {
     "iro": set(PROJECT),
 }
 
-WIRE_TYPES_PENDING = {
-    ("clients", "server.openai.protocol"),
-    ("clients", "server.admin.protocol"),
-    ("clients", "server.errors"),
-}
-"""Imports of wire schemas (the OpenAI/admin protocol models, ErrorInfo) from the server, allowed
-until those schemas move into common/ (issue 13, done on a parallel branch). The integrator empties
-this set after merging; `test_the_pending_wire_type_allowance_is_still_needed` says when."""
-
-
 def modules() -> list[Path]:
     return sorted(p for pkg in PROJECT for p in (ROOT / pkg).rglob("*.py"))
 
@@ -73,14 +63,7 @@ def test_every_package_is_parsed():
 
 
 def test_imports_flow_downward_only():
-    assert violations(WIRE_TYPES_PENDING) == []
-
-
-def test_the_pending_wire_type_allowance_is_still_needed():
-    """Fails once the wire schemas live in common/ and a pending entry is no longer used: then
-    empty WIRE_TYPES_PENDING so the rule above holds without exceptions."""
-    used = {(path.relative_to(ROOT).parts[0], name) for path in modules() for _, name in project_imports(path)}
-    assert WIRE_TYPES_PENDING <= used, f"no longer imported, remove: {sorted(WIRE_TYPES_PENDING - used)}"
+    assert violations() == []
 
 
 @pytest.mark.parametrize("source,layer,expected", [

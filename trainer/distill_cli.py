@@ -35,8 +35,8 @@ def distill(
     task: Optional[str] = typer.Option(None, help="Score held-out samples with this task's reward (a built-in name or a task file)."),
 ):
     """Train a LoRA policy on the frozen base with APA or IS-DPO and publish it as NAME's next version."""
-    from server.model_store import resolve_model  # CLI glue: the default base model lives with the server
-    from trainer.cli import parse_override
+    from common.model_store import resolve_model
+    from trainer.options import parse_override
     from trainer.distill import DistillTrainer
     from trainer.distill_config import DistillConfig
     from trainer.rewards import RewardError, parse_reward, record_prompt

@@ -21,7 +21,7 @@ def peft_model():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
 
     base = AutoModelForCausalLM.from_pretrained(prepare_default_model(), dtype=torch.float32)
     return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -30,7 +30,7 @@ def peft_model():
 
 def publish(policies_dir, name, model, *, seed: int, corrupt: bool = False) -> int:
     """A new version of `name`: random LoRA weights (so its samples differ from the base model's)."""
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
     from valuefn.model import backbone_identity
     from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
@@ -68,7 +68,7 @@ def wait_for(server, name: str, predicate, timeout: float = 60.0) -> dict:
 
 @pytest.fixture(scope="module")
 def lora_server(tmp_path_factory, peft_model):
-    from server.model_store import prepare_default_model
+    from common.model_store import prepare_default_model
     from valuefn.loader import init_value
     from valuefn.registry import Registry
 
