@@ -112,6 +112,10 @@ class EngineClient(abc.ABC):
         """Yield vLLM `RequestOutput`s for one request (aborted when the iterator is closed); with
         `delta`, each output holds only the new tokens, else one final output."""
 
+    def check(self, request: EngineRequest) -> None:
+        """Raise `InvalidRequestError` for settings the engine refuses, before a response (or a
+        stream's 200) is sent. Engines that refuse nothing need not override it."""
+
     @abc.abstractmethod
     async def sample(self, request: EngineRequest) -> list[Sample]:
         """Return `request.n` finished continuations."""
@@ -219,6 +223,9 @@ class VllmEngine(EngineClient):
             raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc
         finally:
             self._in_flight -= 1
+
+    def check(self, request: EngineRequest) -> None:
+        to_sampling_params(request)  # vLLM validates its SamplingParams when they are built
 
     async def sample(self, request: EngineRequest) -> list[Sample]:
         final = None

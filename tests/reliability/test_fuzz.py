@@ -44,6 +44,8 @@ OPERATIONS = [
     ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/score"),
     ("GET", "/v1/values"), ("GET", "/v1/values/{name}"), ("POST", "/v1/values/{name}/load"),
     ("POST", "/v1/values/{name}/rollback"), ("DELETE", "/v1/values/{name}"),
+    ("GET", "/v1/policies"), ("GET", "/v1/policies/{name}"), ("POST", "/v1/policies/{name}/load"),
+    ("POST", "/v1/policies/{name}/rollback"), ("DELETE", "/v1/policies/{name}/versions/{version}"),
 ]
 
 
