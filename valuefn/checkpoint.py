@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,13 +98,21 @@ def read_manifest(directory: Path) -> Manifest:
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every listed file exists and matches its sha256; no pickle files are accepted."""
-    for required in (ADAPTER_FILE, HEAD_FILE):
-        if required not in manifest.files:
-            raise CheckpointError(f"manifest of {directory} does not list {required}", reason="bad_manifest", path=directory)
-    for name, digest in manifest.files.items():
-        if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".safetensors"):
-            raise CheckpointError(f"{directory}: refusing file {name!r} (only safetensors inside the checkpoint)",
-                                  reason="bad_file", path=directory)
+    verify_listed_files(directory, manifest.files, required=(ADAPTER_FILE, HEAD_FILE),
+                        allowed=lambda name: name.endswith(".safetensors"),
+                        refusal="only safetensors inside the checkpoint")
+
+
+def verify_listed_files(directory: Path, files: dict[str, str], *, required: tuple[str, ...],
+                        allowed: Callable[[str], bool], refusal: str) -> None:
+    """The files a manifest lists (name -> sha256): the `required` ones listed, each one `allowed`,
+    a plain file inside `directory` (no path, no symlink), and matching its sha256."""
+    for name in required:
+        if name not in files:
+            raise CheckpointError(f"manifest of {directory} does not list {name}", reason="bad_manifest", path=directory)
+    for name, digest in files.items():
+        if "/" in name or "\\" in name or name.startswith(".") or not allowed(name):
+            raise CheckpointError(f"{directory}: refusing file {name!r} ({refusal})", reason="bad_file", path=directory)
         path = directory / name
         if path.is_symlink():
             raise CheckpointError(f"{path} is a symlink; refusing it", reason="bad_file", path=directory)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from valuefn.checkpoint import MANIFEST, CheckpointError
+from valuefn.checkpoint import MANIFEST, CheckpointError, verify_listed_files
 from valuefn.model import sha256_file
 from valuefn.registry import Registry, RegistryError
 
@@ -83,22 +83,9 @@ def read_policy_manifest(directory: Path) -> PolicyManifest:
 
 def verify_policy_files(directory: Path, manifest: PolicyManifest) -> None:
     """The adapter weights and config exist, match their sha256, and are nothing else."""
-    for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        if required not in manifest.files:
-            raise CheckpointError(f"manifest of {directory} does not list {required}", reason="bad_manifest",
-                                  path=directory)
-    for name, digest in manifest.files.items():
-        if name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            raise CheckpointError(f"{directory}: refusing file {name!r} (only {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG})",
-                                  reason="bad_file", path=directory)
-        path = directory / name
-        if path.is_symlink():
-            raise CheckpointError(f"{path} is a symlink; refusing it", reason="bad_file", path=directory)
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing", reason="missing_file", path=directory)
-        if sha256_file(path) != digest:
-            raise CheckpointError(f"{path} does not match its sha256 (corrupted or truncated)", reason="hash_mismatch",
-                                  path=directory)
+    verify_listed_files(directory, manifest.files, required=(ADAPTER_WEIGHTS, ADAPTER_CONFIG),
+                        allowed=lambda name: name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG),
+                        refusal=f"only {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
 
 
 def check_base(manifest: PolicyManifest, identity: dict[str, Any], directory: Path | None = None) -> None:
