@@ -187,25 +187,10 @@ class PolicyManager:
                 log.debug("reconcile %s: %s", name, exc)
 
     async def watch(self) -> None:
-        from watchfiles import awatch
+        """Reconcile on every registry change, like the value registry's watcher."""
+        from server.value_manager import watch_registry
 
-        while not self._stop.is_set():
-            await self.reconcile()
-            root = self.registry.root
-            if not root.is_dir():
-                try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            try:
-                async for _ in awatch(root, stop_event=self._stop, debounce=50, step=20, recursive=True,
-                                      rust_timeout=1000, yield_on_timeout=True):
-                    await self.reconcile()
-                    if not root.is_dir():
-                        break
-            except (FileNotFoundError, RuntimeError, OSError) as exc:
-                log.warning("policy registry watch interrupted (%s); retrying", exc)
+        await watch_registry(self.registry.root, self.reconcile, self._stop, "policy registry")
 
     def stop(self) -> None:
         self._stop.set()

@@ -212,25 +212,31 @@ class ValueManager:
 
     async def watch(self) -> None:
         """Reconcile on every registry change (watchfiles), surviving a missing registry folder."""
-        from watchfiles import awatch
-
-        while not self._stop.is_set():
-            await self.reconcile()
-            root = self.registry.root
-            if not root.is_dir():
-                try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            try:
-                async for _ in awatch(root, stop_event=self._stop, debounce=50, step=20, recursive=True,
-                                      rust_timeout=1000, yield_on_timeout=True):
-                    await self.reconcile()
-                    if not root.is_dir():
-                        break
-            except (FileNotFoundError, RuntimeError, OSError) as exc:
-                log.warning("registry watch interrupted (%s); retrying", exc)
+        await watch_registry(self.registry.root, self.reconcile, self._stop, "value registry")
 
     def stop(self) -> None:
         self._stop.set()
+
+
+async def watch_registry(root, reconcile, stop: asyncio.Event, what: str) -> None:
+    """Call `reconcile()` now and on every change under `root` (watchfiles) until `stop` is set;
+    a registry folder that is missing or vanishes is waited for, not an error. Shared by the value
+    and the policy registries."""
+    from watchfiles import awatch
+
+    while not stop.is_set():
+        await reconcile()
+        if not root.is_dir():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            continue
+        try:
+            async for _ in awatch(root, stop_event=stop, debounce=50, step=20, recursive=True,
+                                  rust_timeout=1000, yield_on_timeout=True):
+                await reconcile()
+                if not root.is_dir():
+                    break
+        except (FileNotFoundError, RuntimeError, OSError) as exc:
+            log.warning("%s watch interrupted (%s); retrying", what, exc)

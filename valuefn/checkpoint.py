@@ -72,7 +72,9 @@ def write_checkpoint_files(model: ValueModel, directory: Path) -> dict[str, str]
     return {name: sha256_file(directory / name) for name in (ADAPTER_FILE, HEAD_FILE)}
 
 
-def read_manifest(directory: Path) -> Manifest:
+def read_manifest_json(directory: Path, max_format: int, what: str = "format") -> tuple[Path, dict, int]:
+    """`directory`'s manifest.json as (path, mapping, format version), refusing a symlink, a missing
+    or unreadable file, no format version, or a format newer than `max_format`."""
     path = directory / MANIFEST
     if path.is_symlink():  # everything a checkpoint reads lies inside its own folder
         raise CheckpointError(f"{path} is a symlink; refusing it", reason="bad_file", path=directory)
@@ -85,9 +87,14 @@ def read_manifest(directory: Path) -> Manifest:
     fmt = raw.get("format_version") if isinstance(raw, dict) else None
     if not isinstance(fmt, int):
         raise CheckpointError(f"{path} has no format_version", reason="bad_manifest", path=directory)
-    if fmt > FORMAT_VERSION:
-        raise CheckpointError(f"{path} is format {fmt}; this server reads format <= {FORMAT_VERSION} (upgrade iro-serve)",
+    if fmt > max_format:
+        raise CheckpointError(f"{path} is {what} {fmt}; this version reads <= {max_format} (upgrade iro-serve)",
                               reason="future_format", path=directory)
+    return path, raw, fmt
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path, raw, fmt = read_manifest_json(directory, FORMAT_VERSION)
     if fmt < 2 and isinstance(raw.get("model"), dict):
         raw["model"].setdefault("pooling", "last")
     try:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from valuefn.checkpoint import MANIFEST, CheckpointError, verify_listed_files
+from valuefn.checkpoint import CheckpointError, read_manifest_json, verify_listed_files
 from valuefn.model import sha256_file
 from valuefn.registry import Registry, RegistryError
 
@@ -60,21 +60,7 @@ class PolicyManifest(BaseModel):
 
 
 def read_policy_manifest(directory: Path) -> PolicyManifest:
-    path = directory / MANIFEST
-    if path.is_symlink():
-        raise CheckpointError(f"{path} is a symlink; refusing it", reason="bad_file", path=directory)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing", reason="missing_manifest", path=directory) from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is unreadable: {exc}", reason="bad_manifest", path=directory) from exc
-    fmt = raw.get("format_version") if isinstance(raw, dict) else None
-    if not isinstance(fmt, int):
-        raise CheckpointError(f"{path} has no format_version", reason="bad_manifest", path=directory)
-    if fmt > POLICY_FORMAT_VERSION:
-        raise CheckpointError(f"{path} is policy format {fmt}; this version reads <= {POLICY_FORMAT_VERSION} "
-                              "(upgrade iro-serve)", reason="future_format", path=directory)
+    path, raw, _ = read_manifest_json(directory, POLICY_FORMAT_VERSION, "policy format")
     try:
         return PolicyManifest.model_validate(raw)
     except ValidationError as exc:
