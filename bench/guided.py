@@ -168,7 +168,7 @@ def measure_scoring_growth(value, prompt_ids: list[int], repeats: int = 3) -> di
     rng = np.random.default_rng(0)
     per_step = []
     for r in range(repeats):
-        value.cache.clear(release=True)
+        value.cache.clear()
         beams = [[] for _ in range(W)]
         times = []
         for step in range(MAX_TOKENS // L):

@@ -78,7 +78,7 @@ def trajectory(value: LoadedValue, searches: int, seed: int, vocab: int) -> list
         for s in range(searches):
             mine = [(scores[i], owners[i][1]) for i in range(len(items)) if owners[i][0] == s]
             beams[s] = [seq for _, seq in sorted(mine, key=lambda x: -x[0])[:W]]
-    value.cache.clear(release=True)
+    value.cache.clear()
     return steps
 
 
@@ -89,7 +89,7 @@ def _sync(device: torch.device) -> None:
 
 def timed_run(value: LoadedValue, steps: list[list[ScoreItem]], use_cache: bool) -> tuple[list[float], list[np.ndarray]]:
     """Milliseconds and values of each step, from an empty pool."""
-    value.cache.clear(release=True)
+    value.cache.clear()
     times, values = [], []
     for items in steps:
         _sync(value.device)
@@ -114,12 +114,12 @@ class OpCounter(TorchDispatchMode):
 
 def count_step_ops(value: LoadedValue, steps: list[list[ScoreItem]], step: int = 3) -> int:
     """Tensor operations of scoring step `step` (its parents cached), key/value reuse on."""
-    value.cache.clear(release=True)
+    value.cache.clear()
     for items in steps[:step]:
         forward_values(value, items)
     with OpCounter() as counter:
         forward_values(value, steps[step])
-    value.cache.clear(release=True)
+    value.cache.clear()
     return sum(counter.ops.values())
 
 

@@ -63,10 +63,6 @@ class CacheBudget:
             self._pools[id(pool)] = weakref.ref(pool)
             self._pools.move_to_end(id(pool))
 
-    def used(self) -> int:
-        with self._lock:
-            return sum(p.nbytes for p in self._live())
-
     def make_room(self, pool: "KVPool", extra: int) -> int:
         """Bytes `pool` may grow by (up to `extra`), clearing least recently used other pools."""
         with self._lock:
@@ -76,7 +72,7 @@ class CacheBudget:
                 if free >= extra:
                     break
                 free += other.nbytes
-                other.clear(release=True)
+                other.clear()
             return max(0, min(extra, free))
 
     def _live(self) -> list["KVPool"]:
@@ -137,7 +133,7 @@ class KVPool:
         self.bytes_per_slot = 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
         self.hits = self.misses = self.evictions = 0
         self._lock = threading.RLock()
-        self.clear(release=True)
+        self.clear()
 
     @classmethod
     def for_model(cls, backbone: torch.nn.Module, budget: CacheBudget | None = None) -> "KVPool":
@@ -161,18 +157,14 @@ class KVPool:
     def free_slots(self) -> int:
         return self._nfree
 
-    def clear(self, release: bool = False) -> None:
-        """Forget every sequence (and free the tensors with `release`)."""
+    def clear(self) -> None:
+        """Forget every sequence and free the tensors (the pool grows again on next use)."""
         with self._lock:
             self.entries: OrderedDict[bytes, CachedSeq] = OrderedDict()
-            if release or getattr(self, "keys", None) is None:
-                self.keys: list[torch.Tensor] | None = None
-                self.values: list[torch.Tensor] | None = None
-                self._free = np.zeros(0, dtype=np.int64)
-                self._nfree = 0
-            else:  # every slot but the scratch one is free
-                self._free[: self.capacity - 1] = np.arange(self.capacity - 1, 0, -1)
-                self._nfree = self.capacity - 1
+            self.keys: list[torch.Tensor] | None = None
+            self.values: list[torch.Tensor] | None = None
+            self._free = np.zeros(0, dtype=np.int64)
+            self._nfree = 0
 
     def _grow(self, need: int) -> bool:
         """Make room for `need` more free slots (grow geometrically within the budget)."""

@@ -48,10 +48,6 @@ def chain_scores(values: np.ndarray, betas: Sequence[float]) -> np.ndarray:
     return s
 
 
-def seq_key(token_ids: Sequence[int]) -> bytes:
-    return _key(np.asarray(token_ids, dtype=np.int32).tobytes())
-
-
 def _key(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
@@ -252,7 +248,7 @@ def check_kv_reuse(value: LoadedValue, *, atol: float = 2e-2) -> bool:
         reason = f"max difference {np.max(np.abs(full - reused)):.3g}"
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the pool
         ok, reason = False, f"{type(exc).__name__}: {exc}"
-    value.cache.clear(release=True)
+    value.cache.clear()
     if not ok:
         log.warning("value %s@%s: key/value reuse disagrees with recomputation (%s); scoring recomputes",
                     value.name, value.version, reason)

@@ -88,7 +88,7 @@ def test_tensor_operations_per_step_do_not_grow_with_candidates(tiny_model_dir):
     counts = {}
     for searches in (1, 8):
         steps = search_steps(np.random.default_rng(searches), searches=searches)
-        value.cache.clear(release=True)
+        value.cache.clear()
         for items in steps[:2]:
             forward_values(value, items)
         with OpCounter() as counter:
