@@ -17,6 +17,39 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 log = logging.getLogger(__name__)
 
 
+VALUE_LAYERS_ENV = "IRO_ENGINE_VALUE_LAYERS"
+"""The residual-stream layers the engine's worker hands to value heads (`resolve_value_layers`;
+server.engine_patches): `engine_kwargs` sets it before the engine starts, the worker inherits it."""
+
+
+def default_value_layers(num_layers: int) -> tuple[int, ...]:
+    """The residual-stream layers an engine exposes unless told otherwise: the middle of the
+    network (where a linear probe of the response mean predicts a reward best; valuefn.model)."""
+    return (num_layers // 2,)
+
+
+def resolve_value_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
+    """`spec` ("auto" or unset: `default_value_layers`; "none": no layer; "8,15": those) ->
+    layers in 1..num_layers-1, sorted. Raises ValueError on anything else.
+
+    >>> resolve_value_layers("auto", 30), resolve_value_layers("none", 30), resolve_value_layers("20, 8", 30)
+    ((15,), (), (8, 20))
+    """
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return default_value_layers(num_layers)
+    if spec in ("none", ""):
+        return ()
+    try:
+        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"value layers must be 'auto', 'none' or layer numbers like '8,15', not {spec!r}") from None
+    bad = [k for k in layers if not 1 <= k < num_layers]
+    if bad:
+        raise ValueError(f"value layers {bad} are outside 1..{num_layers - 1}")
+    return tuple(layers)
+
+
 class EngineSettings(BaseSettings):
     """The base model's vLLM engine. Each field can be set as `IRO_<FIELD>` in the environment."""
 
@@ -38,6 +71,9 @@ class EngineSettings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "bfloat16"
     engine_threads: str | None = "all"
     """CPU cores for the engine worker ("all", a vLLM bind spec like "0-1", or None for vLLM's default)."""
+    engine_value_layers: str = "auto"
+    """Residual-stream layers the engine hands to engine values ("auto": `default_value_layers`,
+    "none", or "8,15"); a value on other layers is scored by the scorer instead."""
 
     def engine_options(self) -> dict:
         """The engine's part of these settings (the keyword arguments of `engine_kwargs`)."""
@@ -92,12 +128,15 @@ def cpu_block_size(requested: int) -> int:
 
 
 def engine_kwargs(*, max_model_len: int, kv_cache_gib: int, block_size: int, enforce_eager: bool, dtype: str,
-                  engine_threads: str | None, max_num_batched_tokens: int | None = None) -> dict[str, Any]:
+                  engine_threads: str | None, max_num_batched_tokens: int | None = None,
+                  engine_value_layers: str = "auto") -> dict[str, Any]:
     """vLLM engine arguments for the base model (and, on CPU, the environment vLLM's CPU worker
     reads before it starts): one recipe for the server's engine and offline batch jobs.
 
     `block_size` is passed on CPU only (a GPU engine keeps vLLM's choice), as the CPU attention
     backend accepts it once vLLM's plugins are loaded (`cpu_block_size`)."""
+    resolve_value_layers(engine_value_layers, 1 << 16)  # a malformed spec fails here, not in the worker
+    os.environ[VALUE_LAYERS_ENV] = engine_value_layers
     on_cpu = not on_cuda()
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))

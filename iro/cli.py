@@ -69,6 +69,7 @@ def serve(
     dtype: Optional[str] = typer.Option(None, help="Engine dtype: auto, bfloat16, float32 or float16 (default bfloat16). (env IRO_DTYPE)"),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--compile", help="Skip vLLM graph compilation. (env IRO_ENFORCE_EAGER)"),
     engine_threads: Optional[str] = typer.Option(None, help='CPU cores of the engine: "all" or a bind spec like 0-1 (default all). (env IRO_ENGINE_THREADS)'),
+    engine_value_layers: Optional[str] = typer.Option(None, help='Residual-stream layers the engine hands to engine values: "auto" (the middle layer), "none" or a list like 8,15 (default auto). (env IRO_ENGINE_VALUE_LAYERS)'),
     scorer_threads: Optional[int] = typer.Option(None, help="torch threads of the value scorer (default 2). (env IRO_SCORER_THREADS)"),
     watch_values: Optional[bool] = typer.Option(None, "--watch-values/--no-watch-values", help="Follow the registry's CURRENT (default on). (env IRO_WATCH_VALUES)"),
     cors_origins: Optional[str] = typer.Option(None, help="Browser origins allowed (CORS): a JSON or comma-separated list. (env IRO_CORS_ORIGINS)"),

@@ -8,15 +8,16 @@ base model; every prompt reaches it as token ids.
 from __future__ import annotations
 
 import abc
+import os
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from common.engine_args import engine_kwargs
+from common.engine_args import VALUE_LAYERS_ENV, engine_kwargs, resolve_value_layers
 from common.sampling import Sampling
-from server.engine_patches import VALUE_HEADS_ARG, value_heads_installed
+from server.engine_patches import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, value_heads_installed
 from server.grammar_prefix import GRAMMAR_PREFIX_ARG
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,11 @@ class EngineRequest:
     detokenize: bool = True
     """False: the engine skips detokenising (Sample.text is empty); stop strings need it."""
     value_heads: tuple[tuple[float, ...], ...] | None = None
-    """m linear heads (H weights + bias each) on the engine's final hidden states: each sample then
+    """m linear heads (D weights + bias each) on the engine's hidden states: each sample then
     carries `token_values`, the heads' outputs at the position that sampled each token."""
+    value_layers: tuple[int, ...] | None = None
+    """The residual-stream layers the heads read (RMS-normalised, concatenated: D = H x layers);
+    None: the final normed hidden state (D = H)."""
     grammar_prefix: int = 0
     """The last `grammar_prefix` prompt tokens were generated under `sampling.structured` already
     (a beam's earlier chunks): the constraint continues after them (`server.grammar_prefix`)."""
@@ -65,6 +69,8 @@ def to_sampling_params(request: EngineRequest, *, delta: bool = False) -> Any:
             raise InvalidRequestError("logprobs cannot be combined with engine value heads", param="logprobs")
         logprobs = len(request.value_heads) - 1
         extra_args[VALUE_HEADS_ARG] = [list(h) for h in request.value_heads]
+        if request.value_layers:
+            extra_args[VALUE_LAYERS_ARG] = list(request.value_layers)
     structured = None
     if s.structured is not None:
         structured = (StructuredOutputsParams(json_object=True) if s.structured.kind == "json_object"
@@ -123,6 +129,10 @@ class EngineClient(abc.ABC):
     max_value_heads = 0
     """How many `ChunkRequest.value_heads` the engine evaluates per request (0: none)."""
 
+    value_layers: tuple[int, ...] = ()
+    """The residual-stream layers heads may read (`ChunkRequest.value_layers`); the final hidden
+    state is always available when `max_value_heads` > 0."""
+
     kv_block_size = 1
     """Tokens per KV-cache block its prefix cache reuses (whole blocks only); 1: any prefix."""
 
@@ -152,6 +162,29 @@ def engine_value_heads(vllm_config: Any) -> int:
     return max_logprobs + 1 if max_logprobs >= 0 else 64
 
 
+def engine_value_layers(vllm_config: Any) -> tuple[int, ...]:
+    """The residual-stream layers the engine's worker exposes to value heads: the ones
+    `IRO_ENGINE_VALUE_LAYERS` names (set by `engine_kwargs`), when the value-head patch took, no
+    speculative decoding uses vLLM's auxiliary hidden states, and the model supports them (the
+    worker applies the same conditions: server.engine_patches._keep_layers)."""
+    if engine_value_heads(vllm_config) == 0 or getattr(vllm_config, "speculative_config", None) is not None:
+        return ()
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    model_config = vllm_config.model_config
+    try:
+        model_cls, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+    except Exception as exc:  # noqa: BLE001 - an unknown architecture: no layers, the scorer values
+        log.warning("engine value layers are off: cannot resolve the model class (%s)", exc)
+        return ()
+    if not supports_eagle3(model_cls):
+        log.warning("engine value layers are off: %s does not return auxiliary hidden states; values on "
+                    "layers use the scorer", model_cls.__name__)
+        return ()
+    return resolve_value_layers(os.environ.get(VALUE_LAYERS_ENV), model_config.hf_config.num_hidden_layers)
+
+
 class VllmEngine(EngineClient):
     """A vLLM `AsyncLLM` for the frozen base model."""
 
@@ -166,17 +199,19 @@ class VllmEngine(EngineClient):
         self.eos_token_ids = sorted(e for e in eos if e is not None)
         self._in_flight = 0
         self.max_value_heads = engine_value_heads(llm.vllm_config)
+        self.value_layers = engine_value_layers(llm.vllm_config)
         cache = llm.vllm_config.cache_config
         self.kv_block_size = cache.block_size if cache.enable_prefix_caching else 1
 
     @classmethod
     def start(cls, model_path: str, model_id: str, *, max_model_len: int, kv_cache_gib: int, block_size: int,
               enforce_eager: bool, dtype: str, engine_threads: str | None,
-              max_num_batched_tokens: int | None = None, lora: dict | None = None) -> "VllmEngine":
+              max_num_batched_tokens: int | None = None, engine_value_layers: str = "auto",
+              lora: dict | None = None) -> "VllmEngine":
         """Build the engine (blocking; ~25 s on CPU with enforce_eager, ~55 s compiled)."""
         kwargs = engine_kwargs(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, block_size=block_size,
                                enforce_eager=enforce_eager, dtype=dtype, engine_threads=engine_threads,
-                               max_num_batched_tokens=max_num_batched_tokens)
+                               max_num_batched_tokens=max_num_batched_tokens, engine_value_layers=engine_value_layers)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -40,6 +40,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from common.engine_args import VALUE_LAYERS_ENV, resolve_value_layers
+
 log = logging.getLogger(__name__)
 
 TESTED_VLLM = "0.32."
@@ -55,7 +57,10 @@ STATUS: dict[str, str] = {}
 _warned: dict[str, str] = {}
 
 VALUE_HEADS_ARG = "iro_value_heads"
-"""`SamplingParams.extra_args` key of linear value heads: m rows of [w_1..w_H, bias] floats."""
+"""`SamplingParams.extra_args` key of linear value heads: m rows of [w_1..w_D, bias] floats."""
+VALUE_LAYERS_ARG = "iro_value_layers"
+"""`SamplingParams.extra_args` key of the residual-stream layers the heads read (D = H x layers;
+absent: the final normed hidden state, D = H)."""
 
 
 class PatchMismatch(Exception):
@@ -163,18 +168,64 @@ def _keep_hidden(runner) -> None:
     runner.model.compute_logits = keep_hidden
 
 
+def _keep_layers(runner) -> None:
+    """Make the model hand back the residual stream at the layers `VALUE_LAYERS_ENV` names, through
+    vLLM's auxiliary hidden states (EAGLE-3's mechanism: `SupportsEagle3.set_aux_hidden_state_layers`):
+    the decoder appends `hidden + residual` after those layers inside its (compiled) forward and
+    returns `(hidden, aux)`. A wrapper of the model's `forward` keeps `aux` on the runner and returns
+    only `hidden`, so the runner's own code sees what it always sees. Nothing happens when the model
+    does not support it or EAGLE-3 already uses the mechanism (the server computes the same
+    condition, `server.engine.engine_value_layers`, and values such requests with the scorer)."""
+    import os
+
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    model = runner.model
+    layers = resolve_value_layers(os.environ.get(VALUE_LAYERS_ENV), runner.model_config.hf_config.num_hidden_layers)
+    if (not layers or getattr(runner, "speculative_config", None) is not None or runner.use_aux_hidden_state_outputs
+            or not supports_eagle3(model) or getattr(model.forward, "_iro_keeps_aux", False)):
+        return
+    model.set_aux_hidden_state_layers(layers)
+    forward = model.forward
+
+    def forward_keeping_aux(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
+            runner._iro_aux, out = out[1], out[0]  # [(tokens, H)] per exposed layer
+        return out
+
+    forward_keeping_aux._iro_keeps_aux = True
+    model.forward = forward_keeping_aux
+    runner._iro_value_layers = {k: i for i, k in enumerate(layers)}
+
+
 def _load_keeping_hidden(original: Callable) -> Callable:
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         _keep_hidden(self)
+        try:
+            _keep_layers(self)
+        except Exception as exc:  # noqa: BLE001 - a worker must never die of an optional feature
+            log.warning("engine value layers are off (%s: %s); values on them use the scorer", type(exc).__name__, exc)
         return out
 
     return load_model
 
 
+def _prepare_keeping_indices(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _prepare_inputs(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        self._iro_logits_indices = out[0]  # the rows of the forward's output that sample a token
+        return out
+
+    return _prepare_inputs
+
+
 def _heads_of(state, hidden_size: int):
-    """The request's value heads as an (m, H + 1) float32 tensor, or None (parsed once per request)."""
+    """The request's value heads as ((m, D + 1) float32 tensor, layers or None), or None (parsed
+    once per request)."""
     import torch
 
     heads = getattr(state, "_iro_heads", None)
@@ -183,22 +234,45 @@ def _heads_of(state, hidden_size: int):
         extra = params.extra_args if params is not None else None
         if not extra or VALUE_HEADS_ARG not in extra:
             return None
-        heads = torch.tensor(extra[VALUE_HEADS_ARG], dtype=torch.float32).reshape(-1, hidden_size + 1)
+        layers = extra.get(VALUE_LAYERS_ARG)
+        layers = tuple(int(k) for k in layers) if layers else None
+        width = hidden_size * (len(layers) if layers else 1) + 1
+        heads = (torch.tensor(extra[VALUE_HEADS_ARG], dtype=torch.float32).reshape(-1, width), layers)
         state._iro_heads = heads
     return heads
 
 
-def _value_rows(runner, hidden_size: int, slots: int) -> dict[int, tuple[list[int], list]]:
-    """head count -> (batch rows, their heads) for the value-head requests of this batch."""
-    groups: dict[int, tuple[list[int], list]] = {}
+def _value_rows(runner, hidden_size: int, slots: int) -> dict[tuple, tuple[list[int], list]]:
+    """(head count, layers) -> (batch rows, their heads) for the value-head requests of this batch."""
+    groups: dict[tuple, tuple[list[int], list]] = {}
     for i, req_id in enumerate(runner.input_batch.req_ids):
         state = runner.requests.get(req_id)
-        heads = _heads_of(state, hidden_size) if state is not None else None
-        if heads is not None and heads.shape[0] <= slots:
-            rows, hs = groups.setdefault(heads.shape[0], ([], []))
+        parsed = _heads_of(state, hidden_size) if state is not None else None
+        if parsed is not None and parsed[0].shape[0] <= slots:
+            rows, hs = groups.setdefault((parsed[0].shape[0], parsed[1]), ([], []))
             rows.append(i)
-            hs.append(heads)
+            hs.append(parsed[0])
     return groups
+
+
+def _features(runner, hidden, rows: list[int], layers: tuple[int, ...] | None):
+    """(rows, D) float32 inputs of the heads: the final hidden states of `rows`, or their residual
+    stream at `layers` (RMS-normalised, concatenated; valuefn.model.rms_normalise); None when the
+    engine does not expose those layers."""
+    import torch
+
+    index = torch.tensor(rows, device=hidden.device)
+    if layers is None:
+        return hidden[index].float()
+    exposed, aux = getattr(runner, "_iro_value_layers", {}), getattr(runner, "_iro_aux", None)
+    if aux is None or any(k not in exposed for k in layers):
+        return None
+    positions = runner._iro_logits_indices[index.to(runner._iro_logits_indices.device)]
+    parts = []
+    for k in layers:
+        x = aux[exposed[k]][positions.to(aux[exposed[k]].device)].float()  # (rows, H)
+        parts.append(x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6))
+    return torch.cat(parts, dim=-1).to(hidden.device)
 
 
 def _sample_with_values(original: Callable) -> Callable:
@@ -231,11 +305,14 @@ def _sample_with_values(original: Callable) -> Callable:
         else:
             output = original(self, *args, **kwargs)
         logprobs = output.logprobs_tensors
-        for m, (rows, heads) in groups.items():
-            w = torch.stack(heads).to(hidden.device)  # (rows, m, H + 1)
-            index = torch.tensor(rows, device=hidden.device)
-            values = torch.einsum("rmh,rh->rm", w[:, :, :-1], hidden[index].float()) + w[:, :, -1]  # (rows, m)
-            target = index.to(logprobs.logprobs.device)
+        for (m, layers), (rows, heads) in groups.items():
+            w = torch.stack(heads).to(hidden.device)  # (rows, m, D + 1)
+            x = _features(self, hidden, rows, layers)  # (rows, D)
+            if x is None:  # layers this engine does not expose: NaN, never a silent 0
+                values = torch.full((len(rows), m), float("nan"), device=hidden.device)
+            else:
+                values = torch.einsum("rmd,rd->rm", w[:, :, :-1], x) + w[:, :, -1]  # (rows, m)
+            target = torch.tensor(rows, device=logprobs.logprobs.device)
             logprobs.logprobs[target, :m] = values.to(logprobs.logprobs)
             logprobs.logprob_token_ids[target, :m] = torch.arange(m, dtype=logprobs.logprob_token_ids.dtype,
                                                                   device=logprobs.logprob_token_ids.device)
@@ -248,6 +325,9 @@ def probe_value_heads(sampler_cls: type, loader_classes: tuple[type, ...] = ()) 
     check_method(sampler_cls, "_sample", ("logits",))
     for cls in (sampler_cls, *loader_classes):
         check_method(cls, "load_model")
+    check_method(sampler_cls, "_prepare_inputs", ("scheduler_output",))
+    if "logits_indices" not in (inspect.getdoc(sampler_cls._prepare_inputs) or "").split(",")[0]:
+        raise PatchMismatch(f"{sampler_cls.__name__}._prepare_inputs no longer returns logits_indices first")
     from vllm.v1.outputs import LogprobsTensors
 
     if LogprobsTensors._fields[:3] != ("logprob_token_ids", "logprobs", "selected_token_ranks"):
@@ -279,6 +359,7 @@ def patch_value_heads(sampler_cls, loader_classes: tuple = ()) -> None:
             cls._iro_keeps_hidden = True
     if not _own(sampler_cls, "_iro_value_heads"):
         sampler_cls._sample = _sample_with_values(sampler_cls._sample)
+        sampler_cls._prepare_inputs = _prepare_keeping_indices(sampler_cls._prepare_inputs)
         sampler_cls._iro_value_heads = True
 
 

@@ -105,8 +105,11 @@ class Searcher:
 
     async def run(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None = None) -> SearchResult:
         heads = getattr(chain, "engine_heads", None)
-        if heads is not None and len(heads) > getattr(self.engine, "max_value_heads", 0):
-            heads = None  # the scorer values the candidates instead
+        layers = getattr(chain, "engine_layers", None) if heads is not None else None
+        if heads is not None and (len(heads) > getattr(self.engine, "max_value_heads", 0)
+                                  or not set(layers or ()) <= set(getattr(self.engine, "value_layers", ()))):
+            heads = layers = None  # the scorer values the candidates instead
+        heads = (heads, layers) if heads is not None else None
         if params.mode == "bon":
             return await self._bon(chain, prompt_ids, params, heads)
         return await self._cbs(chain, prompt_ids, params, heads, on_step)
@@ -118,7 +121,8 @@ class Searcher:
                            min_tokens=max(0, s.min_tokens - len(beam.token_ids)))
         return EngineRequest(prompt_ids=prompt_ids + beam.token_ids, n=n, max_tokens=max_tokens, sampling=sampling,
                              detokenize=False,  # the search decodes whole beams itself (_extend)
-                             value_heads=heads,
+                             value_heads=heads[0] if heads else None,
+                             value_layers=heads[1] if heads else None,
                              grammar_prefix=len(beam.token_ids) if s.structured is not None else 0)
 
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.engine_args import resolve_value_layers
 from trainer.options import load_preset, merge, nest, short_error
 from valuefn.model import ValueModelConfig
 
@@ -41,9 +42,13 @@ class ValueTrainConfig(BaseModel):
     """Architecture of a new value (valuefn.model.ValueModelConfig: num_layers, lora_r, lora_alpha,
     lora_dropout, dtype, pooling). Its keys may also be given at the top level (`lora_r: 8`)."""
     engine_head: bool = False
-    """True: a linear head on the frozen base model's final hidden states (all layers, no LoRA,
-    `mean_before` pooling), which the serving engine computes while it generates: guided decoding
+    """True: an engine value, a linear head on hidden states of the frozen base model that the
+    serving engine computes while it generates (no LoRA, `mean_before` pooling): guided decoding
     then needs no value forward pass. Replaces `model` (keeping its dtype)."""
+    engine_layers: str = "auto"
+    """With `engine_head`: the residual-stream layers the head reads ("auto": the layers a server
+    exposes by default, `common.engine_args.default_value_layers`; "none": the final normed hidden
+    state; or "8,15"). Must be layers the serving engine exposes (`iro serve --engine-value-layers`)."""
     init_from_previous: bool = True
     """Start from the CURRENT version of the value in the registry (V_{t-1}) when there is one."""
 
@@ -109,10 +114,16 @@ class ValueTrainConfig(BaseModel):
         return {**{k: v for k, v in data.items() if k not in flat}, "model": {**model, **flat}}
 
     @model_validator(mode="after")
-    def _engine_head_architecture(self) -> "ValueTrainConfig":
-        if self.engine_head and not self.model.engine_head:
-            self.model = ValueModelConfig.for_engine_head(dtype=self.model.dtype)
+    def _engine_layers_parse(self) -> "ValueTrainConfig":
+        resolve_value_layers(self.engine_layers, 1 << 16)  # refused here, with the option's name, if malformed
         return self
+
+    def architecture(self, total_layers: int) -> ValueModelConfig:
+        """The value model to build on a base model of `total_layers` decoder layers."""
+        if not self.engine_head:
+            return self.model
+        layers = resolve_value_layers(self.engine_layers, total_layers)
+        return ValueModelConfig.for_engine_head(feature_layers=list(layers) or None, dtype=self.model.dtype)
 
     # ------------------------------------------------------------------ building
     @classmethod

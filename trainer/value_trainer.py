@@ -269,19 +269,39 @@ class ValueTrainer:
         self.parent = registry.current(name) if (registry is not None and name) else None
         self.model, self.init_from, self.defaults = self._build_model()
         self.model.train()
+        self._features: dict[Example, torch.Tensor] | None = None
+        """The head's inputs per example when the backbone is frozen (`lora_r=0`): computed once,
+        so an epoch costs a head pass, not a backbone pass."""
+
+    @torch.no_grad()  # not inference_mode: the head's backward saves these tensors
+    def _cache_features(self, examples: Sequence[Example]) -> None:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self._features = {}
+        chunks = batches(examples, c.eval_batch_size, None)
+        for chunk in tqdm(chunks, desc="features", unit="batch", disable=not c.progress, dynamic_ncols=True):
+            batch = collate(chunk, c.max_len).to(self.device)
+            B, L = batch.input_ids.shape
+            position_ids = torch.arange(L, device=self.device).expand(B, L)
+            features, _ = self.model.features(batch.input_ids, attention_mask=batch.attention_mask,
+                                              position_ids=position_ids)  # (B, L, D)
+            for i, e in enumerate(chunk):
+                self._features[e] = features[i, : int(batch.attention_mask[i].sum())].clone()
 
     def _build_model(self) -> tuple[ValueModel, int | None, SearchDefaults]:
         c = self.config
         torch.manual_seed(c.seed)
         previous = self.parent if c.init_from_previous else None
         if previous is None:
-            arch = c.model
+            arch = c.architecture(self.pool.identity["total_layers"])
             return ValueModel(self.pool.fresh(arch), arch), None, SearchDefaults()
         directory = self.registry.path(self.name, previous)
         manifest = read_manifest(directory)
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
-        ours = c.model.model_dump(include={"num_layers", "lora_r", "lora_alpha", "dtype", "pooling"})
+        ours = c.architecture(self.pool.identity["total_layers"]).model_dump(
+            include={"num_layers", "lora_r", "lora_alpha", "dtype", "pooling", "feature_layers"})
         theirs = {k: getattr(manifest.model, k) for k in ours}
         if ours != theirs:
             log.warning("initialising from %s v%d: its architecture %s is kept (config asked for %s)",
@@ -298,11 +318,18 @@ class ValueTrainer:
         return gae_targets_batch(batch.rewards, pred.detach(), batch.lengths, batch.kept, self.config.gamma,
                                  self.config.gae_lambda)
 
-    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: Batch, examples: Sequence[Example] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted values at response tokens (B, W) and their mask (B, W)."""
         B, L = batch.input_ids.shape
-        position_ids = torch.arange(L, device=self.device).expand(B, L)
-        values, _ = self.model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids)  # (B, L)
+        if examples is not None and self._features is not None and all(e in self._features for e in examples):
+            features = torch.zeros(B, L, self.model.head.in_features, device=self.device)
+            for i, e in enumerate(examples):
+                f = self._features[e]
+                features[i, : len(f)] = f
+            values = self.model.head(features).squeeze(-1)  # (B, L)
+        else:
+            position_ids = torch.arange(L, device=self.device).expand(B, L)
+            values, _ = self.model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids)  # (B, L)
         W = int(batch.kept.max())
         pooling = self.model.config.pooling
         starts = batch.prompt_lens - POOLING_SHIFT[pooling]  # the positions whose outputs value the response
@@ -326,7 +353,7 @@ class ValueTrainer:
         sq_sum, n_tokens, finals = 0.0, 0, []
         for chunk in batches(examples, self.config.eval_batch_size, None):
             batch = collate(chunk, self.config.max_len).to(self.device)
-            pred, mask = self._forward(batch)
+            pred, mask = self._forward(batch, chunk)
             target = mc_returns_batch(batch.rewards, batch.lengths, pred.shape[1], self.config.gamma)
             sq_sum += float(((pred - target) ** 2 * mask).sum())
             n_tokens += int(mask.sum())
@@ -372,6 +399,8 @@ class ValueTrainer:
         log.info("value training: %d train / %d held-out examples, %d steps, %d trainable parameters",
                  len(train_set), len(eval_set), total, sum(p.numel() for p in params))
 
+        if self.model.config.lora_r == 0:  # a frozen backbone: its outputs never change
+            self._cache_features(kept)
         before = self.evaluate(eval_set)
         rng = random.Random(c.seed)
         history: list[float] = []
@@ -384,7 +413,7 @@ class ValueTrainer:
                     break
                 start = time.perf_counter()
                 batch = collate(chunk, c.max_len).to(self.device)
-                pred, mask = self._forward(batch)
+                pred, mask = self._forward(batch, chunk)
                 loss = self._masked_mse(pred, self._targets(batch, pred), mask)
                 loss.backward()
                 if c.max_grad_norm > 0:
@@ -400,6 +429,7 @@ class ValueTrainer:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}", tok_s=f"{tokens / train_seconds:.0f}")
         bar.close()
         after = self.evaluate(eval_set)
+        self._features = None
         self.model.eval()
         if after:
             log.info("held-out: mse %.4f -> %.4f, spearman %s, pair_acc %s", before["mse"], after["mse"],

@@ -77,8 +77,10 @@ def init(
     seed: int = typer.Option(0),
     pooling: str = typer.Option("mean", help="mean: V averages the head over the response tokens; last: the "
                                              "last token's output."),
-    engine_head: bool = typer.Option(False, "--engine-head", help="A head on the frozen base model's final hidden "
-                                     "states (no LoRA, all layers): the engine computes it while generating."),
+    engine_head: bool = typer.Option(False, "--engine-head", help="An engine value: a head on hidden states of the "
+                                     "frozen base model (no LoRA) that the engine computes while generating."),
+    engine_layers: str = typer.Option("auto", help='With --engine-head: the residual-stream layers it reads ("auto": '
+                                      'the layers a server exposes by default; "none": the final hidden state; "8,15").'),
 ):
     """Publish a new untrained version of NAME (fresh head; v0001, then v0002, ...)."""
     from common.model_store import resolve_model
@@ -87,10 +89,20 @@ def init(
 
     if pooling not in ("mean", "last", "mean_before"):
         raise typer.BadParameter(f"expected mean, last or mean_before, got {pooling!r}", param_hint="--pooling")
-    config = (ValueModelConfig.for_engine_head() if engine_head
-              else ValueModelConfig(num_layers=layers or None, pooling=pooling))
+    from common.engine_args import resolve_value_layers
+    from valuefn.model import backbone_identity
+
+    path = resolve_model(model)
+    if engine_head:
+        try:
+            feature_layers = resolve_value_layers(engine_layers, backbone_identity(path)["total_layers"])
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--engine-layers") from None
+        config = ValueModelConfig.for_engine_head(feature_layers=list(feature_layers) or None)
+    else:
+        config = ValueModelConfig(num_layers=layers or None, pooling=pooling)
     with _clear_errors():
-        version = init_value(_registry(values_dir), name, resolve_model(model), config, seed=seed)
+        version = init_value(_registry(values_dir), name, path, config, seed=seed)
     typer.echo(f"published {name} v{version}")
 
 

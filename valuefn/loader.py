@@ -34,14 +34,16 @@ class BackbonePool:
         self.model_path = Path(model_path)
         self.device = device or default_device()
         self.identity = backbone_identity(self.model_path)
-        self._templates: dict[tuple[int | None, str], torch.nn.Module] = {}
+        self._templates: dict[tuple[int | None, str, bool], torch.nn.Module] = {}
         self._lock = threading.Lock()
 
     def template(self, config: ValueModelConfig) -> torch.nn.Module:
-        key = (config.num_layers, config.dtype)
+        final_norm = config.feature_layers is None  # feature-layer values read the raw residual stream
+        key = (config.num_layers, config.dtype, final_norm)
         with self._lock:
             if key not in self._templates:
-                self._templates[key] = load_backbone(self.model_path, config.num_layers, config.torch_dtype(), self.device)
+                self._templates[key] = load_backbone(self.model_path, config.num_layers, config.torch_dtype(),
+                                                     self.device, final_norm=final_norm)
             return self._templates[key]
 
     def fresh(self, config: ValueModelConfig) -> torch.nn.Module:
@@ -113,7 +115,7 @@ def make_manifest(name: str, config: ValueModelConfig, identity: dict, *, defaul
     from valuefn.checkpoint import ChainLink
 
     return Manifest(format_version=FORMAT_VERSION, name=name, version=1, backbone=identity, model=config,
-                    head={"in_features": identity["hidden_size"], "out_features": 1}, chain=[ChainLink(version=1)],
+                    head={"in_features": identity["hidden_size"] * config.head_inputs, "out_features": 1}, chain=[ChainLink(version=1)],
                     defaults=defaults or SearchDefaults(), training=training or {}, metrics=metrics or {})
 
 

@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from common.hashing import sha256_file  # noqa: F401  (re-exported: valuefn.checkpoint and the trainer use it)
@@ -56,20 +56,46 @@ class ValueModelConfig(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     pooling: Literal["last", "mean", "mean_before"] = "mean"
+    feature_layers: list[int] | None = None
+    """Residual-stream layers whose states feed the head (k: the stream after k decoder layers),
+    each RMS-normalised (no weights) and concatenated; None: the backbone's final normed state.
+    The backbone then keeps only the first max(feature_layers) layers. With `lora_r=0` and
+    `mean_before` this is an engine value: vLLM hands the same states back as auxiliary hidden
+    states (the mechanism of EAGLE-3 speculative decoding) while it samples."""
     """How per-token head outputs become V: the last token's (`last`), the mean over the response
     tokens so far (`mean`; the prompt's last token when there is no response yet), or the mean
     over the positions that sampled them (`mean_before`: the prompt's last token .. the response's
     second-to-last)."""
 
+    @model_validator(mode="after")
+    def _feature_layers_fit(self) -> "ValueModelConfig":
+        if self.feature_layers is not None:
+            layers = sorted(set(self.feature_layers))
+            if not layers or layers[0] < 1:
+                raise ValueError("feature_layers must name layers >= 1 (the stream after that many decoder layers)")
+            if self.num_layers is not None and self.num_layers != layers[-1]:
+                raise ValueError(f"feature_layers {layers} need num_layers = {layers[-1]} (or unset), "
+                                 f"not {self.num_layers}")
+            self.feature_layers, self.num_layers = layers, layers[-1]
+        return self
+
     @property
     def engine_head(self) -> bool:
-        """True when V needs only the base model's own final hidden states (the engine's)."""
-        return self.lora_r == 0 and self.num_layers is None and self.pooling == "mean_before"
+        """True when V needs only hidden states the serving engine computes anyway: its final
+        normed ones (all layers), or the residual stream at `feature_layers`; no LoRA."""
+        return (self.lora_r == 0 and self.pooling == "mean_before"
+                and (self.feature_layers is not None or self.num_layers is None))
+
+    @property
+    def head_inputs(self) -> int:
+        """How many hidden-state vectors the head reads per token (concatenated)."""
+        return len(self.feature_layers) if self.feature_layers else 1
 
     @classmethod
-    def for_engine_head(cls, **kwargs) -> "ValueModelConfig":
-        """The engine-head architecture: all layers, no LoRA, `mean_before` pooling."""
-        return cls(num_layers=None, lora_r=0, pooling="mean_before", **kwargs)
+    def for_engine_head(cls, feature_layers: list[int] | None = None, **kwargs) -> "ValueModelConfig":
+        """An engine value: no LoRA, `mean_before` pooling, on the final normed hidden state
+        (`feature_layers=None`) or on residual-stream layers the engine exposes."""
+        return cls(num_layers=None, lora_r=0, pooling="mean_before", feature_layers=feature_layers, **kwargs)
 
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
@@ -111,6 +137,16 @@ def pool_response(values: torch.Tensor, pooling: str) -> torch.Tensor:
     return values.cumsum(dim=1) / counts
 
 
+def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / rms(x) over the last dimension (float32 in, float32 out): the feature-layer values'
+    input scaling, computed identically by the engine (`server.engine_patches`).
+
+    >>> rms_normalise(torch.tensor([[3.0, -3.0]])).tolist()
+    [[1.0, -1.0]]
+    """
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -137,11 +173,12 @@ def backbone_identity(model_path: str | Path) -> dict:
 
 
 def load_backbone(model_path: str | Path, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16,
-                  device: torch.device | None = None) -> nn.Module:
+                  device: torch.device | None = None, *, final_norm: bool = True) -> nn.Module:
     """The base model's decoder (no LM head), truncated to its first `num_layers` layers.
 
     Only the tensors those layers need are read (safetensors files are read lazily), straight
-    to `device`: a 4-layer value of an 8B model reads ~1 GB, not 16."""
+    to `device`: a 4-layer value of an 8B model reads ~1 GB, not 16. `final_norm=False` drops
+    the final norm: the last hidden state is then the raw residual stream (feature-layer values)."""
     from transformers import AutoModel
 
     device = device or default_device()
@@ -152,6 +189,8 @@ def load_backbone(model_path: str | Path, num_layers: int | None = None, dtype: 
         model = None
     if model is None:
         model = truncate(AutoModel.from_pretrained(str(model_path), dtype=dtype), num_layers)
+    if not final_norm:
+        model.norm = nn.Identity()
     return model.to(device).eval()
 
 
@@ -260,19 +299,28 @@ class ValueModel(nn.Module):
                 r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                 target_modules=config.target_modules, bias="none"))
         self.backbone = backbone
-        hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, 1, dtype=torch.float32, device=next(backbone.parameters()).device)
-        nn.init.normal_(self.head.weight, std=1.0 / hidden**0.5)
+        features = backbone.config.hidden_size * config.head_inputs
+        self.head = nn.Linear(features, 1, dtype=torch.float32, device=next(backbone.parameters()).device)
+        nn.init.normal_(self.head.weight, std=1.0 / features**0.5)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
         """Values for every position, (B, T) float32, and the updated KV cache."""
+        features, cache = self.features(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        return self.head(features).squeeze(-1), cache  # (B, T)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
+        """The head's inputs for every position, (B, T, D) float32, and the updated KV cache."""
+        layers = self.config.feature_layers
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache)
-        hidden = out.last_hidden_state  # (B, T, H)
-        values = self.head(hidden.float()).squeeze(-1)  # (B, T)
-        return values, out.past_key_values
+                            past_key_values=past_key_values, use_cache=use_cache,
+                            output_hidden_states=layers is not None)
+        if layers is None:
+            return out.last_hidden_state.float(), out.past_key_values  # (B, T, H)
+        # the backbone has no final norm (`final_norm=False`): every entry is the raw stream
+        return torch.cat([rms_normalise(out.hidden_states[k].float()) for k in layers], dim=-1), out.past_key_values
 
     # --- what a checkpoint stores: adapters + head, with normalised keys -----------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -102,13 +102,21 @@ class ValueChain:
 
     @functools.cached_property
     def engine_heads(self) -> tuple[tuple[float, ...], ...] | None:
-        """Each member's head (H weights + bias) when every member is an engine head
-        (`ValueModelConfig.engine_head`): the engine can then value candidates as it samples them
-        (`mean_before` over its per-token head outputs), with no forward pass here."""
-        if not all(v.model.config.engine_head for v, _ in self.links):
+        """Each member's head (D weights + bias) when every member is an engine value on the same
+        hidden states (`ValueModelConfig.engine_head`, one `engine_layers`): the engine can then
+        value candidates as it samples them (`mean_before` over its per-token head outputs), with
+        no forward pass here."""
+        configs = [v.model.config for v, _ in self.links]
+        if not all(c.engine_head for c in configs) or len({tuple(c.feature_layers or ()) for c in configs}) != 1:
             return None
         return tuple(tuple(v.model.head.weight.detach().float().flatten().tolist()) +
                      (float(v.model.head.bias.detach().float()),) for v, _ in self.links)
+
+    @property
+    def engine_layers(self) -> tuple[int, ...] | None:
+        """The residual-stream layers `engine_heads` read (None: the final normed hidden state)."""
+        layers = self.links[-1][0].model.config.feature_layers
+        return tuple(layers) if layers else None
 
 
 @dataclass

@@ -194,21 +194,25 @@ def scorer_passes(server) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("iro_scorer_batch_size_count"))
 
 
-def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(server):
-    """A head on the frozen base model's hidden states: the engine values candidates as it samples
-    them (no scorer pass), and its values match the scorer's (Hugging Face) forward of the same text."""
+@pytest.mark.parametrize("layers", [None, [15]], ids=["final-state", "layer-15"])
+def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(server, layers):
+    """A head on the frozen base model's hidden states (the final normed ones, or the residual
+    stream after layer 15, which the engine exposes by default through vLLM's auxiliary hidden
+    states): the engine values candidates as it samples them (no scorer pass), and its values
+    match the scorer's (Hugging Face) forward of the same text."""
     from common.model_store import prepare_default_model
     from valuefn.loader import init_value
     from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry
 
-    config = ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before")
-    version = init_value(Registry(server.values_dir), "engine-head", prepare_default_model(), config, seed=3)
-    wait_serving(server, "engine-head", version)
+    name = "engine-head" if layers is None else "engine-layers"
+    config = ValueModelConfig.for_engine_head(feature_layers=layers)
+    version = init_value(Registry(server.values_dir), name, prepare_default_model(), config, seed=3)
+    wait_serving(server, name, version)
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     before = scorer_passes(server)
     resp = server.openai().chat.completions.with_raw_response.create(
-        model=f"{server.model_id}+engine-head", messages=messages, max_tokens=8, temperature=0.9, n=2,
+        model=f"{server.model_id}+{name}", messages=messages, max_tokens=8, temperature=0.9, n=2,
         extra_body={"guidance": {"mode": "bon", "k": 6}})
     assert scorer_passes(server) == before  # no value forward pass: the engine did the scoring
     body = json.loads(resp.text)
@@ -217,7 +221,7 @@ def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(
                if c["finish_reason"] == "length"]  # EOS-ended choices would carry the EOS token's state too
     assert choices, body
     with server.http() as http:
-        r = http.post("/v1/score", json={"value": "engine-head", "messages": messages,
+        r = http.post("/v1/score", json={"value": name, "messages": messages,
                                          "responses": [text for text, _ in choices]})
     assert r.status_code == 200, r.text
     assert scorer_passes(server) > before

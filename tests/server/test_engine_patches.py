@@ -72,6 +72,11 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
         def load_model(self):
             self.model = SimpleNamespace(compute_logits=lambda h: h.sum(-1, keepdim=True))
 
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+            """Returns:
+            tuple[logits_indices, spec_decode_metadata, max_num_sampled_tokens]"""
+            return scheduler_output, None, 1
+
         def _sample(self, logits):
             n = logits.shape[0]
             self.asked = self.input_batch.sampling_metadata.max_num_logprobs
@@ -104,6 +109,82 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
     if plain_logprobs:  # the real logprobs of the other rows are untouched
         assert lp.logprob_token_ids[1, 2] == 77
         assert lp.logprobs[0].tolist() == [-1.0] * 3 and lp.logprobs[2].tolist() == [-1.0] * 3
+
+
+def test_value_heads_on_residual_layers_read_the_aux_hidden_states_at_the_sampled_rows(monkeypatch):
+    """A head on layer k reads the residual stream vLLM returns as an auxiliary hidden state
+    (EAGLE-3's mechanism), at the row that samples each request's token (`logits_indices`),
+    RMS-normalised as valuefn does; a request naming a layer the engine does not expose gets NaN."""
+    from dataclasses import dataclass, field
+    from types import SimpleNamespace
+
+    import torch
+    import vllm.model_executor.models.interfaces as interfaces
+
+    from server.engine_patches import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, patch_value_heads
+    from valuefn.model import rms_normalise
+
+    H, tokens = 4, 7
+    monkeypatch.setenv("IRO_ENGINE_VALUE_LAYERS", "3")
+    monkeypatch.setattr(interfaces, "supports_eagle3", lambda model: True)
+
+    @dataclass
+    class Meta:
+        max_num_logprobs: int | None
+        logprob_token_ids: dict = field(default_factory=dict)
+
+    class Model:
+        def set_aux_hidden_state_layers(self, layers):
+            self.layers = layers
+
+        def __call__(self, x):
+            return self.forward(x)
+
+        def forward(self, x):  # (tokens, H) final states; the stream after layer 3 is 10x them + 1
+            return x, [x * 10 + 1]
+
+        def compute_logits(self, h):
+            return h.sum(-1, keepdim=True)
+
+    class Runner:
+        speculative_config = None
+        use_aux_hidden_state_outputs = False
+        model_config = SimpleNamespace(hf_config=SimpleNamespace(num_hidden_layers=6))
+
+        def load_model(self):
+            self.model = Model()
+
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+            """Returns:
+            tuple[logits_indices, spec_decode_metadata, max_num_sampled_tokens]"""
+            return torch.tensor([2, 4, 6]), None, 1
+
+        def _sample(self, logits):
+            n = logits.shape[0]
+            return SimpleNamespace(sampled_token_ids=torch.zeros((n, 1), dtype=torch.int32), logprobs_tensors=None)
+
+    patch_value_heads(Runner)
+    runner = Runner()
+    runner.load_model()
+    assert runner.model.layers == (3,)
+    head = [1.0, 0.0, 0.0, 2.0, 0.5]
+    params = lambda extra: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))  # noqa: E731
+    runner.requests = {"a": params({VALUE_HEADS_ARG: [head], VALUE_LAYERS_ARG: [3]}),
+                       "b": params({VALUE_HEADS_ARG: [head]}),
+                       "c": params({VALUE_HEADS_ARG: [head], VALUE_LAYERS_ARG: [4]})}
+    runner.input_batch = SimpleNamespace(req_ids=["a", "b", "c"], sampling_metadata=Meta(max_num_logprobs=0),
+                                         num_logprobs={"a": 0, "b": 0, "c": 0})
+    x = torch.randn(tokens, H)
+    indices, _, _ = runner._prepare_inputs(None, None)
+    hidden = runner.model(x)  # the wrapper keeps the aux states and hands back the final ones only
+    assert torch.equal(hidden, x)
+    out = runner._sample(runner.model.compute_logits(hidden[indices]))
+    values = out.logprobs_tensors.logprobs[:, 0]
+    w, b = torch.tensor(head[:-1]), head[-1]
+    stream = rms_normalise(x[indices[0]] * 10 + 1)
+    assert values[0].item() == pytest.approx(float(stream @ w + b), rel=1e-5)  # layer 3, row 2 of the forward
+    assert values[1].item() == pytest.approx(float(x[indices[1]] @ w + b), rel=1e-5)  # the final state
+    assert torch.isnan(values[2])  # layer 4 is not exposed
 
 
 @pytest.fixture

@@ -25,7 +25,11 @@ def test_the_value_model_is_declared_once_and_nested_in_the_training_config():
     assert isinstance(config.model, ValueModelConfig) and (config.model.lora_r, config.model.dtype) == (4, "float32")
     assert not set(ValueModelConfig.model_fields) & set(ValueTrainConfig.model_fields)
     head = ValueTrainConfig.from_dict({"engine_head": "true", "model.dtype": "float32"})
-    assert head.model.engine_head and head.model.dtype == "float32"
+    arch = head.architecture(total_layers=30)  # the engine value on the layer a server exposes by default
+    assert arch.engine_head and arch.dtype == "float32" and arch.feature_layers == [15] and arch.lora_r == 0
+    assert ValueTrainConfig.from_dict({"engine_head": "true", "engine_layers": "none"}).architecture(30).num_layers is None
+    with pytest.raises(ValueError, match="engine_layers|value layers"):
+        ValueTrainConfig.from_dict({"engine_head": "true", "engine_layers": "middle"})
     assert ValueTrainConfig.from_dict(config.to_dict()) == config  # round trip through its dict
 
 

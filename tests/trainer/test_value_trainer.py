@@ -116,9 +116,16 @@ def test_one_step_changes_lora_and_head_but_not_the_backbone(tiny_backbone, exam
     assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n and not n.startswith("head."))
 
 
-def test_an_engine_head_value_trains_only_its_head_on_the_frozen_base_model(tiny_backbone, examples):
-    trainer = ValueTrainer(config(engine_head=True, lr=3e-2, epochs=5), tiny_backbone)
-    assert trainer.model.config.engine_head and trainer.model.config.num_layers is None
+@pytest.mark.parametrize("layers", ["auto", "none"])
+def test_an_engine_head_value_trains_only_its_head_on_the_frozen_base_model(tiny_backbone, examples, layers):
+    """Engine values (a head on the middle layer's residual stream by default, or on the final
+    hidden state): only the head trains, on backbone features computed once (`_cache_features`);
+    the cached features give the metrics a full forward gives."""
+    trainer = ValueTrainer(config(engine_head=True, engine_layers=layers, lr=3e-2, epochs=5), tiny_backbone)
+    total = trainer.pool.identity["total_layers"]
+    arch = trainer.model.config
+    assert arch.engine_head
+    assert (arch.feature_layers, arch.num_layers) == (([total // 2], total // 2) if layers == "auto" else (None, None))
     before = snapshot(trainer.model)
     result = trainer.train(examples)
     after = snapshot(trainer.model)
@@ -126,6 +133,9 @@ def test_an_engine_head_value_trains_only_its_head_on_the_frozen_base_model(tiny
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"head.weight", "head.bias"}
     assert result.metrics["eval"]["mse"] < 0.8 * result.metrics["eval_before"]["mse"]
+    _, held_out = split_examples(examples, trainer.config.eval_fraction, trainer.config.seed)
+    assert trainer._features is None  # dropped after training: this evaluation runs the backbone
+    assert trainer.evaluate(held_out)["mse"] == pytest.approx(result.metrics["eval"]["mse"], rel=1e-3)
 
 
 def test_bfloat16_backbone_with_float32_head_trains_on_cpu(tiny_backbone, examples):

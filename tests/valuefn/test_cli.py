@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -38,7 +39,18 @@ def test_init_engine_head_publishes_a_head_on_the_base_model(tiny_model_dir, val
     out = iro_values("init", "head", "--engine-head", "--model", tiny_model_dir, "--values-dir", values)
     assert out.exit_code == 0, out.output
     model = Registry(values).manifest("head", 1).model
-    assert model.engine_head and (model.num_layers, model.lora_r, model.pooling) == (None, 0, "mean_before")
+    total = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
+    # by default the layer the engine exposes by default (the middle one), read from the residual stream
+    assert model.engine_head and (model.feature_layers, model.lora_r, model.pooling) == ([total // 2], 0, "mean_before")
+    assert model.num_layers == total // 2  # the scorer's copy of the backbone stops there
+    out = iro_values("init", "head", "--engine-head", "--engine-layers", "none", "--model", tiny_model_dir,
+                     "--values-dir", values)
+    assert out.exit_code == 0, out.output
+    model = Registry(values).manifest("head", 2).model  # the final normed hidden state, all layers
+    assert model.engine_head and (model.feature_layers, model.num_layers) == (None, None)
+    out = iro_values("init", "head", "--engine-head", "--engine-layers", "99", "--model", tiny_model_dir,
+                     "--values-dir", values)
+    assert out.exit_code != 0 and "--engine-layers" in out.output
 
 
 def test_rollback_and_prune_move_current_and_keep_its_chain(tiny_model_dir, values):
