@@ -153,7 +153,8 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
     except OSError as exc:
         log.error("cannot create the value registry %s: %s", root, exc)
     registry = Registry(root)
-    manager = ValueManager(registry, ValueLoader(registry, BackbonePool(model_path)), base_id=engine.model_id,
+    pool = BackbonePool(model_path, dtype=settings.dtype)  # values run in the engine's (the machine's) dtype
+    manager = ValueManager(registry, ValueLoader(registry, pool), base_id=engine.model_id,
                            metrics=app.state.metrics)
     scorer = Scorer(threads=settings.scorer_threads, metrics=app.state.metrics)
     await manager.reconcile()
@@ -180,6 +181,9 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     from server.openai.serving import OpenAIServing
     from server.openai.serving_score import ScoreServing
 
+    from common.dtype import log_dtype
+
+    log_dtype("serve", settings.dtype)  # e.g. "dtype bfloat16 (Intel Xeon ... has amx_bf16)"
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     model_id = settings.served_model_name or model_path.name
     engine = await asyncio.to_thread(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from common.dtype import resolve_dtype
 from valuefn.checkpoint import (
     FORMAT_VERSION, CheckpointError, Manifest, SearchDefaults, build_value_model, check_backbone,
     load_trained_tensors, read_manifest, write_checkpoint_files,
@@ -28,20 +29,26 @@ log = logging.getLogger(__name__)
 
 
 class BackbonePool:
-    """Backbones of the base model, loaded once per layer count; values get copies."""
+    """Backbones of the base model, loaded once per layer count; values get copies.
 
-    def __init__(self, model_path: str | Path, device: torch.device | None = None):
+    `dtype` is the one every backbone runs in ("auto": this machine's choice, `common.dtype`): a
+    checkpoint's stored dtype is the one it was trained in, a choice of the training machine. None
+    keeps each config's own dtype ("auto" resolved here), as the trainer does."""
+
+    def __init__(self, model_path: str | Path, device: torch.device | None = None, dtype: str | None = "auto"):
         self.model_path = Path(model_path)
         self.device = device or default_device()
+        self.dtype = None if dtype is None else resolve_dtype(dtype, self.device.type)
         self.identity = backbone_identity(self.model_path)
         self._templates: dict[tuple[int | None, str], torch.nn.Module] = {}
         self._lock = threading.Lock()
 
     def template(self, config: ValueModelConfig) -> torch.nn.Module:
-        key = (config.num_layers, config.dtype)
+        dtype = self.dtype or resolve_dtype(config.dtype, self.device.type)
+        key = (config.num_layers, dtype)
         with self._lock:
             if key not in self._templates:
-                self._templates[key] = load_backbone(self.model_path, config.num_layers, config.torch_dtype(), self.device)
+                self._templates[key] = load_backbone(self.model_path, config.num_layers, getattr(torch, dtype), self.device)
             return self._templates[key]
 
     def fresh(self, config: ValueModelConfig) -> torch.nn.Module:
@@ -128,8 +135,8 @@ def publish_model(registry: Registry, name: str, model: ValueModel, identity: di
 def init_value(registry: Registry, name: str, model_path: str | Path, config: ValueModelConfig | None = None,
                *, seed: int = 0, defaults: SearchDefaults | None = None) -> int:
     """Publish a new untrained version of `name` (fresh head, identity LoRA); return its number."""
-    config = config or ValueModelConfig(num_layers=4)
-    pool = BackbonePool(model_path, torch.device("cpu"))
+    config = (config or ValueModelConfig(num_layers=4)).resolved()
+    pool = BackbonePool(model_path, torch.device("cpu"), dtype=None)
     torch.manual_seed(seed)
     model = ValueModel(pool.fresh(config), config)
     return publish_model(registry, name, model, pool.identity, extend_chain=False, defaults=defaults,
