@@ -293,8 +293,8 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
         results["base_model_mib"] = sum(f.stat().st_size for f in model_path.glob("*.safetensors")) / 2**20
         # in-process parts run with the engine stopped, so they get the whole machine like ours did
         torch.set_num_threads(__import__("os").cpu_count() or 1)
-        pool = BackbonePool(model_path, dtype=dtype)
-        value = ValueLoader(registry, pool).load_version("bench", registry.current("bench"))
+        pool = BackbonePool(model_path)
+        value = ValueLoader(registry, pool, dtype=dtype).load_version("bench", registry.current("bench"))
         tok = AutoTokenizer.from_pretrained(str(model_path))
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
                                                         add_generation_prompt=True, tokenize=False),
@@ -309,7 +309,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
         steps.update()
         # the same comparison with the engine-head value: the reference re-runs it (the whole base
         # model + head) over every full sequence each chunk; we get it from the engine's forward
-        head_value = ValueLoader(registry, pool).load_version("bench-head", registry.current("bench-head"))
+        head_value = ValueLoader(registry, pool, dtype=dtype).load_version("bench-head", registry.current("bench-head"))
         ref_head = measure_reference(model_path, head_value, tok, PROMPTS[:2], threads=None, dtype=dtype)
         results["reference_engine_head_seconds_per_prompt"] = ref_head["reference_seconds_per_prompt"]
         results["reference_engine_head_value_fraction"] = ref_head["reference_value_fraction"]

@@ -153,8 +153,9 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
     except OSError as exc:
         log.error("cannot create the value registry %s: %s", root, exc)
     registry = Registry(root)
-    pool = BackbonePool(model_path, dtype=settings.dtype)  # values run in the engine's (the machine's) dtype
-    manager = ValueManager(registry, ValueLoader(registry, pool), base_id=engine.model_id,
+    value_dtype = settings.dtype if settings.dtype != "float16" else "auto"  # values: bfloat16 or float32
+    loader = ValueLoader(registry, BackbonePool(model_path), dtype=value_dtype)  # the engine's (machine's) dtype
+    manager = ValueManager(registry, loader, base_id=engine.model_id,
                            metrics=app.state.metrics)
     scorer = Scorer(threads=settings.scorer_threads, metrics=app.state.metrics)
     await manager.reconcile()

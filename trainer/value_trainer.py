@@ -267,7 +267,7 @@ class ValueTrainer:
         # "auto" becomes this machine's dtype now, so the manifest records the one it trained in
         dtype = log_dtype("trainer", config.model.dtype, device.type)
         self.config = config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
-        self.pool = pool or BackbonePool(model_path, device, dtype=None)  # None: each config's own dtype
+        self.pool = pool or BackbonePool(model_path, device)
         self.device = self.pool.device
         # The version the new one will follow in the chain (publishing refuses if CURRENT moved).
         self.parent = registry.current(name) if (registry is not None and name) else None

@@ -29,22 +29,18 @@ log = logging.getLogger(__name__)
 
 
 class BackbonePool:
-    """Backbones of the base model, loaded once per layer count; values get copies.
+    """Backbones of the base model, loaded once per layer count and dtype (a config's "auto": this
+    machine's choice for the pool's device, `common.dtype`); values get copies."""
 
-    `dtype` is the one every backbone runs in ("auto": this machine's choice, `common.dtype`): a
-    checkpoint's stored dtype is the one it was trained in, a choice of the training machine. None
-    keeps each config's own dtype ("auto" resolved here), as the trainer does."""
-
-    def __init__(self, model_path: str | Path, device: torch.device | None = None, dtype: str | None = "auto"):
+    def __init__(self, model_path: str | Path, device: torch.device | None = None):
         self.model_path = Path(model_path)
         self.device = device or default_device()
-        self.dtype = None if dtype is None else resolve_dtype(dtype, self.device.type)
         self.identity = backbone_identity(self.model_path)
         self._templates: dict[tuple[int | None, str], torch.nn.Module] = {}
         self._lock = threading.Lock()
 
     def template(self, config: ValueModelConfig) -> torch.nn.Module:
-        dtype = self.dtype or resolve_dtype(config.dtype, self.device.type)
+        dtype = resolve_dtype(config.dtype, self.device.type)
         key = (config.num_layers, dtype)
         with self._lock:
             if key not in self._templates:
@@ -65,11 +61,15 @@ class BackbonePool:
 
 
 class ValueLoader:
-    """Loads verified value versions; shares a version between chains that contain it."""
+    """Loads verified value versions; shares a version between chains that contain it.
 
-    def __init__(self, registry: Registry, pool: BackbonePool):
+    Every value runs in `dtype` ("auto": this machine's choice, `common.dtype`), whatever dtype its
+    manifest records: that one was the training machine's choice."""
+
+    def __init__(self, registry: Registry, pool: BackbonePool, dtype: str = "auto"):
         self.registry = registry
         self.pool = pool
+        self.dtype = resolve_dtype(dtype, pool.device.type)
         self._loaded: weakref.WeakValueDictionary[tuple[str, int], LoadedValue] = weakref.WeakValueDictionary()
 
     def load_version(self, name: str, version: int) -> LoadedValue:
@@ -85,7 +85,8 @@ class ValueLoader:
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
         verified = time.perf_counter()
-        model = build_value_model(self.pool.for_inference(manifest.model), manifest, adapter, head)
+        run_as = manifest.model_copy(update={"model": manifest.model.model_copy(update={"dtype": self.dtype})})
+        model = build_value_model(self.pool.for_inference(run_as.model), run_as, adapter, head)
         value = LoadedValue(name, version, manifest, model)
         built = time.perf_counter()
         # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
@@ -136,7 +137,7 @@ def init_value(registry: Registry, name: str, model_path: str | Path, config: Va
                *, seed: int = 0, defaults: SearchDefaults | None = None) -> int:
     """Publish a new untrained version of `name` (fresh head, identity LoRA); return its number."""
     config = (config or ValueModelConfig(num_layers=4)).resolved()
-    pool = BackbonePool(model_path, torch.device("cpu"), dtype=None)
+    pool = BackbonePool(model_path, torch.device("cpu"))
     torch.manual_seed(seed)
     model = ValueModel(pool.fresh(config), config)
     return publish_model(registry, name, model, pool.identity, extend_chain=False, defaults=defaults,

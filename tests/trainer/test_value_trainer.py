@@ -176,7 +176,7 @@ def test_publish_extends_the_chain_and_the_next_version_starts_from_the_previous
     assert registry.manifest("demo", 1).training["data"] == "iter1.jsonl"
 
     # the server's loader accepts it, and scores a response like the training-side model did
-    chain = ValueLoader(registry, BackbonePool(tiny_backbone, torch.device("cpu"))).load_chain("demo")
+    chain = ValueLoader(registry, BackbonePool(tiny_backbone, torch.device("cpu")), dtype="float32").load_chain("demo")
     assert chain.versions == [1, 2]
     ex = examples[0]
     assert chain.links[-1][0].model.config.pooling == "mean"  # the trainer's default, carried by the manifest
@@ -188,6 +188,35 @@ def test_publish_extends_the_chain_and_the_next_version_starts_from_the_previous
     assert got == pytest.approx(expected, abs=1e-4)
     trainer_side = second.evaluate([ex])  # the trainer's final-token prediction is the same pooled value
     assert trainer_side["final_mse"] == pytest.approx((got - ex.reward) ** 2, abs=1e-3)
+
+
+AVX2_ONLY = "model name\t: AMD EPYC 7B12\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
+
+
+def test_auto_dtype_is_resolved_at_train_time_and_recorded_resolved(tiny_backbone, examples, tmp_path, pool,
+                                                                     monkeypatch):
+    from common import dtype as dtypes
+
+    monkeypatch.setattr(dtypes, "_read_cpuinfo", lambda: AVX2_ONLY)  # a CPU without native bf16
+    registry = Registry(tmp_path / "values")
+    trainer = ValueTrainer(config(dtype="auto", max_steps=1), tiny_backbone, registry=registry, name="demo", pool=pool)
+    assert trainer.config.model.dtype == "float32"
+    assert next(p for n, p in trainer.model.named_parameters() if "q_proj.base_layer" in n).dtype == torch.float32
+    result = trainer.train(examples)
+    trainer.publish(result)
+    manifest = registry.manifest("demo", 1)
+    assert manifest.model.dtype == "float32" and manifest.training["dtype"] == "float32"
+    assert manifest.training["config"]["model"]["dtype"] == "float32"
+
+    # serving runs it in the serving machine's dtype (here asked for explicitly), not the manifest's
+    value = ValueLoader(registry, pool, dtype="bfloat16").load_version("demo", 1)
+    assert value.manifest.model.dtype == "float32" and value.model.config.dtype == "bfloat16"
+    assert next(value.model.backbone.parameters()).dtype == torch.bfloat16
+
+
+def test_presets_train_in_the_machines_dtype():
+    assert ValueTrainConfig.from_preset("full").model.dtype == "auto"
+    assert ValueTrainConfig.from_preset("smoke").model.dtype == "auto"
 
 
 def test_publishing_after_current_moved_is_refused(tiny_backbone, examples, tmp_path, pool):
