@@ -176,13 +176,12 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
 
 async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     """Start-up wiring (run by the lifespan): engine, values, scorer, and the serving objects."""
+    from common.dtype import log_dtype
     from common.model_store import resolve_model
     from server.engine import VllmEngine
     from server.guided import GuidedGenerator
     from server.openai.serving import OpenAIServing
     from server.openai.serving_score import ScoreServing
-
-    from common.dtype import log_dtype
 
     log_dtype("serve", settings.dtype)  # e.g. "dtype bfloat16 (Intel Xeon ... has amx_bf16)"
     model_path = await asyncio.to_thread(resolve_model, settings.model)
