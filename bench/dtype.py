@@ -22,6 +22,8 @@ import asyncio
 import json
 import logging
 import re
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,8 +48,9 @@ def default_path() -> Path:
     return RESULTS / f"dtype-{cpu}.json"
 
 
-def measure_engine(dtype: str) -> dict:
-    """Plain and guided sampling on a real server in `dtype` (run under the e2e lock)."""
+def measure_engine(dtype: str, concurrency: bool = True) -> dict:
+    """Plain and guided sampling on a real server in `dtype` (run under the e2e lock); with
+    `concurrency`, also the sequential requests of the concurrency figures."""
     import httpx
 
     from bench.guided import GUIDANCE, PROMPTS, _post_all, chat_body, measure_concurrency, measure_plain_vs_guided
@@ -70,8 +73,9 @@ def measure_engine(dtype: str) -> dict:
                                             chat_body(model, PROMPTS[1], max_tokens=8, guidance=GUIDANCE)]))
             out = {"engine_start_seconds": srv.started_in}
             out.update(measure_plain_vs_guided(srv.url, model))
-            out.update(measure_concurrency(srv.url, model, 2, out["guided_seconds"], out["plain_seconds"],
-                                           out["guided_engine_head_seconds"]))
+            if concurrency:
+                out.update(measure_concurrency(srv.url, model, 2, out["guided_seconds"], out["plain_seconds"],
+                                               out["guided_engine_head_seconds"]))
             log_text = srv.log_path.read_text(errors="replace")
             out["server_dtype_log"] = next((line.split("serve: ", 1)[1] for line in log_text.splitlines()
                                             if "serve: dtype" in line), None)
@@ -85,10 +89,10 @@ def measure_engine(dtype: str) -> dict:
 
 
 def measure_scorer(dtype: str) -> dict:
-    """The value scorer (4-layer value, 1 and 4 searches of w*k = 16 candidates) in `dtype` (bench.scorer)."""
+    """The value scorer (4-layer value, one search of w*k = 16 candidates) in `dtype` (bench.scorer)."""
     from bench.scorer import run
 
-    rows = run("cpu", dtype, ["smollm2-135m-4l"], [1, 4], repeats=1)["rows"]
+    rows = run("cpu", dtype, ["smollm2-135m-4l"], [1], repeats=1)["rows"]
     return {f"searches_{r['searches']}": {"kv_mean_ms_per_step": r["kv_mean_ms"],
                                           "candidates_per_s": r["candidates"] / (r["kv_mean_ms"] / 1000)}
             for r in rows}
@@ -144,11 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], nargs="*", default=["bfloat16", "float32"])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="scorer/train: alternating rounds (best kept)")
+    parser.add_argument("--no-concurrency", action="store_true", help="engine: skip the sequential requests")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: stop the server on the way out
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     path = args.json or default_path()
-    measure = {"engine": measure_engine, "scorer": measure_scorer, "train": measure_training}[args.part]
+    measure = {"engine": lambda d: measure_engine(d, not args.no_concurrency), "scorer": measure_scorer,
+               "train": measure_training}[args.part]
     rounds = 1 if args.part == "engine" else args.rounds
     best: dict[str, dict] = {}
     for r in range(rounds):
