@@ -42,7 +42,7 @@ def test_yaml_files_work_as_presets(tmp_path):
     ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
     ({"gamma": 1.5}, "gamma: Input should be less than or equal to 1"),
     ({"gae_lambda": -1}, "gae_lambda"),
-    ({"dtype": "float16"}, "model.dtype: Input should be 'bfloat16' or 'float32'"),
+    ({"dtype": "float16"}, "model.dtype: Input should be 'auto', 'bfloat16' or 'float32'"),
     ({"model.lora_r": -1}, "model.lora_r: Input should be greater than or equal to 0"),
     ({"device": "tpu"}, "device: Input should be"),
     ({"init_from_previous": "maybe"}, "init_from_previous: Input should be a valid boolean"),
