@@ -11,15 +11,16 @@ import typer
 
 def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference prompts (same workload otherwise)."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
-          dtype: str = typer.Option("bfloat16", help="bfloat16 | float32 (engine, values and reference loop; "
-                                                     "float32 where the CPU has no native bf16, e.g. AVX2 only)"),
+          dtype: str = typer.Option("auto", help="auto | bfloat16 | float32 (engine, values and reference loop; "
+                                                 "auto: bf16 where the CPU has AVX512-BF16 or AMX or the GPU supports "
+                                                 "it, float32 elsewhere, e.g. AVX2 only)"),
           scorer: bool = typer.Option(False, "--scorer", help="Only the value scorer (no vLLM, no model files): "
                                       "key/value reuse vs recomputation on random-weight values of real shapes."),
           device: Optional[str] = typer.Option(None, help="With --scorer: cpu | cuda (default: cuda if present)")):
     """Measure guided decoding against plain vLLM sampling and the reference HF loop (or, with
     --scorer, the value scorer alone, on CPU or CUDA)."""
-    if dtype not in ("bfloat16", "float32"):
-        raise typer.BadParameter(f"expected bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise typer.BadParameter(f"expected auto, bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
     if scorer:
         from bench import scorer as scorer_bench
 

@@ -4,7 +4,10 @@ Starts a real server (vLLM + default model + one value), then measures:
 guided_vs_plain_time_ratio (a 4-layer LoRA value, scored by the scorer) and
 guided_engine_head_vs_plain_time_ratio (an engine-head value, computed by the engine while it
 samples), speedup_vs_reference_loop, scoring_growth_ratio,
-concurrency_speedup, hot_swap_seconds / failed_requests_during_swap, and peak RSS.
+concurrency_speedup (LoRA value) and concurrency_vs_plain_ceiling (the engine-side value's gain from
+16 guided requests in flight over one at a time, against plain sampling's gain at the same load),
+hot_swap_seconds / failed_requests_during_swap, and peak RSS. Everything runs in one dtype, the
+machine's choice unless given (`common.dtype`), reported with its reason.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ PROMPTS = [f"Write a long, detailed paragraph about {t}." for t in TOPICS]
 TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "guided_engine_head_vs_plain_time_ratio": ("<=", 1.3),
            "speedup_vs_reference_loop": (">=", 4.0), "speedup_vs_reference_loop_engine_head": (">=", 4.0),
            "scoring_growth_ratio": ("<=", 1.5), "concurrency_speedup": (">=", 4.0),
+           "concurrency_vs_plain_ceiling": (">=", 0.95),
            "hot_swap_seconds": ("<", 1.0), "failed_requests_during_swap": ("<=", 0)}
 W, K, L, MAX_TOKENS, TEMPERATURE = 4, 4, 8, 48, 0.7
 GUIDANCE = {"value": "bench", "mode": "cbs", "w": W, "k": K, "l": L}
 HEAD_GUIDANCE = GUIDANCE | {"value": "bench-head"}  # an engine-head value: the engine computes it (no scorer)
+ENGINE_VALUE_GUIDANCE = HEAD_GUIDANCE
+"""The bench's engine-side value (the default engine value): `concurrency_vs_plain_ceiling` is its."""
 
 
 class Target(BaseModel):
@@ -54,6 +60,9 @@ class BenchReport(BaseModel):
     speedup_vs_reference_loop_engine_head: float
     scoring_growth_ratio: float
     concurrency_speedup: float
+    concurrency_vs_plain_ceiling: float
+    """Engine-side value: (16 guided requests in flight / one at a time) over the same gain of plain
+    n=16 sampling (the engine's own ceiling at that load); 1.0 means guidance costs no concurrency."""
     hot_swap_seconds: float
     failed_requests_during_swap: int
     peak_rss_mib: float
@@ -101,23 +110,48 @@ def measure_plain_vs_guided(url: str, model: str) -> dict:
 
 
 def measure_concurrency(url: str, model: str, sequential: int, concurrent_seconds: float,
-                        plain_concurrent_seconds: float) -> dict:
-    """Guided requests one at a time vs 16 in flight; and the same for plain n=16 sampling: a guided
-    request alone already keeps w*k = 16 sequences in the engine, so the engine's own gain from
-    16 to 256 sequences (`plain_concurrency_speedup`) is the ceiling for the guided figure."""
-    seq_t = plain_seq_t = 0.0
+                        plain_concurrent_seconds: float, engine_value_concurrent_seconds: float) -> dict:
+    """Guided requests one at a time vs 16 in flight (the `*_concurrent_seconds` of 16 requests,
+    from `measure_plain_vs_guided`); and the same for plain n=16 sampling: a guided request alone
+    already keeps w*k = 16 sequences in the engine, so the engine's own gain from 16 to 256
+    sequences (`plain_concurrency_speedup`) is the ceiling for a guided figure.
+    `concurrency_vs_plain_ceiling` is the engine-side value's gain over that ceiling."""
+    seq_t = plain_seq_t = engine_seq_t = 0.0
     for p in PROMPTS[:sequential]:
         t, _ = asyncio.run(_post_all(url, [chat_body(model, p, guidance=GUIDANCE)]))
         seq_t += t
+        t, _ = asyncio.run(_post_all(url, [chat_body(model, p, guidance=ENGINE_VALUE_GUIDANCE)]))
+        engine_seq_t += t
         t, _ = asyncio.run(_post_all(url, [chat_body(model, p, n=W * K)]))
         plain_seq_t += t
-    seq_rps = sequential / seq_t
-    conc_rps = len(PROMPTS) / concurrent_seconds
-    plain_speedup = (len(PROMPTS) / plain_concurrent_seconds) / (sequential / plain_seq_t)
-    return {"sequential_seconds_per_request": seq_t / sequential, "concurrent_requests_per_s": conc_rps,
-            "sequential_requests_per_s": seq_rps, "concurrency_speedup": conc_rps / seq_rps,
+    return concurrency_figures(sequential, len(PROMPTS), seq_t=seq_t, conc_t=concurrent_seconds,
+                               plain_seq_t=plain_seq_t, plain_conc_t=plain_concurrent_seconds,
+                               engine_seq_t=engine_seq_t, engine_conc_t=engine_value_concurrent_seconds)
+
+
+def concurrency_figures(sequential: int, concurrent: int, *, seq_t: float, conc_t: float, plain_seq_t: float,
+                        plain_conc_t: float, engine_seq_t: float, engine_conc_t: float) -> dict:
+    """Requests/s one at a time (`sequential` requests in `*_seq_t` s) and in flight (`concurrent` in
+    `*_conc_t` s) for the LoRA value, plain sampling and the engine-side value; their gains.
+
+    >>> f = concurrency_figures(2, 16, seq_t=2.0, conc_t=4.0, plain_seq_t=1.0, plain_conc_t=2.0,
+    ...                         engine_seq_t=1.0, engine_conc_t=2.5)
+    >>> f["plain_concurrency_speedup"], f["engine_value_concurrency_speedup"], f["concurrency_vs_plain_ceiling"]
+    (4.0, 3.2, 0.8)
+    """
+    def speedup(seq_seconds: float, conc_seconds: float) -> float:
+        return (concurrent / conc_seconds) / (sequential / seq_seconds)
+
+    plain = speedup(plain_seq_t, plain_conc_t)
+    lora, engine = speedup(seq_t, conc_t), speedup(engine_seq_t, engine_conc_t)
+    return {"sequential_seconds_per_request": seq_t / sequential, "concurrent_requests_per_s": concurrent / conc_t,
+            "sequential_requests_per_s": sequential / seq_t, "concurrency_speedup": lora,
             "plain_sequential_seconds_per_request": plain_seq_t / sequential,
-            "plain_concurrency_speedup": plain_speedup}
+            "plain_concurrency_speedup": plain,
+            "engine_value_sequential_seconds_per_request": engine_seq_t / sequential,
+            "engine_value_concurrency_speedup": engine,
+            "concurrency_vs_plain_ceiling": engine / plain,
+            "concurrency_vs_plain_ceiling_lora": lora / plain}
 
 
 def measure_hot_swap(url: str, model: str, values_dir: Path, model_path: Path, config, clients: int = 16) -> dict:
@@ -204,12 +238,14 @@ def measure_reference(model_path: Path, value, tokenizer, prompts: list[str], th
     return {"reference_seconds_per_prompt": elapsed / len(prompts), "reference_value_fraction": value_s / elapsed}
 
 
-def run(quick: bool = False, json_path: Path | None = None, dtype: str = "bfloat16") -> dict:
-    """One run of every measurement. `dtype` is the engine's, the values' and the reference loop's
-    (float32 on CPUs without native bf16, e.g. AVX2-only ones, where bf16 matmuls are emulated)."""
+def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto") -> dict:
+    """One run of every measurement. `dtype` is the engine's, the values' and the reference loop's;
+    "auto": the machine's choice (float32 on CPUs without native bf16, e.g. AVX2-only ones, where
+    bf16 matmuls are emulated)."""
     import torch
     from transformers import AutoTokenizer
 
+    from common.dtype import describe_dtype
     from common.model_store import prepare_default_model
     from valuefn.loader import BackbonePool, ValueLoader, init_value
     from valuefn.model import ValueModelConfig
@@ -221,11 +257,15 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "bfloat
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     model_path = prepare_default_model()
+    choice = describe_dtype(dtype)
+    logging.getLogger(__name__).info("iro bench: %s", choice)
+    dtype = choice.dtype
     steps = tqdm(total=8, desc="iro bench", unit="stage")
     results: dict = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
                                  "processor": platform.processor()},
                      "settings": {"w": W, "k": K, "l": L, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
-                                  "prompts": len(PROMPTS), "quick": quick, "dtype": dtype}}
+                                  "prompts": len(PROMPTS), "quick": quick, "dtype": dtype,
+                                  "dtype_reason": choice.reason}}
     with tempfile.TemporaryDirectory(prefix="iro-bench-") as tmp:
         work = Path(tmp)
         registry = Registry(work / "values")
@@ -242,7 +282,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "bfloat
             results.update(measure_plain_vs_guided(srv.url, model))
             steps.update()
             results.update(measure_concurrency(srv.url, model, 2 if quick else 4, results["guided_seconds"],
-                                               results["plain_seconds"]))
+                                               results["plain_seconds"], results["guided_engine_head_seconds"]))
             steps.update()
             results.update(measure_hot_swap(srv.url, model, srv.values_dir, model_path, config))
             steps.update()
@@ -254,7 +294,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "bfloat
         # in-process parts run with the engine stopped, so they get the whole machine like ours did
         torch.set_num_threads(__import__("os").cpu_count() or 1)
         pool = BackbonePool(model_path)
-        value = ValueLoader(registry, pool).load_version("bench", registry.current("bench"))
+        value = ValueLoader(registry, pool, dtype=dtype).load_version("bench", registry.current("bench"))
         tok = AutoTokenizer.from_pretrained(str(model_path))
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
                                                         add_generation_prompt=True, tokenize=False),
@@ -269,7 +309,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "bfloat
         steps.update()
         # the same comparison with the engine-head value: the reference re-runs it (the whole base
         # model + head) over every full sequence each chunk; we get it from the engine's forward
-        head_value = ValueLoader(registry, pool).load_version("bench-head", registry.current("bench-head"))
+        head_value = ValueLoader(registry, pool, dtype=dtype).load_version("bench-head", registry.current("bench-head"))
         ref_head = measure_reference(model_path, head_value, tok, PROMPTS[:2], threads=None, dtype=dtype)
         results["reference_engine_head_seconds_per_prompt"] = ref_head["reference_seconds_per_prompt"]
         results["reference_engine_head_value_fraction"] = ref_head["reference_value_fraction"]
@@ -295,6 +335,7 @@ def print_table(results: dict) -> None:
     for k, t in results["targets"].items():
         table.add_row(k, f"{t['value']:.3g}", f"{t['op']} {t['target']}", "yes" if t["met"] else "NO")
     for k in ("plain_seconds", "guided_seconds", "guided_engine_head_seconds", "plain_tok_per_s", "guided_tok_per_s", "plain_concurrency_speedup",
+              "engine_value_concurrency_speedup", "concurrency_vs_plain_ceiling_lora",
               "reference_seconds_per_prompt",
               "ours_seconds_per_prompt", "reference_value_fraction", "reference_engine_head_seconds_per_prompt",
               "ours_engine_head_seconds_per_prompt", "peak_rss_mib", "peak_rss_api_process_mib",
@@ -302,3 +343,6 @@ def print_table(results: dict) -> None:
         if k in results:
             table.add_row(k, f"{results[k]:.3g}", "", "")
     Console().print(table)
+    settings = results.get("settings", {})
+    if "dtype" in settings:
+        Console().print(f"dtype {settings['dtype']} ({settings.get('dtype_reason', '')})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from collections import Counter
@@ -28,9 +29,12 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from common.dtype import describe_dtype
 from valuefn.loader import make_manifest
 from valuefn.model import ValueModel, ValueModelConfig
 from valuefn.scorer import LoadedValue, ScoreItem, forward_values
+
+log = logging.getLogger(__name__)
 
 W, K, L, PROMPT, STEPS = 4, 4, 8, 128, 16
 
@@ -168,13 +172,15 @@ def cuda_vs_cpu(shape: str = "smollm2-135m-4l") -> dict:
 def run(device: str = "cpu", dtype: str | None = None, shapes: list[str] | None = None, searches: list[int] | None = None,
         repeats: int = 3, json_path: Path | None = None) -> dict:
     dev = torch.device(device)
-    dt = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    choice = describe_dtype(dtype, dev.type)  # "auto"/None: the machine's (bf16 only where native)
+    log.info("bench scorer: %s", choice)
+    dt = getattr(torch, choice.dtype)
     shapes = shapes or (list(SHAPES) if dev.type == "cuda" else ["smollm2-135m-4l"])
     searches = searches or [1, 16]
     if dev.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
-               "dtype": str(dt).removeprefix("torch."), "torch": torch.__version__, "rows": []}
+               "dtype": choice.dtype, "dtype_reason": choice.reason, "torch": torch.__version__, "rows": []}
     for shape in shapes:
         results["rows"] += bench_shape(shape, dev, dt, searches, repeats)
     if dev.type == "cuda":
@@ -208,7 +214,7 @@ def _cpu_name() -> str:
 
 def print_table(results: dict) -> None:
     print(f"\nScorer, one CBS step (w={W} k={K} l={L}, prompts {PROMPT}, {STEPS} steps), {results['device']}, "
-          f"{results['dtype']}, torch {results['torch']}")
+          f"{results['dtype']} ({results.get('dtype_reason', '')}), torch {results['torch']}")
     head = ("value", "searches", "cand.", "kv first", "kv last", "kv mean", "recompute", "kv/re", "last/first",
             "ops/step", "max|kv-re|")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -225,7 +231,9 @@ def print_table(results: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto (default): bf16 where the device computes it natively (CUDA with bf16, a CPU with "
+                             "AVX512-BF16 or AMX), float32 elsewhere")
     parser.add_argument("--shapes", nargs="*", choices=list(SHAPES))
     parser.add_argument("--searches", nargs="*", type=int)
     parser.add_argument("--repeats", type=int, default=3)

@@ -66,7 +66,7 @@ def serve(
     kv_cache_gib: Optional[int] = typer.Option(None, help="vLLM KV cache in GiB (default 2). (env IRO_KV_CACHE_GIB)"),
     block_size: Optional[int] = typer.Option(None, help="KV block size, a multiple of 16 (default 16). (env IRO_BLOCK_SIZE)"),
     max_num_batched_tokens: Optional[int] = typer.Option(None, help="Tokens per engine step (default: vLLM's). (env IRO_MAX_NUM_BATCHED_TOKENS)"),
-    dtype: Optional[str] = typer.Option(None, help="Engine dtype: auto, bfloat16, float32 or float16 (default bfloat16). (env IRO_DTYPE)"),
+    dtype: Optional[str] = typer.Option(None, help="Engine and value dtype: auto, bfloat16, float32 or float16 (default auto: bf16 where the CPU has AVX512-BF16/AMX or the GPU supports it, else float32). (env IRO_DTYPE)"),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--compile", help="Skip vLLM graph compilation. (env IRO_ENFORCE_EAGER)"),
     engine_threads: Optional[str] = typer.Option(None, help='CPU cores of the engine: "all" or a bind spec like 0-1 (default all). (env IRO_ENGINE_THREADS)'),
     engine_value_layers: Optional[str] = typer.Option(None, help='Residual-stream layers the engine hands to engine values: "auto" (the middle layer), "none" or a list like 8,15 (default auto). (env IRO_ENGINE_VALUE_LAYERS)'),

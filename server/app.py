@@ -153,7 +153,9 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
     except OSError as exc:
         log.error("cannot create the value registry %s: %s", root, exc)
     registry = Registry(root)
-    manager = ValueManager(registry, ValueLoader(registry, BackbonePool(model_path)), base_id=engine.model_id,
+    value_dtype = settings.dtype if settings.dtype != "float16" else "auto"  # values: bfloat16 or float32
+    loader = ValueLoader(registry, BackbonePool(model_path), dtype=value_dtype)  # the engine's (machine's) dtype
+    manager = ValueManager(registry, loader, base_id=engine.model_id,
                            metrics=app.state.metrics)
     scorer = Scorer(threads=settings.scorer_threads, metrics=app.state.metrics)
     await manager.reconcile()
@@ -174,12 +176,14 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
 
 async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     """Start-up wiring (run by the lifespan): engine, values, scorer, and the serving objects."""
+    from common.dtype import log_dtype
     from common.model_store import resolve_model
     from server.engine import VllmEngine
     from server.guided import GuidedGenerator
     from server.openai.serving import OpenAIServing
     from server.openai.serving_score import ScoreServing
 
+    log_dtype("serve", settings.dtype)  # e.g. "dtype bfloat16 (Intel Xeon ... has amx_bf16)"
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     model_id = settings.served_model_name or model_path.name
     engine = await asyncio.to_thread(

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.dtype import log_dtype
+
 from trainer.distill_config import DistillConfig
 from trainer.distill_losses import apa_loss, apa_sequence_loss, is_daa_loss, sequence_logps, token_kl
 from trainer.value_trainer import Example, _lr_lambda, batches, collate, split_examples
@@ -124,7 +126,9 @@ class DistillTrainer:
             torch.set_num_threads(config.threads)
         self.device = default_device() if config.device == "auto" else torch.device(config.device)
         self.identity = backbone_identity(self.model_path)
-        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        resolved = log_dtype("distill", config.dtype, self.device.type)
+        self.config = config = config.model_copy(update={"dtype": resolved})  # recorded resolved
+        dtype = getattr(torch, resolved)
         torch.manual_seed(config.seed)
         base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device)
         base.requires_grad_(False)

@@ -57,8 +57,8 @@ class DistillConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Projections that get LoRA (vLLM serves adapters on these)."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Base model dtype; the adapters train in float32."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Base model dtype ("auto": this machine's choice, `common.dtype`); the adapters train in float32."""
 
     # --- held-out sampling (the reward of samples; needs a reward)
     eval_prompts: int = Field(16, ge=0)

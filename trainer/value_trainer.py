@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.dtype import log_dtype
 from trainer.returns import gae_targets_batch, mc_returns_batch
 from trainer.value_config import ValueTrainConfig
 from valuefn.checkpoint import (
@@ -263,6 +264,9 @@ class ValueTrainer:
         device = default_device() if config.device == "auto" else torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available (use device=auto or cpu)")
+        # "auto" becomes this machine's dtype now, so the manifest records the one it trained in
+        dtype = log_dtype("trainer", config.model.dtype, device.type)
+        self.config = config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
         self.pool = pool or BackbonePool(model_path, device)
         self.device = self.pool.device
         # The version the new one will follow in the chain (publishing refuses if CURRENT moved).
@@ -301,11 +305,13 @@ class ValueTrainer:
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
         ours = c.architecture(self.pool.identity["total_layers"]).model_dump(
-            include={"num_layers", "lora_r", "lora_alpha", "dtype", "pooling", "feature_layers"})
+            include={"num_layers", "lora_r", "lora_alpha", "pooling", "feature_layers"})
         theirs = {k: getattr(manifest.model, k) for k in ours}
         if ours != theirs:
             log.warning("initialising from %s v%d: its architecture %s is kept (config asked for %s)",
                         self.name, previous, theirs, ours)
+        # the architecture is the previous version's; the dtype this machine's (or the one asked for)
+        manifest = manifest.model_copy(update={"model": manifest.model.model_copy(update={"dtype": c.model.dtype})})
         model = build_value_model(self.pool.fresh(manifest.model), manifest, adapter, head, for_inference=False)
         log.info("initialised from %s v%d", self.name, previous)
         return model, previous, manifest.defaults
@@ -437,7 +443,7 @@ class ValueTrainer:
         training = {
             "kind": "value", "data": data, "parent": self.parent, "init_from": self.init_from, "config": c.to_dict(),
             "examples": {"train": len(train_set), "eval": len(eval_set), "skipped_prompt_too_long": too_long},
-            "steps": step, "tokens": tokens, "seconds": round(train_seconds, 3),
+            "steps": step, "tokens": tokens, "seconds": round(train_seconds, 3), "dtype": self.model.config.dtype,
             "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None,
             "finished_at": time.time(), **(extra or {}),
         }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from common.dtype import resolve_dtype
 from valuefn.checkpoint import (
     FORMAT_VERSION, CheckpointError, Manifest, SearchDefaults, build_value_model, check_backbone,
     load_trained_tensors, read_manifest, write_checkpoint_files,
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class BackbonePool:
-    """Backbones of the base model, loaded once per layer count; values get copies."""
+    """Backbones of the base model, loaded once per layer count and dtype (a config's "auto": this
+    machine's choice for the pool's device, `common.dtype`); values get copies."""
 
     def __init__(self, model_path: str | Path, device: torch.device | None = None):
         self.model_path = Path(model_path)
@@ -38,11 +40,12 @@ class BackbonePool:
         self._lock = threading.Lock()
 
     def template(self, config: ValueModelConfig) -> torch.nn.Module:
+        dtype = resolve_dtype(config.dtype, self.device.type)
         final_norm = config.feature_layers is None  # feature-layer values read the raw residual stream
-        key = (config.num_layers, config.dtype, final_norm)
+        key = (config.num_layers, dtype, final_norm)
         with self._lock:
             if key not in self._templates:
-                self._templates[key] = load_backbone(self.model_path, config.num_layers, config.torch_dtype(),
+                self._templates[key] = load_backbone(self.model_path, config.num_layers, getattr(torch, dtype),
                                                      self.device, final_norm=final_norm)
             return self._templates[key]
 
@@ -60,11 +63,15 @@ class BackbonePool:
 
 
 class ValueLoader:
-    """Loads verified value versions; shares a version between chains that contain it."""
+    """Loads verified value versions; shares a version between chains that contain it.
 
-    def __init__(self, registry: Registry, pool: BackbonePool):
+    Every value runs in `dtype` ("auto": this machine's choice, `common.dtype`), whatever dtype its
+    manifest records: that one was the training machine's choice."""
+
+    def __init__(self, registry: Registry, pool: BackbonePool, dtype: str = "auto"):
         self.registry = registry
         self.pool = pool
+        self.dtype = resolve_dtype(dtype, pool.device.type)
         self._loaded: weakref.WeakValueDictionary[tuple[str, int], LoadedValue] = weakref.WeakValueDictionary()
 
     def load_version(self, name: str, version: int) -> LoadedValue:
@@ -80,7 +87,8 @@ class ValueLoader:
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
         verified = time.perf_counter()
-        model = build_value_model(self.pool.for_inference(manifest.model), manifest, adapter, head)
+        run_as = manifest.model_copy(update={"model": manifest.model.model_copy(update={"dtype": self.dtype})})
+        model = build_value_model(self.pool.for_inference(run_as.model), run_as, adapter, head)
         value = LoadedValue(name, version, manifest, model)
         built = time.perf_counter()
         # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
@@ -130,7 +138,7 @@ def publish_model(registry: Registry, name: str, model: ValueModel, identity: di
 def init_value(registry: Registry, name: str, model_path: str | Path, config: ValueModelConfig | None = None,
                *, seed: int = 0, defaults: SearchDefaults | None = None) -> int:
     """Publish a new untrained version of `name` (fresh head, identity LoRA); return its number."""
-    config = config or ValueModelConfig(num_layers=4)
+    config = (config or ValueModelConfig(num_layers=4)).resolved()
     pool = BackbonePool(model_path, torch.device("cpu"))
     torch.manual_seed(seed)
     model = ValueModel(pool.fresh(config), config)

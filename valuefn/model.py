@@ -37,6 +37,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
+from common.dtype import resolve_dtype
 from common.hashing import sha256_file  # noqa: F401  (re-exported: valuefn.checkpoint and the trainer use it)
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class ValueModelConfig(BaseModel):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """The dtype it trains in ("auto": this machine's choice, `common.dtype`); manifests record it
+    resolved. Serving runs the backbone in the serving machine's dtype (`BackbonePool`)."""
     pooling: Literal["last", "mean", "mean_before"] = "mean"
     feature_layers: list[int] | None = None
     """Residual-stream layers whose states feed the head (k: the stream after k decoder layers),
@@ -97,8 +100,12 @@ class ValueModelConfig(BaseModel):
         (`feature_layers=None`) or on residual-stream layers the engine exposes."""
         return cls(num_layers=None, lora_r=0, pooling="mean_before", feature_layers=feature_layers, **kwargs)
 
+    def resolved(self, device: str | None = None) -> "ValueModelConfig":
+        """This config with "auto" dtype made this machine's choice for `device` (what a manifest records)."""
+        return self.model_copy(update={"dtype": resolve_dtype(self.dtype, device)})
+
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return getattr(torch, resolve_dtype(self.dtype))
 
 
 def pool_values(scalars, response_start: int | None, pooling: str) -> float:

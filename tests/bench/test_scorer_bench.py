@@ -13,8 +13,10 @@ def test_scorer_bench_runs_and_checks_on_cpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(scorer, "STEPS", 4)
     monkeypatch.setattr(scorer, "PROMPT", 16)
     out = tmp_path / "scorer.json"
-    scorer.main(["--device", "cpu", "--shapes", "tiny", "--searches", "1", "3", "--repeats", "1", "--json", str(out)])
+    scorer.main(["--device", "cpu", "--dtype", "float32", "--shapes", "tiny", "--searches", "1", "3", "--repeats", "1",
+                 "--json", str(out)])  # float32: the reuse-vs-recompute bound below is float32's
     results = json.loads(out.read_text())
+    assert results["dtype"] == "float32" and results["dtype_reason"].startswith("set explicitly")
     rows = results["rows"]
     assert [r["searches"] for r in rows] == [1, 3]
     assert rows[1]["candidates"] == 3 * scorer.W * scorer.K

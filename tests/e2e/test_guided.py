@@ -194,11 +194,11 @@ def scorer_passes(server) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("iro_scorer_batch_size_count"))
 
 
-@pytest.mark.parametrize("layers", [None, [15]], ids=["final-state", "layer-15"])
+@pytest.mark.parametrize("layers", [None, [2, 15, 27]], ids=["final-state", "layers-2-15-27"])
 def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(server, layers):
     """A head on the frozen base model's hidden states (the final normed ones, or the residual
-    stream after layer 15, which the engine exposes by default through vLLM's auxiliary hidden
-    states): the engine values candidates as it samples them (no scorer pass), and its values
+    stream after layers 2, 15 and 27, which the engine exposes by default through vLLM's auxiliary
+    hidden states): the engine values candidates as it samples them (no scorer pass), and its values
     match the scorer's (Hugging Face) forward of the same text."""
     from common.model_store import prepare_default_model
     from valuefn.loader import init_value

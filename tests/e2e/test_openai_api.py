@@ -487,3 +487,12 @@ def test_unsupported_fields_are_refused_naming_them(server, kwargs, param):
     with pytest.raises(openai.BadRequestError) as exc:
         server.openai().chat.completions.create(**args)
     assert exc.value.body["param"] == param
+
+
+def test_the_server_logs_its_dtype_choice_with_the_reason(server):
+    import os
+
+    from common.dtype import describe_dtype
+
+    choice = describe_dtype(os.environ.get("IRO_DTYPE", "auto"))  # the fixture's server inherits the environment
+    assert f"serve: dtype {choice.dtype} ({choice.reason})" in server.log_path.read_text(errors="replace")

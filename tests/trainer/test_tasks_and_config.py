@@ -26,7 +26,7 @@ def test_the_value_model_is_declared_once_and_nested_in_the_training_config():
     assert not set(ValueModelConfig.model_fields) & set(ValueTrainConfig.model_fields)
     head = ValueTrainConfig.from_dict({"engine_head": "true", "model.dtype": "float32"})
     arch = head.architecture(total_layers=30)  # the engine value on the layer a server exposes by default
-    assert arch.engine_head and arch.dtype == "float32" and arch.feature_layers == [15] and arch.lora_r == 0
+    assert arch.engine_head and arch.dtype == "float32" and arch.feature_layers == [2, 15, 27] and arch.lora_r == 0
     assert ValueTrainConfig.from_dict({"engine_head": "true", "engine_layers": "none"}).architecture(30).num_layers is None
     with pytest.raises(ValueError, match="engine_layers|value layers"):
         ValueTrainConfig.from_dict({"engine_head": "true", "engine_layers": "middle"})
@@ -46,7 +46,7 @@ def test_yaml_files_work_as_presets(tmp_path):
     ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
     ({"gamma": 1.5}, "gamma: Input should be less than or equal to 1"),
     ({"gae_lambda": -1}, "gae_lambda"),
-    ({"dtype": "float16"}, "model.dtype: Input should be 'bfloat16' or 'float32'"),
+    ({"dtype": "float16"}, "model.dtype: Input should be 'auto', 'bfloat16' or 'float32'"),
     ({"model.lora_r": -1}, "model.lora_r: Input should be greater than or equal to 0"),
     ({"device": "tpu"}, "device: Input should be"),
     ({"init_from_previous": "maybe"}, "init_from_previous: Input should be a valid boolean"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.engine_args import default_value_layers
 from trainer.value_config import ValueTrainConfig
 from trainer.value_trainer import (
     Example, ValueTrainer, collate, examples_from_records, pairwise_accuracy, publish_saved, read_rollouts,
@@ -125,7 +126,8 @@ def test_an_engine_head_value_trains_only_its_head_on_the_frozen_base_model(tiny
     total = trainer.pool.identity["total_layers"]
     arch = trainer.model.config
     assert arch.engine_head
-    assert (arch.feature_layers, arch.num_layers) == (([total // 2], total // 2) if layers == "auto" else (None, None))
+    auto = list(default_value_layers(total))
+    assert (arch.feature_layers, arch.num_layers) == ((auto, max(auto)) if layers == "auto" else (None, None))
     before = snapshot(trainer.model)
     result = trainer.train(examples)
     after = snapshot(trainer.model)
@@ -186,7 +188,7 @@ def test_publish_extends_the_chain_and_the_next_version_starts_from_the_previous
     assert registry.manifest("demo", 1).training["data"] == "iter1.jsonl"
 
     # the server's loader accepts it, and scores a response like the training-side model did
-    chain = ValueLoader(registry, BackbonePool(tiny_backbone, torch.device("cpu"))).load_chain("demo")
+    chain = ValueLoader(registry, BackbonePool(tiny_backbone, torch.device("cpu")), dtype="float32").load_chain("demo")
     assert chain.versions == [1, 2]
     ex = examples[0]
     assert chain.links[-1][0].model.config.pooling == "mean"  # the trainer's default, carried by the manifest
@@ -198,6 +200,35 @@ def test_publish_extends_the_chain_and_the_next_version_starts_from_the_previous
     assert got == pytest.approx(expected, abs=1e-4)
     trainer_side = second.evaluate([ex])  # the trainer's final-token prediction is the same pooled value
     assert trainer_side["final_mse"] == pytest.approx((got - ex.reward) ** 2, abs=1e-3)
+
+
+AVX2_ONLY = "model name\t: AMD EPYC 7B12\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
+
+
+def test_auto_dtype_is_resolved_at_train_time_and_recorded_resolved(tiny_backbone, examples, tmp_path, pool,
+                                                                     monkeypatch):
+    from common import dtype as dtypes
+
+    monkeypatch.setattr(dtypes, "_read_cpuinfo", lambda: AVX2_ONLY)  # a CPU without native bf16
+    registry = Registry(tmp_path / "values")
+    trainer = ValueTrainer(config(dtype="auto", max_steps=1), tiny_backbone, registry=registry, name="demo", pool=pool)
+    assert trainer.config.model.dtype == "float32"
+    assert next(p for n, p in trainer.model.named_parameters() if "q_proj.base_layer" in n).dtype == torch.float32
+    result = trainer.train(examples)
+    trainer.publish(result)
+    manifest = registry.manifest("demo", 1)
+    assert manifest.model.dtype == "float32" and manifest.training["dtype"] == "float32"
+    assert manifest.training["config"]["model"]["dtype"] == "float32"
+
+    # serving runs it in the serving machine's dtype (here asked for explicitly), not the manifest's
+    value = ValueLoader(registry, pool, dtype="bfloat16").load_version("demo", 1)
+    assert value.manifest.model.dtype == "float32" and value.model.config.dtype == "bfloat16"
+    assert next(value.model.backbone.parameters()).dtype == torch.bfloat16
+
+
+def test_presets_train_in_the_machines_dtype():
+    assert ValueTrainConfig.from_preset("full").model.dtype == "auto"
+    assert ValueTrainConfig.from_preset("smoke").model.dtype == "auto"
 
 
 def test_publishing_after_current_moved_is_refused(tiny_backbone, examples, tmp_path, pool):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from common.engine_args import default_value_layers
+
 from valuefn.cli import app
 from valuefn.registry import Registry
 
@@ -40,9 +42,10 @@ def test_init_engine_head_publishes_a_head_on_the_base_model(tiny_model_dir, val
     assert out.exit_code == 0, out.output
     model = Registry(values).manifest("head", 1).model
     total = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
-    # by default the layer the engine exposes by default (the middle one), read from the residual stream
-    assert model.engine_head and (model.feature_layers, model.lora_r, model.pooling) == ([total // 2], 0, "mean_before")
-    assert model.num_layers == total // 2  # the scorer's copy of the backbone stops there
+    # by default the layers an engine exposes by default, read from the residual stream
+    layers = list(default_value_layers(total))
+    assert model.engine_head and (model.feature_layers, model.lora_r, model.pooling) == (layers, 0, "mean_before")
+    assert model.num_layers == max(layers)  # the scorer's copy of the backbone stops there
     out = iro_values("init", "head", "--engine-head", "--engine-layers", "none", "--model", tiny_model_dir,
                      "--values-dir", values)
     assert out.exit_code == 0, out.output

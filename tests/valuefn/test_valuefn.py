@@ -45,12 +45,12 @@ def test_checkpoint_round_trip_gives_identical_scores(tiny_model_dir, registry):
     model.eval()
     with torch.no_grad():
         expected = [model(torch.tensor([s]))[0][0, -1].item() for s in ids]
-    loaded = ValueLoader(registry, pool).load_version("rt", version)
+    loaded = ValueLoader(registry, pool, dtype="float32").load_version("rt", version)
     got = forward_values(loaded, [ScoreItem(s) for s in ids], use_cache=False)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     # loaded values share the pool's backbone tensors: loading another must not change this one
     other = publish_model(registry, "rt", trained_like(pool, 9), pool.identity, extend_chain=False)
-    second = ValueLoader(registry, pool).load_version("rt", other)
+    second = ValueLoader(registry, pool, dtype="float32").load_version("rt", other)
     assert not np.allclose(forward_values(second, [ScoreItem(s) for s in ids], use_cache=False), expected, atol=1e-3)
     np.testing.assert_allclose(forward_values(loaded, [ScoreItem(s) for s in ids], use_cache=False), got, rtol=1e-6)
     manifest = json.loads((registry.path("rt", version) / MANIFEST).read_text())
@@ -67,7 +67,7 @@ def test_format_1_manifests_read_as_last_token_values(tiny_model_dir, registry):
     m["format_version"] = 1  # written before pooling existed: values were the last token's
     del m["model"]["pooling"]
     path.write_text(json.dumps(m))
-    loaded = ValueLoader(registry, pool).load_version("old", version)
+    loaded = ValueLoader(registry, pool, dtype="float32").load_version("old", version)
     assert loaded.model.config.pooling == "last"
     ids = [5, 6, 7, 8, 9]
     with torch.no_grad():
@@ -97,11 +97,11 @@ def test_bad_checkpoints_are_refused(tiny_model_dir, registry, damage, tmp_path)
     elif damage == "wrong_backbone":
         other = BackbonePool(make_tiny_llama(tmp_path / "other", hidden=48), torch.device("cpu"))
         with pytest.raises(CheckpointError) as err:
-            ValueLoader(registry, other).load_version("bad", version)
+            ValueLoader(registry, other, dtype="float32").load_version("bad", version)
         assert err.value.reason == "backbone_mismatch"
         return
     with pytest.raises(CheckpointError) as err:
-        ValueLoader(registry, pool).load_version("bad", version)
+        ValueLoader(registry, pool, dtype="float32").load_version("bad", version)
     expected = {"flip_byte": "hash_mismatch", "truncate": "hash_mismatch", "missing_file": "missing_file",
                 "future_format": "future_format"}[damage]
     assert err.value.reason == expected
@@ -142,7 +142,7 @@ def test_chain_scores_match_direct_computation():
 def test_incremental_scoring_equals_full_recomputation(tiny_model_dir, registry, pooling):
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
     version = publish_model(registry, "inc", trained_like(pool, 2, pooling), pool.identity, extend_chain=False)
-    value = ValueLoader(registry, pool).load_version("inc", version)
+    value = ValueLoader(registry, pool, dtype="float32").load_version("inc", version)
     assert value.model.config.pooling == pooling  # the manifest carries it
     rng = np.random.default_rng(0)
     prompt = list(rng.integers(4, 128, 9))
@@ -168,7 +168,7 @@ def test_engine_head_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, 
     assert config.engine_head and not F32.engine_head
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
     version = init_value(registry, "eh", tiny_model_dir, config, seed=1)
-    value = ValueLoader(registry, pool).load_version("eh", version)
+    value = ValueLoader(registry, pool, dtype="float32").load_version("eh", version)
     assert value.model.backbone is pool.template(config)  # frozen and shared: no copy per version
     manifest = json.loads((registry.path("eh", version) / MANIFEST).read_text())
     assert manifest["model"]["lora_r"] == 0 and set(manifest["files"]) == {ADAPTER_FILE, HEAD_FILE}
@@ -181,7 +181,7 @@ def test_engine_head_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, 
     per_token = hidden @ np.array(head[:-1]) + head[-1]  # what the engine computes at every position
     got = forward_values(value, [ScoreItem(ids, 0, 2)], use_cache=False)
     np.testing.assert_allclose(got[0], per_token[1:5].mean(), rtol=1e-4, atol=1e-5)
-    lora_chain = ValueChain("x", ((ValueLoader(registry, pool).load_version("eh", version), 1.0),
+    lora_chain = ValueChain("x", ((ValueLoader(registry, pool, dtype="float32").load_version("eh", version), 1.0),
                                   (LoadedValue("t", 1, None, trained_like(pool, 0)), 1.0)))
     assert lora_chain.engine_heads is None  # one member needs its own backbone pass
 
@@ -189,7 +189,7 @@ def test_engine_head_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, 
 def test_scorer_micro_batches_concurrent_requests(tiny_model_dir, registry):
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
     version = publish_model(registry, "q", trained_like(pool, 3), pool.identity, extend_chain=False)
-    chain = ValueLoader(registry, pool).load_chain("q", version)
+    chain = ValueLoader(registry, pool, dtype="float32").load_chain("q", version)
     scorer = Scorer(threads=1)
 
     async def go():
@@ -215,7 +215,7 @@ def test_registry_publish_chain_rollback_and_names(tiny_model_dir, registry):
     assert (v1, v2) == (1, 2)
     assert [c.version for c in registry.manifest("it", 2).chain] == [1, 2]
     assert registry.current("it") == 2 and registry.resolve("it@1") == ("it", 1)
-    chain = ValueLoader(registry, pool).load_chain("it")
+    chain = ValueLoader(registry, pool, dtype="float32").load_chain("it")
     assert chain.versions == [1, 2] and chain.betas == [1.0, 0.5] and chain.defaults.k == 3
     assert registry.rollback("it") == 1 and registry.current("it") == 1
     with pytest.raises(RegistryError):
