@@ -41,10 +41,11 @@ class ValueTrainConfig(BaseModel):
     model: ValueModelConfig = Field(default_factory=default_model)
     """Architecture of a new value (valuefn.model.ValueModelConfig: num_layers, lora_r, lora_alpha,
     lora_dropout, dtype, pooling). Its keys may also be given at the top level (`lora_r: 8`)."""
-    engine_head: bool = False
-    """True: an engine value, a linear head on hidden states of the frozen base model that the
-    serving engine computes while it generates (no LoRA, `mean_before` pooling): guided decoding
-    then needs no value forward pass. Replaces `model` (keeping its dtype)."""
+    engine_head: bool = True
+    """True (the default): an engine value, a linear head on hidden states of the frozen base model
+    that the serving engine computes while it generates (no LoRA, `mean_before` pooling): guided
+    decoding then needs no value forward pass. Replaces `model` (keeping its dtype). False: the
+    value is `model` (a LoRA value on the first layers, scored by the server's scorer)."""
     engine_layers: str = "auto"
     """With `engine_head`: the residual-stream layers the head reads ("auto": the layers a server
     exposes by default, `common.engine_args.default_value_layers`; "none": the final normed hidden

@@ -73,12 +73,13 @@ def init(
     name: str,
     values_dir: Optional[Path] = ValuesDir,
     model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
-    layers: Optional[int] = typer.Option(4, help="Backbone decoder layers to keep (0: all)."),
+    layers: Optional[int] = typer.Option(4, help="With --lora: backbone decoder layers to keep (0: all)."),
     seed: int = typer.Option(0),
-    pooling: str = typer.Option("mean", help="mean: V averages the head over the response tokens; last: the "
-                                             "last token's output."),
-    engine_head: bool = typer.Option(False, "--engine-head", help="An engine value: a head on hidden states of the "
-                                     "frozen base model (no LoRA) that the engine computes while generating."),
+    pooling: str = typer.Option("mean", help="With --lora: mean: V averages the head over the response tokens; "
+                                             "last: the last token's output."),
+    engine_head: bool = typer.Option(True, "--engine-head/--lora", help="--engine-head (default): an engine value, a "
+                                     "head on hidden states of the frozen base model that the engine computes while "
+                                     "generating. --lora: LoRA on the first --layers layers, run by the server's scorer."),
     engine_layers: str = typer.Option("auto", help='With --engine-head: the residual-stream layers it reads ("auto": '
                                       'the layers a server exposes by default; "none": the final hidden state; "8,15").'),
 ):

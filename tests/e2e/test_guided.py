@@ -26,7 +26,7 @@ def iro_values_init(server, name: str, *, cli: bool = False) -> int:
         from valuefn.registry import Registry
 
         return init_value(Registry(server.values_dir), name, prepare_default_model())
-    out = subprocess.run([sys.executable, "-m", "iro.cli", "values", "init", name, "--values-dir",
+    out = subprocess.run([sys.executable, "-m", "iro.cli", "values", "init", name, "--lora", "--values-dir",
                           str(server.values_dir)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.strip().split("v")[-1])

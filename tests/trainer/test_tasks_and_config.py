@@ -57,5 +57,5 @@ def test_bad_options_are_refused_with_the_option_named(options, message):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known: full, smoke"):
+    with pytest.raises(ValueError, match="known: full, full-lora, smoke, smoke-lora"):
         ValueTrainConfig.from_preset("nope")

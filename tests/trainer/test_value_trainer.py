@@ -22,7 +22,7 @@ from valuefn.scorer import ScoreItem, forward_values
 
 from .conftest import synthetic_records
 
-FAST = dict(num_layers=None, lora_r=4, lora_alpha=8, dtype="float32", batch_size=16, progress=False, eval_fraction=0.25)
+FAST = dict(engine_head=False, num_layers=None, lora_r=4, lora_alpha=8, dtype="float32", batch_size=16, progress=False, eval_fraction=0.25)
 
 
 def config(**overrides) -> ValueTrainConfig:

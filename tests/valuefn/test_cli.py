@@ -25,7 +25,7 @@ def values(tmp_path):
 
 def test_init_publishes_versions_that_ls_and_show_describe(tiny_model_dir, values):
     for expected in (1, 2, 3):
-        out = iro_values("init", "demo", "--model", tiny_model_dir, "--values-dir", values, "--layers", 1)
+        out = iro_values("init", "demo", "--model", tiny_model_dir, "--values-dir", values, "--layers", 1, "--lora")
         assert out.exit_code == 0, out.output
         assert out.stdout.strip() == f"published demo v{expected}"
     rows = json.loads(iro_values("ls", "--json", "--values-dir", values).stdout)
@@ -38,7 +38,7 @@ def test_init_publishes_versions_that_ls_and_show_describe(tiny_model_dir, value
 
 
 def test_init_engine_head_publishes_a_head_on_the_base_model(tiny_model_dir, values):
-    out = iro_values("init", "head", "--engine-head", "--model", tiny_model_dir, "--values-dir", values)
+    out = iro_values("init", "head", "--model", tiny_model_dir, "--values-dir", values)
     assert out.exit_code == 0, out.output
     model = Registry(values).manifest("head", 1).model
     total = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
@@ -81,7 +81,7 @@ def test_the_registry_comes_from_the_environment_when_not_given(tiny_model_dir, 
     (["rollback", "nothing"], "has no version before"),
     (["show", "nothing"], "has no published version"),
     (["show", "../x"], "invalid value name"),
-    (["init", "bad", "--pooling", "max"], "expected mean, last or mean_before"),
+    (["init", "bad", "--lora", "--pooling", "max"], "expected mean, last or mean_before"),
 ])
 def test_refusals_are_one_line_not_a_traceback(values, args, message):
     out = CliRunner().invoke(app, [*args, "--values-dir", str(values)])
