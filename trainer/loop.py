@@ -284,7 +284,7 @@ class IroLoop:
         """All iterations, the baselines and the report; returns the report's path."""
         self.state = RunState.open(self.run_dir, self.config)
         self._check_registry()
-        if self.config.distill:
+        if any(self.state.stage(f"distill/{m}/eval") is None for m in self.config.distill):
             self.check_policy_server()
         for t in range(1, self.config.iterations + 1):
             self._stage(f"it{t}/rollout", lambda: self.rollout(t))
