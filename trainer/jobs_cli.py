@@ -4,6 +4,8 @@
     iro eval --task review-sentiment --value review --bon 1,2,4,8,16 --out eval/
     iro loop --task review-sentiment --iterations 3 --values-dir ~/.cache/iro/values --preset full
     iro loop --task my-task/task.yaml --preset smoke      # any task file (see `iro tasks init`)
+    iro loop --preset full --iterations 3 --distill apa --distill is-dpo --policies-dir ~/.cache/iro/policies
+                                   # the server must run `iro serve --policies-dir` on the same folder
 
 A bad task file is reported (file, line, field) with exit code 2 before any server call.
 """
