@@ -16,9 +16,12 @@ def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference pro
                                                  "it, float32 elsewhere, e.g. AVX2 only)"),
           scorer: bool = typer.Option(False, "--scorer", help="Only the value scorer (no vLLM, no model files): "
                                       "key/value reuse vs recomputation on random-weight values of real shapes."),
-          device: Optional[str] = typer.Option(None, help="With --scorer: cpu | cuda (default: cuda if present)")):
+          device: Optional[str] = typer.Option(None, help="With --scorer: cpu | cuda (default: cuda if present)"),
+          adapter: bool = typer.Option(False, "--adapter", help="Only the cost of serving a LoRA policy: plain n=16 "
+                                       "through a policy vs the base model on a server with --policies-dir, and base "
+                                       "tok/s with and without a policy registry (two server starts).")):
     """Measure guided decoding against plain vLLM sampling and the reference HF loop (or, with
-    --scorer, the value scorer alone, on CPU or CUDA)."""
+    --scorer, the value scorer alone, on CPU or CUDA; with --adapter, the cost of serving a LoRA policy)."""
     if dtype not in ("auto", "bfloat16", "float32"):
         raise typer.BadParameter(f"expected auto, bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
     if scorer:
@@ -27,6 +30,14 @@ def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference pro
         args = ["--dtype", dtype] + (["--device", device] if device else []) + (["--json", str(json_path)] if json_path else [])
         args += ["--repeats", "1"] if quick else []
         scorer_bench.main(args)
+        return
+    if adapter:
+        from bench import adapter as adapter_bench
+
+        results = adapter_bench.run(json_path=json_path, dtype=dtype, repeats=1 if quick else 3)
+        adapter_bench.print_table(results)
+        if json_path is None:
+            typer.echo(json.dumps(results, indent=2))
         return
     if device is not None:
         raise typer.BadParameter("--device applies to --scorer only (the engine runs where vLLM runs)", param_hint="--device")

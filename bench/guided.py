@@ -73,9 +73,13 @@ class BenchReport(BaseModel):
 
 
 def evaluate_targets(results: dict) -> dict:
+    return evaluate_targets_of(results, TARGETS)
+
+
+def evaluate_targets_of(results: dict, targets: dict[str, tuple[str, float]]) -> dict:
     ops = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__}
     return {k: {"op": op, "target": t, "value": results[k], "met": bool(ops[op](float(results[k]), float(t)))}
-            for k, (op, t) in TARGETS.items()}
+            for k, (op, t) in targets.items()}
 
 
 def chat_body(model: str, prompt: str, **kw) -> dict:

@@ -61,3 +61,7 @@ class Generation:
     """None: up to the context length (serving fills it in)."""
     guidance: object | None = None
     """The request's `GuidanceParams` (frozen), or None for plain sampling."""
+    adapter: object | None = None
+    """The LoRA adapter of the policy the request's model names (vLLM's `LoRARequest`, set by serving
+    where the model id is resolved), or None for the base model. Every engine request of this
+    generation, plain or a search chunk, carries it."""

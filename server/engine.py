@@ -45,6 +45,8 @@ class EngineRequest:
     grammar_prefix: int = 0
     """The last `grammar_prefix` prompt tokens were generated under `sampling.structured` already
     (a beam's earlier chunks): the constraint continues after them (`server.grammar_prefix`)."""
+    adapter: Any = None
+    """The policy's LoRA adapter (`Generation.adapter`, a vLLM `LoRARequest`); None: the base model."""
 
 
 ChunkRequest = EngineRequest
@@ -236,14 +238,11 @@ class VllmEngine(EngineClient):
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead, EngineGenerateError
 
         from server.errors import EngineDeadError, InvalidRequestError, UnavailableError
-
-        from server.policies import ACTIVE_LORA
-
         params = to_sampling_params(request, delta=delta)
         self._in_flight += 1
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params,
-                                                   request_id, lora_request=ACTIVE_LORA.get()):
+                                                   request_id, lora_request=request.adapter):
                 if any(o.finish_reason == "error" for o in output.outputs):  # vLLM failed this request alone
                     if request.sampling.structured is not None:  # its grammar did not compile
                         raise InvalidRequestError("response_format: the engine could not compile or apply this "

@@ -84,7 +84,8 @@ class GuidedGenerator:
         if list(betas) != chain.betas:
             chain = chain.with_betas(betas)
         params = SearchParams(mode=mode, w=w, k=k, l=l, max_tokens=generation.max_tokens, n=generation.n,
-                              sampling=sampling, align=self.engine.kv_block_size if g.align_chunks else 1)
+                              sampling=sampling, adapter=generation.adapter,
+                              align=self.engine.kv_block_size if g.align_chunks else 1)
         return GuidedPlan(chain, params, spec.split("@")[0])
 
     def info(self, plan: GuidedPlan, results: list[SearchResult]) -> GuidanceInfo:

@@ -11,15 +11,13 @@ plain serving without one keeps its compiled speed.
 - A version is verified before it serves (sha256 of every file, safetensors readable and finite,
   LoRA rank, base model identity); a refused version is recorded with its reason and the
   previous one keeps serving.
-- The request's adapter reaches the engine through `ACTIVE_LORA`, a context variable set when the
-  model id is resolved: tasks a request starts (guided search chunks) inherit it, so serving and
-  search code pass nothing new around.
+- The request's adapter is resolved with its model id (`resolve`) and travels in its
+  `Generation.adapter` to every engine request (plain sampling and each search chunk).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -31,10 +29,6 @@ from valuefn.policies import PolicyRegistry, check_adapter, check_base
 from valuefn.registry import RegistryError
 
 log = logging.getLogger(__name__)
-
-ACTIVE_LORA: contextvars.ContextVar[Any] = contextvars.ContextVar("iro_active_lora", default=None)
-"""The `vllm.lora.request.LoRARequest` of the request being served (None: the base model)."""
-
 
 @dataclass
 class ServedPolicy:
@@ -65,16 +59,14 @@ class PolicyManager:
     def names(self) -> list[str]:
         return sorted(self.served)
 
-    def resolve(self, model: str, values=None) -> bool:
-        """Whether `model` is `POLICY` or `POLICY+VALUE` (with VALUE served by `values`); sets
-        `ACTIVE_LORA` to the policy's adapter for this request (None otherwise)."""
-        ACTIVE_LORA.set(None)
+    def resolve(self, model: str, values=None) -> ServedPolicy | None:
+        """The served policy `model` names when it is `POLICY` or `POLICY+VALUE` (with VALUE served
+        by `values`); None otherwise. Its `lora` is the adapter the request samples with."""
         name, sep, value = model.partition("+")
         served = self.served.get(name)
         if served is None or (sep and not (value and values is not None and values.has(value.split("@")[0]))):
-            return False
-        ACTIVE_LORA.set(served.lora)
-        return True
+            return None
+        return served
 
     # ------------------------------------------------------------------ loading
     def _verify(self, name: str, version: int) -> ServedPolicy:
@@ -215,4 +207,4 @@ async def start_policies(app, settings, engine, model_path) -> PolicyManager | N
     return manager
 
 
-__all__ = ["ACTIVE_LORA", "PolicyManager", "ServedPolicy", "start_policies"]
+__all__ = ["PolicyManager", "ServedPolicy", "start_policies"]

@@ -42,6 +42,8 @@ class SearchParams:
     sampling: Sampling = Sampling(temperature=0.7)
     """The request's sampling settings, passed to every chunk unchanged but for a per-chunk seed
     (derived from `sampling.seed`) and what is left of `min_tokens`."""
+    adapter: object | None = None
+    """The policy's LoRA adapter (`Generation.adapter`): every chunk samples from the adapted policy."""
     align: int = 1
     """Tokens per KV block of the engine's prefix cache (1: no alignment). CBS then lengthens its
     first chunk by less than u = gcd(l, align) tokens (and shortens its last) so that every chunk
@@ -122,7 +124,7 @@ class Searcher:
         return EngineRequest(prompt_ids=prompt_ids + beam.token_ids, n=n, max_tokens=max_tokens, sampling=sampling,
                              detokenize=False,  # the search decodes whole beams itself (_extend)
                              value_heads=heads[0] if heads else None,
-                             value_layers=heads[1] if heads else None,
+                             value_layers=heads[1] if heads else None, adapter=params.adapter,
                              grammar_prefix=len(beam.token_ids) if s.structured is not None else 0)
 
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:

@@ -10,7 +10,9 @@ trainer's `Example`s: the engine's own token ids and a reward per response).
   chunk, V after the last token = the reward), so the advantages of a response sum to R - V(prompt).
   Without one, the baseline is the mean reward of the prompt's samples and the response is the
   action: its summed log-ratio regresses (R - baseline) / lambda (`apa_sequence_loss`).
-- IS-DPO / IS-IPO pair the samples of each prompt by reward (best vs worst, ...).
+- IS-DPO / IS-IPO pair the samples of each prompt by reward (best vs worst, ...); rollouts
+  without a reward are ranked by the value instead (`distill_examples`: V of the newest value
+  after the whole response).
 
     config = DistillConfig.from_preset("smoke", method="apa")
     trainer = DistillTrainer(config, model_path)
@@ -20,6 +22,7 @@ trainer's `Example`s: the engine's own token ids and a reward per response).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -100,6 +103,30 @@ def value_advantages(chain, examples: Sequence[Example], chunk: int = 8) -> list
                 adv[t] = (v[j + 1] - v[j]) / (end - start)
         out.append(adv)
     return out
+
+
+def value_labels(chain, examples: Sequence[Example]) -> list[float]:
+    """V of the newest value of `chain` after each whole response: what ranks a prompt's samples
+    into IS-DPO pairs when no reward is given."""
+    from valuefn.scorer import ScoreItem, forward_values
+
+    value = chain.links[-1][0]
+    items = [ScoreItem(list(e.prompt_ids + e.response_ids), 0, len(e.prompt_ids)) for e in examples]
+    return [float(v) for v in forward_values(value, items)] if items else []
+
+
+def distill_examples(records: Sequence[dict], method: str, value=None) -> tuple[list[Example], dict[str, int], str]:
+    """(examples, skipped, ranked_by): the labelled rollouts with their reward; for IS-DPO/IS-IPO
+    with a value and no labelled rollout at all, every rollout with the value's score instead
+    (`ranked_by` says which: "reward" or "value")."""
+    from trainer.value_trainer import examples_from_records
+
+    examples, skipped = examples_from_records(records)
+    if examples or method == "apa" or value is None or not skipped.get("unlabelled"):
+        return examples, skipped, "reward"
+    unlabelled, skipped = examples_from_records([{**r, "reward": 0.0} for r in records])
+    scores = value_labels(value, unlabelled)
+    return [dataclasses.replace(e, reward=v) for e, v in zip(unlabelled, scores)], skipped, "value"
 
 
 @dataclass
@@ -340,4 +367,5 @@ class DistillTrainer:
             name, lambda d: write_adapter_files(result.model, d, result.identity.get("name", "")), manifest)
 
 
-__all__ = ["DistillResult", "DistillTrainer", "group_baseline_advantages", "make_pairs", "value_advantages"]
+__all__ = ["DistillResult", "DistillTrainer", "distill_examples", "group_baseline_advantages", "make_pairs",
+           "value_advantages", "value_labels"]

@@ -23,8 +23,9 @@ def distill(
     rollouts: Path = typer.Argument(..., exists=True, dir_okay=False, help="Labelled rollout JSONL (see `iro reward`)."),
     method: str = typer.Option(..., "--method", help="apa | is-dpo | is-ipo"),
     name: str = typer.Option(..., "--name", help="Policy name in the registry (the model name it is served as)."),
-    value: Optional[str] = typer.Option(None, "--value", help="NAME[@V]: APA advantages from this value (per token); "
-                                        "default: reward minus the mean reward of the prompt's samples."),
+    value: Optional[str] = typer.Option(None, "--value", help="NAME[@V]: APA advantages from this value (per token; "
+                                        "default: reward minus the mean reward of the prompt's samples); IS-DPO "
+                                        "ranks unlabelled rollouts by it."),
     values_dir: Optional[Path] = typer.Option(None, "--values-dir", help="Value registry (env IRO_VALUES_DIR)."),
     policies_dir: Optional[Path] = typer.Option(None, "--policies-dir", help="Policy registry (env IRO_POLICIES_DIR; "
                                                 "default $IRO_HOME/policies)."),
@@ -37,7 +38,7 @@ def distill(
     """Train a LoRA policy on the frozen base with APA or IS-DPO and publish it as NAME's next version."""
     from common.model_store import resolve_model
     from trainer.options import parse_override
-    from trainer.distill import DistillTrainer
+    from trainer.distill import DistillTrainer, distill_examples
     from trainer.distill_config import DistillConfig
     from trainer.rewards import RewardError, parse_reward, record_prompt
     from trainer.tasks import load_task
@@ -60,10 +61,9 @@ def distill(
         examples, skipped = examples_from_records(records)
     except (ValueError, RegistryError, RewardError) as exc:
         _fail(str(exc))
-    if skipped:
-        typer.echo(f"skipped {', '.join(f'{n} {why}' for why, n in skipped.items())}", err=True)
-    if not examples:
-        _fail(f"{rollouts} has no labelled responses (run `iro reward` first)")
+    if not examples and not (value is not None and config.method != "apa" and skipped.get("unlabelled")):
+        _fail(f"{rollouts} has no labelled responses (run `iro reward` first, or give --value to rank "
+              f"{config.method} pairs by a value)")
     texts = {}
     for n, r in enumerate(records):
         group = str(r.get("prompt_id") if r.get("prompt_id") is not None else r.get("id", n))
@@ -84,9 +84,15 @@ def distill(
             values = Registry(values_dir or default_values_dir())
             vname, version = values.resolve(value)
             chain = ValueLoader(values, BackbonePool(model_path)).load_chain(vname, version)
+        examples, skipped, ranked_by = distill_examples(records, config.method, chain)
+        if skipped:
+            typer.echo(f"skipped {', '.join(f'{n} {why}' for why, n in skipped.items())}", err=True)
+        if ranked_by == "value":
+            typer.echo(f"no rewards in {rollouts}: {config.method} pairs ranked by the value {value}", err=True)
         trainer = DistillTrainer(config, model_path)
-        result = trainer.train(examples, value=chain, reward_fn=reward_fn, prompt_texts=texts, data=str(rollouts),
-                               extra={"value": value, "reward": reward})
+        result = trainer.train(examples, value=chain if config.method == "apa" else None, reward_fn=reward_fn,
+                               prompt_texts=texts, data=str(rollouts),
+                               extra={"value": value, "reward": reward, "ranked_by": ranked_by})
         result.training["command_seconds"] = round(time.perf_counter() - started, 3)
         version = trainer.publish(result, registry, name)
     except (CheckpointError, RegistryError, ValueError) as exc:

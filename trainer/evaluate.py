@@ -11,6 +11,7 @@ every candidate a search sampled: the cost axis of the paper's test-time scaling
     oracle-N  N samples from the base model, the one the reward scores highest (an upper bound for bon-N;
               the paper's Best-of-N ranks with its reward model)
     iro       chunk-level beam search guided by the value chain (guidance mode cbs, w/k/l)
+    distilled plain sampling (N = 1) from a distilled policy adapter, requested by its model name
 
     methods = standard_methods("review@3", bon=[1, 2, 4, 8, 16])
     results = evaluate(load_task("review-sentiment").items("eval", 32), methods, "eval/", reward="sentiment",
@@ -87,7 +88,7 @@ class Method:
     """File-safe id, e.g. `base`, `bon-4`, `iro-2`."""
     label: str
     """Human name, e.g. `Best-of-4`, `IRO-2`."""
-    kind: Literal["base", "bon", "cbs", "oracle"]
+    kind: Literal["base", "bon", "cbs", "oracle", "distilled"]
     value: str | None = None
     """Value chain for bon/cbs (`name@N` pins a version)."""
     n: int = 1
@@ -95,15 +96,18 @@ class Method:
     w: int | None = None
     k: int | None = None
     l: int | None = None
+    model: str | None = None
+    """Model id to request (a distilled policy's name); None: the server's base model."""
 
     def rollout_config(self, template: RolloutConfig) -> RolloutConfig:
-        if self.kind == "base":
+        if self.kind in ("base", "distilled"):
             guided = dict(value=None, mode=None, w=None, k=None, l=None)
         elif self.kind == "bon":
             guided = dict(value=self.value, mode="bon", w=None, k=self.n, l=None)
         else:
             guided = dict(value=self.value, mode="cbs", w=self.w, k=self.k, l=self.l)
-        return dataclasses.replace(template, samples_per_prompt=1, record_usage=True, **guided)
+        model = {"model": self.model} if self.model is not None else {}
+        return dataclasses.replace(template, samples_per_prompt=1, record_usage=True, **guided, **model)
 
     def file_stem(self) -> str:
         """`name`, plus the value spec when there is one (`bon-4__review-v3`)."""
@@ -116,6 +120,8 @@ class Method:
             return f"w={self.w} k={self.k} l={self.l}"
         if self.kind == "oracle":
             return f"N={self.n}, ranked by the reward"
+        if self.kind == "distilled":
+            return f"N=1, model {self.model}"
         return f"N={self.n}"
 
 
@@ -167,6 +173,8 @@ class MethodResult:
     tokens_per_prompt: float
     seconds: float
     n: int = 1
+    kl_to_base: float | None = None
+    """Distilled policies: KL(policy || base) per response token on the distillation's held-out rollouts."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,13 +307,18 @@ def evaluate(prompts: list[PromptItem], methods: Sequence[Method], out_dir: str 
 
 # --------------------------------------------------------------------------- reports
 def markdown_table(results: Sequence[MethodResult]) -> str:
-    """A markdown table of results (one row per method)."""
-    lines = ["| method | settings | value | mean reward [95% CI] | distinct-2 | tokens/prompt | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    """A markdown table of results (one row per method); a `KL to base` column when a distilled
+    policy is among them."""
+    kl = any(r.kl_to_base is not None for r in results)
+    lines = ["| method | settings | value | mean reward [95% CI] | distinct-2 | tokens/prompt | wall s |"
+             + (" KL to base |" if kl else ""), "|---|---|---|---|---|---|---|" + ("---|" if kl else "")]
     for r in results:
         value = f"{r.value} (chain {','.join(map(str, r.versions))})" if r.value else "-"
-        lines.append(f"| {r.label} | {r.settings} | {value} | {r.ci_text()} | {r.distinct2:.3f} | "
-                     f"{r.tokens_per_prompt:.0f} | {r.seconds:.0f} |")
+        row = (f"| {r.label} | {r.settings} | {value} | {r.ci_text()} | {r.distinct2:.3f} | "
+               f"{r.tokens_per_prompt:.0f} | {r.seconds:.0f} |")
+        if kl:
+            row += " - |" if r.kl_to_base is None else f" {r.kl_to_base:.4f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 

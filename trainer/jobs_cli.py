@@ -4,6 +4,8 @@
     iro eval --task review-sentiment --value review --bon 1,2,4,8,16 --out eval/
     iro loop --task review-sentiment --iterations 3 --values-dir ~/.cache/iro/values --preset full
     iro loop --task my-task/task.yaml --preset smoke      # any task file (see `iro tasks init`)
+    iro loop --preset full --iterations 3 --distill apa --distill is-dpo --policies-dir ~/.cache/iro/policies
+                                   # the server must run `iro serve --policies-dir` on the same folder
 
 A bad task file is reported (file, line, field) with exit code 2 before any server call.
 """
@@ -217,9 +219,17 @@ def loop(
     overrides: list[str] = typer.Option([], "--set", help="Override a loop option KEY=VALUE (repeatable), e.g. "
                                         "--set n_eval_prompts=16 --set train.lr=1e-4."),
     model: Optional[str] = typer.Option(None, help="Base model folder for value training (default: the embedded one)."),
+    distill: list[str] = typer.Option([], "--distill", help="After the last iteration, distil the guided policy into a "
+                                      "LoRA policy `<name>-<method>` with this method (apa | is-dpo | is-ipo; "
+                                      "repeatable or a comma list) and evaluate it; the server must serve "
+                                      "--policies-dir."),
+    policies_dir: Optional[Path] = typer.Option(None, "--policies-dir", help="The server's policy registry (`iro "
+                                                "serve --policies-dir`; env IRO_POLICIES_DIR; default "
+                                                "$IRO_HOME/policies)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Run IRO: T x (rollout -> reward -> train V_t -> publish -> evaluate), then Best-of-N baselines and a report."""
+    """Run IRO: T x (rollout -> reward -> train V_t -> publish -> evaluate), then Best-of-N baselines and a report;
+    with --distill, distilled LoRA policies too."""
     _quiet_http()
     import os
 
@@ -235,6 +245,8 @@ def loop(
     spec = _load_task(task)
     try:
         options = dict(parse_override(o) for o in overrides)
+        if distill:
+            options["distill"] = distill
         config = LoopConfig.from_preset(preset, task=task, iterations=iterations, name=name, progress=progress,
                                         **options)
     except ValueError as exc:
@@ -243,7 +255,8 @@ def loop(
         runner = IroLoop(config, task=spec, run_dir=run_dir or Path("runs") / (name or spec.name),
                          values_dir=values_dir or default_values_dir(), server=_server(server),
                          api_key=api_key or os.environ.get("IRO_API_KEY"),
-                         admin_key=admin_key or os.environ.get("IRO_ADMIN_KEY"), model=model)
+                         admin_key=admin_key or os.environ.get("IRO_ADMIN_KEY"), model=model,
+                         policies_dir=policies_dir)
         report = runner.run()
     except (LoopError, RolloutError, RewardError, RegistryError, CheckpointError, ValueError) as exc:
         _fail(str(exc), code=1)

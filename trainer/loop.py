@@ -8,6 +8,10 @@ publish (the server hot-swaps) -> evaluate, then baselines and a report.
                   publish   into the server's registry (chain V_1..V_t); wait until it serves
                   eval      held-out prompts answered by IRO-t (CBS over V_1..V_t)
     then:         baselines base (N = 1) and Best-of-N ranked by the final chain
+    distil:       (with `distill`, per method) train a LoRA policy on iteration T's guided rollouts
+                  (`iro distill`: APA advantages from the final chain V_1..V_T; IS-DPO pairs by
+                  reward), publish it into the policy registry the server watches, wait until it
+                  serves, evaluate it with plain sampling (N = 1) through its model name
                   report    report.md, reward_vs_tokens.png, reward_per_iteration.png
 
 Every stage is recorded in `run_dir/state.json` when it finishes; a re-run skips finished
@@ -17,6 +21,9 @@ again. Versions are pinned (`name@N`) in every request, so results do not depend
     config = LoopConfig.from_preset("smoke", iterations=2)
     report = IroLoop(config, run_dir="runs/demo", values_dir="~/.cache/iro/values",
                      server="http://127.0.0.1:8000").run()
+
+Distillation needs a server started with `iro serve --policies-dir DIR` on the same DIR as the
+loop's `policies_dir`: the loop checks that (GET /v1/policies) before any work.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.evaluate import BASE, Method, MethodResult, best_of_n, evaluate_method, markdown_table
+from trainer.evaluate import BASE, Method, MethodResult, best_of_n, evaluate_method
+from trainer.loop_report import closing_note, render_report, verdict
 from trainer.options import load_preset, merge, nest, short_error
 from trainer.rollout import DEFAULT_SERVER, RolloutConfig, run_rollout, write_atomic
 from trainer.tasks import Task
@@ -94,7 +102,24 @@ class LoopConfig(BaseModel):
     beta: float = Field(1.0, gt=0)
     publish_timeout: float = Field(180.0, gt=0)
     """Seconds to wait for the server to serve a new version."""
+    # --- distillation (after the last iteration)
+    distill: list[Literal["apa", "is-dpo", "is-ipo"]] = Field(default_factory=list)
+    """Distil the final guided policy into a LoRA policy per method (`apa`, `is-dpo`, `is-ipo`;
+    a comma list is fine); empty: no distillation."""
+    distill_preset: str = "full"
+    """Distillation preset (trainer/presets/distill/*.yaml) or a YAML path."""
+    distill_options: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the distillation preset (DistillConfig options)."""
     progress: bool = True
+
+    @field_validator("distill", mode="before")
+    @classmethod
+    def _methods(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        items = [value] if isinstance(value, str) else list(value)
+        methods = [m.strip() for item in items for m in str(item).split(",") if m.strip()]
+        return list(dict.fromkeys(methods))  # once each, in the order given
 
     @model_validator(mode="before")
     @classmethod
@@ -109,7 +134,18 @@ class LoopConfig(BaseModel):
     @model_validator(mode="after")
     def _train_options_are_known(self) -> "LoopConfig":
         self.train_config()  # refuses a bad train.KEY now rather than after an hour of rollouts
+        for method in self.distill:
+            self.distill_config(method)
         return self
+
+    def distill_config(self, method: str, **overrides: Any):
+        """The distillation config of `method`: `distill_preset` with `distill_options` over it; no
+        sampling from the trainer (the loop evaluates through the server), unless an option asks."""
+        from trainer.distill_config import DistillConfig
+
+        return DistillConfig.from_preset(self.distill_preset,
+                                         **{"eval_prompts": 0, **overrides, **flatten(self.distill_options),
+                                            "method": method})
 
     def train_config(self, **overrides: Any):
         """The value-training config of every iteration: `train_preset` with `train` over it."""
@@ -135,7 +171,7 @@ class LoopConfig(BaseModel):
         return self.model_dump()
 
 
-TEXT_OPTIONS = frozenset({"task", "name", "train_preset"})
+TEXT_OPTIONS = frozenset({"task", "name", "train_preset", "distill_preset"})
 """Loop options taken as text from the command line (a value named `null` or `yes` is a name)."""
 
 
@@ -148,6 +184,12 @@ def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+RESUMABLE_OPTIONS = frozenset({"iterations", "progress", "publish_timeout", "concurrency", "distill"})
+"""Options a run may be resumed with changed (more iterations, distillation added afterwards)."""
+
+DISTILL_LABELS = {"apa": "APA", "is-dpo": "IS-DPO", "is-ipo": "IS-IPO"}
 
 
 # --------------------------------------------------------------------------- state
@@ -166,8 +208,9 @@ class RunState:
             if data.get("format") != STATE_FORMAT:
                 raise LoopError(f"{path}: unknown state format {data.get('format')!r}")
             old = data.get("config", {})
+            defaults = LoopConfig.model_fields
             changed = {k: (old.get(k), v) for k, v in config.to_dict().items()
-                       if k not in ("iterations", "progress", "publish_timeout", "concurrency") and old.get(k) != v}
+                       if k not in RESUMABLE_OPTIONS and old.get(k, defaults[k].get_default(call_default_factory=True)) != v}
             if changed:
                 raise LoopError(f"{run_dir} was started with other settings {changed} (old, new); resume it with the "
                                 "same preset and options, or use a new --run-dir")
@@ -209,11 +252,13 @@ class IroLoop:
     `values_dir` must be the registry the server watches: V_t is published there and the loop
     waits (up to `publish_timeout`) until `GET /v1/values` shows the server serving it. `task` is
     `config.task` already loaded (`trainer.tasks.load_task`), so a caller can check it first.
+    `policies_dir` (with `config.distill`; default `IRO_POLICIES_DIR` / `$IRO_HOME/policies`) must
+    likewise be the policy registry the server serves (`iro serve --policies-dir`).
     """
 
     def __init__(self, config: LoopConfig, *, run_dir: str | Path, values_dir: str | Path,
                  server: str = DEFAULT_SERVER, api_key: str | None = None, admin_key: str | None = None,
-                 model: str | None = None, task: Task | None = None):
+                 model: str | None = None, task: Task | None = None, policies_dir: str | Path | None = None):
         from trainer.tasks import load_task
         from valuefn.registry import Registry, validate_name
 
@@ -224,6 +269,11 @@ class IroLoop:
         self.search = (config.w or search.w, config.k or search.k, config.l or search.l)
         self.run_dir = Path(run_dir).expanduser()
         self.registry = Registry(values_dir)
+        from valuefn.policies import PolicyRegistry, default_policies_dir
+
+        self.policies = PolicyRegistry(Path(policies_dir).expanduser() if policies_dir else default_policies_dir())
+        for method in config.distill:
+            validate_name(self.policy_name(method), "policy")
         self.server, self.api_key, self.admin_key, self.model = server, api_key, admin_key, model
         self.max_tokens = config.max_tokens or self.task.max_tokens
         self.temperature = config.temperature if config.temperature is not None else self.task.temperature
@@ -234,6 +284,8 @@ class IroLoop:
         """All iterations, the baselines and the report; returns the report's path."""
         self.state = RunState.open(self.run_dir, self.config)
         self._check_registry()
+        if any(self.state.stage(f"distill/{m}/eval") is None for m in self.config.distill):
+            self.check_policy_server()
         for t in range(1, self.config.iterations + 1):
             self._stage(f"it{t}/rollout", lambda: self.rollout(t))
             self._stage(f"it{t}/reward", lambda: self.reward(t))
@@ -242,6 +294,10 @@ class IroLoop:
             self._stage(f"it{t}/eval", lambda: self.evaluate(t))
         final = self.state.version(self.config.iterations)
         self._stage(f"baselines/v{final}", lambda: self.baselines(final))
+        for method in self.config.distill:
+            self._stage(f"distill/{method}/train", lambda: self.distill(method))
+            self._stage(f"distill/{method}/serve", lambda: self.serve_policy(method))
+            self._stage(f"distill/{method}/eval", lambda: self.evaluate_policy(method))
         return self.report()
 
     def _check_registry(self) -> None:
@@ -411,6 +467,137 @@ class IroLoop:
                              value=f"{self.name}@{final}", oracle=c.oracle)
         return {"value": f"{self.name}@{final}", "results": [r.to_dict() for r in results]}
 
+    # ------------------------------------------------------------------ distillation
+    def policy_name(self, method: str) -> str:
+        """`<value name>-<method>`, the policy's name in the registry and its model name."""
+        return f"{self.name}-{method}"
+
+    def _admin_get(self, path: str):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        try:
+            with httpx.Client(base_url=self.server, headers=headers, timeout=30) as http:
+                return http.get(path)
+        except httpx.HTTPError as exc:
+            raise LoopError(f"cannot reach the server at {self.server}: {exc}") from exc
+
+    def check_policy_server(self) -> None:
+        """Fail before any work unless the server serves the policy registry the loop publishes to."""
+        r = self._admin_get("/v1/policies")
+        if r.status_code == 404:
+            raise LoopError(f"--distill needs a server that serves policies: the server at {self.server} has no "
+                            f"policy registry; restart it with `iro serve --policies-dir {self.policies.root}`")
+        if r.status_code in (401, 403):
+            raise LoopError(f"the server refused GET /v1/policies ({r.status_code}): pass its admin key (--admin-key "
+                            "or IRO_ADMIN_KEY)")
+        if r.status_code != 200:
+            raise LoopError(f"GET /v1/policies answered {r.status_code}: {r.text[:300]}")
+        served = r.json().get("registry")
+        if served is not None and Path(served).resolve() != self.policies.root.resolve():
+            raise LoopError(f"the server serves the policy registry {served}, but the loop publishes to "
+                            f"{self.policies.root}: pass --policies-dir {served} (or restart the server with "
+                            f"--policies-dir {self.policies.root})")
+        for method in self.config.distill:
+            name = self.policy_name(method)
+            current = self.policies.current(name)
+            if current is None or self.state.stage(f"distill/{method}/train"):
+                continue
+            if self.policies.manifest(name, current).training.get("loop_run") != self.state.run_id:
+                raise LoopError(f"policy {name!r} already exists in {self.policies.root} (CURRENT v{current}) and was "
+                                "not made by this run: choose another --name, or remove it from the registry")
+
+    def distill(self, method: str) -> dict[str, Any]:
+        """Train a LoRA policy with `method` on iteration T's guided rollouts (APA advantages from
+        the final chain) and publish it as `<name>-<method>` (adopting a version this run published
+        before a kill)."""
+        from common.model_store import resolve_model
+        from trainer.distill import DistillTrainer
+        from trainer.value_trainer import examples_from_records, read_rollouts
+        from valuefn.loader import BackbonePool, ValueLoader
+
+        T = self.config.iterations
+        name, final = self.policy_name(method), self.state.version(T)
+        current = self.policies.current(name)
+        if current is not None:
+            training = self.policies.manifest(name, current).training
+            if training.get("loop_run") == self.state.run_id and training.get("method") == method:
+                log.info("distill %s: adopting %s v%d, already published by this run", method, name, current)
+                return self._distill_info(name, current, adopted=True)
+        data = self._dir(T) / "labelled.jsonl"
+        examples, skipped = examples_from_records(read_rollouts(data))
+        if not examples:
+            raise LoopError(f"no usable rollouts to distil in {data} (skipped: {skipped})")
+        config = self.config.distill_config(method, progress=self.config.progress)
+        model_path = resolve_model(self.model)
+        chain = None
+        if method == "apa":  # per-token advantages: temporal differences of the final value
+            chain = ValueLoader(self.registry, BackbonePool(model_path)).load_chain(self.name, final)
+        start = time.perf_counter()
+        trainer = DistillTrainer(config, model_path)
+        result = trainer.train(examples, value=chain, data=str(data),
+                               extra={"loop_run": self.state.run_id, "value": f"{self.name}@{final}",
+                                      "reward": self.task.reward})
+        result.training["command_seconds"] = round(time.perf_counter() - start, 3)
+        version = trainer.publish(result, self.policies, name)
+        del trainer, result, chain
+        gc.collect()
+        return self._distill_info(name, version, skipped=skipped)
+
+    def _distill_info(self, name: str, version: int, *, adopted: bool = False,
+                      skipped: dict | None = None) -> dict[str, Any]:
+        manifest = self.policies.manifest(name, version)
+        training, metrics = manifest.training, manifest.metrics
+        after, before = metrics.get("eval") or {}, metrics.get("eval_before") or {}
+        return {"policy": name, "version": version, "method": manifest.method, "value": training.get("value"),
+                "steps": training.get("steps"), "examples": training.get("examples"),
+                "distill_seconds": training.get("command_seconds") or training.get("wall_seconds"),
+                "heldout_loss_before": before.get("loss"), "heldout_loss": after.get("loss"),
+                "kl_to_base": after.get("kl_to_base"), "adopted": adopted, "skipped": skipped or {}}
+
+    def serve_policy(self, method: str) -> dict[str, Any]:
+        """Wait until the server serves the distilled version (GET /v1/policies/NAME) and lists
+        the policy in /v1/models."""
+        trained = self.state.stage(f"distill/{method}/train")
+        name, version = trained["policy"], trained["version"]
+        start = time.monotonic()
+        deadline = start + self.config.publish_timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            r = self._admin_get(f"/v1/policies/{name}")
+            if r.status_code == 200:
+                status = r.json()
+                refused = next((x for x in status.get("refused", []) if x["version"] == version), None)
+                if refused is not None:
+                    raise LoopError(f"the server refused policy {name} v{version}: {refused['reason']}")
+                if status.get("served_version") == version:
+                    models = self._models()
+                    if name in models:
+                        return {"policy": name, "version": version, "wait_seconds": round(time.monotonic() - start, 2)}
+            time.sleep(0.25)  # polling the server's state against a deadline
+        raise LoopError(f"policy {name} v{version} not served after {self.config.publish_timeout:.0f} s (server: "
+                        f"{status or 'unknown policy'}); is --policies-dir the server's ({self.policies.root})?")
+
+    def _models(self) -> set[str]:
+        from clients import IroClient
+
+        with IroClient(self.server, api_key=self.api_key) as client:
+            return {card.id for card in client.models().data}
+
+    def evaluate_policy(self, method: str) -> dict[str, Any]:
+        """The distilled policy on the held-out prompts: plain sampling (N = 1) through its model
+        name, with base's max_tokens, temperature and seeds."""
+        from common.model_store import resolve_model
+
+        trained = self.state.stage(f"distill/{method}/train")
+        label = f"distilled ({DISTILL_LABELS.get(method, method)})"
+        policy = Method(f"distilled-{method}", label, "distilled", model=trained["policy"])
+        template = self._template(seed=self.config.seed * 1000 + 999, tokenizer=str(resolve_model(self.model)))
+        result = evaluate_method(policy, self._eval_prompts(), self.run_dir / "eval", reward=self.task.reward,
+                                 template=template)
+        result.kl_to_base, result.versions = trained.get("kl_to_base"), [trained["version"]]
+        return {"result": result.to_dict(), "distill_seconds": trained.get("distill_seconds")}
+
     # ------------------------------------------------------------------ report
     def results(self) -> tuple[list[MethodResult], list[MethodResult]]:
         """(IRO-t for t = 1..T, baselines) from the state."""
@@ -420,100 +607,26 @@ class IroLoop:
         base = self.state.stage(f"baselines/v{final}") or {"results": []}
         return iro, [MethodResult.from_dict(r) for r in base["results"]]
 
+    def distilled(self) -> list[MethodResult]:
+        """The evaluated distilled policies, in the order of `config.distill`."""
+        return [MethodResult.from_dict(self.state.stage(f"distill/{m}/eval")["result"])
+                for m in self.config.distill if self.state.stage(f"distill/{m}/eval")]
+
     def report(self) -> Path:
         """Write `report.md` and the two plots from the state; returns the report's path."""
         from trainer.plots import plot_iterations, plot_reward_vs_tokens
 
         iro, baselines = self.results()
-        plot_reward_vs_tokens(baselines + iro, self.run_dir / "reward_vs_tokens.png",
+        distilled = self.distilled()
+        seconds = {r.label: self.state.stage(f"distill/{r.name.removeprefix('distilled-')}/eval").get("distill_seconds")
+                   for r in distilled}
+        plot_reward_vs_tokens(baselines + distilled + iro, self.run_dir / "reward_vs_tokens.png",
                               title=f"{self.task.name}: reward vs tokens generated")
         plot_iterations(iro, baselines, self.run_dir / "reward_per_iteration.png",
                         title=f"{self.task.name}: held-out reward per IRO iteration")
         path = self.run_dir / "report.md"
-        path.write_text(render_report(self, iro, baselines))
+        path.write_text(render_report(self, iro, baselines, distilled, seconds))
         return path
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _seconds(state: RunState, key: str) -> str:
-    info = state.stage(key)
-    return f"{info['seconds']:.0f}" if info else "-"
-
-
-def verdict(iro: list[MethodResult], baselines: list[MethodResult]) -> list[str]:
-    """Plain-language comparisons: final IRO vs the largest Best-of-N, and iteration-over-iteration."""
-    lines = []
-    ranked = [r for r in baselines if r.kind in ("base", "bon")]
-    if iro and ranked:
-        last, best = iro[-1], max(ranked, key=lambda r: r.n)
-        beats = last.mean > best.mean
-        clear = last.ci_low > best.ci_high
-        lines.append(f"- {last.label} vs {best.label}: {last.mean:+.3f} vs {best.mean:+.3f} "
-                     f"({'higher' if beats else 'not higher'}; {'CIs do not overlap' if clear else 'CIs overlap'}) "
-                     f"with {last.tokens_per_prompt:.0f} vs {best.tokens_per_prompt:.0f} tokens per prompt.")
-    oracle = [r for r in baselines if r.kind == "oracle"]
-    if iro and oracle:  # the paper's Best-of-N: ranked by the reward itself, which IRO never sees at test time
-        last, top = iro[-1], max(oracle, key=lambda r: r.n)
-        lines.append(f"- {last.label} vs {top.label}: {last.mean:+.3f} vs {top.mean:+.3f} "
-                     f"({'higher' if last.mean > top.mean else 'not higher'}; "
-                     f"{'CIs do not overlap' if last.ci_low > top.ci_high or top.ci_low > last.ci_high else 'CIs overlap'})"
-                     f" with {last.tokens_per_prompt:.0f} vs {top.tokens_per_prompt:.0f} tokens per prompt.")
-    for prev, cur in zip(iro, iro[1:]):
-        lines.append(f"- {cur.label} vs {prev.label}: {cur.mean - prev.mean:+.3f} "
-                     f"({'at least as good' if cur.mean >= prev.mean else 'worse'}).")
-    return lines
-
-
-def closing_note(iro: list[MethodResult], baselines: list[MethodResult], seconds: float) -> list[str]:
-    """One line with the figures that matter: held-out reward of base, the largest Best-of-N (ranked
-    by the value and by the reward) and every IRO-t, and the loop's wall time."""
-    def find(kind: str) -> MethodResult | None:
-        return max((r for r in baselines if r.kind == kind), key=lambda r: r.n, default=None)
-
-    parts = [f"base {r.mean:+.3f}" for r in baselines if r.kind == "base"]
-    parts += [f"{r.label} {r.mean:+.3f}" for r in (find("bon"), find("oracle")) if r is not None]
-    parts += [f"{r.label} {r.mean:+.3f}" for r in iro]
-    return [f"- held-out reward: {', '.join(parts)}; wall time {seconds / 60:.1f} min."] if parts else []
-
-
-def render_report(loop: IroLoop, iro: list[MethodResult], baselines: list[MethodResult]) -> str:
-    state, c = loop.state, loop.config
-    rows = ["| t | value (chain) | held-out reward [95% CI] | distinct-2 | tokens/prompt | train-rollout reward | "
-            "value held-out MSE / Spearman | rollout s | reward s | train s | publish→serve s | eval s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for t in range(1, c.iterations + 1):
-        result = next((r for r in iro if r.label == f"IRO-{t}"), None)
-        train = state.stage(f"it{t}/train") or {}
-        reward = state.stage(f"it{t}/reward") or {}
-        chain = ",".join(map(str, train.get("chain") or []))
-        cells = [str(t), f"{loop.name}@{state.version(t)} ({chain})", result.ci_text() if result else "-",
-                 _fmt(result and result.distinct2, ".3f"), _fmt(result and result.tokens_per_prompt, ".0f"),
-                 _fmt(reward.get("mean_reward"), "+.3f"),
-                 f"{_fmt(train.get('heldout_mse'), '.4f')} / {_fmt(train.get('spearman'), '.3f')}"]
-        cells += [_seconds(state, f"it{t}/{s}") for s in ("rollout", "reward", "train", "serve", "eval")]
-        rows.append("| " + " | ".join(cells) + " |")
-    final = state.version(c.iterations)
-    w, k, l = loop.search
-    total = sum(info.get("seconds", 0.0) for info in state.data["stages"].values())
-    lines = [
-        f"# IRO loop: value `{loop.name}` on task `{loop.task.name}` ({loop.task.source})", "",
-        f"- server: {loop.server}; registry: {loop.registry.root}; run: {state.run_id}",
-        f"- {c.iterations} iterations; {c.n_train_prompts} training prompts x {c.samples_per_prompt} samples per "
-        f"iteration (guided rollouts: CBS w={c.rollout_w} k={c.rollout_k} l={c.rollout_l}); {c.n_eval_prompts} "
-        f"held-out prompts; max_tokens {loop.max_tokens}, temperature {loop.temperature}; value training preset "
-        f"`{c.train_preset}` {c.train or ''}",
-        f"- reward: `{loop.task.reward}`; IRO-t = CBS w={w} k={k} l={l} over V_1..V_t; Best-of-N ranked by "
-        f"{loop.name}@{final}; tokens = completion tokens generated per prompt, every candidate included",
-        f"- wall time of all stages: {total:.0f} s", "",
-        "## Held-out reward per iteration", "", *rows, "",
-        f"## Baselines (held-out prompts, value {loop.name}@{final})", "", markdown_table(baselines + iro), "",
-        "## Verdict", "", *closing_note(iro, baselines, total), *verdict(iro, baselines), "",
-        "![reward vs tokens](reward_vs_tokens.png)", "", "![reward per iteration](reward_per_iteration.png)", "",
-    ]
-    return "\n".join(lines)
 
 
 __all__ = ["IroLoop", "LoopConfig", "LoopError", "RunState", "closing_note", "render_report", "verdict"]

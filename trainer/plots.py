@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from trainer.evaluate import MethodResult
 
 BON_COLOR, IRO_COLOR, BASE_COLOR = "#1f77b4", "#d62728", "#7f7f7f"
+DISTILLED_STYLES = [("#2ca02c", "D"), ("#9467bd", "P"), ("#ff7f0e", "*")]
+"""(colour, marker) of each distilled policy, in order."""
 
 
 def _figure(width: float = 6.4, height: float = 4.4):
@@ -31,7 +33,8 @@ def _errors(results: Sequence[MethodResult]) -> list[list[float]]:
 
 def plot_reward_vs_tokens(results: Sequence[MethodResult], path: str | Path, *, title: str = "") -> Path:
     """Mean reward (95% CI bars) against tokens generated per prompt (log scale): base and
-    Best-of-N as one curve, IRO iterations as a second one."""
+    Best-of-N as one curve, IRO iterations as a second one, distilled policies (plain sampling:
+    1x tokens) as a marker each."""
     fig, ax = _figure()
     bon = sorted([r for r in results if r.kind in ("base", "bon")], key=lambda r: r.n)
     iro = [r for r in results if r.kind == "cbs"]
@@ -52,6 +55,9 @@ def plot_reward_vs_tokens(results: Sequence[MethodResult], path: str | Path, *, 
         for r in iro:
             ax.annotate(r.label, (r.tokens_per_prompt, r.mean), textcoords="offset points", xytext=(4, 6),
                         fontsize=8, color=IRO_COLOR)
+    for r, (color, marker) in zip([r for r in results if r.kind == "distilled"], DISTILLED_STYLES * len(results)):
+        ax.errorbar([r.tokens_per_prompt], [r.mean], yerr=_errors([r]), color=color, marker=marker, markersize=8,
+                    capsize=3, linestyle="none", label=f"{r.label}, 1x cost")
     if any(r.tokens_per_prompt > 0 for r in results):
         from matplotlib.ticker import ScalarFormatter
 

@@ -45,7 +45,8 @@ async def _guard(call):
 
 @router.get("")
 async def list_policies(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": get_manager(request).list()}
+    manager = get_manager(request)
+    return {"object": "list", "registry": str(manager.registry.root), "data": manager.list()}
 
 
 @router.get("/{name}")

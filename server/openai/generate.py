@@ -95,7 +95,7 @@ class PlainGenerator:
     def _request(self, prompt_ids: list[int], generation: Generation) -> EngineRequest:
         assert generation.max_tokens is not None, "serving fills in max_tokens"
         return EngineRequest(prompt_ids=prompt_ids, n=generation.n, max_tokens=generation.max_tokens,
-                             sampling=generation.sampling)
+                             sampling=generation.sampling, adapter=generation.adapter)
 
     async def _final(self, prompt_ids: list[int], generation: Generation) -> list[Choice]:
         final = None

@@ -77,15 +77,17 @@ class OpenAIServing:
                                    max_model_len=self.engine.max_model_len))
         return ModelList(data=cards)
 
-    def resolve_model(self, model: str) -> str | None:
-        """Return the value name a `<base>+<value>` model id asks for, None for the base model."""
-        if self.policies is not None and self.policies.resolve(model, self.values):  # `<policy>[+<value>]`
-            return model.partition("+")[2] or None
+    def resolve_model(self, model: str) -> tuple[str | None, object | None]:
+        """(value, adapter) a model id asks for: the value name of `<base>+<value>` or
+        `<policy>+<value>` (None: plain sampling) and the policy's LoRA adapter (None: the base model)."""
+        policy = self.policies.resolve(model, self.values) if self.policies is not None else None
+        if policy is not None:  # `<policy>[+<value>]`
+            return model.partition("+")[2] or None, policy.lora
         if model == self.base_id:
-            return None
+            return None, None
         base, sep, value = model.partition("+")
         if sep and base == self.base_id and value and self.values and self.values.has(value.split("@")[0]):
-            return value
+            return value, None
         raise NotFoundError(f"The model `{model}` does not exist. See GET /v1/models.", param="model",
                             code="model_not_found")
 
@@ -182,14 +184,14 @@ class OpenAIServing:
             generator, plan = self.guided, await self.guided.prepare(generation, value)
         n = generation.n if plan is generation else plan.params.k  # a chunk request samples k per beam
         self.engine.check(EngineRequest(prompts[0], n=n, max_tokens=generation.max_tokens or 1,
-                                        sampling=generation.sampling))
+                                        sampling=generation.sampling, adapter=generation.adapter))
         if stream:
             return generator.stream(prompts, plan)
         return await generator.run(prompts, plan)
 
     async def create_chat_completion(self, request: ChatCompletionRequest):
-        value = self.resolve_model(request.model)
-        generation = request.to_generation()
+        value, adapter = self.resolve_model(request.model)
+        generation = replace(request.to_generation(), adapter=adapter)
         self.check_n(generation.n)
         self.check_token_ids(generation)
         prompt = self.render_chat(request)
@@ -203,8 +205,8 @@ class OpenAIServing:
         return responses.chat_response(request, prompt.token_ids, result, usage)
 
     async def create_completion(self, request: CompletionRequest):
-        value = self.resolve_model(request.model)
-        generation = request.to_generation()
+        value, adapter = self.resolve_model(request.model)
+        generation = replace(request.to_generation(), adapter=adapter)
         self.check_n(generation.n)
         self.check_token_ids(generation)
         if request.suffix:

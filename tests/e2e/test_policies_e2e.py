@@ -152,3 +152,39 @@ def test_new_version_is_served_without_a_failed_request(lora_server, peft_model)
         if refused:
             assert admin.delete(f"/v1/policies/pol/versions/{refused[0]}").status_code == 200
         assert admin.delete(f"/v1/policies/pol/versions/{r.json()['served_version']}").status_code == 409
+
+
+def test_loop_distils_publishes_serves_and_reports_policies(lora_server, tmp_path):
+    """`iro loop --preset smoke --distill apa,is-dpo` against this server: both policies are
+    published into its registry, served as models, sampled plainly and reported."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def loop(run_dir, policies_dir):
+        cmd = [sys.executable, "-m", "iro.cli", "loop", "--preset", "smoke", "--iterations", "1", "--server",
+               lora_server.url, "--api-key", lora_server.api_key, "--admin-key", lora_server.admin_key,
+               "--values-dir", str(lora_server.values_dir), "--policies-dir", str(policies_dir),
+               "--name", "loopd", "--run-dir", str(run_dir), "--distill", "apa,is-dpo", "--no-progress"]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    wrong = loop(tmp_path / "wrong", tmp_path / "elsewhere")  # refused before any work
+    assert wrong.returncode == 1 and "serves the policy registry" in wrong.stderr, wrong.stderr[-2000:]
+    assert not (tmp_path / "wrong" / "it1").exists()
+    run_dir = tmp_path / "run"
+    done = loop(run_dir, lora_server.policies_dir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    state = json.loads((run_dir / "state.json").read_text())
+    for method in ("apa", "is-dpo"):
+        trained = state["stages"][f"distill/{method}/train"]
+        assert trained["policy"] == f"loopd-{method}" and trained["kl_to_base"] is not None
+        assert policy_status(lora_server, f"loopd-{method}")["served_version"] == trained["version"]
+        samples = [json.loads(line) for line in (run_dir / f"eval/distilled-{method}.jsonl").open()]
+        assert samples and all(r["policy"]["model"] == f"loopd-{method}" and r["policy"]["value"] is None
+                               for r in samples)
+    report = (run_dir / "report.md").read_text()
+    assert "| distilled (APA) |" in report and "| distilled (IS-DPO) |" in report and "KL to base" in report
+    assert "- distilled (APA): " in report and "distinct-2" in report

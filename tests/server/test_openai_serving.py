@@ -141,3 +141,16 @@ async def test_merge_forwards_errors():
     with pytest.raises(ValueError, match="broken stream"):
         async for _ in merge([bad(), good()]):
             pass
+
+
+def test_a_policy_model_sends_its_adapter_with_the_request(client, engine):
+    """The adapter is resolved with the model id and travels in the request (no ambient state)."""
+    from types import SimpleNamespace
+
+    served = SimpleNamespace(lora="pol-adapter")
+    client.app.state.serving.policies = SimpleNamespace(
+        resolve=lambda model, values=None: served if model == "pol" else None, names=lambda: ["pol"])
+    for model in ("pol", "tiny", "pol"):
+        r = client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    assert [request.adapter for _, request in engine.requests] == ["pol-adapter", None, "pol-adapter"]

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 
-from server.policies import ACTIVE_LORA, PolicyManager
+from server.policies import PolicyManager
 from valuefn.model import backbone_identity
 from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
@@ -66,16 +66,15 @@ def test_manager_serves_refuses_and_swaps(tiny_model_dir, peft_model, tmp_path):
     assert registry.versions("pol") == [1, 3]
 
 
-def test_resolve_sets_the_request_adapter(tiny_model_dir, peft_model, tmp_path):
+def test_resolve_names_the_request_adapter(tiny_model_dir, peft_model, tmp_path):
     identity = backbone_identity(tiny_model_dir)
     registry = PolicyRegistry(tmp_path)
     manager = PolicyManager(registry, identity=identity, base_id="tiny", max_lora_rank=8)
     publish(registry, "pol", peft_model, identity)
     asyncio.run(manager.reconcile())
-    assert manager.resolve("pol") and ACTIVE_LORA.get() is manager.served["pol"].lora
-    assert manager.resolve("pol+val", FakeValues()) and ACTIVE_LORA.get() is manager.served["pol"].lora
-    assert not manager.resolve("pol+nope", FakeValues()) and ACTIVE_LORA.get() is None
-    assert not manager.resolve("tiny") and ACTIVE_LORA.get() is None
+    assert manager.resolve("pol") is manager.served["pol"] and manager.resolve("pol").lora is not None
+    assert manager.resolve("pol+val", FakeValues()) is manager.served["pol"]
+    assert manager.resolve("pol+nope", FakeValues()) is None and manager.resolve("tiny") is None
     identity_other = {**identity, "tokenizer_sha256": "x"}
     other = PolicyManager(registry, identity=identity_other, base_id="tiny", max_lora_rank=8)
     asyncio.run(other.reconcile())

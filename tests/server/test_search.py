@@ -235,3 +235,14 @@ def test_the_scorer_values_candidates_when_the_engine_cannot(engine, chain):
     result = asyncio.run(Searcher(engine, scorer, decode=decode).run(chain, PROMPT, params))
     assert scorer.calls == 1 and result.candidates_scored == 4
     assert all(r.value_heads is None for r in engine.requests)
+
+
+def test_every_chunk_samples_with_the_requests_adapter():
+    """A `<policy>+<value>` request: each chunk of both modes goes to the engine with the policy's adapter."""
+    for mode in ("cbs", "bon"):
+        engine = ScriptedEngine()
+        run(engine, CountingScorer(3), mode=mode, adapter="policy-adapter")
+        assert engine.requests and all(r.adapter == "policy-adapter" for r in engine.requests)
+    engine = ScriptedEngine()
+    run(engine, CountingScorer(3))
+    assert all(r.adapter is None for r in engine.requests)

@@ -172,3 +172,28 @@ def test_value_advantages_telescope_to_reward_minus_value(monkeypatch):
     assert adv[:4] == pytest.approx([0.1] * 4)  # (V(4) - V(0)) / 4 = 0.4 / 4
     assert adv[8:] == pytest.approx([(2.0 - 0.8) / 2] * 2)  # the last chunk ends at the reward
     assert sum(adv) == pytest.approx(2.0 - 0.0)  # R - V(prompt)
+
+
+def test_is_dpo_pairs_are_ranked_by_the_value_when_no_reward_is_given(monkeypatch):
+    """Unlabelled rollouts + a value: V after the whole response is the ranking (the issue's
+    "ranked by the reward, or by the value when no reward is given"); labelled ones keep their reward."""
+    from types import SimpleNamespace
+
+    import valuefn.scorer
+    from trainer.distill import distill_examples
+
+    # the fake value likes long responses: V = number of response tokens
+    monkeypatch.setattr(valuefn.scorer, "forward_values",
+                        lambda value, items: [float(len(it.token_ids) - it.response_start) for it in items])
+    chain = SimpleNamespace(links=((object(), 1.0),))
+    records = [{"id": f"p:{j}", "prompt_id": "p", "prompt_token_ids": [1, 2], "response_token_ids": [5] * n,
+                "reward": None} for j, n in enumerate((2, 7, 4))]
+    examples, skipped, ranked_by = distill_examples(records, "is-dpo", chain)
+    assert ranked_by == "value" and skipped == {} and [e.reward for e in examples] == [2.0, 7.0, 4.0]
+    (chosen, rejected), = make_pairs(examples)
+    assert (len(chosen.response_ids), len(rejected.response_ids)) == (7, 2)
+    assert distill_examples(records, "is-dpo", None)[0] == []  # no value: nothing to rank by
+    assert distill_examples(records, "apa", chain)[0] == []  # APA needs the reward at the end
+    labelled = [{**records[0], "reward": 0.9}, {**records[1], "reward": 0.1}]
+    examples, _, ranked_by = distill_examples(labelled, "is-dpo", chain)
+    assert ranked_by == "reward" and make_pairs(examples)[0][0].reward == 0.9

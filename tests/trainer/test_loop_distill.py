@@ -1,0 +1,160 @@
+"""The loop's distillation stages with stand-ins for the server (its answers scripted) and a tiny
+random Llama as the base model: the early check of the server's policy registry, training and
+publishing (and adopting after a kill), waiting until served, and the report's rows and verdict."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from trainer.evaluate import MethodResult
+from trainer.loop import IroLoop, LoopConfig, LoopError, RunState
+from trainer.plots import plot_reward_vs_tokens
+
+
+def make_loop(tmp_path, *, model=None, distill=("is-dpo",), **options) -> IroLoop:
+    config = LoopConfig.from_preset("smoke", iterations=1, name="rev", distill=list(distill), progress=False,
+                                    **options)
+    loop = IroLoop(config, run_dir=tmp_path / "run", values_dir=tmp_path / "values", server="http://fake",
+                   policies_dir=tmp_path / "policies", model=model and str(model))
+    loop.state = RunState.open(loop.run_dir, config)
+    return loop
+
+
+def answers(*replies):
+    """`_admin_get` stand-in: each call returns the next (status, body)."""
+    replies = list(replies)
+
+    def get(path):
+        status, body = replies.pop(0) if len(replies) > 1 else replies[0]
+        return SimpleNamespace(status_code=status, json=lambda: body, text=json.dumps(body), path=path)
+    return get
+
+
+def test_distill_option_takes_lists_commas_and_presets():
+    assert LoopConfig.from_preset("smoke", distill=["apa,is-dpo", "apa"]).distill == ["apa", "is-dpo"]
+    assert LoopConfig.from_preset("smoke", distill="is-dpo").distill == ["is-dpo"]
+    assert LoopConfig.from_preset("full").distill == []
+    with pytest.raises(ValueError, match="distill"):
+        LoopConfig.from_preset("smoke", distill=["sft"])
+    with pytest.raises(ValueError, match="lamda"):  # a bad distillation option is refused before any work
+        LoopConfig.from_preset("smoke", distill=["apa"], **{"distill_options.lamda": "1"})
+    smoke = LoopConfig.from_preset("smoke", distill=["apa"]).distill_config("apa")
+    assert smoke.max_steps == 2 and smoke.eval_prompts == 0 and smoke.method == "apa"
+
+
+def test_distillation_can_be_added_to_a_finished_run(tmp_path):
+    state = RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke"))
+    state.finish("it1/rollout", {"seconds": 1.0})
+    again = RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
+    assert again.stage("it1/rollout") == {"seconds": 1.0} and again.data["config"]["distill"] == ["apa"]
+    with pytest.raises(LoopError, match="distill_preset"):
+        RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill_preset="full"))
+
+
+def test_the_server_must_serve_the_loops_policy_registry(tmp_path):
+    loop = make_loop(tmp_path)
+    loop._admin_get = answers((404, {"error": {"code": "policies_disabled"}}))
+    with pytest.raises(LoopError, match="--policies-dir .*policies"):
+        loop.check_policy_server()
+    loop._admin_get = answers((200, {"registry": str(tmp_path / "elsewhere"), "data": []}))
+    with pytest.raises(LoopError, match="elsewhere"):
+        loop.check_policy_server()
+    loop._admin_get = answers((401, {}))
+    with pytest.raises(LoopError, match="admin key"):
+        loop.check_policy_server()
+    loop._admin_get = answers((200, {"registry": str(tmp_path / "policies"), "data": []}))
+    loop.check_policy_server()  # the same registry: fine
+
+
+def test_waiting_for_the_policy_and_a_refusal(tmp_path):
+    loop = make_loop(tmp_path, publish_timeout=30)
+    loop.state.finish("distill/is-dpo/train", {"policy": "rev-is-dpo", "version": 2})
+    loop._models = lambda: {"base", "rev-is-dpo"}
+    loop._admin_get = answers((404, {}), (200, {"served_version": 1, "refused": []}),
+                              (200, {"served_version": 2, "refused": []}))
+    assert loop.serve_policy("is-dpo")["version"] == 2
+    loop._admin_get = answers((200, {"served_version": 1, "refused": [{"version": 2, "reason": "sha256 mismatch"}]}))
+    with pytest.raises(LoopError, match="refused policy rev-is-dpo v2: sha256"):
+        loop.serve_policy("is-dpo")
+
+
+def labelled_rollouts(path, n_prompts=8, samples=2, seed=0):
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for p in range(n_prompts):
+            prompt = [1] + [rng.randrange(4, 32) for _ in range(4)]
+            for j in range(samples):
+                response = [rng.randrange(4, 32) for _ in range(6)]
+                f.write(json.dumps({"id": f"p{p}:{j}", "prompt_id": f"p{p}", "prompt_token_ids": prompt,
+                                    "response_token_ids": response, "reward": rng.random()}) + "\n")
+
+
+def test_distill_stage_publishes_a_policy_and_adopts_it_after_a_kill(tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "tiny", vocab=32)
+    loop = make_loop(tmp_path, model=model)
+    labelled_rollouts(loop.run_dir / "it1" / "labelled.jsonl")
+    loop.state.set_version(1, 1)
+    info = loop.distill("is-dpo")
+    assert info["policy"] == "rev-is-dpo" and info["version"] == 1 and not info["adopted"]
+    assert info["steps"] == 2 and info["kl_to_base"] is not None and info["distill_seconds"] > 0
+    manifest = loop.policies.manifest("rev-is-dpo", 1)
+    assert manifest.method == "is-dpo" and manifest.training["loop_run"] == loop.state.run_id
+    assert manifest.training["value"] == "rev@1"
+    again = loop.distill("is-dpo")  # killed before the stage was recorded: adopt, do not train again
+    assert again["adopted"] and again["version"] == 1 and loop.policies.versions("rev-is-dpo") == [1]
+
+    other = make_loop(tmp_path / "other", model=model)  # another run may not take over the name
+    other.policies = loop.policies
+    other._admin_get = answers((200, {"registry": str(loop.policies.root), "data": []}))
+    with pytest.raises(LoopError, match="not made by this run"):
+        other.check_policy_server()
+
+
+def result(label, kind, mean, tokens, *, name=None, d2=0.8, kl=None):
+    return MethodResult(name=name or label, label=label, kind=kind, settings="", value=None, versions=[], prompts=8,
+                        mean=mean, ci_low=mean - 0.05, ci_high=mean + 0.05, std=0.1, distinct2=d2,
+                        tokens=int(tokens * 8), tokens_per_prompt=tokens, seconds=2.0, kl_to_base=kl)
+
+
+def test_report_rows_verdict_and_plot_of_distilled_policies(tmp_path):
+    loop = make_loop(tmp_path, distill=("apa", "is-dpo"))
+    state = loop.state
+    state.set_version(1, 1)
+    state.finish("it1/eval", {"seconds": 5.0, "result": result("IRO-1", "cbs", 0.6, 400).to_dict()})
+    state.finish("baselines/v1", {"seconds": 3.0, "results": [result("base (N=1)", "base", 0.2, 40).to_dict(),
+                                                              result("Best-of-4", "bon", 0.4, 160).to_dict()]})
+    state.finish("distill/apa/eval", {"seconds": 2.0, "distill_seconds": 95.0, "result": result(
+        "distilled (APA)", "distilled", 0.5, 40, name="distilled-apa", d2=0.76, kl=0.0312).to_dict()})
+    state.finish("distill/is-dpo/eval", {"seconds": 2.0, "distill_seconds": 120.0, "result": result(
+        "distilled (IS-DPO)", "distilled", 0.3, 41, name="distilled-is-dpo", kl=0.0101).to_dict()})
+    report = loop.report().read_text()
+    assert "| mean reward [95% CI] | distinct-2 | tokens/prompt | wall s | KL to base |" in report
+    assert "| distilled (APA) |" in report and "| 0.0312 |" in report and "| distilled (IS-DPO) |" in report
+    assert "- distilled (APA): +0.500 at 40 tokens/prompt recovers 75% of IRO-1's gain over base" in report
+    assert "distinct-2 0.760 (-5% vs base 0.800); KL to base 0.0312; distillation 95 s." in report
+    assert "recovers 25% of IRO-1's gain" in report
+    assert (loop.run_dir / "reward_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_marks_each_distilled_policy(tmp_path, monkeypatch):
+    calls = []
+    from matplotlib.axes import Axes
+
+    original = Axes.errorbar
+
+    def spy(self, x, y, *args, **kw):
+        calls.append((kw.get("label"), kw.get("marker"), list(x)))
+        return original(self, x, y, *args, **kw)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    plot_reward_vs_tokens([result("base (N=1)", "base", 0.2, 40), result("distilled (APA)", "distilled", 0.5, 40),
+                           result("distilled (IS-DPO)", "distilled", 0.4, 40)], tmp_path / "p.png")
+    marks = {label: (marker, x) for label, marker, x in calls}
+    assert marks["distilled (APA), 1x cost"] == ("D", [40]) and marks["distilled (IS-DPO), 1x cost"][0] == "P"

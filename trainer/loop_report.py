@@ -1,0 +1,139 @@
+"""The loop's report: `report.md` from a run's state (per-iteration table, baselines with the
+distilled policies, a verdict in plain language).
+
+    path = loop.report()        # IroLoop.report renders with `render_report(loop, iro, baselines)`
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trainer.evaluate import MethodResult, markdown_table
+
+if TYPE_CHECKING:
+    from trainer.loop import IroLoop, RunState
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _seconds(state: RunState, key: str) -> str:
+    info = state.stage(key)
+    return f"{info['seconds']:.0f}" if info else "-"
+
+
+def verdict(iro: list[MethodResult], baselines: list[MethodResult]) -> list[str]:
+    """Plain-language comparisons: final IRO vs the largest Best-of-N, and iteration-over-iteration."""
+    lines = []
+    ranked = [r for r in baselines if r.kind in ("base", "bon")]
+    if iro and ranked:
+        last, best = iro[-1], max(ranked, key=lambda r: r.n)
+        beats = last.mean > best.mean
+        clear = last.ci_low > best.ci_high
+        lines.append(f"- {last.label} vs {best.label}: {last.mean:+.3f} vs {best.mean:+.3f} "
+                     f"({'higher' if beats else 'not higher'}; {'CIs do not overlap' if clear else 'CIs overlap'}) "
+                     f"with {last.tokens_per_prompt:.0f} vs {best.tokens_per_prompt:.0f} tokens per prompt.")
+    oracle = [r for r in baselines if r.kind == "oracle"]
+    if iro and oracle:  # the paper's Best-of-N: ranked by the reward itself, which IRO never sees at test time
+        last, top = iro[-1], max(oracle, key=lambda r: r.n)
+        lines.append(f"- {last.label} vs {top.label}: {last.mean:+.3f} vs {top.mean:+.3f} "
+                     f"({'higher' if last.mean > top.mean else 'not higher'}; "
+                     f"{'CIs do not overlap' if last.ci_low > top.ci_high or top.ci_low > last.ci_high else 'CIs overlap'})"
+                     f" with {last.tokens_per_prompt:.0f} vs {top.tokens_per_prompt:.0f} tokens per prompt.")
+    for prev, cur in zip(iro, iro[1:]):
+        lines.append(f"- {cur.label} vs {prev.label}: {cur.mean - prev.mean:+.3f} "
+                     f"({'at least as good' if cur.mean >= prev.mean else 'worse'}).")
+    return lines
+
+
+def closing_note(iro: list[MethodResult], baselines: list[MethodResult], seconds: float) -> list[str]:
+    """One line with the figures that matter: held-out reward of base, the largest Best-of-N (ranked
+    by the value and by the reward) and every IRO-t, and the loop's wall time."""
+    def find(kind: str) -> MethodResult | None:
+        return max((r for r in baselines if r.kind == kind), key=lambda r: r.n, default=None)
+
+    parts = [f"base {r.mean:+.3f}" for r in baselines if r.kind == "base"]
+    parts += [f"{r.label} {r.mean:+.3f}" for r in (find("bon"), find("oracle")) if r is not None]
+    parts += [f"{r.label} {r.mean:+.3f}" for r in baselines if r.kind == "distilled"]
+    parts += [f"{r.label} {r.mean:+.3f}" for r in iro]
+    return [f"- held-out reward: {', '.join(parts)}; wall time {seconds / 60:.1f} min."] if parts else []
+
+
+def distill_verdict(iro: list[MethodResult], baselines: list[MethodResult], distilled: list[MethodResult],
+                    seconds: dict[str, float] | None = None) -> list[str]:
+    """Per distilled policy: the fraction of the final IRO's gain over base it recovers at 1x cost,
+    its distinct-2 against base's, its KL to base and the distillation's wall time.
+
+    >>> r = lambda label, kind, mean, d2: MethodResult(label, label, kind, "", None, [], 4, mean, mean, mean, 0.0,
+    ...                                                d2, 40, 10.0, 1.0)
+    >>> distill_verdict([r("IRO-3", "cbs", 0.6, 0.5)], [r("base (N=1)", "base", 0.2, 0.5)],
+    ...                 [r("distilled (APA)", "distilled", 0.5, 0.45)], {"distilled (APA)": 90})[0].split("; ")[:2]
+    ["- distilled (APA): +0.500 at 10 tokens/prompt recovers 75% of IRO-3's gain over base (+0.600 at 10 tokens/prompt)", 'distinct-2 0.450 (-10% vs base 0.500)']
+    """
+    base = next((r for r in baselines if r.kind == "base"), None)
+    if base is None or not distilled:
+        return []
+    last = iro[-1] if iro else None
+    lines = []
+    for d in distilled:
+        gain = last.mean - base.mean if last is not None else 0.0
+        if last is not None and gain > 0:
+            recovered = f"recovers {(d.mean - base.mean) / gain:.0%} of {last.label}'s gain over base " \
+                        f"({last.mean:+.3f} at {last.tokens_per_prompt:.0f} tokens/prompt)"
+        else:
+            recovered = f"vs base {base.mean:+.3f} ({last.label if last else 'IRO'} did not gain over base)"
+        d2 = (d.distinct2 / base.distinct2 - 1) if base.distinct2 else float("nan")
+        kl = "-" if d.kl_to_base is None else f"{d.kl_to_base:.4f}"
+        wall = (seconds or {}).get(d.label)
+        lines.append(f"- {d.label}: {d.mean:+.3f} at {d.tokens_per_prompt:.0f} tokens/prompt {recovered}; "
+                     f"distinct-2 {d.distinct2:.3f} ({d2:+.0%} vs base {base.distinct2:.3f}); KL to base {kl}"
+                     + (f"; distillation {wall:.0f} s." if wall is not None else "."))
+    return lines
+
+
+def render_report(loop: IroLoop, iro: list[MethodResult], baselines: list[MethodResult],
+                  distilled: list[MethodResult] = (), distill_seconds: dict[str, float] | None = None) -> str:
+    state, c = loop.state, loop.config
+    rows = ["| t | value (chain) | held-out reward [95% CI] | distinct-2 | tokens/prompt | train-rollout reward | "
+            "value held-out MSE / Spearman | rollout s | reward s | train s | publish→serve s | eval s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in range(1, c.iterations + 1):
+        result = next((r for r in iro if r.label == f"IRO-{t}"), None)
+        train = state.stage(f"it{t}/train") or {}
+        reward = state.stage(f"it{t}/reward") or {}
+        chain = ",".join(map(str, train.get("chain") or []))
+        cells = [str(t), f"{loop.name}@{state.version(t)} ({chain})", result.ci_text() if result else "-",
+                 _fmt(result and result.distinct2, ".3f"), _fmt(result and result.tokens_per_prompt, ".0f"),
+                 _fmt(reward.get("mean_reward"), "+.3f"),
+                 f"{_fmt(train.get('heldout_mse'), '.4f')} / {_fmt(train.get('spearman'), '.3f')}"]
+        cells += [_seconds(state, f"it{t}/{s}") for s in ("rollout", "reward", "train", "serve", "eval")]
+        rows.append("| " + " | ".join(cells) + " |")
+    final = state.version(c.iterations)
+    w, k, l = loop.search
+    total = sum(info.get("seconds", 0.0) for info in state.data["stages"].values())
+    lines = [
+        f"# IRO loop: value `{loop.name}` on task `{loop.task.name}` ({loop.task.source})", "",
+        f"- server: {loop.server}; registry: {loop.registry.root}; run: {state.run_id}",
+        f"- {c.iterations} iterations; {c.n_train_prompts} training prompts x {c.samples_per_prompt} samples per "
+        f"iteration (guided rollouts: CBS w={c.rollout_w} k={c.rollout_k} l={c.rollout_l}); {c.n_eval_prompts} "
+        f"held-out prompts; max_tokens {loop.max_tokens}, temperature {loop.temperature}; value training preset "
+        f"`{c.train_preset}` {c.train or ''}",
+        f"- reward: `{loop.task.reward}`; IRO-t = CBS w={w} k={k} l={l} over V_1..V_t; Best-of-N ranked by "
+        f"{loop.name}@{final}; tokens = completion tokens generated per prompt, every candidate included",
+        f"- wall time of all stages: {total:.0f} s",
+        *([f"- distilled: LoRA policies trained by `iro distill` ({', '.join(c.distill)}, preset "
+           f"`{c.distill_preset}` {c.distill_options or ''}) on iteration {c.iterations}'s rollouts, sampled plainly "
+           "(N=1) through their model names; KL to base = KL(policy || base) per response token on the "
+           "distillation's held-out rollouts"] if distilled else []), "",
+        "## Held-out reward per iteration", "", *rows, "",
+        f"## Baselines (held-out prompts, value {loop.name}@{final})", "", markdown_table(baselines + list(distilled) + iro), "",
+        "## Verdict", "", *closing_note(iro, baselines + list(distilled), total), *verdict(iro, baselines),
+        *distill_verdict(iro, baselines, list(distilled), distill_seconds), "",
+        "![reward vs tokens](reward_vs_tokens.png)", "", "![reward per iteration](reward_per_iteration.png)", "",
+    ]
+    return "\n".join(lines)
+
+
+
+__all__ = ["closing_note", "distill_verdict", "render_report", "verdict"]
