@@ -53,7 +53,7 @@ def measure_engine(dtype: str, concurrency: bool = True) -> dict:
     `concurrency`, also the sequential requests of the concurrency figures."""
     import httpx
 
-    from bench.guided import GUIDANCE, PROMPTS, _post_all, chat_body, measure_concurrency, measure_plain_vs_guided
+    from bench.guided import engine_value_config, GUIDANCE, PROMPTS, _post_all, chat_body, measure_concurrency, measure_plain_vs_guided
     from bench.server import start
     from common.model_store import prepare_default_model
     from valuefn.loader import init_value
@@ -65,7 +65,7 @@ def measure_engine(dtype: str, concurrency: bool = True) -> dict:
         work = Path(tmp)
         registry = Registry(work / "values")
         init_value(registry, "bench", model_path, ValueModelConfig(num_layers=4, dtype=dtype))
-        init_value(registry, "bench-head", model_path, ValueModelConfig.for_engine_head(dtype=dtype))
+        init_value(registry, "bench-head", model_path, engine_value_config(model_path, dtype))
         srv = start(work, env={"IRO_DTYPE": dtype}, wait=600)
         try:
             model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]

@@ -37,7 +37,7 @@ TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "guided_engine_head_vs_pla
            "hot_swap_seconds": ("<", 1.0), "failed_requests_during_swap": ("<=", 0)}
 W, K, L, MAX_TOKENS, TEMPERATURE = 4, 4, 8, 48, 0.7
 GUIDANCE = {"value": "bench", "mode": "cbs", "w": W, "k": K, "l": L}
-HEAD_GUIDANCE = GUIDANCE | {"value": "bench-head"}  # an engine-head value: the engine computes it (no scorer)
+HEAD_GUIDANCE = GUIDANCE | {"value": "bench-head"}  # the default engine value: the engine computes it (no scorer)
 ENGINE_VALUE_GUIDANCE = HEAD_GUIDANCE
 """The bench's engine-side value (the default engine value): `concurrency_vs_plain_ceiling` is its."""
 
@@ -111,6 +111,15 @@ def measure_plain_vs_guided(url: str, model: str) -> dict:
             "guided_engine_head_seconds": head_t,
             "guided_engine_head_candidate_tokens": sum(r["usage"]["completion_tokens"] for r in head),
             "guided_engine_head_vs_plain_time_ratio": head_t / plain_t}
+
+
+def engine_value_config(model_path, dtype: str):
+    """The default engine value (`iro values init`): a head on the layers an engine exposes by default."""
+    from common.engine_args import default_value_layers
+    from valuefn.model import ValueModelConfig, backbone_identity
+
+    layers = default_value_layers(backbone_identity(model_path)["total_layers"])
+    return ValueModelConfig.for_engine_head(feature_layers=list(layers), dtype=dtype)
 
 
 def measure_concurrency(url: str, model: str, sequential: int, concurrent_seconds: float,
@@ -275,7 +284,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
         registry = Registry(work / "values")
         config = ValueModelConfig(num_layers=4, dtype=dtype)
         init_value(registry, "bench", model_path, config)
-        init_value(registry, "bench-head", model_path, ValueModelConfig.for_engine_head(dtype=dtype))
+        init_value(registry, "bench-head", model_path, engine_value_config(model_path, dtype))
         srv = start(work, env={"IRO_DTYPE": dtype})
         results["engine_start_seconds"] = srv.started_in
         steps.update()
