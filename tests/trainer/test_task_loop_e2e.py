@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.loop import LoopConfig
 from valuefn.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -63,7 +64,8 @@ def test_hand_written_task_file_drives_the_smoke_loop_and_eval(server, tmp_path)
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     # the task's prompts, reward and stop strings reached the rollouts; the value is named after the task
     rollouts = [json.loads(line) for line in (run_dir / "it1/labelled.jsonl").open()]
-    assert sorted(r["messages"][0]["content"] for r in rollouts) == sorted(questions[:4])
+    samples = LoopConfig.from_preset("smoke").samples_per_prompt
+    assert sorted(r["messages"][0]["content"] for r in rollouts) == sorted(questions[:4] * samples)
     assert all(r["reward"] == pytest.approx(0.7 * r["response"].strip().endswith("?")
                                             + 0.3 * min(len(r["response"].split()), 10) / 10) for r in rollouts)
     assert all("\n\n" not in r["response"] for r in rollouts)
