@@ -90,12 +90,15 @@ def value_advantages(chain, examples: Sequence[Example], chunk: int = 8) -> list
     from valuefn.scorer import ScoreItem, forward_values
 
     value = chain.links[-1][0]
-    out = []
-    for e in examples:
+    cuts_of = [list(range(0, len(e.response_ids), chunk)) for e in examples]  # response lengths where V is read
+    items = [ScoreItem(list(e.prompt_ids + e.response_ids[:k]), 0, len(e.prompt_ids))
+             for e, cuts in zip(examples, cuts_of) for k in cuts]
+    values = [float(x) for x in forward_values(value, items, use_cache=False)] if items else []  # batched
+    out, offset = [], 0
+    for e, cuts in zip(examples, cuts_of):
         T = len(e.response_ids)
-        cuts = list(range(0, T, chunk))  # response lengths at which V is read
-        items = [ScoreItem(list(e.prompt_ids + e.response_ids[:k]), 0, len(e.prompt_ids)) for k in cuts]
-        v = [float(x) for x in forward_values(value, items)] + [e.reward]
+        v = values[offset: offset + len(cuts)] + [e.reward]
+        offset += len(cuts)
         adv = [0.0] * T
         for j, start in enumerate(cuts):
             end = min(start + chunk, T)

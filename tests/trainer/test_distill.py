@@ -164,7 +164,7 @@ def test_value_advantages_telescope_to_reward_minus_value(monkeypatch):
 
     # V(prompt + k response tokens) = 0.1 * k: the fake value reads only how far the response got
     monkeypatch.setattr(valuefn.scorer, "forward_values",
-                        lambda value, items: [0.1 * (len(it.token_ids) - it.response_start) for it in items])
+                        lambda value, items, **kw: [0.1 * (len(it.token_ids) - it.response_start) for it in items])
     chain = SimpleNamespace(links=((object(), 1.0),))
     e = Example((1, 2), tuple(range(10, 20)), 2.0, "p")  # 10 response tokens, chunks [0, 4), [4, 8), [8, 10)
     adv = value_advantages(chain, [e], chunk=4)[0]
@@ -184,7 +184,7 @@ def test_is_dpo_pairs_are_ranked_by_the_value_when_no_reward_is_given(monkeypatc
 
     # the fake value likes long responses: V = number of response tokens
     monkeypatch.setattr(valuefn.scorer, "forward_values",
-                        lambda value, items: [float(len(it.token_ids) - it.response_start) for it in items])
+                        lambda value, items, **kw: [float(len(it.token_ids) - it.response_start) for it in items])
     chain = SimpleNamespace(links=((object(), 1.0),))
     records = [{"id": f"p:{j}", "prompt_id": "p", "prompt_token_ids": [1, 2], "response_token_ids": [5] * n,
                 "reward": None} for j, n in enumerate((2, 7, 4))]
