@@ -8,8 +8,8 @@ base model; every prompt reaches it as token ids.
 from __future__ import annotations
 
 import abc
-import os
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass

@@ -22,7 +22,7 @@ import hashlib
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -95,6 +95,14 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class EngineHeads(NamedTuple):
+    """What a chunk request hands the engine to value its samples (`EngineRequest.value_heads` /
+    `value_layers`)."""
+
+    weights: tuple[tuple[float, ...], ...]
+    layers: tuple[int, ...] | None
+
+
 class Searcher:
     """Runs CBS / BoN for one request against a shared engine and scorer."""
 
@@ -107,11 +115,11 @@ class Searcher:
 
     async def run(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None = None) -> SearchResult:
         heads = getattr(chain, "engine_heads", None)
-        layers = getattr(chain, "engine_layers", None) if heads is not None else None
-        if heads is not None and (len(heads) > getattr(self.engine, "max_value_heads", 0)
-                                  or not set(layers or ()) <= set(getattr(self.engine, "value_layers", ()))):
-            heads = layers = None  # the scorer values the candidates instead
-        heads = (heads, layers) if heads is not None else None
+        if heads is not None:
+            heads = EngineHeads(heads, getattr(chain, "engine_layers", None))
+            if (len(heads.weights) > getattr(self.engine, "max_value_heads", 0)
+                    or not set(heads.layers or ()) <= set(getattr(self.engine, "value_layers", ()))):
+                heads = None  # the scorer values the candidates instead
         if params.mode == "bon":
             return await self._bon(chain, prompt_ids, params, heads)
         return await self._cbs(chain, prompt_ids, params, heads, on_step)
@@ -123,8 +131,8 @@ class Searcher:
                            min_tokens=max(0, s.min_tokens - len(beam.token_ids)))
         return EngineRequest(prompt_ids=prompt_ids + beam.token_ids, n=n, max_tokens=max_tokens, sampling=sampling,
                              detokenize=False,  # the search decodes whole beams itself (_extend)
-                             value_heads=heads[0] if heads else None,
-                             value_layers=heads[1] if heads else None, adapter=params.adapter,
+                             value_heads=heads.weights if heads else None,
+                             value_layers=heads.layers if heads else None, adapter=params.adapter,
                              grammar_prefix=len(beam.token_ids) if s.structured is not None else 0)
 
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:
