@@ -17,7 +17,7 @@ from typing import Any
 
 from common.engine_args import VALUE_LAYERS_ENV, engine_kwargs, resolve_value_layers
 from common.sampling import Sampling
-from server.engine_patches import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, value_heads_installed
+from server.engine_patches import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, encode_heads, value_heads_installed
 from server.grammar_prefix import GRAMMAR_PREFIX_ARG
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def to_sampling_params(request: EngineRequest, *, delta: bool = False) -> Any:
         if logprobs is not None:
             raise InvalidRequestError("logprobs cannot be combined with engine value heads", param="logprobs")
         logprobs = len(request.value_heads) - 1
-        extra_args[VALUE_HEADS_ARG] = [list(h) for h in request.value_heads]
+        extra_args[VALUE_HEADS_ARG] = encode_heads(request.value_heads)
         if request.value_layers:
             extra_args[VALUE_LAYERS_ARG] = list(request.value_layers)
     structured = None

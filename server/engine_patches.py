@@ -57,7 +57,11 @@ STATUS: dict[str, str] = {}
 _warned: dict[str, str] = {}
 
 VALUE_HEADS_ARG = "iro_value_heads"
-"""`SamplingParams.extra_args` key of linear value heads: m rows of [w_1..w_D, bias] floats."""
+"""`SamplingParams.extra_args` key of linear value heads: m rows of [w_1..w_D, bias], as float32
+bytes (`encode_heads`; lists of floats are read too). Bytes because vLLM walks every element of
+`extra_args` in Python each time it builds or receives the params (`_verify_extra_args`, in the
+API, engine-core and worker processes): with 1,729 floats per head (three 576-wide layers) that
+walk was about a tenth of a guided search's time (py-spy, bench.profile_guided)."""
 VALUE_LAYERS_ARG = "iro_value_layers"
 """`SamplingParams.extra_args` key of the residual-stream layers the heads read (D = H x layers;
 absent: the final normed hidden state, D = H)."""
@@ -223,11 +227,23 @@ def _prepare_keeping_indices(original: Callable) -> Callable:
     return _prepare_inputs
 
 
+def encode_heads(heads) -> bytes:
+    """`VALUE_HEADS_ARG`'s value: m heads (rows of D weights and a bias) as float32 bytes."""
+    return np.asarray(heads, dtype=np.float32).tobytes()
+
+
+def decode_heads(raw, width: int):
+    """(m, width) float32 tensor of `VALUE_HEADS_ARG`'s value (bytes of `encode_heads`, or lists)."""
+    import torch
+
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).reshape(-1, width)
+    return torch.tensor(raw, dtype=torch.float32).reshape(-1, width)
+
+
 def _heads_of(state, hidden_size: int):
     """The request's value heads as ((m, D + 1) float32 tensor, layers or None), or None (parsed
     once per request)."""
-    import torch
-
     heads = getattr(state, "_iro_heads", None)
     if heads is None:
         params = state.sampling_params
@@ -237,7 +253,7 @@ def _heads_of(state, hidden_size: int):
         layers = extra.get(VALUE_LAYERS_ARG)
         layers = tuple(int(k) for k in layers) if layers else None
         width = hidden_size * (len(layers) if layers else 1) + 1
-        heads = (torch.tensor(extra[VALUE_HEADS_ARG], dtype=torch.float32).reshape(-1, width), layers)
+        heads = (decode_heads(extra[VALUE_HEADS_ARG], width), layers)
         state._iro_heads = heads
     return heads
 

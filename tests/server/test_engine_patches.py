@@ -59,7 +59,7 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
 
     import torch
 
-    from server.engine_patches import VALUE_HEADS_ARG, patch_value_heads
+    from server.engine_patches import VALUE_HEADS_ARG, encode_heads, patch_value_heads
 
     H = 4
 
@@ -92,7 +92,7 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
     runner.load_model()
     heads = [[1.0, 0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 2.0, -1.0]]
     params = lambda extra: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))  # noqa: E731
-    runner.requests = {"a": params(None), "b": params({VALUE_HEADS_ARG: heads}), "c": params({"other": 1}),
+    runner.requests = {"a": params(None), "b": params({VALUE_HEADS_ARG: encode_heads(heads)}), "c": params({"other": 1}),
                        "d": params({VALUE_HEADS_ARG: heads[1:]})}
     meta = Meta(max_num_logprobs=2)
     num_logprobs = {"b": 1, "d": 0} | ({"a": 2} if plain_logprobs else {})

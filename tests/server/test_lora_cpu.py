@@ -1,0 +1,84 @@
+"""The grouped CPU LoRA ops against vLLM's own torch ops, and their one deliberate difference."""
+
+import pytest
+import torch
+
+from server import lora_cpu
+
+ops = pytest.importorskip("vllm.lora.ops.torch_ops")
+
+T, IN, R, OUT, SLOTS = 7, 12, 4, 10, 3
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(T, IN, generator=g, dtype=torch.bfloat16),
+                a=torch.randn(SLOTS, 1, R, IN, generator=g, dtype=torch.bfloat16),
+                b=torch.randn(SLOTS, 1, OUT, R, generator=g, dtype=torch.bfloat16),
+                h=torch.randn(T, R, generator=g),
+                y=torch.randn(T, OUT + 6, generator=g))
+
+
+INDICES = [[1] * T, [0, 2, 2, 1, 0, 0, 2], [2, 0, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("indices", INDICES)
+def test_shrink_matches_vllm(data, indices):
+    idx = torch.tensor(indices)
+    mine, theirs = torch.full((T, R), 9.0), torch.full((T, R), 9.0)
+    lora_cpu.bgmv_shrink(data["x"], data["a"], mine, idx, 0.5)
+    ops.bgmv_shrink(data["x"], data["a"], theirs, idx, 0.5)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("indices", INDICES)
+@pytest.mark.parametrize("add", [True, False])
+def test_expand_and_slice_match_vllm(data, indices, add):
+    idx = torch.tensor(indices)
+    mine, theirs = data["y"].clone(), data["y"].clone()
+    lora_cpu.bgmv_expand(data["h"], data["b"], mine, idx, add)
+    ops.bgmv_expand(data["h"], data["b"], theirs, idx, add)
+    torch.testing.assert_close(mine, theirs)
+    mine, theirs = data["y"].clone(), data["y"].clone()
+    lora_cpu.bgmv_expand_slice(data["h"], data["b"], mine, idx, 3, OUT, add)
+    ops.bgmv_expand_slice(data["h"], data["b"], theirs, idx, 3, OUT, add)
+    torch.testing.assert_close(mine, theirs)
+
+
+def test_prefill_ops_expand_one_index_per_sequence(data):
+    seq_lens, seq_idx = torch.tensor([3, 4]), torch.tensor([2, 0])
+    mine, theirs = torch.zeros(T, R), torch.zeros(T, R)
+    lora_cpu.sgmv_shrink(data["x"], data["a"], mine, None, seq_lens, seq_idx, 2, 4, T, 1.0)
+    ops.sgmv_shrink(data["x"], data["a"], theirs, torch.tensor([0, 3]), seq_lens, seq_idx, 2, 4, T, 1.0)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    mine_y, theirs_y = data["y"].clone(), data["y"].clone()
+    lora_cpu.sgmv_expand_slice(mine, data["b"], mine_y, None, seq_lens, seq_idx, 2, 4, T, 2, OUT, True)
+    ops.sgmv_expand_slice(theirs, data["b"], theirs_y, None, seq_lens, seq_idx, 2, 4, T, 2, OUT, True)
+    torch.testing.assert_close(mine_y, theirs_y)
+
+
+def test_tokens_without_lora_get_no_contribution(data):
+    """-1 means "no LoRA": vLLM's torch ops read the last adapter slot for it (nonzero here)."""
+    idx = torch.tensor([0, -1, 0, -1, 1, 1, -1])
+    base = idx < 0
+    shrunk = torch.full((T, R), 9.0)
+    lora_cpu.bgmv_shrink(data["x"], data["a"], shrunk, idx, 1.0)
+    assert torch.all(shrunk[base] == 0) and torch.all(shrunk[~base] != 0)
+    y = data["y"].clone()
+    lora_cpu.bgmv_expand(data["h"], data["b"], y, idx, True)
+    assert torch.equal(y[base], data["y"][base]) and not torch.allclose(y[~base], data["y"][~base])
+    y = data["y"].clone()
+    lora_cpu.bgmv_expand_slice(data["h"], data["b"], y, idx, 3, OUT, False)
+    assert torch.all(y[base, 3:3 + OUT] == 0) and torch.equal(y[:, :3], data["y"][:, :3])
+    theirs = torch.zeros(T, R)
+    ops.bgmv_shrink(data["x"], data["a"], theirs, idx, 1.0)
+    assert torch.all(theirs[base] != 0)  # the upstream behaviour this patch corrects
+
+
+def test_groups_cover_every_token_once():
+    idx = torch.tensor([3, -1, 3, 0, -1])
+    groups = lora_cpu.lora_groups(idx)
+    rows = torch.cat([r for _, r in groups]).sort().values
+    assert rows.tolist() == list(range(5)) and {s for s, _ in groups} == {-1, 0, 3}
+    assert lora_cpu.lora_groups(torch.tensor([], dtype=torch.long)) == []
