@@ -2,7 +2,7 @@
 `iro_worker_patches` (`install_worker_patches`).
 
 vLLM runs its general plugins in every process it starts, so the engine's worker gets the patches
-too. Three patches, each probed before it is installed (vLLM version, and the classes, methods and
+too. Four patches, each probed before it is installed (vLLM version, and the classes, methods and
 parameters it wraps); a patch whose probe fails is skipped with one warning and its feature falls
 back instead of failing at run time:
 
@@ -11,6 +11,7 @@ back instead of failing at run time:
 | `value_heads` | `GPUModelRunner` (the CPU runner inherits `_sample`) | engine-side values | the scorer |
 | `block16` | the CPU attention backend | 16-token KV blocks | blocks of 32 |
 | `seed_fix` | `CPUModelRunner` (CPU only) | seeded sampling with chunked prefill | none |
+| `lora_grouped` | vLLM's CPU punica ops (CPU only) | policy adapters at near base cost (`server.lora_cpu`) | vLLM's per-token ops |
 
 A fourth, `server.grammar_prefix` (structured outputs that continue a beam, in the engine core),
 is installed by the same entry point and probes itself; without it a guided request with
@@ -47,10 +48,11 @@ log = logging.getLogger(__name__)
 TESTED_VLLM = "0.32."
 """vLLM release line these patches were written against (its private methods change between lines)."""
 
-VALUE_HEADS, BLOCK16, SEED_FIX = "value_heads", "block16", "seed_fix"
+VALUE_HEADS, BLOCK16, SEED_FIX, LORA_GROUPED = "value_heads", "block16", "seed_fix", "lora_grouped"
 FALLBACKS = {VALUE_HEADS: "the scorer values candidates instead of engine heads",
              BLOCK16: "KV blocks of 32 tokens instead of 16",
-             SEED_FIX: "seeded requests may crash the CPU engine when batched with a chunked prefill"}
+             SEED_FIX: "seeded requests may crash the CPU engine when batched with a chunked prefill",
+             LORA_GROUPED: "vLLM's per-token CPU LoRA ops (policy adapters serve slower)"}
 
 STATUS: dict[str, str] = {}
 """patch -> "installed", or why it was not, for this process (filled by `install_worker_patches`)."""
@@ -419,6 +421,32 @@ def allow_block_size_16(backend) -> None:
     backend._iro_block16 = True
 
 
+# --- grouped LoRA ops (CPU punica wrapper) -------------------------------------------------------
+
+def probe_lora_grouped(module) -> None:
+    """`module` (vllm.lora.punica_wrapper.punica_cpu) must call the torch ops by the names and
+    parameters `server.lora_cpu` replaces."""
+    from server import lora_cpu
+
+    for name in lora_cpu.OPS:
+        theirs = getattr(module, name, None)
+        if not callable(theirs):
+            raise PatchMismatch(f"{module.__name__}.{name} is missing")
+        ours, their = (inspect.signature(f).parameters.values() for f in (getattr(lora_cpu, name), theirs))
+        shape = lambda params: [(p.name if p.default is not p.empty else "", p.kind) for p in params]  # noqa: E731
+        if shape(ours) != shape(their):  # called positionally, optional arguments by name
+            raise PatchMismatch(f"{module.__name__}.{name} no longer takes the arguments of server.lora_cpu.{name}")
+
+
+def patch_lora_grouped(module) -> None:
+    """Make vLLM's CPU punica wrapper multiply each adapter's tokens as one matrix product
+    (`server.lora_cpu`). Idempotent."""
+    from server import lora_cpu
+
+    for name in lora_cpu.OPS:
+        setattr(module, name, getattr(lora_cpu, name))
+
+
 # --- the entry point ----------------------------------------------------------------------------
 
 def install(name: str, probe: Callable[[], None], patch: Callable[[], None]) -> bool:
@@ -436,6 +464,12 @@ def install(name: str, probe: Callable[[], None], patch: Callable[[], None]) -> 
         return False
     STATUS[name] = "installed"
     return True
+
+
+def _punica_cpu():
+    import importlib
+
+    return importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
 
 
 def install_worker_patches() -> dict[str, str]:
@@ -473,9 +507,11 @@ def install_worker_patches() -> dict[str, str]:
             install(BLOCK16, lambda: probe_block16(cpu_backend), lambda: allow_block_size_16(cpu_backend))
         if cpu_runner is not None:  # the CUDA runner's generators have offsets: nothing to fix there
             install(SEED_FIX, lambda: probe_seed_fix(cpu_runner), lambda: patch_seed_fix(cpu_runner))
+            install(LORA_GROUPED, lambda: probe_lora_grouped(_punica_cpu()), lambda: patch_lora_grouped(_punica_cpu()))
         else:
             STATUS.setdefault(BLOCK16, "not a CPU engine")
             STATUS.setdefault(SEED_FIX, "not a CPU engine")
+            STATUS.setdefault(LORA_GROUPED, "not a CPU engine")
     skipped = {name: why for name, why in STATUS.items() if why not in ("installed", "not a CPU engine")}
     if skipped and skipped != _warned:
         _warned.clear()

@@ -34,9 +34,24 @@ def lora_groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     return [(int(slot), (indices == slot).nonzero().squeeze(1)) for slot in torch.unique(indices).tolist()]
 
 
-def _weights(stacked: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+_ZERO_SLOTS: dict[int, tuple[int, dict[int, bool]]] = {}
+"""id(stacked weights) -> (their torch version counter, slot -> all zero): vLLM wraps every linear
+layer of the model, so an adapter on q/k/v/o leaves the MLP layers' slots zero; those are skipped.
+The version counter moves whenever vLLM writes a slot (loading or removing an adapter)."""
+
+
+def _weights(stacked: torch.Tensor, slot: int) -> torch.Tensor | None:
+    """Slot `slot` of stacked LoRA weights as (out, in), or None when it is all zero."""
+    version, zero = _ZERO_SLOTS.get(id(stacked), (None, None))
+    if version != stacked._version:
+        zero = {}
+        _ZERO_SLOTS[id(stacked)] = (stacked._version, zero)
+    if slot not in zero:
+        zero[slot] = not bool(stacked[slot].any())
+    if zero[slot]:
+        return None
     w = stacked[slot]
-    return (w.squeeze(0) if w.dim() == 3 else w).to(dtype)  # (out, in)
+    return w.squeeze(0) if w.dim() == 3 else w
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -52,31 +67,35 @@ def _zero(out: torch.Tensor, rows: torch.Tensor | None) -> None:
 
 def bgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
                 lora_indices_tensor: torch.Tensor, scaling: float = 1.0) -> None:
-    """output[:, :r] = scaling * inputs @ A[slot].T per token (0 for tokens without LoRA)."""
+    """output[:, :r] = scaling * inputs @ A[slot].T per token (0 for tokens without LoRA). The
+    product runs in the weights' dtype (bf16 on a bf16 engine: the native kernels) and lands in the
+    output's (the punica buffers are float32)."""
     r = lora_a_weights.shape[-2]
     out = output_tensor[:, :r]
-    dtype = output_tensor.dtype
     for slot, rows in lora_groups(lora_indices_tensor[: inputs.shape[0]]):
-        if slot < 0:
+        w = _weights(lora_a_weights, slot) if slot >= 0 else None
+        if w is None:
             _zero(out, rows)
             continue
-        value = scaling * (_rows(inputs, rows).to(dtype) @ _weights(lora_a_weights, slot, dtype).T)
+        value = _rows(inputs, rows).to(w.dtype) @ w.T
+        if scaling != 1.0:
+            value = value * scaling
         if rows is None:
             out.copy_(value)
         else:
-            out.index_copy_(0, rows, value)
+            out.index_copy_(0, rows, value.to(out.dtype))
 
 
 def _expand_into(out: torch.Tensor, inputs: torch.Tensor, lora_b_weights: torch.Tensor,
                  lora_indices_tensor: torch.Tensor, add_inputs: bool) -> None:
-    dtype = out.dtype
     width = out.shape[1]
     for slot, rows in lora_groups(lora_indices_tensor[: inputs.shape[0]]):
-        if slot < 0:
+        w = _weights(lora_b_weights, slot) if slot >= 0 else None
+        if w is None:
             if not add_inputs:
                 _zero(out, rows)
             continue
-        value = _rows(inputs, rows).to(dtype) @ _weights(lora_b_weights, slot, dtype)[:width].T
+        value = (_rows(inputs, rows).to(w.dtype) @ w[:width].T).to(out.dtype)
         if rows is None and add_inputs:
             out.add_(value)  # broadcasts a single input row over every output row, as the torch op does
         elif rows is None:

@@ -33,7 +33,13 @@ def test_plugin_entry_point_patches_the_cpu_backend():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
 
     status = install_worker_patches()
-    assert status == {"value_heads": "installed", "block16": "installed", "seed_fix": "installed"}
+    assert status == {"value_heads": "installed", "block16": "installed", "seed_fix": "installed",
+                      "lora_grouped": "installed"}
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from server import lora_cpu
+
+    assert punica_cpu.bgmv_shrink is lora_cpu.bgmv_shrink and punica_cpu.sgmv_expand_slice is lora_cpu.sgmv_expand_slice
     (size,) = CPUAttentionBackend.get_supported_kernel_block_sizes()
     assert size.base == 16
     import torch
@@ -235,6 +241,21 @@ def test_the_seed_fix_is_skipped_when_vllm_no_longer_rewinds_generators(fresh_st
         engine_patches.probe_seed_fix(Runner)
 
 
+def test_the_lora_ops_are_left_alone_when_vllm_changes_their_arguments(fresh_status):
+    from server import lora_cpu
+
+    module = SimpleNamespace(__name__="punica_cpu", **{name: getattr(lora_cpu, name) for name in lora_cpu.OPS})
+    engine_patches.probe_lora_grouped(module)
+    module.bgmv_expand = lambda inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_input=True: None
+    assert not engine_patches.install(engine_patches.LORA_GROUPED, lambda: engine_patches.probe_lora_grouped(module),
+                                      lambda: engine_patches.patch_lora_grouped(module))
+    assert "bgmv_expand no longer takes" in fresh_status["lora_grouped"]
+    module.bgmv_expand = lora_cpu.bgmv_expand
+    del module.sgmv_shrink
+    with pytest.raises(engine_patches.PatchMismatch, match="sgmv_shrink is missing"):
+        engine_patches.probe_lora_grouped(module)
+
+
 def test_another_vllm_line_gets_no_patches_and_one_warning(fresh_status, monkeypatch, caplog):
     import vllm
 
@@ -242,7 +263,7 @@ def test_another_vllm_line_gets_no_patches_and_one_warning(fresh_status, monkeyp
     with caplog.at_level(logging.WARNING, logger="server.engine_patches"):
         status = install_worker_patches()
         install_worker_patches()  # vLLM loads plugins once per process, but twice must not warn twice
-    assert all("not the tested 0.32.x line" in why for why in status.values()) and len(status) == 3
+    assert all("not the tested 0.32.x line" in why for why in status.values()) and len(status) == 4
     (record,) = [r for r in caplog.records if r.name == "server.engine_patches"]
     assert "value_heads" in record.message and "the scorer values candidates" in record.message
     assert "KV blocks of 32" in record.message
