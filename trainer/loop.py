@@ -109,7 +109,8 @@ class LoopConfig(BaseModel):
     distill_preset: str = "full"
     """Distillation preset (trainer/presets/distill/*.yaml) or a YAML path."""
     distill_options: dict[str, Any] = Field(default_factory=dict)
-    """Overrides of the distillation preset (DistillConfig options)."""
+    """Overrides of the distillation preset (DistillConfig options); a method's name as the key
+    holds overrides for that method alone (`distill_options.apa.lam=0.025`)."""
     progress: bool = True
 
     @field_validator("distill", mode="before")
@@ -141,10 +142,15 @@ class LoopConfig(BaseModel):
     def distill_config(self, method: str, **overrides: Any):
         """The distillation config of `method`: `distill_preset` with `distill_options` over it; no
         sampling from the trainer (the loop evaluates through the server), unless an option asks."""
-        from trainer.distill_config import DistillConfig
+        from trainer.distill_config import METHODS, DistillConfig
 
+        shared = {k: v for k, v in self.distill_options.items() if k not in METHODS}
+        own = self.distill_options.get(method) or {}
+        if not isinstance(own, dict):
+            raise ValueError(f"distill_options.{method} must hold options of that method (e.g. "
+                             f"distill_options.{method}.lr=1e-4), not {own!r}")
         return DistillConfig.from_preset(self.distill_preset,
-                                         **{"eval_prompts": 0, **overrides, **flatten(self.distill_options),
+                                         **{"eval_prompts": 0, **overrides, **flatten(shared), **flatten(own),
                                             "method": method})
 
     def train_config(self, **overrides: Any):
@@ -188,6 +194,8 @@ def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 RESUMABLE_OPTIONS = frozenset({"iterations", "progress", "publish_timeout", "concurrency", "distill"})
 """Options a run may be resumed with changed (more iterations, distillation added afterwards)."""
+DISTILL_OPTIONS = frozenset({"distill_preset", "distill_options"})
+"""Options a run may be resumed with changed until its first distillation stage has finished."""
 
 DISTILL_LABELS = {"apa": "APA", "is-dpo": "IS-DPO", "is-ipo": "IS-IPO"}
 
@@ -209,8 +217,11 @@ class RunState:
                 raise LoopError(f"{path}: unknown state format {data.get('format')!r}")
             old = data.get("config", {})
             defaults = LoopConfig.model_fields
+            resumable = RESUMABLE_OPTIONS
+            if not any(key.startswith("distill/") for key in data.get("stages", {})):
+                resumable = resumable | DISTILL_OPTIONS
             changed = {k: (old.get(k), v) for k, v in config.to_dict().items()
-                       if k not in RESUMABLE_OPTIONS and old.get(k, defaults[k].get_default(call_default_factory=True)) != v}
+                       if k not in resumable and old.get(k, defaults[k].get_default(call_default_factory=True)) != v}
             if changed:
                 raise LoopError(f"{run_dir} was started with other settings {changed} (old, new); resume it with the "
                                 "same preset and options, or use a new --run-dir")

@@ -46,13 +46,27 @@ def test_distill_option_takes_lists_commas_and_presets():
     assert smoke.max_steps == 2 and smoke.eval_prompts == 0 and smoke.method == "apa"
 
 
+def test_distill_options_named_after_a_method_apply_to_it_alone():
+    config = LoopConfig.from_preset("smoke", distill=["apa", "is-dpo"],
+                                    **{"distill_options.lr": "3e-4", "distill_options.apa.lam": "0.025",
+                                       "distill_options.is-dpo.epochs": "3"})
+    apa, dpo = config.distill_config("apa"), config.distill_config("is-dpo")
+    assert (apa.lr, apa.lam, apa.epochs) == (3e-4, 0.025, 1) and (dpo.lr, dpo.epochs) == (3e-4, 3)
+    assert dpo.lam != 0.025
+    with pytest.raises(ValueError, match="epoch"):  # misspelt inside a method's block: refused too
+        LoopConfig.from_preset("smoke", distill=["is-dpo"], **{"distill_options.is-dpo.epoch": "3"})
+
+
 def test_distillation_can_be_added_to_a_finished_run(tmp_path):
     state = RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke"))
     state.finish("it1/rollout", {"seconds": 1.0})
     again = RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
     assert again.stage("it1/rollout") == {"seconds": 1.0} and again.data["config"]["distill"] == ["apa"]
+    tuned = LoopConfig.from_preset("smoke", distill=["apa"], distill_preset="full", **{"distill_options.apa.lam": "0.05"})
+    again = RunState.open(tmp_path / "run", tuned)  # nothing distilled yet: its settings may still change
+    again.finish("distill/apa/train", {"policy": "x"})
     with pytest.raises(LoopError, match="distill_preset"):
-        RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill_preset="full"))
+        RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
 
 
 def test_the_server_must_serve_the_loops_policy_registry(tmp_path):
