@@ -247,8 +247,11 @@ def loop(
         options = dict(parse_override(o) for o in overrides)
         if distill:
             options["distill"] = distill
-        config = LoopConfig.from_preset(preset, task=task, iterations=iterations, name=name, progress=progress,
-                                        **options)
+        flags = {"task": task, "iterations": iterations, "name": name, "progress": progress}
+        for key in sorted(set(flags) & set(options)):
+            raise ValueError(f"--set {key}=... repeats an option of its own: use --{key}"
+                             + (" / --no-progress" if key == "progress" else ""))
+        config = LoopConfig.from_preset(preset, **flags, **options)
     except ValueError as exc:
         _fail(str(exc))
     try:

@@ -115,3 +115,13 @@ def test_train_refuses_unlabelled_rollouts(app, tmp_path, tiny_backbone):
 def test_doctests(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize("flag", ["progress=false", "iterations=2", "name=x"])
+def test_loop_refuses_a_set_that_repeats_one_of_its_flags(tmp_path, flag):
+    from iro.cli import app as iro_app
+
+    result = invoke(iro_app, "loop", "--task", "review-sentiment", "--run-dir", tmp_path / "run", "--set", flag)
+    key = flag.split("=")[0]
+    assert result.exit_code == 2 and f"--set {key}=... repeats an option of its own: use --{key}" in result.output
+    assert not (tmp_path / "run").exists()
