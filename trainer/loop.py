@@ -535,6 +535,9 @@ class IroLoop:
             if training.get("loop_run") == self.state.run_id and training.get("method") == method:
                 log.info("distill %s: adopting %s v%d, already published by this run", method, name, current)
                 return self._distill_info(name, current, adopted=True)
+        # Samples of an earlier policy under this name (a re-distillation) must not pass for this one's:
+        # the eval stage resumes from this file.
+        (self.run_dir / "eval" / f"{self._policy_method(method).file_stem()}.jsonl").unlink(missing_ok=True)
         data = self._dir(T) / "labelled.jsonl"
         examples, skipped = examples_from_records(read_rollouts(data))
         if not examples:
@@ -595,14 +598,18 @@ class IroLoop:
         with IroClient(self.server, api_key=self.api_key) as client:
             return {card.id for card in client.models().data}
 
+    @staticmethod
+    def _policy_method(method: str, model: str | None = None) -> Method:
+        return Method(f"distilled-{method}", f"distilled ({DISTILL_LABELS.get(method, method)})", "distilled",
+                      model=model)
+
     def evaluate_policy(self, method: str) -> dict[str, Any]:
         """The distilled policy on the held-out prompts: plain sampling (N = 1) through its model
         name, with base's max_tokens, temperature and seeds."""
         from common.model_store import resolve_model
 
         trained = self.state.stage(f"distill/{method}/train")
-        label = f"distilled ({DISTILL_LABELS.get(method, method)})"
-        policy = Method(f"distilled-{method}", label, "distilled", model=trained["policy"])
+        policy = self._policy_method(method, trained["policy"])
         template = self._template(seed=self.config.seed * 1000 + 999, tokenizer=str(resolve_model(self.model)))
         result = evaluate_method(policy, self._eval_prompts(), self.run_dir / "eval", reward=self.task.reward,
                                  template=template)

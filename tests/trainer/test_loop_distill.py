@@ -115,8 +115,12 @@ def test_distill_stage_publishes_a_policy_and_adopts_it_after_a_kill(tmp_path):
     loop = make_loop(tmp_path, model=model)
     labelled_rollouts(loop.run_dir / "it1" / "labelled.jsonl")
     loop.state.set_version(1, 1)
+    stale = loop.run_dir / "eval" / "distilled-is-dpo.jsonl"  # an earlier policy's samples under this name
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text('{"prompt_id": "p0", "response": "old"}\n')
     info = loop.distill("is-dpo")
     assert info["policy"] == "rev-is-dpo" and info["version"] == 1 and not info["adopted"]
+    assert not stale.exists()  # the eval stage samples the new policy instead of resuming from them
     assert info["steps"] == 2 and info["kl_to_base"] is not None and info["distill_seconds"] > 0
     manifest = loop.policies.manifest("rev-is-dpo", 1)
     assert manifest.method == "is-dpo" and manifest.training["loop_run"] == loop.state.run_id
