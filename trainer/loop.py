@@ -170,8 +170,18 @@ class LoopConfig(BaseModel):
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> LoopConfig:
-        """A preset by name (`smoke`, `full`; trainer/presets/loop/) or a YAML path, plus overrides."""
-        return cls.from_dict(merge(nest(load_preset(preset, PRESETS_DIR, "loop preset")), nest(overrides, TEXT_OPTIONS)))
+        """A preset by name (`smoke`, `full`; trainer/presets/loop/) or a YAML path, plus overrides.
+
+        A distillation option given for all methods (`distill_options.lr=...`) replaces the preset's
+        per-method value of it (`distill_options.apa.lr`): what the user sent wins."""
+        base, extra = nest(load_preset(preset, PRESETS_DIR, "loop preset")), nest(overrides, TEXT_OPTIONS)
+        from trainer.distill_config import METHODS
+
+        shared = {k for k in (extra.get("distill_options") or {}) if k not in METHODS}
+        for method, options in (base.get("distill_options") or {}).items():
+            if method in METHODS and isinstance(options, dict):
+                base["distill_options"][method] = {k: v for k, v in options.items() if k not in shared}
+        return cls.from_dict(merge(base, extra))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
