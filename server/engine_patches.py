@@ -2,7 +2,7 @@
 `iro_worker_patches` (`install_worker_patches`).
 
 vLLM runs its general plugins in every process it starts, so the engine's worker gets the patches
-too. Five patches, each probed before it is installed (vLLM version, and the classes, methods and
+too. Four patches, each probed before it is installed (vLLM version, and the classes, methods and
 parameters it wraps); a patch whose probe fails is skipped with one warning and its feature falls
 back instead of failing at run time:
 
@@ -12,7 +12,6 @@ back instead of failing at run time:
 | `block16` | the CPU attention backend | 16-token KV blocks | blocks of 32 |
 | `seed_fix` | `CPUModelRunner` (CPU only) | seeded sampling with chunked prefill | none |
 | `lora_grouped` | vLLM's CPU punica ops (CPU only) | policy adapters at near base cost (`server.lora_cpu`) | vLLM's per-token ops |
-| `no_spin` | vLLM's shared-memory queue readers (CPU only) | no busy-polling between engine processes | busy-polling |
 
 A fourth, `server.grammar_prefix` (structured outputs that continue a beam, in the engine core),
 is installed by the same entry point and probes itself; without it a guided request with
@@ -38,7 +37,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -50,12 +48,11 @@ log = logging.getLogger(__name__)
 TESTED_VLLM = "0.32."
 """vLLM release line these patches were written against (its private methods change between lines)."""
 
-VALUE_HEADS, BLOCK16, SEED_FIX, LORA_GROUPED, NO_SPIN = "value_heads", "block16", "seed_fix", "lora_grouped", "no_spin"
+VALUE_HEADS, BLOCK16, SEED_FIX, LORA_GROUPED = "value_heads", "block16", "seed_fix", "lora_grouped"
 FALLBACKS = {VALUE_HEADS: "the scorer values candidates instead of engine heads",
              BLOCK16: "KV blocks of 32 tokens instead of 16",
              SEED_FIX: "seeded requests may crash the CPU engine when batched with a chunked prefill",
-             LORA_GROUPED: "vLLM's per-token CPU LoRA ops (policy adapters serve slower)",
-             NO_SPIN: "vLLM's processes busy-poll each other's queues (less CPU for the model)"}
+             LORA_GROUPED: "vLLM's per-token CPU LoRA ops (policy adapters serve slower)"}
 
 STATUS: dict[str, str] = {}
 """patch -> "installed", or why it was not, for this process (filled by `install_worker_patches`)."""
@@ -185,6 +182,8 @@ def _keep_layers(runner) -> None:
     only `hidden`, so the runner's own code sees what it always sees. Nothing happens when the model
     does not support it or EAGLE-3 already uses the mechanism (the server computes the same
     condition, `server.engine.engine_value_layers`, and values such requests with the scorer)."""
+    import os
+
     from vllm.model_executor.models.interfaces import supports_eagle3
 
     model = runner.model
@@ -448,47 +447,6 @@ def patch_lora_grouped(module) -> None:
         setattr(module, name, getattr(lora_cpu, name))
 
 
-# --- no busy-polling between the engine's processes (CPU) ---------------------------------------
-
-SPIN_ENV = "IRO_VLLM_SPIN"
-"""Set to 1 to keep vLLM's busy polling on CPU (no `no_spin` patch)."""
-KEPT_SPIN = f"off ({SPIN_ENV}=1)"
-
-
-def probe_no_spin(cls) -> None:
-    check_method(cls, "__init__", ("is_reader", "context", "notify_address", "busy_loop_s"))
-    check_method(cls, "wait", ("timeout_ms",))
-    try:
-        source = inspect.getsource(cls.wait)
-    except (OSError, TypeError):
-        raise PatchMismatch(f"{cls.__name__}.wait has no readable source") from None
-    if "busy_loop_s" not in source or "poll(" not in source:
-        raise PatchMismatch(f"{cls.__name__}.wait no longer chooses between spinning and polling by busy_loop_s")
-
-
-def patch_no_spin(cls) -> None:
-    """Make vLLM's shared-memory queue readers (`SpinCondition`) wait on their notification socket
-    instead of spinning on `sched_yield` for a second after each read. Idempotent.
-
-    Why: the engine core reads the worker's results from such a queue, and while the worker runs a
-    forward pass the engine core spun on `sched_yield` (py-spy: 2,028 of its 2,297 samples during a
-    guided benchmark), on the same two cores as the worker's two OpenMP threads. Every write already
-    sends a notification (`MessageQueue.enqueue`), so a blocked reader wakes as soon as there is
-    something to read: the cost is one socket wake-up per step (tens of microseconds against steps of
-    tens to hundreds of milliseconds on CPU). On a GPU the spin buys latency at the price of cores
-    the host has, so this patch is CPU only."""
-    if _own(cls, "_iro_no_spin"):
-        return
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self, is_reader, context, notify_address, busy_loop_s: float = 1):
-        init(self, is_reader, context, notify_address, busy_loop_s=0)
-
-    cls.__init__ = __init__
-    cls._iro_no_spin = True
-
-
 # --- the entry point ----------------------------------------------------------------------------
 
 def install(name: str, probe: Callable[[], None], patch: Callable[[], None]) -> bool:
@@ -512,12 +470,6 @@ def _punica_cpu():
     import importlib
 
     return importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
-
-
-def _spin_condition():
-    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-
-    return SpinCondition
 
 
 def install_worker_patches() -> dict[str, str]:
@@ -556,16 +508,11 @@ def install_worker_patches() -> dict[str, str]:
         if cpu_runner is not None:  # the CUDA runner's generators have offsets: nothing to fix there
             install(SEED_FIX, lambda: probe_seed_fix(cpu_runner), lambda: patch_seed_fix(cpu_runner))
             install(LORA_GROUPED, lambda: probe_lora_grouped(_punica_cpu()), lambda: patch_lora_grouped(_punica_cpu()))
-            if os.environ.get(SPIN_ENV) == "1":
-                STATUS[NO_SPIN] = KEPT_SPIN
-            else:
-                install(NO_SPIN, lambda: probe_no_spin(_spin_condition()), lambda: patch_no_spin(_spin_condition()))
         else:
             STATUS.setdefault(BLOCK16, "not a CPU engine")
             STATUS.setdefault(SEED_FIX, "not a CPU engine")
             STATUS.setdefault(LORA_GROUPED, "not a CPU engine")
-            STATUS.setdefault(NO_SPIN, "not a CPU engine")
-    skipped = {name: why for name, why in STATUS.items() if why not in ("installed", "not a CPU engine", KEPT_SPIN)}
+    skipped = {name: why for name, why in STATUS.items() if why not in ("installed", "not a CPU engine")}
     if skipped and skipped != _warned:
         _warned.clear()
         _warned.update(skipped)

@@ -34,7 +34,7 @@ def test_plugin_entry_point_patches_the_cpu_backend():
 
     status = install_worker_patches()
     assert status == {"value_heads": "installed", "block16": "installed", "seed_fix": "installed",
-                      "lora_grouped": "installed", "no_spin": "installed"}
+                      "lora_grouped": "installed"}
     from vllm.lora.punica_wrapper import punica_cpu
 
     from server import lora_cpu
@@ -256,33 +256,6 @@ def test_the_lora_ops_are_left_alone_when_vllm_changes_their_arguments(fresh_sta
         engine_patches.probe_lora_grouped(module)
 
 
-def test_queue_readers_block_on_their_socket_instead_of_spinning(fresh_status):
-    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-
-    assert SpinCondition._iro_no_spin  # the real one, patched by the plugin entry point in this process
-
-    class Condition:
-        def __init__(self, is_reader, context, notify_address, busy_loop_s: float = 1):
-            self.busy_loop_s = busy_loop_s
-
-        def wait(self, timeout_ms=None):
-            if self.busy_loop_s:
-                return
-            self.poller.poll(timeout=timeout_ms)
-
-    engine_patches.probe_no_spin(Condition)
-    engine_patches.patch_no_spin(Condition)
-    engine_patches.patch_no_spin(Condition)  # idempotent
-    assert Condition(True, None, "ipc://x").busy_loop_s == 0 and Condition(True, None, "x", 5.0).busy_loop_s == 0
-
-    class Spinner(Condition):
-        def wait(self, timeout_ms=None):
-            return None  # no longer decides by busy_loop_s
-
-    with pytest.raises(engine_patches.PatchMismatch, match="no longer chooses"):
-        engine_patches.probe_no_spin(Spinner)
-
-
 def test_another_vllm_line_gets_no_patches_and_one_warning(fresh_status, monkeypatch, caplog):
     import vllm
 
@@ -290,7 +263,7 @@ def test_another_vllm_line_gets_no_patches_and_one_warning(fresh_status, monkeyp
     with caplog.at_level(logging.WARNING, logger="server.engine_patches"):
         status = install_worker_patches()
         install_worker_patches()  # vLLM loads plugins once per process, but twice must not warn twice
-    assert all("not the tested 0.32.x line" in why for why in status.values()) and len(status) == 5
+    assert all("not the tested 0.32.x line" in why for why in status.values()) and len(status) == 4
     (record,) = [r for r in caplog.records if r.name == "server.engine_patches"]
     assert "value_heads" in record.message and "the scorer values candidates" in record.message
     assert "KV blocks of 32" in record.message
