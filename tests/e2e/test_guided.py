@@ -212,7 +212,7 @@ def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     before = scorer_passes(server)
     resp = server.openai().chat.completions.with_raw_response.create(
-        model=f"{server.model_id}+{name}", messages=messages, max_tokens=8, temperature=0.9, n=2,
+        model=f"{server.model_id}+{name}", messages=messages, max_tokens=8, temperature=0.9, n=2, seed=11,
         extra_body={"guidance": {"mode": "bon", "k": 6}})
     assert scorer_passes(server) == before  # no value forward pass: the engine did the scoring
     body = json.loads(resp.text)
@@ -225,9 +225,12 @@ def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(
                                          "responses": [text for text, _ in choices]})
     assert r.status_code == 200, r.text
     assert scorer_passes(server) > before
+    # bf16 engine kernels vs the scorer's bf16 Hugging Face forward: close, not bit-equal. The layer
+    # head sums 1,728 features from three residual streams that went through different attention
+    # kernels for up to 27 layers: differences up to 0.07 were seen on scores of ~0.2 (unseeded runs).
+    atol, rtol = (0.05, 0.03) if layers is None else (0.08, 0.05)
     for (text, engine_score), scorer_score in zip(choices, r.json()["scores"]):
-        # bf16 engine kernels vs the scorer's bf16 Hugging Face forward: close, not bit-equal
-        assert abs(engine_score - scorer_score) <= 0.05 + 0.03 * abs(scorer_score), (text, engine_score, scorer_score)
+        assert abs(engine_score - scorer_score) <= atol + rtol * abs(scorer_score), (text, engine_score, scorer_score)
 
 
 # ----------------------------------------------------------------------------- sampling fields on guided requests
