@@ -13,7 +13,7 @@ back instead of failing at run time:
 | `seed_fix` | `CPUModelRunner` (CPU only) | seeded sampling with chunked prefill | none |
 | `lora_grouped` | vLLM's CPU punica ops (CPU only) | policy adapters at near base cost (`server.lora_cpu`) | vLLM's per-token ops |
 
-A fourth, `server.grammar_prefix` (structured outputs that continue a beam, in the engine core),
+A fifth, `server.grammar_prefix` (structured outputs that continue a beam, in the engine core),
 is installed by the same entry point and probes itself; without it a guided request with
 `response_format` is refused with a 400.
 
@@ -60,7 +60,7 @@ _warned: dict[str, str] = {}
 
 VALUE_HEADS_ARG = "iro_value_heads"
 """`SamplingParams.extra_args` key of linear value heads: m rows of [w_1..w_D, bias], as float32
-bytes (`encode_heads`; lists of floats are read too). Bytes because vLLM walks every element of
+bytes (`encode_heads`). Bytes because vLLM walks every element of
 `extra_args` in Python each time it builds or receives the params (`_verify_extra_args`, in the
 API, engine-core and worker processes): with 1,729 floats per head (three 576-wide layers) that
 walk was about a tenth of a guided search's time (py-spy, bench.profile_guided)."""
@@ -234,13 +234,11 @@ def encode_heads(heads) -> bytes:
     return np.asarray(heads, dtype=np.float32).tobytes()
 
 
-def decode_heads(raw, width: int):
-    """(m, width) float32 tensor of `VALUE_HEADS_ARG`'s value (bytes of `encode_heads`, or lists)."""
+def decode_heads(raw: bytes, width: int):
+    """(m, width) float32 tensor of `VALUE_HEADS_ARG`'s value (`encode_heads`)."""
     import torch
 
-    if isinstance(raw, (bytes, bytearray, memoryview)):
-        return torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).reshape(-1, width)
-    return torch.tensor(raw, dtype=torch.float32).reshape(-1, width)
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).reshape(-1, width)
 
 
 def _heads_of(state, hidden_size: int):
@@ -467,9 +465,9 @@ def install(name: str, probe: Callable[[], None], patch: Callable[[], None]) -> 
 
 
 def _punica_cpu():
-    import importlib
+    from vllm.lora.punica_wrapper import punica_cpu
 
-    return importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
+    return punica_cpu
 
 
 def install_worker_patches() -> dict[str, str]:

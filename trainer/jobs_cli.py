@@ -248,9 +248,10 @@ def loop(
         if distill:
             options["distill"] = distill
         flags = {"task": task, "iterations": iterations, "name": name, "progress": progress}
-        for key in sorted(set(flags) & set(options)):
-            raise ValueError(f"--set {key}=... repeats an option of its own: use --{key}"
-                             + (" / --no-progress" if key == "progress" else ""))
+        clash = sorted(set(flags) & set(options))
+        if clash:
+            raise ValueError(f"--set {clash[0]}=... repeats an option of its own: use --{clash[0]}"
+                             + (" / --no-progress" if clash[0] == "progress" else ""))
         config = LoopConfig.from_preset(preset, **flags, **options)
     except ValueError as exc:
         _fail(str(exc))

@@ -174,9 +174,9 @@ class LoopConfig(BaseModel):
 
         A distillation option given for all methods (`distill_options.lr=...`) replaces the preset's
         per-method value of it (`distill_options.apa.lr`): what the user sent wins."""
-        base, extra = nest(load_preset(preset, PRESETS_DIR, "loop preset")), nest(overrides, TEXT_OPTIONS)
         from trainer.distill_config import METHODS
 
+        base, extra = nest(load_preset(preset, PRESETS_DIR, "loop preset")), nest(overrides, TEXT_OPTIONS)
         shared = {k for k in (extra.get("distill_options") or {}) if k not in METHODS}
         for method, options in (base.get("distill_options") or {}).items():
             if method in METHODS and isinstance(options, dict):

@@ -99,7 +99,7 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
     heads = [[1.0, 0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 2.0, -1.0]]
     params = lambda extra: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))  # noqa: E731
     runner.requests = {"a": params(None), "b": params({VALUE_HEADS_ARG: encode_heads(heads)}), "c": params({"other": 1}),
-                       "d": params({VALUE_HEADS_ARG: heads[1:]})}
+                       "d": params({VALUE_HEADS_ARG: encode_heads(heads[1:])})}
     meta = Meta(max_num_logprobs=2)
     num_logprobs = {"b": 1, "d": 0} | ({"a": 2} if plain_logprobs else {})
     runner.input_batch = SimpleNamespace(req_ids=["a", "b", "c", "d"], sampling_metadata=meta, num_logprobs=num_logprobs)
@@ -127,7 +127,7 @@ def test_value_heads_on_residual_layers_read_the_aux_hidden_states_at_the_sample
     import torch
     import vllm.model_executor.models.interfaces as interfaces
 
-    from server.engine_patches import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, patch_value_heads
+    from server.engine_patches import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, encode_heads, patch_value_heads
     from valuefn.model import rms_normalise
 
     H, tokens = 4, 7
@@ -175,9 +175,9 @@ def test_value_heads_on_residual_layers_read_the_aux_hidden_states_at_the_sample
     assert runner.model.layers == (3,)
     head = [1.0, 0.0, 0.0, 2.0, 0.5]
     params = lambda extra: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))  # noqa: E731
-    runner.requests = {"a": params({VALUE_HEADS_ARG: [head], VALUE_LAYERS_ARG: [3]}),
-                       "b": params({VALUE_HEADS_ARG: [head]}),
-                       "c": params({VALUE_HEADS_ARG: [head], VALUE_LAYERS_ARG: [4]})}
+    runner.requests = {"a": params({VALUE_HEADS_ARG: encode_heads([head]), VALUE_LAYERS_ARG: [3]}),
+                       "b": params({VALUE_HEADS_ARG: encode_heads([head])}),
+                       "c": params({VALUE_HEADS_ARG: encode_heads([head]), VALUE_LAYERS_ARG: [4]})}
     runner.input_batch = SimpleNamespace(req_ids=["a", "b", "c"], sampling_metadata=Meta(max_num_logprobs=0),
                                          num_logprobs={"a": 0, "b": 0, "c": 0})
     x = torch.randn(tokens, H)
