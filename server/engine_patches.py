@@ -2,7 +2,7 @@
 `iro_worker_patches` (`install_worker_patches`).
 
 vLLM runs its general plugins in every process it starts, so the engine's worker gets the patches
-too. Four patches, each probed before it is installed (vLLM version, and the classes, methods and
+too. Five patches, each probed before it is installed (vLLM version, and the classes, methods and
 parameters it wraps); a patch whose probe fails is skipped with one warning and its feature falls
 back instead of failing at run time:
 
@@ -12,8 +12,9 @@ back instead of failing at run time:
 | `block16` | the CPU attention backend | 16-token KV blocks | blocks of 32 |
 | `seed_fix` | `CPUModelRunner` (CPU only) | seeded sampling with chunked prefill | none |
 | `lora_grouped` | vLLM's CPU punica ops (CPU only) | policy adapters at near base cost (`server.lora_cpu`) | vLLM's per-token ops |
+| `lora_compiled` | vLLM's CPU punica wrapper and platform (CPU only) | a compiled engine with a policy registry | uncompiled with a registry |
 
-A fifth, `server.grammar_prefix` (structured outputs that continue a beam, in the engine core),
+A sixth, `server.grammar_prefix` (structured outputs that continue a beam, in the engine core),
 is installed by the same entry point and probes itself; without it a guided request with
 `response_format` is refused with a 400.
 
@@ -49,10 +50,14 @@ TESTED_VLLM = "0.32."
 """vLLM release line these patches were written against (its private methods change between lines)."""
 
 VALUE_HEADS, BLOCK16, SEED_FIX, LORA_GROUPED = "value_heads", "block16", "seed_fix", "lora_grouped"
+LORA_COMPILED = "lora_compiled"
+LORA_COMPILE_ENV = "IRO_LORA_COMPILE"
+"""0: keep vLLM's CPU default of serving uncompiled whenever LoRA is enabled (the `lora_compiled` patch off)."""
 FALLBACKS = {VALUE_HEADS: "the scorer values candidates instead of engine heads",
              BLOCK16: "KV blocks of 32 tokens instead of 16",
              SEED_FIX: "seeded requests may crash the CPU engine when batched with a chunked prefill",
-             LORA_GROUPED: "vLLM's per-token CPU LoRA ops (policy adapters serve slower)"}
+             LORA_GROUPED: "vLLM's per-token CPU LoRA ops (policy adapters serve slower)",
+             LORA_COMPILED: "with a policy registry the engine runs uncompiled (vLLM's CPU default; every request slower)"}
 
 STATUS: dict[str, str] = {}
 """patch -> "installed", or why it was not, for this process (filled by `install_worker_patches`)."""
@@ -445,6 +450,63 @@ def patch_lora_grouped(module) -> None:
         setattr(module, name, getattr(lora_cpu, name))
 
 
+# --- compiled LoRA (CPU punica wrapper + platform) ------------------------------------------------
+
+def probe_lora_compiled(wrapper_cls: type, platform_cls: type) -> None:
+    """`wrapper_cls` (PunicaWrapperCPU) has the methods `server.lora_cpu.CompiledPunica` replaces,
+    with their parameters; `platform_cls` (CpuPlatform) is the one that turns compilation off for
+    LoRA, in the way `patch_lora_compiled` undoes."""
+    import os
+
+    if os.environ.get(LORA_COMPILE_ENV, "1") == "0":
+        raise PatchMismatch(f"off ({LORA_COMPILE_ENV}=0)")
+    check_method(wrapper_cls, "update_metadata", ("mapping", "lora_index_to_id", "max_loras", "vocab_size"))
+    check_method(wrapper_cls, "add_lora_linear", ("y", "x", "lora_a_stacked", "lora_b_stacked", "scale",
+                                                  "output_slices"))
+    check_method(wrapper_cls, "add_shrink", ("y", "x", "lora_a_stacked", "scale"))
+    check_method(wrapper_cls, "add_expand", ("y", "x", "lora_b_stacked", "output_slices", "offset_start",
+                                             "add_inputs"))
+    check_method(wrapper_cls, "add_lora_embedding", ("y", "x", "lora_b_stacked", "add_inputs"))
+    check_method(platform_cls, "check_and_update_config", ("vllm_config",))
+    try:
+        source = inspect.getsource(platform_cls.check_and_update_config)
+    except (OSError, TypeError):
+        raise PatchMismatch(f"{platform_cls.__name__}.check_and_update_config has no readable source") from None
+    if "lora_config" not in source or source.count("lora_config") != 1:
+        raise PatchMismatch(f"{platform_cls.__name__}.check_and_update_config no longer reads lora_config once "
+                            "(to turn compilation off)")
+
+
+def patch_lora_compiled(wrapper_cls: type, platform_cls: type) -> None:
+    """Serve LoRA with the engine compiled on CPU. Idempotent.
+
+    vLLM's CPU platform sets `CompilationMode.NONE` whenever `lora_config` is set, because its
+    punica wrapper branches in Python on per-step state that a traced model would freeze. The
+    wrapper's model-side methods become custom ops (`server.lora_cpu.patch_compiled`), which a
+    trace keeps as opaque calls, and the platform's config check runs as if LoRA were off, its one
+    use of `lora_config` being that switch (the probe checks). With `enforce_eager` the engine
+    stays uncompiled as always."""
+    from server import lora_cpu
+
+    lora_cpu.patch_compiled(wrapper_cls)
+    if _own(platform_cls, "_iro_lora_compiled"):
+        return
+    original = platform_cls.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        lora = vllm_config.lora_config
+        if lora is None:
+            return original(cls, vllm_config)
+        vllm_config.lora_config = None
+        try:
+            return original(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    platform_cls._iro_lora_compiled = True
+
+
 # --- the entry point ----------------------------------------------------------------------------
 
 def install(name: str, probe: Callable[[], None], patch: Callable[[], None]) -> bool:
@@ -468,6 +530,12 @@ def _punica_cpu():
     from vllm.lora.punica_wrapper import punica_cpu
 
     return punica_cpu
+
+
+def _cpu_platform() -> type:
+    from vllm.platforms.cpu import CpuPlatform
+
+    return CpuPlatform
 
 
 def install_worker_patches() -> dict[str, str]:
@@ -506,10 +574,14 @@ def install_worker_patches() -> dict[str, str]:
         if cpu_runner is not None:  # the CUDA runner's generators have offsets: nothing to fix there
             install(SEED_FIX, lambda: probe_seed_fix(cpu_runner), lambda: patch_seed_fix(cpu_runner))
             install(LORA_GROUPED, lambda: probe_lora_grouped(_punica_cpu()), lambda: patch_lora_grouped(_punica_cpu()))
-        else:
+        if cpu:
+            install(LORA_COMPILED, lambda: probe_lora_compiled(_punica_cpu().PunicaWrapperCPU, _cpu_platform()),
+                    lambda: patch_lora_compiled(_punica_cpu().PunicaWrapperCPU, _cpu_platform()))
+        if cpu_runner is None:
             STATUS.setdefault(BLOCK16, "not a CPU engine")
             STATUS.setdefault(SEED_FIX, "not a CPU engine")
             STATUS.setdefault(LORA_GROUPED, "not a CPU engine")
+            STATUS.setdefault(LORA_COMPILED, "not a CPU engine")
     skipped = {name: why for name, why in STATUS.items() if why not in ("installed", "not a CPU engine")}
     if skipped and skipped != _warned:
         _warned.clear()

@@ -70,9 +70,13 @@ def bgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tenso
     """output[:, :r] = scaling * inputs @ A[slot].T per token (0 for tokens without LoRA). The
     product runs in the weights' dtype (bf16 on a bf16 engine: the native kernels) and lands in the
     output's (the punica buffers are float32)."""
+    _shrink(inputs, lora_a_weights, output_tensor, lora_groups(lora_indices_tensor[: inputs.shape[0]]), scaling)
+
+
+def _shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor, groups, scaling: float):
     r = lora_a_weights.shape[-2]
     out = output_tensor[:, :r]
-    for slot, rows in lora_groups(lora_indices_tensor[: inputs.shape[0]]):
+    for slot, rows in groups:
         w = _weights(lora_a_weights, slot) if slot >= 0 else None
         if w is None:
             _zero(out, rows)
@@ -88,8 +92,13 @@ def bgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tenso
 
 def _expand_into(out: torch.Tensor, inputs: torch.Tensor, lora_b_weights: torch.Tensor,
                  lora_indices_tensor: torch.Tensor, add_inputs: bool) -> None:
+    _expand_groups(out, inputs, lora_b_weights, lora_groups(lora_indices_tensor[: inputs.shape[0]]), add_inputs)
+
+
+def _expand_groups(out: torch.Tensor, inputs: torch.Tensor, lora_b_weights: torch.Tensor, groups,
+                   add_inputs: bool) -> None:
     width = out.shape[1]
-    for slot, rows in lora_groups(lora_indices_tensor[: inputs.shape[0]]):
+    for slot, rows in groups:
         w = _weights(lora_b_weights, slot) if slot >= 0 else None
         if w is None:
             if not add_inputs:
@@ -143,3 +152,202 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
 
 OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 """The torch ops `vllm.lora.punica_wrapper.punica_cpu` imports by name, all replaced."""
+
+
+# --- the punica wrapper as opaque ops (the `lora_compiled` patch) --------------------------------
+#
+# vLLM's CPU platform turns torch.compile off whenever LoRA is enabled (so a server with a policy
+# registry serves even base requests uncompiled): the CPU engine traces its model once
+# (DYNAMO_TRACE_ONCE), and the punica wrapper decides in Python, from per-step state (prefill or
+# decode, which adapter each token uses), what to compute; a trace would freeze the first step's
+# decisions. Here every wrapper method the model's forward calls is one custom op: the trace keeps
+# an opaque call, and the op reads the wrapper's state of the step being run (`_ACTIVE`, set by
+# `update_metadata`, which the runner calls before every forward).
+
+_ACTIVE: list = [None]
+"""The worker's punica wrapper, as of its last `update_metadata` (one per worker process)."""
+
+
+def _step_groups(n: int) -> list[tuple[int, torch.Tensor | None]]:
+    """`lora_groups` of the step's tokens, for an op over `n` rows (computed once per step)."""
+    wrapper = _ACTIVE[0]
+    indices = wrapper.token_lora_indices
+    if indices.shape[0] != n:  # not the step's token count: group these rows afresh
+        pad = torch.full((max(0, n - indices.shape[0]),), -1, dtype=indices.dtype)
+        return lora_groups(torch.cat([indices[:n], pad]))
+    groups = wrapper.__dict__.get("_iro_groups")
+    if groups is None:
+        groups = wrapper._iro_groups = lora_groups(indices)
+    return groups
+
+
+class Gemm:
+    """x @ weight.T for a fixed (N, K) weight: vLLM's prepacked oneDNN GEMM (what its CPU linear
+    layers run) where this vLLM build has it, else torch's matmul. For the small LoRA products the
+    prepacked kernel is ~2x faster (T=256: 16 vs 29 us for 576 -> 48, 29 vs 55 us for 48 -> 960)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.handler, self.weight_t = None, None
+        try:
+            from vllm import _custom_ops as ops
+
+            if ops._supports_onednn and weight.dtype in (torch.bfloat16, torch.float32):
+                self.handler = ops.create_onednn_mm(weight.t(), 32)
+        except Exception:  # noqa: BLE001 - no oneDNN in this build: torch's matmul
+            self.handler = None
+        if self.handler is None:
+            self.weight_t = weight.t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.handler is None:
+            return x.to(self.weight_t.dtype) @ self.weight_t
+        from vllm import _custom_ops as ops
+
+        return ops.onednn_mm(self.handler, x.contiguous(), None)
+
+
+_FUSED: dict[tuple[int, str], tuple[tuple[int, ...], dict[int, Gemm | None]]] = {}
+"""(id(a layer's first stack), "a" | "b") -> (the stacks' version counters, slot -> product or None)."""
+
+
+def _fused(stacks: list[torch.Tensor], slot: int, kind: str) -> Gemm | None:
+    """Slot `slot` of a layer's LoRA slices as one product: "a", x -> every slice's x @ A_i^T side by
+    side (in -> slices x r); "b", the block-diagonal B (slices x r -> sum of out_i). None when the
+    slot is all zero (an adapter that does not touch this layer). Built once and cached until vLLM
+    writes a slot (the version counters move)."""
+    versions = tuple(t._version for t in stacks)
+    cached = _FUSED.get((id(stacks[0]), kind))
+    if cached is None or cached[0] != versions:
+        cached = _FUSED[(id(stacks[0]), kind)] = (versions, {})
+    if slot not in cached[1]:
+        mats = [t[slot].reshape(t.shape[-2], t.shape[-1]) for t in stacks]  # A_i (r, in) / B_i (out_i, r)
+        live = any(bool(m.any()) for m in mats)
+        cached[1][slot] = Gemm(torch.cat(mats) if kind == "a" else torch.block_diag(*mats)) if live else None
+    return cached[1][slot]
+
+
+@torch.library.custom_op("iro::lora_linear", mutates_args=("y",), device_types="cpu")
+def lora_linear(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor], scale: float,
+                slices: list[int]) -> None:
+    """y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T for each token's adapter slot: two
+    matrix products per adapter (`_fused`), in the weights' dtype."""
+    width = sum(slices)
+    if [w.shape[-2] for w in b] != list(slices):  # slices narrower than their B: the two-op path
+        buffer = torch.zeros(len(a), x.shape[0], a[0].shape[-2], dtype=torch.float32)
+        lora_shrink(buffer, x, a, scale)
+        lora_expand(y, list(buffer), b, slices, 0, True)
+        return
+    for slot, rows in _step_groups(x.shape[0]):
+        shrink = _fused(a, slot, "a") if slot >= 0 else None
+        expand = _fused(b, slot, "b") if shrink is not None else None
+        if expand is None:
+            continue
+        h = shrink(_rows(x, rows))
+        if scale != 1.0:
+            h.mul_(scale)
+        out = y[:, :width]
+        delta = expand(h).to(out.dtype)
+        if rows is None:
+            out.add_(delta)
+        else:
+            out.index_add_(0, rows, delta)
+
+
+@torch.library.custom_op("iro::lora_shrink", mutates_args=("y",), device_types="cpu")
+def lora_shrink(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], scale: float) -> None:
+    """y[i] = scale * x @ A_i[slot].T per token (y: (slices, tokens, r)), one product per adapter."""
+    n, rank = len(a), y.shape[-1]
+    for slot, rows in _step_groups(x.shape[0]):
+        shrink = _fused(a, slot, "a") if slot >= 0 else None
+        target = y if rows is None else y[:, rows]
+        if shrink is None:
+            value = torch.zeros_like(target)
+        else:
+            value = shrink(_rows(x, rows)).view(-1, n, rank).transpose(0, 1)
+            if scale != 1.0:
+                value = value * scale
+        if rows is None:
+            y.copy_(value)
+        else:
+            y.index_copy_(1, rows, value.to(y.dtype))
+
+
+@torch.library.custom_op("iro::lora_expand", mutates_args=("y",), device_types="cpu")
+def lora_expand(y: torch.Tensor, x: list[torch.Tensor], b: list[torch.Tensor], slices: list[int], offset: int,
+                add_inputs: bool) -> None:
+    """y[:, slice i] (+)= x[i] @ B_i[slot].T per token, the slices side by side from `offset`, one
+    product per adapter."""
+    if [w.shape[-2] for w in b] != list(slices):  # slices narrower than their B: one product per slice
+        groups = _step_groups(x[0].shape[0])
+        for xi, w, width in zip(x, b, slices):
+            _expand_groups(y[:, offset: offset + width], xi, w, groups, add_inputs)
+            offset += width
+        return
+    out = y[:, offset: offset + sum(slices)]
+    h = torch.cat(x, dim=1) if len(x) > 1 else x[0]
+    for slot, rows in _step_groups(h.shape[0]):
+        expand = _fused(b, slot, "b") if slot >= 0 else None
+        if expand is None:
+            if not add_inputs:
+                _zero(out, rows)
+            continue
+        value = expand(_rows(h, rows).to(b[0].dtype)).to(out.dtype)
+        if rows is None:
+            out.add_(value) if add_inputs else out.copy_(value)
+        elif add_inputs:
+            out.index_add_(0, rows, value)
+        else:
+            out.index_copy_(0, rows, value)
+
+
+@torch.library.custom_op("iro::lora_embedding", mutates_args=("y",), device_types="cpu")
+def lora_embedding(y: torch.Tensor, x: torch.Tensor, b: torch.Tensor, add_inputs: bool) -> None:
+    """y (+)= x @ B[slot].T per token (the embedding's LoRA)."""
+    width = min(b.shape[-2], y.shape[1])
+    _expand_groups(y[:, :width], x, b, _step_groups(x.shape[0]), add_inputs)
+
+
+for _op in (lora_linear, lora_shrink, lora_expand, lora_embedding):
+    _op.register_fake(lambda *args, **kwargs: None)
+
+
+class CompiledPunica:
+    """The methods of vLLM's `PunicaWrapperCPU` that the model's forward calls, as the ops above
+    (`patch_compiled` copies them onto the class); same signatures and semantics."""
+
+    def update_metadata(self, *args, **kwargs):
+        type(self)._iro_update_metadata(self, *args, **kwargs)
+        self._iro_groups = None
+        _ACTIVE[0] = self
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+        torch.ops.iro.lora_linear(y, x, list(lora_a_stacked), list(lora_b_stacked), float(scale), list(output_slices))
+
+    def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+        x = x.view(-1, x.shape[-1])
+        if isinstance(y, torch.Tensor):
+            torch.ops.iro.lora_shrink(y, x, list(lora_a_stacked), float(scale))
+        else:
+            for yi, a in zip(y, lora_a_stacked):
+                torch.ops.iro.lora_shrink(yi.unsqueeze(0), x, [a], float(scale))
+
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
+        torch.ops.iro.lora_expand(y if y.dim() == 2 else y.view(-1, y.shape[-1]), list(x), list(lora_b_stacked), list(output_slices), int(offset_start),
+                                  bool(add_inputs))
+
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+        torch.ops.iro.lora_embedding(y, x, lora_b_stacked, bool(add_inputs))
+
+
+COMPILED_METHODS = ("add_lora_linear", "add_shrink", "add_expand", "add_lora_embedding")
+"""The wrapper methods `CompiledPunica` replaces (besides `update_metadata`, which it wraps)."""
+
+
+def patch_compiled(wrapper_cls: type) -> None:
+    """Make `wrapper_cls` (vLLM's PunicaWrapperCPU) run its model-side methods as custom ops. Idempotent."""
+    if "_iro_update_metadata" in wrapper_cls.__dict__:
+        return
+    wrapper_cls._iro_update_metadata = wrapper_cls.update_metadata
+    wrapper_cls.update_metadata = CompiledPunica.update_metadata
+    for name in COMPILED_METHODS:
+        setattr(wrapper_cls, name, getattr(CompiledPunica, name))

@@ -97,6 +97,41 @@ def test_policy_is_a_model_whose_adapter_is_applied(lora_server):
     assert policy.choices[0].message.content != base.choices[0].message.content  # the adapter changes what it says
 
 
+def test_a_compiled_engine_applies_each_requests_adapter(lora_server, peft_model, tmp_path_factory):
+    """A policy registry no longer turns the CPU engine's compilation off (the `lora_compiled`
+    patch): the compiled engine serves the same policy as the eager one, and in a batch that mixes
+    policy and base requests each gets its own weights (the trace froze no step's adapters)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("lora-compiled")
+    publish(tmp / "policies", "pol", peft_model, seed=1)  # the weights the eager server started with
+    srv = start_server(tmp, env={"IRO_ENFORCE_EAGER": "0"}, args=["--policies-dir", str(tmp / "policies")], wait=480)
+    try:
+        assert "engine: compiled, LoRA on" in srv.log_path.read_text()
+        compiled, eager = srv.openai(), lora_server.openai()
+
+        def first(client, model):
+            r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=1, temperature=0,
+                                               logprobs=True, top_logprobs=5)
+            return {t.token: t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs}
+
+        def close(a, b, tolerance=0.15):  # their top-5 share >= 4 tokens, whose logprobs differ by < tolerance
+            shared = a.keys() & b.keys()
+            return len(shared) >= 4 and max(abs(a[t] - b[t]) for t in shared) < tolerance
+
+        mine, theirs, base = first(compiled, "pol"), first(eager, "pol"), first(compiled, srv.model_id)
+        assert close(mine, theirs), (mine, theirs)
+        assert not close(mine, base, 0.2), (mine, base)
+        models = ["pol", srv.model_id] * 4
+        with ThreadPoolExecutor(8) as pool:  # policy and base requests in the same engine steps
+            firsts = list(pool.map(lambda m: first(compiled, m), models))
+            texts = list(pool.map(lambda m: chat(compiled, m).choices[0].message.content, models))
+        assert all(close(f, mine if m == "pol" else base) for f, m in zip(firsts, models)), firsts
+        assert set(texts[0::2]).isdisjoint(texts[1::2]), texts  # decoding too: each request its own weights
+    finally:
+        stop_server(srv)
+
+
 def test_policy_plus_value_runs_guided_decoding(lora_server):
     with lora_server.http() as http:
         r = http.post("/v1/chat/completions", json={"model": "pol+val", "messages": PROMPT, "max_tokens": 16,

@@ -34,12 +34,13 @@ def test_plugin_entry_point_patches_the_cpu_backend():
 
     status = install_worker_patches()
     assert status == {"value_heads": "installed", "block16": "installed", "seed_fix": "installed",
-                      "lora_grouped": "installed"}
+                      "lora_grouped": "installed", "lora_compiled": "installed"}
     from vllm.lora.punica_wrapper import punica_cpu
 
     from server import lora_cpu
 
     assert punica_cpu.bgmv_shrink is lora_cpu.bgmv_shrink and punica_cpu.sgmv_expand_slice is lora_cpu.sgmv_expand_slice
+    assert punica_cpu.PunicaWrapperCPU.add_lora_linear is lora_cpu.CompiledPunica.add_lora_linear
     (size,) = CPUAttentionBackend.get_supported_kernel_block_sizes()
     assert size.base == 16
     import torch
@@ -256,6 +257,67 @@ def test_the_lora_ops_are_left_alone_when_vllm_changes_their_arguments(fresh_sta
         engine_patches.probe_lora_grouped(module)
 
 
+class _Platform:
+    @classmethod
+    def check_and_update_config(cls, vllm_config):
+        if vllm_config.lora_config is not None:  # vLLM's CPU platform: no compilation with LoRA
+            vllm_config.mode = "none"
+
+
+class _Wrapper:
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        self.updated = mapping
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+        raise AssertionError("replaced")
+
+    def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+        raise AssertionError("replaced")
+
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
+        raise AssertionError("replaced")
+
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+        raise AssertionError("replaced")
+
+
+def test_lora_compiled_keeps_compilation_on_and_the_wrapper_state_live(fresh_status, monkeypatch):
+    from server import lora_cpu
+
+    Platform, Wrapper = type("P", (_Platform,), {}), type("W", (_Wrapper,), {})
+    engine_patches.probe_lora_compiled(Wrapper, Platform)
+    engine_patches.patch_lora_compiled(Wrapper, Platform)
+    config = SimpleNamespace(lora_config="lora", mode="compiled")
+    Platform.check_and_update_config(config)
+    assert (config.mode, config.lora_config) == ("compiled", "lora")  # only the switch was skipped
+    plain = SimpleNamespace(lora_config=None, mode="compiled")
+    Platform.check_and_update_config(plain)
+    assert plain.mode == "compiled"
+    wrapper = Wrapper()
+    monkeypatch.setitem(lora_cpu.__dict__, "_ACTIVE", [None])
+    wrapper.update_metadata("mapping", [], 1, 10)
+    assert wrapper.updated == "mapping" and lora_cpu._ACTIVE[0] is wrapper  # what the ops read each step
+    assert Wrapper.add_shrink is lora_cpu.CompiledPunica.add_shrink
+
+
+def test_lora_compiled_is_off_when_asked_or_when_vllm_changes(fresh_status, monkeypatch):
+    class Platform(_Platform):
+        @classmethod
+        def check_and_update_config(cls, vllm_config):
+            vllm_config.lora_config = vllm_config.lora_config or None  # reads lora_config for something else too
+
+    Wrapper = type("W", (_Wrapper,), {})
+    with pytest.raises(engine_patches.PatchMismatch, match="lora_config once"):
+        engine_patches.probe_lora_compiled(Wrapper, Platform)
+    Wrapper.add_expand = lambda self, y, x, lora_b_stacked, output_slices: None
+    with pytest.raises(engine_patches.PatchMismatch, match="add_expand no longer takes offset_start"):
+        engine_patches.probe_lora_compiled(Wrapper, _Platform)
+    monkeypatch.setenv(engine_patches.LORA_COMPILE_ENV, "0")
+    assert not engine_patches.install(engine_patches.LORA_COMPILED,
+                                      lambda: engine_patches.probe_lora_compiled(_Wrapper, _Platform), lambda: None)
+    assert "IRO_LORA_COMPILE=0" in fresh_status["lora_compiled"]
+
+
 def test_another_vllm_line_gets_no_patches_and_one_warning(fresh_status, monkeypatch, caplog):
     import vllm
 
@@ -263,7 +325,7 @@ def test_another_vllm_line_gets_no_patches_and_one_warning(fresh_status, monkeyp
     with caplog.at_level(logging.WARNING, logger="server.engine_patches"):
         status = install_worker_patches()
         install_worker_patches()  # vLLM loads plugins once per process, but twice must not warn twice
-    assert all("not the tested 0.32.x line" in why for why in status.values()) and len(status) == 4
+    assert all("not the tested 0.32.x line" in why for why in status.values()) and len(status) == 5
     (record,) = [r for r in caplog.records if r.name == "server.engine_patches"]
     assert "value_heads" in record.message and "the scorer values candidates" in record.message
     assert "KV blocks of 32" in record.message

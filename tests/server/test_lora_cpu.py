@@ -102,3 +102,107 @@ def test_an_all_zero_slot_is_skipped_until_vllm_writes_it(data):
     theirs = data["y"].clone()
     ops.bgmv_expand_slice(data["h"], data["b"], theirs, idx, 0, OUT, True)
     torch.testing.assert_close(y, theirs, **BF16)
+
+
+# --- the compiled path: the punica wrapper's methods as custom ops --------------------------------
+
+class _Wrapper:
+    """What the ops read of vLLM's punica wrapper: the step's per-token adapter slots."""
+
+    def __init__(self, indices):
+        self.token_lora_indices = torch.tensor(indices)
+
+
+@pytest.fixture
+def step():
+    def set_step(indices):
+        lora_cpu._ACTIVE[0] = _Wrapper(indices)
+    yield set_step
+    lora_cpu._ACTIVE[0] = None
+
+
+def _slices(seed=1, slices=(10, 6, 6)):
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.randn(SLOTS, 1, R, IN, generator=g, dtype=torch.bfloat16) for _ in slices]
+    b = [torch.randn(SLOTS, 1, o, R, generator=g, dtype=torch.bfloat16) for o in slices]
+    return a, b, list(slices)
+
+
+def _reference_linear(y, x, a, b, scale, slices, indices):
+    """vLLM's own torch ops, slice by slice (their -1 reads the last slot: callers avoid -1 here)."""
+    idx, offset = torch.tensor(indices), 0
+    for ai, bi, width in zip(a, b, slices):
+        h = torch.zeros(x.shape[0], R)
+        ops.bgmv_shrink(x, ai, h, idx, scale)
+        ops.bgmv_expand_slice(h, bi, y, idx, offset, width, True)
+        offset += width
+
+
+@pytest.mark.parametrize("indices", INDICES)
+def test_lora_linear_op_matches_vllm_slice_by_slice(data, step, indices):
+    a, b, slices = _slices()
+    step(indices)
+    mine, theirs = torch.zeros(T, sum(slices)), torch.zeros(T, sum(slices))
+    torch.ops.iro.lora_linear(mine, data["x"], a, b, 0.5, slices)
+    _reference_linear(theirs, data["x"], a, b, 0.5, slices, indices)
+    torch.testing.assert_close(mine, theirs, **BF16)
+    assert mine.abs().sum() > 0
+
+
+def test_lora_linear_op_leaves_tokens_without_lora_and_zero_slots_alone(data, step):
+    a, b, slices = _slices()
+    for t in (*a, *b):
+        t[2].zero_()  # slot 2: an adapter that does not touch this layer
+    step([0, -1, 2, 0, -1, 2, 1])
+    y0 = torch.randn(T, sum(slices))
+    y = y0.clone()
+    torch.ops.iro.lora_linear(y, data["x"], a, b, 1.0, slices)
+    untouched = torch.tensor([False, True, True, False, True, True, False])
+    assert torch.equal(y[untouched], y0[untouched]) and not torch.allclose(y[~untouched], y0[~untouched])
+    for t, fresh in zip((*a, *b), (*_slices()[0], *_slices()[1])):
+        t[2].copy_(fresh[2])  # vLLM loads an adapter into slot 2: the cached fused weights are rebuilt
+    y = y0.clone()
+    torch.ops.iro.lora_linear(y, data["x"], a, b, 1.0, slices)
+    assert not torch.allclose(y[2], y0[2])
+
+
+def test_shrink_expand_and_embedding_ops_match_vllm(data, step):
+    indices = [0, 2, 2, 1, 0, 0, 2]
+    step(indices)
+    idx = torch.tensor(indices)
+    a, b, slices = _slices()
+    mine = torch.zeros(len(a), T, R)
+    torch.ops.iro.lora_shrink(mine, data["x"], a, 0.5)
+    for i, ai in enumerate(a):
+        theirs = torch.zeros(T, R)
+        ops.bgmv_shrink(data["x"], ai, theirs, idx, 0.5)
+        torch.testing.assert_close(mine[i], theirs, **BF16)
+    y_mine, y_theirs = torch.zeros(T, sum(slices) + 2), torch.zeros(T, sum(slices) + 2)
+    torch.ops.iro.lora_expand(y_mine, list(mine), b, slices, 2, True)
+    offset = 2
+    for hi, bi, width in zip(mine, b, slices):
+        ops.bgmv_expand_slice(hi, bi, y_theirs, idx, offset, width, True)
+        offset += width
+    torch.testing.assert_close(y_mine, y_theirs, **BF16)
+    y_mine, y_theirs = data["y"].clone(), data["y"].clone()
+    torch.ops.iro.lora_embedding(y_mine, data["h"], data["b"], True)
+    ops.bgmv_expand(data["h"], data["b"], y_theirs, idx, True)
+    torch.testing.assert_close(y_mine, y_theirs, **BF16)
+
+
+def test_a_compiled_model_reads_each_steps_adapters_at_run_time(data, step):
+    """Why the ops exist: a model traced once must not freeze the first step's adapter choice."""
+    a, b, slices = _slices()
+
+    def layer(x):
+        y = torch.zeros(x.shape[0], sum(slices))
+        torch.ops.iro.lora_linear(y, x, a, b, 1.0, slices)
+        return y * 2
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    outputs = []
+    for indices in ([1] * T, [-1] * T, [0, 2, 2, 1, 0, 0, 2], [2, 0, 0, 0, 0, 0, 0]):
+        step(indices)
+        outputs.append(compiled(data["x"]))
+        torch.testing.assert_close(outputs[-1], layer(data["x"]), rtol=0, atol=0)  # eager: the same op
+    assert torch.all(outputs[1] == 0) and all(not torch.allclose(o, outputs[0]) for o in outputs[2:])
