@@ -246,9 +246,14 @@ def decode_heads(raw: bytes, width: int):
     return torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).reshape(-1, width)
 
 
+_DECODED: dict[tuple, object] = {}
+"""(heads' bytes, layers) -> their decoded tensor: the requests of one value share one tensor, so a
+step values all their rows with one matrix product (`_head_values`). Bounded: cleared past 256."""
+
+
 def _heads_of(state, hidden_size: int):
     """The request's value heads as ((m, D + 1) float32 tensor, layers or None), or None (parsed
-    once per request)."""
+    once per request; requests with the same heads get the same tensor)."""
     heads = getattr(state, "_iro_heads", None)
     if heads is None:
         params = state.sampling_params
@@ -257,10 +262,28 @@ def _heads_of(state, hidden_size: int):
             return None
         layers = extra.get(VALUE_LAYERS_ARG)
         layers = tuple(int(k) for k in layers) if layers else None
-        width = hidden_size * (len(layers) if layers else 1) + 1
-        heads = (decode_heads(extra[VALUE_HEADS_ARG], width), layers)
+        raw = extra[VALUE_HEADS_ARG]
+        key = (raw, layers)
+        if key not in _DECODED:
+            if len(_DECODED) >= 256:
+                _DECODED.clear()
+            _DECODED[key] = decode_heads(raw, hidden_size * (len(layers) if layers else 1) + 1)
+        heads = (_DECODED[key], layers)
         state._iro_heads = heads
     return heads
+
+
+def _head_values(heads: list, x):
+    """(rows, m) outputs of each row's heads (m, D + 1) on its features x (rows, D): one product
+    when every row has the same heads (one value), else row by row in one batched product."""
+    import torch
+
+    first = heads[0]
+    if all(h is first for h in heads):
+        w = first.to(x.device)
+        return x @ w[:, :-1].T + w[:, -1]
+    w = torch.stack(heads).to(x.device)  # (rows, m, D + 1)
+    return torch.einsum("rmd,rd->rm", w[:, :, :-1], x) + w[:, :, -1]
 
 
 def _value_rows(runner, hidden_size: int, slots: int) -> dict[tuple, tuple[list[int], list]]:
@@ -327,12 +350,11 @@ def _sample_with_values(original: Callable) -> Callable:
             output = original(self, *args, **kwargs)
         logprobs = output.logprobs_tensors
         for (m, layers), (rows, heads) in groups.items():
-            w = torch.stack(heads).to(hidden.device)  # (rows, m, D + 1)
             x = _features(self, hidden, rows, layers)  # (rows, D)
             if x is None:  # layers this engine does not expose: NaN, never a silent 0
                 values = torch.full((len(rows), m), float("nan"), device=hidden.device)
             else:
-                values = torch.einsum("rmd,rd->rm", w[:, :, :-1], x) + w[:, :, -1]  # (rows, m)
+                values = _head_values(heads, x)  # (rows, m)
             target = torch.tensor(rows, device=logprobs.logprobs.device)
             logprobs.logprobs[target, :m] = values.to(logprobs.logprobs)
             logprobs.logprob_token_ids[target, :m] = torch.arange(m, dtype=logprobs.logprob_token_ids.dtype,
@@ -372,7 +394,8 @@ def patch_value_heads(sampler_cls, loader_classes: tuple = ()) -> None:
     When no other request of the batch wants logprobs, the sampler is told to compute none (no
     log-softmax, top-k or rank over the vocabulary for every row) and the logprob slots are built
     from the head outputs alone; otherwise real logprobs are computed and the value rows' slots
-    overwritten. The heads of all rows are evaluated in one batched product per head count.
+    overwritten. The heads of all rows are evaluated in one batched product per head count (one
+    matrix product when the rows share one value's heads, the usual batch: `_head_values`).
     """
     for cls in (sampler_cls, *loader_classes):
         if "load_model" in cls.__dict__ and not _own(cls, "_iro_keeps_hidden"):

@@ -118,6 +118,22 @@ def test_value_heads_replace_the_logprob_slots_of_the_rows_that_ask_for_them(pla
         assert lp.logprobs[0].tolist() == [-1.0] * 3 and lp.logprobs[2].tolist() == [-1.0] * 3
 
 
+def test_requests_of_one_value_share_their_heads_and_one_product_values_them():
+    import torch
+
+    from server.engine_patches import VALUE_HEADS_ARG, _head_values, _heads_of, encode_heads
+
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)  # 2 heads of 4 weights + a bias
+    state = lambda w: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={VALUE_HEADS_ARG: encode_heads(w.tolist())}))  # noqa: E731
+    a, b, c = (_heads_of(state(w), 4)[0] for w in (w1, w1, w2))
+    assert a is b and c is not a  # parsed once per request; one tensor per distinct value
+    x = torch.randn(3, 4, generator=g)
+    expected = lambda ws: torch.stack([x[i] @ w[:, :4].T + w[:, 4] for i, w in enumerate(ws)])  # noqa: E731
+    torch.testing.assert_close(_head_values([a, b, a], x), expected([w1, w1, w1]))
+    torch.testing.assert_close(_head_values([a, c, b], x), expected([w1, w2, w1]))
+
+
 def test_value_heads_on_residual_layers_read_the_aux_hidden_states_at_the_sampled_rows(monkeypatch):
     """A head on layer k reads the residual stream vLLM returns as an auxiliary hidden state
     (EAGLE-3's mechanism), at the row that samples each request's token (`logits_indices`),
