@@ -88,7 +88,8 @@ def to_sampling_params(request: EngineRequest, *, delta: bool = False) -> Any:
             stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos,
             min_tokens=min(s.min_tokens, request.max_tokens), logprobs=logprobs, structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
-            detokenize=request.detokenize or bool(s.stop), extra_args=extra_args or None)
+            detokenize=request.detokenize or bool(s.stop), extra_args=extra_args or None,
+            flat_logprobs=bool(request.value_heads))  # values: a few flat lists per request, no dict per token
     except VLLMClientError as exc:  # e.g. n > 1 with temperature 0 (greedy)
         raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc
 
@@ -187,6 +188,18 @@ def engine_value_layers(vllm_config: Any) -> tuple[int, ...]:
     return resolve_value_layers(os.environ.get(VALUE_LAYERS_ENV), model_config.hf_config.num_hidden_layers)
 
 
+def token_values(logprobs: Any, m: int) -> list[list[float]]:
+    """The m value-head outputs of each sampled token, from the logprob slots they travel in
+    (`server.engine_patches.patch_value_heads`: "token ids" 0..m-1, in order): vLLM's flat
+    logprobs (one list of floats per request), or its per-token dicts."""
+    from vllm.logprobs import FlatLogprobs
+
+    if isinstance(logprobs, FlatLogprobs):
+        flat = logprobs.logprobs
+        return [flat[start:min(end, start + m)] for start, end in zip(logprobs.start_indices, logprobs.end_indices)]
+    return [[step[j].logprob for j in range(m)] for step in logprobs]
+
+
 class VllmEngine(EngineClient):
     """A vLLM `AsyncLLM` for the frozen base model."""
 
@@ -270,9 +283,8 @@ class VllmEngine(EngineClient):
         async for final in self.stream(request, f"chunk-{uuid.uuid4().hex}"):
             pass
         assert final is not None
-        return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason,
-                       None if not request.value_heads else
-                       [[step[j].logprob for j in range(len(request.value_heads))] for step in o.logprobs])
+        m = len(request.value_heads or ())
+        return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason, token_values(o.logprobs, m) if m else None)
                 for o in final.outputs]
 
     def shutdown(self) -> None:

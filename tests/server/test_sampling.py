@@ -70,7 +70,7 @@ def test_chunk_min_tokens_are_what_is_left_and_value_heads_keep_logprobs_free():
     heads = ((0.0, 1.0), (1.0, 0.0))
     params = to_sampling_params(EngineRequest([1], n=1, max_tokens=4, value_heads=heads, grammar_prefix=3,
                                               sampling=Sampling(structured=StructuredOutput("json_object"))))
-    assert params.logprobs == 1 and params.structured_outputs.json_object
+    assert params.logprobs == 1 and params.structured_outputs.json_object and params.flat_logprobs
     assert params.extra_args["iro_grammar_prefix"] == 3
 
 
@@ -160,3 +160,15 @@ def test_guided_logprobs_are_refused_naming_the_field():
     with pytest.raises(InvalidRequestError) as exc:
         asyncio.run(serving.create_chat_completion(chat))
     assert exc.value.param == "logprobs" and not engine.chunks
+
+
+def test_engine_values_are_read_from_flat_or_per_token_logprobs():
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from server.engine import token_values
+
+    positions = [{0: Logprob(0.5), 1: Logprob(-2.0)}, {0: Logprob(1.5), 1: Logprob(3.0)}]
+    flat = FlatLogprobs()
+    flat.extend(positions)
+    assert token_values(flat, 2) == token_values(positions, 2) == [[0.5, -2.0], [1.5, 3.0]]
+    assert token_values(flat, 1) == [[0.5], [1.5]]
