@@ -4,6 +4,7 @@ error handling. No module-level app, engine or settings."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -200,6 +201,8 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     from server.policies import start_policies
 
     app.state.policies = app.state.serving.policies = await start_policies(app, settings, engine, model_path)
+    gc.collect()
+    gc.freeze()  # what start-up built (torch, the model's tokenizer, values) is never scanned again (as vLLM's engine core does)
     log.info("engine ready: %s", model_id)
 
 
