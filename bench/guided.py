@@ -97,20 +97,36 @@ async def _post_all(url: str, bodies: list[dict]) -> tuple[float, list[dict]]:
     return elapsed, [r.json() for r in rs]
 
 
-def measure_plain_vs_guided(url: str, model: str) -> dict:
-    plain_t, plain = asyncio.run(_post_all(url, [chat_body(model, p, n=16) for p in PROMPTS]))
-    guided_t, guided = asyncio.run(_post_all(url, [chat_body(model, p, guidance=GUIDANCE) for p in PROMPTS]))
-    head_t, head = asyncio.run(_post_all(url, [chat_body(model, p, guidance=HEAD_GUIDANCE) for p in PROMPTS]))
-    plain_tokens = sum(r["usage"]["completion_tokens"] for r in plain)
-    guided_tokens = sum(r["usage"]["completion_tokens"] for r in guided)
-    return {"plain_seconds": plain_t, "plain_candidate_tokens": plain_tokens, "plain_tok_per_s": plain_tokens / plain_t,
-            "guided_seconds": guided_t, "guided_candidate_tokens": guided_tokens,
-            "guided_tok_per_s": guided_tokens / guided_t, "guided_vs_plain_time_ratio": guided_t / plain_t,
-            "guided_vs_plain_per_token_ratio": (guided_t / guided_tokens) / (plain_t / plain_tokens),
-            "guided_chunks": sum(r["guidance"]["chunks"] for r in guided),
-            "guided_engine_head_seconds": head_t,
-            "guided_engine_head_candidate_tokens": sum(r["usage"]["completion_tokens"] for r in head),
-            "guided_engine_head_vs_plain_time_ratio": head_t / plain_t}
+def measure_plain_vs_guided(url: str, model: str, rounds: int = 1) -> dict:
+    """16 prompts: plain n=16, guided with the LoRA value, guided with the engine value, `rounds`
+    times in turn. The ratios are the medians of each round's own ratios (this machine's speed
+    drifts by tens of percent over minutes: a ratio within one round compares like with like);
+    the seconds are medians too, and every round's figures are kept (`*_rounds`)."""
+    runs: dict[str, list] = {"plain": [], "guided": [], "head": []}
+    bodies = {"plain": [chat_body(model, p, n=16) for p in PROMPTS],
+              "guided": [chat_body(model, p, guidance=GUIDANCE) for p in PROMPTS],
+              "head": [chat_body(model, p, guidance=HEAD_GUIDANCE) for p in PROMPTS]}
+    for _ in range(rounds):
+        for name, batch in bodies.items():
+            runs[name].append(asyncio.run(_post_all(url, batch)))
+    seconds = {name: [t for t, _ in rs] for name, rs in runs.items()}
+    tokens = {name: sum(r["usage"]["completion_tokens"] for r in rs[-1][1]) for name, rs in runs.items()}
+    med = {name: statistics.median(ts) for name, ts in seconds.items()}
+    guided_ratios = [g / p for g, p in zip(seconds["guided"], seconds["plain"])]
+    head_ratios = [h / p for h, p in zip(seconds["head"], seconds["plain"])]
+    return {"plain_seconds": med["plain"], "plain_candidate_tokens": tokens["plain"],
+            "plain_tok_per_s": tokens["plain"] / med["plain"],
+            "guided_seconds": med["guided"], "guided_candidate_tokens": tokens["guided"],
+            "guided_tok_per_s": tokens["guided"] / med["guided"],
+            "guided_vs_plain_time_ratio": statistics.median(guided_ratios),
+            "guided_vs_plain_per_token_ratio": statistics.median(
+                [(g / tokens["guided"]) / (p / tokens["plain"]) for g, p in zip(seconds["guided"], seconds["plain"])]),
+            "guided_chunks": sum(r["guidance"]["chunks"] for r in runs["guided"][-1][1]),
+            "guided_engine_head_seconds": med["head"], "guided_engine_head_candidate_tokens": tokens["head"],
+            "guided_engine_head_vs_plain_time_ratio": statistics.median(head_ratios),
+            "rounds": rounds, "plain_seconds_rounds": seconds["plain"], "guided_seconds_rounds": seconds["guided"],
+            "guided_engine_head_seconds_rounds": seconds["head"],
+            "guided_engine_head_vs_plain_time_ratio_rounds": head_ratios}
 
 
 def engine_value_config(model_path, dtype: str):
@@ -291,8 +307,9 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
         try:
             model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
             asyncio.run(_post_all(srv.url, [chat_body(model, PROMPTS[0], max_tokens=8),
-                                            chat_body(model, PROMPTS[1], max_tokens=8, guidance=GUIDANCE)]))  # warm-up
-            results.update(measure_plain_vs_guided(srv.url, model))
+                                            chat_body(model, PROMPTS[1], max_tokens=8, guidance=GUIDANCE),
+                                            chat_body(model, PROMPTS[2], max_tokens=8, guidance=HEAD_GUIDANCE)]))  # warm-up: every measured path
+            results.update(measure_plain_vs_guided(srv.url, model, rounds=3))
             steps.update()
             results.update(measure_concurrency(srv.url, model, 2 if quick else 4, results["guided_seconds"],
                                                results["plain_seconds"], results["guided_engine_head_seconds"]))
