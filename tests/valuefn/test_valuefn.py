@@ -267,3 +267,25 @@ def test_init_value_publishes_successive_versions(tiny_model_dir, registry):
     m = registry.manifest("demo", 2)
     assert [c.version for c in m.chain] == [2] and m.training["kind"] == "init"
     assert registry.remove_old("demo", keep=1) == [1]
+
+
+def test_the_kv_reuse_check_runs_once_per_architecture(tiny_model_dir, registry, monkeypatch):
+    """A hot swap of a new version of the same architecture reuses the verdict (the check is about
+    this transformers' attention, not the weights); another architecture is checked again."""
+    from valuefn import loader as loader_module
+
+    verdicts = iter([False, True])
+    calls = []
+
+    def check(value):
+        calls.append(value.version)
+        return next(verdicts)
+
+    monkeypatch.setattr(loader_module, "check_kv_reuse", check)
+    for seed in (0, 1):
+        init_value(registry, "kv", tiny_model_dir, F32, seed=seed)
+    init_value(registry, "kv2", tiny_model_dir, F32.model_copy(update={"lora_r": 2}))
+    values = ValueLoader(registry, BackbonePool(tiny_model_dir, torch.device("cpu")), dtype="float32")
+    first, second = values.load_version("kv", 1), values.load_version("kv", 2)
+    other = values.load_version("kv2", 1)
+    assert calls == [1, 1] and (first.kv_reuse, second.kv_reuse, other.kv_reuse) == (False, False, True)
