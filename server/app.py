@@ -195,12 +195,12 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     guided = GuidedGenerator(engine, scorer, values, max_candidates=settings.max_guided_candidates,
                              metrics=app.state.metrics)
     app.state.score_serving = ScoreServing(engine, scorer, values)
-    app.state.serving = OpenAIServing(engine, max_n=settings.max_n, max_queue=settings.max_queue,
-                                      metrics=app.state.metrics, guided=guided, values=values,
-                                      log_prompts=settings.log_prompts)
+    serving = OpenAIServing(engine, max_n=settings.max_n, max_queue=settings.max_queue, metrics=app.state.metrics,
+                            guided=guided, values=values, log_prompts=settings.log_prompts)
     from server.policies import start_policies
 
-    app.state.policies = app.state.serving.policies = await start_policies(app, settings, engine, model_path)
+    app.state.policies = serving.policies = await start_policies(app, settings, engine, model_path)
+    app.state.serving = serving  # last: /health says ready once the registry's policies are served too
     gc.collect()
     gc.freeze()  # what start-up built (torch, the model's tokenizer, values) is never scanned again (as vLLM's engine core does)
     log.info("engine ready: %s", model_id)
