@@ -217,10 +217,9 @@ class VllmEngine(EngineClient):
         self.value_layers = engine_value_layers(llm.vllm_config)
         cache = llm.vllm_config.cache_config
         self.kv_block_size = cache.block_size if cache.enable_prefix_caching else 1
-        self.compiled = int(llm.vllm_config.compilation_config.mode) != 0  # not CompilationMode.NONE
-        self.lora = llm.vllm_config.lora_config is not None
-        log.info("engine: %s, LoRA %s", "compiled" if self.compiled else "not compiled (eager)",
-                 "on (policy adapters)" if self.lora else "off")
+        compiled = int(llm.vllm_config.compilation_config.mode) != 0  # not CompilationMode.NONE
+        log.info("engine: %s, LoRA %s", "compiled" if compiled else "not compiled (eager)",
+                 "on (policy adapters)" if llm.vllm_config.lora_config is not None else "off")
 
     @classmethod
     def start(cls, model_path: str, model_id: str, *, max_model_len: int, kv_cache_gib: int, block_size: int,

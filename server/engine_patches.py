@@ -495,7 +495,7 @@ def probe_lora_compiled(wrapper_cls: type, platform_cls: type) -> None:
         source = inspect.getsource(platform_cls.check_and_update_config)
     except (OSError, TypeError):
         raise PatchMismatch(f"{platform_cls.__name__}.check_and_update_config has no readable source") from None
-    if "lora_config" not in source or source.count("lora_config") != 1:
+    if source.count("lora_config") != 1:
         raise PatchMismatch(f"{platform_cls.__name__}.check_and_update_config no longer reads lora_config once "
                             "(to turn compilation off)")
 
@@ -517,10 +517,7 @@ def patch_lora_compiled(wrapper_cls: type, platform_cls: type) -> None:
     original = platform_cls.check_and_update_config.__func__
 
     def check_and_update_config(cls, vllm_config) -> None:
-        lora = vllm_config.lora_config
-        if lora is None:
-            return original(cls, vllm_config)
-        vllm_config.lora_config = None
+        lora, vllm_config.lora_config = vllm_config.lora_config, None
         try:
             return original(cls, vllm_config)
         finally:

@@ -58,6 +58,17 @@ def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
 
 
+def _put(out: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor, *, add: bool, dim: int = 0) -> None:
+    """out (+)= value (broadcast over out when value has one row, as the torch ops do), or only out's
+    `rows` along `dim`."""
+    if rows is None:
+        out.add_(value) if add else out.copy_(value)
+    elif add:
+        out.index_add_(dim, rows, value.to(out.dtype))
+    else:
+        out.index_copy_(dim, rows, value.to(out.dtype))
+
+
 def _zero(out: torch.Tensor, rows: torch.Tensor | None) -> None:
     if rows is None:
         out.fill_(0)
@@ -84,10 +95,7 @@ def _shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: t
         value = _rows(inputs, rows).to(w.dtype) @ w.T
         if scaling != 1.0:
             value = value * scaling
-        if rows is None:
-            out.copy_(value)
-        else:
-            out.index_copy_(0, rows, value.to(out.dtype))
+        _put(out, rows, value, add=False)
 
 
 def _expand_into(out: torch.Tensor, inputs: torch.Tensor, lora_b_weights: torch.Tensor,
@@ -104,15 +112,7 @@ def _expand_groups(out: torch.Tensor, inputs: torch.Tensor, lora_b_weights: torc
             if not add_inputs:
                 _zero(out, rows)
             continue
-        value = (_rows(inputs, rows).to(w.dtype) @ w[:width].T).to(out.dtype)
-        if rows is None and add_inputs:
-            out.add_(value)  # broadcasts a single input row over every output row, as the torch op does
-        elif rows is None:
-            out.copy_(value)
-        elif add_inputs:
-            out.index_add_(0, rows, value)
-        else:
-            out.index_copy_(0, rows, value)
+        _put(out, rows, _rows(inputs, rows).to(w.dtype) @ w[:width].T, add=add_inputs)
 
 
 def bgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
@@ -231,12 +231,12 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list
                 slices: list[int]) -> None:
     """y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T for each token's adapter slot: two
     matrix products per adapter (`_fused`), in the weights' dtype."""
-    width = sum(slices)
     if [w.shape[-2] for w in b] != list(slices):  # slices narrower than their B: the two-op path
         buffer = torch.zeros(len(a), x.shape[0], a[0].shape[-2], dtype=torch.float32)
         lora_shrink(buffer, x, a, scale)
         lora_expand(y, list(buffer), b, slices, 0, True)
         return
+    out = y[:, :sum(slices)]
     for slot, rows in _step_groups(x.shape[0]):
         shrink = _fused(a, slot, "a") if slot >= 0 else None
         expand = _fused(b, slot, "b") if shrink is not None else None
@@ -245,12 +245,7 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list
         h = shrink(_rows(x, rows))
         if scale != 1.0:
             h.mul_(scale)
-        out = y[:, :width]
-        delta = expand(h).to(out.dtype)
-        if rows is None:
-            out.add_(delta)
-        else:
-            out.index_add_(0, rows, delta)
+        _put(out, rows, expand(h), add=True)
 
 
 @torch.library.custom_op("iro::lora_shrink", mutates_args=("y",), device_types="cpu")
@@ -259,17 +254,13 @@ def lora_shrink(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], scale: 
     n, rank = len(a), y.shape[-1]
     for slot, rows in _step_groups(x.shape[0]):
         shrink = _fused(a, slot, "a") if slot >= 0 else None
-        target = y if rows is None else y[:, rows]
         if shrink is None:
-            value = torch.zeros_like(target)
+            value = torch.zeros_like(y if rows is None else y[:, rows])
         else:
             value = shrink(_rows(x, rows)).view(-1, n, rank).transpose(0, 1)
             if scale != 1.0:
                 value = value * scale
-        if rows is None:
-            y.copy_(value)
-        else:
-            y.index_copy_(1, rows, value.to(y.dtype))
+        _put(y, rows, value, add=False, dim=1)
 
 
 @torch.library.custom_op("iro::lora_expand", mutates_args=("y",), device_types="cpu")
@@ -291,13 +282,7 @@ def lora_expand(y: torch.Tensor, x: list[torch.Tensor], b: list[torch.Tensor], s
             if not add_inputs:
                 _zero(out, rows)
             continue
-        value = expand(_rows(h, rows).to(b[0].dtype)).to(out.dtype)
-        if rows is None:
-            out.add_(value) if add_inputs else out.copy_(value)
-        elif add_inputs:
-            out.index_add_(0, rows, value)
-        else:
-            out.index_copy_(0, rows, value)
+        _put(out, rows, expand(_rows(h, rows).to(b[0].dtype)), add=add_inputs)
 
 
 @torch.library.custom_op("iro::lora_embedding", mutates_args=("y",), device_types="cpu")
@@ -332,8 +317,8 @@ class CompiledPunica:
                 torch.ops.iro.lora_shrink(yi.unsqueeze(0), x, [a], float(scale))
 
     def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
-        torch.ops.iro.lora_expand(y if y.dim() == 2 else y.view(-1, y.shape[-1]), list(x), list(lora_b_stacked), list(output_slices), int(offset_start),
-                                  bool(add_inputs))
+        torch.ops.iro.lora_expand(y if y.dim() == 2 else y.view(-1, y.shape[-1]), list(x), list(lora_b_stacked),
+                                  list(output_slices), int(offset_start), bool(add_inputs))
 
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
         torch.ops.iro.lora_embedding(y, x, lora_b_stacked, bool(add_inputs))
