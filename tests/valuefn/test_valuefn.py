@@ -289,3 +289,27 @@ def test_the_kv_reuse_check_runs_once_per_architecture(tiny_model_dir, registry,
     first, second = values.load_version("kv", 1), values.load_version("kv", 2)
     other = values.load_version("kv2", 1)
     assert calls == [1, 1] and (first.kv_reuse, second.kv_reuse, other.kv_reuse) == (False, False, True)
+
+
+def test_a_head_only_value_runs_the_base_model_once_per_architecture_to_be_verified(tiny_model_dir, registry,
+                                                                                    monkeypatch):
+    """Every loaded version is test-run and refused on non-finite values; a value without LoRA
+    shares the frozen backbone, so a hot swap runs only its head on cached features."""
+    config = ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype="float32")
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    calls = []
+    features = ValueModel.features
+    monkeypatch.setattr(ValueModel, "features", lambda self, *a, **kw: calls.append(1) or features(self, *a, **kw))
+    values = ValueLoader(registry, pool, dtype="float32")
+    for seed in (0, 1):
+        values.load_version("eh", init_value(registry, "eh", tiny_model_dir, config, seed=seed))
+    assert len(calls) == 1
+    bad = ValueModel(pool.fresh(config), config)
+    with torch.no_grad():
+        bad.head.weight[0, 0] = float("nan")
+    version = publish_model(registry, "eh", bad, pool.identity, extend_chain=False)
+    with pytest.raises(CheckpointError) as refused:
+        values.load_version("eh", version)
+    assert refused.value.reason == "bad_values" and len(calls) == 1
+    values.load_version("lora", init_value(registry, "lora", tiny_model_dir, F32))
+    assert len(calls) > 1  # a LoRA value changes the backbone: its whole forward runs
