@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 
-def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference prompts (same workload otherwise)."),
+def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference prompts and 3 rounds of the "
+                                                "plain/guided comparison, not 5 (same workload otherwise)."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
           dtype: str = typer.Option("auto", help="auto | bfloat16 | float32 (engine, values and reference loop; "
                                                  "auto: bf16 where the CPU has AVX512-BF16 or AMX or the GPU supports "

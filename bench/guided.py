@@ -316,7 +316,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
             asyncio.run(_post_all(srv.url, [chat_body(model, PROMPTS[0], max_tokens=8),
                                             chat_body(model, PROMPTS[1], max_tokens=8, guidance=GUIDANCE),
                                             chat_body(model, PROMPTS[2], max_tokens=8, guidance=HEAD_GUIDANCE)]))  # warm-up: every measured path
-            results.update(measure_plain_vs_guided(srv.url, model, rounds=3))
+            results.update(measure_plain_vs_guided(srv.url, model, rounds=3 if quick else 5))
             steps.update()
             results.update(measure_concurrency(srv.url, model, 2 if quick else 4, results["guided_seconds"],
                                                results["plain_seconds"], results["guided_engine_head_seconds"]))
