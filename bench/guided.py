@@ -7,8 +7,8 @@ samples), speedup_vs_reference_loop, scoring_growth_ratio,
 concurrency_speedup (LoRA value) and concurrency_vs_plain_ceiling (the engine-side value's gain from
 16 guided requests in flight over one at a time, against plain sampling's gain at the same load),
 hot_swap_seconds (the default engine value) and hot_swap_lora_value_seconds, each under 16 clients
-guided by that value, with failed_requests_during_swap over both, and peak RSS. Everything runs in one dtype, the
-machine's choice unless given (`common.dtype`), reported with its reason.
+guided by that value, with failed_requests_during_swap over both, and peak RSS. Everything runs in
+one dtype, the machine's choice unless given (`common.dtype`), reported with its reason.
 """
 
 from __future__ import annotations
@@ -321,8 +321,8 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
             results.update(measure_concurrency(srv.url, model, 2 if quick else 4, results["guided_seconds"],
                                                results["plain_seconds"], results["guided_engine_head_seconds"]))
             steps.update()
-            swap = measure_hot_swap(srv.url, model, srv.values_dir, model_path, engine_value_config(model_path, dtype),
-                                    name="bench-head", guidance=HEAD_GUIDANCE)  # the default value
+            swap = measure_hot_swap(srv.url, model, srv.values_dir, model_path,  # the default value
+                                    engine_value_config(model_path, dtype), name="bench-head", guidance=HEAD_GUIDANCE)
             lora_swap = measure_hot_swap(srv.url, model, srv.values_dir, model_path, config)
             results.update(swap, hot_swap_lora_value_seconds=lora_swap["hot_swap_seconds"],
                            failed_requests_during_swap=swap["failed_requests_during_swap"]
