@@ -313,9 +313,9 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
         steps.update()
         try:
             model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
-            asyncio.run(_post_all(srv.url, [chat_body(model, PROMPTS[0], max_tokens=8),
+            asyncio.run(_post_all(srv.url, [chat_body(model, PROMPTS[0], max_tokens=8),  # warm-up: every measured path
                                             chat_body(model, PROMPTS[1], max_tokens=8, guidance=GUIDANCE),
-                                            chat_body(model, PROMPTS[2], max_tokens=8, guidance=HEAD_GUIDANCE)]))  # warm-up: every measured path
+                                            chat_body(model, PROMPTS[2], max_tokens=8, guidance=HEAD_GUIDANCE)]))
             results.update(measure_plain_vs_guided(srv.url, model, rounds=3 if quick else 5))
             steps.update()
             results.update(measure_concurrency(srv.url, model, 2 if quick else 4, results["guided_seconds"],

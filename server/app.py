@@ -201,8 +201,8 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
 
     app.state.policies = serving.policies = await start_policies(app, settings, engine, model_path)
     app.state.serving = serving  # last: /health says ready once the registry's policies are served too
-    gc.collect()
-    gc.freeze()  # what start-up built (torch, the model's tokenizer, values) is never scanned again (as vLLM's engine core does)
+    gc.collect()  # then freeze: what start-up built (torch, the tokenizer, values) is never scanned again,
+    gc.freeze()  # as vLLM's engine core does
     log.info("engine ready: %s", model_id)
 
 

@@ -283,8 +283,8 @@ class VllmEngine(EngineClient):
             pass
         assert final is not None
         m = len(request.value_heads or ())
-        return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason, token_values(o.logprobs, m) if m else None)
-                for o in final.outputs]
+        return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason,
+                       token_values(o.logprobs, m) if m else None) for o in final.outputs]
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -74,6 +74,7 @@ class ValueLoader:
         self.dtype = resolve_dtype(dtype, pool.device.type)
         self._loaded: weakref.WeakValueDictionary[tuple[str, int], LoadedValue] = weakref.WeakValueDictionary()
         self._probe_features: dict[str, torch.Tensor] = {}
+        """Architecture -> the test sequence's features on the shared backbone (`_probe`)."""
         self._kv_reuse: dict[str, bool] = {}
         """Architecture (the run-as model config) -> `check_kv_reuse`'s verdict: the check tests
         whether this transformers' attention follows the cache protocol for that architecture, which
@@ -96,11 +97,11 @@ class ValueLoader:
         model = build_value_model(self.pool.for_inference(run_as.model), run_as, adapter, head)
         value = LoadedValue(name, version, manifest, model)
         built = time.perf_counter()
+        architecture = run_as.model.model_dump_json()  # what the per-architecture caches are keyed by
         # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
-        if not torch.isfinite(self._probe(value)).all():
+        if not torch.isfinite(self._probe(value, architecture)).all():
             raise CheckpointError(f"{name}@{version} produces non-finite values", reason="bad_values", path=directory)
         if not model.config.engine_head:
-            architecture = run_as.model.model_dump_json()
             if architecture not in self._kv_reuse:
                 self._kv_reuse[architecture] = check_kv_reuse(value)
             value.kv_reuse = self._kv_reuse[architecture]
@@ -110,20 +111,19 @@ class ValueLoader:
                  end - start, verified - start, built - verified, end - built)
         return value
 
-    def _probe(self, value: LoadedValue) -> torch.Tensor:
+    def _probe(self, value: LoadedValue, architecture: str) -> torch.Tensor:
         """The values of one short test sequence. A value without LoRA runs on the pool's shared,
         never modified backbone, so the sequence's features depend on its architecture alone: they
         are computed once per architecture and a version runs only its head (for an engine value the
         features are the whole base model's forward, 0.4-0.6 s of a hot swap under load)."""
-        model, config = value.model, value.model.config
-        if config.lora_r > 0:
+        model = value.model
+        if model.config.lora_r > 0:
             return torch.as_tensor(forward_values(value, [ScoreItem([1, 2, 3, 4], 0)], use_cache=False))
-        key = config.model_dump_json(include={"num_layers", "dtype", "feature_layers"})
         with torch.inference_mode():
-            if key not in self._probe_features:
+            if architecture not in self._probe_features:
                 ids = torch.tensor([[1, 2, 3, 4]], device=self.pool.device)
-                self._probe_features[key] = model.features(ids)[0]
-            return model.head(self._probe_features[key]).squeeze(-1)
+                self._probe_features[architecture] = model.features(ids)[0]
+            return model.head(self._probe_features[architecture]).squeeze(-1)
 
     def load_chain(self, spec_name: str, version: int | None = None) -> ValueChain:
         """The chain V_1..V_t that `name@version` (default CURRENT) names, every link verified."""
