@@ -175,3 +175,29 @@ def test_healthcheck_probe_exit_codes(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# The CUDA each pinned CUDA build of vllm needs, read from the wheels' metadata on PyPI: vllm 0.32.0
+# requires torch==2.13.0, whose manylinux wheel requires cuda-toolkit==13.0.3 (driver R580+).
+# Bumping the gpu extra fails here until the image (and the README's driver floor) follow.
+VLLM_CUDA = {"vllm==0.32.0": ("torch==2.13.0", "13.0", 580)}
+
+
+def test_gpu_image_matches_the_cuda_of_the_pinned_wheels():
+    (vllm,) = PYPROJECT["project"]["optional-dependencies"]["gpu"]
+    assert vllm in VLLM_CUDA, f"{vllm}: look up its torch's CUDA and add it to VLLM_CUDA"
+    torch, cuda, driver = VLLM_CUDA[vllm]
+    assert torch in PYPROJECT["project"]["dependencies"]
+    base = dict(instructions(DOCKER / "Dockerfile.gpu"))["FROM"]
+    match = re.fullmatch(r"nvidia/cuda:(\d+\.\d+)\.\d+-(base|runtime)-ubuntu\d+\.\d+", base)
+    assert match and match.group(1) == cuda, base
+    readme = (ROOT / "README.md").read_text()
+    assert f"driver {driver}" in readme and f"CUDA {cuda}" in readme
+
+
+def test_cpu_images_take_torch_from_the_makefile_not_their_own_index():
+    # the Makefile adds the PyTorch CPU index to the CPU build's pip command (tests/test_makefile.py)
+    for dockerfile in DOCKERFILES:
+        assert "INDEX_URL" not in dockerfile.read_text(), dockerfile.name
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--extra-index-url $(TORCH_INDEX)" in makefile
