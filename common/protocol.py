@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -35,11 +36,54 @@ class OpenAIBaseModel(BaseModel):
         return self
 
 
+# Published bounds of list fields (the OpenAPI document carries them; `ServerSettings` may set
+# lower limits, checked by serving before any work starts).
+MAX_STOP = 16
+"""`stop` strings per request."""
+MAX_STOP_CHARS = 256
+"""Characters per `stop` string."""
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300
+"""Entries of `logit_bias` (OpenAI's limit)."""
+MAX_PROMPTS = 64
+"""Prompts in one completion request (a list of strings or of token id lists)."""
+MAX_SCORE_RESPONSES = 256
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+UNICODE_ERROR = "text must be valid Unicode: lone UTF-16 surrogates (\\ud800-\\udfff) are not allowed"
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether `value` (a string, or lists / dicts of them, keys included) holds a UTF-16 surrogate:
+    JSON may escape one (`"\\ud800"`) but it is no Unicode text, so no tokenizer, encoder or engine can
+    take it. Iterative, so a deeply nested value cannot exhaust the stack."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return False
+
+
 class OpenAIRequestModel(BaseModel):
     """Base of every request schema: an unknown field is refused (400 naming it), as OpenAI does,
-    never silently dropped."""
+    never silently dropped; so are non-finite numbers (`NaN`, `Infinity`, which Python's JSON
+    decoder accepts) and text holding lone UTF-16 surrogates, in every field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        if has_lone_surrogate(value):
+            raise ValueError(UNICODE_ERROR)
+        return value
 
 
 # ----------------------------------------------------------------------------- guidance block
@@ -99,15 +143,19 @@ class ResponseFormat(OpenAIRequestModel):
 
 
 # ----------------------------------------------------------------------------- requests
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class _SamplingFields(OpenAIRequestModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: Annotated[dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -119,7 +167,8 @@ class _SamplingFields(OpenAIRequestModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="> 1 discourages tokens already in the prompt "
                                                                        "or the output (vLLM's repetition_penalty).")
     min_tokens: int = Field(0, ge=0, description="Generate at least this many tokens before EOS or a stop token.")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Token ids that end a choice.")
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
+        None, description="Token ids that end a choice.")
     ignore_eos: bool = Field(False, description="Keep generating after EOS.")
     return_token_ids: bool = Field(False, description="Include prompt and completion token ids (like vLLM).")
     # --- iro extension -------------------------------------------------------------------
@@ -224,7 +273,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[int]
+             | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)])
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(16, ge=1)
@@ -398,7 +448,7 @@ class ScoreRequest(OpenAIRequestModel):
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat prompt (rendered with the chat "
                                                                          "template).")
     prompt: str | None = Field(None, description="Raw text prompt (instead of messages).")
-    responses: list[str] = Field(..., min_length=1, max_length=256)
+    responses: list[str] = Field(..., min_length=1, max_length=MAX_SCORE_RESPONSES)
 
     @model_validator(mode="after")
     def _one_prompt(self):

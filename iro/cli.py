@@ -77,6 +77,18 @@ def serve(
     policies_dir: Optional[Path] = typer.Option(None, help="Serve distilled LoRA policies from this registry (enables LoRA in the engine). (env IRO_POLICIES_DIR)"),
     max_lora_rank: Optional[int] = typer.Option(None, help="Largest policy adapter rank (default 16). (env IRO_MAX_LORA_RANK)"),
     max_loras: Optional[int] = typer.Option(None, help="Policy adapters held at once (default 4). (env IRO_MAX_LORAS)"),
+    max_stop: Optional[int] = typer.Option(None, help="stop strings per request (default 16). (env IRO_MAX_STOP)"),
+    max_stop_token_ids: Optional[int] = typer.Option(None, help="stop_token_ids per request (default 64). (env IRO_MAX_STOP_TOKEN_IDS)"),
+    max_logit_bias: Optional[int] = typer.Option(None, help="logit_bias entries per request (default 300). (env IRO_MAX_LOGIT_BIAS)"),
+    max_prompts: Optional[int] = typer.Option(None, help="Prompts per completion request (default 64). (env IRO_MAX_PROMPTS)"),
+    max_guided_steps: Optional[int] = typer.Option(None, help="Search steps (max_tokens / l) of a guided request (default 256). (env IRO_MAX_GUIDED_STEPS)"),
+    max_score_responses: Optional[int] = typer.Option(None, help="Responses per /v1/score request (default 256). (env IRO_MAX_SCORE_RESPONSES)"),
+    max_score_tokens: Optional[int] = typer.Option(None, help="Tokens one /v1/score request scores (default 16384). (env IRO_MAX_SCORE_TOKENS)"),
+    max_score_queue: Optional[int] = typer.Option(None, help="/v1/score requests at once before 429 (default 8). (env IRO_MAX_SCORE_QUEUE)"),
+    limit_concurrency: Optional[int] = typer.Option(None, help="Connections + requests at once before uvicorn answers 503 (default 1024). (env IRO_LIMIT_CONCURRENCY)"),
+    timeout_keep_alive: Optional[int] = typer.Option(None, help="Seconds an idle keep-alive connection stays open (default 5). (env IRO_TIMEOUT_KEEP_ALIVE)"),
+    body_timeout: Optional[float] = typer.Option(None, help="Seconds to receive a request body before 408 (default 60). (env IRO_BODY_TIMEOUT)"),
+    allow_open_admin: Optional[bool] = typer.Option(None, "--allow-open-admin", help="Serve on a non-loopback address with no admin or API key (refused otherwise). (env IRO_ALLOW_OPEN_ADMIN)"),
 ):
     """Serve the OpenAI-compatible API (and value-guided decoding) on HOST:PORT.
 
@@ -86,8 +98,7 @@ def serve(
     from server.app import build_app
 
     settings = serve_settings(**{k: v for k, v in locals().items() if k not in ("uvicorn", "build_app")})
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    uvicorn.run(build_app(settings), **settings.uvicorn_options(), log_level="info", timeout_graceful_shutdown=5)
 
 
 def serve_settings(**flags):

@@ -10,12 +10,13 @@ import os
 import signal
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.protocol import HealthStatus, VersionInfo
+from common.protocol import UNICODE_ERROR, HealthStatus, VersionInfo
 from common.version import __version__
 from server.errors import IroError, error_body, error_responses
 from server.metrics import Metrics, MetricsMiddleware
@@ -27,10 +28,12 @@ EXIT_ENGINE_DEAD = 3
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over `limit` bytes (declared or streamed)."""
+    """413 for request bodies over `limit` bytes (declared or streamed); 408 (and the connection
+    closed) for a body not fully received `timeout` seconds after its request's headers: uvicorn
+    bounds idle keep-alive connections but not a stalled upload."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float = 60.0):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -39,14 +42,24 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(send)
         seen = 0
+        complete = False
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in; later receives wait for a disconnect, for as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise _SlowBody(self.timeout) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.limit:
                     raise _TooLarge(self.limit)
+            else:
+                complete = True
             return message
 
         try:
@@ -66,9 +79,42 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, f"request body larger than {limit} bytes")
 
 
+class _SlowBody(StarletteHTTPException):
+    def __init__(self, timeout: float):
+        super().__init__(408, f"request body not received within {timeout:g} seconds", headers={"Connection": "close"})
+
+
+def _is_union_tag(part) -> bool:
+    # pydantic names the member of a union that failed in the location: ("stop", "list[constrained-str]")
+    return isinstance(part, str) and (part in _TYPE_NAMES or "[" in part or part.startswith(("constrained-", "function-")))
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "constrained-str"}
+
+
 def _param_from_loc(loc) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in loc if p != "body" and not _is_union_tag(p)]
     return ".".join(parts) or None
+
+
+def _message(error: dict) -> str:
+    if error.get("type") == "string_unicode":  # a constrained string holding a lone surrogate
+        return UNICODE_ERROR
+    message = str(error.get("msg", "invalid value"))
+    return message.removeprefix("Value error, ")
+
+
+def _relevant(errors: list[dict]) -> list[dict]:
+    """One error per field, the most telling first: in a union (`stop`: a string or a list of them)
+    every member reports; "at most 16 items" says more than "not a string"."""
+    mismatch = [e for e in errors if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
+    seen, out = set(), []
+    for e in mismatch + errors:
+        param = _param_from_loc(e.get("loc", ()))
+        if param not in seen:
+            seen.add(param)
+            out.append(e)
+    return out
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -84,24 +130,30 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body(400, f"We could not parse the JSON body of your request: {first.get('msg')}",
                                            code="invalid_json"), status_code=400)
+        errors = _relevant(errors)
+        first = errors[0] if errors else first
         param = _param_from_loc(first.get("loc", ()))
         if first.get("type") == "extra_forbidden":  # OpenAI's wording for an unknown field
             return JSONResponse(error_body(400, f"Unrecognized request argument supplied: {param}", param=param,
                                            code="unknown_field"), status_code=400)
-        message = "; ".join(f"{_param_from_loc(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[:5])
+        message = "; ".join(f"{_param_from_loc(e.get('loc', ())) or 'body'}: {_message(e)}" for e in errors[:5])
         return JSONResponse(error_body(400, message, param=param, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}.get(exc.status_code)
         return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))  # e.g. `Allow` on a 405
 
     # A handler for `Exception` runs in Starlette's ServerErrorMiddleware, which re-raises after
     # responding, so uvicorn drops the keep-alive connection; specific types are handled cleanly.
+    # A bare ValueError is not a refusal (ours are `IroError`s, vLLM's `VLLMClientError`s become
+    # them in server.engine): it is a bug, answered 500 without its text and logged.
     @app.exception_handler(ValueError)
-    async def value_error(_: Request, exc: ValueError):  # vLLM's own input validation
-        return JSONResponse(error_body(400, str(exc)), status_code=400)
+    async def value_error(_: Request, exc: ValueError):
+        log.error("unexpected %s", type(exc).__name__, exc_info=exc)
+        return JSONResponse(error_body(500, f"internal error ({type(exc).__name__})", type="server_error"),
+                            status_code=500)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):
@@ -181,7 +233,7 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     from common.model_store import resolve_model
     from server.engine import VllmEngine
     from server.guided import GuidedGenerator
-    from server.openai.serving import OpenAIServing
+    from server.openai.serving import Limits, OpenAIServing
     from server.openai.serving_score import ScoreServing
 
     log_dtype("serve", settings.dtype)  # e.g. "dtype bfloat16 (Intel Xeon ... has amx_bf16)"
@@ -190,13 +242,18 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     engine = await asyncio.to_thread(
         VllmEngine.start, str(model_path), model_id, **settings.engine_options(), lora=settings.lora_options())
     app.state.engine = engine
+    await engine.read_worker_report()  # what the workers compute: engine values or the scorer
     app.state.model_path = model_path
     values, scorer = await _start_values(app, settings, engine, model_path)
     guided = GuidedGenerator(engine, scorer, values, max_candidates=settings.max_guided_candidates,
-                             metrics=app.state.metrics)
-    app.state.score_serving = ScoreServing(engine, scorer, values)
+                             max_steps=settings.max_guided_steps, metrics=app.state.metrics)
+    tokenizer_limiter = anyio.CapacityLimiter(1)  # one tokenizer thread, shared (as vLLM's executor)
+    app.state.score_serving = ScoreServing(engine, scorer, values, max_responses=settings.max_score_responses,
+                                           max_tokens=settings.max_score_tokens, max_queue=settings.max_score_queue,
+                                           tokenizer_limiter=tokenizer_limiter)
     serving = OpenAIServing(engine, max_n=settings.max_n, max_queue=settings.max_queue, metrics=app.state.metrics,
-                            guided=guided, values=values, log_prompts=settings.log_prompts)
+                            guided=guided, values=values, log_prompts=settings.log_prompts,
+                            limits=Limits.from_settings(settings), tokenizer_limiter=tokenizer_limiter)
     from server.policies import start_policies
 
     app.state.policies = serving.policies = await start_policies(app, settings, engine, model_path)
@@ -224,6 +281,10 @@ async def _watch_engine(app: FastAPI) -> None:
 
 def build_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
+    if settings.admin_open_to_network():  # only with --allow-open-admin (ServerSettings refuses it otherwise)
+        log.warning("!!! the admin routes (/v1/values, /v1/policies: load, unload, roll back, delete) need NO key "
+                    "and %s is not a loopback address: anyone who reaches this port controls them "
+                    "(--allow-open-admin). Set IRO_ADMIN_KEY to close them. !!!", settings.host)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -304,5 +365,5 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     return app

@@ -95,6 +95,22 @@ _DESCRIPTIONS = {
 }
 
 
+def without_paths(message: str, **paths) -> str:
+    """`message` with each path in `paths` (and its resolved form) replaced by its name: a client
+    is told which version was refused and why, never where the server keeps its files.
+
+        >>> without_paths("/srv/reg/pol/v0002: bad hash", **{"pol@2": "/srv/reg/pol/v0002"})
+        'pol@2: bad hash'
+    """
+    from pathlib import Path
+
+    for name, path in sorted(paths.items(), key=lambda kv: -len(str(kv[1] or ""))):
+        if path:
+            for form in {str(Path(path).resolve()), str(path)}:
+                message = message.replace(form, name)
+    return message
+
+
 def error_responses(*statuses: int) -> dict[int, dict[str, Any]]:
     """OpenAPI `responses=` for a route: each status documented with the `ErrorResponse` body."""
     retry = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}

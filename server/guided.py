@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -32,11 +33,12 @@ class GuidedPlan:
 class GuidedGenerator:
     """Runs value-guided searches for the OpenAI endpoints (same `run`/`stream` shape as `PlainGenerator`)."""
 
-    def __init__(self, engine, scorer, values, *, max_candidates: int = 64, metrics=None):
+    def __init__(self, engine, scorer, values, *, max_candidates: int = 64, max_steps: int = 256, metrics=None):
         self.engine = engine
         self.scorer = scorer
         self.values = values
         self.max_candidates = max_candidates
+        self.max_steps = max_steps
         self.metrics = metrics
         self.searcher = Searcher(engine, scorer, on_chunks=metrics.chunks.inc if metrics else None)
 
@@ -61,6 +63,12 @@ class GuidedGenerator:
         if cost > self.max_candidates:
             raise GuidanceError(f"guidance asks for {cost} candidates per step (w*k); this server allows at most "
                                 f"{self.max_candidates}", param="guidance.k", code="too_many_candidates")
+        steps = math.ceil(generation.max_tokens / l) if mode == "cbs" and generation.max_tokens else 1
+        if steps > self.max_steps:
+            raise GuidanceError(f"guidance asks for up to {steps} search steps (max_tokens {generation.max_tokens} / "
+                                f"guidance.l {l}); this server allows at most {self.max_steps}: set max_tokens "
+                                f"(<= {self.max_steps * l} with this l) or a larger guidance.l",
+                                param="guidance.l", code="too_many_steps")
         if g.betas is not None:
             if len(g.betas) != len(chain.links):
                 raise GuidanceError(f"guidance.betas needs {len(chain.links)} values (one per version in the chain "

@@ -24,11 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.errors import ConflictError, NotFoundError, UnavailableError, without_paths
 from valuefn.checkpoint import CheckpointError
 from valuefn.policies import PolicyRegistry, check_adapter, check_base
 from valuefn.registry import RegistryError
 
 log = logging.getLogger(__name__)
+MAX_REFUSALS = 16
+"""Refusals remembered per policy (the newest)."""
+
 
 @dataclass
 class ServedPolicy:
@@ -83,19 +87,47 @@ class PolicyManager:
                            base_model_name=self.base_id)
         return ServedPolicy(name, version, directory, lora, manifest.method, manifest.metrics)
 
-    async def load(self, name: str, version: int | None = None, *, pin: bool = False) -> ServedPolicy:
-        """Verify `name@version` (default CURRENT) and serve it; raises with the reason if refused."""
-        if version is None:
-            version = self.registry.current(name)
+    def _refuse(self, name: str, version: int, exc: Exception) -> str:
+        """Remember why `name@version` was refused (bounded); return the reason without server paths."""
+        reason = without_paths(str(exc), **{f"{name}@{version}": self.registry.path(name, version),
+                                            "<registry>": self.registry.root})
+        refusals = self.refused.setdefault(name, {})
+        refusals.pop(version, None)
+        refusals[version] = reason
+        while len(refusals) > MAX_REFUSALS:  # dicts keep insertion order: drop the oldest
+            del refusals[next(iter(refusals))]
+        return reason
+
+    def _exists(self, name: str, version: int | None) -> int:
+        """`version` (default CURRENT) if it is on disk; 404 naming it otherwise."""
+        try:
             if version is None:
-                raise RegistryError(f"policy {name!r} has no published version", param="policy")
+                version = self.registry.current(name)
+                if version is None:
+                    raise NotFoundError(f"policy {name!r} has no published version", param="name",
+                                        code="policy_not_found")
+            if not self.registry.path(name, version).is_dir():
+                raise NotFoundError(f"policy {name}@{version} does not exist", param="version",
+                                    code="policy_not_found")
+        except RegistryError as exc:
+            raise NotFoundError(str(exc), param="name", code="policy_not_found") from exc
+        except OSError as exc:
+            raise UnavailableError(f"cannot read the policy registry ({exc.strerror or type(exc).__name__})",
+                                   code="registry_unreadable") from exc
+        return version
+
+    async def load(self, name: str, version: int | None = None, *, pin: bool = False) -> ServedPolicy:
+        """Verify `name@version` (default CURRENT) and serve it. A missing version is a 404, a refused
+        one a 409 with the reason (never the server's paths); the old version keeps serving."""
+        version = self._exists(name, version)
         try:
             policy = await asyncio.to_thread(self._verify, name, version)
         except (CheckpointError, RegistryError, OSError) as exc:
-            self.refused.setdefault(name, {})[version] = str(exc)
+            reason = self._refuse(name, version, exc)
             log.error("refused policy %s@%d (still serving %s): %s", name, version,
                       f"v{self.served[name].version}" if name in self.served else "nothing", exc)
-            raise
+            code = f"policy_refused:{getattr(exc, 'reason', 'unreadable')}"
+            raise ConflictError(f"refused: {reason}", param="version", code=code) from exc
         self.served[name] = policy  # in-flight requests keep the LoRARequest they started with
         self.refused.get(name, {}).pop(version, None)
         if pin:
@@ -106,31 +138,39 @@ class PolicyManager:
     async def rollback(self, name: str) -> ServedPolicy:
         """Serve the newest version before CURRENT that verifies (refused ones are skipped) and
         point CURRENT at it."""
-        current = self.registry.current(name)
-        older = [v for v in self.registry.versions(name) if current is None or v < current]
+        current = self._exists(name, None)
+        older = [v for v in self.registry.versions(name) if v < current]
         for version in reversed(older):
             if version in self.refused.get(name, {}):
                 continue
             try:
                 policy = await asyncio.to_thread(self._verify, name, version)
             except (CheckpointError, RegistryError, OSError) as exc:
-                self.refused.setdefault(name, {})[version] = str(exc)
+                self._refuse(name, version, exc)
                 continue
-            await asyncio.to_thread(self.registry.set_current, name, version)
+            try:
+                await asyncio.to_thread(self.registry.set_current, name, version)
+            except OSError as exc:  # the server may have read-only access to the registry
+                raise _read_only(f"roll {name!r} back", exc) from exc
             self.served[name] = policy
             self.pinned.pop(name, None)
             log.info("rolled policy %s back to v%d", name, version)
             return policy
-        raise RegistryError(f"policy {name!r} has no good version before v{current}", param="policy")
+        raise ConflictError(f"policy {name!r} has no good version before v{current}", param="name",
+                            code="no_older_version")
 
     def delete(self, name: str, version: int) -> None:
-        """Delete a version from the registry (never the one being served)."""
-        from server.errors import ConflictError
-
+        """Delete a version from the registry (never the one being served, nor CURRENT)."""
         if name in self.served and self.served[name].version == version:
             raise ConflictError(f"policy {name}@{version} is being served; roll back first", param="version",
                                 code="policy_in_use")
-        self.registry.delete(name, version)
+        self._exists(name, version)
+        try:
+            self.registry.delete(name, version)
+        except RegistryError as exc:  # CURRENT: roll back or publish another first
+            raise ConflictError(str(exc), param="version", code="policy_is_current") from exc
+        except OSError as exc:
+            raise _read_only(f"delete {name}@{version}", exc) from exc
         self.refused.get(name, {}).pop(version, None)
 
     def status(self, name: str) -> dict:
@@ -186,6 +226,12 @@ class PolicyManager:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _read_only(action: str, exc: OSError) -> ConflictError:
+    return ConflictError(f"cannot {action}: this server cannot write the policy registry "
+                         f"({exc.strerror or type(exc).__name__}); do it where the registry is written",
+                         param="name", code="registry_read_only")
 
 
 async def start_policies(app, settings, engine, model_path) -> PolicyManager | None:

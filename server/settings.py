@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from common import protocol
 from common.engine_args import EngineSettings
 from common.paths import default_values_dir
 
@@ -53,6 +55,37 @@ class ServerSettings(EngineSettings):
     """Largest LoRA rank a policy adapter may have (vLLM sizes its LoRA buffers by it)."""
     max_loras: int = Field(4, ge=1)
     """Adapters vLLM holds at once (a swap keeps the old version until its requests finish)."""
+    # --- the cost of one request, bounded before any work starts (over a limit: 400 naming the
+    # field and the limit). List limits may only be lowered below the bounds the OpenAPI document
+    # publishes (`common.protocol.MAX_*`).
+    max_stop: int = Field(protocol.MAX_STOP, ge=0, le=protocol.MAX_STOP)
+    """`stop` strings per request."""
+    max_stop_token_ids: int = Field(protocol.MAX_STOP_TOKEN_IDS, ge=0, le=protocol.MAX_STOP_TOKEN_IDS)
+    """`stop_token_ids` per request."""
+    max_logit_bias: int = Field(protocol.MAX_LOGIT_BIAS, ge=0, le=protocol.MAX_LOGIT_BIAS)
+    """`logit_bias` entries per request."""
+    max_prompts: int = Field(protocol.MAX_PROMPTS, ge=1, le=protocol.MAX_PROMPTS)
+    """Prompts in one completion request (counted before any is tokenized)."""
+    max_guided_steps: int = Field(256, ge=1)
+    """Search steps of a guided request: ceil(max_tokens / guidance.l) for cbs. Without max_tokens
+    a request may run up to the context length; past this it must set max_tokens or a larger l."""
+    max_score_responses: int = Field(protocol.MAX_SCORE_RESPONSES, ge=1, le=protocol.MAX_SCORE_RESPONSES)
+    """Responses in one /v1/score request."""
+    max_score_tokens: int = Field(16384, ge=1)
+    """Tokens one /v1/score request sends through the value chain (prompt + response, summed)."""
+    max_score_queue: int = Field(8, ge=1)
+    """/v1/score requests scored or waiting for the scorer at once; past it: 429 with Retry-After."""
+    # --- connections (uvicorn) -------------------------------------------------------------
+    limit_concurrency: int | None = Field(1024, ge=1)
+    """Connections plus requests in progress at once before uvicorn answers 503 (None: no limit)."""
+    timeout_keep_alive: int = Field(5, ge=1)
+    """Seconds an idle keep-alive connection is kept open."""
+    body_timeout: float = Field(60.0, gt=0)
+    """Seconds a client has to send a whole request body once its headers arrived; past it: 408 and
+    the connection is closed (a stalled upload no longer holds a connection forever)."""
+    allow_open_admin: bool = Field(False, validate_default=True)
+    """Serve on a non-loopback address with neither an admin key nor an API key, so that anyone who
+    can reach the port can load, unload and delete values and policies. Refused unless set."""
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -62,6 +95,26 @@ class ServerSettings(EngineSettings):
             return json.loads(value) if value.startswith("[") else [o.strip() for o in value.split(",") if o.strip()]
         return value
 
+    @field_validator("allow_open_admin")
+    @classmethod
+    def _admin_closed_off_loopback(cls, allow: bool, info: ValidationInfo) -> bool:
+        data = info.data
+        if allow or is_loopback(data.get("host", "127.0.0.1")) or data.get("admin_key") or data.get("api_key"):
+            return allow
+        raise ValueError(f"refusing to serve the admin routes (/v1/values, /v1/policies) without a key on "
+                         f"{data.get('host')!r}, a non-loopback address: set an admin key (IRO_ADMIN_KEY, "
+                         "--admin-key) or an API key, bind 127.0.0.1, or pass --allow-open-admin "
+                         "(IRO_ALLOW_OPEN_ADMIN=true) to accept it")
+
+    def admin_open_to_network(self) -> bool:
+        """True when the admin routes are reachable without a key from other machines."""
+        return not is_loopback(self.host) and self.admin_key is None and self.api_key is None
+
+    def uvicorn_options(self) -> dict:
+        """uvicorn's settings: address, connection limit, keep-alive."""
+        return {"host": self.host, "port": self.port, "limit_concurrency": self.limit_concurrency,
+                "timeout_keep_alive": self.timeout_keep_alive}
+
     def resolved_values_dir(self) -> Path:
         return (self.values_dir or default_values_dir()).expanduser()
 
@@ -70,3 +123,13 @@ class ServerSettings(EngineSettings):
         if self.policies_dir is None:
             return {}
         return {"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": self.max_loras}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve to any interface
+        return False

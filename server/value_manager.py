@@ -16,13 +16,17 @@ import time
 from collections import OrderedDict
 
 from common.admin_protocol import RefusedVersion, ValueList, ValueStatus
-from server.errors import GuidanceError, NotFoundError, UnavailableError
+from server.errors import ConflictError, GuidanceError, NotFoundError, UnavailableError, without_paths
 from valuefn.checkpoint import CheckpointError
 from valuefn.loader import ValueLoader
 from valuefn.registry import Registry, RegistryError, parse_spec
 from valuefn.scorer import ValueChain
 
 log = logging.getLogger(__name__)
+MAX_PINNED_CHAINS = 4
+"""Chains of versions requests pinned (`name@N`) kept loaded besides the serving ones."""
+MAX_REFUSALS = 16
+"""Refusals remembered per value (the newest)."""
 
 
 class ValueManager:
@@ -39,6 +43,7 @@ class ValueManager:
         self.registry_error: str | None = None
         self._extra: OrderedDict[tuple[str, int], ValueChain] = OrderedDict()  # name@N chains asked for
         self._lock = asyncio.Lock()
+        self._pin_lock = asyncio.Lock()
         self._stop = asyncio.Event()
 
     # ------------------------------------------------------------------ queries
@@ -48,37 +53,58 @@ class ValueManager:
     def has(self, name: str) -> bool:
         return name in self.chains
 
-    async def chain_for(self, spec: str) -> ValueChain:
-        """The chain a request asks for: `name` (serving chain) or `name@N` (that version's chain)."""
+    async def chain_for(self, spec: str, *, param: str = "guidance.value") -> ValueChain:
+        """The chain a request asks for: `name` (serving chain) or `name@N` (that version's chain).
+
+        A pinned version must be loadable: listed on disk, not refused, and its value not unloaded
+        by an admin. It is loaded once (under a lock, whoever asks at the same time) and kept in a
+        small cache of recently asked-for chains."""
         try:
             name, version = parse_spec(spec)
         except RegistryError as exc:
-            raise GuidanceError(str(exc), param="guidance.value") from exc
+            raise GuidanceError(str(exc), param=param) from exc
         chain = self.chains.get(name)
         if version is None or (chain is not None and chain.version == version):
             if chain is None:
-                raise NotFoundError(self._missing_message(name), param="guidance.value", code="value_not_found")
+                raise NotFoundError(self._missing_message(name), param=param, code="value_not_found")
             return chain
+        if name in self.unloaded:
+            raise NotFoundError(f"value {name!r} was unloaded by an admin; no version of it serves",
+                                param=param, code="value_not_found")
         if (name, version) in self._extra:
             self._extra.move_to_end((name, version))
             return self._extra[(name, version)]
+        self._check_pinnable(name, version, param)
+        async with self._pin_lock:
+            if (name, version) in self._extra:  # loaded by a request that held the lock before us
+                return self._extra[(name, version)]
+            self._check_pinnable(name, version, param)
+            try:
+                listed = await asyncio.to_thread(self.registry.versions, name)
+                if version not in listed:
+                    raise RegistryError(f"value {name}@{version} does not exist", param=param)
+                chain = await asyncio.to_thread(self.loader.load_chain, name, version)
+            except RegistryError as exc:
+                raise NotFoundError(str(exc), param=param, code="value_not_found") from exc
+            except OSError as exc:
+                raise UnavailableError(f"cannot read value {name}@{version}: {exc.strerror or type(exc).__name__}",
+                                       param=param, code="registry_unreadable") from exc
+            except CheckpointError as exc:
+                self._refuse(name, version, exc)
+                reason = without_paths(str(exc), **{f"{name}@{version}": exc.path, "<registry>": self.registry.root})
+                raise GuidanceError(f"value {name}@{version} cannot be used: {reason}", param=param,
+                                    code="value_refused") from exc
+            if name in self.unloaded:  # an admin unloaded it while it loaded
+                raise NotFoundError(f"value {name!r} was unloaded by an admin", param=param, code="value_not_found")
+            self._extra[(name, version)] = chain
+            while len(self._extra) > MAX_PINNED_CHAINS:
+                self._extra.popitem(last=False)
+        return chain
+
+    def _check_pinnable(self, name: str, version: int, param: str) -> None:
         if name in self.refused and version in self.refused[name]:
             raise GuidanceError(f"value {name}@{version} was refused: {self.refused[name][version].reason}",
-                                param="guidance.value", code="value_refused")
-        try:
-            if not self.registry.path(name, version).is_dir():
-                raise RegistryError(f"value {name}@{version} does not exist", param="guidance.value")
-            chain = await asyncio.to_thread(self.loader.load_chain, name, version)
-        except RegistryError as exc:
-            raise NotFoundError(str(exc), param="guidance.value", code="value_not_found") from exc
-        except CheckpointError as exc:
-            self._refuse(name, version, exc)
-            raise GuidanceError(f"value {name}@{version} cannot be used: {exc}", param="guidance.value",
-                                code="value_refused") from exc
-        self._extra[(name, version)] = chain
-        while len(self._extra) > 4:
-            self._extra.popitem(last=False)
-        return chain
+                                param=param, code="value_refused")
 
     def _missing_message(self, name: str) -> str:
         refusals = self.refused.get(name)
@@ -114,7 +140,10 @@ class ValueManager:
         reason = f"{getattr(exc, 'reason', type(exc).__name__)}: {exc}"
         log.error("refused value %s@%d: %s (still serving %s)", name, version, reason,
                   f"v{self.chains[name].version}" if name in self.chains else "nothing")
-        self.refused.setdefault(name, {})[version] = RefusedVersion(version=version, reason=reason, at=time.time())
+        refusals = self.refused.setdefault(name, {})
+        refusals[version] = RefusedVersion(version=version, reason=reason, at=time.time())
+        while len(refusals) > MAX_REFUSALS:  # bounded: keep the newest
+            del refusals[min(refusals.values(), key=lambda r: r.at).version]
         if self.metrics:
             self.metrics.value_refused.labels(name).inc()
 
@@ -139,7 +168,9 @@ class ValueManager:
                 chain = await asyncio.to_thread(self.loader.load_chain, name, version)
             except (CheckpointError, RegistryError, OSError) as exc:
                 self._refuse(name, version, exc)
-                raise GuidanceError(f"value {name}@{version} refused: {exc}", param="version",
+                reason = without_paths(str(exc), **{f"{name}@{version}": getattr(exc, "path", None),
+                                                     "<registry>": self.registry.root})
+                raise GuidanceError(f"value {name}@{version} refused: {reason}", param="version",
                                     code="value_refused") from exc
             self._swap(name, chain)
             self.refused.get(name, {}).pop(version, None)
@@ -161,9 +192,13 @@ class ValueManager:
 
     async def rollback(self, name: str) -> ValueStatus:
         try:
-            version = self.registry.rollback(name)
+            version = await asyncio.to_thread(self.registry.rollback, name)
         except RegistryError as exc:
             raise NotFoundError(str(exc), param="name", code="value_not_found") from exc
+        except OSError as exc:  # the server may have read-only access to the registry (SECURITY.md)
+            raise ConflictError(f"cannot roll {name!r} back: this server cannot write the value registry "
+                                f"({exc.strerror or type(exc).__name__}); roll back where the registry is written",
+                                param="name", code="registry_read_only") from exc
         return await self.load(name, version)
 
     def unload(self, name: str) -> None:
@@ -171,6 +206,8 @@ class ValueManager:
             raise NotFoundError(f"value {name!r} is not loaded", param="name", code="value_not_found")
         del self.chains[name]
         self.unloaded.add(name)
+        for key in [k for k in self._extra if k[0] == name]:  # and every version requests pinned
+            del self._extra[key]
         self.pinned.pop(name, None)
         if self.metrics:
             self.metrics.value_version.remove(name)

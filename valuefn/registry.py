@@ -26,8 +26,9 @@ from pydantic import BaseModel
 
 from valuefn.checkpoint import FORMAT_VERSION, MANIFEST, CheckpointError, ChainLink, Manifest, read_manifest, sha256_file
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^v(\d{4,9})$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: `$` would also match before a final newline
+VERSION_RE = re.compile(r"\Av([0-9]{4,9})\Z")
+SPEC_VERSION_RE = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
 CURRENT = "CURRENT"
 
 
@@ -40,7 +41,7 @@ class RegistryError(Exception):
 
 
 def validate_name(name: str, param: str = "value") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise RegistryError(f"invalid {param} name {name!r} (letters, digits, '.', '_', '-'; at most 64)", param=param)
     return name
 
@@ -51,7 +52,7 @@ def parse_spec(spec: str, param: str = "value") -> tuple[str, int | None]:
     validate_name(name, param)
     if not sep:
         return name, None
-    if not version.isdigit() or int(version) < 1:
+    if not SPEC_VERSION_RE.fullmatch(version) or int(version) < 1:
         raise RegistryError(f"invalid version in {spec!r} (expected name@N with N >= 1)", param=param)
     return name, int(version)
 
@@ -121,7 +122,7 @@ class Registry:
             return []
         names = []
         for p in self.root.iterdir():
-            if not (NAME_RE.match(p.name) and p.is_dir()):
+            if not (NAME_RE.fullmatch(p.name) and p.is_dir()):
                 continue
             try:
                 if self.versions(p.name):
@@ -136,7 +137,7 @@ class Registry:
             return []
         root = self.root.resolve()
         return sorted(int(m.group(1)) for p in d.iterdir()
-                      if (m := VERSION_RE.match(p.name)) and p.is_dir() and root in p.resolve().parents)
+                      if (m := VERSION_RE.fullmatch(p.name)) and p.is_dir() and root in p.resolve().parents)
 
     def current(self, name: str) -> int | None:
         """The version CURRENT names (None if there is no usable CURRENT)."""
@@ -145,7 +146,7 @@ class Registry:
         except (FileNotFoundError, NotADirectoryError):
             versions = self.versions(name)
             return versions[-1] if versions else None
-        m = VERSION_RE.match(text) or re.match(r"^(\d+)$", text)
+        m = VERSION_RE.fullmatch(text) or re.fullmatch(r"([0-9]{1,9})", text)
         return int(m.group(1)) if m else None
 
     def path(self, name: str, version: int) -> Path:

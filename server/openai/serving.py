@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
+import anyio
+
+from common import protocol
 from common.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
 from common.sampling import Generation
 from server.engine import EngineClient, EngineRequest
@@ -20,6 +23,43 @@ from server.openai import responses
 from server.openai.generate import PlainGenerator
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, checked before any work starts (`ServerSettings` fills it in;
+    the defaults are the bounds the OpenAPI document publishes)."""
+
+    max_stop: int = protocol.MAX_STOP
+    max_stop_token_ids: int = protocol.MAX_STOP_TOKEN_IDS
+    max_logit_bias: int = protocol.MAX_LOGIT_BIAS
+    max_prompts: int = protocol.MAX_PROMPTS
+
+    @classmethod
+    def from_settings(cls, settings) -> "Limits":
+        return cls(max_stop=settings.max_stop, max_stop_token_ids=settings.max_stop_token_ids,
+                   max_logit_bias=settings.max_logit_bias, max_prompts=settings.max_prompts)
+
+    def check(self, request) -> None:
+        """400 naming the first list field over its limit."""
+        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        sizes = (("stop", len(stops), self.max_stop), ("stop_token_ids", len(request.stop_token_ids or ()),
+                 self.max_stop_token_ids), ("logit_bias", len(request.logit_bias or {}), self.max_logit_bias))
+        for param, size, limit in sizes:
+            if size > limit:
+                raise InvalidRequestError(f"{param} has {size} entries; this server allows at most {limit}",
+                                          param=param, code="too_many_entries")
+        prompt = getattr(request, "prompt", None)
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > self.max_prompts:
+            raise InvalidRequestError(f"prompt holds {len(prompt)} prompts; this server allows at most "
+                                      f"{self.max_prompts} per request", param="prompt", code="too_many_prompts")
+
+
+async def off_loop(limiter: anyio.CapacityLimiter, fn, *args):
+    """Run CPU-heavy request preparation (tokenization, chat templating) in a worker thread, so a
+    2 MB prompt does not stall every other request's event loop. One thread per server, as vLLM's
+    own tokenizer executor: the tokenizer is shared."""
+    return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
 
 @dataclass
@@ -49,10 +89,13 @@ class OpenAIServing:
     """Handles /v1/models, /v1/completions and /v1/chat/completions."""
 
     def __init__(self, engine: EngineClient, *, max_n: int = 16, max_queue: int = 256, metrics=None,
-                 guided=None, values=None, log_prompts: bool = False):
+                 guided=None, values=None, log_prompts: bool = False, limits: Limits = Limits(),
+                 tokenizer_limiter: anyio.CapacityLimiter | None = None):
         self.engine = engine
         self.max_n = max_n
         self.max_queue = max_queue
+        self.limits = limits
+        self.tokenizer_limiter = tokenizer_limiter or anyio.CapacityLimiter(1)
         self.metrics = metrics
         self.plain = PlainGenerator(engine)
         self.guided = guided  # server.guided.GuidedGenerator or None
@@ -191,10 +234,11 @@ class OpenAIServing:
 
     async def create_chat_completion(self, request: ChatCompletionRequest):
         value, adapter = self.resolve_model(request.model)
+        self.limits.check(request)
         generation = replace(request.to_generation(), adapter=adapter)
         self.check_n(generation.n)
         self.check_token_ids(generation)
-        prompt = self.render_chat(request)
+        prompt = await off_loop(self.tokenizer_limiter, self.render_chat, request)
         generation = replace(generation, max_tokens=self.check_lengths([prompt], generation.max_tokens))
         if self.log_prompts:
             log.info("chat prompt: %r", prompt.text)
@@ -206,14 +250,17 @@ class OpenAIServing:
 
     async def create_completion(self, request: CompletionRequest):
         value, adapter = self.resolve_model(request.model)
+        self.limits.check(request)
         generation = replace(request.to_generation(), adapter=adapter)
         self.check_n(generation.n)
         self.check_token_ids(generation)
         if request.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
-        prompts = self.render_completion(request)
-        if len(prompts) * request.n > self.max_n * 4:
+        p = request.prompt
+        count = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+        if count * request.n > self.max_n * 4:  # counted before anything is tokenized
             raise InvalidRequestError(f"too many prompts x n (limit {self.max_n * 4})", param="prompt")
+        prompts = await off_loop(self.tokenizer_limiter, self.render_completion, request)
         generation = replace(generation, max_tokens=self.check_lengths(prompts, generation.max_tokens,
                                                                        prompt_param="prompt"))
         if request.echo and (value is not None or generation.guidance is not None):

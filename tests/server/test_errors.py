@@ -112,12 +112,14 @@ def test_queue_full_is_429_with_retry_after(client):
     assert b"iro_requests_rejected_total 1.0" in client.get("/metrics").content
 
 
-def test_engine_value_error_is_400_without_a_server_error():
-    # raise_server_exceptions=True: had the ValueError reached Starlette's ServerErrorMiddleware
-    # (which re-raises, so uvicorn drops the connection), the TestClient would raise here.
-    client = make_client(ScriptedEngine(error=ValueError("token id 99999 out of vocabulary")))
-    error = error_of(client.post("/v1/completions", json={"model": "tiny", "prompt": "x"}), 400)
-    assert "out of vocabulary" in error["message"]
+def test_bare_value_error_is_a_clean_500_without_its_text():
+    # Only our own typed errors (and vLLM's VLLMClientError, turned into ours by server.engine) are
+    # refusals; a bare ValueError is a bug and its raw text is no message for a client. With
+    # raise_server_exceptions=True the TestClient would raise had the error reached Starlette's
+    # ServerErrorMiddleware (which re-raises, so uvicorn drops the connection).
+    client = make_client(ScriptedEngine(error=ValueError("Out of range float values are not JSON compliant")))
+    error = error_of(client.post("/v1/completions", json={"model": "tiny", "prompt": "x"}), 500)
+    assert error["type"] == "server_error" and "JSON" not in error["message"]
 
 
 def test_unexpected_error_is_500_shaped():
@@ -136,3 +138,134 @@ def test_metrics_count_by_endpoint_and_status(client):
     assert 'iro_requests_total{endpoint="unmatched",status="404"} 1.0' in text
     assert 'iro_request_latency_seconds_count{endpoint="/v1/completions"} 2.0' in text
     assert "iro_generation_tokens_total 2.0" in text and "iro_prompt_tokens_total 1.0" in text
+
+
+# ----------------------------------------------------------------------------- hostile input (issue 25)
+def post_raw(client, path: str, raw: str):
+    return client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("raw,param", [
+    ('{"model": "tiny", "prompt": "a\\ud800"}', "prompt"),
+    ('{"model": "tiny", "prompt": "a", "stop": "\\udfff"}', "stop"),
+    ('{"model": "tiny", "prompt": "a", "stop": ["x", "\\ud800"]}', "stop.1"),
+    ('{"model": "tiny\\ud800", "prompt": "a"}', "model"),
+    ('{"model": "tiny", "prompt": "a", "logit_bias": {"5": 1}, "user": "\\ud83d"}', "user"),
+])
+def test_lone_surrogates_are_400_naming_the_field(engine, raw, param):
+    client = make_client(engine)
+    error = error_of(post_raw(client, "/v1/completions", raw), 400)
+    assert error["param"] == param and "surrogate" in error["message"] and error["code"] == "invalid_value"
+    assert engine.requests == []
+
+
+def test_a_valid_surrogate_pair_is_text():
+    engine = ScriptedEngine()
+    client = make_client(engine)
+    response = post_raw(client, "/v1/completions", '{"model": "tiny", "prompt": "\\ud83d\\ude00", "max_tokens": 1}')
+    assert response.status_code == 200, response.text
+    assert engine.requests[0][0] == list("\U0001F600".encode())
+
+
+@pytest.mark.parametrize("raw,param", [
+    ('"temperature": NaN', "temperature"), ('"top_p": Infinity', "top_p"),
+    ('"guidance": {"value": "v", "beta": Infinity}', "guidance.beta"),
+    ('"logit_bias": {"5": -Infinity}', "logit_bias.5"),
+])
+def test_non_finite_numbers_are_400(client, raw, param):
+    error = error_of(post_raw(client, "/v1/completions", '{"model": "tiny", "prompt": "a", ' + raw + "}"), 400)
+    assert error["param"] == param and "finite" in error["message"]
+
+
+@pytest.mark.parametrize("extra,param,limit", [
+    ({"stop": [str(i) for i in range(17)]}, "stop", "16"),
+    ({"stop": "x" * 257}, "stop", "256"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids", "64"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "300"),
+    ({"prompt": ["a"] * 65}, "prompt", "64"),
+])
+def test_published_list_bounds_are_400_naming_field_and_limit(client, extra, param, limit):
+    error = error_of(client.post("/v1/completions", json={"model": "tiny", "prompt": "a", **extra}), 400)
+    assert error["param"] == param and limit in error["message"], error
+
+
+class CountingTokenizer(ScriptedEngine().tokenizer.__class__):
+    def __init__(self):
+        self.encoded = 0
+        self.on_event_loop = 0
+
+    def encode(self, text, add_special_tokens=False):
+        import asyncio
+
+        self.encoded += 1
+        try:
+            asyncio.get_running_loop()
+            self.on_event_loop += 1
+        except RuntimeError:  # a worker thread: no event loop runs here
+            pass
+        return super().encode(text, add_special_tokens)
+
+
+def limited_client(**limits):
+    from server.openai.serving import Limits, OpenAIServing
+
+    engine = ScriptedEngine()
+    engine._tokenizer = CountingTokenizer()
+    client = make_client(engine)
+    client.app.state.serving = OpenAIServing(engine, max_n=4, max_queue=8, metrics=client.app.state.metrics,
+                                             limits=Limits(**limits))
+    return client, engine
+
+
+@pytest.mark.parametrize("extra,param,limit", [
+    ({"stop": ["a", "b", "c"]}, "stop", 2), ({"stop_token_ids": [1, 2, 3]}, "stop_token_ids", 2),
+    ({"logit_bias": {"1": 1, "2": 1, "3": 1}}, "logit_bias", 2), ({"prompt": ["a", "b", "c"]}, "prompt", 2),
+])
+def test_lower_limits_from_settings_are_checked_before_tokenizing(extra, param, limit):
+    client, engine = limited_client(max_stop=2, max_stop_token_ids=2, max_logit_bias=2, max_prompts=2)
+    error = error_of(client.post("/v1/completions", json={"model": "tiny", "prompt": "a", **extra}), 400)
+    assert error["param"] == param and f"at most {limit}" in error["message"]
+    assert engine.tokenizer.encoded == 0 and engine.requests == []
+
+
+def test_prompts_are_tokenized_off_the_event_loop():
+    client, engine = limited_client()
+    assert client.post("/v1/completions", json={"model": "tiny", "prompt": ["ab", "cd"], "max_tokens": 1}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 1}).status_code == 200
+    assert engine.tokenizer.encoded == 3 and engine.tokenizer.on_event_loop == 0
+
+
+async def test_a_stalled_body_gets_408_and_a_closed_connection():
+    import asyncio
+
+    from server.app import BodyLimitMiddleware, install_error_handlers
+    from fastapi import Body, FastAPI
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/echo")
+    async def echo(body: dict = Body(...)):
+        return body
+
+    guarded = BodyLimitMiddleware(app, limit=4096, timeout=0.05)
+    stalled = asyncio.Event()  # never set: the client sent its headers and part of the body, then stopped
+    messages = [{"type": "http.request", "body": b'{"a": ', "more_body": True}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await stalled.wait()
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/echo", "raw_path": b"/echo", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1), "root_path": ""}
+    await guarded(scope, receive, send)
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert b"request_timeout" in sent[1]["body"]

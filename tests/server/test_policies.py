@@ -94,3 +94,79 @@ def test_vllm_lora_loader_reads_a_published_adapter(tiny_model_dir, peft_model, 
     assert helper.r == 4 and sorted(helper.target_modules) == ["q_proj", "v_proj"]
     model = LoRAModel.from_local_checkpoint(directory, {"q_proj", "v_proj"}, helper, lora_model_id=1, device="cpu")
     assert sorted(model.loras) == [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+
+
+# ----------------------------------------------------------------------------- admin errors (issue 25)
+def admin_client(manager):
+    """The real admin routes and error handlers around `manager` (no engine: serving is a stand-in)."""
+    from fastapi.testclient import TestClient
+
+    from server.app import build_app
+    from server.settings import ServerSettings
+
+    app = build_app(ServerSettings())
+    app.state.serving = object()
+    app.state.policies = manager
+    return TestClient(app)
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_policy_errors_have_the_right_codes_and_no_server_paths(tiny_model_dir, peft_model, tmp_path):
+    identity = backbone_identity(tiny_model_dir)
+    registry = PolicyRegistry(tmp_path / "registry")
+    manager = PolicyManager(registry, identity=identity, base_id="tiny", max_lora_rank=8)
+    publish(registry, "pol", peft_model, identity)
+    publish(registry, "pol", peft_model, identity, corrupt=True)  # v2, CURRENT, fails its hash
+    asyncio.run(manager.reconcile())
+    client = admin_client(manager)
+
+    missing = error_of(client.post("/v1/policies/pol/load", json={"version": 9}), 404)  # was 409 + a path
+    assert missing["code"] == "policy_not_found" and missing["param"] == "version"
+    refused = error_of(client.post("/v1/policies/pol/load", json={"version": 2}), 409)
+    assert refused["code"].startswith("policy_refused") and "sha256" in refused["message"]
+    assert error_of(client.delete("/v1/policies/pol/versions/2"), 409)["code"] == "policy_is_current"  # was 404
+    assert error_of(client.delete("/v1/policies/pol/versions/7"), 404)["code"] == "policy_not_found"
+    assert error_of(client.post("/v1/policies/nope/load"), 404)["code"] == "policy_not_found"
+    assert error_of(client.get("/v1/policies/pol%0A"), 400)["code"] == "invalid_name"
+    for error in (missing, refused):
+        assert str(tmp_path) not in error["message"]
+    assert all(str(tmp_path) not in r["reason"] for r in client.get("/v1/policies/pol").json()["refused"])
+
+
+def test_policy_admin_on_a_read_only_registry_is_409_with_the_reason(tiny_model_dir, peft_model, tmp_path,
+                                                                      monkeypatch):
+    identity = backbone_identity(tiny_model_dir)
+    registry = PolicyRegistry(tmp_path)
+    manager = PolicyManager(registry, identity=identity, base_id="tiny", max_lora_rank=8)
+    for _ in range(3):
+        publish(registry, "pol", peft_model, identity)
+    asyncio.run(manager.reconcile())
+    client = admin_client(manager)
+
+    def read_only(*args, **kwargs):  # the server's account may only read the registry (SECURITY.md)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(registry, "set_current", read_only)
+    monkeypatch.setattr("shutil.rmtree", read_only)
+    error = error_of(client.post("/v1/policies/pol/rollback"), 409)  # was 500
+    assert error["code"] == "registry_read_only" and "Permission denied" in error["message"]
+    error = error_of(client.delete("/v1/policies/pol/versions/1"), 409)  # was 500
+    assert error["code"] == "registry_read_only"
+    assert manager.served["pol"].version == 3 and registry.versions("pol") == [1, 2, 3]
+
+
+def test_refusals_are_bounded_per_policy(tiny_model_dir, tmp_path):
+    from server.policies import MAX_REFUSALS
+
+    manager = PolicyManager(PolicyRegistry(tmp_path), identity={}, base_id="tiny", max_lora_rank=8)
+    for version in range(1, MAX_REFUSALS + 10):
+        manager._refuse("pol", version, ValueError(f"bad {tmp_path}/pol/v{version:04d}"))
+    refused = manager.refused["pol"]
+    assert len(refused) == MAX_REFUSALS and max(refused) == MAX_REFUSALS + 9
+    assert all(str(tmp_path) not in reason for reason in refused.values())
