@@ -201,3 +201,21 @@ def test_cpu_images_take_torch_from_the_makefile_not_their_own_index():
         assert "INDEX_URL" not in dockerfile.read_text(), dockerfile.name
     makefile = (ROOT / "Makefile").read_text()
     assert "--extra-index-url $(TORCH_INDEX)" in makefile
+
+
+def test_compose_publishes_on_loopback_and_its_server_settings_start(monkeypatch):
+    """The port is published on this host's loopback only, and the server's environment (with the
+    Dockerfile's `--host 0.0.0.0`) passes the settings' open-admin check, which refuses keyless
+    admin routes on a non-loopback address unless IRO_ALLOW_OPEN_ADMIN says so (issue 25)."""
+    from server.settings import ServerSettings
+
+    server = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["server"]
+    assert server["ports"] and all(p.startswith("127.0.0.1:") for p in server["ports"])
+    allow = re.fullmatch(r"\$\{IRO_ALLOW_OPEN_ADMIN:-(\w+)\}", server["environment"]["IRO_ALLOW_OPEN_ADMIN"]).group(1)
+    for name in ("IRO_API_KEY", "IRO_ADMIN_KEY", "IRO_ALLOW_OPEN_ADMIN", "IRO_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    cmd = exec_form(dict(instructions(DOCKER / "Dockerfile.cpu"))["CMD"])
+    host = cmd[cmd.index("--host") + 1]
+    assert ServerSettings(host=host, allow_open_admin=allow).admin_open_to_network()
+    with pytest.raises(ValueError, match="allow-open-admin"):
+        ServerSettings(host=host)
