@@ -12,7 +12,7 @@ from __future__ import annotations
 import anyio
 
 from common.protocol import ScoreRequest, ScoreResponse
-from server.errors import GuidanceError, InvalidRequestError, OverloadedError
+from server.errors import GuidanceError, InvalidRequestError, IroError, OverloadedError
 from server.openai.serving import off_loop, render_chat
 from valuefn.scorer import ScoreItem, chain_scores
 
@@ -51,7 +51,12 @@ class ScoreServing:
             self._in_progress -= 1
 
     async def _score(self, request: ScoreRequest) -> ScoreResponse:
-        chain = await self.values.chain_for(request.value, param="value")
+        try:
+            chain = await self.values.chain_for(request.value)
+        except IroError as exc:  # the manager names the guidance field; here the value is `value`
+            if exc.param == "guidance.value":
+                exc.param = "value"
+            raise
         prompt_ids, seqs = await off_loop(self.tokenizer_limiter, self._encode, request)
         if max(len(s) for s in seqs) > self.engine.max_model_len:
             raise GuidanceError("prompt + response longer than the context", param="responses")

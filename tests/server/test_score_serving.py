@@ -55,3 +55,31 @@ def test_guided_stream_through_the_app():
                                                 "return_token_ids": True}).json()
     assert [c["text"] for c in body["choices"]] == ["AAAA", "AAAA"] and body["guidance"]["w"] == 2
     assert body["choices"][0]["token_ids"] == [65] * 4 and body["prompt_token_ids"] == [list(b"hi")]
+
+
+def test_score_cost_is_bounded_before_the_scorer_runs():
+    from tests.server.test_sampling import _Scorer, _Values
+
+    class Counting(_Scorer):
+        calls = 0
+
+        async def values(self, chain, items):
+            Counting.calls += 1
+            return await super().values(chain, items)
+
+    engine = ScriptedEngine()
+    client = make_client(engine)
+    serving = client.app.state.score_serving = ScoreServing(engine, Counting(), _Values(), max_responses=2,
+                                                            max_tokens=12, max_queue=1)
+    error = client.post("/v1/score", json={"value": "v", "prompt": "hi", "responses": ["a", "b", "c"]}).json()["error"]
+    assert error["param"] == "responses" and "at most 2" in error["message"]
+    error = client.post("/v1/score", json={"value": "v", "prompt": "hi", "responses": ["a" * 6, "b" * 6]}).json()["error"]
+    assert error["code"] == "too_many_tokens" and "16 tokens" in error["message"] and "12" in error["message"]
+    assert Counting.calls == 0
+    serving._in_progress = 1  # one request is scoring: the next waits for no one, it is told to retry
+    busy = client.post("/v1/score", json={"value": "v", "prompt": "hi", "responses": ["a"]})
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["code"] == "scorer_busy"
+    serving._in_progress = 0
+    assert client.post("/v1/score", json={"value": "v", "prompt": "hi", "responses": ["a"]}).status_code == 200
+    assert Counting.calls == 1 and serving._in_progress == 0
