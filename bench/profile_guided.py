@@ -56,6 +56,7 @@ async def main(args):
     engine = VllmEngine.start(str(model_path), "m", max_model_len=2048, kv_cache_gib=2, block_size=args.block_size,
                               enforce_eager=not args.compile, dtype=args.dtype, engine_threads=args.engine_threads,
                               max_num_batched_tokens=args.max_num_batched_tokens)
+    await engine.read_worker_report()
     tok = engine.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                   tokenize=False), add_special_tokens=False) for p in PROMPTS]

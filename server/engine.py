@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from common.engine_args import VALUE_LAYERS_ENV, engine_kwargs, resolve_value_layers
+from common.engine_args import engine_kwargs
 from common.sampling import Sampling
-from server.engine_patches import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, encode_heads, value_heads_installed
-from server.grammar_prefix import GRAMMAR_PREFIX_ARG
+from server.vllm_ext.grammar_prefix import GRAMMAR_PREFIX_ARG
+from server.vllm_ext.value_heads import LAYERS_CONFIG_KEY
+from server.vllm_ext.wire import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, encode_heads, token_values
+from server.vllm_ext.worker import REPORT_METHOD, WORKER_EXTENSION, combine
 
 log = logging.getLogger(__name__)
 
@@ -150,54 +151,14 @@ class EngineClient(abc.ABC):
         pass
 
 
-def engine_value_heads(vllm_config: Any) -> int:
-    """How many value heads the engine's worker evaluates per request: 0 unless the value-head
-    patch took (`server.engine_patches`, probed in this process on the same vLLM as the worker's)
-    and the worker runs the model runner it patches (vLLM's V1 runner; a GPU engine picks V2 by
-    default: set VLLM_USE_V2_MODEL_RUNNER=0 for engine heads). At 0 the scorer values candidates."""
-    if not value_heads_installed():
-        return 0
-    if getattr(vllm_config, "use_v2_model_runner", False):
-        log.warning("engine heads are off: the engine runs vLLM's V2 model runner, which the value-head patch "
-                    "does not reach (VLLM_USE_V2_MODEL_RUNNER=0 turns them on); the scorer values candidates")
-        return 0
-    max_logprobs = vllm_config.model_config.max_logprobs  # the heads ride in logprob slots; -1: no limit
-    return max_logprobs + 1 if max_logprobs >= 0 else 64
-
-
-def engine_value_layers(vllm_config: Any) -> tuple[int, ...]:
-    """The residual-stream layers the engine's worker exposes to value heads: the ones
-    `IRO_ENGINE_VALUE_LAYERS` names (set by `engine_kwargs`), when the value-head patch took, no
-    speculative decoding uses vLLM's auxiliary hidden states, and the model supports them (the
-    worker applies the same conditions: server.engine_patches._keep_layers)."""
-    if engine_value_heads(vllm_config) == 0 or getattr(vllm_config, "speculative_config", None) is not None:
-        return ()
-    from vllm.model_executor.models import ModelRegistry
-    from vllm.model_executor.models.interfaces import supports_eagle3
-
-    model_config = vllm_config.model_config
-    try:
-        model_cls, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
-    except Exception as exc:  # noqa: BLE001 - an unknown architecture: no layers, the scorer values
-        log.warning("engine value layers are off: cannot resolve the model class (%s)", exc)
-        return ()
-    if not supports_eagle3(model_cls):
-        log.warning("engine value layers are off: %s does not return auxiliary hidden states; values on "
-                    "layers use the scorer", model_cls.__name__)
-        return ()
-    return resolve_value_layers(os.environ.get(VALUE_LAYERS_ENV), model_config.hf_config.num_hidden_layers)
-
-
-def token_values(logprobs: Any, m: int) -> list[list[float]]:
-    """The m value-head outputs of each sampled token, from the logprob slots they travel in
-    (`server.engine_patches.patch_value_heads`: "token ids" 0..m-1, in order): vLLM's flat
-    logprobs (one list of floats per request), or its per-token dicts."""
-    from vllm.logprobs import FlatLogprobs
-
-    if isinstance(logprobs, FlatLogprobs):
-        flat = logprobs.logprobs
-        return [flat[start:min(end, start + m)] for start, end in zip(logprobs.start_indices, logprobs.end_indices)]
-    return [[step[j].logprob for j in range(m)] for step in logprobs]
+def value_heads_from_report(report: dict, vllm_config: Any) -> tuple[int, tuple[int, ...]]:
+    """(heads per request, layers) the engine's workers compute, from their combined report
+    (`server.vllm_ext.worker.combine`): (0, ()) unless every worker's runner took the value-head
+    patch; the heads ride in logprob slots, so at most `max_logprobs` + 1 of them."""
+    if report.get("value_heads") != "installed":
+        return 0, ()
+    max_logprobs = vllm_config.model_config.max_logprobs  # -1: no limit
+    return (max_logprobs + 1 if max_logprobs >= 0 else 64), tuple(report.get("value_layers") or ())
 
 
 class VllmEngine(EngineClient):
@@ -213,8 +174,7 @@ class VllmEngine(EngineClient):
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_token_ids = sorted(e for e in eos if e is not None)
         self._in_flight = 0
-        self.max_value_heads = engine_value_heads(llm.vllm_config)
-        self.value_layers = engine_value_layers(llm.vllm_config)
+        self.report: dict = {"value_heads": "the workers have not reported yet", "value_layers": [], "patches": {}}
         cache = llm.vllm_config.cache_config
         self.kv_block_size = cache.block_size if cache.enable_prefix_caching else 1
         compiled = int(llm.vllm_config.compilation_config.mode) != 0  # not CompilationMode.NONE
@@ -234,8 +194,24 @@ class VllmEngine(EngineClient):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=model_path, served_model_name=[model_id], disable_log_stats=True, **kwargs,
+                               worker_extension_cls=WORKER_EXTENSION,  # the workers report what they run
+                               additional_config={LAYERS_CONFIG_KEY: engine_value_layers},
                                **(lora or {}))  # lora: ServerSettings.lora_options() (policy adapters)
         return cls(AsyncLLM.from_engine_args(args), model_id)
+
+    async def read_worker_report(self) -> dict:
+        """Ask every worker what it installed and computes (`server.vllm_ext.worker`), and offer
+        value heads to searches only as far as all of them compute them. Run once after `start`."""
+        self.report = combine(await self._llm.collective_rpc(REPORT_METHOD))
+        self.max_value_heads, self.value_layers = value_heads_from_report(self.report, self._llm.vllm_config)
+        if self.max_value_heads:
+            log.info("engine values: computed in the engine by %s (layers %s%s)", self.report["runner"],
+                     ",".join(map(str, self.value_layers)) or "none",
+                     f"; {self.report['value_layers_off']}" if self.report.get("value_layers_off") else "")
+        else:
+            log.warning("engine values: the scorer computes them; the engine's workers do not (%s)",
+                        self.report["value_heads"])
+        return self.report
 
     @property
     def tokenizer(self) -> Any:

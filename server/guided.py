@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from common.protocol import GuidanceInfo, GuidanceParams
 from common.sampling import Generation
-from server import grammar_prefix
+from server.vllm_ext import grammar_prefix
 from server.errors import GuidanceError, InvalidRequestError
 from server.openai.generate import Choice, Delta, Outcome
 from server.search import Beam, SearchParams, SearchResult, Searcher, common_prefix, cut_at_stop
@@ -40,7 +40,8 @@ class GuidedGenerator:
         self.max_candidates = max_candidates
         self.max_steps = max_steps
         self.metrics = metrics
-        self.searcher = Searcher(engine, scorer, on_chunks=metrics.chunks.inc if metrics else None)
+        self.searcher = Searcher(engine, scorer, on_chunks=metrics.chunks.inc if metrics else None,
+                                 on_engine_fallback=metrics.engine_value_fallbacks.inc if metrics else None)
 
     # ------------------------------------------------------------------ request -> search
     async def prepare(self, generation: Generation, value_from_model: str | None) -> GuidedPlan:

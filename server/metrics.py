@@ -27,6 +27,9 @@ class Metrics:
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.scorer_latency = Histogram("iro_scorer_batch_seconds", "Scorer forward pass latency", buckets=LATENCY_BUCKETS, registry=r)
         self.value_version = Gauge("iro_value_version", "Serving version of each loaded value", ["value"], registry=r)
+        self.engine_value_fallbacks = Counter(
+            "iro_engine_value_fallbacks_total",
+            "Search steps whose engine values were not finite, so the scorer valued the candidates", registry=r)
         self.value_refused = Counter("iro_value_refused_total", "Value versions refused at load", ["value"], registry=r)
 
     def render(self) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +29,8 @@ import numpy as np
 
 from common.sampling import Sampling
 from server.engine import EngineClient, EngineRequest
+
+log = logging.getLogger(__name__)
 from valuefn.scorer import ScoreItem, chain_scores
 
 
@@ -107,11 +110,14 @@ class Searcher:
     """Runs CBS / BoN for one request against a shared engine and scorer."""
 
     def __init__(self, engine: EngineClient, scorer, *, decode: Callable[[list[int]], str] | None = None,
-                 on_chunks: Callable[[int], None] | None = None):
+                 on_chunks: Callable[[int], None] | None = None,
+                 on_engine_fallback: Callable[[], None] | None = None):
         self.engine = engine
         self.scorer = scorer
         self.decode = decode or (lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
         self.on_chunks = on_chunks or (lambda n: None)  # told of chunk requests as they are sent (metrics)
+        self.on_engine_fallback = on_engine_fallback or (lambda: None)  # a step's engine values were not finite
+        self._warned_nonfinite = False
 
     async def run(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None = None) -> SearchResult:
         heads = getattr(chain, "engine_heads", None)
@@ -149,9 +155,17 @@ class Searcher:
         return beam
 
     async def _score(self, chain, prompt_ids: list[int], beams: list[Beam], parents: list[int], result: SearchResult):
+        raw = None
         if beams and all(b.token_values is not None and len(b.token_values) for b in beams):
             raw = [b.token_values.mean(axis=0) for b in beams]  # the engine's head outputs, mean_before
-        else:
+            if not all(np.isfinite(r).all() for r in raw):  # never rank by NaN: this step goes to the scorer
+                raw = None
+                self.on_engine_fallback()
+                if not self._warned_nonfinite:
+                    self._warned_nonfinite = True
+                    log.warning("engine values were not finite; the scorer values such steps instead "
+                                "(counted in iro_engine_value_fallbacks_total)")
+        if raw is None:
             items = [ScoreItem(prompt_ids + b.token_ids, len(prompt_ids) + p, len(prompt_ids))
                      for b, p in zip(beams, parents)]
             raw = await self.scorer.values(chain, items) if items else np.zeros((0, len(chain.links)))

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from server import grammar_prefix
-from server.grammar_prefix import GRAMMAR_PREFIX_ARG, patch_create_grammar
+from server.vllm_ext import grammar_prefix
+from server.vllm_ext.grammar_prefix import GRAMMAR_PREFIX_ARG, patch_create_grammar
 
 
 class Grammar:
@@ -53,11 +53,18 @@ def test_a_prefix_outside_the_grammar_fails_the_request():
         make_manager(Grammar(accepts=False))._create_grammar(request({GRAMMAR_PREFIX_ARG: 3}))
 
 
-def test_an_unknown_vllm_is_not_patched_and_guided_response_format_is_refused(monkeypatch):
-    monkeypatch.setattr(grammar_prefix, "_manager_class", lambda: (None, "StructuredOutputManager._create_grammar "
-                                                                         "is missing"))
-    assert not grammar_prefix.supported()
-    assert grammar_prefix.install() is False
+def test_a_manager_without_create_grammar_is_not_patched_and_the_record_says_why(monkeypatch):
+    from server.vllm_ext import registry
+
+    monkeypatch.setattr(registry, "STATUS", {})
+
+    class Manager:
+        pass
+
+    patch = registry.Patch("grammar_prefix", lambda: (Manager,), grammar_prefix.probe, grammar_prefix.apply, "refused")
+    assert not registry.install(patch, cpu=True, version="0.32.0")
+    assert registry.STATUS["grammar_prefix"] == "Manager._create_grammar is missing"
+    assert not grammar_prefix.supported()  # the outcome this process recorded
 
 
 def test_this_vllm_is_supported():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from server import lora_cpu
+from server.vllm_ext import lora_ops as lora_cpu
 
 ops = pytest.importorskip("vllm.lora.ops.torch_ops")
 

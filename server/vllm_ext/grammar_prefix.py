@@ -10,41 +10,35 @@ every chunk would have to be a whole JSON document on its own. This patch lets a
 tokens, so the chunk continues the document where the beam stopped.
 
 It wraps `StructuredOutputManager._create_grammar` (vllm 0.32.x), which runs in the engine-core
-process, where vLLM loads its general plugins (`server.engine_patches.install_worker_patches`
-calls `install()`). `supported()` answers the same question in the API process, which refuses a
-guided request with `response_format` (400) when the patch cannot apply.
+process, where vLLM loads its general plugins (`server.vllm_ext`). `supported()` answers whether it took; the API process refuses
+a guided request with `response_format` (400) when it did not.
 """
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
+from server.vllm_ext.registry import INSTALLED, check_method
 
 GRAMMAR_PREFIX_ARG = "iro_grammar_prefix"
 """`SamplingParams.extra_args` key: how many trailing prompt tokens the grammar must accept first."""
 
-_TESTED_VLLM = ("0.32.",)
+
+def targets() -> tuple:
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    return (StructuredOutputManager,)
 
 
-def _manager_class():
-    try:
-        import vllm
-        from vllm.v1.structured_output import StructuredOutputManager
-    except ImportError:
-        return None, "vLLM's v1 structured outputs are not importable"
-    version = getattr(vllm, "__version__", "")
-    if not version.startswith(_TESTED_VLLM):
-        return None, f"vLLM {version} is not a version this patch was written for ({', '.join(_TESTED_VLLM)})"
-    if not callable(getattr(StructuredOutputManager, "_create_grammar", None)):
-        return None, "StructuredOutputManager._create_grammar is missing"
-    return StructuredOutputManager, None
+def probe(cls: type) -> None:
+    check_method(cls, "_create_grammar", ("request",))
 
 
 def supported() -> bool:
-    """Whether structured outputs can continue a beam in this vLLM (see the module docstring)."""
-    cls, _ = _manager_class()
-    return cls is not None
+    """Whether structured outputs can continue a beam: the patch took in this process (vLLM runs
+    its plugins in every process; the engine core's outcome is the same as this one's)."""
+    from server.vllm_ext import install_worker_patches, registry
+
+    status = registry.STATUS if "grammar_prefix" in registry.STATUS else install_worker_patches()
+    return status.get("grammar_prefix") == INSTALLED
 
 
 def patch_create_grammar(cls) -> None:
@@ -68,11 +62,4 @@ def patch_create_grammar(cls) -> None:
     cls._iro_grammar_prefix = True
 
 
-def install() -> bool:
-    """Patch vLLM's structured-output manager if it is the one this module knows; else log why not."""
-    cls, why = _manager_class()
-    if cls is None:
-        log.warning("iro: guided requests with response_format are refused: %s", why)
-        return False
-    patch_create_grammar(cls)
-    return True
+apply = patch_create_grammar
