@@ -2,14 +2,16 @@
 
 `EngineSettings` holds the engine's knobs (each settable as `IRO_<FIELD>`); the server's settings
 extend it, and the trainer's Ray rollouts read it on their own. `engine_kwargs` turns them into
-vLLM engine arguments (and, on CPU, the environment vLLM's CPU worker reads before it starts).
+vLLM engine arguments (and, on CPU, the environment vLLM's CPU worker reads before it starts),
+refusing before anything starts what cannot run (`check_parallel`), and plans the GPU memory the
+engine leaves to the value scorer (`value_memory_bytes`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +20,15 @@ from common.dtype import resolve_dtype
 
 log = logging.getLogger(__name__)
 
+
+GiB = 1 << 30
+GPU_MEMORY_UTILIZATION_ENV = "IRO_GPU_MEMORY_UTILIZATION"
+"""The engine's share of the GPU (`EngineSettings.gpu_memory_utilization`): `engine_kwargs` sets it to
+the value the engine starts with, so the API process plans its value memory from the same number
+(`value_memory_bytes`) whether it came from a flag or the environment."""
+GPU_MARGIN_BYTES = 1 * GiB
+"""GPU memory the value budget leaves unplanned: the API process's own CUDA context (0.3-0.6 GiB) and
+the scorer's activations and allocator slack."""
 
 VALUE_LAYERS_ENV = "IRO_ENGINE_VALUE_LAYERS"
 """The residual-stream layers the engine's worker hands to value heads (`resolve_value_layers`;
@@ -86,10 +97,36 @@ class EngineSettings(BaseSettings):
     engine_value_layers: str = "auto"
     """Residual-stream layers the engine hands to engine values ("auto": `default_value_layers`,
     "none", or "8,15"); a value on other layers is scored by the scorer instead."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """The engine's share of each GPU's memory (weights, activations, KV cache; vLLM's own default is
+    0.92). What it leaves, less a 1 GiB margin, is the value scorer's: its backbones and their KV cache
+    (`value_memory_bytes`), planned before the engine starts; a value that does not fit is refused with
+    the reason. GPU only (vLLM's CPU engine takes `kv_cache_gib` instead)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Devices each layer is split across (vLLM tensor parallelism: attention heads, KV heads and the
+    vocabulary must divide by it). Engine values keep working: hidden states are whole on every rank."""
+    pipeline_parallel_size: int = Field(1, ge=1)
+    """Stages the layers are split into, one device group each (vLLM pipeline parallelism). On CPU it
+    needs the compiled engine (vLLM 0.32's eager CPU worker dies on the first request)."""
+    data_parallel_size: int = Field(1, ge=1)
+    """Engine replicas behind this one server, each with its own devices (vLLM data parallelism in one
+    AsyncLLM: a coordinator balances requests across them). A guided search's chunks may land on
+    different replicas, each with its own prefix cache."""
+
+    PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ("gpu_memory_utilization", "tensor_parallel_size",
+                                                  "pipeline_parallel_size", "data_parallel_size")
 
     def engine_options(self) -> dict:
-        """The engine's part of these settings (the keyword arguments of `engine_kwargs`)."""
-        return self.model_dump(include=set(EngineSettings.model_fields))
+        """The engine's part of these settings (the keyword arguments of `engine_kwargs`).
+
+        The multi-device fields (`PARALLEL_FIELDS`) are included only when set away from their
+        defaults: `server.engine.VllmEngine.start` names its arguments and does not take them yet, so
+        a default server starts as before and a non-default one fails at start, never silently."""
+        options = self.model_dump(include=set(EngineSettings.model_fields))
+        for name in self.PARALLEL_FIELDS:
+            if options[name] == EngineSettings.model_fields[name].default:
+                del options[name]
+        return options
 
 
 def on_cuda() -> bool:
@@ -98,13 +135,106 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def configure_cpu_threads(engine_threads: str | None) -> None:
-    """Choose the cores vLLM's CPU worker binds its OpenMP threads to (before the engine starts)."""
+def _cpu_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def split_cores(cores: list[int], ranks: int) -> str:
+    """A vLLM CPU bind spec giving each of `ranks` engine ranks its own cores (groups joined by "|").
+
+    >>> split_cores([0, 1], 1), split_cores([0, 1], 2), split_cores([0, 1, 2, 3, 4], 2)
+    ('0-1', '0|1', '0,1,2|3,4')
+    """
+    if ranks > len(cores):
+        raise ValueError(f"{ranks} engine ranks need a core each; this process may use {len(cores)}")
+    if ranks == 1 and cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    per, extra = divmod(len(cores), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        size = per + (rank < extra)
+        groups.append(",".join(map(str, cores[start:start + size])))
+        start += size
+    return "|".join(groups)
+
+
+def configure_cpu_threads(engine_threads: str | None, ranks: int = 1) -> None:
+    """Choose the cores vLLM's CPU worker binds its OpenMP threads to (before the engine starts): with
+    several engine ranks (tensor x pipeline x data parallel), one core list per rank, joined by "|"."""
     if engine_threads is None or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        spec = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        if spec not in (None, "auto", "nobind") and len(spec.split("|")) != ranks:
+            raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={spec!r} names {len(spec.split('|'))} core lists; "
+                             f"the engine has {ranks} ranks (one list per rank, joined by '|')")
         return
     if engine_threads == "all":
-        engine_threads = f"0-{(os.cpu_count() or 1) - 1}"
+        engine_threads = split_cores(_cpu_cores(), ranks)
+    elif len(engine_threads.split("|")) != ranks:
+        raise ValueError(f"engine_threads {engine_threads!r} names {len(engine_threads.split('|'))} core lists; "
+                         f"the engine has {ranks} ranks (tensor x pipeline x data parallel): give one list per "
+                         "rank joined by '|', like 0-3|4-7, or 'all'")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine_threads
+
+
+def check_parallel(*, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+                   cuda: bool, enforce_eager: bool = False, devices: int | None = None) -> int:
+    """Refuse, before the engine starts, a parallel layout this machine cannot run; return the number
+    of engine ranks (tensor x pipeline x data parallel). `devices`: GPUs (on CUDA) or usable cores.
+
+    >>> check_parallel(tensor_parallel_size=2, data_parallel_size=2, cuda=True, devices=4)
+    4
+    """
+    sizes = {"tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size,
+             "data_parallel_size": data_parallel_size}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be an integer >= 1, not {size!r}")
+    ranks = tensor_parallel_size * pipeline_parallel_size * data_parallel_size
+    layout = " x ".join(f"{n.split('_')[0]} {s}" for n, s in sizes.items() if s > 1) or "one rank"
+    if devices is None:
+        if cuda:
+            import torch
+
+            devices = torch.cuda.device_count()
+        else:
+            devices = len(_cpu_cores())
+    if ranks > devices:
+        what = "GPUs" if cuda else "CPU cores (one per engine rank)"
+        raise ValueError(f"the engine's parallel layout ({layout}) needs {ranks} {what}; this machine has {devices}")
+    if not cuda and pipeline_parallel_size > 1 and enforce_eager:
+        raise ValueError("pipeline parallelism on CPU needs the compiled engine (--compile): vLLM 0.32's CPU "
+                         "worker skips its warm-up when eager, and the last stage dies on the first request")
+    if data_parallel_size > 1:
+        log.warning("data parallel %d: vLLM balances requests over %d engine replicas, each with its own prefix "
+                    "cache, so a guided search's chunks may re-prefill their prefix on another replica",
+                    data_parallel_size, data_parallel_size)
+    return ranks
+
+
+def value_memory_bytes(total_bytes: int, gpu_memory_utilization: float, margin: int = GPU_MARGIN_BYTES) -> int:
+    """GPU bytes the API process may use for values (the scorer's backbones and their KV cache): what
+    the engine leaves, total x (1 - gpu_memory_utilization), less `margin`; never below 0. It depends
+    on the device's total, not its free memory, so it is the same before and after the engine starts.
+
+    >>> value_memory_bytes(80 * GiB, 0.85) / GiB
+    11.0
+    """
+    return max(0, int(total_bytes * (1 - gpu_memory_utilization)) - margin)
+
+
+def device_value_memory(device: Any = None) -> int:
+    """`value_memory_bytes` of a CUDA device (default: the current one), at the engine's share
+    (`GPU_MEMORY_UTILIZATION_ENV`, exported by `engine_kwargs`; else `EngineSettings`' default).
+    Reads the device's total memory without creating a CUDA context."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device()).total_memory
+    share = os.environ.get(GPU_MEMORY_UTILIZATION_ENV)
+    share = float(share) if share else EngineSettings.model_fields["gpu_memory_utilization"].default
+    return value_memory_bytes(total, share)
 
 
 def supported_block_size(requested: int, sizes: list) -> int:
@@ -139,21 +269,49 @@ def cpu_block_size(requested: int) -> int:
     return size
 
 
+def check_gpu_dtype(dtype: str) -> None:
+    """Refuse bf16 on a GPU that does not compute it natively (vLLM would refuse it at start, later)."""
+    import torch
+
+    from common.dtype import CUDA_BF16_CAPABILITY, cuda_dtype
+
+    capability = tuple(torch.cuda.get_device_capability())
+    if dtype == "bfloat16" and capability < CUDA_BF16_CAPABILITY:
+        raise ValueError(f"dtype bfloat16: {cuda_dtype(torch.cuda.get_device_name(), capability).reason}; "
+                         "use --dtype auto (float16 there) or float16")
+
+
 def engine_kwargs(*, max_model_len: int, kv_cache_gib: int, block_size: int, enforce_eager: bool, dtype: str,
                   engine_threads: str | None, max_num_batched_tokens: int | None = None,
-                  engine_value_layers: str = "auto") -> dict[str, Any]:
+                  engine_value_layers: str = "auto", gpu_memory_utilization: float = 0.85,
+                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                  data_parallel_size: int = 1) -> dict[str, Any]:
     """vLLM engine arguments for the base model (and, on CPU, the environment vLLM's CPU worker
     reads before it starts): one recipe for the server's engine and offline batch jobs.
 
     `block_size` is passed on CPU only (a GPU engine keeps vLLM's choice), as the CPU attention
-    backend accepts it once vLLM's plugins are loaded (`cpu_block_size`)."""
+    backend accepts it once vLLM's plugins are loaded (`cpu_block_size`); `gpu_memory_utilization`
+    on GPU only. A parallel layout the machine cannot run raises ValueError here (`check_parallel`)."""
     resolve_value_layers(engine_value_layers, 1 << 16)  # a malformed spec fails here, not in the worker
     os.environ[VALUE_LAYERS_ENV] = engine_value_layers
     on_cpu = not on_cuda()
+    ranks = check_parallel(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                           data_parallel_size=data_parallel_size, cuda=not on_cpu, enforce_eager=enforce_eager)
     dtype = resolve_dtype(dtype)  # vLLM's own "auto" would take the checkpoint's dtype
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        configure_cpu_threads(engine_threads)
+        configure_cpu_threads(engine_threads, tensor_parallel_size * pipeline_parallel_size * data_parallel_size)
         block_size = cpu_block_size(block_size)
-    return dict(max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager, enable_prefix_caching=True,
-                block_size=block_size if on_cpu else None, max_num_batched_tokens=max_num_batched_tokens)
+    else:
+        check_gpu_dtype(dtype)
+        os.environ[GPU_MEMORY_UTILIZATION_ENV] = str(gpu_memory_utilization)
+        log.info("GPU memory: the engine takes %.0f%% of each of its %d GPUs; the value scorer plans with %.1f GiB "
+                 "(the rest, less a %.0f GiB margin)", 100 * gpu_memory_utilization, ranks,
+                 device_value_memory() / GiB, GPU_MARGIN_BYTES / GiB)
+    kwargs = dict(max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager, enable_prefix_caching=True,
+                  block_size=block_size if on_cpu else None, max_num_batched_tokens=max_num_batched_tokens,
+                  tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                  data_parallel_size=data_parallel_size)
+    if not on_cpu:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    return kwargs

@@ -31,6 +31,9 @@ class Metrics:
             "iro_engine_value_fallbacks_total",
             "Search steps whose engine values were not finite, so the scorer valued the candidates", registry=r)
         self.value_refused = Counter("iro_value_refused_total", "Value versions refused at load", ["value"], registry=r)
+        self.value_refused_memory = Counter("iro_value_refused_memory_total",
+                                            "Value versions refused because they do not fit the values' memory budget",
+                                            ["value"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -147,6 +147,8 @@ class ValueManager:
             del refusals[min(refusals.values(), key=lambda r: r.at).version]
         if self.metrics:
             self.metrics.value_refused.labels(name).inc()
+            if getattr(exc, "reason", None) == "out_of_memory":  # valuefn.loader: "needs X GiB, budget Y GiB"
+                self.metrics.value_refused_memory.labels(name).inc()
 
     async def load(self, name: str, version: int | None = None, *, pin: bool = False,
                    from_watch: bool = False) -> ValueStatus:
@@ -245,8 +247,12 @@ class ValueManager:
                 continue
             try:
                 await self.load(name, current, from_watch=True)
-            except Exception as exc:  # refusal already recorded and logged
+            except GuidanceError:
+                pass  # refused: listed in /v1/values, logged and counted by _refuse
+            except (NotFoundError, UnavailableError) as exc:  # the registry moved meanwhile; its next change retries
                 log.debug("reconcile %s: %s", name, exc)
+            except Exception as exc:  # noqa: BLE001 - any other failure is a refusal too, never only a DEBUG line
+                self._refuse(name, current, exc)
 
     async def watch(self) -> None:
         """Reconcile on every registry change (watchfiles), surviving a missing registry folder."""

@@ -16,9 +16,10 @@ tokens it added; when the pool is full the least recently used sequence that not
 evicted and its slots are reused. Slot 0 is scratch: padding writes land there and it is
 never visible to a query (the causal mask stops every row at its own tokens).
 
-The byte budget (`IRO_VALUE_CACHE_GIB`, default: a quarter of the free GPU memory, 1 GiB on
-the CPU) is shared by every loaded value: a pool that needs room takes it from the least recently
-used other pools.
+The byte budget (`IRO_VALUE_CACHE_GIB`, default: a quarter of the GPU memory the engine leaves to
+values, `common.engine_args.value_memory_bytes`, planned before the engine starts; 1 GiB on the
+CPU) is shared by every loaded value: a pool that needs room takes it from the least recently used
+other pools. The rest of the values' memory holds their backbones (`valuefn.loader.BackbonePool`).
 """
 
 from __future__ import annotations
@@ -37,16 +38,21 @@ import torch
 log = logging.getLogger(__name__)
 
 MIN_SLOTS = 4096
+CACHE_SHARE = 4
+"""On a GPU the cache's default budget is 1/CACHE_SHARE of the values' memory; backbones get the rest."""
 
 
 def default_budget_bytes(device: torch.device) -> int:
-    """`IRO_VALUE_CACHE_GIB` if set; else a quarter of the free memory of a GPU, 1 GiB on the CPU."""
+    """`IRO_VALUE_CACHE_GIB` if set; else, on a GPU, a quarter of the memory the engine leaves to
+    values (total x (1 - gpu_memory_utilization) less a margin: the same before and after the engine
+    takes its share); 1 GiB on the CPU."""
     env = os.environ.get("IRO_VALUE_CACHE_GIB")
     if env:
         return int(float(env) * (1 << 30))
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 4
+        from common.engine_args import device_value_memory
+
+        return device_value_memory(device) // CACHE_SHARE
     return 1 << 30
 
 

@@ -1,13 +1,19 @@
 """Turning registry entries into scoring-ready value chains (verified before use), and
 publishing value models into the registry.
 
-    loader = ValueLoader(registry, model_path)
+    loader = ValueLoader(registry, BackbonePool(model_path))
     chain = loader.load_chain("demo")          # V_1..V_t of demo's CURRENT version
+
+A value must fit the memory planned for values (on a GPU: what the engine leaves, less the key/value
+cache's share, `BackbonePool.memory_budget`): what it needs is counted from the checkpoint's tensor
+shapes before anything is loaded, and a value that does not fit, or that runs out of memory while
+loading, is refused (`CheckpointError`, reason "out_of_memory", "needs X GiB, budget Y GiB").
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import weakref
@@ -27,27 +33,148 @@ from valuefn.scorer import LoadedValue, ScoreItem, ValueChain, check_kv_reuse, f
 
 log = logging.getLogger(__name__)
 
+GiB = 1 << 30
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def format_bytes(n: int) -> str:
+    """GiB with two decimals (MiB below 0.1 GiB, so a small model's numbers still say something).
+
+    >>> format_bytes(13 * GiB + GiB // 2), format_bytes(5 << 20)
+    ('13.50 GiB', '5.00 MiB')
+    """
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 10 else f"{n / (1 << 20):.2f} MiB"
+
+
+def checkpoint_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a model folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def backbone_numel(shapes: dict[str, tuple[int, ...]], num_layers: int | None,
+                   target_modules: list[str] | None = None) -> int:
+    """Elements of the backbone a value runs on (`load_backbone`): the first `num_layers` decoder
+    layers (None: all) with the embeddings and norms, never the LM head; with `target_modules`, only
+    those modules' weights in the kept layers (what merging a LoRA adapter copies, `merge_lora`)."""
+    total = 0
+    for key, shape in shapes.items():
+        if key.startswith("lm_head.") or ".lm_head." in key:
+            continue
+        layer = _LAYER.search(key)
+        if layer is not None and num_layers is not None and int(layer[1]) >= num_layers:
+            continue
+        if target_modules is not None:
+            parts = key.split(".")
+            if layer is None or parts[-1] != "weight" or len(parts) < 2 or parts[-2] not in target_modules:
+                continue
+        n = 1
+        for dim in shape:
+            n *= dim
+        total += n
+    return total
+
+
+def default_memory_budget(device: torch.device) -> int | None:
+    """Bytes of backbones the values of one process may hold on `device`: on a GPU, the memory the
+    engine leaves to values (`common.engine_args.value_memory_bytes`, planned from the device's total,
+    so the same before and after the engine starts) less the key/value cache's budget; None (no
+    limit) on the CPU."""
+    if device.type != "cuda":
+        return None
+    from common.engine_args import device_value_memory
+    from valuefn.kv_pool import device_budget
+
+    return max(0, device_value_memory(device) - device_budget(device).max_bytes)
+
 
 class BackbonePool:
     """Backbones of the base model, loaded once per layer count and dtype (a config's "auto": this
-    machine's choice for the pool's device, `common.dtype`); values get copies."""
+    machine's choice for the pool's device, `common.dtype`); values get copies.
 
-    def __init__(self, model_path: str | Path, device: torch.device | None = None):
+    `memory_budget`: bytes the backbones (and the weights a LoRA merge copies) may take; None: the
+    device's default (`default_memory_budget`: the engine's leftover on a GPU, no limit on the CPU)."""
+
+    def __init__(self, model_path: str | Path, device: torch.device | None = None, *,
+                 memory_budget: int | None = None):
         self.model_path = Path(model_path)
         self.device = device or default_device()
         self.identity = backbone_identity(self.model_path)
+        self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
         self._templates: dict[tuple[int | None, str, bool], torch.nn.Module] = {}
+        self._template_bytes: dict[tuple[int | None, str, bool], int] = {}
+        self._merged_bytes: dict[int, int] = {}
+        """id(value model) -> bytes its LoRA merge copied, while the model lives."""
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         self._lock = threading.Lock()
 
-    def template(self, config: ValueModelConfig) -> torch.nn.Module:
-        dtype = resolve_dtype(config.dtype, self.device.type)
+    @staticmethod
+    def _key(config: ValueModelConfig, device_type: str) -> tuple[int | None, str, bool]:
         final_norm = config.feature_layers is None  # feature-layer values read the raw residual stream
-        key = (config.num_layers, dtype, final_norm)
+        return config.num_layers, resolve_dtype(config.dtype, device_type), final_norm
+
+    def template(self, config: ValueModelConfig) -> torch.nn.Module:
+        key = self._key(config, self.device.type)
+        num_layers, dtype, final_norm = key
         with self._lock:
             if key not in self._templates:
-                self._templates[key] = load_backbone(self.model_path, config.num_layers, getattr(torch, dtype),
+                self._templates[key] = load_backbone(self.model_path, num_layers, getattr(torch, dtype),
                                                      self.device, final_norm=final_norm)
+                self._template_bytes[key] = sum(t.numel() * t.element_size()
+                                                for t in self._templates[key].state_dict().values())
             return self._templates[key]
+
+    def _count(self, config: ValueModelConfig, target_modules: list[str] | None = None) -> int:
+        if self._shapes is None:
+            self._shapes = checkpoint_shapes(self.model_path)
+        size = torch.empty((), dtype=getattr(torch, self._key(config, self.device.type)[1])).element_size()
+        return backbone_numel(self._shapes, config.num_layers, target_modules) * size
+
+    def merged_bytes(self, config: ValueModelConfig) -> int:
+        """Bytes of the weights a value's LoRA merge copies (0 without LoRA)."""
+        return self._count(config, config.target_modules) if config.lora_r > 0 else 0
+
+    def bytes_needed(self, config: ValueModelConfig) -> int:
+        """Bytes a value of `config` adds to this pool: its backbone when no value loaded it yet, and
+        the weights its LoRA merge copies. Counted from the checkpoint's tensor shapes, loading nothing."""
+        template = 0 if self._key(config, self.device.type) in self._templates else self._count(config)
+        return template + self.merged_bytes(config)
+
+    def bytes_in_use(self) -> int:
+        """Bytes of the loaded backbones and of the LoRA merges of values still alive."""
+        with self._lock:
+            return sum(self._template_bytes.values()) + sum(self._merged_bytes.values())
+
+    def check_fits(self, config: ValueModelConfig, what: str) -> int:
+        """Raise CheckpointError (reason "out_of_memory") when a value of `config` does not fit what
+        is left of `memory_budget`; return the bytes it needs."""
+        need = self.bytes_needed(config) if self.memory_budget is not None else 0
+        if self.memory_budget is not None and need > self.memory_budget - self.bytes_in_use():
+            raise CheckpointError(self.no_room(what, need), reason="out_of_memory")
+        return need
+
+    def no_room(self, what: str, need: int) -> str:
+        """Why a value of `need` bytes does not fit: "... needs X GiB, budget Y GiB (...)"."""
+        used = self.bytes_in_use()
+        hint = "lower --gpu-memory-utilization, or train the value on fewer layers (num_layers)"
+        if self.memory_budget is None:
+            return f"{what} does not fit in memory on {self.device}: needs {format_bytes(need)}; {hint}"
+        return (f"{what} does not fit in the values' memory on {self.device}: needs {format_bytes(need)}, budget "
+                f"{format_bytes(max(0, self.memory_budget - used))} (of {format_bytes(self.memory_budget)}; "
+                f"{format_bytes(used)} held by loaded values); {hint}")
+
+    def track(self, model: torch.nn.Module, merged_bytes: int) -> None:
+        """Count the weights `model`'s LoRA merge copied until the model is freed."""
+        if merged_bytes and self.memory_budget is not None:
+            with self._lock:
+                self._merged_bytes[id(model)] = merged_bytes
+            weakref.finalize(model, self._merged_bytes.pop, id(model), None)
 
     def fresh(self, config: ValueModelConfig) -> torch.nn.Module:
         """A backbone a value model of `config` may own: a copy when LoRA goes into it, the shared
@@ -94,12 +221,20 @@ class ValueLoader:
         adapter, head = load_trained_tensors(directory, manifest)
         verified = time.perf_counter()
         run_as = manifest.model_copy(update={"model": manifest.model.model_copy(update={"dtype": self.dtype})})
-        model = build_value_model(self.pool.for_inference(run_as.model), run_as, adapter, head)
-        value = LoadedValue(name, version, manifest, model)
-        built = time.perf_counter()
+        need = self.pool.check_fits(run_as.model, f"{name}@{version}")  # refused before anything is allocated
         architecture = run_as.model.model_dump_json()  # what the per-architecture caches are keyed by
-        # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
-        if not torch.isfinite(self._probe(value, architecture)).all():
+        try:
+            model = build_value_model(self.pool.for_inference(run_as.model), run_as, adapter, head)
+            value = LoadedValue(name, version, manifest, model)
+            built = time.perf_counter()
+            # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
+            finite = torch.isfinite(self._probe(value, architecture)).all()
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # the budget's estimate was short: still a refusal
+            need = need or self.pool.bytes_needed(run_as.model)
+            raise CheckpointError(f"{self.pool.no_room(f'{name}@{version}', need)} ({type(exc).__name__} while "
+                                  "loading)", reason="out_of_memory", path=directory) from None
+        self.pool.track(model, self.pool.merged_bytes(run_as.model))
+        if not finite:
             raise CheckpointError(f"{name}@{version} produces non-finite values", reason="bad_values", path=directory)
         if not model.config.engine_head:
             if architecture not in self._kv_reuse:

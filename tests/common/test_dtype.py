@@ -1,4 +1,4 @@
-"""The machine's dtype (common.dtype): bf16 only where the CPU computes it natively, overridable."""
+"""The machine's dtype (common.dtype): bf16 only where the CPU or GPU computes it natively, overridable."""
 
 from __future__ import annotations
 
@@ -45,20 +45,32 @@ def test_auto_follows_the_machine_and_an_explicit_dtype_wins():
     assert resolve_dtype(None, cpuinfo=AVX2) == "float32"
     assert resolve_dtype("float32", cpuinfo=SAPPHIRE) == "float32"
     assert resolve_dtype("bfloat16", cpuinfo=AVX2) == "bfloat16"
+    assert resolve_dtype("float16", cpuinfo=SAPPHIRE) == "float16"
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8")
 
 
-def test_cuda_uses_the_device_bf16_support(monkeypatch):
+@pytest.mark.parametrize("name, capability, expected", [
+    ("NVIDIA H100 80GB HBM3", (9, 0), "bfloat16"),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), "bfloat16"),
+    ("NVIDIA L4", (8, 9), "bfloat16"),
+    ("Tesla T4", (7, 5), "float16"),  # torch.cuda.is_bf16_supported() says True (emulation); vLLM refuses bf16
+    ("Tesla V100-SXM2-16GB", (7, 0), "float16"),
+])
+def test_cuda_gets_bf16_from_compute_capability_8_and_float16_below(monkeypatch, name, capability, expected):
     import torch
 
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert machine_dtype(cuda=True, cpuinfo=AVX2).dtype == "bfloat16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    choice = machine_dtype("cuda", cpuinfo=SAPPHIRE)
-    assert choice.dtype == "float32" and "Fake GPU" in choice.reason
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # never consulted
+    choice = machine_dtype("cuda", cpuinfo=AVX2)
+    assert choice.dtype == expected != "float32"  # a GPU never gets float32 by default
+    assert name in choice.reason and f"compute capability {capability[0]}.{capability[1]}" in choice.reason
     assert machine_dtype("cpu", cpuinfo=SAPPHIRE).dtype == "bfloat16"  # CPU work follows the CPU
+    monkeypatch.setattr(dtypes, "_this_machine", lambda: dtypes._cuda_dtype())
+    dtype, reason = dtypes.dtype_and_reason()  # what `iro doctor` prints
+    assert (dtype, reason) == tuple(choice)
+    assert dtypes.dtype_and_reason("float32")[1].startswith(f"set explicitly; machine's choice would be {expected}")
 
 
 def test_the_choice_is_logged_once_per_component_with_its_reason(monkeypatch, caplog):

@@ -71,10 +71,21 @@ def test_flags_reach_the_settings_and_win_over_the_environment(served):
     assert run["port"] == 8123
 
 
+def test_multi_gpu_flags_reach_the_engine_settings(served):
+    result, settings, _ = served("--tensor-parallel-size", 4, "--pipeline-parallel-size", 2, "--data-parallel-size", 2,
+                                 "--gpu-memory-utilization", 0.7, env={"IRO_TENSOR_PARALLEL_SIZE": "8"})
+    assert result.exit_code == 0, result.output
+    assert (settings.tensor_parallel_size, settings.pipeline_parallel_size, settings.data_parallel_size) == (4, 2, 2)
+    assert settings.engine_options()["gpu_memory_utilization"] == 0.7
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-guided-candidates", "0"], "--max-guided-candidates"),
     (["--block-size", "24"], "--block-size"),
     (["--dtype", "int8"], "--dtype"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    (["--data-parallel-size", "-1"], "--data-parallel-size"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
 ])
 def test_bad_flag_values_are_refused_naming_the_flag(served, args, message):
     result, settings, _ = served(*args)

@@ -1,0 +1,150 @@
+"""Engine arguments on a faked CUDA platform (issue 24, items 3-5): memory utilization, parallel sizes,
+dtype by compute capability; and what the CPU engine is given for the same settings.
+
+No GPU here: `common.engine_args.on_cuda` and the `torch.cuda` queries the recipe makes are faked."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common import dtype as dtypes
+from common import engine_args
+from common.engine_args import (GPU_MEMORY_UTILIZATION_ENV, GiB, EngineSettings, check_parallel, configure_cpu_threads,
+                                engine_kwargs, split_cores, value_memory_bytes)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A machine with `gpus` CUDA devices of `total` bytes and compute capability `capability`."""
+
+    def install(capability=(9, 0), gpus=8, total=80 * GiB, name="NVIDIA H100 80GB HBM3"):
+        monkeypatch.setattr(engine_args, "on_cuda", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=total))
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (total // 100, total))  # the engine took it all
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts: never asked
+        monkeypatch.setattr(dtypes, "_this_machine", dtypes._cuda_dtype)
+        monkeypatch.setenv(GPU_MEMORY_UTILIZATION_ENV, "0.85")  # engine_kwargs sets it: restored after the test
+        monkeypatch.delenv(GPU_MEMORY_UTILIZATION_ENV)
+        monkeypatch.delenv("IRO_VALUE_CACHE_GIB", raising=False)
+        monkeypatch.setenv(engine_args.VALUE_LAYERS_ENV, "auto")
+
+    return install
+
+
+def kwargs_for(**settings) -> dict:
+    return engine_kwargs(**EngineSettings(**settings).engine_options())
+
+
+def test_gpu_engine_gets_memory_utilization_and_parallel_sizes(fake_cuda):
+    fake_cuda()
+    assert kwargs_for()["gpu_memory_utilization"] == 0.85  # ours by default, not vLLM's 0.92
+    kwargs = kwargs_for(gpu_memory_utilization=0.7, tensor_parallel_size=4, pipeline_parallel_size=2)
+    assert kwargs["gpu_memory_utilization"] == 0.7
+    assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"], kwargs["data_parallel_size"]) == (4, 2, 1)
+    assert kwargs["block_size"] is None and kwargs["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bfloat16"), ((8, 0), "bfloat16"), ((8, 6), "bfloat16"),
+                                                  ((7, 5), "float16"), ((7, 0), "float16")])
+def test_gpu_dtype_follows_compute_capability_never_float32(fake_cuda, caplog, capability, expected):
+    fake_cuda(capability=capability, name="Tesla T4" if capability < (8, 0) else "NVIDIA A100")
+    assert kwargs_for()["dtype"] == expected
+    monkey_logged = dtypes._logged.copy()
+    try:
+        dtypes._logged.clear()
+        with caplog.at_level(logging.INFO, logger="common.dtype"):
+            dtypes.log_dtype("serve", "auto")
+    finally:
+        dtypes._logged.clear()
+        dtypes._logged.update(monkey_logged)
+    assert f"serve: dtype {expected} (CUDA " in caplog.text and f"{capability[0]}.{capability[1]}" in caplog.text
+    assert kwargs_for(dtype="float32")["dtype"] == "float32"  # only when asked for
+
+
+def test_bf16_on_a_pre_ampere_gpu_is_refused_before_the_engine_starts(fake_cuda):
+    fake_cuda(capability=(7, 5), name="Tesla T4")
+    with pytest.raises(ValueError, match=r"Tesla T4 \(compute capability 7.5\) has no native bf16.*float16"):
+        kwargs_for(dtype="bfloat16")
+    assert kwargs_for(dtype="float16")["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("sizes, gpus", [(dict(tensor_parallel_size=4, data_parallel_size=2), 4),
+                                         (dict(pipeline_parallel_size=3), 2)])
+def test_a_layout_needing_more_gpus_than_present_is_refused(fake_cuda, sizes, gpus):
+    fake_cuda(gpus=gpus)
+    ranks = sizes.get("tensor_parallel_size", 1) * sizes.get("pipeline_parallel_size", 1) * sizes.get(
+        "data_parallel_size", 1)
+    with pytest.raises(ValueError, match=f"needs {ranks} GPUs; this machine has {gpus}"):
+        kwargs_for(**sizes)
+
+
+def test_value_memory_is_planned_from_what_the_engine_leaves_before_it_starts(fake_cuda):
+    from valuefn.kv_pool import default_budget_bytes
+    from valuefn.loader import default_memory_budget
+
+    fake_cuda(total=80 * GiB)
+    kwargs_for(gpu_memory_utilization=0.7)  # the recipe exports the engine's share for the API process
+    values = value_memory_bytes(80 * GiB, 0.7)
+    assert values == int(80 * GiB * 0.3) - GiB  # 23 GiB: total x (1 - utilization) less the margin
+    cuda = torch.device("cuda", 0)
+    assert default_budget_bytes(cuda) == values // 4  # the key/value cache's share, not 1/4 of free memory
+    assert default_memory_budget(cuda) == values - values // 4  # the backbones' share
+    assert value_memory_bytes(24 * GiB, 0.99) == 0  # never negative: every value is then refused
+
+
+def test_settings_come_from_the_environment_and_are_checked(monkeypatch):
+    monkeypatch.setenv("IRO_TENSOR_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("IRO_GPU_MEMORY_UTILIZATION", "0.5")
+    settings = EngineSettings()
+    assert (settings.tensor_parallel_size, settings.gpu_memory_utilization) == (2, 0.5)
+    options = settings.engine_options()
+    assert options["tensor_parallel_size"] == 2 and "data_parallel_size" not in options  # defaults stay out
+    for field, bad in [("tensor_parallel_size", 0), ("data_parallel_size", -1), ("gpu_memory_utilization", 0)]:
+        with pytest.raises(ValueError, match=field):
+            EngineSettings(**{field: bad})
+
+
+def test_cpu_engine_gets_no_gpu_share_and_one_core_list_per_rank(monkeypatch):
+    monkeypatch.setattr(engine_args, "on_cuda", lambda: False)
+    monkeypatch.setattr(engine_args, "_cpu_cores", lambda: [0, 1])
+    monkeypatch.setattr(engine_args, "cpu_block_size", lambda requested: requested)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    monkeypatch.setenv(engine_args.VALUE_LAYERS_ENV, "auto")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # engine_kwargs sets it: restored after the test
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    kwargs = kwargs_for(tensor_parallel_size=2, dtype="float32")
+    assert "gpu_memory_utilization" not in kwargs and kwargs["tensor_parallel_size"] == 2
+    import os
+
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"  # vLLM's CPU worker binds rank i to list i
+
+
+def test_cpu_layouts_the_cpu_engine_cannot_run_are_refused(caplog):
+    assert check_parallel(tensor_parallel_size=2, cuda=False, devices=2) == 2
+    with pytest.raises(ValueError, match=r"needs 4 CPU cores \(one per engine rank\); this machine has 2"):
+        check_parallel(tensor_parallel_size=2, pipeline_parallel_size=2, cuda=False, devices=2)
+    with pytest.raises(ValueError, match="pipeline parallelism on CPU needs the compiled engine"):
+        check_parallel(pipeline_parallel_size=2, cuda=False, enforce_eager=True, devices=2)
+    assert check_parallel(pipeline_parallel_size=2, cuda=False, devices=2) == 2  # compiled: measured to work
+    with caplog.at_level(logging.WARNING, logger="common.engine_args"):
+        assert check_parallel(data_parallel_size=2, cuda=True, devices=2) == 2
+    assert "own prefix cache" in caplog.text
+
+
+def test_core_lists_per_rank(monkeypatch):
+    assert split_cores([0, 1, 2, 3], 2) == "0,1|2,3" and split_cores([4, 5, 6], 1) == "4-6"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    with pytest.raises(ValueError, match="names 1 core lists; the engine has 2 ranks"):
+        configure_cpu_threads("all", 2)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    with pytest.raises(ValueError, match="give one list per rank"):
+        configure_cpu_threads("0-1", 2)
