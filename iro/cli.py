@@ -127,6 +127,46 @@ def model_prepare(force: bool = typer.Option(False, help="Convert again even if 
     typer.echo(prepare_default_model(force=force))
 
 
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+           engine: bool = typer.Option(False, "--engine", help="Start the engine (the embedded model, eager) and "
+                                       "report what its workers installed, instead of this process's probe."),
+           smoke: bool = typer.Option(False, "--smoke", help="Run the GPU check: the engine as V2, V1 eager and "
+                                      "V1 compiled; engine-vs-HF values, a guided request and a hot swap each; "
+                                      "prints a table (bench/gpu_smoke.py; on CPU only the V1 rows run).")):
+    """What this machine will run: platform, dtype and why, versions, vLLM's model runner, each engine
+    patch, where each value kind is computed, memory budgets (the server logs the same block at start)."""
+    import json
+
+    from server.doctor import collect, format_text
+
+    if smoke:
+        from bench.gpu_smoke import main as smoke_main
+
+        raise typer.Exit(smoke_main(as_json=as_json))
+    report = None
+    if engine:
+        report = _engine_report()
+    data = collect(worker_report=report)
+    typer.echo(json.dumps(data, indent=2) if as_json else format_text(data))
+
+
+def _engine_report() -> dict:
+    import asyncio
+
+    from common.model_store import prepare_default_model
+    from server.engine import VllmEngine
+
+    async def run():
+        llm = VllmEngine.start(str(prepare_default_model()), "doctor", max_model_len=512, enforce_eager=True)
+        try:
+            return await llm.read_worker_report()
+        finally:
+            llm.shutdown()
+
+    return asyncio.run(run())
+
+
 def _add_commands(module: str, attr: str, name: str) -> None:
     """Mount the commands a package owns (`register(app)`, a Typer app, or one function)."""
     import importlib

@@ -175,6 +175,7 @@ class VllmEngine(EngineClient):
         self.eos_token_ids = sorted(e for e in eos if e is not None)
         self._in_flight = 0
         self.report: dict = {"value_heads": "the workers have not reported yet", "value_layers": [], "patches": {}}
+        self.settings: Any = None  # the EngineSettings it was started with (`start`)
         cache = llm.vllm_config.cache_config
         self.kv_block_size = cache.block_size if cache.enable_prefix_caching else 1
         compiled = int(llm.vllm_config.compilation_config.mode) != 0  # not CompilationMode.NONE
@@ -182,22 +183,24 @@ class VllmEngine(EngineClient):
                  "on (policy adapters)" if llm.vllm_config.lora_config is not None else "off")
 
     @classmethod
-    def start(cls, model_path: str, model_id: str, *, max_model_len: int, kv_cache_gib: int, block_size: int,
-              enforce_eager: bool, dtype: str, engine_threads: str | None,
-              max_num_batched_tokens: int | None = None, engine_value_layers: str = "auto",
-              lora: dict | None = None) -> "VllmEngine":
-        """Build the engine (blocking; ~25 s on CPU with enforce_eager, ~55 s compiled)."""
-        kwargs = engine_kwargs(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, block_size=block_size,
-                               enforce_eager=enforce_eager, dtype=dtype, engine_threads=engine_threads,
-                               max_num_batched_tokens=max_num_batched_tokens, engine_value_layers=engine_value_layers)
+    def start(cls, model_path: str, model_id: str, *, lora: dict | None = None, **options) -> "VllmEngine":
+        """Build the engine (blocking; ~25 s on CPU with enforce_eager, ~55 s compiled). `options` are
+        `EngineSettings` fields (`ServerSettings.engine_options()`); `lora` is
+        `ServerSettings.lora_options()` (policy adapters)."""
+        from common.engine_args import EngineSettings
+
+        settings = EngineSettings.model_validate(options)  # unset fields: IRO_* or their defaults
+        kwargs = engine_kwargs(**settings.engine_options())
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=model_path, served_model_name=[model_id], disable_log_stats=True, **kwargs,
                                worker_extension_cls=WORKER_EXTENSION,  # the workers report what they run
-                               additional_config={LAYERS_CONFIG_KEY: engine_value_layers},
-                               **(lora or {}))  # lora: ServerSettings.lora_options() (policy adapters)
-        return cls(AsyncLLM.from_engine_args(args), model_id)
+                               additional_config={LAYERS_CONFIG_KEY: settings.engine_value_layers},
+                               **(lora or {}))
+        engine = cls(AsyncLLM.from_engine_args(args), model_id)
+        engine.settings = settings
+        return engine
 
     async def read_worker_report(self) -> dict:
         """Ask every worker what it installed and computes (`server.vllm_ext.worker`), and offer
@@ -211,6 +214,9 @@ class VllmEngine(EngineClient):
         else:
             log.warning("engine values: the scorer computes them; the engine's workers do not (%s)",
                         self.report["value_heads"])
+        from server.doctor import collect, format_text
+
+        log.info("iro doctor (the engine as started):\n%s", format_text(collect(self.settings, self.report)))
         return self.report
 
     @property
