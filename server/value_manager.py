@@ -137,10 +137,11 @@ class ValueManager:
 
     # ------------------------------------------------------------------ changes
     def _refuse(self, name: str, version: int, exc: Exception) -> None:
-        log.error("refused value %s@%d: %s (still serving %s)", name, version, exc,
+        full = f"{getattr(exc, 'reason', type(exc).__name__)}: {exc}"
+        log.error("refused value %s@%d: %s (still serving %s)", name, version, full,
                   f"v{self.chains[name].version}" if name in self.chains else "nothing")
-        reason = without_paths(f"{getattr(exc, 'reason', type(exc).__name__)}: {exc}",  # shown to clients
-                               **{f"{name}@{version}": self.registry.path(name, version), "<registry>": self.registry.root})
+        reason = without_paths(full, **{f"{name}@{version}": self.registry.path(name, version),  # shown to clients
+                                        "<registry>": self.registry.root})
         refusals = self.refused.setdefault(name, {})
         refusals[version] = RefusedVersion(version=version, reason=reason, at=time.time())
         while len(refusals) > MAX_REFUSALS:  # bounded: keep the newest

@@ -43,8 +43,9 @@ class Limits:
     def check(self, request) -> None:
         """400 naming the first list field over its limit."""
         stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
-        sizes = (("stop", len(stops), self.max_stop), ("stop_token_ids", len(request.stop_token_ids or ()),
-                 self.max_stop_token_ids), ("logit_bias", len(request.logit_bias or {}), self.max_logit_bias))
+        sizes = (("stop", len(stops), self.max_stop),
+                 ("stop_token_ids", len(request.stop_token_ids or ()), self.max_stop_token_ids),
+                 ("logit_bias", len(request.logit_bias or {}), self.max_logit_bias))
         for param, size, limit in sizes:
             if size > limit:
                 raise InvalidRequestError(f"{param} has {size} entries; this server allows at most {limit}",

@@ -114,3 +114,13 @@ async def test_rollback_on_a_read_only_registry_is_a_409_with_the_reason(tmp_pat
         await manager.rollback("demo")
     assert raised.value.code == "registry_read_only" and "Permission denied" in raised.value.message
     assert manager.chains["demo"].version == 3 and loader.loads == []
+
+
+def test_a_refusal_is_logged_with_its_tag_and_shown_without_paths(tmp_path, caplog):
+    manager, _ = manager_with(tmp_path)
+    folder = tmp_path / "demo" / "v0002"
+    manager._refuse("demo", 2, CheckpointError(f"{folder}/head.safetensors does not match its sha256",
+                                               reason="hash_mismatch", path=folder))
+    assert "hash_mismatch" in caplog.text and str(folder) in caplog.text  # the operator sees where
+    reason = manager.refused["demo"][2].reason
+    assert reason.startswith("hash_mismatch") and str(tmp_path) not in reason and "demo@2" in reason
