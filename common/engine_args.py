@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -113,20 +113,9 @@ class EngineSettings(BaseSettings):
     AsyncLLM: a coordinator balances requests across them). A guided search's chunks may land on
     different replicas, each with its own prefix cache."""
 
-    PARALLEL_FIELDS: ClassVar[tuple[str, ...]] = ("gpu_memory_utilization", "tensor_parallel_size",
-                                                  "pipeline_parallel_size", "data_parallel_size")
-
     def engine_options(self) -> dict:
-        """The engine's part of these settings (the keyword arguments of `engine_kwargs`).
-
-        The multi-device fields (`PARALLEL_FIELDS`) are included only when set away from their
-        defaults: `server.engine.VllmEngine.start` names its arguments and does not take them yet, so
-        a default server starts as before and a non-default one fails at start, never silently."""
-        options = self.model_dump(include=set(EngineSettings.model_fields))
-        for name in self.PARALLEL_FIELDS:
-            if options[name] == EngineSettings.model_fields[name].default:
-                del options[name]
-        return options
+        """The engine's part of these settings (the keyword arguments of `engine_kwargs`)."""
+        return self.model_dump(include=set(EngineSettings.model_fields))
 
 
 def on_cuda() -> bool:

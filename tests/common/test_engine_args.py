@@ -107,7 +107,7 @@ def test_settings_come_from_the_environment_and_are_checked(monkeypatch):
     settings = EngineSettings()
     assert (settings.tensor_parallel_size, settings.gpu_memory_utilization) == (2, 0.5)
     options = settings.engine_options()
-    assert options["tensor_parallel_size"] == 2 and "data_parallel_size" not in options  # defaults stay out
+    assert (options["tensor_parallel_size"], options["data_parallel_size"]) == (2, 1)
     for field, bad in [("tensor_parallel_size", 0), ("data_parallel_size", -1), ("gpu_memory_utilization", 0)]:
         with pytest.raises(ValueError, match=field):
             EngineSettings(**{field: bad})
