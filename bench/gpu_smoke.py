@@ -127,10 +127,13 @@ def table(rows: list[dict]) -> str:
 
 
 def main(as_json: bool = False) -> int:
+    import logging
+
     import torch
 
     from server.doctor import collect, format_text
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of /health otherwise
     cuda = torch.cuda.is_available()
     rows = []
     for name, env, args, skip in configurations(cuda, torch.cuda.device_count() if cuda else 0):

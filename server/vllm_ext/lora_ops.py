@@ -15,6 +15,8 @@ Measured (`iro bench --adapter`, bench/results/): see `BENCHMARKS.md`, "Serving 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -34,6 +36,15 @@ def lora_groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     return [(int(slot), (indices == slot).nonzero().squeeze(1)) for slot in torch.unique(indices).tolist()]
 
 
+def _remember(cache: dict, key, owner: torch.Tensor, value):
+    """cache[key] = value, dropped when `owner` is garbage-collected: the caches are keyed by the
+    id of vLLM's weight stacks, and a freed tensor's id may be given to a new one."""
+    if key not in cache:
+        weakref.finalize(owner, cache.pop, key, None)
+    cache[key] = value
+    return value
+
+
 _ZERO_SLOTS: dict[int, tuple[int, dict[int, bool]]] = {}
 """id(stacked weights) -> (their torch version counter, slot -> all zero): vLLM wraps every linear
 layer of the model, so an adapter on q/k/v/o leaves the MLP layers' slots zero; those are skipped.
@@ -44,8 +55,7 @@ def _weights(stacked: torch.Tensor, slot: int) -> torch.Tensor | None:
     """Slot `slot` of stacked LoRA weights as (out, in), or None when it is all zero."""
     version, zero = _ZERO_SLOTS.get(id(stacked), (None, None))
     if version != stacked._version:
-        zero = {}
-        _ZERO_SLOTS[id(stacked)] = (stacked._version, zero)
+        zero = _remember(_ZERO_SLOTS, id(stacked), stacked, (stacked._version, {}))[1]
     if slot not in zero:
         zero[slot] = not bool(stacked[slot].any())
     if zero[slot]:
@@ -218,7 +228,7 @@ def _fused(stacks: list[torch.Tensor], slot: int, kind: str) -> Gemm | None:
     versions = tuple(t._version for t in stacks)
     cached = _FUSED.get((id(stacks[0]), kind))
     if cached is None or cached[0] != versions:
-        cached = _FUSED[(id(stacks[0]), kind)] = (versions, {})
+        cached = _remember(_FUSED, (id(stacks[0]), kind), stacks[0], (versions, {}))
     if slot not in cached[1]:
         mats = [t[slot].reshape(t.shape[-2], t.shape[-1]) for t in stacks]  # A_i (r, in) / B_i (out_i, r)
         live = any(bool(m.any()) for m in mats)

@@ -206,3 +206,17 @@ def test_a_compiled_model_reads_each_steps_adapters_at_run_time(data, step):
         outputs.append(compiled(data["x"]))
         torch.testing.assert_close(outputs[-1], layer(data["x"]), rtol=0, atol=0)  # eager: the same op
     assert torch.all(outputs[1] == 0) and all(not torch.allclose(o, outputs[0]) for o in outputs[2:])
+
+
+def test_the_weight_caches_forget_a_stack_when_it_is_freed():
+    """They are keyed by id(tensor); a freed tensor's id may be reused by a new stack."""
+    import gc
+
+    stack = torch.zeros(2, 1, 4, 8)
+    stack[1] = 1.0
+    assert lora_cpu._weights(stack, 0) is None and lora_cpu._weights(stack, 1) is not None
+    key = id(stack)
+    assert key in lora_cpu._ZERO_SLOTS
+    del stack
+    gc.collect()
+    assert key not in lora_cpu._ZERO_SLOTS
