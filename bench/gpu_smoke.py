@@ -120,7 +120,7 @@ def run_configuration(env: dict, args: list[str], workdir: Path) -> dict:
 def table(rows: list[dict]) -> str:
     cols = ["configuration", "engine_value", "engine_vs_hf_max_abs", "lora_value", "hot_swap_seconds",
             "failed_during_swap", "start_seconds", "server_says"]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and v < 1 else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.2e}" if isinstance(v, float) and v < 1 else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

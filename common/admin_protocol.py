@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -45,3 +45,17 @@ class LoadValueRequest(OpenAIBaseModel):
 class DeletedValue(OpenAIBaseModel):
     name: str
     deleted: bool = True
+
+
+class EngineReport(OpenAIBaseModel):
+    """`GET /v1/engine`: what the server's engine runs (the `iro doctor` report, with the patches
+    and value kinds as the engine's workers reported them at start)."""
+
+    versions: dict[str, str]
+    platform: dict[str, Any]
+    dtype: dict[str, str]
+    model_runner: dict[str, str]
+    parallel: dict[str, int]
+    patches: dict[str, str] = Field(description="Each engine patch: \"installed\" or why not (and the report's source).")
+    values: dict[str, str] = Field(description="Where each kind of value is computed: the engine or the scorer.")
+    memory: dict[str, Any]

@@ -133,7 +133,9 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print the report 
                                        "report what its workers installed, instead of this process's probe."),
            smoke: bool = typer.Option(False, "--smoke", help="Run the GPU check: the engine as V2, V1 eager and "
                                       "V1 compiled; engine-vs-HF values, a guided request and a hot swap each; "
-                                      "prints a table (bench/gpu_smoke.py; on CPU only the V1 rows run).")):
+                                      "prints a table (bench/gpu_smoke.py; on CPU only the V1 rows run)."),
+           url: Optional[str] = typer.Option(None, help="Read a running server's report instead (GET /v1/engine; "
+                                             "the admin key from IRO_ADMIN_KEY).")):
     """What this machine will run: platform, dtype and why, versions, vLLM's model runner, each engine
     patch, where each value kind is computed, memory budgets (the server logs the same block at start)."""
     import json
@@ -144,10 +146,19 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print the report 
         from bench.gpu_smoke import main as smoke_main
 
         raise typer.Exit(smoke_main(as_json=as_json))
-    report = None
-    if engine:
-        report = _engine_report()
-    data = collect(worker_report=report)
+    if url:
+        import os
+
+        import httpx
+
+        key = os.environ.get("IRO_ADMIN_KEY")
+        r = httpx.get(url.rstrip("/") + "/v1/engine", headers={"Authorization": f"Bearer {key}"} if key else {},
+                      timeout=30)
+        if r.status_code != 200:
+            raise typer.BadParameter(f"{r.status_code}: {r.text[:300]}", param_hint="--url")
+        data = r.json()
+    else:
+        data = collect(worker_report=_engine_report() if engine else None)
     typer.echo(json.dumps(data, indent=2) if as_json else format_text(data))
 
 

@@ -338,6 +338,9 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     from server.admin.policies_router import router as policies_router
 
     app.include_router(policies_router)
+    from server.admin.engine_router import router as engine_router
+
+    app.include_router(engine_router)
 
     @app.get("/health", response_model=HealthStatus, responses=error_responses(503))
     async def health():
