@@ -27,7 +27,7 @@ from typing import Any
 from server.errors import ConflictError, NotFoundError, UnavailableError, without_paths
 from valuefn.checkpoint import CheckpointError
 from valuefn.policies import PolicyRegistry, check_adapter, check_base
-from valuefn.registry import RegistryError
+from valuefn.registry import RegistryError, vdir
 
 log = logging.getLogger(__name__)
 MAX_REFUSALS = 16
@@ -89,8 +89,8 @@ class PolicyManager:
 
     def _refuse(self, name: str, version: int, exc: Exception) -> str:
         """Remember why `name@version` was refused (bounded); return the reason without server paths."""
-        reason = without_paths(str(exc), **{f"{name}@{version}": self.registry.path(name, version),
-                                            "<registry>": self.registry.root})
+        folder = self.registry.root / name / vdir(version)  # not `path()`: it refuses folders leading outside
+        reason = without_paths(str(exc), **{f"{name}@{version}": folder, "<registry>": self.registry.root})
         refusals = self.refused.setdefault(name, {})
         refusals.pop(version, None)
         refusals[version] = reason

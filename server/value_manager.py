@@ -19,7 +19,7 @@ from common.admin_protocol import RefusedVersion, ValueList, ValueStatus
 from server.errors import ConflictError, GuidanceError, NotFoundError, UnavailableError, without_paths
 from valuefn.checkpoint import CheckpointError
 from valuefn.loader import ValueLoader
-from valuefn.registry import Registry, RegistryError, parse_spec
+from valuefn.registry import Registry, RegistryError, parse_spec, vdir
 from valuefn.scorer import ValueChain
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ class ValueManager:
         full = f"{getattr(exc, 'reason', type(exc).__name__)}: {exc}"
         log.error("refused value %s@%d: %s (still serving %s)", name, version, full,
                   f"v{self.chains[name].version}" if name in self.chains else "nothing")
-        reason = without_paths(full, **{f"{name}@{version}": self.registry.path(name, version),  # shown to clients
-                                        "<registry>": self.registry.root})
+        folder = self.registry.root / name / vdir(version)  # not `path()`: it refuses folders leading outside
+        reason = without_paths(full, **{f"{name}@{version}": folder, "<registry>": self.registry.root})  # for clients
         refusals = self.refused.setdefault(name, {})
         refusals[version] = RefusedVersion(version=version, reason=reason, at=time.time())
         while len(refusals) > MAX_REFUSALS:  # bounded: keep the newest
