@@ -45,6 +45,18 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def value_dtype(requested: str, device: str | None = None) -> str:
+    """The dtype a value trains in: `requested`, or for "auto" the machine's choice (`common.dtype`),
+    except float16 (a GPU without native bf16, compute capability < 8.0), where values train in
+    float32: the trainer keeps no float32 master weights, and a float16 regression target overflows.
+
+    >>> value_dtype("bfloat16"), value_dtype("auto", device="cpu") in ("bfloat16", "float32")
+    ('bfloat16', True)
+    """
+    dtype = resolve_dtype(requested, device)
+    return "float32" if dtype == "float16" else dtype
+
+
 class ValueModelConfig(BaseModel):
     """Architecture of a value model; stored in every manifest so a checkpoint can be rebuilt."""
 
@@ -102,10 +114,10 @@ class ValueModelConfig(BaseModel):
 
     def resolved(self, device: str | None = None) -> "ValueModelConfig":
         """This config with "auto" dtype made this machine's choice for `device` (what a manifest records)."""
-        return self.model_copy(update={"dtype": resolve_dtype(self.dtype, device)})
+        return self.model_copy(update={"dtype": value_dtype(self.dtype, device)})
 
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, resolve_dtype(self.dtype))
+        return getattr(torch, value_dtype(self.dtype))
 
 
 def pool_values(scalars, response_start: int | None, pooling: str) -> float:

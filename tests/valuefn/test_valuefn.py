@@ -313,3 +313,15 @@ def test_a_head_only_value_runs_the_base_model_once_per_architecture_to_be_verif
     assert refused.value.reason == "bad_values" and len(calls) == 1
     values.load_version("lora", init_value(registry, "lora", tiny_model_dir, F32))
     assert len(calls) > 1  # a LoRA value changes the backbone: its whole forward runs
+
+
+def test_values_train_in_float32_where_the_machine_would_pick_float16(monkeypatch):
+    """A pre-Ampere GPU's "auto" is float16 for the engine; a value's manifest must stay valid."""
+    from common import dtype as dtype_mod
+    from valuefn import model as model_mod
+    from valuefn.model import ValueModelConfig
+
+    monkeypatch.setattr(model_mod, "resolve_dtype", lambda requested, device=None: "float16")
+    config = ValueModelConfig(num_layers=2).resolved("cuda")
+    assert config.dtype == "float32" and ValueModelConfig.model_validate(config.model_dump()).dtype == "float32"
+    assert dtype_mod.resolve_dtype("bfloat16") == "bfloat16"
