@@ -200,20 +200,28 @@ def _probe_logprobs_tensors() -> None:
 
 # --- V1 runner ------------------------------------------------------------------------------------
 
-def _v1_keep_step(original: Callable) -> Callable:
+def _keep_step(original: Callable, fields: dict[str, str]) -> Callable:
+    """Wrap a runner's `sample_tokens` to copy `fields` (step-state field -> `RunnerState` attribute)
+    of its `execute_model_state` before the runner clears it, and to drop them after the step."""
     @functools.wraps(original)
     def sample_tokens(self, *args, **kwargs):
         step = self.execute_model_state
         state = _STATES.get(self)
         if step is not None and state is not None:
-            state.hidden, state.sample_hidden, state.aux = step.hidden_states, step.sample_hidden_states, step.aux_hidden_states
+            for name, attr in fields.items():
+                setattr(state, attr, getattr(step, name))
         try:
             return original(self, *args, **kwargs)
         finally:
             if state is not None:
-                state.hidden = state.sample_hidden = state.aux = None
+                for attr in fields.values():
+                    setattr(state, attr, None)
 
     return sample_tokens
+
+
+V1_STEP = {"hidden_states": "hidden", "sample_hidden_states": "sample_hidden", "aux_hidden_states": "aux"}
+V2_STEP = {"aux_hidden_states": "aux"}
 
 
 def _v1_keep_indices(original: Callable) -> Callable:
@@ -303,7 +311,7 @@ def probe_v1(runner_cls: type, step_cls: type, loaders: tuple = ()) -> None:
     for cls in (runner_cls, *loaders):
         check_method(cls, "load_model")
         check_method(cls, "get_model")
-    check_fields(step_cls, ("hidden_states", "sample_hidden_states", "aux_hidden_states"))
+    check_fields(step_cls, tuple(V1_STEP))
     _probe_logprobs_tensors()
 
 
@@ -319,7 +327,7 @@ def apply_v1(runner_cls: type, step_cls: type, loaders: tuple = ()) -> None:
             cls._iro_exposes_layers = True
     if not own(runner_cls, "_iro_value_heads"):
         runner_cls._sample = _v1_sample_with_values(runner_cls._sample)
-        runner_cls.sample_tokens = _v1_keep_step(runner_cls.sample_tokens)
+        runner_cls.sample_tokens = _keep_step(runner_cls.sample_tokens, V1_STEP)
         runner_cls._prepare_inputs = _v1_keep_indices(runner_cls._prepare_inputs)
         runner_cls._iro_value_heads = "v1"
 
@@ -348,22 +356,6 @@ def _v2_drop_heads(original: Callable) -> Callable:
         return original(self, req_id, *args, **kwargs)
 
     return _remove_request
-
-
-def _v2_keep_step(original: Callable) -> Callable:
-    @functools.wraps(original)
-    def sample_tokens(self, *args, **kwargs):
-        step = self.execute_model_state
-        state = _STATES.get(self)
-        if step is not None and state is not None:
-            state.aux = step.aux_hidden_states
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            if state is not None:
-                state.aux = None
-
-    return sample_tokens
 
 
 def _v2_sample_with_values(original: Callable) -> Callable:
@@ -399,7 +391,7 @@ def probe_v2(runner_cls: type, step_cls: type) -> None:
     check_method(runner_cls, "_remove_request", ("req_id",))
     check_method(runner_cls, "load_model")
     check_method(runner_cls, "get_model")
-    check_fields(step_cls, ("hidden_states", "aux_hidden_states", "input_batch"))
+    check_fields(step_cls, (*V2_STEP, "hidden_states", "input_batch"))
     _probe_logprobs_tensors()
 
 
@@ -411,7 +403,7 @@ def apply_v2(runner_cls: type, step_cls: type) -> None:
     runner_cls.load_model = _load_exposing_layers(runner_cls.load_model)
     runner_cls.add_requests = _v2_keep_heads(runner_cls.add_requests)
     runner_cls._remove_request = _v2_drop_heads(runner_cls._remove_request)
-    runner_cls.sample_tokens = _v2_keep_step(runner_cls.sample_tokens)
+    runner_cls.sample_tokens = _keep_step(runner_cls.sample_tokens, V2_STEP)
     runner_cls.sample = _v2_sample_with_values(runner_cls.sample)
     runner_cls._iro_value_heads = "v2"
 
