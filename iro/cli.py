@@ -127,6 +127,20 @@ def model_prepare(force: bool = typer.Option(False, help="Convert again even if 
     typer.echo(prepare_default_model(force=force))
 
 
+@model_app.command("tiny")
+def model_tiny(family: str = typer.Argument(..., help="llama, qwen2, qwen3, mistral, gemma2, gemma3, phi3, "
+                                                      "qwen3-moe or mixtral."),
+               target: Path = typer.Argument(..., help="Folder to write (replaced)."),
+               seed: int = typer.Option(0)):
+    """Write a tiny random-weight model of FAMILY (the embedded model's tokenizer) for `iro serve --model`."""
+    from common.tiny_models import build_tiny_model
+
+    try:
+        typer.echo(build_tiny_model(family, target, seed=seed, force=True))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="FAMILY") from None
+
+
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
            engine: bool = typer.Option(False, "--engine", help="Start the engine (the embedded model, eager) and "
