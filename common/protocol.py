@@ -43,11 +43,13 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 256
 """Characters per `stop` string."""
 MAX_STOP_TOKEN_IDS = 64
+"""`stop_token_ids` per request."""
 MAX_LOGIT_BIAS = 300
 """Entries of `logit_bias` (OpenAI's limit)."""
 MAX_PROMPTS = 64
 """Prompts in one completion request (a list of strings or of token id lists)."""
 MAX_SCORE_RESPONSES = 256
+"""Responses in one /v1/score request."""
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 UNICODE_ERROR = "text must be valid Unicode: lone UTF-16 surrogates (\\ud800-\\udfff) are not allowed"
