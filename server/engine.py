@@ -48,6 +48,9 @@ class EngineRequest:
     (a beam's earlier chunks): the constraint continues after them (`server.grammar_prefix`)."""
     adapter: Any = None
     """The policy's LoRA adapter (`Generation.adapter`, a vLLM `LoRARequest`); None: the base model."""
+    affinity: int | None = None
+    """Requests with the same affinity go to the same data-parallel engine (a search sets its prompt's
+    hash), so a search's chunks share one prefix cache; None: vLLM balances the request."""
 
 
 ChunkRequest = EngineRequest
@@ -223,6 +226,11 @@ class VllmEngine(EngineClient):
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    def _dp_rank(self, request: EngineRequest) -> int | None:
+        """The data-parallel engine for `request` (`EngineRequest.affinity`); None with one engine."""
+        size = self._llm.vllm_config.parallel_config.data_parallel_size
+        return request.affinity % size if size > 1 and request.affinity is not None else None
+
     @property
     def errored(self) -> bool:
         return bool(self._llm.errored)
@@ -240,7 +248,8 @@ class VllmEngine(EngineClient):
         self._in_flight += 1
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params,
-                                                   request_id, lora_request=request.adapter):
+                                                   request_id, lora_request=request.adapter,
+                                                   data_parallel_rank=self._dp_rank(request)):
                 if any(o.finish_reason == "error" for o in output.outputs):  # vLLM failed this request alone
                     if request.sampling.structured is not None:  # its grammar did not compile
                         raise InvalidRequestError("response_format: the engine could not compile or apply this "

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
@@ -139,7 +140,8 @@ class Searcher:
                              detokenize=False,  # the search decodes whole beams itself (_extend)
                              value_heads=heads.weights if heads else None,
                              value_layers=heads.layers if heads else None, adapter=params.adapter,
-                             grammar_prefix=len(beam.token_ids) if s.structured is not None else 0)
+                             grammar_prefix=len(beam.token_ids) if s.structured is not None else 0,
+                             affinity=zlib.crc32(np.asarray(prompt_ids, dtype=np.int64).tobytes()))
 
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:
         ids = parent.token_ids + list(sample.token_ids)
