@@ -197,9 +197,9 @@ def check_parallel(*, tensor_parallel_size: int = 1, pipeline_parallel_size: int
         raise ValueError("pipeline parallelism on CPU needs the compiled engine (--compile): vLLM 0.32's CPU "
                          "worker skips its warm-up when eager, and the last stage dies on the first request")
     if data_parallel_size > 1:
-        log.warning("data parallel %d: vLLM balances requests over %d engine replicas, each with its own prefix "
-                    "cache, so a guided search's chunks may re-prefill their prefix on another replica",
-                    data_parallel_size, data_parallel_size)
+        log.info("data parallel %d: %d engine replicas, each with its own prefix cache; a guided search sends "
+                 "all its chunks to one of them (server.engine.EngineRequest.affinity)",
+                 data_parallel_size, data_parallel_size)
     return ranks
 
 
