@@ -207,7 +207,11 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
         log.error("cannot create the value registry %s: %s", root, exc)
     registry = Registry(root)
     value_dtype = settings.dtype if settings.dtype != "float16" else "auto"  # values: bfloat16 or float32
-    loader = ValueLoader(registry, BackbonePool(model_path), dtype=value_dtype)  # the engine's (machine's) dtype
+    from server.engine import engine_head_probe
+
+    # the engine's (machine's) dtype; engine values the engine computes are checked there and hold no backbone here
+    loader = ValueLoader(registry, BackbonePool(model_path), dtype=value_dtype,
+                         engine_probe=engine_head_probe(engine, asyncio.get_running_loop()))
     manager = ValueManager(registry, loader, base_id=engine.model_id,
                            metrics=app.state.metrics)
     scorer = Scorer(threads=settings.scorer_threads, metrics=app.state.metrics)

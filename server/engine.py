@@ -8,9 +8,10 @@ base model; every prompt reaches it as token ids.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +163,27 @@ def value_heads_from_report(report: dict, vllm_config: Any) -> tuple[int, tuple[
         return 0, ()
     max_logprobs = vllm_config.model_config.max_logprobs  # -1: no limit
     return (max_logprobs + 1 if max_logprobs >= 0 else 64), tuple(report.get("value_layers") or ())
+
+
+PROBE_IDS = [1, 2, 3, 4]
+"""The test sequence a new engine value is checked on (the loader's own test forward uses the same)."""
+
+
+def engine_head_probe(engine: EngineClient, loop: asyncio.AbstractEventLoop) -> Callable:
+    """`ValueLoader(engine_probe=...)`: run a value's heads in `engine` on a short test sequence (one
+    greedy token), from the loader's thread; None when the engine does not compute those heads, so
+    the loader builds the value's backbone as before. Requests in flight go on meanwhile: this is
+    one more tiny request in the engine's batch."""
+
+    def probe(heads: tuple, layers: tuple[int, ...] | None):
+        if len(heads) > engine.max_value_heads or not set(layers or ()) <= set(engine.value_layers):
+            return None
+        request = EngineRequest(PROBE_IDS, n=1, max_tokens=1, sampling=Sampling(temperature=0.0), detokenize=False,
+                                value_heads=tuple(heads), value_layers=layers)
+        samples = asyncio.run_coroutine_threadsafe(engine.sample(request), loop).result(timeout=300)
+        return samples[0].token_values
+
+    return probe
 
 
 class VllmEngine(EngineClient):

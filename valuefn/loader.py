@@ -17,7 +17,11 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import torch
 
@@ -195,10 +199,15 @@ class ValueLoader:
     Every value runs in `dtype` ("auto": this machine's choice, `common.dtype`), whatever dtype its
     manifest records: that one was the training machine's choice."""
 
-    def __init__(self, registry: Registry, pool: BackbonePool, dtype: str = "auto"):
+    def __init__(self, registry: Registry, pool: BackbonePool, dtype: str = "auto",
+                 engine_probe: Callable[[tuple, tuple[int, ...] | None], Any] | None = None):
         self.registry = registry
         self.pool = pool
         self.dtype = resolve_dtype(dtype, pool.device.type)
+        self.engine_probe = engine_probe
+        """(heads, layers) -> the heads' values on a short test sequence, computed by the serving
+        engine; None where the engine cannot compute them. With it, an engine value the engine can
+        compute is checked there and its backbone is built only if the scorer ever has to run it."""
         self._loaded: weakref.WeakValueDictionary[tuple[str, int], LoadedValue] = weakref.WeakValueDictionary()
         self._probe_features: dict[str, torch.Tensor] = {}
         """Architecture -> the test sequence's features on the shared backbone (`_probe`)."""
@@ -221,6 +230,14 @@ class ValueLoader:
         adapter, head = load_trained_tensors(directory, manifest)
         verified = time.perf_counter()
         run_as = manifest.model_copy(update={"model": manifest.model.model_copy(update={"dtype": self.dtype})})
+        if run_as.model.engine_head and self.engine_probe is not None:
+            value = self._engine_value(name, version, manifest, run_as, adapter, head)
+            if value is not None:
+                self._loaded[(name, version)] = value
+                log.info("loaded value %s@%d in %.3f s (read + verify %.3f, test in the engine %.3f; no backbone "
+                         "here: the engine computes it)", name, version, time.perf_counter() - start,
+                         verified - start, time.perf_counter() - verified)
+                return value
         need = self.pool.check_fits(run_as.model, f"{name}@{version}")  # refused before anything is allocated
         architecture = run_as.model.model_dump_json()  # what the per-architecture caches are keyed by
         try:
@@ -245,6 +262,33 @@ class ValueLoader:
         log.info("loaded value %s@%d in %.3f s (read + verify %.3f, build %.3f, test forward %.3f)", name, version,
                  end - start, verified - start, built - verified, end - built)
         return value
+
+    def _engine_value(self, name: str, version: int, manifest: Manifest, run_as: Manifest, adapter,
+                      head) -> LoadedValue | None:
+        """An engine value checked by the engine (one short test sequence, its head run there) whose
+        model is built only when the scorer needs it; None when the engine cannot compute it."""
+        width = self.pool.identity["hidden_size"] * run_as.model.head_inputs
+        weight, bias = head.get("weight"), head.get("bias")
+        if weight is None or bias is None or weight.numel() != width or bias.numel() != 1:
+            raise CheckpointError(f"{name}@{version}: its head does not fit {width} features of this base model",
+                                  reason="shape_mismatch", path=self.registry.path(name, version))
+        weights = torch.cat([weight.detach().float().flatten(), bias.detach().float().flatten()])  # (D + 1,)
+        layers = tuple(run_as.model.feature_layers) if run_as.model.feature_layers else None
+        values = self.engine_probe((tuple(weights.tolist()),), layers)
+        if values is None:
+            return None
+        if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
+            raise CheckpointError(f"{name}@{version} produces non-finite values", reason="bad_values",
+                                  path=self.registry.path(name, version))
+
+        def build() -> ValueModel:
+            self.pool.check_fits(run_as.model, f"{name}@{version}")
+            model = build_value_model(self.pool.for_inference(run_as.model), run_as, adapter, head)
+            self.pool.track(model, self.pool.merged_bytes(run_as.model))
+            log.info("value %s@%d: built its backbone for the scorer (the engine could not value a step)", name, version)
+            return model
+
+        return LoadedValue(name, version, manifest, build=build, config=run_as.model, head=weights)
 
     def _probe(self, value: LoadedValue, architecture: str) -> torch.Tensor:
         """The values of one short test sequence. A value without LoRA runs on the pool's shared,

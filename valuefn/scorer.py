@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,22 +52,58 @@ def _key(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-@dataclass(eq=False)
 class LoadedValue:
-    """One verified, loaded value version (inference weights + the key/values of what it scored)."""
+    """One verified, loaded value version (inference weights + the key/values of what it scored).
 
-    name: str
-    version: int
-    manifest: Manifest
-    model: ValueModel
-    cache: KVPool | None = None
-    """Key/values of scored sequences (`valuefn.kv_pool`); built on first use, sized by the budget."""
-    kv_reuse: bool = True
-    """False when the pool path failed its check at load (`check_kv_reuse`): every step recomputes."""
+    `model` may be built on first use (`build`): an engine value served by the engine needs only
+    its head (`head`, the (D + 1,) weights and bias) and config until the scorer has to run it, so
+    the API process holds no copy of the base model for it (`valuefn.loader.ValueLoader`)."""
 
-    def __post_init__(self):
-        if self.cache is None:
-            self.cache = KVPool.for_model(self.model.backbone)
+    def __init__(self, name: str, version: int, manifest: Manifest, model: ValueModel | None = None,
+                 cache: KVPool | None = None, kv_reuse: bool = True, *,
+                 build: Callable[[], ValueModel] | None = None, config=None, head: torch.Tensor | None = None):
+        if model is None and build is None:
+            raise ValueError("a LoadedValue needs a model or a way to build one")
+        self.name, self.version, self.manifest = name, version, manifest
+        self._model, self._build, self._cache = model, build, cache
+        self._lock = threading.Lock()
+        self.kv_reuse = kv_reuse
+        """False when the pool path failed its check at load (`check_kv_reuse`): every step recomputes."""
+        self.config = config if config is not None else model.config
+        self._head = head
+
+    @property
+    def model(self) -> ValueModel:
+        """The value model; built (the backbone loaded) on first use when the loader deferred it."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = self._build()
+        return self._model
+
+    @property
+    def built(self) -> bool:
+        """Whether the model (and so a backbone) is in memory."""
+        return self._model is not None
+
+    @property
+    def head_weights(self) -> torch.Tensor:
+        """(D + 1,) float32: the head's weights and bias, without building the model."""
+        if self._head is None:
+            head = self.model.head
+            self._head = torch.cat([head.weight.detach().float().flatten(), head.bias.detach().float().flatten()])
+        return self._head
+
+    @property
+    def cache(self) -> KVPool:
+        """Key/values of scored sequences (`valuefn.kv_pool`); sized by the budget."""
+        if self._cache is None:
+            self._cache = KVPool.for_model(self.model.backbone)
+        return self._cache
+
+    @cache.setter
+    def cache(self, pool: KVPool) -> None:
+        self._cache = pool
 
     @property
     def device(self) -> torch.device:
@@ -106,16 +142,15 @@ class ValueChain:
         hidden states (`ValueModelConfig.engine_head`, one `engine_layers`): the engine can then
         value candidates as it samples them (`mean_before` over its per-token head outputs), with
         no forward pass here."""
-        configs = [v.model.config for v, _ in self.links]
+        configs = [v.config for v, _ in self.links]
         if not all(c.engine_head for c in configs) or len({tuple(c.feature_layers or ()) for c in configs}) != 1:
             return None
-        return tuple(tuple(v.model.head.weight.detach().float().flatten().tolist()) +
-                     (float(v.model.head.bias.detach().float()),) for v, _ in self.links)
+        return tuple(tuple(v.head_weights.tolist()) for v, _ in self.links)
 
     @property
     def engine_layers(self) -> tuple[int, ...] | None:
         """The residual-stream layers `engine_heads` read (None: the final normed hidden state)."""
-        layers = self.links[-1][0].model.config.feature_layers
+        layers = self.links[-1][0].config.feature_layers
         return tuple(layers) if layers else None
 
 

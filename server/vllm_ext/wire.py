@@ -38,7 +38,12 @@ def decode_heads(raw: bytes, width: int):
 def _decoded(raw: bytes, layers: tuple[int, ...] | None, hidden_size: int):
     # One tensor per distinct (heads, layers): the requests of one value share it, so a step
     # values all their rows with one matrix product (`value_heads.head_values`).
-    return decode_heads(raw, hidden_size * (len(layers) if layers else 1) + 1)
+    import torch
+
+    width = hidden_size * (len(layers) if layers else 1) + 1
+    if not raw or len(raw) % (4 * width):  # heads of another model: NaN values (the server then uses the
+        return torch.full((1, width), float("nan"))  # scorer), never an exception in the engine's worker
+    return decode_heads(raw, width)
 
 
 def request_heads(extra_args: dict | None, hidden_size: int) -> tuple[Any, tuple[int, ...] | None] | None:

@@ -215,6 +215,8 @@ def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(
         model=f"{server.model_id}+{name}", messages=messages, max_tokens=8, temperature=0.9, n=2, seed=11,
         extra_body={"guidance": {"mode": "bon", "k": 6}})
     assert scorer_passes(server) == before  # no value forward pass: the engine did the scoring
+    log = server.log_path.read_text(errors="replace")
+    assert f"loaded value {name}@{version} in" in log and "no backbone here: the engine computes it" in log
     body = json.loads(resp.text)
     assert body["guidance"]["candidates_scored"] == 6
     choices = [(c["message"]["content"], s) for c, s in zip(body["choices"], body["guidance"]["scores"])

@@ -433,3 +433,8 @@ def test_requests_of_one_value_share_one_decoded_head_tensor_and_one_product_val
     torch.testing.assert_close(value_heads.head_values([a, b, a], x), expected([w1, w1, w1]))
     torch.testing.assert_close(value_heads.head_values([a, c, b], x), expected([w1, w2, w1]))
     assert request_heads({"other": 1}, 4) is None and request_heads(None, 4) is None
+
+
+def test_heads_of_the_wrong_width_give_nan_not_an_exception_in_the_worker():
+    heads, layers = request_heads({VALUE_HEADS_ARG: encode_heads([[1.0, 2.0, 3.0]])}, 4)  # 3 floats, not 4 + 1
+    assert layers is None and heads.shape == (1, 5) and torch.isnan(heads).all()

@@ -325,3 +325,37 @@ def test_values_train_in_float32_where_the_machine_would_pick_float16(monkeypatc
     config = ValueModelConfig(num_layers=2).resolved("cuda")
     assert config.dtype == "float32" and ValueModelConfig.model_validate(config.model_dump()).dtype == "float32"
     assert dtype_mod.resolve_dtype("bfloat16") == "bfloat16"
+
+
+def test_an_engine_value_the_engine_computes_holds_no_backbone_until_the_scorer_needs_one(tiny_model_dir, registry):
+    """With an engine probe (the serving engine runs the heads on a test sequence), an engine value
+    is verified there and its model is built only on the scorer's first use; the probe's values
+    decide the refusal; a probe that cannot compute the heads (None) loads it as before."""
+    config = ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype="float32")
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    version = init_value(registry, "eh", tiny_model_dir, config, seed=1)
+    asked = []
+
+    def probe(heads, layers):
+        asked.append((heads, layers))
+        return [[0.5]]
+
+    value = ValueLoader(registry, pool, dtype="float32", engine_probe=probe).load_version("eh", version)
+    assert not value.built and not pool._templates  # no backbone anywhere in this process
+    reference = ValueLoader(registry, BackbonePool(tiny_model_dir, torch.device("cpu")), dtype="float32").load_version(
+        "eh", version)
+    assert ValueChain("eh", ((value, 1.0),)).engine_heads == ValueChain("eh", ((reference, 1.0),)).engine_heads
+    assert asked == [(ValueChain("eh", ((reference, 1.0),)).engine_heads, None)]
+    items = [ScoreItem([5, 6, 7, 8, 9, 10], 0, 2)]
+    np.testing.assert_allclose(forward_values(value, items, use_cache=False),
+                               forward_values(reference, items, use_cache=False), rtol=1e-5)
+    assert value.built  # the scorer's first use built it
+
+    def nan_probe(heads, layers):
+        return [[float("nan")]]
+
+    with pytest.raises(CheckpointError) as exc:
+        ValueLoader(registry, pool, dtype="float32", engine_probe=nan_probe).load_version("eh", version)
+    assert exc.value.reason == "bad_values"
+    fallback = ValueLoader(registry, pool, dtype="float32", engine_probe=lambda heads, layers: None)
+    assert fallback.load_version("eh", version).built
