@@ -57,9 +57,10 @@ RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "sch
 
 
 NO_ENGINE_LORA = {
-    family: "vLLM's CPU engine with LoRA on wraps the fused MoE layers in FusedMoEWithLoRA, whose kernel is "
-            "Triton-only: the engine dies at the first request (\"module 'triton.language' has no attribute "
-            "'float32'\"), so this family is served without a policy registry"
+    family: "with LoRA on (--policies-dir) vLLM 0.32 runs every fused-MoE layer with its Triton MoE kernel "
+            "(fused_moe/oracle/unquantized.py picks TRITON whenever LoRA is enabled, whatever the platform or "
+            "lora_target_modules): on CPU the engine dies at the first request (\"module 'triton.language' has no "
+            "attribute 'float32'\"), so this family is served without a policy registry"
     for family in ("qwen3-moe", "mixtral")}
 """Families whose engine cannot run with LoRA enabled (`--policies-dir`) on CPU, and why (measured)."""
 
@@ -85,7 +86,8 @@ def attention_targets(model) -> list[str]:
 
 def publish_policy(policies_dir: Path, model_dir: Path, *, seed: int = 1):
     """Publish a random rank-8 LoRA adapter on the attention layers as policy `POLICY`; return
-    the peft model (float32) that computes what it should."""
+    the peft model (float32, eager attention: transformers' reference, the one that applies
+    Gemma-2's attention soft-capping) that computes what it should."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -93,7 +95,7 @@ def publish_policy(policies_dir: Path, model_dir: Path, *, seed: int = 1):
     from valuefn.model import backbone_identity
     from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     model = get_peft_model(base, LoraConfig(r=POLICY_RANK, lora_alpha=2 * POLICY_RANK,
                                             target_modules=attention_targets(base), task_type="CAUSAL_LM"))
     torch.manual_seed(seed)
@@ -213,7 +215,8 @@ class FamilyServer:
         from transformers import AutoModelForCausalLM
 
         if "lm" not in self._hf:
-            self._hf["lm"] = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype)).eval()
+            self._hf["lm"] = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype),
+                                                                  attn_implementation="eager").eval()
         return self._hf["lm"]
 
     def hf_values(self, name: str, items: list[tuple[list[int], int]]) -> list[float]:

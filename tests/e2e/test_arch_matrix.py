@@ -24,6 +24,12 @@ SCORER_FOR_LAYERS = {"gemma2": "Gemma2ForCausalLM does not return auxiliary hidd
 (`SupportsEagle3`): the engine exposes no residual-stream layers, so the default engine value (a
 head on layers) is computed by the scorer, with the same numbers; final-state heads stay in the engine."""
 
+SCORER_IGNORES_WINDOW = {"gemma2": "the scorer's key/value reuse (valuefn.kv_pool) attends past the 32-token "
+                                   "sliding window: values of sequences longer than it are wrong (check_kv_reuse "
+                                   "tests a 4-token sequence, so it passes)"}
+"""Sliding-window families whose values the scorer computes wrongly once prompt + response is longer
+than the window (the prompts here are 54 tokens; the engine's own values are right)."""
+
 LORA_VALUE_REFUSED = {"qwen3-moe": "peft wraps the fused expert weights (mlp.experts) that "
                                    "valuefn.model.merge_lora does not know: the server refuses the value"}
 """Known failures of a default LoRA value (`ValueModelConfig` targets q/k/v/o/gate/up/down_proj)."""
@@ -51,12 +57,14 @@ def test_plain_sampling_matches_transformers(family):
 
 
 @pytest.mark.parametrize("value", ["engine", "final"])
-def test_engine_value_agrees_with_transformers(family, value):
+def test_engine_value_agrees_with_transformers(family, value, request):
     """The default engine value (layers 1 and 2 of 4) and the final-state one: computed by the
     engine, or by the scorer where the family exposes no layers, and equal to the Hugging Face
     forward of the very token ids sampled."""
-    result = family.check_value(value)
     expected = "scorer" if value == "engine" and family.family in SCORER_FOR_LAYERS else "engine"
+    if expected == "scorer" and family.family in SCORER_IGNORES_WINDOW:
+        request.applymarker(pytest.mark.xfail(reason=SCORER_IGNORES_WINDOW[family.family], strict=True))
+    result = family.check_value(value)
     assert result["ran_in"] == expected, result
     if expected == "scorer":
         assert "does not return auxiliary hidden states" in family.log_text()
@@ -68,6 +76,8 @@ def test_lora_value_runs_in_the_scorer(family, request):
     if family.family in LORA_VALUE_REFUSED:
         request.applymarker(pytest.mark.xfail(reason=LORA_VALUE_REFUSED[family.family], strict=True))
         assert isinstance(family.values["lora"], int), family.values["lora"]
+    if family.family in SCORER_IGNORES_WINDOW:
+        request.applymarker(pytest.mark.xfail(reason=SCORER_IGNORES_WINDOW[family.family], strict=True))
     result = family.check_value("lora")
     assert result["ran_in"] == "scorer", result
     _, tolerance = tolerances(family.dtype)
