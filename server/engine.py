@@ -49,6 +49,9 @@ class EngineRequest:
     (a beam's earlier chunks): the constraint continues after them (`server.grammar_prefix`)."""
     adapter: Any = None
     """The policy's LoRA adapter (`Generation.adapter`, a vLLM `LoRARequest`); None: the base model."""
+    prompt_values: bool = False
+    """With `value_heads`: the heads' values at every prompt position instead of at the sampled
+    tokens (`Sample.prompt_values`): how a given response is valued in the engine (`/v1/score`)."""
     affinity: int | None = None
     """Requests with the same affinity go to the same data-parallel engine (a search sets its prompt's
     hash), so a search's chunks share one prefix cache; None: vLLM balances the request."""
@@ -70,11 +73,14 @@ def to_sampling_params(request: EngineRequest, *, delta: bool = False) -> Any:
 
     s = request.sampling
     extra_args: dict[str, Any] = {}
-    logprobs = s.logprobs
+    logprobs, prompt_logprobs = s.logprobs, None
     if request.value_heads:
         if logprobs is not None:
             raise InvalidRequestError("logprobs cannot be combined with engine value heads", param="logprobs")
-        logprobs = len(request.value_heads) - 1
+        if request.prompt_values:
+            prompt_logprobs = len(request.value_heads) - 1
+        else:
+            logprobs = len(request.value_heads) - 1
         extra_args[VALUE_HEADS_ARG] = encode_heads(request.value_heads)
         if request.value_layers:
             extra_args[VALUE_LAYERS_ARG] = list(request.value_layers)
@@ -91,7 +97,8 @@ def to_sampling_params(request: EngineRequest, *, delta: bool = False) -> Any:
             frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
             logit_bias=s.logit_bias_dict(), seed=s.seed, stop=list(s.stop) or None,
             stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos,
-            min_tokens=min(s.min_tokens, request.max_tokens), logprobs=logprobs, structured_outputs=structured,
+            min_tokens=min(s.min_tokens, request.max_tokens), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
             detokenize=request.detokenize or bool(s.stop), extra_args=extra_args or None,
             flat_logprobs=bool(request.value_heads))  # values: a few flat lists per request, no dict per token
@@ -108,6 +115,9 @@ class Sample:
     finish_reason: str | None  # "stop" (EOS or stop string) | "length" | None
     stop_reason: str | int | None = None  # the stop string or token that ended it
     token_values: list[list[float]] | None = None  # per sampled token, ChunkRequest.value_heads' outputs
+    prompt_values: list[list[float]] | None = None
+    """With `EngineRequest.prompt_values`: per prompt token i, the heads' outputs at position i - 1
+    (entry 0 empty), the value of token i as a sampled token's is."""
 
 
 class EngineClient(abc.ABC):
@@ -143,6 +153,9 @@ class EngineClient(abc.ABC):
 
     kv_block_size = 1
     """Tokens per KV-cache block its prefix cache reuses (whole blocks only); 1: any prefix."""
+
+    values_prompts = False
+    """Whether `EngineRequest.prompt_values` works (the heads at prompt positions: `/v1/score`)."""
 
     @property
     def errored(self) -> bool:
@@ -232,6 +245,7 @@ class VllmEngine(EngineClient):
         value heads to searches only as far as all of them compute them. Run once after `start`."""
         self.report = combine(await self._llm.collective_rpc(REPORT_METHOD))
         self.max_value_heads, self.value_layers = value_heads_from_report(self.report, self._llm.vllm_config)
+        self.values_prompts = self.max_value_heads > 0  # the same patch values prompt positions
         if self.max_value_heads:
             log.info("engine values: computed in the engine by %s (layers %s%s)", self.report["runner"],
                      ",".join(map(str, self.value_layers)) or "none",
@@ -296,8 +310,10 @@ class VllmEngine(EngineClient):
             pass
         assert final is not None
         m = len(request.value_heads or ())
+        prompt = token_values(final.prompt_logprobs, m) if m and request.prompt_values else None
         return [Sample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason,
-                       token_values(o.logprobs, m) if m else None) for o in final.outputs]
+                       token_values(o.logprobs, m) if m and not request.prompt_values else None, prompt)
+                for o in final.outputs]
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -5,13 +5,22 @@ Its cost is bounded before the scorer sees it: at most `max_score_responses` res
 `max_score_queue` requests scoring or waiting at once (429 with Retry-After past it). A client
 that disconnects cancels its request (the route's `until_disconnect`), and the scorer drops a job
 whose future was cancelled before its batch starts.
+
+A chain of engine values that the engine computes is valued in the engine (its heads at every
+prompt position of one request per response, `EngineRequest.prompt_values`), the way guided
+decoding values candidates: no backbone in this process. Other chains go to the scorer.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
+import numpy as np
 
 from common.protocol import ScoreRequest, ScoreResponse
+from common.sampling import Sampling
+from server.engine import EngineRequest
 from server.errors import GuidanceError, InvalidRequestError, IroError, OverloadedError
 from server.openai.serving import off_loop, render_chat
 from valuefn.scorer import ScoreItem, chain_scores
@@ -50,6 +59,24 @@ class ScoreServing:
         finally:
             self._in_progress -= 1
 
+    async def _engine_values(self, chain, prompt_ids: list[int], seqs: list[list[int]]) -> np.ndarray | None:
+        """(responses, chain members) raw values computed by the engine, as guided decoding values
+        candidates (each response token's heads at the position before it, averaged: `mean_before`),
+        when every member is an engine value the engine computes; None otherwise, or when a value
+        comes back non-finite (the scorer then runs the chain)."""
+        heads, engine = chain.engine_heads, self.engine
+        if heads is None or not getattr(engine, "values_prompts", False) or len(heads) > engine.max_value_heads:
+            return None
+        layers = chain.engine_layers
+        if not set(layers or ()) <= set(engine.value_layers):
+            return None
+        samples = await asyncio.gather(*[engine.sample(EngineRequest(
+            seq, n=1, max_tokens=1, sampling=Sampling(temperature=0.0), detokenize=False, value_heads=heads,
+            value_layers=layers, prompt_values=True)) for seq in seqs])
+        raw = np.array([np.asarray(s[0].prompt_values[len(prompt_ids):], dtype=np.float64).mean(axis=0)
+                        for s in samples])
+        return raw if raw.shape == (len(seqs), len(heads)) and np.isfinite(raw).all() else None
+
     async def _score(self, request: ScoreRequest) -> ScoreResponse:
         try:
             chain = await self.values.chain_for(request.value)
@@ -67,6 +94,8 @@ class ScoreServing:
             raise InvalidRequestError(f"scoring these responses takes {total} tokens (prompt + response, summed); "
                                       f"this server scores at most {self.max_tokens} per request",
                                       param="responses", code="too_many_tokens")
-        raw = await self.scorer.values(chain, [ScoreItem(s, len(prompt_ids), len(prompt_ids)) for s in seqs])
+        raw = await self._engine_values(chain, prompt_ids, seqs)
+        if raw is None:
+            raw = await self.scorer.values(chain, [ScoreItem(s, len(prompt_ids), len(prompt_ids)) for s in seqs])
         return ScoreResponse(value=chain.name, versions=chain.versions, scores=chain_scores(raw, chain.betas).tolist(),
                              values=raw.tolist())

@@ -291,6 +291,59 @@ def _v1_sample_with_values(original: Callable) -> Callable:
     return _sample
 
 
+def _prompt_values(state: RunnerState, heads, layers, hidden, positions):
+    """(rows, m) head values at prompt `positions` (each the value of the next prompt token, as a
+    sampled token's value is at the position that sampled it); NaN for layers not exposed."""
+    import torch
+
+    x = features(hidden[positions], state.aux, positions, layers, state.layers)
+    if x is None:
+        return torch.full((positions.shape[0], heads.shape[0]), float("nan"), device=hidden.device)
+    return head_values([heads], x)
+
+
+def _put_values(target, rows: slice, values) -> None:
+    """Write (rows, m) values into the first m slots of a LogprobsTensors' `rows` ("token ids" 0..m-1).
+    A blocking copy: it lands after the runner's own (non-blocking) copies of the same rows."""
+    import torch
+
+    m = values.shape[1]
+    target.logprobs[rows, :m] = values.to(target.logprobs.device, target.logprobs.dtype)
+    target.logprob_token_ids[rows, :m] = torch.arange(m, dtype=target.logprob_token_ids.dtype,
+                                                      device=target.logprob_token_ids.device)
+
+
+def _v1_prompt_values(original: Callable) -> Callable:
+    """Prompt positions of a value request (`prompt_logprobs=m-1`) carry its heads' values: how the
+    engine values a given response (`/v1/score`) with no second model."""
+    @functools.wraps(original)
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens, *args, **kwargs):
+        import torch
+
+        state = _STATES.get(self)
+        plan = []
+        for req_id in (self.num_prompt_logprobs if state is not None else ()):
+            req, n = self.requests.get(req_id), num_scheduled_tokens.get(req_id)
+            if req is None or n is None or req.prompt_token_ids is None or req.sampling_params is None:
+                continue
+            parsed = request_heads(req.sampling_params.extra_args, hidden_states.shape[-1])
+            start = req.num_computed_tokens
+            num = min(n, len(req.prompt_token_ids) - start - 1)
+            if parsed is not None and num > 0:
+                offset = int(self.query_start_loc.np[self.input_batch.req_id_to_index[req_id]])
+                plan.append((req_id, req, parsed, start, num, offset, req.in_progress_prompt_logprobs_cpu))
+        out = original(self, hidden_states, num_scheduled_tokens, *args, **kwargs)
+        for req_id, req, (heads, layers), start, num, offset, before in plan:
+            target = out.get(req_id) or req.in_progress_prompt_logprobs_cpu or before
+            if target is not None:
+                positions = torch.arange(offset, offset + num, device=hidden_states.device)
+                _put_values(target, slice(start, start + num), _prompt_values(state, heads, layers, hidden_states,
+                                                                             positions))
+        return out
+
+    return _get_prompt_logprobs_dict
+
+
 def v1_targets() -> tuple:
     """V1's runner, its step state, and the runners with a `load_model` of their own (the CPU one)."""
     import torch
@@ -308,6 +361,7 @@ def probe_v1(runner_cls: type, step_cls: type, loaders: tuple = ()) -> None:
     check_method(runner_cls, "_sample", ("logits",))
     check_method(runner_cls, "sample_tokens", ("grammar_output",))
     check_method(runner_cls, "_prepare_inputs", ("scheduler_output",))
+    check_method(runner_cls, "_get_prompt_logprobs_dict", ("hidden_states", "num_scheduled_tokens"))
     for cls in (runner_cls, *loaders):
         check_method(cls, "load_model")
         check_method(cls, "get_model")
@@ -329,6 +383,7 @@ def apply_v1(runner_cls: type, step_cls: type, loaders: tuple = ()) -> None:
         runner_cls._sample = _v1_sample_with_values(runner_cls._sample)
         runner_cls.sample_tokens = _keep_step(runner_cls.sample_tokens, V1_STEP)
         runner_cls._prepare_inputs = _v1_keep_indices(runner_cls._prepare_inputs)
+        runner_cls._get_prompt_logprobs_dict = _v1_prompt_values(runner_cls._get_prompt_logprobs_dict)
         runner_cls._iro_value_heads = "v1"
 
 
@@ -377,6 +432,53 @@ def _v2_sample_with_values(original: Callable) -> Callable:
     return sample
 
 
+def _v2_prompt_values(runner, compute: Callable) -> Callable:
+    """V2's `PromptLogprobsWorker.compute_prompt_logprobs` of `runner`, with value requests' rows
+    (this step's prompt positions) carrying their heads' values (`_v1_prompt_values`' purpose)."""
+    @functools.wraps(compute)
+    def compute_prompt_logprobs(logits_fn, hidden_states, input_batch, *args, **kwargs):
+        import torch
+
+        worker, state = runner.prompt_logprobs_worker, _STATES.get(runner)
+        value_rows = [(i, r) for i, r in enumerate(input_batch.req_ids) if state is not None and r in state.extra
+                      and r in worker.in_progress_prompt_logprobs]
+        before = {r: len(worker.in_progress_prompt_logprobs[r]) for _, r in value_rows}
+        out = compute(logits_fn, hidden_states, input_batch, *args, **kwargs)
+        starts = input_batch.query_start_loc_np
+        for i, req_id in value_rows:
+            chunks = worker.in_progress_prompt_logprobs.get(req_id, [])
+            if req_id in out:  # the prompt's last chunk: this step's rows are the returned tensor's last ones
+                target, num = out[req_id], int(starts[i + 1] - starts[i]) - 1
+                rows = slice(target.logprobs.shape[0] - num, None)
+            elif len(chunks) > before[req_id]:  # a chunk of a longer prompt
+                target = chunks[-1]
+                num = target.logprobs.shape[0]
+                rows = slice(0, num)
+            else:
+                continue
+            if num <= 0:
+                continue
+            heads, layers = request_heads(state.extra[req_id], hidden_states.shape[-1])
+            positions = torch.arange(int(starts[i]), int(starts[i]) + num, device=hidden_states.device)
+            _put_values(target, rows, _prompt_values(state, heads, layers, hidden_states, positions))
+        return out
+
+    return compute_prompt_logprobs
+
+
+def _v2_load_wrapping_prompt_worker(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        worker = getattr(self, "prompt_logprobs_worker", None)
+        if worker is not None and not getattr(worker.compute_prompt_logprobs, "_iro_values", False):
+            worker.compute_prompt_logprobs = _v2_prompt_values(self, worker.compute_prompt_logprobs)
+            worker.compute_prompt_logprobs._iro_values = True
+        return out
+
+    return load_model
+
+
 def v2_targets() -> tuple:
     """V2's runner (importing it needs no Triton; running it does) and its step state."""
     from vllm.v1.worker.gpu.model_runner import ExecuteModelState, GPUModelRunner
@@ -392,6 +494,9 @@ def probe_v2(runner_cls: type, step_cls: type) -> None:
     check_method(runner_cls, "load_model")
     check_method(runner_cls, "get_model")
     check_fields(step_cls, (*V2_STEP, "hidden_states", "input_batch"))
+    from vllm.v1.worker.gpu.sample.prompt_logprob import PromptLogprobsWorker
+
+    check_method(PromptLogprobsWorker, "compute_prompt_logprobs", ("logits_fn", "hidden_states", "input_batch"))
     _probe_logprobs_tensors()
 
 
@@ -400,7 +505,7 @@ def apply_v2(runner_cls: type, step_cls: type) -> None:
     requests' logprobs as usual (a top-k on the GPU) and the value rows' slots are overwritten."""
     if own(runner_cls, "_iro_value_heads"):
         return
-    runner_cls.load_model = _load_exposing_layers(runner_cls.load_model)
+    runner_cls.load_model = _v2_load_wrapping_prompt_worker(_load_exposing_layers(runner_cls.load_model))
     runner_cls.add_requests = _v2_keep_heads(runner_cls.add_requests)
     runner_cls._remove_request = _v2_drop_heads(runner_cls._remove_request)
     runner_cls.sample_tokens = _keep_step(runner_cls.sample_tokens, V2_STEP)

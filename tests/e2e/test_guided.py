@@ -201,9 +201,12 @@ def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(
     hidden states): the engine values candidates as it samples them (no scorer pass), and its values
     match the scorer's (Hugging Face) forward of the same text."""
     from common.model_store import prepare_default_model
-    from valuefn.loader import init_value
+    from valuefn.loader import BackbonePool, ValueLoader, init_value
     from valuefn.model import ValueModelConfig
     from valuefn.registry import Registry
+    from transformers import AutoTokenizer
+
+    from valuefn.scorer import ScoreItem, forward_values
 
     name = "engine-head" if layers is None else "engine-layers"
     config = ValueModelConfig.for_engine_head(feature_layers=layers)
@@ -226,13 +229,23 @@ def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(
         r = http.post("/v1/score", json={"value": name, "messages": messages,
                                          "responses": [text for text, _ in choices]})
     assert r.status_code == 200, r.text
-    assert scorer_passes(server) > before
-    # bf16 engine kernels vs the scorer's bf16 Hugging Face forward: close, not bit-equal. The layer
-    # head sums 1,728 features from three residual streams that went through different attention
-    # kernels for up to 27 layers: differences up to 0.07 were seen on scores of ~0.2 (unseeded runs).
+    assert scorer_passes(server) == before  # /v1/score of an engine value runs in the engine too
+    assert "built its backbone" not in server.log_path.read_text(errors="replace")  # no base model copy here
+    # The Hugging Face implementation of the same value, in this process (what the scorer would run).
+    value = ValueLoader(Registry(server.values_dir), BackbonePool(prepare_default_model())).load_version(name, version)
+    tok = AutoTokenizer.from_pretrained(str(prepare_default_model()))
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # as the server renders
+    prompt_ids = tok.encode(text, add_special_tokens=False)
+    items = [ScoreItem(prompt_ids + tok.encode(text, add_special_tokens=False), len(prompt_ids), len(prompt_ids))
+             for text, _ in choices]
+    hf = forward_values(value, items, use_cache=False)
+    # bf16 engine kernels vs a bf16 Hugging Face forward: close, not bit-equal. The layer head sums
+    # 1,728 features from three residual streams that went through different attention kernels for
+    # up to 27 layers: differences up to 0.07 were seen on scores of ~0.2 (unseeded runs).
     atol, rtol = (0.05, 0.03) if layers is None else (0.08, 0.05)
-    for (text, engine_score), scorer_score in zip(choices, r.json()["scores"]):
-        assert abs(engine_score - scorer_score) <= atol + rtol * abs(scorer_score), (text, engine_score, scorer_score)
+    for (text, engine_score), scored, reference in zip(choices, r.json()["scores"], hf):
+        for got in (engine_score, scored):
+            assert abs(got - reference) <= atol + rtol * abs(reference), (text, engine_score, scored, reference)
 
 
 # ----------------------------------------------------------------------------- sampling fields on guided requests

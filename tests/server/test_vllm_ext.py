@@ -174,6 +174,7 @@ def _v1_runner_class(monkeypatch, *, wrap=True, layers="3", pp=1):
             self.vllm_config = _config(layers, pp)
             self.model_config = SimpleNamespace(hf_config=SimpleNamespace(num_hidden_layers=6))
             self.execute_model_state = None
+            self.num_prompt_logprobs = {}  # request id -> prompt logprobs asked (vLLM's runner attribute)
 
         def load_model(self):
             model = AuxModel()
@@ -194,9 +195,28 @@ def _v1_runner_class(monkeypatch, *, wrap=True, layers="3", pp=1):
                                                          hidden, sample_hidden, aux, None, None, None)
 
         def sample_tokens(self, grammar_output):
-            logits = self.execute_model_state.logits
+            logits, hidden = self.execute_model_state.logits, self.execute_model_state.hidden_states
             self.execute_model_state = None
-            return self._sample(logits, None)
+            out = self._sample(logits, None)
+            self.prompt_out = self._get_prompt_logprobs_dict(hidden, getattr(self, "num_scheduled", {}))
+            return out
+
+        def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+            """vLLM's contract: each prompt-logprob request's CPU tensor of (prompt - 1) rows, filled
+            chunk by chunk from row `num_computed_tokens`; returned once the prompt is done."""
+            from vllm.v1.outputs import LogprobsTensors
+
+            done = {}
+            for req_id, k in self.num_prompt_logprobs.items():
+                req = self.requests[req_id]
+                if req.in_progress_prompt_logprobs_cpu is None:
+                    req.in_progress_prompt_logprobs_cpu = LogprobsTensors.empty_cpu(len(req.prompt_token_ids) - 1, k + 1)
+                    req.in_progress_prompt_logprobs_cpu.logprobs.fill_(-1.0)
+                start = req.num_computed_tokens
+                if start + num_scheduled_tokens[req_id] >= len(req.prompt_token_ids):
+                    done[req_id] = req.in_progress_prompt_logprobs_cpu
+                    req.in_progress_prompt_logprobs_cpu = None
+            return done
 
         def _sample(self, logits, spec_decode_metadata=None):
             n = logits.shape[0]
@@ -339,6 +359,8 @@ def _v2_runner_class():
             self.reqs.discard(req_id)
             return True
 
+        prompt_logprobs_worker = None
+
         def execute_model(self, x, input_batch):
             out = self.model(x)
             hidden, aux = out if self.use_aux_hidden_state_outputs else (out, None)
@@ -438,3 +460,73 @@ def test_requests_of_one_value_share_one_decoded_head_tensor_and_one_product_val
 def test_heads_of_the_wrong_width_give_nan_not_an_exception_in_the_worker():
     heads, layers = request_heads({VALUE_HEADS_ARG: encode_heads([[1.0, 2.0, 3.0]])}, 4)  # 3 floats, not 4 + 1
     assert layers is None and heads.shape == (1, 5) and torch.isnan(heads).all()
+
+
+@pytest.mark.parametrize("chunks", [[6], [3, 3]], ids=["whole-prompt", "chunked-prefill"])
+def test_v1_prompt_positions_of_a_value_request_carry_its_head_values(monkeypatch, chunks):
+    """How `/v1/score` values a given response in the engine: a request with heads and
+    `prompt_logprobs=m-1` gets, at prompt row i, the heads on the position that predicts token i+1
+    (the final state, or the layers' stream), in every prefill chunk."""
+    import numpy as np
+
+    Runner = _v1_runner_class(monkeypatch)
+    runner = Runner()
+    runner.load_model()
+    prompt = [5, 6, 7, 8, 9, 10]
+    req = SimpleNamespace(prompt_token_ids=prompt, num_computed_tokens=0, in_progress_prompt_logprobs_cpu=None,
+                          sampling_params=SimpleNamespace(extra_args={VALUE_HEADS_ARG: encode_heads([HEAD, HEAD]),
+                                                                      VALUE_LAYERS_ARG: [3]}))
+    _v1_batch(runner, {"p": req.sampling_params.extra_args}, {}, None)
+    runner.requests["p"] = req
+    runner.num_prompt_logprobs = {"p": 1}
+    runner.input_batch.req_id_to_index = {"p": 0}
+    x = torch.randn(len(prompt), H)
+    for size in chunks:
+        start = req.num_computed_tokens
+        runner.query_start_loc = SimpleNamespace(np=np.array([0, size]))
+        runner.num_scheduled = {"p": size}
+        runner.execute_model({"x": x[start:start + size], "logits_indices": torch.tensor([size - 1])})
+        runner.sample_tokens(None)
+        req.num_computed_tokens += size
+    lp = runner.prompt_out["p"]
+    expected = [_expected(rms_normalise(x[i] * 3 + 1)) for i in range(len(prompt) - 1)]
+    assert lp.logprobs[:, 0].tolist() == pytest.approx(expected, rel=1e-5)
+    assert lp.logprobs[:, 1].tolist() == pytest.approx(expected, rel=1e-5)  # both heads
+    assert lp.logprob_token_ids.tolist() == [[0, 1]] * (len(prompt) - 1)
+
+
+def test_v2_prompt_positions_of_a_value_request_carry_its_head_values():
+    """V2's prompt-logprob worker (wrapped per runner at load): this step's rows of a value request,
+    whether the prompt's last chunk (returned) or an earlier one (kept in progress)."""
+    import numpy as np
+    from vllm.v1.outputs import LogprobsTensors
+
+    class Worker:  # V2's PromptLogprobsWorker contract
+        def __init__(self):
+            self.in_progress_prompt_logprobs = {"p": []}
+
+        def compute_prompt_logprobs(self, logits_fn, hidden_states, input_batch, final):
+            rows = hidden_states.shape[0] - (1 if final else 0)
+            part = LogprobsTensors(torch.full((rows, 2), 77, dtype=torch.int32), torch.full((rows, 2), -1.0),
+                                   torch.zeros(rows, dtype=torch.int64))
+            self.in_progress_prompt_logprobs["p"].append(part)
+            if not final:
+                return {}
+            whole = LogprobsTensors.cat(self.in_progress_prompt_logprobs["p"])
+            self.in_progress_prompt_logprobs["p"].clear()
+            return {"p": whole}
+
+    Runner = _v2_runner_class()
+    Runner.prompt_logprobs_worker = None
+    runner = Runner(layers="none")
+    runner.load_model()
+    runner.prompt_logprobs_worker = Worker()
+    value_heads._v2_load_wrapping_prompt_worker(lambda self: None)(runner)
+    runner.add_requests(SimpleNamespace(scheduled_new_reqs=[_new_req("p", {VALUE_HEADS_ARG: encode_heads([HEAD])})]))
+    x = torch.randn(6, H)
+    for part, final in ((x[:3], False), (x[3:], True)):
+        batch = SimpleNamespace(req_ids=["p"], query_start_loc_np=np.array([0, part.shape[0]]))
+        out = runner.prompt_logprobs_worker.compute_prompt_logprobs(None, part, batch, final)
+    lp = out["p"]
+    assert lp.logprobs[:, 0].tolist() == pytest.approx([_expected(x[i]) for i in range(5)], rel=1e-5)
+    assert lp.logprob_token_ids[:, 0].tolist() == [0] * 5 and lp.logprobs[:, 1].tolist() == [-1.0] * 5
