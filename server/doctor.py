@@ -73,7 +73,7 @@ def value_kinds(report: dict) -> dict[str, str]:
     """Where each kind of value is computed, given a (worker or probe) report."""
     if report.get("value_heads") == "installed":
         layers = ",".join(map(str, report.get("value_layers") or ())) or "none"
-        engine = f"engine (heads on the final state and on layers {layers})"
+        engine = f"engine (heads on the final state and on layers {layers}; guided, /v1/score, the hot-swap check)"
         if report.get("value_layers_off"):
             engine += f"; values on other layers: scorer ({report['value_layers_off']})"
     else:

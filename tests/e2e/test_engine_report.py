@@ -18,7 +18,7 @@ def test_the_workers_report_the_cpu_runner_with_engine_values(server):
     assert patches.pop("source").startswith("the engine's workers")
     assert patches == {name: "installed" for name in ("value_heads_v1", "value_heads_v2", "block16", "seed_fix",
                                                       "lora_grouped", "lora_compiled", "grammar_prefix")}
-    assert report["values"]["engine value (default)"].startswith("engine (heads on the final state and on layers 2,15,27")
+    assert report["values"]["engine value (default)"].startswith("engine (heads on the final state and on layers 2,15,27;")
     assert report["values"]["LoRA value"].startswith("scorer")
     with server.http() as http:  # an API key is not an admin key (when they differ)
         assert http.get("/v1/engine").status_code in ((401, 403) if server.api_key != server.admin_key else (200,))
