@@ -72,7 +72,9 @@ def model_runner(cuda: bool) -> tuple[str, str]:
 def value_kinds(report: dict) -> dict[str, str]:
     """Where each kind of value is computed, given a (worker or probe) report."""
     if report.get("value_heads") == "installed":
-        layers = ",".join(map(str, report.get("value_layers") or ())) or "none"
+        layers = report.get("value_layers")
+        layers = "that the engine exposes once it loads the model" if layers is None else (
+            ",".join(map(str, layers)) or "none")
         engine = f"engine (heads on the final state and on layers {layers}; guided, /v1/score, the hot-swap check)"
         if report.get("value_layers_off"):
             engine += f"; values on other layers: scorer ({report['value_layers_off']})"
@@ -88,8 +90,8 @@ def _probe_report(runner: str) -> dict:
     status = install_worker_patches()
     key = "value_heads_v2" if runner == "V2" else "value_heads_v1"
     return {"source": "this process's probe (no engine started; `iro doctor --engine` asks the workers)",
-            "patches": status, "value_heads": status.get(key, "not probed"), "value_layers": [],
-            "value_layers_off": "known once the engine loads the model"}
+            "patches": status, "value_heads": status.get(key, "not probed"), "value_layers": None,
+            "value_layers_off": ""}
 
 
 def memory(settings: Any, cuda: bool) -> dict[str, Any]:
