@@ -85,7 +85,7 @@ def serve(
     max_stop_token_ids: Optional[int] = typer.Option(None, help="stop_token_ids per request (default 64). (env IRO_MAX_STOP_TOKEN_IDS)"),
     max_logit_bias: Optional[int] = typer.Option(None, help="logit_bias entries per request (default 300). (env IRO_MAX_LOGIT_BIAS)"),
     max_prompts: Optional[int] = typer.Option(None, help="Prompts per completion request (default 64). (env IRO_MAX_PROMPTS)"),
-    max_guided_steps: Optional[int] = typer.Option(None, help="Search steps (max_tokens / l) of a guided request (default 256). (env IRO_MAX_GUIDED_STEPS)"),
+    max_guided_steps: Optional[int] = typer.Option(None, help="Search steps (max_tokens / l) of a guided request (default 512). (env IRO_MAX_GUIDED_STEPS)"),
     max_score_responses: Optional[int] = typer.Option(None, help="Responses per /v1/score request (default 256). (env IRO_MAX_SCORE_RESPONSES)"),
     max_score_tokens: Optional[int] = typer.Option(None, help="Tokens one /v1/score request scores (default 16384). (env IRO_MAX_SCORE_TOKENS)"),
     max_score_queue: Optional[int] = typer.Option(None, help="/v1/score requests at once before 429 (default 8). (env IRO_MAX_SCORE_QUEUE)"),

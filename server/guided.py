@@ -33,7 +33,7 @@ class GuidedPlan:
 class GuidedGenerator:
     """Runs value-guided searches for the OpenAI endpoints (same `run`/`stream` shape as `PlainGenerator`)."""
 
-    def __init__(self, engine, scorer, values, *, max_candidates: int = 64, max_steps: int = 256, metrics=None):
+    def __init__(self, engine, scorer, values, *, max_candidates: int = 64, max_steps: int = 512, metrics=None):
         self.engine = engine
         self.scorer = scorer
         self.values = values

@@ -66,7 +66,7 @@ class ServerSettings(EngineSettings):
     """`logit_bias` entries per request."""
     max_prompts: int = Field(protocol.MAX_PROMPTS, ge=1, le=protocol.MAX_PROMPTS)
     """Prompts in one completion request (counted before any is tokenized)."""
-    max_guided_steps: int = Field(256, ge=1)
+    max_guided_steps: int = Field(512, ge=1)
     """Search steps of a guided request: ceil(max_tokens / guidance.l) for cbs. Without max_tokens
     a request may run up to the context length; past this it must set max_tokens or a larger l."""
     max_score_responses: int = Field(protocol.MAX_SCORE_RESPONSES, ge=1, le=protocol.MAX_SCORE_RESPONSES)
