@@ -189,7 +189,11 @@ def _engine_report() -> dict:
         finally:
             llm.shutdown()
 
-    return asyncio.run(run())
+    report = asyncio.run(run())
+    import gc
+
+    gc.collect()  # the engine's destructor runs now, not at interpreter exit (where it fails noisily)
+    return report
 
 
 def _add_commands(module: str, attr: str, name: str) -> None:
