@@ -341,8 +341,22 @@ PERSON_CHAT = [{"role": "user", "content": "Invent a person. Give their name and
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["cbs", "bon"])
 def test_guided_response_format_stays_in_the_schema(server, demo, mode):
-    """CBS continues each beam's JSON in every chunk (the grammar is advanced over the beam's tokens)."""
+    """CBS continues each beam's JSON in every chunk (the grammar is advanced over the beam's tokens).
+    The schema bounds the document, so each answer is a whole valid one. `json_object` does not bound
+    the length (how long a document the model writes depends on the machine's dtype: in float32 it
+    ran past max_tokens), so there each answer must be accepted by the JSON grammar from its first
+    token to its last (a chunk that restarted the document would not be), and be whole if it stopped."""
     import jsonschema
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from common.model_store import prepare_default_model
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(
+        AutoTokenizer.from_pretrained(str(prepare_default_model()))))
+
+    def accepted(text: str, grammar) -> bool:
+        return xgr.GrammarMatcher(grammar).accept_string(text)
 
     client = server.openai()
     guidance = {**GUIDES[mode], "l": 6} if mode == "cbs" else GUIDES[mode]
@@ -355,8 +369,13 @@ def test_guided_response_format_stays_in_the_schema(server, demo, mode):
     stream = client.chat.completions.create(model=server.model_id, messages=PERSON_CHAT, max_tokens=64, n=2, seed=2,
                                             temperature=0.8, response_format={"type": "json_object"}, stream=True,
                                             extra_body={"guidance": guidance})
-    texts = ["", ""]
+    texts, finished = ["", ""], [None, None]
     for chunk in stream:
         for c in chunk.choices:
             texts[c.index] += c.delta.content or ""
-    assert all(isinstance(json.loads(t), dict) for t in texts)
+            finished[c.index] = c.finish_reason or finished[c.index]
+    any_json = compiler.compile_builtin_json_grammar()
+    for text, finish_reason in zip(texts, finished):
+        assert accepted(text, any_json), text
+        if finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
