@@ -12,6 +12,7 @@ loading, is refused (`CheckpointError`, reason "out_of_memory", "needs X GiB, bu
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -33,7 +34,7 @@ from valuefn.checkpoint import (
 from valuefn.model import (ValueModel, ValueModelConfig, backbone_identity, copy_backbone, default_device, load_backbone,
                            share_tensors)
 from valuefn.registry import Registry
-from valuefn.scorer import LoadedValue, ScoreItem, ValueChain, check_kv_reuse, forward_values
+from valuefn.scorer import LoadedValue, ScoreItem, ValueChain, check_kv_reuse, forward_values, sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,13 @@ class BackbonePool:
         """id(value model) -> bytes its LoRA merge copied, while the model lives."""
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def hf_config(self):
+        """The base model's transformers config (read once; no weights)."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.model_path))
 
     @staticmethod
     def _key(config: ValueModelConfig, device_type: str) -> tuple[int | None, str, bool]:
@@ -257,6 +265,8 @@ class ValueLoader:
             if architecture not in self._kv_reuse:
                 self._kv_reuse[architecture] = check_kv_reuse(value)
             value.kv_reuse = self._kv_reuse[architecture]
+        else:  # no LoRA: nothing to check but the window the pool's attention does not apply
+            value.kv_reuse = sliding_window(model.backbone.config) is None
         self._loaded[(name, version)] = value
         end = time.perf_counter()
         log.info("loaded value %s@%d in %.3f s (read + verify %.3f, build %.3f, test forward %.3f)", name, version,
@@ -288,7 +298,8 @@ class ValueLoader:
             log.info("value %s@%d: built its backbone for the scorer (the engine could not value a step)", name, version)
             return model
 
-        return LoadedValue(name, version, manifest, build=build, config=run_as.model, head=weights)
+        return LoadedValue(name, version, manifest, build=build, config=run_as.model, head=weights,
+                           kv_reuse=sliding_window(self.pool.hf_config) is None)
 
     def _probe(self, value: LoadedValue, architecture: str) -> torch.Tensor:
         """The values of one short test sequence. A value without LoRA runs on the pool's shared,

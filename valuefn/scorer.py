@@ -279,10 +279,33 @@ def _recompute(value: LoadedValue, items: list[ScoreItem], out: np.ndarray, idx:
         out[idx[b]] = pool_values(values[b, : len(it.token_ids)], it.response_start, pooling)
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a transformers config when its layers use one (Gemma-2/3, Mistral with
+    `sliding_window`, Qwen2 with `use_sliding_window`), else None.
+
+    >>> from types import SimpleNamespace as C
+    >>> sliding_window(C(sliding_window=4096, use_sliding_window=False)), sliding_window(C(sliding_window=32))
+    (None, 32)
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 def check_kv_reuse(value: LoadedValue, *, atol: float = 2e-2) -> bool:
     """Run a tiny two-step search both ways; keep the pool path only if it matches recomputation
     (a guard against a transformers version whose attention no longer follows the cache protocol)."""
     ids = [[1, 2, 3, 4, 5], [1, 2, 3, 6]]
+    window = sliding_window(value.model.backbone.config)
+    if window is not None:  # the pool's attention mask does not apply the window: always recompute
+        value.kv_reuse = False
+        log.info("value %s@%s: the base model attends over a sliding window of %d tokens, which key/value reuse "
+                 "does not apply; scoring recomputes", value.name, value.version, window)
+        return False
     try:
         full = forward_values(value, [ScoreItem(i + [7, 8], 0, 3) for i in ids], use_cache=False)
         forward_values(value, [ScoreItem(i, 0, 3) for i in ids])

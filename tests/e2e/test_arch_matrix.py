@@ -19,16 +19,10 @@ MATRIX = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "qwen3-moe"]
 """The families `make test` runs (about 35 s each on 2 cores); `python -m bench.arch_matrix` runs
 every family of `common.tiny_models.FAMILIES` (Gemma-3 and Mixtral too)."""
 
-SCORER_FOR_LAYERS = {"gemma2": "Gemma2ForCausalLM does not return auxiliary hidden states"}
+SCORER_FOR_LAYERS = {"gemma2": "Gemma2ForCausalLM has no auxiliary hidden-state outputs"}
 """Families whose vLLM model class does not implement EAGLE-3's auxiliary hidden states
 (`SupportsEagle3`): the engine exposes no residual-stream layers, so the default engine value (a
 head on layers) is computed by the scorer, with the same numbers; final-state heads stay in the engine."""
-
-SCORER_IGNORES_WINDOW = {"gemma2": "the scorer's key/value reuse (valuefn.kv_pool) attends past the 32-token "
-                                   "sliding window: values of sequences longer than it are wrong (check_kv_reuse "
-                                   "tests a 4-token sequence, so it passes)"}
-"""Sliding-window families whose values the scorer computes wrongly once prompt + response is longer
-than the window (the prompts here are 54 tokens; the engine's own values are right)."""
 
 LORA_VALUE_REFUSED = {"qwen3-moe": "peft wraps the fused expert weights (mlp.experts) that "
                                    "valuefn.model.merge_lora does not know: the server refuses the value"}
@@ -62,12 +56,10 @@ def test_engine_value_agrees_with_transformers(family, value, request):
     engine, or by the scorer where the family exposes no layers, and equal to the Hugging Face
     forward of the very token ids sampled."""
     expected = "scorer" if value == "engine" and family.family in SCORER_FOR_LAYERS else "engine"
-    if expected == "scorer" and family.family in SCORER_IGNORES_WINDOW:
-        request.applymarker(pytest.mark.xfail(reason=SCORER_IGNORES_WINDOW[family.family], strict=True))
     result = family.check_value(value)
     assert result["ran_in"] == expected, result
     if expected == "scorer":
-        assert "does not return auxiliary hidden states" in family.log_text()
+        assert "has no auxiliary hidden-state outputs" in family.log_text()
     _, tolerance = tolerances(family.dtype)
     assert result["value_diff"] <= tolerance * (1 + result["value_scale"]), result
 
@@ -76,8 +68,6 @@ def test_lora_value_runs_in_the_scorer(family, request):
     if family.family in LORA_VALUE_REFUSED:
         request.applymarker(pytest.mark.xfail(reason=LORA_VALUE_REFUSED[family.family], strict=True))
         assert isinstance(family.values["lora"], int), family.values["lora"]
-    if family.family in SCORER_IGNORES_WINDOW:
-        request.applymarker(pytest.mark.xfail(reason=SCORER_IGNORES_WINDOW[family.family], strict=True))
     result = family.check_value("lora")
     assert result["ran_in"] == "scorer", result
     _, tolerance = tolerances(family.dtype)
