@@ -46,6 +46,7 @@ OPERATIONS = [
     ("POST", "/v1/values/{name}/rollback"), ("DELETE", "/v1/values/{name}"),
     ("GET", "/v1/policies"), ("GET", "/v1/policies/{name}"), ("POST", "/v1/policies/{name}/load"),
     ("POST", "/v1/policies/{name}/rollback"), ("DELETE", "/v1/policies/{name}/versions/{version}"),
+    ("GET", "/v1/engine"),
 ]
 
 
