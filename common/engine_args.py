@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -224,6 +225,30 @@ def device_value_memory(device: Any = None) -> int:
     share = os.environ.get(GPU_MEMORY_UTILIZATION_ENV)
     share = float(share) if share else EngineSettings.model_fields["gpu_memory_utilization"].default
     return value_memory_bytes(total, share)
+
+
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+"""Where transformers configs of mixture-of-experts families count their experts (Qwen-MoE, Mixtral,
+DeepSeek)."""
+
+
+def check_lora_on_cpu(model_path: str | Path) -> None:
+    """Refuse policy adapters (LoRA) for a mixture-of-experts model on the CPU engine, before it starts:
+    with LoRA on, vLLM 0.32 runs every fused-MoE layer with its Triton kernel whatever the platform,
+    and the CPU engine dies at the first request (measured with tiny Qwen3-MoE and Mixtral models).
+    """
+    import json
+
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # vLLM reports an unreadable model itself
+    config = {**config, **(config.get("text_config") or {})}
+    experts = next((config[k] for k in MOE_KEYS if isinstance(config.get(k), int) and config[k] > 1), None)
+    if experts is not None:
+        raise ValueError(f"policy adapters (--policies-dir) cannot be served on the CPU engine for a mixture-of-experts "
+                         f"model ({experts} experts): with LoRA on, vLLM 0.32 runs its fused-MoE layers with a Triton "
+                         "kernel the CPU has not; serve this model without --policies-dir, or on a GPU")
 
 
 def supported_block_size(requested: int, sizes: list) -> int:

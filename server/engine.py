@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common.engine_args import engine_kwargs
+from common.engine_args import check_lora_on_cpu, engine_kwargs, on_cuda
 from common.sampling import Sampling
 from server.vllm_ext.grammar_prefix import GRAMMAR_PREFIX_ARG
 from server.vllm_ext.value_heads import LAYERS_CONFIG_KEY
@@ -229,6 +229,8 @@ class VllmEngine(EngineClient):
 
         settings = EngineSettings.model_validate(options)  # unset fields: IRO_* or their defaults
         kwargs = engine_kwargs(**settings.engine_options())
+        if lora and not on_cuda():
+            check_lora_on_cpu(model_path)  # a MoE model would start, then die at its first request
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

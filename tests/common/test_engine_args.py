@@ -148,3 +148,34 @@ def test_core_lists_per_rank(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     with pytest.raises(ValueError, match="give one list per rank"):
         configure_cpu_threads("0-1", 2)
+
+
+@pytest.mark.parametrize("config,refused", [
+    ({"num_local_experts": 8}, True),  # Mixtral
+    ({"num_experts": 4, "model_type": "qwen3_moe"}, True),
+    ({"text_config": {"n_routed_experts": 64}}, True),  # a multimodal wrapper of a MoE language model
+    ({"num_experts": 1}, False), ({"hidden_size": 64}, False),
+])
+def test_policy_adapters_on_a_cpu_moe_model_are_refused_before_the_engine_starts(tmp_path, config, refused):
+    import json
+
+    from common.engine_args import check_lora_on_cpu
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if refused:
+        with pytest.raises(ValueError, match="mixture-of-experts model .* serve this model without --policies-dir"):
+            check_lora_on_cpu(tmp_path)
+    else:
+        check_lora_on_cpu(tmp_path)
+
+
+def test_the_engine_refuses_it_before_building_vllm(tmp_path, monkeypatch):
+    import json
+
+    from server.engine import VllmEngine
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_local_experts": 8}))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        VllmEngine.start(str(tmp_path), "moe", enforce_eager=True, lora={"enable_lora": True})
