@@ -314,9 +314,14 @@ class ValueModel(nn.Module):
         if config.lora_r > 0 and with_lora:
             from peft import LoraConfig, get_peft_model
 
+            # Full names of the nn.Linear modules the targets name (as `merge_lora` expects): a bare
+            # suffix would also make peft wrap a MoE layer's fused expert weights, which it then
+            # adapts as parameters that no merge (and no engine) knows.
+            targets = sorted(n for n, m in backbone.named_modules()
+                             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in config.target_modules)
             backbone = get_peft_model(backbone, LoraConfig(
                 r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                target_modules=config.target_modules, bias="none"))
+                target_modules=targets, bias="none"))
         self.backbone = backbone
         features = backbone.config.hidden_size * config.head_inputs
         self.head = nn.Linear(features, 1, dtype=torch.float32, device=next(backbone.parameters()).device)

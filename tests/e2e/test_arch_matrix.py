@@ -24,11 +24,6 @@ SCORER_FOR_LAYERS = {"gemma2": "Gemma2ForCausalLM has no auxiliary hidden-state 
 (`SupportsEagle3`): the engine exposes no residual-stream layers, so the default engine value (a
 head on layers) is computed by the scorer, with the same numbers; final-state heads stay in the engine."""
 
-LORA_VALUE_REFUSED = {"qwen3-moe": "peft wraps the fused expert weights (mlp.experts) that "
-                                   "valuefn.model.merge_lora does not know: the server refuses the value"}
-"""Known failures of a default LoRA value (`ValueModelConfig` targets q/k/v/o/gate/up/down_proj)."""
-
-
 def tolerances(dtype: str) -> tuple[float, float]:
     """(logprob, value) tolerance of the engine against transformers: float32 kernels agree to
     ~1e-6; bf16 kernels differ in rounding (test_guided's engine-vs-scorer bound)."""
@@ -64,10 +59,8 @@ def test_engine_value_agrees_with_transformers(family, value, request):
     assert result["value_diff"] <= tolerance * (1 + result["value_scale"]), result
 
 
-def test_lora_value_runs_in_the_scorer(family, request):
-    if family.family in LORA_VALUE_REFUSED:
-        request.applymarker(pytest.mark.xfail(reason=LORA_VALUE_REFUSED[family.family], strict=True))
-        assert isinstance(family.values["lora"], int), family.values["lora"]
+def test_lora_value_runs_in_the_scorer(family):
+    assert isinstance(family.values["lora"], int), family.values["lora"]  # published and served (MoE included)
     result = family.check_value("lora")
     assert result["ran_in"] == "scorer", result
     _, tolerance = tolerances(family.dtype)
