@@ -18,6 +18,9 @@ replaced `forward` or `compute_logits` (a CUDA-graph wrapper's `__call__` bypass
 2. *The step.* `sample_tokens` is wrapped to read the step's state (`execute_model_state`: the
    final hidden states and the aux ones) before the runner clears it; the sampling call is wrapped
    to write each value request's head outputs into its logprob slots (`server.vllm_ext.wire`).
+3. *Prompt positions.* A value request that asks for prompt logprobs instead (`prompt_logprobs=m-1`)
+   gets its heads' outputs at every prompt position (V1 `_get_prompt_logprobs_dict`, V2's
+   `PromptLogprobsWorker`, every prefill chunk): how `/v1/score` values a given response.
 
 Where a request's layers are not exposed (the model has no aux outputs, speculative decoding uses
 them, pipeline parallelism), its values are NaN, never a silent 0: the server values that step
