@@ -10,13 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from common.hashing import sha256_file
-from common.paths import models_dir
+from common.paths import models_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +79,13 @@ def prepare_default_model(force: bool = False) -> Path:
     model.config.name_or_path = DEFAULT_MODEL_NAME
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
-    try:
+    with staged_dir(target, ".prepare-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         if not any(name.endswith(".safetensors") for name in files):
             raise ModelPrepareError("conversion wrote no safetensors file")
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "source": GGUF_FILE, "files": files}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not verify_model_dir(target):
         raise ModelPrepareError(f"{target} failed verification right after conversion")
     return target

@@ -8,7 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -32,3 +36,19 @@ def models_dir() -> Path:
 def policies_dir() -> Path:
     """Policy checkpoints: `$IRO_HOME/policies` (created by whoever writes one first)."""
     return iro_home() / "policies"
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder beside `target` to write into; when the block succeeds it replaces
+    `target` (a rename on the same file system), when it fails it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -19,11 +19,11 @@ and 4 layers give the default engine-value layers (1, 2) two distinct residual s
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.paths import staged_dir
 
 HIDDEN = 64
 LAYERS = 4
@@ -111,20 +111,12 @@ def build_tiny_model(family: str, target: str | Path, *, seed: int = 0, dtype: s
     model.generation_config.eos_token_id = kwargs["eos_token_id"]
     model.generation_config.pad_token_id = kwargs["pad_token_id"]
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_dir(target, f".{target.name}-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         (tmp / MARKER).write_text(json.dumps(recipe, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
