@@ -243,11 +243,33 @@ class ChatMessage(OpenAIRequestModel):
         return self.content or ""
 
 
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+def check_metadata(metadata: dict | None) -> dict | None:
+    """OpenAI's limits on `metadata`: at most 16 pairs, keys <= 64 and values <= 512 characters."""
+    if metadata is None:
+        return None
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs; got {len(metadata)}")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise ValueError(f"keys may have at most {MAX_METADATA_KEY} characters; {key[:20]!r}... has {len(key)}")
+        if len(value) > MAX_METADATA_VALUE:
+            raise ValueError(f"values may have at most {MAX_METADATA_VALUE} characters; {key!r} has {len(value)}")
+    return metadata
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str
     logprobs: bool = False
     max_completion_tokens: int | None = Field(None, ge=1)
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs kept with a stored completion "
+                                            "(keys <= 64, values <= 512 characters); needs store: true.")
+    store: bool | None = Field(None, description="Keep the request and its answer (GET /v1/chat/completions).")
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = Field(None, description="Refused: this server does not call tools.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Refused: this server does not call tools.")
@@ -259,6 +281,11 @@ class ChatCompletionRequest(_SamplingFields):
         if value is not None and value != "none" and value != []:
             raise ValueError(f"{info.field_name} is not supported: this server does not call tools")
         return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value):
+        return check_metadata(value)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

@@ -12,6 +12,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from common import protocol
 from common.engine_args import EngineSettings
+from common.search_settings import REASONING_EFFORT_BUDGETS, ReasoningEffort
 from common.paths import default_values_dir
 
 
@@ -69,6 +70,11 @@ class ServerSettings(EngineSettings):
     max_guided_steps: int = Field(512, ge=1)
     """Search steps of a guided request: ceil(max_tokens / guidance.l) for cbs. Without max_tokens
     a request may run up to the context length; past this it must set max_tokens or a larger l."""
+    reasoning_effort_budgets: dict[ReasoningEffort, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: dict(REASONING_EFFORT_BUDGETS))
+    """Token budget of a guided search for each OpenAI `reasoning_effort`, as a multiple of the request's
+    max_tokens (none 1, minimal 2, low 4, medium 16, high 32, xhigh 64 by default; an effort left out
+    keeps its default). `IRO_REASONING_EFFORT_BUDGETS` takes JSON, e.g. '{"high": 24}'."""
     max_score_responses: int = Field(protocol.MAX_SCORE_RESPONSES, ge=1, le=protocol.MAX_SCORE_RESPONSES)
     """Responses in one /v1/score request."""
     max_score_tokens: int = Field(16384, ge=1)

@@ -18,7 +18,7 @@ from common import protocol
 from common.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
 from common.sampling import Generation
 from server.engine import EngineClient, EngineRequest
-from server.errors import EngineDeadError, InvalidRequestError, NotFoundError, OverloadedError
+from server.errors import EngineDeadError, InvalidRequestError, NotFoundError, OverloadedError, UnavailableError
 from server.openai import responses
 from server.openai.generate import PlainGenerator
 
@@ -111,6 +111,10 @@ class OpenAIServing:
 
     policies = None
     """`server.policies.PolicyManager` when a policy registry is configured."""
+    stored = None
+    """`server.stored.serving.StoredCompletions` when the database is open (`store: true`)."""
+    store_everything = False
+    store_error: str | None = None
 
     def list_models(self) -> ModelList:
         cards = [ModelCard(id=self.base_id, root=self.base_id, max_model_len=self.engine.max_model_len)]
@@ -235,6 +239,7 @@ class OpenAIServing:
 
     async def create_chat_completion(self, request: ChatCompletionRequest):
         value, adapter = self.resolve_model(request.model)
+        store = self._will_store(request)
         self.limits.check(request)
         generation = replace(request.to_generation(), adapter=adapter)
         self.check_n(generation.n)
@@ -247,7 +252,36 @@ class OpenAIServing:
         if request.stream:
             return responses.chat_stream(request, prompt.token_ids, result, self.count_tokens)
         usage = self.count_tokens(len(prompt.token_ids), result.completion_tokens)
-        return responses.chat_response(request, prompt.token_ids, result, usage)
+        response = responses.chat_response(request, prompt.token_ids, result, usage)
+        if store:
+            await self._store(request, response, prompt.token_ids, result, value, adapter)
+        return response
+
+    def _will_store(self, request: ChatCompletionRequest) -> bool:
+        """Whether this request's answer is stored: `store: true`, or the store-everything setting
+        unless it says `store: false`; refused (not ignored) when it cannot be."""
+        if request.store and request.stream:
+            raise InvalidRequestError("store: true is not supported with stream: true yet", param="store",
+                                      code="unsupported_value")
+        if request.store and self.stored is None:
+            raise UnavailableError(f"cannot store completions: the server's database is unavailable "
+                                   f"({self.store_error or 'not configured'})", code="database_unavailable")
+        store = bool(request.store) or (self.store_everything and request.store is None and not request.stream
+                                        and self.stored is not None)
+        if request.metadata and not store:
+            raise InvalidRequestError("metadata is kept only with a stored completion: send store: true",
+                                      param="metadata", code="unsupported_value")
+        return store
+
+    async def _store(self, request, response, prompt_ids, result, value, adapter) -> None:
+        from server.stored.protocol import StoredRecord
+        from server.stored.serving import policy_of
+
+        await self.stored.save(StoredRecord(
+            id=response.id, created=response.created, model=request.model, metadata=request.metadata or {},
+            request=request.model_dump(mode="json", exclude_none=True), response=response.model_dump(mode="json"),
+            prompt_token_ids=prompt_ids, completion_token_ids=[c.token_ids for c in result.choices[0]],
+            policy=policy_of(self.base_id, value, adapter, response.guidance)))
 
     async def create_completion(self, request: CompletionRequest):
         value, adapter = self.resolve_model(request.model)

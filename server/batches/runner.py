@@ -1,0 +1,292 @@
+"""The batch runner: answers batch lines in-process, through the same serving objects as
+`/v1/chat/completions` and `/v1/completions` (plain and guided models alike).
+
+- One batch at a time per replica, claimed in the database with a lease (owner + lease_until), so
+  several replicas sharing a PostgreSQL database never run the same batch at once; a restarted
+  server (same host and port) takes its own batches back at once, another replica after the lease.
+- At most `concurrency` lines in flight, and only one while interactive requests are in progress:
+  batches run at a lower priority than interactive traffic.
+- Each answered line is committed with its `custom_id` as part of the primary key before the next
+  is counted: after `kill -9` a new start resumes the batch and skips every line already answered,
+  so each `custom_id` is answered exactly once.
+- Finalizing writes the output file (lines answered 200) and the error file (the others), in
+  input order, in OpenAI's line format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import uuid
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from common.protocol import ChatCompletionRequest, CompletionRequest
+from server.batches.files import FileStore, parse_batch_lines
+from server.batches.protocol import BatchInputLine
+from server.errors import IroError
+from server.store.db import Database, batch_results, batches
+
+log = logging.getLogger(__name__)
+LEASE_SECONDS = 60.0
+POLL_SECONDS = 2.0
+ACTIVE = ("validating", "in_progress", "cancelling", "finalizing")
+_REQUESTS = {"/v1/chat/completions": (ChatCompletionRequest, "create_chat_completion"),
+             "/v1/completions": (CompletionRequest, "create_completion")}
+
+
+def replica_name(port: int) -> str:
+    """This replica's name in batch leases: stable across restarts on the same host and port."""
+    return f"{socket.gethostname()}:{port}"
+
+
+def error_line(custom_id: str, status: int, error: dict) -> dict:
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": {"error": error}},
+            "error": None}
+
+
+def validation_error(exc: ValidationError) -> dict:
+    """The 400 body the HTTP endpoint would answer for a body that does not validate."""
+    from server.app import _message, _param_from_loc, _relevant
+
+    errors = _relevant(exc.errors())
+    first = errors[0]
+    param = _param_from_loc(first.get("loc", ()))
+    if first.get("type") == "extra_forbidden":
+        return {"message": f"Unrecognized request argument supplied: {param}", "type": "invalid_request_error",
+                "param": param, "code": "unknown_field"}
+    message = "; ".join(f"{_param_from_loc(e.get('loc', ())) or 'body'}: {_message(e)}" for e in errors[:5])
+    return {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_value"}
+
+
+class BatchRunner:
+    """Runs claimed batches until `stop()`; `serving()` returns the `OpenAIServing` (None while the
+    engine starts)."""
+
+    def __init__(self, db: Database, files: FileStore, serving, *, owner: str, concurrency: int = 4, metrics=None):
+        self.db, self.files, self.serving = db, files, serving
+        self.owner, self.concurrency = owner, concurrency
+        self._wake = asyncio.Event()
+        self._stopped = False
+        self.lines = self.failures = None
+        if metrics is not None:
+            from prometheus_client import Counter
+
+            self.lines = Counter("iro_batch_lines_total", "Batch lines answered, by outcome", ["outcome"],
+                                 registry=metrics.registry)
+            self.failures = Counter("iro_batch_runner_errors_total", "Batch runner failures (database, files)",
+                                    registry=metrics.registry)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    async def run_forever(self) -> None:
+        while not self._stopped:
+            try:
+                if await self.run_once():
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("batch runner failed; retrying in %.0f s", POLL_SECONDS)
+                if self.failures is not None:
+                    self.failures.inc()
+            self._wake.clear()
+            try:  # a new batch wakes us; other replicas' batches (and lapsed leases) are polled
+                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run_once(self) -> bool:
+        """Claim one unfinished batch and run it until it ends (or this runner stops); False when
+        there was none to claim."""
+        row = await self.db.write(self._claim)
+        if row is None:
+            return False
+        await self._run(row)
+        return True
+
+    def _claimable(self, now: float):
+        return sa.and_(batches.c.status.in_(ACTIVE), sa.or_(batches.c.owner.is_(None), batches.c.owner == self.owner,
+                                                            batches.c.lease_until < now))
+
+    def _claim(self, conn: sa.Connection):
+        now = time.time()
+        row = conn.execute(sa.select(batches).where(self._claimable(now)).order_by(batches.c.seq).limit(1)).first()
+        if row is None:
+            return None
+        taken = conn.execute(batches.update().where(batches.c.id == row.id, self._claimable(now))
+                             .values(owner=self.owner, lease_until=now + LEASE_SECONDS)).rowcount
+        return row if taken == 1 else None
+
+    def _set(self, batch_id: str, **values) -> Any:
+        return self.db.write(lambda c: c.execute(batches.update().where(batches.c.id == batch_id).values(**values)))
+
+    async def _status(self, batch_id: str) -> str:
+        """The batch's status; renews the lease."""
+        def renew(conn):
+            conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.owner == self.owner)
+                         .values(lease_until=time.time() + LEASE_SECONDS))
+            return conn.execute(sa.select(batches.c.status).where(batches.c.id == batch_id)).scalar()
+
+        return await self.db.write(renew)
+
+    async def _run(self, row) -> None:
+        status = row.status
+        if status == "validating":
+            status = await self._validate(row)
+        if status == "in_progress":
+            if row.expires_at and time.time() > row.expires_at:
+                return await self._finalize(row.id, "expired")
+            status = await self._answer_lines(row)
+        if status in ("cancelling", "finalizing", "expired", "in_progress"):
+            final = {"cancelling": "cancelled", "expired": "expired"}.get(status, "completed")
+            await self._finalize(row.id, final)
+
+    async def _validate(self, row) -> str:
+        try:
+            lines = await anyio.to_thread.run_sync(parse_batch_lines, self.files.path(row.input_file_id))
+        except (IroError, OSError) as exc:
+            message = getattr(exc, "message", None) or f"cannot read the input file: {exc}"
+            errors = [{"code": "invalid_file", "line": None, "message": message, "param": "input_file_id"}]
+            await self._set(row.id, status="failed", failed_at=int(time.time()), errors=errors, owner=None)
+            return "failed"
+        wrong = [{"code": "invalid_url", "line": i, "param": "url",
+                  "message": f"line {i}: url {line.url!r} differs from the batch's endpoint {row.endpoint!r}"}
+                 for i, line in enumerate(lines, start=1) if line.url != row.endpoint]
+        if wrong:
+            await self._set(row.id, status="failed", failed_at=int(time.time()), errors=wrong[:100], owner=None)
+            return "failed"
+        done = await self.db.write(lambda c: c.execute(
+            batches.update().where(batches.c.id == row.id, batches.c.status == "validating")
+            .values(status="in_progress", in_progress_at=int(time.time()), total=len(lines))).rowcount)
+        return "in_progress" if done else await self._status(row.id)
+
+    async def _answer_lines(self, row) -> str:
+        lines = await anyio.to_thread.run_sync(parse_batch_lines, self.files.path(row.input_file_id))
+        answered = set(await self.db.read(lambda c: c.execute(
+            sa.select(batch_results.c.custom_id).where(batch_results.c.batch_id == row.id)).scalars().all()))
+        todo = [(i, line) for i, line in enumerate(lines, start=1) if line.custom_id not in answered]
+        if answered:
+            log.info("batch %s: resuming, %d of %d lines already answered", row.id, len(answered), len(lines))
+        in_flight: set[asyncio.Task] = set()
+        status = "in_progress"
+        last_check = time.monotonic()
+        for number, line in todo:
+            while len(in_flight) >= self._capacity() and not self._stopped:
+                if in_flight:  # lower priority: wait for a slot (or for interactive requests to end)
+                    await asyncio.wait(in_flight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+                else:  # the engine is starting
+                    await asyncio.sleep(0.05)
+                in_flight = {t for t in in_flight if not t.done()}
+            if self._stopped:
+                break
+            if time.monotonic() - last_check > 1.0 or self._wake.is_set():  # a cancel wakes us
+                last_check = time.monotonic()
+                self._wake.clear()
+                status = await self._status(row.id)
+                if status != "in_progress":
+                    break
+            in_flight.add(asyncio.create_task(self._answer(row.id, number, line)))
+        if status != "in_progress" or self._stopped:
+            for task in in_flight:  # cancelled or shutting down: abort what runs (its engine requests too)
+                task.cancel()
+        results = await asyncio.gather(*in_flight, return_exceptions=True)
+        for r in results:
+            if isinstance(r, Exception):
+                log.error("batch %s: a line failed to record: %r", row.id, r)
+        if self._stopped:
+            return "stopped"
+        status = await self._status(row.id)
+        return "finalizing" if status == "in_progress" else status
+
+    def _capacity(self) -> int:
+        serving = self.serving()
+        if serving is None:
+            return 0
+        return 1 if getattr(serving, "_admitted", 0) > 0 else self.concurrency
+
+    async def _answer(self, batch_id: str, number: int, line: BatchInputLine) -> None:
+        result, ok, tokens = await self._call(line)
+        if self.lines is not None:
+            self.lines.labels("completed" if ok else "failed").inc()
+
+        def record(conn):
+            exists = conn.execute(sa.select(batch_results.c.line).where(
+                batch_results.c.batch_id == batch_id, batch_results.c.custom_id == line.custom_id)).first()
+            if exists is None:  # exactly once per custom_id (also the primary key)
+                conn.execute(batch_results.insert().values(batch_id=batch_id, custom_id=line.custom_id, line=number,
+                                                           ok=ok, result=result, input_tokens=tokens[0],
+                                                           output_tokens=tokens[1]))
+            conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.owner == self.owner)
+                         .values(lease_until=time.time() + LEASE_SECONDS))
+
+        await self.db.write(record)
+
+    async def _call(self, line: BatchInputLine) -> tuple[dict, bool, tuple[int, int]]:
+        """(output line, answered 200, (prompt tokens, completion tokens))."""
+        request_type, method = _REQUESTS[line.url]
+        try:
+            request = request_type.model_validate(line.body)
+        except ValidationError as exc:
+            return error_line(line.custom_id, 400, validation_error(exc)), False, (0, 0)
+        if request.stream:
+            return error_line(line.custom_id, 400, {"message": "stream is not supported in a batch",
+                                                    "type": "invalid_request_error", "param": "stream",
+                                                    "code": "invalid_value"}), False, (0, 0)
+        serving = self.serving()
+        try:
+            serving.engine_check()
+            response = await getattr(serving, method)(request)
+        except IroError as exc:
+            return error_line(line.custom_id, exc.status_code, exc.to_response().error.model_dump()), False, (0, 0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an engine failure: this line fails, the batch goes on
+            log.exception("batch line %r failed", line.custom_id)
+            return ({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": None,
+                     "error": {"code": "server_error", "message": f"internal error ({type(exc).__name__})"}},
+                    False, (0, 0))
+        body = response.model_dump(mode="json")
+        usage = response.usage
+        return ({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
+                 "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
+                 "error": None}, True, (usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0))
+
+    async def _finalize(self, batch_id: str, final: str) -> None:
+        stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[final]
+        if final == "completed":
+            await self.db.write(lambda c: c.execute(
+                batches.update().where(batches.c.id == batch_id, batches.c.status == "in_progress")
+                .values(status="finalizing", finalizing_at=int(time.time()))))
+
+        def finish(conn):
+            rows = conn.execute(sa.select(batch_results.c.ok, batch_results.c.result)
+                                .where(batch_results.c.batch_id == batch_id).order_by(batch_results.c.line)).all()
+            good = [r.result for r in rows if r.ok]
+            bad = [r.result for r in rows if not r.ok]
+            stem = batch_id.removeprefix("batch_")
+            output_id = f"file-{stem}-output" if good else None
+            error_id = f"file-{stem}-errors" if bad else None
+            if good:
+                self.files.write_output_sync(conn, output_id, f"{batch_id}_output.jsonl", good)
+            if bad:
+                self.files.write_output_sync(conn, error_id, f"{batch_id}_error.jsonl", bad)
+            conn.execute(batches.update().where(batches.c.id == batch_id).values(
+                status=final, output_file_id=output_id, error_file_id=error_id, owner=None,
+                **{stamp: int(time.time())}))
+            return len(good), len(bad)
+
+        good, bad = await self.db.write(finish)
+        log.info("batch %s %s: %d answered, %d failed", batch_id, final, good, bad)

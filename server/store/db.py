@@ -1,0 +1,182 @@
+"""Engine, tables and the one writer of the server's database (SQLAlchemy Core).
+
+    database_url unset   sqlite:///$IRO_HOME/data/iro.db   (one server)
+    postgresql+psycopg://...                                 (several replicas share it)
+
+SQLite runs in WAL mode with `synchronous=FULL`: a commit is fsynced before it returns, so an
+answered batch line or a stored completion survives `kill -9` and a power cut (NORMAL+WAL would
+survive `kill -9` but may lose the last commits on power loss; a commit per generated answer is
+cheap next to the generation). Writes go through one thread (`Database.write`), so SQLite never
+sees two writers from this process; readers run beside it (WAL). Tables are created if missing
+(`metadata.create_all`): the schema only grows by new tables for now.
+
+A file that is not a database (or fails `PRAGMA quick_check`) raises `DatabaseUnavailable` with
+the reason; the server logs it, keeps serving plain traffic and answers 503 on the routes that
+need the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import sqlalchemy as sa
+from sqlalchemy import event
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+metadata = sa.MetaData()
+
+files = sa.Table(
+    "files", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(64), unique=True, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("filename", sa.String(512), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("lines", sa.Integer, nullable=True),  # batch input: request lines
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False, default=False),
+)
+
+batches = sa.Table(
+    "batches", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # stable order for listing
+    sa.Column("id", sa.String(64), unique=True, nullable=False),
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    sa.Column("input_file_id", sa.String(64), nullable=False),
+    sa.Column("completion_window", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Column("in_progress_at", sa.BigInteger, nullable=True),
+    sa.Column("finalizing_at", sa.BigInteger, nullable=True),
+    sa.Column("completed_at", sa.BigInteger, nullable=True),
+    sa.Column("failed_at", sa.BigInteger, nullable=True),
+    sa.Column("expired_at", sa.BigInteger, nullable=True),
+    sa.Column("cancelling_at", sa.BigInteger, nullable=True),
+    sa.Column("cancelled_at", sa.BigInteger, nullable=True),
+    sa.Column("output_file_id", sa.String(64), nullable=True),
+    sa.Column("error_file_id", sa.String(64), nullable=True),
+    sa.Column("errors", sa.JSON, nullable=True),
+    sa.Column("metadata", sa.JSON, nullable=True),
+    sa.Column("total", sa.Integer, nullable=False, default=0),
+    sa.Column("owner", sa.String(256), nullable=True),  # replica running it
+    sa.Column("lease_until", sa.Float, nullable=True),  # its claim lapses after this time
+)
+
+batch_results = sa.Table(
+    "batch_results", metadata,
+    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("custom_id", sa.String(512), primary_key=True),  # the key: one answer per custom_id
+    sa.Column("line", sa.Integer, nullable=False),
+    sa.Column("ok", sa.Boolean, nullable=False),
+    sa.Column("result", sa.JSON, nullable=False),  # the output (or error) file's line
+    sa.Column("input_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("output_tokens", sa.Integer, nullable=False, default=0),
+)
+
+completions = sa.Table(
+    "stored_completions", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # stable order for listing
+    sa.Column("id", sa.String(64), unique=True, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("model", sa.String(512), nullable=False),
+    sa.Column("metadata", sa.JSON, nullable=False),
+    sa.Column("request", sa.JSON, nullable=False),  # messages and settings, as sent
+    sa.Column("response", sa.JSON, nullable=False),  # the chat.completion object
+    sa.Column("prompt_token_ids", sa.JSON, nullable=False),
+    sa.Column("completion_token_ids", sa.JSON, nullable=False),  # one list per choice
+    sa.Column("policy", sa.JSON, nullable=False),  # base, value chain + versions + betas, adapter
+)
+
+completion_metadata = sa.Table(  # one row per pair: portable equality filters on SQLite and PostgreSQL
+    "stored_completion_metadata", metadata,
+    sa.Column("completion_id", sa.String(64), sa.ForeignKey("stored_completions.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(512), nullable=False),
+    sa.Index("ix_metadata_pair", "key", "value"),
+)
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be opened or is corrupt; the message says which and why."""
+
+
+def default_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'iro.db'}"
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")  # another process's writer: wait, don't fail
+    cursor.close()
+
+
+class Database:
+    """The engine plus one writer thread. `read`/`write` run a function `(connection) -> T` in a
+    worker thread inside a transaction (committed on return, rolled back on an exception)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 10}} if self.is_sqlite else {
+            "pool_pre_ping": True}
+        self.engine = sa.create_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._writer = anyio.CapacityLimiter(1)
+        self._readers = anyio.CapacityLimiter(4)
+
+    @classmethod
+    def open(cls, url: str) -> "Database":
+        """Open (creating the folder and the tables) and check the database; `DatabaseUnavailable`
+        with the reason otherwise."""
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = cls(url)
+        try:
+            with db.engine.begin() as conn:
+                if db.is_sqlite:
+                    verdict = conn.exec_driver_sql("PRAGMA quick_check").scalar()
+                    if verdict != "ok":
+                        raise DatabaseUnavailable(f"database {db.safe_url()} failed its integrity check: {verdict}")
+            metadata.create_all(db.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            db.engine.dispose()
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise DatabaseUnavailable(f"cannot open the database {db.safe_url()}: {reason}") from exc
+        except DatabaseUnavailable:
+            db.engine.dispose()
+            raise
+        return db
+
+    def safe_url(self) -> str:
+        """The URL without its password."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    def write_sync(self, fn: Callable[[sa.Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn)
+
+    def read_sync(self, fn: Callable[[sa.Connection], T]) -> T:
+        with self.engine.connect() as conn:
+            return fn(conn)
+
+    async def write(self, fn: Callable[[sa.Connection], T]) -> T:
+        return await anyio.to_thread.run_sync(self.write_sync, fn, limiter=self._writer)
+
+    async def read(self, fn: Callable[[sa.Connection], T]) -> T:
+        return await anyio.to_thread.run_sync(self.read_sync, fn, limiter=self._readers)
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,227 @@
+"""Files, batches and stored completions against a scripted engine and a real SQLite database
+(no vLLM): upload checks, the runner's output and error files, cancel, resume without repeats,
+stored completions listed, filtered, updated and deleted."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from server.store.startup import open_store
+from tests.server.conftest import ScriptedEngine, make_client
+
+
+def jsonl(lines) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def chat_line(custom_id: str, content: str = "hi", **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 3, **body}}
+
+
+@pytest.fixture
+def stack(tmp_path):
+    engine = ScriptedEngine()
+    client = make_client(engine, data_dir=tmp_path, max_file_bytes=4096)
+    runner = open_store(client.app, client.app.state.settings)
+    client.app.state.serving.stored = client.app.state.stored
+    return client, runner, engine
+
+
+def upload(client, data: bytes, purpose: str = "batch"):
+    return client.post("/v1/files", files={"file": ("in.jsonl", io.BytesIO(data), "application/jsonl")},
+                       data={"purpose": purpose})
+
+
+def test_upload_list_retrieve_content_delete(stack):
+    client, _, _ = stack
+    data = jsonl([chat_line("a"), chat_line("b")])
+    r = upload(client, data)
+    assert r.status_code == 200, r.text
+    f = r.json()
+    assert (f["object"], f["purpose"], f["bytes"], f["filename"]) == ("file", "batch", len(data), "in.jsonl")
+    assert client.get(f"/v1/files/{f['id']}").json()["id"] == f["id"]
+    assert client.get(f"/v1/files/{f['id']}/content").content == data
+    assert [x["id"] for x in client.get("/v1/files").json()["data"]] == [f["id"]]
+    assert client.delete(f"/v1/files/{f['id']}").json() == {"id": f["id"], "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{f['id']}").status_code == 404
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}\nnot json\n',
+     "line 2 is not valid JSON"),
+    (jsonl([chat_line("a"), {"custom_id": "b", "method": "GET", "url": "/v1/chat/completions", "body": {}}]),
+     "line 2: method"),
+    (jsonl([chat_line("a"), chat_line("a")]), "line 2: custom_id 'a' appears twice"),
+    (jsonl([{**chat_line("a"), "body": {"messages": []}}]), "line 1: body.model is required"),
+    (b"\n", "holds no request lines"),
+])
+def test_a_malformed_batch_file_is_refused_naming_the_line(stack, data, needle):
+    client, _, _ = stack
+    r = upload(client, data)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"] and r.json()["error"]["param"] == "file"
+    assert client.get("/v1/files").json()["data"] == []
+
+
+def test_upload_limits_and_fields(stack):
+    client, _, _ = stack
+    r = upload(client, jsonl([chat_line(str(i), "x" * 200) for i in range(30)]))
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+    r = upload(client, jsonl([chat_line("a")]), purpose="fine-tune")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    r = client.post("/v1/files", files={"file": ("x", b"{}")}, data={"purpose": "batch", "expires_after": "1"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "expires_after"
+
+
+async def test_a_batch_runs_to_output_and_error_files_in_input_order(stack):
+    client, runner, _ = stack
+    lines = [chat_line("a"), chat_line("b", stream=True), chat_line("c", bogus=1), chat_line("d", content="yo"),
+             {**chat_line("e"), "body": {**chat_line("e")["body"], "model": "nope"}}]
+    file_id = upload(client, jsonl(lines)).json()["id"]
+    r = client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                         "completion_window": "24h", "metadata": {"job": "t"}})
+    assert r.status_code == 200, r.text
+    batch = r.json()
+    assert batch["status"] == "validating" and batch["metadata"] == {"job": "t"}
+    assert await runner.run_once()
+    batch = client.get(f"/v1/batches/{batch['id']}").json()
+    assert batch["status"] == "completed" and batch["completed_at"] >= batch["in_progress_at"]
+    assert batch["request_counts"] == {"completed": 2, "failed": 3, "total": 5}
+    out = [json.loads(x) for x in client.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()]
+    assert [o["custom_id"] for o in out] == ["a", "d"]
+    assert out[0]["response"]["status_code"] == 200
+    assert out[0]["response"]["body"]["choices"][0]["message"]["content"] == "abc"
+    errors = {json.loads(x)["custom_id"]: json.loads(x)
+              for x in client.get(f"/v1/files/{batch['error_file_id']}/content").text.splitlines()}
+    assert list(errors) == ["b", "c", "e"]
+    assert errors["b"]["response"]["body"]["error"]["param"] == "stream"
+    assert errors["c"]["response"]["body"]["error"]["param"] == "bogus"
+    assert errors["e"]["response"]["status_code"] == 404
+    assert batch["usage"]["output_tokens"] == 6
+    assert client.get("/v1/batches").json()["data"][0]["id"] == batch["id"]
+    assert client.get(f"/v1/files/{batch['output_file_id']}").json()["purpose"] == "batch_output"
+
+
+async def test_resume_skips_lines_already_answered(stack):
+    client, runner, engine = stack
+    from server.store.db import batch_results
+
+    file_id = upload(client, jsonl([chat_line(c, content=c) for c in "abcd"])).json()["id"]
+    batch = client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                             "completion_window": "24h"}).json()
+    client.app.state.database.write_sync(lambda c: c.execute(batch_results.insert().values(
+        batch_id=batch["id"], custom_id="b", line=2, ok=True, result={"custom_id": "b", "from": "before"})))
+    assert await runner.run_once()
+    prompts = [bytes(ids).decode() for ids, _ in engine.requests]
+    assert sorted(p.split(">")[1][0] for p in prompts) == ["a", "c", "d"]  # b was not asked again
+    output_id = client.get(f"/v1/batches/{batch['id']}").json()["output_file_id"]
+    out = [json.loads(x) for x in client.get(f"/v1/files/{output_id}/content").text.splitlines()]
+    assert [o["custom_id"] for o in out] == ["a", "b", "c", "d"] and out[1]["from"] == "before"
+
+
+async def test_cancel_before_it_runs(stack):
+    client, runner, engine = stack
+    file_id = upload(client, jsonl([chat_line("a")])).json()["id"]
+    batch = client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                             "completion_window": "24h"}).json()
+    assert client.post(f"/v1/batches/{batch['id']}/cancel").json()["status"] == "cancelling"
+    assert client.delete(f"/v1/files/{file_id}").status_code == 409  # input of an unfinished batch
+    assert await runner.run_once()
+    done = client.get(f"/v1/batches/{batch['id']}").json()
+    assert done["status"] == "cancelled" and done["cancelled_at"] and engine.requests == []
+    assert client.post(f"/v1/batches/{batch['id']}/cancel").json()["status"] == "cancelled"
+
+
+async def test_lines_of_another_endpoint_fail_the_batch(stack):
+    client, runner, _ = stack
+    file_id = upload(client, jsonl([chat_line("a")])).json()["id"]
+    batch = client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions",
+                                             "completion_window": "24h"}).json()
+    assert await runner.run_once()
+    failed = client.get(f"/v1/batches/{batch['id']}").json()
+    assert failed["status"] == "failed" and failed["errors"]["data"][0]["line"] == 1
+
+
+def test_batch_create_refusals(stack):
+    client, _, _ = stack
+    base = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    assert client.post("/v1/batches", json={**base, "input_file_id": "file-x"}).status_code == 404
+    file_id = upload(client, jsonl([chat_line("a")])).json()["id"]
+    r = client.post("/v1/batches", json={**base, "input_file_id": file_id, "completion_window": "1h"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "completion_window"
+    r = client.post("/v1/batches", json={**base, "input_file_id": file_id, "metadata": {"k" * 65: "v"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"
+
+
+# ----------------------------------------------------------------------------- stored completions
+def chat(client, **kw):
+    return client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "hello"}], **kw})
+
+
+def test_stored_completions_list_filter_update_delete(stack):
+    client, _, _ = stack
+    ids = [chat(client, store=True, metadata={"task": t, "n": str(i)}).json()["id"] for i, t in enumerate("xyx")]
+    assert chat(client).status_code == 200  # not stored
+    listed = client.get("/v1/chat/completions").json()
+    assert [c["id"] for c in listed["data"]] == ids and listed["has_more"] is False
+    x = client.get("/v1/chat/completions", params={"metadata[task]": "x"}).json()["data"]
+    assert [c["id"] for c in x] == [ids[0], ids[2]] and x[0]["metadata"] == {"task": "x", "n": "0"}
+    page = client.get("/v1/chat/completions", params={"limit": 1, "after": ids[0]}).json()
+    assert [c["id"] for c in page["data"]] == [ids[1]] and page["has_more"] is True
+    assert [c["id"] for c in client.get("/v1/chat/completions", params={"order": "desc"}).json()["data"]] == ids[::-1]
+    updated = client.post(f"/v1/chat/completions/{ids[1]}", json={"metadata": {"task": "x"}}).json()
+    assert updated["metadata"] == {"task": "x"}
+    assert len(client.get("/v1/chat/completions", params={"metadata[task]": "x"}).json()["data"]) == 3
+    msgs = client.get(f"/v1/chat/completions/{ids[0]}/messages").json()["data"]
+    assert msgs == [{"id": f"{ids[0]}-0", "role": "user", "content": "hello", "name": None, "content_parts": None}]
+    assert client.delete(f"/v1/chat/completions/{ids[0]}").json()["deleted"] is True
+    assert client.get(f"/v1/chat/completions/{ids[0]}").status_code == 404
+    assert client.delete("/v1/chat/completions", params={"metadata[n]": "2"}).json()["deleted"] == 1
+    assert [c["id"] for c in client.get("/v1/chat/completions").json()["data"]] == [ids[1]]
+    assert client.delete("/v1/chat/completions").status_code == 400  # no filter: refused
+    assert client.get("/v1/chat/completions", params={"colour": "red"}).json()["error"]["param"] == "colour"
+
+
+def test_a_stored_record_keeps_token_ids_and_policy(stack):
+    client, _, _ = stack
+    cid = chat(client, store=True).json()["id"]
+    [row] = client.app.state.stored.records_sync()
+    assert row.id == cid and row.prompt_token_ids == list(b"<user>hello\n<assistant>")
+    assert row.completion_token_ids == [list(b"abcd")]
+    assert row.policy == {"base": "tiny", "value": None, "adapter": None}
+
+
+def test_store_refusals(stack, tmp_path):
+    client, _, _ = stack
+    r = chat(client, metadata={"a": "b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"
+    r = chat(client, store=True, stream=True)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "store"
+    r = chat(client, store=True, metadata={str(i): "v" for i in range(17)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"
+
+
+def test_store_everything_stores_unless_told_not_to(tmp_path):
+    client = make_client(ScriptedEngine(), data_dir=tmp_path, store_everything=True)
+    open_store(client.app, client.app.state.settings)
+    serving = client.app.state.serving
+    serving.stored, serving.store_everything = client.app.state.stored, True
+    kept = chat(client).json()["id"]
+    chat(client, store=False)
+    assert [c["id"] for c in client.get("/v1/chat/completions").json()["data"]] == [kept]
+
+
+def test_a_corrupt_database_leaves_plain_traffic_served(tmp_path):
+    (tmp_path / "iro.db").write_bytes(b"this is not a database" * 100)
+    client = make_client(ScriptedEngine(), data_dir=tmp_path)
+    assert open_store(client.app, client.app.state.settings) is None
+    client.app.state.serving.store_error = client.app.state.store_error
+    assert chat(client).status_code == 200
+    for r in (client.get("/v1/files"), client.get("/v1/batches"), client.get("/v1/chat/completions"),
+              chat(client, store=True)):
+        assert r.status_code == 503 and "file is not a database" in r.json()["error"]["message"], r.text
