@@ -52,6 +52,9 @@ class EngineRequest:
     prompt_values: bool = False
     """With `value_heads`: the heads' values at every prompt position instead of at the sampled
     tokens (`Sample.prompt_values`): how a given response is valued in the engine (`/v1/score`)."""
+    chunk_until: tuple[str, ...] = ()
+    """A search's step delimiters (`guidance.chunk_until`): strings that end this chunk, not the answer.
+    They reach vLLM as more stop strings, kept in the output; `Sample.stop_reason` tells them apart."""
     affinity: int | None = None
     """Requests with the same affinity go to the same data-parallel engine (a search sets its prompt's
     hash), so a search's chunks share one prefix cache; None: vLLM balances the request."""
@@ -95,12 +98,13 @@ def to_sampling_params(request: EngineRequest, *, delta: bool = False) -> Any:
             n=request.n, max_tokens=request.max_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else -1, min_p=s.min_p, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
-            logit_bias=s.logit_bias_dict(), seed=s.seed, stop=list(s.stop) or None,
+            logit_bias=s.logit_bias_dict(), seed=s.seed, stop=list(dict.fromkeys(s.stop + request.chunk_until)) or None,
+            include_stop_str_in_output=bool(request.chunk_until),  # a step keeps its delimiter
             stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos,
             min_tokens=min(s.min_tokens, request.max_tokens), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
-            detokenize=request.detokenize or bool(s.stop), extra_args=extra_args or None,
+            detokenize=request.detokenize or bool(s.stop) or bool(request.chunk_until), extra_args=extra_args or None,
             flat_logprobs=bool(request.value_heads))  # values: a few flat lists per request, no dict per token
     except VLLMClientError as exc:  # e.g. n > 1 with temperature 0 (greedy)
         raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from exc

@@ -13,6 +13,12 @@ trainer's `Example`s: the engine's own token ids and a reward per response).
 - IS-DPO / IS-IPO pair the samples of each prompt by reward (best vs worst, ...); rollouts
   without a reward are ranked by the value instead (`distill_examples`: V of the newest value
   after the whole response).
+- Checkpoints (`trainer/distill_checkpoints.py`): every `eval_every` steps the trainer measures the
+  per-token KL to the base on the held-out rollouts and the reward and distinct-2 of plain samples
+  on a few held-out prompts, and keeps the adapter weights in memory; training stops once the KL
+  reaches `kl_budget` (PPO's target KL), and the checkpoint `select` chooses (by default the highest
+  held-out reward with KL and distinct-2 inside their bounds) is the one returned and published.
+  `metrics["selection"]` in the manifest holds every checkpoint's row and why the one was chosen.
 
     config = DistillConfig.from_preset("smoke", method="apa")
     trainer = DistillTrainer(config, model_path)
@@ -38,11 +44,12 @@ import torch
 
 from common.dtype import log_dtype
 
+from trainer.distill_checkpoints import Checkpoint, select_checkpoint
 from trainer.distill_config import DistillConfig
 from trainer.distill_losses import apa_loss, apa_sequence_loss, is_daa_loss, sequence_logps, token_kl
 from trainer.value_trainer import Example, _lr_lambda, batches, collate, split_examples
 from valuefn.model import backbone_identity, default_device
-from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
+from registry.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +174,7 @@ class DistillTrainer:
         self.model = get_peft_model(base, lora)  # adapters in float32 (peft's default autocast)
         self.token_advantages = False
         """APA per token (advantages from a value) or per response (a final reward only)."""
+        self._tokenizer = None
         self.model.train()
 
     # ------------------------------------------------------------------ forward passes
@@ -218,8 +226,9 @@ class DistillTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, units: Sequence, advantages: Sequence | None, eval_examples: Sequence[Example]) -> dict:
-        """Held-out loss and KL(policy || base) per response token on the held-out rollouts."""
-        if not units:
+        """Held-out loss (None without held-out units) and KL(policy || base) per response token on
+        the held-out rollouts."""
+        if not units and not eval_examples:
             return {}
         was = self.model.training
         self.model.eval()
@@ -239,47 +248,76 @@ class DistillTrainer:
             weights.append(float(mask.sum()))
             kls.append(float(kl) * weights[-1])
         self.model.train(was)
-        return {"loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
+        return {"loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
                 "kl_to_base": sum(kls) / max(1.0, sum(weights))}
 
     @torch.no_grad()
-    def sample_rewards(self, prompts: Sequence[tuple[tuple[int, ...], str]], reward_fn: Callable) -> dict:
-        """Mean reward of plain samples (temperature `eval_temperature`) from the policy and from the
-        base model on held-out prompts [(prompt_ids, prompt_text)], same seeds for both."""
+    def sample_responses(self, prompts: Sequence[tuple[tuple[int, ...], str]], *, adapter: bool) -> list[str]:
+        """`eval_samples` plain samples (temperature `eval_temperature`, `eval_max_tokens`) per held-out
+        prompt [(prompt_ids, prompt_text)], from the policy or (adapter=False) the base model; the
+        same seeds every call, so the policy's checkpoints and the base are compared on equal draws.
+        Prompts are left-padded into batches of `eval_batch_size`."""
         from transformers import AutoTokenizer
 
         c = self.config
-        tok = AutoTokenizer.from_pretrained(self.model_path)
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tok = self._tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         was = self.model.training
         self.model.eval()
-        out = {}
-        for label, adapter in (("policy", True), ("base", False)):
-            texts, responses = [], []
-            torch.manual_seed(c.seed + 1)
-            for ids, text in prompts:
-                input_ids = torch.tensor([ids], device=self.device)
-                kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
-                          temperature=c.eval_temperature, top_p=1.0, top_k=0, max_new_tokens=c.eval_max_tokens,
-                          num_return_sequences=c.eval_samples, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-                if adapter:
+        torch.manual_seed(c.seed + 1)
+        responses = []
+        for i in range(0, len(prompts), c.eval_batch_size):
+            chunk = prompts[i: i + c.eval_batch_size]
+            L = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)  # (B, L), left-padded
+            attention_mask = torch.zeros_like(input_ids)
+            for j, (ids, _) in enumerate(chunk):
+                input_ids[j, L - len(ids):] = torch.tensor(ids)
+                attention_mask[j, L - len(ids):] = 1
+            kw = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                      do_sample=True, temperature=c.eval_temperature, top_p=1.0, top_k=0,
+                      max_new_tokens=c.eval_max_tokens, num_return_sequences=c.eval_samples, pad_token_id=pad)
+            if adapter:
+                gen = self.model.generate(**kw)
+            else:
+                with self.model.disable_adapter():
                     gen = self.model.generate(**kw)
-                else:
-                    with self.model.disable_adapter():
-                        gen = self.model.generate(**kw)
-                for row in gen[:, len(ids):]:
-                    texts.append(text)
-                    responses.append(tok.decode(row, skip_special_tokens=True))
-            out[f"reward_{label}"] = float(np.mean(reward_fn(texts, responses)))
+            responses += [tok.decode(row, skip_special_tokens=True) for row in gen[:, L:]]  # prompt-major order
         self.model.train(was)
-        out["reward_gain"] = out["reward_policy"] - out["reward_base"]
-        out["samples"] = len(prompts) * c.eval_samples
-        return out
+        return responses
+
+    def sample_metrics(self, prompts: Sequence[tuple[tuple[int, ...], str]], reward_fn: Callable | None, *,
+                       adapter: bool) -> dict:
+        """{"reward": mean reward (None without `reward_fn`), "distinct_2"} of `sample_responses`."""
+        from trainer.evaluate import distinct_n
+
+        responses = self.sample_responses(prompts, adapter=adapter)
+        texts = [text for _, text in prompts for _ in range(self.config.eval_samples)]
+        reward = float(np.mean(reward_fn(texts, responses))) if reward_fn is not None and responses else None
+        return {"reward": reward, "distinct_2": distinct_n(responses)}
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the trained (LoRA) weights: a checkpoint held in memory."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def _load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for n, value in state.items():
+            params[n].copy_(value)
 
     # ------------------------------------------------------------------ the loop
     def train(self, examples: Sequence[Example], *, value=None, reward_fn: Callable | None = None,
               prompt_texts: dict[str, str] | None = None, data: str | None = None,
               extra: dict | None = None) -> DistillResult:
-        """Train on `examples` (minus `eval_fraction` of the prompts, held out for metrics)."""
+        """Train on `examples` (minus `eval_fraction` of the prompts, held out for metrics), measuring
+        a checkpoint every `eval_every` steps and at the end; stop once the KL to the base reaches
+        `kl_budget`; keep the checkpoint `select` chooses (trainer/distill_checkpoints.py).
+
+        Raises `NoEligibleCheckpoint` (a ValueError) when no checkpoint is inside the bounds and
+        `on_none_eligible="refuse"`."""
         from tqdm.auto import tqdm
 
         c = self.config
@@ -288,6 +326,9 @@ class DistillTrainer:
         train_set, eval_set = split_examples(kept, c.eval_fraction, c.seed)
         if not train_set:
             raise ValueError("no training examples (are the rollouts labelled? see `iro reward`)")
+        if c.kl_budget is not None and not eval_set:
+            raise ValueError("kl_budget needs held-out rollouts to measure the KL on (eval_fraction > 0 and "
+                             "rollouts of at least two prompts)")
         self.token_advantages = value is not None
         if c.method == "apa":
             def advantages(xs):
@@ -308,16 +349,43 @@ class DistillTrainer:
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, max(1, int(total * c.warmup_ratio))))
         before = self.evaluate(eval_units, eval_adv, eval_set)
+
+        # held-out prompts to sample from (reward and distinct-2 of every checkpoint, and the base's once)
+        prompts: dict[str, tuple] = {}
+        if c.eval_samples:
+            for e in eval_set:
+                if e.group not in prompts and len(prompts) < c.eval_prompts:
+                    prompts[e.group] = (e.prompt_ids, (prompt_texts or {}).get(e.group, ""))
+        heldout_prompts = list(prompts.values())
+        base_samples = self.sample_metrics(heldout_prompts, reward_fn, adapter=False) if heldout_prompts else None
+        checkpoints: list[Checkpoint] = []
+        evals: list[dict] = []
+        samples: list[dict | None] = []
+
+        def measure(step: int, epoch: int) -> Checkpoint:
+            ev = self.evaluate(eval_units, eval_adv, eval_set)
+            sm = self.sample_metrics(heldout_prompts, reward_fn, adapter=True) if heldout_prompts else None
+            cp = Checkpoint(step, ev["kl_to_base"], sm and sm["reward"], sm and sm["distinct_2"], ev["loss"], epoch,
+                            state=self._adapter_state())
+            checkpoints.append(cp)
+            evals.append(ev)
+            samples.append(sm)
+            log.info("distill %s: checkpoint at step %d: KL %.4f, reward %s, distinct-2 %s", c.method, step,
+                     cp.kl_to_base, "-" if cp.reward is None else f"{cp.reward:+.4f}",
+                     "-" if cp.distinct_2 is None else f"{cp.distinct_2:.4f}")
+            return cp
+
         rng = random.Random(c.seed)
         history: list[float] = []
-        tokens, seconds, step = 0, 0.0, 0
+        tokens, seconds, step, epoch = 0, 0.0, 0, 0
+        stopped: str | None = None
         bar = tqdm(total=total, desc=f"distill ({c.method})", unit="step", disable=not c.progress, dynamic_ncols=True)
         self.model.train()
         for epoch in range(c.epochs):
             order = list(range(len(train_units)))
             rng.shuffle(order)
             for b in range(0, len(order), c.batch_size):
-                if step >= total:
+                if step >= total or stopped:
                     break
                 t0 = time.perf_counter()
                 idx = order[b: b + c.batch_size]
@@ -338,25 +406,62 @@ class DistillTrainer:
                 history.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}", tok_s=f"{tokens / seconds:.0f}")
+                if eval_set and c.eval_every is not None and step % c.eval_every == 0 and step < total:
+                    cp = measure(step, epoch + 1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}", kl=f"{cp.kl_to_base:.4f}")
+                    if c.kl_budget is not None and cp.kl_to_base >= c.kl_budget:
+                        stopped = f"KL {cp.kl_to_base:.4f} reached the budget {c.kl_budget:g} at step {step}"
+                        log.info("distill %s: %s: training stops", c.method, stopped)
+            if step >= total or stopped:
+                break
         bar.close()
-        self.model.eval()
-        after = self.evaluate(eval_units, eval_adv, eval_set)
+        if eval_set and not stopped:
+            measure(step, epoch + 1)  # the end of training
+
+        metrics: dict[str, Any] = {"eval_before": before}
         window = max(1, min(steps_per_epoch, len(history) // 4))  # first vs last epoch (or quarter of the run)
-        metrics: dict[str, Any] = {"eval": after, "eval_before": before,
-                                   "train_loss_first": float(np.mean(history[:window])) if history else None,
-                                   "train_loss_last": float(np.mean(history[-window:])) if history else None}
-        if reward_fn is not None and c.eval_prompts and eval_set:
-            prompts: dict[str, tuple] = {}
-            for e in eval_set:
-                if e.group not in prompts and len(prompts) < c.eval_prompts:
-                    prompts[e.group] = (e.prompt_ids, (prompt_texts or {}).get(e.group, ""))
-            metrics["samples"] = self.sample_rewards(list(prompts.values()), reward_fn)
+        metrics["train_loss_first"] = float(np.mean(history[:window])) if history else None
+        metrics["train_loss_last"] = float(np.mean(history[-window:])) if history else None
+        if checkpoints:
+            base_d2 = base_samples["distinct_2"] if base_samples else None
+            rule = c.select
+            if rule == "reward" and (reward_fn is None or base_samples is None):
+                rule = "kl"
+                log.warning("distill %s: select=reward without a %s: the kl rule chooses the checkpoint", c.method,
+                            "reward function" if reward_fn is None else "held-out sample (eval_prompts/eval_samples)")
+            choice = select_checkpoint(checkpoints, rule, kl_budget=c.kl_budget, max_distinct_drop=c.max_distinct_drop,
+                                       base_distinct_2=base_d2, on_none_eligible=c.on_none_eligible)
+            if not choice.eligible:
+                log.warning("distill %s: publishing step %d: %s", c.method, choice.step, choice.why)
+            chosen = checkpoints[choice.index]
+            self._load_adapter_state(chosen.state)
+            metrics["eval"] = evals[choice.index]
+            if base_samples is not None:
+                sm = samples[choice.index]
+                metrics["samples"] = {"distinct_2_policy": sm["distinct_2"], "distinct_2_base": base_d2,
+                                      "samples": len(heldout_prompts) * c.eval_samples}
+                if reward_fn is not None:
+                    metrics["samples"] |= {"reward_policy": sm["reward"], "reward_base": base_samples["reward"],
+                                           "reward_gain": sm["reward"] - base_samples["reward"]}
+            metrics["selection"] = {
+                "rule": choice.rule, "requested": c.select, "chosen_step": choice.step, "why": choice.why,
+                "eligible": choice.eligible, "kl_budget": c.kl_budget, "max_distinct_drop": c.max_distinct_drop,
+                "stopped": stopped, "base": base_samples,
+                "checkpoints": [cp.record(base_d2) for cp in checkpoints]}
+        else:  # nothing held out: the end of training, unmeasured
+            metrics["eval"] = {}
+            metrics["selection"] = {"rule": "last", "requested": c.select, "chosen_step": step, "eligible": None,
+                                    "why": "no held-out rollouts to measure checkpoints on (eval_fraction=0)",
+                                    "kl_budget": c.kl_budget, "max_distinct_drop": c.max_distinct_drop,
+                                    "stopped": None, "base": None, "checkpoints": []}
+        self.model.eval()
         training = {
             "kind": "policy", "method": c.method, "data": data, "config": c.to_dict(),
             "advantages": ("value" if value is not None else "group_baseline") if c.method == "apa" else None,
             "examples": {"train": len(train_set), "eval": len(eval_set), "units_train": len(train_units),
                          "units_eval": len(eval_units)},
-            "steps": step, "tokens": tokens, "train_seconds": round(seconds, 3),
+            "steps": step, "chosen_step": metrics["selection"]["chosen_step"], "tokens": tokens,
+            "train_seconds": round(seconds, 3),
             "wall_seconds": round(time.perf_counter() - start_all, 3), "finished_at": time.time(), **(extra or {}),
         }
         return DistillResult(self.model, self.identity, c, training, metrics, history)

@@ -2,6 +2,11 @@
 
     iro distill guided.jsonl --method apa --name review-apa --preset smoke --task review-sentiment
     iro distill guided.jsonl --method is-dpo --name review-isdpo --value review@3
+    iro distill guided.jsonl --method apa --name review-apa --task review-sentiment --set kl_budget=0.08 --set select=kl
+
+The `full` preset measures a checkpoint every `eval_every` steps, stops at `kl_budget` and publishes
+the best checkpoint inside the bounds (trainer/distill_checkpoints.py); the manifest's
+`metrics.selection` has the table.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def distill(
     from trainer.tasks import load_task
     from trainer.value_trainer import examples_from_records, read_rollouts
     from valuefn.checkpoint import CheckpointError
-    from valuefn.policies import PolicyRegistry, default_policies_dir
+    from registry.policies import PolicyRegistry, default_policies_dir
     from valuefn.registry import RegistryError, validate_name
 
     started = time.perf_counter()
@@ -97,6 +102,13 @@ def distill(
         version = trainer.publish(result, registry, name)
     except (CheckpointError, RegistryError, ValueError) as exc:
         _fail(str(exc))
+    selection = result.metrics["selection"]
+    typer.echo(f"checkpoint: step {selection['chosen_step']} of {result.training['steps']} ({selection['rule']}: "
+               f"{selection['why']})" + (f"; stopped early: {selection['stopped']}" if selection["stopped"] else ""),
+               err=True)
+    if selection["eligible"] is False:
+        typer.echo("warning: the published checkpoint is outside the bounds (kl_budget / max_distinct_drop); "
+                   "--set on_none_eligible=refuse publishes nothing in that case", err=True)
     typer.echo(f"published policy {name} v{version} ({config.method}) -> {registry.path(name, version)}")
     typer.echo(json.dumps({"wall_seconds": result.training["command_seconds"], **result.metrics}, indent=2))
 

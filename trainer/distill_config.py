@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.distill_losses import APA_LAMBDA, IS_BETA, IS_CLIP_EPS
 from trainer.options import load_preset, merge, nest, short_error
@@ -67,6 +67,25 @@ class DistillConfig(BaseModel):
     eval_max_tokens: int = Field(48, ge=1)
     eval_temperature: float = Field(1.0, gt=0)
 
+    # --- checkpoints: a KL budget, and selection on the held-out samples (trainer/distill_checkpoints.py)
+    eval_every: int | None = Field(None, ge=1)
+    """Measure a checkpoint every this many optimizer steps (and at the end) and keep its adapter in
+    memory: per-token KL to the base on the held-out rollouts, and the reward and distinct-2 of plain
+    samples on `eval_prompts` held-out prompts (null: only the end of training)."""
+    kl_budget: float | None = Field(None, gt=0)
+    """Per-token KL(policy || base) on the held-out rollouts at which training stops (PPO's target
+    KL); a checkpoint above it is not eligible (null: no budget). Needs `eval_every`."""
+    select: Literal["reward", "kl", "last"] = "reward"
+    """Which checkpoint is published: `reward`, the highest held-out reward among the eligible ones
+    (KL within the budget, distinct-2 within `max_distinct_drop` of the base's; without a reward
+    function the `kl` rule, recorded as such); `kl`, the eligible one with the largest KL; `last`."""
+    max_distinct_drop: float = Field(0.10, ge=0, le=1)
+    """Largest relative drop of distinct-2 below the base model's (same held-out prompts and seeds)
+    that leaves a checkpoint eligible."""
+    on_none_eligible: Literal["lowest_kl", "refuse"] = "lowest_kl"
+    """No checkpoint eligible: publish the lowest-KL one (a warning, and `eligible: false` in the
+    manifest) or refuse (nothing is published; the error lists every checkpoint)."""
+
     # --- runtime
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
@@ -76,6 +95,13 @@ class DistillConfig(BaseModel):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return [m.strip() for m in value.split(",") if m.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _budget_needs_checkpoints(self) -> "DistillConfig":
+        if self.kl_budget is not None and self.eval_every is None:
+            raise ValueError("kl_budget needs eval_every (how often to measure the KL and keep a checkpoint), "
+                             "e.g. eval_every=10")
+        return self
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
@@ -88,8 +114,21 @@ class DistillConfig(BaseModel):
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> "DistillConfig":
         """A preset by name (`smoke`, `full`; see trainer/presets/distill/) or a path to a YAML file,
-        then overrides."""
-        return cls.from_dict(merge(nest(load_preset(preset, PRESETS_DIR / "distill")), nest(overrides)))
+        then overrides. A section named after a method (`apa: {lam: 0.01}`) holds that method's own
+        defaults: it applies over the preset's shared options when that method is trained.
+
+        >>> apa, dpo = DistillConfig.from_preset("full", method="apa"), DistillConfig.from_preset("full", method="is-dpo")
+        >>> (apa.lam, apa.kl_budget), (dpo.lr, dpo.kl_budget)
+        ((0.01, 0.12), (0.0004, 0.16))
+        """
+        values = nest(load_preset(preset, PRESETS_DIR / "distill"))
+        extra = nest(overrides)
+        sections = {m: values.pop(m) for m in METHODS if m in values}
+        method = extra.get("method", values.get("method", cls.model_fields["method"].default))
+        own = sections.get(method) or {}
+        if not isinstance(own, dict):
+            raise ValueError(f"preset {preset!r}: the section {method!r} must be a mapping of that method's options")
+        return cls.from_dict(merge(merge(values, own), extra))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
