@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.sampling import Generation, Sampling, StructuredOutput
+from common.search_settings import CHUNK_PRESETS, ReasoningEffort, SearchMode
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,12 @@ class OpenAIRequestModel(BaseModel):
 
 
 # ----------------------------------------------------------------------------- guidance block
+MAX_CHUNK_DELIMITERS = 8
+"""Delimiters in `guidance.chunk_until`."""
+MAX_DEADLINE_MS = 3_600_000
+"""The longest `guidance.deadline_ms` (one hour)."""
+
+
 class GuidanceParams(OpenAIRequestModel):
     """Value-guided decoding settings (iro extension; the openai SDK sends it via `extra_body`)."""
 
@@ -96,17 +103,54 @@ class GuidanceParams(OpenAIRequestModel):
 
     value: str | None = Field(None, description='Value function: "name" or "name@3" (a version). '
                               "Defaults to the value named in `model` (`<base>+<value>`).")
-    mode: Literal["cbs", "bon"] | None = Field(None, description="cbs: chunk-level beam search; bon: Best-of-N.")
-    w: int | None = Field(None, ge=1, description="Beam width: beams kept after each chunk (cbs).")
-    k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs) or N (bon).")
-    l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs).")
-    beta: float | None = Field(None, gt=0, description="One temperature for every value in the chain.")
+    mode: SearchMode | None = Field(
+        None, description="cbs: chunk-level beam search; bon: Best-of-N; pf: particle filtering (k particles, "
+                          "resampled each step by softmax(value / beta)); dvts: diverse verifier tree search "
+                          "(s independent beam searches of width w, the best leaf wins).")
+    w: int | None = Field(None, ge=1, description="Beam width: beams kept after each chunk (cbs; per subtree in dvts).")
+    k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs, dvts), N (bon), particles (pf).")
+    l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs, pf, dvts): the most a chunk may add.")
+    s: int | None = Field(None, ge=1, description="dvts: independent subtrees (default: the value's w subtrees "
+                                                  "of one beam each, search-and-learn's DVTS).")
+    beta: float | None = Field(None, gt=0, description="One temperature for every value in the chain (pf: the "
+                                                       "resampling temperature).")
     betas: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(
         None, description="One beta per value in the chain (V_1..V_t).")
     align_chunks: bool = Field(
         True, description="cbs: lengthen the first chunk by fewer than gcd(l, KV block size) tokens (and shorten "
                           "the last) so that every later chunk starts 1 token past the engine's prefix-cache grid "
                           "(faster: chunk requests re-prefill less). false: every chunk is exactly l tokens.")
+    chunk_until: (Annotated[str, Field(description="A preset: " + ", ".join(
+                      f"{name} ({list(d)!r})" for name, d in CHUNK_PRESETS.items()))]
+                  | Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]],
+                              Field(min_length=1, max_length=MAX_CHUNK_DELIMITERS)]
+                  | None) = Field(
+        None, description='Step-aware chunks: a chunk ends at the first of these strings (e.g. ["\\n\\n"], kept '
+                          "in the text) or after l tokens, whichever comes first, so the value scores whole steps; "
+                          "or the name of a preset. Unlike `stop`, a delimiter ends the chunk, not the answer.")
+    budget_tokens: int | None = Field(
+        None, ge=1, description="Tokens the search may generate, summed over every candidate (exact: it never "
+                                "generates more). Without w/k the search plans its widths from it.")
+    deadline_ms: int | None = Field(
+        None, ge=1, le=MAX_DEADLINE_MS,
+        description="Anytime search: once this many milliseconds have passed, no new step starts and the best "
+                    "candidate so far is returned, finished or not (guidance.stopped_by says 'deadline').")
+
+    @field_validator("chunk_until")
+    @classmethod
+    def _known_preset(cls, value):
+        if isinstance(value, str) and value not in CHUNK_PRESETS:
+            raise ValueError(f"unknown chunk_until preset {value!r} (known: {', '.join(CHUNK_PRESETS)}); give "
+                             "delimiters as a list of strings")
+        return value
+
+    def chunk_delimiters(self) -> tuple[str, ...]:
+        """`chunk_until` as the strings that end a chunk (a preset resolved)."""
+        if self.chunk_until is None:
+            return ()
+        if isinstance(self.chunk_until, str):
+            return CHUNK_PRESETS[self.chunk_until]
+        return tuple(dict.fromkeys(self.chunk_until))
 
 
 class StreamOptions(OpenAIRequestModel):
@@ -155,6 +199,10 @@ class _SamplingFields(OpenAIRequestModel):
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="On a value-guided model (`<base>+<value>` or with `guidance`): the search's token "
+                          "budget, from the server's table (a multiple of max_tokens). On a plain model only "
+                          "'none' is accepted (plain sampling does no search).")
     response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
@@ -207,8 +255,11 @@ class _SamplingFields(OpenAIRequestModel):
 
     def to_generation(self) -> Generation:
         """Everything serving needs to generate: sampling, n, max_tokens and guidance."""
+        guidance = self.guidance
+        if guidance is None and self.reasoning_effort not in (None, "none"):
+            guidance = GuidanceParams()  # an effort asks for a search: guided serving refuses it without a value
         return Generation(sampling=self.to_sampling(), n=self.n, max_tokens=self.requested_max_tokens(),
-                          guidance=self.guidance)
+                          guidance=guidance, reasoning_effort=self.reasoning_effort)
 
 
 class ChatMessage(OpenAIRequestModel):
@@ -326,13 +377,27 @@ class GuidanceInfo(OpenAIBaseModel):
     value: str
     versions: list[int]
     betas: list[float]
-    mode: Literal["cbs", "bon"]
+    mode: SearchMode
     w: int
     k: int
     l: int
+    s: int | None = Field(None, description="dvts: independent subtrees.")
+    chunk_until: list[str] | None = Field(None, description="Strings that ended a chunk early (step-aware chunks).")
     chunks: int = Field(description="Chunk sampling calls made to the engine.")
     candidates_generated: int
     candidates_scored: int
+    steps: int = Field(0, description="Search steps (the most over the request's prompts).")
+    tokens: int = Field(0, description="Tokens generated by the search, every candidate counted (the budget's unit).")
+    budget_tokens: int | None = Field(None, description="The token budget the search ran under (per prompt).")
+    budget_from: Literal["budget_tokens", "reasoning_effort"] | None = Field(
+        None, description="Where the budget came from: guidance.budget_tokens or the server's reasoning_effort table.")
+    reasoning_effort: ReasoningEffort | None = None
+    planned: list[str] = Field(default_factory=list, description="Search widths planned from the budget "
+                                                                 "(not given by the request or the value).")
+    deadline_ms: int | None = None
+    elapsed_ms: float | None = Field(None, description="Search time (the longest over the request's prompts).")
+    stopped_by: Literal["budget", "deadline", "max_steps"] | None = Field(
+        None, description="What ended a search before every candidate finished (None: they all finished).")
     score: float | None = Field(None, description="Chain score of the returned answer.")
     scores: list[float] = Field(default_factory=list, description="Chain score of each returned choice.")
 
@@ -458,7 +523,9 @@ class ModelList(OpenAIBaseModel):
 class HealthStatus(OpenAIBaseModel):
     """`GET /health` when the engine is up (503 with an `ErrorResponse` otherwise)."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = "ok"
+    reason: str | None = Field(None, description="Why the server is degraded: it serves what it has loaded but cannot "
+                                                 "read a registry (new versions wait until it can).")
 
 
 class VersionInfo(OpenAIBaseModel):

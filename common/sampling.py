@@ -65,3 +65,5 @@ class Generation:
     """The LoRA adapter of the policy the request's model names (vLLM's `LoRARequest`, set by serving
     where the model id is resolved), or None for the base model. Every engine request of this
     generation, plain or a search chunk, carries it."""
+    reasoning_effort: str | None = None
+    """The request's `reasoning_effort` (OpenAI's none..xhigh): a guided search's token budget."""

@@ -5,7 +5,7 @@ evaluation and the search itself.
 rollout job or a CLI flag may set (every field optional). A value's manifest carries its
 `SearchSettings` as defaults; a request's overrides are laid over them with `resolve`:
 
->>> SearchSettings(w=2).resolve(SearchOverrides(k=3)).model_dump()
+>>> SearchSettings(w=2).resolve(SearchOverrides(k=3)).model_dump(exclude_none=True)
 {'mode': 'cbs', 'w': 2, 'k': 3, 'l': 8}
 >>> SearchSettings().resolve(None) == SearchSettings()
 True
@@ -17,10 +17,27 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SearchMode = Literal["cbs", "bon"]
-"""cbs: chunk-level beam search (w beams, k successors each, chunks of l tokens); bon: Best-of-N (N = k)."""
+SearchMode = Literal["cbs", "bon", "pf", "dvts"]
+"""cbs: chunk-level beam search (w beams, k successors each, chunks of l tokens); bon: Best-of-N (N = k);
+pf: particle filtering (k particles, one chunk each per step, resampled by softmax(chain score));
+dvts: diverse verifier tree search (s independent subtrees, each a beam search of width w)."""
 
 SEARCH_MODES: tuple[str, ...] = SearchMode.__args__  # type: ignore[attr-defined]
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+"""OpenAI's `reasoning_effort` values."""
+
+REASONING_EFFORTS: tuple[str, ...] = ReasoningEffort.__args__  # type: ignore[attr-defined]
+
+REASONING_EFFORT_BUDGETS: dict[str, float] = {"none": 1.0, "minimal": 2.0, "low": 4.0, "medium": 16.0,
+                                              "high": 32.0, "xhigh": 64.0}
+"""Default token budget of each `reasoning_effort`, as a multiple of the request's max_tokens (1: what
+one plain answer may cost). `medium` (OpenAI's default) is what IRO's reference search (cbs, w=4,
+k=4: 16 candidates per step) costs at most."""
+
+CHUNK_PRESETS: dict[str, tuple[str, ...]] = {"steps": ("\n\n",), "lines": ("\n",),
+                                             "sentences": (". ", "! ", "? ", "\n")}
+"""Named delimiter sets for `chunk_until` ("steps": search-and-learn's reasoning steps)."""
 
 
 class SearchOverrides(BaseModel):
@@ -32,6 +49,7 @@ class SearchOverrides(BaseModel):
     w: int | None = Field(None, ge=1, description="Beam width: beams kept after each chunk (cbs).")
     k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs) or N (bon).")
     l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs).")
+    s: int | None = Field(None, ge=1, description="Independent subtrees (dvts).")
 
     def given(self) -> dict:
         """The fields that were set (for a request body or a log line)."""
@@ -47,6 +65,8 @@ class SearchSettings(BaseModel):
     w: int = Field(4, ge=1)
     k: int = Field(4, ge=1)
     l: int = Field(8, ge=1)
+    s: int | None = Field(None, ge=1)
+    """dvts: independent subtrees of w beams each (None: w subtrees of one beam, search-and-learn's DVTS)."""
 
     def resolve(self, overrides: SearchOverrides | None) -> SearchSettings:
         """These settings with every field the overrides set replaced."""
@@ -56,13 +76,22 @@ class SearchSettings(BaseModel):
 
     @property
     def candidates_per_step(self) -> int:
-        """Engine samples one search step asks for (w*k for cbs, k for bon)."""
-        return self.w * self.k if self.mode == "cbs" else self.k
+        """Engine samples one search step asks for at most (w*k for cbs, s*w*k for dvts, k for bon and pf)."""
+        if self.mode == "cbs":
+            return self.w * self.k
+        if self.mode == "dvts":
+            return (self.s or 1) * self.w * self.k
+        return self.k
 
     @property
     def beams(self) -> int:
         """Answers the search can return at most (the largest `n`)."""
-        return self.w if self.mode == "cbs" else self.k
+        if self.mode == "cbs":
+            return self.w
+        if self.mode == "dvts":
+            return (self.s or 1) * self.w
+        return self.k
 
 
-__all__ = ["SEARCH_MODES", "SearchMode", "SearchOverrides", "SearchSettings"]
+__all__ = ["CHUNK_PRESETS", "REASONING_EFFORTS", "REASONING_EFFORT_BUDGETS", "SEARCH_MODES", "ReasoningEffort",
+           "SearchMode", "SearchOverrides", "SearchSettings"]

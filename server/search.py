@@ -1,10 +1,26 @@
-"""Value-guided decoding: chunk-level beam search (CBS) and Best-of-N over a frozen engine.
+"""Value-guided decoding over a frozen engine: chunk-level beam search (CBS), Best-of-N, particle
+filtering (PF) and diverse verifier tree search (DVTS), all on one step machinery.
 
-CBS keeps `w` beams. Each step every unfinished beam asks the engine for `k` continuations of up
-to `l` tokens (all beams' requests in flight together, as token-id prompts so vLLM's prefix
-cache hits); the candidates are scored by the value chain and the best `w` of (new candidates +
-beams that already finished) survive. Finished beams keep their raw values, so they are ranked
-again against every later candidate set. The answer is the best finished beam.
+A step extends every unfinished candidate by one chunk (up to `l` tokens, or up to the first
+`chunk_until` delimiter: step-aware chunks), in one engine request per distinct parent with n = its
+successors (all of a search's requests in flight together, as token-id prompts so vLLM's prefix
+cache hits), values the new candidates with the chain, and lets the mode choose the survivors:
+
+- cbs: `w` beams, `k` successors each; the best `w` of (new candidates + beams that already
+  finished) survive. Finished beams keep their raw values and are ranked again every step.
+- dvts: `s` independent CBS pools ("subtrees") of width `w`, stepped together; the best leaf of all
+  subtrees wins (search-and-learn's DVTS with `w=1`).
+- pf: `k` particles, one successor each per step; the population (finished particles included) is
+  resampled with probabilities softmax(chain score) (= softmax(V / beta) for one value: beta is the
+  temperature), with a numpy RNG seeded from the request's seed (Puri et al., arXiv 2502.01618).
+- bon: `k` whole answers in one request; the best one wins.
+
+Every mode returns answers that descend from the last step's survivors, so their common prefix,
+streamed as it grows, is final. A search stops early, returning the best candidates so far
+(finished or not, `SearchResult.stopped_by`), when its token budget (`budget_tokens`, counted
+exactly: every generated token of every candidate) cannot pay for another step, when its
+deadline has passed (checked before each step after the first, on an injectable clock), or at
+`max_steps`.
 
 When every member of the chain is an engine head (`ValueChain.engine_heads`) and the engine can
 evaluate that many heads (`EngineClient.max_value_heads`), the chunk requests carry the heads and
@@ -21,6 +37,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -29,20 +46,25 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from common.sampling import Sampling
+from common.search_settings import SearchMode
 from server.engine import EngineClient, EngineRequest
+from valuefn.scorer import ScoreItem, chain_scores
 
 log = logging.getLogger(__name__)
-from valuefn.scorer import ScoreItem, chain_scores
+
+StoppedBy = Literal["budget", "deadline", "max_steps"]
 
 
 @dataclass(frozen=True)
 class SearchParams:
-    mode: Literal["cbs", "bon"]
+    mode: SearchMode
     w: int
     k: int
     l: int
     max_tokens: int
     n: int = 1
+    s: int = 1
+    """dvts: independent subtrees of `w` beams each."""
     sampling: Sampling = Sampling(temperature=0.7)
     """The request's sampling settings, passed to every chunk unchanged but for a per-chunk seed
     (derived from `sampling.seed`) and what is left of `min_tokens`."""
@@ -55,13 +77,29 @@ class SearchParams:
     reuses whole blocks only and always recomputes a prompt's last token, so a chunk request
     re-prefills ((prefix length - 1) mod block) + 1 tokens, once per continuation: 1 token at
     1 past a block boundary, a whole block at a boundary itself."""
+    chunk_until: tuple[str, ...] = ()
+    """Step delimiters: a chunk ends at the first of them (kept in the text) or after `l` tokens."""
+    budget_tokens: int | None = None
+    """Tokens the search may generate in all (every candidate's); None: no budget."""
+    deadline_s: float | None = None
+    """Seconds after the search's start past which no new step starts; None: no deadline."""
+    max_steps: int | None = None
+    """Steps at most; None: ceil(max_tokens / l) + 1 (max_tokens + 1 with `chunk_until`: a chunk may
+    end after one token)."""
 
     def first_chunk_length(self, prompt_len: int) -> int:
+        if self.chunk_until:  # chunks end at delimiters, off any grid
+            return min(self.max_tokens, self.l)
         unit = math.gcd(self.l, max(1, self.align))
         return min(self.max_tokens, self.l + (1 - (prompt_len + self.l)) % unit)
 
+    def step_limit(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.max_tokens + 1 if self.chunk_until else math.ceil(self.max_tokens / self.l) + 1
 
-@dataclass
+
+@dataclass(eq=False)
 class Beam:
     token_ids: list[int]
     text: str = ""
@@ -70,6 +108,8 @@ class Beam:
     raw: np.ndarray | None = None  # raw values (one per chain member) of this sequence
     token_values: np.ndarray | None = None  # (tokens, chain members) engine head outputs, when used
     score: float = float("-inf")  # chain score in the last candidate set it was ranked in
+    group: int = 0  # dvts: the subtree it grew in
+    chunk_ends: tuple[int, ...] = ()  # token counts at which its chunks ended
 
 
 @dataclass
@@ -79,7 +119,10 @@ class SearchResult:
     candidates_generated: int = 0
     candidates_scored: int = 0
     completion_tokens: int = 0
+    """Tokens generated by the search, every candidate counted (what `budget_tokens` bounds)."""
     steps: int = 0
+    stopped_by: StoppedBy | None = None
+    elapsed_s: float = 0.0
 
 
 OnStep = Callable[[list[Beam]], Awaitable[None] | None]
@@ -99,6 +142,36 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    z = np.asarray(scores, dtype=np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def resample(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` indices drawn with replacement, each i with probability softmax(scores)_i (multinomial
+    resampling, as Puri et al.'s particle filter).
+
+    >>> resample(np.array([0.0, -np.inf]), 3, np.random.default_rng(0)).tolist()
+    [0, 0, 0]
+    """
+    return rng.choice(len(scores), size=n, replace=True, p=softmax(scores))
+
+
+def fit_budget(costs: Sequence[tuple[int, int]], left: int | None) -> list[int] | None:
+    """Chunk lengths for one step's requests, given as (samples, wanted length), so that the step
+    costs at most `left` tokens: the wanted lengths when they fit, else all cut to an equal share;
+    None when not even one token per sample is left.
+
+    >>> fit_budget([(4, 8), (2, 8)], 100), fit_budget([(4, 8), (2, 8)], 30), fit_budget([(4, 8)], 3)
+    ([8, 8], [5, 5], None)
+    """
+    if left is None or sum(n * m for n, m in costs) <= left:
+        return [m for _, m in costs]
+    share = left // max(1, sum(n for n, _ in costs))
+    return [min(m, share) for _, m in costs] if share >= 1 else None
+
+
 class EngineHeads(NamedTuple):
     """What a chunk request hands the engine to value its samples (`EngineRequest.value_heads` /
     `value_layers`)."""
@@ -107,20 +180,30 @@ class EngineHeads(NamedTuple):
     layers: tuple[int, ...] | None
 
 
+Fanout = list[tuple[int, Beam, int]]
+"""One step's expansions: (pool, parent, successors). Entries with the same parent share one request."""
+
+
 class Searcher:
-    """Runs CBS / BoN for one request against a shared engine and scorer."""
+    """Runs one request's search against a shared engine and scorer."""
 
     def __init__(self, engine: EngineClient, scorer, *, decode: Callable[[list[int]], str] | None = None,
                  on_chunks: Callable[[int], None] | None = None,
-                 on_engine_fallback: Callable[[], None] | None = None):
+                 on_engine_fallback: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.scorer = scorer
         self.decode = decode or (lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
         self.on_chunks = on_chunks or (lambda n: None)  # told of chunk requests as they are sent (metrics)
         self.on_engine_fallback = on_engine_fallback or (lambda: None)  # a step's engine values were not finite
+        self.clock = clock  # deadlines are measured on it (injectable for tests)
         self._warned_nonfinite = False
 
-    async def run(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None = None) -> SearchResult:
+    async def run(self, chain, prompt_ids: list[int], params: SearchParams, on_step: OnStep | None = None,
+                  started: float | None = None) -> SearchResult:
+        """Search for `params.n` answers to `prompt_ids`; `started` (on `clock`) is when the
+        request's deadline began (default: now)."""
+        started = self.clock() if started is None else started
         heads = getattr(chain, "engine_heads", None)
         if heads is not None:
             heads = EngineHeads(heads, getattr(chain, "engine_layers", None))
@@ -128,9 +211,13 @@ class Searcher:
                     or not set(heads.layers or ()) <= set(getattr(self.engine, "value_layers", ()))):
                 heads = None  # the scorer values the candidates instead
         if params.mode == "bon":
-            return await self._bon(chain, prompt_ids, params, heads)
-        return await self._cbs(chain, prompt_ids, params, heads, on_step)
+            result = await self._bon(chain, prompt_ids, params, heads)
+        else:
+            result = await self._steps(chain, prompt_ids, params, heads, on_step, started)
+        result.elapsed_s = self.clock() - started
+        return result
 
+    # ------------------------------------------------------------------ one step's pieces
     def _request(self, prompt_ids: list[int], beam: Beam, n: int, max_tokens: int, params: SearchParams, heads,
                  *seed_parts) -> EngineRequest:
         s = params.sampling
@@ -141,20 +228,51 @@ class Searcher:
                              value_heads=heads.weights if heads else None,
                              value_layers=heads.layers if heads else None, adapter=params.adapter,
                              grammar_prefix=len(beam.token_ids) if s.structured is not None else 0,
+                             chunk_until=params.chunk_until,
                              affinity=zlib.crc32(np.asarray(prompt_ids, dtype=np.int64).tobytes()))
 
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:
         ids = parent.token_ids + list(sample.token_ids)
         text, stopped = cut_at_stop(self.decode(ids), params.sampling.stop)
-        beam = Beam(ids, text)
+        beam = Beam(ids, text, chunk_ends=parent.chunk_ends + (len(ids),))
         if sample.token_values and (parent.token_values is not None or not parent.token_ids):
             new = np.asarray(sample.token_values, dtype=np.float64)  # (tokens, heads)
             beam.token_values = new if parent.token_values is None else np.concatenate([parent.token_values, new])
-        if stopped or sample.finish_reason == "stop":
+        delimiter = isinstance(sample.stop_reason, str) and sample.stop_reason in params.chunk_until
+        if stopped or (sample.finish_reason == "stop" and not delimiter):  # a delimiter ends the chunk only
             beam.finished, beam.finish_reason = True, "stop"
         elif len(ids) >= params.max_tokens:
             beam.finished, beam.finish_reason = True, "length"
         return beam
+
+    async def _sample(self, prompt_ids: list[int], fanout: Fanout, lengths: list[int], params: SearchParams, heads,
+                      step: int, result: SearchResult) -> list[list[Beam]]:
+        """Each fanout entry's children: one engine request per distinct (parent, length), all in flight
+        together."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, ((_, parent, _), length) in enumerate(zip(fanout, lengths)):
+            groups.setdefault((id(parent), length), []).append(i)
+        keys = list(groups)
+        # the seeds CBS and BoN always used, so a seed reproduces earlier answers
+        parts = (lambda r: ("bon",)) if params.mode == "bon" else (
+            (lambda r: (step, r)) if params.mode == "cbs" else (lambda r: (params.mode, step, r)))
+        requests = [self._request(prompt_ids, fanout[groups[key][0]][1], sum(fanout[i][2] for i in groups[key]),
+                                  key[1], params, heads, *parts(r)) for r, key in enumerate(keys)]
+        self.on_chunks(len(requests))
+        samples = await asyncio.gather(*[self.engine.sample(r) for r in requests])
+        result.chunks += len(requests)
+        children: list[list[Beam]] = [[] for _ in fanout]
+        for key, outs in zip(keys, samples):
+            outs = iter(outs)
+            for i in groups[key]:
+                g, parent, n = fanout[i]
+                for s in [next(outs) for _ in range(n)]:
+                    result.candidates_generated += 1
+                    result.completion_tokens += len(s.token_ids)
+                    child = self._extend(parent, s, params)
+                    child.group = g  # dvts: the subtree this expansion belongs to
+                    children[i].append(child)
+        return children
 
     async def _score(self, chain, prompt_ids: list[int], beams: list[Beam], parents: list[int], result: SearchResult):
         raw = None
@@ -175,41 +293,67 @@ class Searcher:
         for b, r in zip(beams, raw):
             b.raw = np.asarray(r, dtype=np.float64)
 
-    async def _cbs(self, chain, prompt_ids: list[int], params: SearchParams, heads, on_step: OnStep | None) -> SearchResult:
+    # ------------------------------------------------------------------ cbs, dvts, pf
+    async def _steps(self, chain, prompt_ids: list[int], params: SearchParams, heads, on_step: OnStep | None,
+                     started: float) -> SearchResult:
         result = SearchResult(beams=[])
-        pool: list[Beam] = [Beam([])]  # the w survivors (finished ones included)
-        max_steps = math.ceil(params.max_tokens / params.l) + 1
-        for step in range(max_steps):
-            active = [b for b in pool if not b.finished]
-            if not active:
+        root = Beam([])
+        if params.mode == "pf":
+            pools = [[root] * params.k]  # k particles; a resampled particle appears once per copy
+            rng = np.random.default_rng(chunk_seed(params.sampling.seed, "pf-resample"))
+        else:
+            pools = [[root] for _ in range(params.s if params.mode == "dvts" else 1)]
+        for step in range(params.step_limit() + 1):
+            fanout = self._fanout(pools, params, step, root)
+            if not fanout:
                 break
-            # The first step expands the prompt alone: w*k samples, like w copies of it.
-            fanout = [(b, params.k * (params.w if step == 0 else 1)) for b in active]
-            length = params.first_chunk_length(len(prompt_ids)) if step == 0 else params.l
-            requests = [self._request(prompt_ids, b, n, min(length, params.max_tokens - len(b.token_ids)),
-                                      params, heads, step, i) for i, (b, n) in enumerate(fanout)]
-            self.on_chunks(len(requests))
-            samples = await asyncio.gather(*[self.engine.sample(r) for r in requests])
-            result.chunks += len(requests)
-            candidates, parents = [], []
-            for (parent, _), outs in zip(fanout, samples):
-                for s in outs:
-                    result.candidates_generated += 1
-                    result.completion_tokens += len(s.token_ids)
-                    candidates.append(self._extend(parent, s, params))
-                    parents.append(len(parent.token_ids))
-            await self._score(chain, prompt_ids, candidates, parents, result)
-            pool = self._select(candidates + [b for b in pool if b.finished], chain, params.w)
+            if step >= params.step_limit():
+                result.stopped_by = "max_steps"
+                break
+            if params.deadline_s is not None and step > 0 and self.clock() - started >= params.deadline_s:
+                result.stopped_by = "deadline"  # anytime: the best so far (the first step always runs)
+                break
+            wanted = [min(params.first_chunk_length(len(prompt_ids)) if step == 0 else params.l,
+                          params.max_tokens - len(parent.token_ids)) for _, parent, _ in fanout]
+            left = None if params.budget_tokens is None else params.budget_tokens - result.completion_tokens
+            lengths = fit_budget([(n, m) for (_, _, n), m in zip(fanout, wanted)], left)
+            if lengths is None:
+                result.stopped_by = "budget"
+                break
+            children = await self._sample(prompt_ids, fanout, lengths, params, heads, step, result)
+            flat = [c for cs in children for c in cs]
+            await self._score(chain, prompt_ids, flat, [len(p.token_ids) for (_, p, _), cs in zip(fanout, children)
+                                                         for _ in cs], result)
+            if params.mode == "pf":
+                pools = [self._resample([c for cs in children for c in cs] + [b for b in pools[0] if b.finished],
+                                        chain, params.k, rng)]
+            else:
+                new: list[list[Beam]] = [[] for _ in pools]
+                for (g, _, _), cs in zip(fanout, children):
+                    new[g].extend(cs)
+                pools = [self._select(new[g] + [b for b in pool if b.finished], chain, params.w) if new[g] else pool
+                         for g, pool in enumerate(pools)]
             result.steps = step + 1
             if on_step is not None:
-                maybe = on_step(pool)
+                maybe = on_step([b for pool in pools for b in pool])
                 if asyncio.iscoroutine(maybe):
                     await maybe
-        for b in pool:  # the step budget ran out (only possible with degenerate engines)
+        survivors = list({id(b): b for pool in pools for b in pool}.values())
+        for b in survivors:  # stopped early: the best so far, unfinished
             if not b.finished:
                 b.finished, b.finish_reason = True, "length"
-        result.beams = self._distinct(pool, params.n)
+        if params.mode != "cbs" and survivors and all(b.raw is not None for b in survivors):
+            self._select(survivors, chain, len(survivors))  # rank pf's population / dvts's subtrees together
+        result.beams = self._distinct(survivors, params.n)
         return result
+
+    @staticmethod
+    def _fanout(pools: list[list[Beam]], params: SearchParams, step: int, root: Beam) -> Fanout:
+        if params.mode == "pf":
+            return [(0, b, 1) for b in pools[0] if not b.finished]
+        if step == 0:  # the first step expands the prompt alone: w*k samples per pool, like w copies of it
+            return [(g, root, params.w * params.k) for g in range(len(pools))]
+        return [(g, b, params.k) for g, pool in enumerate(pools) for b in pool if not b.finished]
 
     @staticmethod
     def _select(beams: list[Beam], chain, w: int) -> list[Beam]:
@@ -218,6 +362,13 @@ class Searcher:
             b.score = float(s)
         ranked = sorted(beams, key=lambda b: b.score, reverse=True)
         return ranked[:w]
+
+    @staticmethod
+    def _resample(particles: list[Beam], chain, k: int, rng: np.random.Generator) -> list[Beam]:
+        scores = chain_scores(np.stack([b.raw for b in particles]), chain.betas)
+        for b, s in zip(particles, scores):
+            b.score = float(s)
+        return [particles[i] for i in resample(scores, k, rng)]
 
     @staticmethod
     def _distinct(beams: list[Beam], n: int) -> list[Beam]:
@@ -231,19 +382,21 @@ class Searcher:
             out.append(out[len(out) % max(1, len(seen))])
         return out[:n]
 
+    # ------------------------------------------------------------------ bon
     async def _bon(self, chain, prompt_ids: list[int], params: SearchParams, heads) -> SearchResult:
         result = SearchResult(beams=[])
-        self.on_chunks(1)
-        samples = await self.engine.sample(self._request(prompt_ids, Beam([]), params.k, params.max_tokens, params, heads,
-                                                          "bon"))
-        result.chunks = 1
         root = Beam([])
-        candidates = [self._extend(root, s, params) for s in samples]
+        lengths = fit_budget([(params.k, params.max_tokens)], params.budget_tokens)
+        if lengths is None:  # guided serving refuses such budgets before the search
+            result.stopped_by = "budget"
+            return result
+        if lengths[0] < params.max_tokens:
+            result.stopped_by = "budget"
+        children = await self._sample(prompt_ids, [(0, root, params.k)], lengths, params, heads, 0, result)
+        candidates = children[0]
         for c in candidates:
             if not c.finished:
                 c.finished, c.finish_reason = True, "length"
-        result.candidates_generated = len(candidates)
-        result.completion_tokens = sum(len(s.token_ids) for s in samples)
         await self._score(chain, prompt_ids, candidates, [0] * len(candidates), result)
         self._select(candidates, chain, len(candidates))
         result.beams = self._distinct(candidates, params.n)
