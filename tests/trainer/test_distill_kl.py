@@ -1,0 +1,95 @@
+"""The KL budget and checkpoint selection inside `DistillTrainer.train` (tiny random Llama): training
+stops where the KL reaches the budget, the best eligible checkpoint is the one restored and
+published, the manifest says which and why, and a run with none eligible falls back or refuses."""
+
+import pytest
+import torch
+
+from tests.trainer.test_distill import config, low_half_reward, rollouts
+from trainer.distill import DistillTrainer
+from trainer.distill_checkpoints import NoEligibleCheckpoint
+from registry.policies import ADAPTER_WEIGHTS, PolicyRegistry
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    from tests.conftest import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny32"), vocab=32)
+
+
+@pytest.fixture(scope="module")
+def data(tiny32):
+    return rollouts(tiny32, n_prompts=16, samples=4)
+
+
+def test_training_stops_at_the_kl_budget_and_publishes_the_best_eligible_checkpoint(tiny32, data, tmp_path,
+                                                                                   monkeypatch):
+    """Scripted measurements (the KL and the samples of each checkpoint), real training steps and weights."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    kls = iter([0.0, 0.01, 0.03, 0.05, 0.09])  # before training, then the checkpoints at steps 2, 4, 6, (8)
+    samples = iter([(0.2, 0.70), (0.5, 0.69), (0.6, 0.60)])  # (reward, distinct-2): step 6 loses 14% diversity
+    monkeypatch.setattr(DistillTrainer, "evaluate", lambda self, *a: {"loss": 1.0, "kl_to_base": next(kls)})
+
+    def sample_metrics(self, prompts, reward_fn, *, adapter):
+        assert len(prompts) == 2  # eval_prompts
+        if not adapter:
+            return {"reward": 0.1, "distinct_2": 0.70}
+        reward, d2 = next(samples)
+        return {"reward": reward, "distinct_2": d2}
+
+    monkeypatch.setattr(DistillTrainer, "sample_metrics", sample_metrics)
+    snapshots = []
+    real_state = DistillTrainer._adapter_state
+    monkeypatch.setattr(DistillTrainer, "_adapter_state", lambda self: snapshots.append(real_state(self)) or snapshots[-1])
+
+    examples, texts = data
+    trainer = DistillTrainer(config("is-dpo", eval_every=2, kl_budget=0.05, max_steps=20, eval_prompts=2), tiny32)
+    result = trainer.train(examples, reward_fn=low_half_reward, prompt_texts=texts)
+
+    sel = result.metrics["selection"]
+    assert result.training["steps"] == 6 and result.training["chosen_step"] == 4  # stopped, and not at the last one
+    assert sel["stopped"] == "KL 0.0500 reached the budget 0.05 at step 6"
+    assert (sel["rule"], sel["requested"], sel["chosen_step"], sel["eligible"]) == ("reward", "reward", 4, True)
+    assert sel["why"] == "highest held-out reward (+0.5000) of the 2 eligible checkpoints"
+    assert [(r["step"], r["kl_to_base"], r["reward"], r["eligible"]) for r in sel["checkpoints"]] == [
+        (2, 0.01, 0.2, True), (4, 0.03, 0.5, True), (6, 0.05, 0.6, False)]
+    assert sel["base"] == {"reward": 0.1, "distinct_2": 0.70}
+    assert result.metrics["eval"]["kl_to_base"] == 0.03
+    assert result.metrics["samples"]["reward_gain"] == pytest.approx(0.4)
+    assert result.metrics["samples"]["distinct_2_policy"] == 0.69
+
+    # the model holds step 4's adapter (not step 6's, where training stopped), and that is what is published
+    assert len(snapshots) == 3
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(params[n], v) for n, v in snapshots[1].items())
+    assert not all(torch.equal(params[n], v) for n, v in snapshots[2].items())
+    registry = PolicyRegistry(tmp_path)
+    version = trainer.publish(result, registry, "kl-pol")
+    manifest = registry.verify("kl-pol", version)
+    assert manifest.metrics["selection"]["chosen_step"] == 4 and manifest.training["steps"] == 6
+    written = load_file(str(registry.path("kl-pol", version) / ADAPTER_WEIGHTS))
+    expected = get_peft_model_state_dict(trainer.model)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k].float()) for k in written)
+
+
+def test_a_budget_no_checkpoint_meets_falls_back_to_the_lowest_kl_or_refuses(tiny32, data):
+    """Real KL: a budget below the first step's KL stops training at step 1; without a reward the
+    `reward` rule falls back to `kl`, recorded; `on_none_eligible=refuse` publishes nothing."""
+    examples, texts = data
+    kw = dict(eval_every=1, kl_budget=1e-9, max_steps=10, eval_prompts=2, eval_samples=2, eval_max_tokens=4)
+    result = DistillTrainer(config("apa", **kw), tiny32).train(examples, prompt_texts=texts)
+    sel = result.metrics["selection"]
+    assert result.training["steps"] == 1 and sel["stopped"].startswith("KL ")
+    assert (sel["requested"], sel["rule"], sel["chosen_step"], sel["eligible"]) == ("reward", "kl", 1, False)
+    assert sel["why"].startswith("no checkpoint inside the bounds (step 1: KL")
+    row, = sel["checkpoints"]
+    assert row["kl_to_base"] > 1e-9 and row["reward"] is None and 0 < row["distinct_2"] <= 1
+    assert "reward_policy" not in result.metrics["samples"] and result.metrics["samples"]["distinct_2_base"] > 0
+
+    with pytest.raises(NoEligibleCheckpoint, match="no checkpoint is inside the bounds"):
+        DistillTrainer(config("apa", on_none_eligible="refuse", **kw), tiny32).train(examples, prompt_texts=texts)
+    with pytest.raises(ValueError, match="kl_budget needs held-out rollouts"):
+        DistillTrainer(config("apa", **(kw | {"eval_fraction": 0.0})), tiny32).train(examples)
