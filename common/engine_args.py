@@ -2,9 +2,14 @@
 
 `EngineSettings` holds the engine's knobs (each settable as `IRO_<FIELD>`); the server's settings
 extend it, and the trainer's Ray rollouts read it on their own. `engine_kwargs` turns them into
-vLLM engine arguments (and, on CPU, the environment vLLM's CPU worker reads before it starts),
-refusing before anything starts what cannot run (`check_parallel`), and plans the GPU memory the
-engine leaves to the value scorer (`value_memory_bytes`).
+vLLM engine arguments, with no side effect, refusing before anything starts what cannot run
+(`check_parallel`); `prepare_engine_process` is the one place that changes the process before an
+engine starts (vLLM's plugins, the core binding vLLM's CPU worker reads from the environment);
+`value_memory_bytes` plans the GPU memory the engine leaves to the value scorer.
+
+    settings = EngineSettings()
+    prepare_engine_process(settings)
+    llm = LLM(model=path, **engine_kwargs(settings))
 """
 
 from __future__ import annotations
@@ -23,17 +28,16 @@ log = logging.getLogger(__name__)
 
 
 GiB = 1 << 30
-GPU_MEMORY_UTILIZATION_ENV = "IRO_GPU_MEMORY_UTILIZATION"
-"""The engine's share of the GPU (`EngineSettings.gpu_memory_utilization`): `engine_kwargs` sets it to
-the value the engine starts with, so the API process plans its value memory from the same number
-(`value_memory_bytes`) whether it came from a flag or the environment."""
 GPU_MARGIN_BYTES = 1 * GiB
 """GPU memory the value budget leaves unplanned: the API process's own CUDA context (0.3-0.6 GiB) and
 the scorer's activations and allocator slack."""
 
-VALUE_LAYERS_ENV = "IRO_ENGINE_VALUE_LAYERS"
-"""The residual-stream layers the engine's worker hands to value heads (`resolve_value_layers`;
-server.engine_patches): `engine_kwargs` sets it before the engine starts, the worker inherits it."""
+VALUE_LAYERS_KEY = "iro_value_layers"
+"""`VllmConfig.additional_config` key of the residual-stream layers the engine's workers hand to value
+heads (`EngineSettings.engine_value_layers`, read by `server.vllm_ext.value_heads`)."""
+LORA_COMPILE_KEY = "iro_lora_compile"
+"""`VllmConfig.additional_config` key of `EngineSettings.lora_compile` (read by
+`server.vllm_ext.lora_patches`)."""
 
 
 def default_value_layers(num_layers: int) -> tuple[int, ...]:
@@ -75,29 +79,34 @@ def resolve_value_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
 class EngineSettings(BaseSettings):
     """The base model's vLLM engine. Each field can be set as `IRO_<FIELD>` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="IRO_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="IRO_", extra="ignore", use_attribute_docstrings=True)
 
     max_model_len: int = Field(2048, ge=64)
+    """Context length of the engine (prompt + response tokens)."""
     kv_cache_gib: int = Field(2, ge=1)
-    """vLLM KV cache size (VLLM_CPU_KVCACHE_SPACE on CPU)."""
+    """vLLM KV cache in GiB on CPU (vLLM's `kv_cache_memory_bytes`; a `VLLM_CPU_KVCACHE_SPACE` set in
+    the environment still wins, as vLLM reads it). A GPU engine sizes its cache from
+    `gpu_memory_utilization`."""
     block_size: int = Field(16, ge=16, multiple_of=16)
     """vLLM KV block size. vLLM's prefix cache reuses full blocks only, so each chunk request of a
     search re-prefills the partial last block of its prefix: small blocks make that short
-    (16 on CPU through server.engine_patches; CBS took 1.31x plain sampling at 16, 1.60x at 32).
+    (16 on CPU through the `block16` engine patch; CBS took 1.31x plain sampling at 16, 1.60x at 32).
     Where the installed vLLM does not take the patch, the engine uses 32."""
     max_num_batched_tokens: int | None = Field(None, ge=64)
-    """Tokens per engine step (vLLM's default when None)."""
-    enforce_eager: bool = False
+    """Tokens per engine step (unset: vLLM's default)."""
+    enforce_eager: bool = Field(False, json_schema_extra={"flag": "--enforce-eager/--compile"})
     """Skip torch.compile of the engine's model: start ~2x faster, ~10% less throughput (measured on
     CPU: plain sampling 1398 vs 1271 tok/s, guided 12.9 vs 14.6 s). The tests run eager."""
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     """The engine's dtype; "auto" is the machine's choice (`common.dtype`: bf16 only where the CPU has
     AVX512-BF16 or AMX, or the GPU supports it; float32 elsewhere), not the checkpoint's."""
     engine_threads: str | None = "all"
-    """CPU cores for the engine worker ("all", a vLLM bind spec like "0-1", or None for vLLM's default)."""
+    """CPU cores of the engine: "all", or a vLLM bind spec like "0-1" (one list per engine rank,
+    joined by "|")."""
     engine_value_layers: str = "auto"
-    """Residual-stream layers the engine hands to engine values ("auto": `default_value_layers`,
-    "none", or "8,15"); a value on other layers is scored by the scorer instead."""
+    """Residual-stream layers the engine hands to engine values: "auto" (layers 2, L/2 and L-3 of an
+    L-layer model, vLLM's EAGLE-3 default), "none", or a list like "8,15"; a value on other layers is
+    scored by the scorer instead."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """The engine's share of each GPU's memory (weights, activations, KV cache; vLLM's own default is
     0.92). What it leaves, less a 1 GiB margin, is the value scorer's: its backbones and their KV cache
@@ -113,9 +122,17 @@ class EngineSettings(BaseSettings):
     """Engine replicas behind this one server, each with its own devices (vLLM data parallelism in one
     AsyncLLM: a coordinator balances requests across them). A guided search's chunks may land on
     different replicas, each with its own prefix cache."""
+    lora_compile: bool = True
+    """CPU with a policy registry: keep the engine compiled with LoRA on (the `lora_compiled` patch;
+    ~1.05x the base model's time per request instead of vLLM's uncompiled 1.3-1.4x). False: vLLM's
+    own default, uncompiled whenever LoRA is on."""
+    value_cache_gib: float | None = Field(None, gt=0)
+    """Key/value pool of the value scorer in GiB, shared by every loaded value (the least recently
+    used give way). None: on a GPU a quarter of what the engine leaves to values (total x (1 -
+    gpu_memory_utilization) less 1 GiB), the rest holding value backbones; 1 GiB on the CPU."""
 
     def engine_options(self) -> dict:
-        """The engine's part of these settings (the keyword arguments of `engine_kwargs`)."""
+        """The engine's part of these settings (`EngineSettings(**options)` rebuilds them)."""
         return self.model_dump(include=set(EngineSettings.model_fields))
 
 
@@ -151,22 +168,24 @@ def split_cores(cores: list[int], ranks: int) -> str:
     return "|".join(groups)
 
 
-def configure_cpu_threads(engine_threads: str | None, ranks: int = 1) -> None:
-    """Choose the cores vLLM's CPU worker binds its OpenMP threads to (before the engine starts): with
-    several engine ranks (tensor x pipeline x data parallel), one core list per rank, joined by "|"."""
-    if engine_threads is None or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        spec = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+def cpu_threads_bind(engine_threads: str | None, ranks: int = 1, environ: dict | None = None) -> str | None:
+    """The cores vLLM's CPU worker binds its OpenMP threads to (`VLLM_CPU_OMP_THREADS_BIND`): with
+    several engine ranks (tensor x pipeline x data parallel), one core list per rank, joined by "|".
+    None: leave vLLM's choice (`engine_threads` None) or the variable already set in `environ`."""
+    environ = os.environ if environ is None else environ
+    if engine_threads is None or "VLLM_CPU_OMP_THREADS_BIND" in environ:
+        spec = environ.get("VLLM_CPU_OMP_THREADS_BIND")
         if spec not in (None, "auto", "nobind") and len(spec.split("|")) != ranks:
             raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={spec!r} names {len(spec.split('|'))} core lists; "
                              f"the engine has {ranks} ranks (one list per rank, joined by '|')")
-        return
+        return None
     if engine_threads == "all":
-        engine_threads = split_cores(_cpu_cores(), ranks)
-    elif len(engine_threads.split("|")) != ranks:
+        return split_cores(_cpu_cores(), ranks)
+    if len(engine_threads.split("|")) != ranks:
         raise ValueError(f"engine_threads {engine_threads!r} names {len(engine_threads.split('|'))} core lists; "
                          f"the engine has {ranks} ranks (tensor x pipeline x data parallel): give one list per "
                          "rank joined by '|', like 0-3|4-7, or 'all'")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine_threads
+    return engine_threads
 
 
 def check_parallel(*, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
@@ -215,16 +234,16 @@ def value_memory_bytes(total_bytes: int, gpu_memory_utilization: float, margin: 
     return max(0, int(total_bytes * (1 - gpu_memory_utilization)) - margin)
 
 
-def device_value_memory(device: Any = None) -> int:
-    """`value_memory_bytes` of a CUDA device (default: the current one), at the engine's share
-    (`GPU_MEMORY_UTILIZATION_ENV`, exported by `engine_kwargs`; else `EngineSettings`' default).
-    Reads the device's total memory without creating a CUDA context."""
+def device_value_memory(gpu_memory_utilization: float, device: Any = None) -> int:
+    """`value_memory_bytes` of a CUDA device (default: the current one) at the engine's share
+    `gpu_memory_utilization`. Reads the device's total memory without creating a CUDA context."""
     import torch
 
     total = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device()).total_memory
-    share = os.environ.get(GPU_MEMORY_UTILIZATION_ENV)
-    share = float(share) if share else EngineSettings.model_fields["gpu_memory_utilization"].default
-    return value_memory_bytes(total, share)
+    return value_memory_bytes(total, gpu_memory_utilization)
+
+
+DEFAULT_GPU_MEMORY_UTILIZATION: float = EngineSettings.model_fields["gpu_memory_utilization"].default
 
 
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -268,14 +287,13 @@ def supported_block_size(requested: int, sizes: list) -> int:
 
 def cpu_block_size(requested: int) -> int:
     """The KV block size the CPU engine will take: `requested` (16 by default, which needs the
-    `block16` worker patch) or, where the installed vLLM did not take the patch, the next size its
-    CPU attention backend declares (32), with a warning."""
+    `block16` worker patch, installed in this process by `prepare_engine_process`) or, where the
+    installed vLLM did not take the patch, the next size its CPU attention backend declares (32),
+    with a warning."""
     try:
-        from vllm.plugins import load_general_plugins
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     except ImportError:  # not a CPU build of vLLM: let vLLM judge the size
         return requested
-    load_general_plugins()  # idempotent; the patches install here (and again in the worker)
     size = supported_block_size(requested, list(CPUAttentionBackend.get_supported_kernel_block_sizes()))
     if size != requested:
         log.warning("the CPU attention backend does not take %d-token KV blocks (the engine patch was not "
@@ -295,37 +313,50 @@ def check_gpu_dtype(dtype: str) -> None:
                          "use --dtype auto (float16 there) or float16")
 
 
-def engine_kwargs(*, max_model_len: int, kv_cache_gib: int, block_size: int, enforce_eager: bool, dtype: str,
-                  engine_threads: str | None, max_num_batched_tokens: int | None = None,
-                  engine_value_layers: str = "auto", gpu_memory_utilization: float = 0.85,
-                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                  data_parallel_size: int = 1) -> dict[str, Any]:
-    """vLLM engine arguments for the base model (and, on CPU, the environment vLLM's CPU worker
-    reads before it starts): one recipe for the server's engine and offline batch jobs.
+def prepare_engine_process(settings: EngineSettings) -> None:
+    """Everything starting an engine changes in this process, in one place (`engine_kwargs` changes
+    nothing): vLLM's general plugins loaded (our patches; the CPU attention backend then takes
+    16-token blocks, which `engine_kwargs` asks it about), and on CPU the cores vLLM's CPU worker
+    binds to, which it reads from the environment only (`VLLM_CPU_OMP_THREADS_BIND`)."""
+    from vllm.plugins import load_general_plugins
 
-    `block_size` is passed on CPU only (a GPU engine keeps vLLM's choice), as the CPU attention
-    backend accepts it once vLLM's plugins are loaded (`cpu_block_size`); `gpu_memory_utilization`
-    on GPU only. A parallel layout the machine cannot run raises ValueError here (`check_parallel`)."""
-    resolve_value_layers(engine_value_layers, 1 << 16)  # a malformed spec fails here, not in the worker
-    os.environ[VALUE_LAYERS_ENV] = engine_value_layers
+    load_general_plugins()  # idempotent; vLLM loads them again in each process it starts
+    if not on_cuda():
+        ranks = settings.tensor_parallel_size * settings.pipeline_parallel_size * settings.data_parallel_size
+        bind = cpu_threads_bind(settings.engine_threads, ranks)
+        if bind is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+
+
+def engine_kwargs(settings: EngineSettings) -> dict[str, Any]:
+    """vLLM engine arguments for the base model: one recipe for the server's engine and offline batch
+    jobs. No side effects (`prepare_engine_process` has them); run it after that.
+
+    `block_size` and `kv_cache_memory_bytes` are passed on CPU only (a GPU engine keeps vLLM's
+    block size and sizes its cache from `gpu_memory_utilization`, passed on GPU only). Our knobs
+    reach the engine's workers through vLLM's `additional_config` (`VALUE_LAYERS_KEY`,
+    `LORA_COMPILE_KEY`). A parallel layout the machine cannot run raises ValueError here
+    (`check_parallel`), as do malformed value layers."""
+    s = settings
+    resolve_value_layers(s.engine_value_layers, 1 << 16)  # a malformed spec fails here, not in the worker
     on_cpu = not on_cuda()
-    ranks = check_parallel(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-                           data_parallel_size=data_parallel_size, cuda=not on_cpu, enforce_eager=enforce_eager)
-    dtype = resolve_dtype(dtype)  # vLLM's own "auto" would take the checkpoint's dtype
+    ranks = check_parallel(tensor_parallel_size=s.tensor_parallel_size, pipeline_parallel_size=s.pipeline_parallel_size,
+                           data_parallel_size=s.data_parallel_size, cuda=not on_cpu, enforce_eager=s.enforce_eager)
+    dtype = resolve_dtype(s.dtype)  # vLLM's own "auto" would take the checkpoint's dtype
     if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        configure_cpu_threads(engine_threads, tensor_parallel_size * pipeline_parallel_size * data_parallel_size)
-        block_size = cpu_block_size(block_size)
+        cpu_threads_bind(s.engine_threads, ranks)  # refused here when it cannot serve `ranks`
     else:
         check_gpu_dtype(dtype)
-        os.environ[GPU_MEMORY_UTILIZATION_ENV] = str(gpu_memory_utilization)
         log.info("GPU memory: the engine takes %.0f%% of each of its %d GPUs; the value scorer plans with %.1f GiB "
-                 "(the rest, less a %.0f GiB margin)", 100 * gpu_memory_utilization, ranks,
-                 device_value_memory() / GiB, GPU_MARGIN_BYTES / GiB)
-    kwargs = dict(max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager, enable_prefix_caching=True,
-                  block_size=block_size if on_cpu else None, max_num_batched_tokens=max_num_batched_tokens,
-                  tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-                  data_parallel_size=data_parallel_size)
-    if not on_cpu:
-        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+                 "(the rest, less a %.0f GiB margin)", 100 * s.gpu_memory_utilization, ranks,
+                 device_value_memory(s.gpu_memory_utilization) / GiB, GPU_MARGIN_BYTES / GiB)
+    kwargs = dict(max_model_len=s.max_model_len, dtype=dtype, enforce_eager=s.enforce_eager, enable_prefix_caching=True,
+                  block_size=cpu_block_size(s.block_size) if on_cpu else None,
+                  max_num_batched_tokens=s.max_num_batched_tokens, tensor_parallel_size=s.tensor_parallel_size,
+                  pipeline_parallel_size=s.pipeline_parallel_size, data_parallel_size=s.data_parallel_size,
+                  additional_config={VALUE_LAYERS_KEY: s.engine_value_layers, LORA_COMPILE_KEY: s.lora_compile})
+    if on_cpu:
+        kwargs["kv_cache_memory_bytes"] = s.kv_cache_gib * GiB
+    else:
+        kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
     return kwargs

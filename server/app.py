@@ -210,7 +210,9 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
     from server.engine import engine_head_probe
 
     # the engine's (machine's) dtype; engine values the engine computes are checked there and hold no backbone here
-    loader = ValueLoader(registry, BackbonePool(model_path), dtype=value_dtype,
+    pool = BackbonePool(model_path, value_cache_gib=settings.value_cache_gib,
+                        gpu_memory_utilization=settings.gpu_memory_utilization)  # the values' memory plan
+    loader = ValueLoader(registry, pool, dtype=value_dtype,
                          engine_probe=engine_head_probe(engine, asyncio.get_running_loop()))
     manager = ValueManager(registry, loader, base_id=engine.model_id,
                            metrics=app.state.metrics)

@@ -105,11 +105,11 @@ def memory(settings: Any, cuda: bool) -> dict[str, Any]:
 
         total = torch.cuda.get_device_properties(0).total_memory
         values = value_memory_bytes(total, settings.gpu_memory_utilization)
-        cache = os.environ.get("IRO_VALUE_CACHE_GIB")
+        cache = settings.value_cache_gib
         return {"gpu_memory_utilization": settings.gpu_memory_utilization, "gpu_total_gib": round(total / GiB, 1),
                 "values_gib": round(values / GiB, 2),
                 "value_cache_gib": float(cache) if cache else round(values / CACHE_SHARE / GiB, 2)}
-    return {"kv_cache_gib": settings.kv_cache_gib, "value_cache_gib": float(os.environ.get("IRO_VALUE_CACHE_GIB", 1))}
+    return {"kv_cache_gib": settings.kv_cache_gib, "value_cache_gib": float(settings.value_cache_gib or 1)}
 
 
 def collect(settings: Any = None, worker_report: dict | None = None) -> dict[str, Any]:

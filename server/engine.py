@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common.engine_args import check_lora_on_cpu, engine_kwargs, on_cuda
+from common.engine_args import check_lora_on_cpu, engine_kwargs, on_cuda, prepare_engine_process
 from common.sampling import Sampling
 from server.vllm_ext.grammar_prefix import GRAMMAR_PREFIX_ARG
-from server.vllm_ext.value_heads import LAYERS_CONFIG_KEY
 from server.vllm_ext.wire import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, encode_heads, token_values
 from server.vllm_ext.worker import REPORT_METHOD, WORKER_EXTENSION, combine
 
@@ -232,7 +231,8 @@ class VllmEngine(EngineClient):
         from common.engine_args import EngineSettings
 
         settings = EngineSettings.model_validate(options)  # unset fields: IRO_* or their defaults
-        kwargs = engine_kwargs(**settings.engine_options())
+        prepare_engine_process(settings)
+        kwargs = engine_kwargs(settings)
         if lora and not on_cuda():
             check_lora_on_cpu(model_path)  # a MoE model would start, then die at its first request
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -240,7 +240,6 @@ class VllmEngine(EngineClient):
 
         args = AsyncEngineArgs(model=model_path, served_model_name=[model_id], disable_log_stats=True, **kwargs,
                                worker_extension_cls=WORKER_EXTENSION,  # the workers report what they run
-                               additional_config={LAYERS_CONFIG_KEY: settings.engine_value_layers},
                                **(lora or {}))
         engine = cls(AsyncLLM.from_engine_args(args), model_id)
         engine.settings = settings

@@ -1,4 +1,7 @@
-"""Process settings of the server, read from flags and `IRO_*` environment variables."""
+"""Process settings of the server, read from flags and `IRO_*` environment variables.
+
+`iro serve`'s flags are generated from these fields (`iro.settings_flags`): a field's docstring is
+its flag's help, so every field has one."""
 
 from __future__ import annotations
 
@@ -17,21 +20,24 @@ from common.paths import default_values_dir
 
 
 class ServerSettings(EngineSettings):
-    """Everything `iro serve` needs. Each field can be set as `IRO_<FIELD>` in the environment; the
-    engine's fields (max_model_len, kv_cache_gib, block_size, ...) come from `EngineSettings`."""
+    """Everything `iro serve` needs. Each field can be set as `IRO_<FIELD>` in the environment or as
+    the flag `--<field>`; the engine's fields (max_model_len, kv_cache_gib, block_size, ...) come
+    from `EngineSettings`."""
 
-    model_config = SettingsConfigDict(env_prefix="IRO_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="IRO_", extra="ignore", use_attribute_docstrings=True)
 
     model: str | None = None
     """Path of a local Hugging Face model folder; None means the embedded default model."""
     served_model_name: str | None = None
     """Id shown in /v1/models; defaults to the model folder's name."""
     host: str = "127.0.0.1"
+    """Bind address."""
     port: int = Field(8000, ge=0, le=65535)
+    """Port to listen on."""
     api_key: SecretStr | None = None
     """Bearer token required on /v1 routes when set."""
     admin_key: SecretStr | None = None
-    """Bearer token required on value admin routes; falls back to api_key when unset."""
+    """Bearer token required on the admin routes (values, policies); falls back to api_key when unset."""
     values_dir: Path | None = None
     """Value registry to load and watch; default `$IRO_HOME/values`."""
     max_n: int = Field(16, ge=1)
@@ -39,11 +45,13 @@ class ServerSettings(EngineSettings):
     max_guided_candidates: int = Field(64, ge=1)
     """Cap on w*k for guided requests."""
     max_body_bytes: int = Field(2_000_000, ge=1024)
+    """Largest request body; past it: 413."""
     max_queue: int = Field(256, ge=1)
     """Requests admitted at once; past it new requests get 429."""
     scorer_threads: int = Field(2, ge=1)
     """torch threads used by the value scorer."""
     watch_values: bool = True
+    """Follow the value registry's CURRENT pointers: a newly published version is loaded and swapped in."""
     cors_origins: Annotated[list[str], NoDecode] = []
     """Origins allowed to call the API from a browser (CORS); none by default, so no CORS headers.
     `IRO_CORS_ORIGINS` takes a JSON list or a comma-separated list."""
@@ -89,7 +97,7 @@ class ServerSettings(EngineSettings):
     body_timeout: float = Field(60.0, gt=0)
     """Seconds a client has to send a whole request body once its headers arrived; past it: 408 and
     the connection is closed (a stalled upload no longer holds a connection forever)."""
-    allow_open_admin: bool = Field(False, validate_default=True)
+    allow_open_admin: bool = Field(False, validate_default=True, json_schema_extra={"flag": "--allow-open-admin"})
     """Serve on a non-loopback address with neither an admin key nor an API key, so that anyone who
     can reach the port can load, unload and delete values and policies. Refused unless set."""
 

@@ -3,8 +3,10 @@ per test session in a subprocess on a free port (like vLLM's RemoteOpenAIServer)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +115,67 @@ def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, vocab: int
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _patched_objects(targets) -> list:
+    """The classes and modules a patch's `targets()` names (nested tuples flattened)."""
+    out = []
+    for target in targets:
+        out.extend(_patched_objects(target) if isinstance(target, tuple) else [target])
+    return out
+
+
+@contextlib.contextmanager
+def vllm_patches_installed():
+    """The real vLLM patches (`server.vllm_ext.install_worker_patches`) installed for a block and
+    undone after it: every attribute a patch set on its targets is restored, and the per-process
+    record too. Yields the install status."""
+    from server import vllm_ext
+    from server.vllm_ext import registry
+
+    saved = []
+    for patch in vllm_ext.PATCHES:
+        try:
+            targets = patch.targets()
+        except ImportError:
+            continue
+        saved.extend((obj, dict(vars(obj))) for obj in _patched_objects(targets))
+    status, warned = dict(registry.STATUS), dict(registry._warned)
+    try:
+        yield vllm_ext.install_worker_patches()
+    finally:
+        for obj, before in saved:
+            for name in set(vars(obj)) - set(before):
+                delattr(obj, name)
+            for name, value in before.items():
+                if vars(obj).get(name) is not value:
+                    setattr(obj, name, value)
+        registry.STATUS.clear()
+        registry.STATUS.update(status)
+        registry._warned.clear()
+        registry._warned.update(warned)
+
+
+@pytest.fixture
+def vllm_patches():
+    """The real vLLM patches, installed for this test only (`vllm_patches_installed`)."""
+    with vllm_patches_installed() as status:
+        yield status
+
+
+@pytest.fixture(autouse=True)
+def _no_vllm_patches_left(request):
+    """A fast test must not leave vLLM patched for the tests after it (their results would depend on
+    the order): install them through the `vllm_patches` fixture, which undoes them."""
+    yield
+    registry = sys.modules.get("server.vllm_ext.registry")
+    if registry is None or request.node.get_closest_marker("e2e"):
+        return
+    left = {name: why for name, why in registry.STATUS.items() if why == registry.INSTALLED}
+    if left:
+        registry.STATUS.clear()  # report once, not again for every later test
+        pytest.fail(f"{request.node.nodeid} left vLLM patches installed ({', '.join(left)}); "
+                    "use the vllm_patches fixture", pytrace=False)
 
 
 ENGINE_FIXTURES = {"server"}

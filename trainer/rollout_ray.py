@@ -68,9 +68,11 @@ class _VllmSampler:
     def __init__(self, model_path: str, engine: dict[str, Any]):
         from vllm import LLM
 
-        from common.engine_args import engine_kwargs
+        from common.engine_args import EngineSettings, engine_kwargs, prepare_engine_process
 
-        self.llm = LLM(model=model_path, **engine_kwargs(**engine))
+        settings = EngineSettings(**engine)
+        prepare_engine_process(settings)
+        self.llm = LLM(model=model_path, **engine_kwargs(settings))
         self.tokenizer = self.llm.get_tokenizer()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -16,17 +16,17 @@ tokens it added; when the pool is full the least recently used sequence that not
 evicted and its slots are reused. Slot 0 is scratch: padding writes land there and it is
 never visible to a query (the causal mask stops every row at its own tokens).
 
-The byte budget (`IRO_VALUE_CACHE_GIB`, default: a quarter of the GPU memory the engine leaves to
-values, `common.engine_args.value_memory_bytes`, planned before the engine starts; 1 GiB on the
-CPU) is shared by every loaded value: a pool that needs room takes it from the least recently used
-other pools. The rest of the values' memory holds their backbones (`valuefn.loader.BackbonePool`).
+The byte budget (`value_cache_gib`, `iro serve --value-cache-gib`; default: a quarter of the GPU
+memory the engine leaves to values, `common.engine_args.value_memory_bytes`, planned before the
+engine starts; 1 GiB on the CPU) is shared by every loaded value: a pool that needs room takes it
+from the least recently used other pools. The rest of the values' memory holds their backbones
+(`valuefn.loader.BackbonePool`, which owns the budget and hands it to its values).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -42,17 +42,18 @@ CACHE_SHARE = 4
 """On a GPU the cache's default budget is 1/CACHE_SHARE of the values' memory; backbones get the rest."""
 
 
-def default_budget_bytes(device: torch.device) -> int:
-    """`IRO_VALUE_CACHE_GIB` if set; else, on a GPU, a quarter of the memory the engine leaves to
-    values (total x (1 - gpu_memory_utilization) less a margin: the same before and after the engine
-    takes its share); 1 GiB on the CPU."""
-    env = os.environ.get("IRO_VALUE_CACHE_GIB")
-    if env:
-        return int(float(env) * (1 << 30))
+def default_budget_bytes(device: torch.device, *, value_cache_gib: float | None = None,
+                         gpu_memory_utilization: float | None = None) -> int:
+    """`value_cache_gib` if given; else, on a GPU, a quarter of the memory the engine leaves to
+    values at its share `gpu_memory_utilization` (default: the engine settings' default; total x (1 -
+    gpu_memory_utilization) less a margin: the same before and after the engine takes its share);
+    1 GiB on the CPU."""
+    if value_cache_gib is not None:
+        return int(value_cache_gib * (1 << 30))
     if device.type == "cuda":
-        from common.engine_args import device_value_memory
+        from common.engine_args import DEFAULT_GPU_MEMORY_UTILIZATION, device_value_memory
 
-        return device_value_memory(device) // CACHE_SHARE
+        return device_value_memory(gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION, device) // CACHE_SHARE
     return 1 << 30
 
 
@@ -97,7 +98,8 @@ _budgets_lock = threading.Lock()
 
 
 def device_budget(device: torch.device) -> CacheBudget:
-    """The process-wide budget of one device."""
+    """The default budget of one device (`default_budget_bytes`'s defaults), shared by pools built
+    without one (`KVPool.for_model`): values a `BackbonePool` loads get the pool's instead."""
     key = str(device)
     with _budgets_lock:
         if key not in _budgets:

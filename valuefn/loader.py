@@ -31,6 +31,7 @@ from valuefn.checkpoint import (
     FORMAT_VERSION, CheckpointError, Manifest, SearchDefaults, build_value_model, check_backbone,
     load_trained_tensors, read_manifest, write_checkpoint_files,
 )
+from valuefn.kv_pool import CacheBudget, default_budget_bytes
 from valuefn.model import (ValueModel, ValueModelConfig, backbone_identity, copy_backbone, default_device, load_backbone,
                            share_tensors)
 from valuefn.registry import Registry
@@ -86,32 +87,41 @@ def backbone_numel(shapes: dict[str, tuple[int, ...]], num_layers: int | None,
     return total
 
 
-def default_memory_budget(device: torch.device) -> int | None:
+def default_memory_budget(device: torch.device, cache_bytes: int, gpu_memory_utilization: float) -> int | None:
     """Bytes of backbones the values of one process may hold on `device`: on a GPU, the memory the
-    engine leaves to values (`common.engine_args.value_memory_bytes`, planned from the device's total,
-    so the same before and after the engine starts) less the key/value cache's budget; None (no
-    limit) on the CPU."""
+    engine leaves to values at its share `gpu_memory_utilization` (`common.engine_args.value_memory_bytes`,
+    planned from the device's total, so the same before and after the engine starts) less the key/value
+    cache's `cache_bytes`; None (no limit) on the CPU."""
     if device.type != "cuda":
         return None
     from common.engine_args import device_value_memory
-    from valuefn.kv_pool import device_budget
 
-    return max(0, device_value_memory(device) - device_budget(device).max_bytes)
+    return max(0, device_value_memory(gpu_memory_utilization, device) - cache_bytes)
 
 
 class BackbonePool:
     """Backbones of the base model, loaded once per layer count and dtype (a config's "auto": this
     machine's choice for the pool's device, `common.dtype`); values get copies.
 
-    `memory_budget`: bytes the backbones (and the weights a LoRA merge copies) may take; None: the
-    device's default (`default_memory_budget`: the engine's leftover on a GPU, no limit on the CPU)."""
+    The values' memory on the device is planned here, from the engine's share of a GPU
+    (`gpu_memory_utilization`, the server's setting): `cache_budget`, the key/value pool every value
+    it loads shares (`value_cache_gib`, default `valuefn.kv_pool.default_budget_bytes`), and
+    `memory_budget`, the bytes the backbones (and the weights a LoRA merge copies) may take (None:
+    `default_memory_budget`: the engine's leftover less the cache on a GPU, no limit on the CPU)."""
 
     def __init__(self, model_path: str | Path, device: torch.device | None = None, *,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, value_cache_gib: float | None = None,
+                 gpu_memory_utilization: float | None = None):
+        from common.engine_args import DEFAULT_GPU_MEMORY_UTILIZATION
+
         self.model_path = Path(model_path)
         self.device = device or default_device()
         self.identity = backbone_identity(self.model_path)
-        self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
+        share = gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+        self.cache_budget = CacheBudget(default_budget_bytes(self.device, value_cache_gib=value_cache_gib,
+                                                             gpu_memory_utilization=share))
+        self.memory_budget = (memory_budget if memory_budget is not None
+                              else default_memory_budget(self.device, self.cache_budget.max_bytes, share))
         self._templates: dict[tuple[int | None, str, bool], torch.nn.Module] = {}
         self._template_bytes: dict[tuple[int | None, str, bool], int] = {}
         self._merged_bytes: dict[int, int] = {}
@@ -250,7 +260,7 @@ class ValueLoader:
         architecture = run_as.model.model_dump_json()  # what the per-architecture caches are keyed by
         try:
             model = build_value_model(self.pool.for_inference(run_as.model), run_as, adapter, head)
-            value = LoadedValue(name, version, manifest, model)
+            value = LoadedValue(name, version, manifest, model, budget=self.pool.cache_budget)
             built = time.perf_counter()
             # One test forward: a checkpoint whose numbers are garbage is refused before it serves.
             finite = torch.isfinite(self._probe(value, architecture)).all()
@@ -299,7 +309,7 @@ class ValueLoader:
             return model
 
         return LoadedValue(name, version, manifest, build=build, config=run_as.model, head=weights,
-                           kv_reuse=sliding_window(self.pool.hf_config) is None)
+                           kv_reuse=sliding_window(self.pool.hf_config) is None, budget=self.pool.cache_budget)
 
     def _probe(self, value: LoadedValue, architecture: str) -> torch.Tensor:
         """The values of one short test sequence. A value without LoRA runs on the pool's shared,

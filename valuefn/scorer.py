@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from valuefn.checkpoint import Manifest, SearchDefaults
-from valuefn.kv_pool import KVPool, Row
+from valuefn.kv_pool import CacheBudget, KVPool, Row
 from valuefn.model import ValueModel, pool_values
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class LoadedValue:
 
     def __init__(self, name: str, version: int, manifest: Manifest, model: ValueModel | None = None,
                  cache: KVPool | None = None, kv_reuse: bool = True, *,
-                 build: Callable[[], ValueModel] | None = None, config=None, head: torch.Tensor | None = None):
+                 build: Callable[[], ValueModel] | None = None, config=None, head: torch.Tensor | None = None,
+                 budget: CacheBudget | None = None):
         if model is None and build is None:
             raise ValueError("a LoadedValue needs a model or a way to build one")
         self.name, self.version, self.manifest = name, version, manifest
@@ -71,6 +72,8 @@ class LoadedValue:
         """False when the pool path failed its check at load (`check_kv_reuse`): every step recomputes."""
         self.config = config if config is not None else model.config
         self._head = head
+        self._budget = budget
+        """The byte budget its key/value pool shares (its loader's; None: the device's default)."""
 
     @property
     def model(self) -> ValueModel:
@@ -98,7 +101,7 @@ class LoadedValue:
     def cache(self) -> KVPool:
         """Key/values of scored sequences (`valuefn.kv_pool`); sized by the budget."""
         if self._cache is None:
-            self._cache = KVPool.for_model(self.model.backbone)
+            self._cache = KVPool.for_model(self.model.backbone, self._budget)
         return self._cache
 
     @cache.setter

@@ -4,12 +4,8 @@ LoRA on (`lora_compiled`), both CPU only; the ops themselves are in `server.vllm
 from __future__ import annotations
 
 import inspect
-import os
 
 from server.vllm_ext.registry import PatchMismatch, check_method, own
-
-LORA_COMPILE_ENV = "IRO_LORA_COMPILE"
-"""0: keep vLLM's CPU default of serving uncompiled whenever LoRA is enabled (`lora_compiled` off)."""
 
 
 def punica_cpu():
@@ -60,8 +56,6 @@ def probe_compiled(wrapper_cls: type, platform_cls: type) -> None:
     their parameters; `platform_cls` (CpuPlatform) is the one that turns compilation off for LoRA,
     in the way `apply_compiled` undoes. That last check reads the method's source: the switch is
     one branch inside a config check that only a full VllmConfig could exercise."""
-    if os.environ.get(LORA_COMPILE_ENV, "1") == "0":
-        raise PatchMismatch(f"off ({LORA_COMPILE_ENV}=0)")
     check_method(wrapper_cls, "update_metadata", ("mapping", "lora_index_to_id", "max_loras", "vocab_size"))
     check_method(wrapper_cls, "add_lora_linear", ("y", "x", "lora_a_stacked", "lora_b_stacked", "scale",
                                                   "output_slices"))
@@ -87,7 +81,9 @@ def apply_compiled(wrapper_cls: type, platform_cls: type) -> None:
     wrapper's model-side methods become custom ops (`lora_ops.patch_compiled`), which a trace keeps
     as opaque calls, and the platform's config check runs as if LoRA were off, its one use of
     `lora_config` being that switch (the probe checks). With `enforce_eager` the engine stays
-    uncompiled as always."""
+    uncompiled as always, and so does an engine started with `lora_compile` off
+    (`common.engine_args.LORA_COMPILE_KEY` in vLLM's `additional_config`)."""
+    from common.engine_args import LORA_COMPILE_KEY
     from server.vllm_ext import lora_ops
 
     lora_ops.patch_compiled(wrapper_cls)
@@ -96,6 +92,8 @@ def apply_compiled(wrapper_cls: type, platform_cls: type) -> None:
     original = platform_cls.check_and_update_config.__func__
 
     def check_and_update_config(cls, vllm_config) -> None:
+        if not (getattr(vllm_config, "additional_config", None) or {}).get(LORA_COMPILE_KEY, True):
+            return original(cls, vllm_config)  # asked for vLLM's default: uncompiled with LoRA
         lora, vllm_config.lora_config = vllm_config.lora_config, None
         try:
             return original(cls, vllm_config)

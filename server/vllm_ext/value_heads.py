@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,8 +46,6 @@ from server.vllm_ext.wire import VALUE_HEADS_ARG, request_heads
 
 log = logging.getLogger(__name__)
 
-LAYERS_CONFIG_KEY = "iro_value_layers"
-"""`VllmConfig.additional_config` key of the residual-stream layer spec ("auto", "none", "8,15")."""
 
 
 @dataclass
@@ -86,11 +83,12 @@ def state_of(runner) -> RunnerState:
 # --- layers ---------------------------------------------------------------------------------------
 
 def configured_layers(runner) -> tuple[int, ...]:
-    """The layers this engine was asked to expose (`additional_config`, else `IRO_ENGINE_VALUE_LAYERS`)."""
-    from common.engine_args import VALUE_LAYERS_ENV, resolve_value_layers
+    """The layers this engine was asked to expose (`additional_config`, set by
+    `common.engine_args.engine_kwargs`; unset: "auto")."""
+    from common.engine_args import VALUE_LAYERS_KEY, resolve_value_layers
 
     extra = getattr(runner.vllm_config, "additional_config", None) or {}
-    spec = extra.get(LAYERS_CONFIG_KEY) or os.environ.get(VALUE_LAYERS_ENV)
+    spec = extra.get(VALUE_LAYERS_KEY)
     return resolve_value_layers(spec, runner.model_config.hf_config.num_hidden_layers)
 
 

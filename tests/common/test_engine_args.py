@@ -13,8 +13,9 @@ import torch
 
 from common import dtype as dtypes
 from common import engine_args
-from common.engine_args import (GPU_MEMORY_UTILIZATION_ENV, GiB, EngineSettings, check_parallel, configure_cpu_threads,
-                                engine_kwargs, split_cores, value_memory_bytes)
+from common.engine_args import (LORA_COMPILE_KEY, VALUE_LAYERS_KEY, GiB, EngineSettings, check_parallel,
+                                cpu_threads_bind, engine_kwargs, prepare_engine_process, split_cores,
+                                value_memory_bytes)
 
 
 @pytest.fixture
@@ -32,16 +33,12 @@ def fake_cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (total // 100, total))  # the engine took it all
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts: never asked
         monkeypatch.setattr(dtypes, "_this_machine", dtypes._cuda_dtype)
-        monkeypatch.setenv(GPU_MEMORY_UTILIZATION_ENV, "0.85")  # engine_kwargs sets it: restored after the test
-        monkeypatch.delenv(GPU_MEMORY_UTILIZATION_ENV)
-        monkeypatch.delenv("IRO_VALUE_CACHE_GIB", raising=False)
-        monkeypatch.setenv(engine_args.VALUE_LAYERS_ENV, "auto")
 
     return install
 
 
 def kwargs_for(**settings) -> dict:
-    return engine_kwargs(**EngineSettings(**settings).engine_options())
+    return engine_kwargs(EngineSettings(**settings))
 
 
 def test_gpu_engine_gets_memory_utilization_and_parallel_sizes(fake_cuda):
@@ -92,13 +89,26 @@ def test_value_memory_is_planned_from_what_the_engine_leaves_before_it_starts(fa
     from valuefn.loader import default_memory_budget
 
     fake_cuda(total=80 * GiB)
-    kwargs_for(gpu_memory_utilization=0.7)  # the recipe exports the engine's share for the API process
     values = value_memory_bytes(80 * GiB, 0.7)
     assert values == int(80 * GiB * 0.3) - GiB  # 23 GiB: total x (1 - utilization) less the margin
     cuda = torch.device("cuda", 0)
-    assert default_budget_bytes(cuda) == values // 4  # the key/value cache's share, not 1/4 of free memory
-    assert default_memory_budget(cuda) == values - values // 4  # the backbones' share
+    cache = default_budget_bytes(cuda, gpu_memory_utilization=0.7)
+    assert cache == values // 4  # the key/value cache's share, not 1/4 of free memory
+    assert default_memory_budget(cuda, cache, 0.7) == values - values // 4  # the backbones' share
+    assert default_budget_bytes(cuda, value_cache_gib=3, gpu_memory_utilization=0.7) == 3 * GiB
     assert value_memory_bytes(24 * GiB, 0.99) == 0  # never negative: every value is then refused
+
+
+def test_the_backbone_pool_plans_the_values_memory_from_the_settings_it_is_given(fake_cuda, tiny_model_dir):
+    """The server hands its settings to the pool (no environment variable read on the way)."""
+    from valuefn.loader import BackbonePool
+
+    fake_cuda(total=80 * GiB)
+    values = value_memory_bytes(80 * GiB, 0.7)
+    pool = BackbonePool(tiny_model_dir, torch.device("cuda", 0), gpu_memory_utilization=0.7)
+    assert (pool.cache_budget.max_bytes, pool.memory_budget) == (values // 4, values - values // 4)
+    pool = BackbonePool(tiny_model_dir, torch.device("cuda", 0), gpu_memory_utilization=0.7, value_cache_gib=2)
+    assert (pool.cache_budget.max_bytes, pool.memory_budget) == (2 * GiB, values - 2 * GiB)
 
 
 def test_settings_come_from_the_environment_and_are_checked(monkeypatch):
@@ -114,18 +124,36 @@ def test_settings_come_from_the_environment_and_are_checked(monkeypatch):
 
 
 def test_cpu_engine_gets_no_gpu_share_and_one_core_list_per_rank(monkeypatch):
+    import os
+
     monkeypatch.setattr(engine_args, "on_cuda", lambda: False)
     monkeypatch.setattr(engine_args, "_cpu_cores", lambda: [0, 1])
     monkeypatch.setattr(engine_args, "cpu_block_size", lambda requested: requested)
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
-    monkeypatch.setenv(engine_args.VALUE_LAYERS_ENV, "auto")
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # engine_kwargs sets it: restored after the test
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
-    kwargs = kwargs_for(tensor_parallel_size=2, dtype="float32")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    kwargs = kwargs_for(tensor_parallel_size=2, dtype="float32", kv_cache_gib=3)
     assert "gpu_memory_utilization" not in kwargs and kwargs["tensor_parallel_size"] == 2
+    assert kwargs["kv_cache_memory_bytes"] == 3 * GiB  # vLLM's engine argument, not VLLM_CPU_KVCACHE_SPACE
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # engine_kwargs changes nothing
+    assert cpu_threads_bind("all", 2) == "0|1"  # vLLM's CPU worker binds rank i to list i
+    monkeypatch.setattr("vllm.plugins.load_general_plugins", lambda: None)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # restored after the test
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    prepare_engine_process(EngineSettings(tensor_parallel_size=2))
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"  # the one place that writes it
+
+
+def test_our_knobs_reach_the_workers_through_vllms_config_not_the_environment(monkeypatch):
     import os
 
-    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"  # vLLM's CPU worker binds rank i to list i
+    monkeypatch.setattr(engine_args, "on_cuda", lambda: False)
+    monkeypatch.setattr(engine_args, "cpu_block_size", lambda requested: requested)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    before = dict(os.environ)
+    kwargs = kwargs_for(engine_value_layers="8,15", lora_compile=False)
+    assert kwargs["additional_config"] == {VALUE_LAYERS_KEY: "8,15", LORA_COMPILE_KEY: False}
+    assert dict(os.environ) == before
+    with pytest.raises(ValueError, match="value layers"):
+        kwargs_for(engine_value_layers="middle")
 
 
 def test_cpu_layouts_the_cpu_engine_cannot_run_are_refused(caplog):
@@ -142,12 +170,12 @@ def test_cpu_layouts_the_cpu_engine_cannot_run_are_refused(caplog):
 
 def test_core_lists_per_rank(monkeypatch):
     assert split_cores([0, 1, 2, 3], 2) == "0,1|2,3" and split_cores([4, 5, 6], 1) == "4-6"
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     with pytest.raises(ValueError, match="names 1 core lists; the engine has 2 ranks"):
-        configure_cpu_threads("all", 2)
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+        cpu_threads_bind("all", 2, environ={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
+    assert cpu_threads_bind("all", 1, environ={"VLLM_CPU_OMP_THREADS_BIND": "0-1"}) is None  # set: vLLM reads it
     with pytest.raises(ValueError, match="give one list per rank"):
-        configure_cpu_threads("0-1", 2)
+        cpu_threads_bind("0-1", 2, environ={})
+    assert cpu_threads_bind("0-1|2-3", 2, environ={}) == "0-1|2-3" and cpu_threads_bind(None, 2, environ={}) is None
 
 
 @pytest.mark.parametrize("config,refused", [
@@ -175,7 +203,7 @@ def test_the_engine_refuses_it_before_building_vllm(tmp_path, monkeypatch):
     from server.engine import VllmEngine
 
     (tmp_path / "config.json").write_text(json.dumps({"num_local_experts": 8}))
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setattr("vllm.plugins.load_general_plugins", lambda: None)  # no patches for the whole process
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     with pytest.raises(ValueError, match="mixture-of-experts"):
         VllmEngine.start(str(tmp_path), "moe", enforce_eager=True, lora={"enable_lora": True})

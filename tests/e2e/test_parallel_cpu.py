@@ -30,8 +30,7 @@ def main(model_dir: str, tensor_parallel_size: int) -> None:
 
     import numpy as np
 
-    from common.engine_args import engine_kwargs
-    from server.vllm_ext.value_heads import LAYERS_CONFIG_KEY
+    from common.engine_args import EngineSettings, engine_kwargs, prepare_engine_process
     from server.vllm_ext.wire import VALUE_HEADS_ARG, VALUE_LAYERS_ARG, encode_heads, token_values
     from server.vllm_ext.worker import REPORT_METHOD, WORKER_EXTENSION, combine
 
@@ -41,11 +40,13 @@ def main(model_dir: str, tensor_parallel_size: int) -> None:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = engine_kwargs(max_model_len=256, kv_cache_gib=1, block_size=16, enforce_eager=True, dtype="float32",
-                               engine_threads="all", tensor_parallel_size=tensor_parallel_size)
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_dir, disable_log_stats=True, **kwargs,
-                                                        worker_extension_cls=WORKER_EXTENSION,
-                                                        additional_config={LAYERS_CONFIG_KEY: "1"}))
+        settings = EngineSettings(max_model_len=256, kv_cache_gib=1, block_size=16, enforce_eager=True, dtype="float32",
+                                  engine_threads="all", tensor_parallel_size=tensor_parallel_size,
+                                  engine_value_layers="1")
+        prepare_engine_process(settings)
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_dir, disable_log_stats=True,
+                                                        **engine_kwargs(settings),
+                                                        worker_extension_cls=WORKER_EXTENSION))
         try:
             reports = await llm.collective_rpc(REPORT_METHOD)
             hidden = llm.model_config.hf_config.hidden_size

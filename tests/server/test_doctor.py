@@ -37,7 +37,7 @@ def test_value_kinds_follow_the_workers_report():
     assert off["LoRA value"].startswith("scorer")
 
 
-def test_the_report_on_this_machine_names_its_sources():
+def test_the_report_on_this_machine_names_its_sources(vllm_patches):
     data = doctor.collect()
     assert data["platform"]["device"] in ("cpu", "cuda")
     assert data["dtype"]["dtype"] in ("bfloat16", "float32", "float16") and data["dtype"]["why"]
@@ -52,7 +52,7 @@ def test_the_report_on_this_machine_names_its_sources():
     assert "model_runner:" in text and "block16" in text
 
 
-def test_iro_doctor_json():
+def test_iro_doctor_json(vllm_patches):
     from typer.testing import CliRunner
 
     from iro.cli import app

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from common.engine_args import VALUE_LAYERS_KEY
 from server import vllm_ext
 from server.vllm_ext import registry, value_heads
 from server.vllm_ext.registry import INSTALLED, Patch, PatchMismatch
@@ -25,7 +26,7 @@ H = 4
 
 # --- the registry against the installed vLLM ----------------------------------------------------
 
-def test_every_patch_installs_on_this_vllm_and_each_runner_gets_its_own():
+def test_every_patch_installs_on_this_vllm_and_each_runner_gets_its_own(vllm_patches):
     """The outcome pinned per runner: V1 (CPU and GPU with VLLM_USE_V2_MODEL_RUNNER=0) and V2
     (vLLM's GPU default) both take the value-head patch. Importing V2's runner needs no Triton:
     vLLM's `triton_utils` stands in for it when its CPU backend is missing."""
@@ -33,7 +34,7 @@ def test_every_patch_installs_on_this_vllm_and_each_runner_gets_its_own():
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
 
-    status = vllm_ext.install_worker_patches()
+    status = vllm_patches
     assert status == {name: INSTALLED for name in ("value_heads_v1", "value_heads_v2", "block16", "seed_fix",
                                                    "lora_grouped", "lora_compiled", "grammar_prefix")}
     assert V1.__dict__["_iro_value_heads"] == "v1" and V2.__dict__["_iro_value_heads"] == "v2"
@@ -41,6 +42,19 @@ def test_every_patch_installs_on_this_vllm_and_each_runner_gets_its_own():
     assert CPUModelRunner.__dict__.get("_iro_seed_fix") and "_iro_seed_fix" not in V1.__dict__
     value_heads.probe_v1(*value_heads.v1_targets())  # the probes pass on the real classes
     value_heads.probe_v2(*value_heads.v2_targets())
+
+
+def test_the_patches_are_undone_after_a_test_that_installed_them():
+    """The fixture above scopes them: a later test sees vLLM as shipped (`tests/conftest.py`)."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
+
+    from tests.conftest import vllm_patches_installed
+
+    with vllm_patches_installed():
+        assert V1.__dict__.get("_iro_value_heads") == "v1" and registry.STATUS["seed_fix"] == INSTALLED
+    assert "_iro_value_heads" not in V1.__dict__ and "_iro_seed_fix" not in CPUModelRunner.__dict__
+    assert registry.STATUS.get("seed_fix") != INSTALLED
 
 
 @pytest.fixture
@@ -139,7 +153,7 @@ class AuxModel(torch.nn.Module):
 
 
 def _config(layers="3", pp=1, spec=None):
-    return SimpleNamespace(additional_config={value_heads.LAYERS_CONFIG_KEY: layers}, speculative_config=spec,
+    return SimpleNamespace(additional_config={VALUE_LAYERS_KEY: layers}, speculative_config=spec,
                            parallel_config=SimpleNamespace(pipeline_parallel_size=pp, tensor_parallel_size=1))
 
 

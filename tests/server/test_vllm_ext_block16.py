@@ -40,17 +40,16 @@ def test_the_cpu_engine_falls_back_to_32_token_blocks_without_the_patch(monkeypa
     assert supported_block_size(16, [128]) == 128
 
 
-def test_the_engine_recipe_asks_vllm_for_the_fallback_block_size(monkeypatch):
+def test_the_engine_recipe_asks_vllm_for_the_fallback_block_size(monkeypatch, vllm_patches):
     """What the engine is built with when the 16-token patch is missing (server and Ray jobs alike)."""
     from vllm.v1.attention.backend import MultipleOf
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     from common.engine_args import EngineSettings, engine_kwargs
 
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # engine_kwargs leaves set variables alone
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-    options = EngineSettings().engine_options()
-    assert engine_kwargs(**options)["block_size"] == 16
+    settings = EngineSettings()
+    assert vllm_patches["block16"] == "installed" and engine_kwargs(settings)["block_size"] == 16
     monkeypatch.setattr(CPUAttentionBackend, "get_supported_kernel_block_sizes",
                         staticmethod(lambda kv_cache_spec=None: [MultipleOf(32)]))
-    assert engine_kwargs(**options)["block_size"] == 32
+    assert engine_kwargs(settings)["block_size"] == 32
