@@ -11,9 +11,14 @@ from common.protocol import ChatCompletionResponse, OpenAIBaseModel, OpenAIReque
 
 
 class StoredCompletion(ChatCompletionResponse):
-    """A stored `chat.completion` with its `metadata`."""
+    """A stored `chat.completion` with its `metadata`; `prompt_token_ids`, each choice's
+    `token_ids`, `request` and `policy` are filled in (iro extension: what training reads)."""
 
     metadata: dict[str, str] = Field(default_factory=dict)
+    # --- iro extension -------------------------------------------------------------------
+    request: dict[str, Any] | None = Field(None, description="The request as sent (messages and settings).")
+    policy: dict[str, Any] | None = Field(None, description="What answered: base, value, versions, betas, search "
+                                          "settings, adapter.")
 
 
 class StoredCompletionList(OpenAIBaseModel):
