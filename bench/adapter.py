@@ -38,7 +38,7 @@ def publish_random_adapter(policies_dir: Path, model_path: Path, *, rank: int = 
     from transformers import AutoModelForCausalLM
 
     from valuefn.model import backbone_identity
-    from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
+    from registry.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -93,7 +93,7 @@ def publish_policy(policies_dir: Path, model_dir: Path, *, seed: int = 1):
     from transformers import AutoModelForCausalLM
 
     from valuefn.model import backbone_identity
-    from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
+    from registry.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     model = get_peft_model(base, LoraConfig(r=POLICY_RANK, lora_alpha=2 * POLICY_RANK,

@@ -6,9 +6,10 @@
 A version folder is a peft/vLLM LoRA adapter folder as it stands (vLLM's `LoRARequest` loads it
 directly) plus our manifest: the base model identity it was trained on, the method and its
 hyper-parameters, the data and the held-out metrics, and a sha256 of every file. Publishing,
-CURRENT, rollback and pruning are `valuefn.registry.Registry`'s (temp dir, fsync, rename); only
-the manifest and the file rules differ: weights are safetensors only, and the one other file
-allowed is peft's `adapter_config.json` (plain JSON, parsed and checked, never executed).
+CURRENT, rollback, pruning and the stores (a folder or `s3://bucket/prefix`) are
+`registry.base.BaseRegistry`'s; only the manifest and the file rules differ: weights are
+safetensors only, and the one other file allowed is peft's `adapter_config.json` (plain JSON,
+parsed and checked, never executed).
 
     >>> import tempfile; PolicyRegistry(tempfile.mkdtemp()).names()
     []
@@ -20,14 +21,17 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from valuefn.checkpoint import CheckpointError, read_manifest_json, verify_listed_files
-from valuefn.model import sha256_file
-from valuefn.registry import Registry, RegistryError
+from common.hashing import sha256_file
+from registry.base import BaseRegistry
+from registry.errors import CheckpointError
+from registry.manifest import read_manifest_json, verify_listed_files
+
+if TYPE_CHECKING:
+    import torch
 
 POLICY_FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -35,10 +39,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 METHODS = ("apa", "is-dpo", "is-ipo")
 
 
-def default_policies_dir() -> Path:
-    """`IRO_POLICIES_DIR`, else `$IRO_HOME/policies` (IRO_HOME defaults to ~/.cache/iro)."""
+def default_policies_dir() -> Path | str:
+    """`IRO_POLICIES_DIR` (a folder or an `s3://` URL), else `$IRO_HOME/policies` (IRO_HOME
+    defaults to ~/.cache/iro)."""
+    from registry.open import is_object_store
+
     if os.environ.get("IRO_POLICIES_DIR"):
-        return Path(os.environ["IRO_POLICIES_DIR"]).expanduser()
+        location = os.environ["IRO_POLICIES_DIR"]
+        return location if is_object_store(location) else Path(location).expanduser()
     return Path(os.environ.get("IRO_HOME", Path.home() / ".cache" / "iro")).expanduser() / "policies"
 
 
@@ -86,6 +94,7 @@ def check_base(manifest: PolicyManifest, identity: dict[str, Any], directory: Pa
 def check_adapter(directory: Path, manifest: PolicyManifest) -> dict[str, torch.Tensor]:
     """Hashes verified, then the weights themselves: readable safetensors, finite, of the manifest's
     rank, and a config that is a LoRA config of that rank. Returns the tensors."""
+    import torch
     from safetensors.torch import load_file
 
     verify_policy_files(directory, manifest)
@@ -108,8 +117,9 @@ def check_adapter(directory: Path, manifest: PolicyManifest) -> dict[str, torch.
     return tensors
 
 
-class PolicyRegistry(Registry):
-    """`Registry` for policy adapters: no chains, a `PolicyManifest`, adapter files only."""
+class PolicyRegistry(BaseRegistry):
+    """The registry of policy adapters: no chains, a `PolicyManifest`, adapter files only.
+    `open_registry(location, PolicyRegistry)` opens one in a folder or at `s3://bucket/prefix`."""
 
     kind = "policy"
 
@@ -133,21 +143,11 @@ class PolicyRegistry(Registry):
         """Publish the next version of `name` (CURRENT follows); `write(tmpdir)` -> {file: sha256}."""
         return self.publish(name, write, manifest, extend_chain=False)
 
-    def delete(self, name: str, version: int) -> None:
-        """Remove one version; refused for CURRENT (roll back first)."""
-        import shutil
-
-        if version == self.current(name):
-            raise RegistryError(f"policy {name}@{version} is CURRENT; roll back or publish another first", param="version")
-        path = self.path(name, version)
-        if not path.is_dir():
-            raise RegistryError(f"policy {name}@{version} does not exist", param="version")
-        shutil.rmtree(path)
-
 
 def write_adapter_files(model, directory: Path, base_model_name: str = "") -> dict[str, str]:
     """Write a peft model's LoRA weights (safetensors) and its adapter config into `directory`,
     in the layout peft's `save_pretrained` and vLLM's LoRA loader use; return {file: sha256}."""
+    import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 

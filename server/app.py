@@ -197,15 +197,10 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
     """The value registry's manager and the scorer; every value loaded; closers registered."""
     from server.value_manager import ValueManager
     from valuefn.loader import BackbonePool, ValueLoader
-    from valuefn.registry import Registry
+    from valuefn.registry import Registry, open_registry
     from valuefn.scorer import Scorer
 
-    root = settings.resolved_values_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        log.error("cannot create the value registry %s: %s", root, exc)
-    registry = Registry(root)
+    registry = open_registry(settings.resolved_values_dir(), Registry, create=True)  # a folder or s3://bucket/prefix
     value_dtype = settings.dtype if settings.dtype != "float16" else "auto"  # values: bfloat16 or float32
     from server.engine import engine_head_probe
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from server.errors import ConflictError, NotFoundError, UnavailableError, without_paths
 from valuefn.checkpoint import CheckpointError
-from valuefn.policies import PolicyRegistry, check_adapter, check_base
+from registry.policies import PolicyRegistry, check_adapter, check_base
 from valuefn.registry import RegistryError, vdir
 
 log = logging.getLogger(__name__)

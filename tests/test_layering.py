@@ -1,4 +1,4 @@
-"""Imports flow downward only: iro, bench -> trainer -> clients -> server -> valuefn -> common.
+"""Imports flow downward only: iro, bench -> trainer -> clients -> server -> valuefn -> registry -> common.
 
 Every module of the project's packages is parsed (not imported) and each `import` it contains,
 lazy ones inside functions included, is checked against what its layer may import.
@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ("common", "valuefn", "server", "clients", "trainer", "bench", "iro")
+PROJECT = ("common", "registry", "valuefn", "server", "clients", "trainer", "bench", "iro")
 
 MAY_IMPORT = {
     "common": {"common"},
-    "valuefn": {"common", "valuefn"},
-    "server": {"common", "valuefn", "server"},
+    "registry": {"common", "registry"},  # versioned, verified checkpoints in a folder or object storage
+    "valuefn": {"common", "registry", "valuefn"},
+    "server": {"common", "registry", "valuefn", "server"},
     "clients": {"common", "clients"},  # a client needs no server to talk to one
-    "trainer": {"common", "valuefn", "clients", "trainer"},
+    "trainer": {"common", "registry", "valuefn", "clients", "trainer"},
     "bench": set(PROJECT),  # the top: benchmarks and the command line wire everything together
     "iro": set(PROJECT),
 }

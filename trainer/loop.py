@@ -290,7 +290,7 @@ class IroLoop:
         self.search = (config.w or search.w, config.k or search.k, config.l or search.l)
         self.run_dir = Path(run_dir).expanduser()
         self.registry = Registry(values_dir)
-        from valuefn.policies import PolicyRegistry, default_policies_dir
+        from registry.policies import PolicyRegistry, default_policies_dir
 
         self.policies = PolicyRegistry(Path(policies_dir).expanduser() if policies_dir else default_policies_dir())
         for method in config.distill:

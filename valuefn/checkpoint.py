@@ -18,23 +18,14 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
+from registry.manifest import MANIFEST, CheckpointError, read_manifest_json, verify_listed_files  # noqa: F401 (re-exported)
 from valuefn.model import ValueModel, ValueModelConfig, sha256_file
 
 FORMAT_VERSION = 2
 """2: `model.pooling` (mean by default). Format 1 knew the last token's value only, so a format-1
 manifest reads as `pooling: last`; a format-1 reader refuses format 2 rather than misread it."""
-MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter.safetensors"
 HEAD_FILE = "head.safetensors"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that must not be used; `reason` is a short machine-readable tag."""
-
-    def __init__(self, message: str, *, reason: str, path: Path | None = None):
-        super().__init__(message)
-        self.reason = reason
-        self.path = path
 
 
 class ChainLink(BaseModel):
@@ -72,27 +63,6 @@ def write_checkpoint_files(model: ValueModel, directory: Path) -> dict[str, str]
     return {name: sha256_file(directory / name) for name in (ADAPTER_FILE, HEAD_FILE)}
 
 
-def read_manifest_json(directory: Path, max_format: int, what: str = "format") -> tuple[Path, dict, int]:
-    """`directory`'s manifest.json as (path, mapping, format version), refusing a symlink, a missing
-    or unreadable file, no format version, or a format newer than `max_format`."""
-    path = directory / MANIFEST
-    if path.is_symlink():  # everything a checkpoint reads lies inside its own folder
-        raise CheckpointError(f"{path} is a symlink; refusing it", reason="bad_file", path=directory)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing", reason="missing_manifest", path=directory) from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is unreadable: {exc}", reason="bad_manifest", path=directory) from exc
-    fmt = raw.get("format_version") if isinstance(raw, dict) else None
-    if not isinstance(fmt, int):
-        raise CheckpointError(f"{path} has no format_version", reason="bad_manifest", path=directory)
-    if fmt > max_format:
-        raise CheckpointError(f"{path} is {what} {fmt}; this version reads <= {max_format} (upgrade iro-serve)",
-                              reason="future_format", path=directory)
-    return path, raw, fmt
-
-
 def read_manifest(directory: Path) -> Manifest:
     path, raw, fmt = read_manifest_json(directory, FORMAT_VERSION)
     if fmt < 2 and isinstance(raw.get("model"), dict):
@@ -108,26 +78,6 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
     verify_listed_files(directory, manifest.files, required=(ADAPTER_FILE, HEAD_FILE),
                         allowed=lambda name: name.endswith(".safetensors"),
                         refusal="only safetensors inside the checkpoint")
-
-
-def verify_listed_files(directory: Path, files: dict[str, str], *, required: tuple[str, ...],
-                        allowed: Callable[[str], bool], refusal: str) -> None:
-    """The files a manifest lists (name -> sha256): the `required` ones listed, each one `allowed`,
-    a plain file inside `directory` (no path, no symlink), and matching its sha256."""
-    for name in required:
-        if name not in files:
-            raise CheckpointError(f"manifest of {directory} does not list {name}", reason="bad_manifest", path=directory)
-    for name, digest in files.items():
-        if "/" in name or "\\" in name or name.startswith(".") or not allowed(name):
-            raise CheckpointError(f"{directory}: refusing file {name!r} ({refusal})", reason="bad_file", path=directory)
-        path = directory / name
-        if path.is_symlink():
-            raise CheckpointError(f"{path} is a symlink; refusing it", reason="bad_file", path=directory)
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing", reason="missing_file", path=directory)
-        if sha256_file(path) != digest:
-            raise CheckpointError(f"{path} does not match its sha256 (corrupted or truncated)", reason="hash_mismatch",
-                                  path=directory)
 
 
 def check_backbone(manifest: Manifest, identity: dict[str, Any], directory: Path | None = None) -> None:

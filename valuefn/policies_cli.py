@@ -14,7 +14,7 @@ PoliciesDir = typer.Option(None, "--policies-dir", help="Registry folder (env IR
 
 
 def _registry(policies_dir: Optional[Path]):
-    from valuefn.policies import PolicyRegistry, default_policies_dir
+    from registry.policies import PolicyRegistry, default_policies_dir
 
     return PolicyRegistry(policies_dir or default_policies_dir())
 

@@ -8,7 +8,7 @@ from bench.guided import evaluate_targets_of
 def test_the_bench_adapter_is_a_policy_the_server_accepts(tmp_path):
     from common.model_store import prepare_default_model
     from valuefn.model import backbone_identity
-    from valuefn.policies import PolicyRegistry, check_adapter, check_base
+    from registry.policies import PolicyRegistry, check_adapter, check_base
 
     model_path = prepare_default_model()
     version = publish_random_adapter(tmp_path, model_path, rank=4)

@@ -32,7 +32,7 @@ def publish(policies_dir, name, model, *, seed: int, corrupt: bool = False) -> i
     """A new version of `name`: random LoRA weights (so its samples differ from the base model's)."""
     from common.model_store import prepare_default_model
     from valuefn.model import backbone_identity
-    from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
+    from registry.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
     torch.manual_seed(seed)
     with torch.no_grad():

@@ -21,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-import valuefn.registry as registry_module
+import registry.local as registry_module
 from valuefn.checkpoint import ADAPTER_FILE, HEAD_FILE, sha256_file
 from valuefn.registry import Registry
 

@@ -8,7 +8,7 @@ import torch
 
 from server.policies import PolicyManager
 from valuefn.model import backbone_identity
-from valuefn.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
+from registry.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
 
 @pytest.fixture(scope="module")

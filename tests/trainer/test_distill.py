@@ -12,7 +12,7 @@ from trainer.distill import DistillTrainer, make_pairs
 from trainer.distill_config import DistillConfig
 from trainer.value_trainer import Example
 from valuefn.checkpoint import CheckpointError
-from valuefn.policies import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PolicyRegistry, check_adapter, check_base
+from registry.policies import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PolicyRegistry, check_adapter, check_base
 
 HALF = 16  # the tiny model of these tests has a 32-word vocabulary
 
