@@ -13,6 +13,7 @@ cache hits), values the new candidates with the chain, and lets the mode choose 
 - pf: `k` particles, one successor each per step; the population (finished particles included) is
   resampled with probabilities softmax(chain score) (= softmax(V / beta) for one value: beta is the
   temperature), with a numpy RNG seeded from the request's seed (Puri et al., arXiv 2502.01618).
+  With n > 1 the n best distinct particles are kept before the rest is resampled, so n answers exist.
 - bon: `k` whole answers in one request; the best one wins.
 
 Every mode returns answers that descend from the last step's survivors, so their common prefix,
@@ -326,7 +327,7 @@ class Searcher:
                                                          for _ in cs], result)
             if params.mode == "pf":
                 pools = [self._resample([c for cs in children for c in cs] + [b for b in pools[0] if b.finished],
-                                        chain, params.k, rng)]
+                                        chain, params.k, params.n, rng)]
             else:
                 new: list[list[Beam]] = [[] for _ in pools]
                 for (g, _, _), cs in zip(fanout, children):
@@ -364,11 +365,20 @@ class Searcher:
         return ranked[:w]
 
     @staticmethod
-    def _resample(particles: list[Beam], chain, k: int, rng: np.random.Generator) -> list[Beam]:
+    def _resample(particles: list[Beam], chain, k: int, n: int, rng: np.random.Generator) -> list[Beam]:
+        """k particles drawn by softmax(chain score); for n > 1 the n best distinct ones are kept
+        first (resampling alone collapses the population onto fewer than n answers)."""
         scores = chain_scores(np.stack([b.raw for b in particles]), chain.betas)
         for b, s in zip(particles, scores):
             b.score = float(s)
-        return [particles[i] for i in resample(scores, k, rng)]
+        kept: list[Beam] = []
+        if n > 1:
+            seen: set[str] = set()
+            for b in sorted({id(b): b for b in particles}.values(), key=lambda b: b.score, reverse=True):
+                if len(kept) < n and b.text not in seen:
+                    seen.add(b.text)
+                    kept.append(b)
+        return kept + [particles[i] for i in resample(scores, k - len(kept), rng)]
 
     @staticmethod
     def _distinct(beams: list[Beam], n: int) -> list[Beam]:
