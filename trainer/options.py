@@ -72,11 +72,12 @@ def load_preset(preset: str, presets_dir: Path, what: str = "preset") -> dict[st
     return data
 
 
-def short_error(exc: ValidationError, what: str) -> ValueError:
-    """A pydantic error as one line per bad option: `model.lora_r: Input should be ... (got -1)`."""
+def short_error(exc: ValidationError, what: str, hide: frozenset[str] = frozenset()) -> ValueError:
+    """A pydantic error as one line per bad option: `model.lora_r: Input should be ... (got -1)`.
+    `hide`: parts of an error's location that are no option (a tagged union's tags)."""
     lines = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"])
+        where = ".".join(str(p) for p in error["loc"] if p not in hide)
         message = error["msg"].removeprefix("Value error, ")
         got = f" (got {error['input']!r})" if where and error["type"] != "missing" and "input" in error else ""
         lines.append(f"{where}: {message}{got}" if where else message)

@@ -1,10 +1,21 @@
-"""Configuration of value training: the value model's architecture nested in the training
-options (as TRL keeps model arguments apart from trainer arguments), a YAML preset and `--set`
-overrides (trainer.options), bounds in the types.
+"""Configuration of value training: the value's architecture nested in the training options (as
+TRL keeps model arguments apart from trainer arguments), a YAML preset and `--set` overrides
+(trainer.options), bounds in the types.
 
-    >>> cfg = ValueTrainConfig.from_preset("smoke", epochs=2, lr="1e-3", **{"model.lora_r": "4"})
-    >>> cfg.epochs, cfg.lr, cfg.model.num_layers, cfg.model.lora_r
-    (2, 0.001, 4, 4)
+The architecture (`model:`) is one of two kinds, told apart by `kind`: an engine value (`kind:
+engine`, a linear head on residual-stream layers the serving engine computes anyway, `value_layers`)
+or a LoRA value (`kind: lora`, a LoRA-adapted backbone of the first layers with a head, scored by
+the server's scorer). A key that does not belong to the kind is refused, never ignored.
+
+    >>> cfg = ValueTrainConfig.from_preset("smoke-lora", epochs=2, lr="1e-3", **{"model.lora_r": "4"})
+    >>> cfg.epochs, cfg.lr, cfg.model.kind, cfg.model.num_layers, cfg.model.lora_r
+    (2, 0.001, 'lora', 4, 4)
+    >>> ValueTrainConfig.from_preset("smoke", **{"model.lora_r": "8"})
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid value-training options: model.lora_r applies to a LoRA value (model.kind=lora), not an engine value (model.kind=engine, keys: kind, value_layers, dtype); set model.kind=lora too, or use a preset of that kind
+    >>> ValueTrainConfig.from_preset("smoke", **{"model.kind": "lora", "model.lora_r": "8"}).model.lora_r
+    8
     >>> ValueTrainConfig.from_dict({"eval_fraction": 1.5})
     Traceback (most recent call last):
     ...
@@ -14,9 +25,9 @@ overrides (trainer.options), bounds in the types.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.engine_args import resolve_value_layers
 from trainer.options import load_preset, merge, nest, short_error
@@ -25,11 +36,54 @@ from valuefn.model import ValueModelConfig
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
-def default_model() -> ValueModelConfig:
-    """4 of SmolLM2's 30 decoder layers: on 1,760 labelled demo rollouts the first 4 layers ranked
-    held-out rewards as well as the first 8 (Spearman 0.60 vs 0.57) at half the training and
-    scoring cost (scoring is what guided decoding pays for)."""
-    return ValueModelConfig(num_layers=4)
+class EngineValue(BaseModel):
+    """An engine value (the default): a linear head on hidden states of the frozen base model that the
+    serving engine computes while it generates (no LoRA, `mean_before` pooling), so guided decoding
+    needs no value forward pass. Only the head trains."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["engine"] = "engine"
+    value_layers: str = "auto"
+    """The residual-stream layers the head reads: "auto" (the layers a server exposes by default,
+    `common.engine_args.default_value_layers`), "none" (the final normed hidden state) or "8,15".
+    Must be layers the serving engine exposes (`iro serve --engine-value-layers`)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """The dtype it trains in ("auto": this machine's choice, `common.dtype`)."""
+
+    @field_validator("value_layers")
+    @classmethod
+    def _layers_parse(cls, spec: str) -> str:
+        resolve_value_layers(spec, 1 << 16)  # refused here, with the option's name, if malformed
+        return spec
+
+    def architecture(self, total_layers: int) -> ValueModelConfig:
+        """The value model on a base model of `total_layers` decoder layers."""
+        layers = resolve_value_layers(self.value_layers, total_layers)
+        return ValueModelConfig.for_engine_value(feature_layers=list(layers) or None, dtype=self.dtype)
+
+
+class LoraValue(ValueModelConfig):
+    """A LoRA value: the first `num_layers` decoder layers of the base model with LoRA adapters and a
+    head (valuefn.model.ValueModelConfig's fields), scored by the server's scorer: the option for values
+    on another backbone or where the engine cannot compute values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["lora"] = "lora"
+    num_layers: int | None = Field(4, ge=1)
+    """Decoder layers of the backbone to keep (None: all). 4 of SmolLM2's 30: on 1,760 labelled demo
+    rollouts the first 4 layers ranked held-out rewards as well as the first 8 (Spearman 0.60 vs
+    0.57) at half the training and scoring cost (scoring is what guided decoding pays for)."""
+
+    def architecture(self, total_layers: int) -> ValueModelConfig:
+        return ValueModelConfig(**self.model_dump(exclude={"kind"}))
+
+
+ValueArchitecture = Annotated[Union[EngineValue, LoraValue], Field(discriminator="kind")]
+KINDS: dict[str, type[BaseModel]] = {"engine": EngineValue, "lora": LoraValue}
+RENAMED = {"engine_head": "model.kind (engine or lora)", "engine_layers": "model.value_layers"}
+"""Options of earlier releases and what replaced them (refused with this hint)."""
 
 
 class ValueTrainConfig(BaseModel):
@@ -37,19 +91,11 @@ class ValueTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
-    # --- the value model (ignored when initialising from the previous version: it fixes the architecture)
-    model: ValueModelConfig = Field(default_factory=default_model)
-    """Architecture of a new value (valuefn.model.ValueModelConfig: num_layers, lora_r, lora_alpha,
-    lora_dropout, dtype, pooling). Its keys may also be given at the top level (`lora_r: 8`)."""
-    engine_head: bool = True
-    """True (the default): an engine value, a linear head on hidden states of the frozen base model
-    that the serving engine computes while it generates (no LoRA, `mean_before` pooling): guided
-    decoding then needs no value forward pass. Replaces `model` (keeping its dtype). False: the
-    value is `model` (a LoRA value on the first layers, scored by the server's scorer)."""
-    engine_layers: str = "auto"
-    """With `engine_head`: the residual-stream layers the head reads ("auto": the layers a server
-    exposes by default, `common.engine_args.default_value_layers`; "none": the final normed hidden
-    state; or "8,15"). Must be layers the serving engine exposes (`iro serve --engine-value-layers`)."""
+    # --- the value's architecture (when initialising from the previous version, that version's is kept)
+    model: ValueArchitecture = Field(default_factory=EngineValue)
+    """`kind: engine` (EngineValue: value_layers, dtype) or `kind: lora` (LoraValue: num_layers,
+    lora_r, lora_alpha, lora_dropout, target_modules, dtype, pooling, feature_layers). A LoRA value's
+    keys may also be given at the top level (`lora_r: 8`)."""
     init_from_previous: bool = True
     """Start from the CURRENT version of the value in the registry (V_{t-1}) when there is one."""
 
@@ -94,37 +140,44 @@ class ValueTrainConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _model_keys_at_the_top(cls, data: Any) -> Any:
-        """`lora_r: 8` means `model: {lora_r: 8}`; unknown keys are refused with the known ones."""
+    def _model_keys(cls, data: Any) -> Any:
+        """`lora_r: 8` means `model: {lora_r: 8}`; unknown keys, the options of earlier releases and
+        keys of the other kind are refused, naming what applies."""
         if not isinstance(data, dict):
             return data
-        flat = {k: data[k] for k in data if k in ValueModelConfig.model_fields and k not in cls.model_fields}
+        renamed = sorted(set(data) & set(RENAMED))
+        if renamed:
+            raise ValueError("; ".join(f"{k} was replaced by {RENAMED[k]}" for k in renamed)
+                             + " (see trainer/presets/full.yaml and full-lora.yaml)")
+        model_keys = set(KINDS["engine"].model_fields) | set(KINDS["lora"].model_fields)
+        flat = {k: data[k] for k in data if k in model_keys and k not in cls.model_fields}
         unknown = sorted(set(data) - set(cls.model_fields) - set(flat))
         if unknown:
-            known = sorted(set(cls.model_fields) | set(ValueModelConfig.model_fields))
+            known = sorted(set(cls.model_fields) | model_keys)
             raise ValueError(f"unknown value-training option(s) {', '.join(unknown)}; known: {', '.join(known)}")
         model = data.get("model")
-        if isinstance(model, dict):
-            unknown = sorted(set(model) - set(ValueModelConfig.model_fields))
-            if unknown:
-                raise ValueError(f"unknown value model option(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(ValueModelConfig.model_fields)}")
-        if not flat:
-            return data
-        model = model.model_dump(exclude_unset=True) if isinstance(model, ValueModelConfig) else dict(model or {})
-        return {**{k: v for k, v in data.items() if k not in flat}, "model": {**model, **flat}}
-
-    @model_validator(mode="after")
-    def _engine_layers_parse(self) -> "ValueTrainConfig":
-        resolve_value_layers(self.engine_layers, 1 << 16)  # refused here, with the option's name, if malformed
-        return self
+        if isinstance(model, BaseModel):
+            model = model.model_dump(exclude_unset=True) | {"kind": model.kind}
+        model = {**(model or {}), **flat}
+        kind = model.setdefault("kind", "engine")
+        if kind in KINDS:
+            other = next(k for k in KINDS if k != kind)
+            wrong = sorted(set(model) - set(KINDS[kind].model_fields))
+            if wrong:
+                mine = ", ".join(KINDS[kind].model_fields)
+                known = set(KINDS[other].model_fields)
+                for key in wrong:
+                    if key in known:
+                        raise ValueError(f"model.{key} applies to {_label(other, article=True)} (model.kind={other}), not "
+                                         f"{_label(kind, article=True)} (model.kind={kind}, keys: {mine}); "
+                                         f"set model.kind={other} too, or use a preset of that kind")
+                raise ValueError(f"unknown value model option(s) {', '.join(wrong)} for model.kind={kind}; "
+                                 f"known: {mine}")
+        return {**{k: v for k, v in data.items() if k not in flat}, "model": model}
 
     def architecture(self, total_layers: int) -> ValueModelConfig:
         """The value model to build on a base model of `total_layers` decoder layers."""
-        if not self.engine_head:
-            return self.model
-        layers = resolve_value_layers(self.engine_layers, total_layers)
-        return ValueModelConfig.for_engine_head(feature_layers=list(layers) or None, dtype=self.model.dtype)
+        return self.model.architecture(total_layers)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -134,16 +187,27 @@ class ValueTrainConfig(BaseModel):
         try:
             return cls.model_validate(nest(values))
         except ValidationError as exc:
-            raise short_error(exc, "value-training options") from None
+            raise short_error(exc, "value-training options", hide=frozenset(KINDS)) from None
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> "ValueTrainConfig":
         """A preset by name (`smoke`, `full`; see trainer/presets/) or a path to a YAML file, then
-        overrides (`epochs=2`, `**{"model.lora_r": 8}`)."""
-        return cls.from_dict(merge(nest(load_preset(preset, PRESETS_DIR)), nest(overrides)))
+        overrides (`epochs=2`, `**{"model.lora_r": 8}`). An override of `model.kind` to another kind
+        replaces the preset's `model:` section (its keys belong to the other kind)."""
+        base, extra = nest(load_preset(preset, PRESETS_DIR)), nest(overrides)
+        base_model, extra_model = base.get("model") or {}, extra.get("model") or {}
+        if isinstance(extra_model, dict) and "kind" in extra_model and isinstance(base_model, dict) \
+                and base_model.get("kind", "engine") != extra_model["kind"]:
+            base = {k: v for k, v in base.items() if k != "model"}
+        return cls.from_dict(merge(base, extra))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
 
-__all__ = ["PRESETS_DIR", "ValueTrainConfig"]
+def _label(kind: str, article: bool = False) -> str:
+    label = {"engine": "engine value", "lora": "LoRA value"}[kind]
+    return f"{'an' if kind == 'engine' else 'a'} {label}" if article else label
+
+
+__all__ = ["PRESETS_DIR", "EngineValue", "LoraValue", "ValueArchitecture", "ValueTrainConfig"]

@@ -73,35 +73,39 @@ def init(
     name: str,
     values_dir: Optional[Path] = ValuesDir,
     model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
-    layers: Optional[int] = typer.Option(4, help="With --lora: backbone decoder layers to keep (0: all)."),
+    layers: Optional[int] = typer.Option(None, help="With --lora: backbone decoder layers to keep (0: all; default 4)."),
     seed: int = typer.Option(0),
-    pooling: str = typer.Option("mean", help="With --lora: mean: V averages the head over the response tokens; "
-                                             "last: the last token's output."),
-    engine_head: bool = typer.Option(True, "--engine-head/--lora", help="--engine-head (default): an engine value, a "
-                                     "head on hidden states of the frozen base model that the engine computes while "
-                                     "generating. --lora: LoRA on the first --layers layers, run by the server's scorer."),
-    engine_layers: str = typer.Option("auto", help='With --engine-head: the residual-stream layers it reads ("auto": '
-                                      'the layers a server exposes by default; "none": the final hidden state; "8,15").'),
+    pooling: Optional[str] = typer.Option(None, help="With --lora: mean (default): V averages the head over the "
+                                                     "response tokens; last: the last token's output."),
+    engine_value: bool = typer.Option(True, "--engine-value/--lora", help="--engine-value (default): an engine value, "
+                                      "a head on hidden states of the frozen base model that the engine computes while "
+                                      "generating. --lora: LoRA on the first --layers layers, run by the server's scorer."),
+    value_layers: Optional[str] = typer.Option(None, help='With --engine-value: the residual-stream layers it reads '
+                                               '("auto", the default: the layers a server exposes by default; "none": '
+                                               'the final hidden state; "8,15").'),
 ):
     """Publish a new untrained version of NAME (fresh head; v0001, then v0002, ...)."""
+    from common.engine_args import resolve_value_layers
     from common.model_store import resolve_model
     from valuefn.loader import init_value
-    from valuefn.model import ValueModelConfig
+    from valuefn.model import ValueModelConfig, backbone_identity
 
-    if pooling not in ("mean", "last", "mean_before"):
+    given = {"--layers": layers, "--pooling": pooling} if engine_value else {"--value-layers": value_layers}
+    for flag, value in given.items():  # an option of the other kind is refused, never ignored
+        if value is not None:
+            raise typer.BadParameter(f"applies to {'a LoRA value (--lora)' if engine_value else 'an engine value'}, "
+                                     f"not {'an engine value' if engine_value else 'a LoRA value'}", param_hint=flag)
+    if pooling not in (None, "mean", "last", "mean_before"):
         raise typer.BadParameter(f"expected mean, last or mean_before, got {pooling!r}", param_hint="--pooling")
-    from common.engine_args import resolve_value_layers
-    from valuefn.model import backbone_identity
-
     path = resolve_model(model)
-    if engine_head:
+    if engine_value:
         try:
-            feature_layers = resolve_value_layers(engine_layers, backbone_identity(path)["total_layers"])
+            feature_layers = resolve_value_layers(value_layers or "auto", backbone_identity(path)["total_layers"])
         except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--engine-layers") from None
-        config = ValueModelConfig.for_engine_head(feature_layers=list(feature_layers) or None)
+            raise typer.BadParameter(str(exc), param_hint="--value-layers") from None
+        config = ValueModelConfig.for_engine_value(feature_layers=list(feature_layers) or None)
     else:
-        config = ValueModelConfig(num_layers=layers or None, pooling=pooling)
+        config = ValueModelConfig(num_layers=(4 if layers is None else layers) or None, pooling=pooling or "mean")
     with _clear_errors():
         version = init_value(_registry(values_dir), name, path, config, seed=seed)
     typer.echo(f"published {name} v{version}")

@@ -248,7 +248,7 @@ class ValueLoader:
         adapter, head = load_trained_tensors(directory, manifest)
         verified = time.perf_counter()
         run_as = manifest.model_copy(update={"model": manifest.model.model_copy(update={"dtype": self.dtype})})
-        if run_as.model.engine_head and self.engine_probe is not None:
+        if run_as.model.engine_value and self.engine_probe is not None:
             value = self._engine_value(name, version, manifest, run_as, adapter, head)
             if value is not None:
                 self._loaded[(name, version)] = value
@@ -271,7 +271,7 @@ class ValueLoader:
         self.pool.track(model, self.pool.merged_bytes(run_as.model))
         if not finite:
             raise CheckpointError(f"{name}@{version} produces non-finite values", reason="bad_values", path=directory)
-        if not model.config.engine_head:
+        if not model.config.engine_value:
             if architecture not in self._kv_reuse:
                 self._kv_reuse[architecture] = check_kv_reuse(value)
             value.kv_reuse = self._kv_reuse[architecture]

@@ -13,7 +13,7 @@ response mean; LoRA training with `last` pooling stayed near 0 on held-out rollo
 
 `mean_before` averages the scalars at the positions that *sampled* the response tokens (the
 prompt's last token .. the response's second-to-last). With `lora_r=0` and all layers
-(`engine_head`), the scalar is a linear head on the frozen base model's final hidden states,
+(an engine value), the scalar is a linear head on the frozen base model's final hidden states,
 which the serving engine computes anyway: such a value costs the search no forward pass of its
 own (the engine hands the head's outputs back with every sampled token).
 
@@ -95,9 +95,9 @@ class ValueModelConfig(BaseModel):
         return self
 
     @property
-    def engine_head(self) -> bool:
-        """True when V needs only hidden states the serving engine computes anyway: its final
-        normed ones (all layers), or the residual stream at `feature_layers`; no LoRA."""
+    def engine_value(self) -> bool:
+        """True for an engine value: V needs only hidden states the serving engine computes anyway
+        (its final normed ones, all layers, or the residual stream at `feature_layers`); no LoRA."""
         return (self.lora_r == 0 and self.pooling == "mean_before"
                 and (self.feature_layers is not None or self.num_layers is None))
 
@@ -107,7 +107,7 @@ class ValueModelConfig(BaseModel):
         return len(self.feature_layers) if self.feature_layers else 1
 
     @classmethod
-    def for_engine_head(cls, feature_layers: list[int] | None = None, **kwargs) -> "ValueModelConfig":
+    def for_engine_value(cls, feature_layers: list[int] | None = None, **kwargs) -> "ValueModelConfig":
         """An engine value: no LoRA, `mean_before` pooling, on the final normed hidden state
         (`feature_layers=None`) or on residual-stream layers the engine exposes."""
         return cls(num_layers=None, lora_r=0, pooling="mean_before", feature_layers=feature_layers, **kwargs)

@@ -142,11 +142,11 @@ class ValueChain:
     @functools.cached_property
     def engine_heads(self) -> tuple[tuple[float, ...], ...] | None:
         """Each member's head (D weights + bias) when every member is an engine value on the same
-        hidden states (`ValueModelConfig.engine_head`, one `engine_layers`): the engine can then
+        hidden states (`ValueModelConfig.engine_value`, one set of `feature_layers`): the engine can then
         value candidates as it samples them (`mean_before` over its per-token head outputs), with
         no forward pass here."""
         configs = [v.config for v, _ in self.links]
-        if not all(c.engine_head for c in configs) or len({tuple(c.feature_layers or ()) for c in configs}) != 1:
+        if not all(c.engine_value for c in configs) or len({tuple(c.feature_layers or ()) for c in configs}) != 1:
             return None
         return tuple(tuple(v.head_weights.tolist()) for v, _ in self.links)
 

@@ -117,7 +117,7 @@ def test_loop_presets_and_overrides():
     assert smoke.train_config().max_steps == 3
     named = LoopConfig.from_preset("smoke", name="yes", task="review-sentiment")
     assert named.name == "yes"  # names stay text (YAML would read `yes` as true)
-    deep = LoopConfig.from_preset("smoke", **{"train.model.lora_r": "2"})
+    deep = LoopConfig.from_preset("smoke", **{"train_preset": "smoke-lora", "train.model.lora_r": "2"})
     assert deep.train_config().model.lora_r == 2 and deep.train_config().model.lora_alpha == 16
 
 

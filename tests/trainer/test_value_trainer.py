@@ -22,11 +22,12 @@ from valuefn.scorer import ScoreItem, forward_values
 
 from .conftest import synthetic_records
 
-FAST = dict(engine_head=False, num_layers=None, lora_r=4, lora_alpha=8, dtype="float32", batch_size=16, progress=False, eval_fraction=0.25)
+LORA = dict(kind="lora", num_layers=None, lora_r=4, lora_alpha=8, dtype="float32")
+FAST = dict(batch_size=16, progress=False, eval_fraction=0.25)
 
 
-def config(**overrides) -> ValueTrainConfig:
-    return ValueTrainConfig(**(FAST | overrides))
+def config(model: dict | None = None, **overrides) -> ValueTrainConfig:
+    return ValueTrainConfig(model=model or LORA, **(FAST | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +119,15 @@ def test_one_step_changes_lora_and_head_but_not_the_backbone(tiny_backbone, exam
 
 
 @pytest.mark.parametrize("layers", ["auto", "none"])
-def test_an_engine_head_value_trains_only_its_head_on_the_frozen_base_model(tiny_backbone, examples, layers):
+def test_an_engine_value_trains_only_its_head_on_the_frozen_base_model(tiny_backbone, examples, layers):
     """Engine values (a head on the middle layer's residual stream by default, or on the final
     hidden state): only the head trains, on backbone features computed once (`_cache_features`);
     the cached features give the metrics a full forward gives."""
-    trainer = ValueTrainer(config(engine_head=True, engine_layers=layers, lr=3e-2, epochs=5), tiny_backbone)
+    engine = {"kind": "engine", "value_layers": layers, "dtype": "float32"}
+    trainer = ValueTrainer(config(engine, lr=3e-2, epochs=5), tiny_backbone)
     total = trainer.pool.identity["total_layers"]
     arch = trainer.model.config
-    assert arch.engine_head
+    assert arch.engine_value
     auto = list(default_value_layers(total))
     assert (arch.feature_layers, arch.num_layers) == ((auto, max(auto)) if layers == "auto" else (None, None))
     before = snapshot(trainer.model)

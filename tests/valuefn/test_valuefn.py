@@ -165,7 +165,7 @@ def test_engine_head_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, 
     from transformers import AutoModel
 
     config = ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype="float32")
-    assert config.engine_head and not F32.engine_head
+    assert config.engine_value and not F32.engine_value
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
     version = init_value(registry, "eh", tiny_model_dir, config, seed=1)
     value = ValueLoader(registry, pool, dtype="float32").load_version("eh", version)

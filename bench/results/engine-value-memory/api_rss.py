@@ -15,7 +15,7 @@ if __name__ == "__main__":
         api = psutil.Process(srv.proc.pid)
         rss = lambda: api.memory_info().rss / 2**20
         r0 = rss()
-        v = init_value(Registry(srv.values_dir), "m", mp, ValueModelConfig.for_engine_head(feature_layers=[2, 15, 27]))
+        v = init_value(Registry(srv.values_dir), "m", mp, ValueModelConfig.for_engine_value(feature_layers=[2, 15, 27]))
         with httpx.Client(base_url=srv.url, timeout=600) as h:
             while True:
                 d = {x["name"]: x for x in h.get("/v1/values").json()["data"]}
