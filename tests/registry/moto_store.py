@@ -2,73 +2,16 @@
 reached with boto3 through the standard settings (`AWS_ENDPOINT_URL`, dummy credentials).
 
 Import the fixtures where they are used: `from tests.registry.moto_store import moto, bucket  # noqa: F401`.
-
-moto checks a conditional PutObject (If-None-Match / If-Match) and then stores the object in two
-steps while serving each request on its own thread; real S3 applies the condition atomically. The
-session fixture makes moto's PutObject handler one critical section so the store gives the
-guarantee S3 documents, and the race tests exercise our code, not moto's thread interleaving.
+The server is `bench.moto_s3`'s (its docstring says why its conditional PutObject is made atomic).
 """
 
 from __future__ import annotations
 
-import socket
-import threading
 import uuid
-from dataclasses import dataclass
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class MotoEndpoint:
-    """One ThreadedMotoServer; `stop()`/`start()` make an outage on the same port (the stored
-    objects live in this process's moto backends and survive it)."""
-
-    port: int
-    server: object = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-
-def _atomic_conditional_puts() -> None:
-    from moto.s3.responses import S3Response
-
-    if getattr(S3Response.put_object, "_atomic", False):
-        return
-    lock, put_object = threading.Lock(), S3Response.put_object
-
-    def atomic_put_object(self):
-        with lock:
-            return put_object(self)
-
-    atomic_put_object._atomic = True
-    S3Response.put_object = atomic_put_object
-
-
-def start_endpoint() -> MotoEndpoint:
-    _atomic_conditional_puts()
-    endpoint = MotoEndpoint(free_port())
-    endpoint.start()
-    return endpoint
+from bench.moto_s3 import MotoEndpoint, free_port, start_endpoint  # noqa: F401 (re-exported to the tests)
 
 
 @pytest.fixture(scope="session")
