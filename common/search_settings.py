@@ -50,6 +50,8 @@ class SearchOverrides(BaseModel):
     k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs) or N (bon).")
     l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs).")
     s: int | None = Field(None, ge=1, description="Independent subtrees (dvts).")
+    budget_tokens: int | None = Field(None, ge=1, description="Tokens the search may generate in all; without "
+                                      "w/k it plans them from it.")
 
     def given(self) -> dict:
         """The fields that were set (for a request body or a log line)."""
@@ -67,6 +69,8 @@ class SearchSettings(BaseModel):
     l: int = Field(8, ge=1)
     s: int | None = Field(None, ge=1)
     """dvts: independent subtrees of w beams each (None: w subtrees of one beam, search-and-learn's DVTS)."""
+    budget_tokens: int | None = Field(None, ge=1)
+    """Tokens the search may generate, every candidate counted (None: no budget)."""
 
     def resolve(self, overrides: SearchOverrides | None) -> SearchSettings:
         """These settings with every field the overrides set replaced."""

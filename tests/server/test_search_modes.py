@@ -241,3 +241,14 @@ def test_fit_budget_cuts_every_chunk_to_an_equal_share():
     assert fit_budget([(3, 4), (1, 2)], 14) == [4, 2]
     assert fit_budget([(3, 4), (1, 2)], 9) == [2, 2]
     assert fit_budget([(3, 4), (1, 2)], 3) is None
+
+
+def test_doctests_of_the_search_modules():
+    import doctest
+
+    import common.search_settings
+    import server.guided
+    import server.search
+
+    for module in (server.search, server.guided, common.search_settings):
+        assert doctest.testmod(module).failed == 0, module.__name__

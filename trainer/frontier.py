@@ -1,0 +1,135 @@
+"""The reward-vs-compute frontier: every way of spending test-time compute on the same held-out
+prompts, at token budgets from 1x to 32x what one plain answer may cost (max_tokens).
+
+    base        plain sampling (1x)
+    bon-N       Best-of-N ranked by the value (N = the budget multiple; one shared set of samples)
+    oracle-N    Best-of-N ranked by the reward itself (the headroom a value could reach)
+    <mode>-Bx   a guided search (cbs, pf, dvts) with `guidance.budget_tokens = B x max_tokens` and
+                nothing else set: the server plans its widths from the budget (server.guided.plan_widths)
+
+Reported per arm: mean reward with a 95% bootstrap CI, distinct-2, tokens and wall seconds per
+prompt; `eval.json`, `eval.md`, `reward_vs_tokens.png` (trainer.evaluate.write_results) and
+`reward_vs_seconds.png` in the output folder. Against a running server:
+
+    python -m trainer.frontier --task review-sentiment --value review --out runs/frontier --budgets 1,4,16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from common.search_settings import SearchOverrides
+from trainer.eval_results import MethodResult
+from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
+
+SWEEP_MODES = ("cbs", "pf", "dvts")
+MODE_STYLES = {"cbs": ("#d62728", "s"), "pf": ("#2ca02c", "D"), "dvts": ("#9467bd", "P")}
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetMethod(Method):
+    """A guided search given only its mode and a token budget."""
+
+    def settings(self) -> str:
+        return f"{self.search.mode}, budget {self.search.budget_tokens} tokens ({self.n}x), widths planned"
+
+
+def budget_methods(value: str, budgets: Sequence[int], modes: Sequence[str], max_tokens: int) -> list[Method]:
+    """One arm per (mode, budget multiple > 1).
+
+    >>> [m.name for m in budget_methods("v", [1, 4], ["cbs", "pf"], 32)]
+    ['cbs-4x', 'pf-4x']
+    >>> budget_methods("v", [4], ["pf"], 32)[0].search.given()
+    {'mode': 'pf', 'budget_tokens': 128}
+    """
+    return [BudgetMethod(f"{mode}-{b}x", f"{mode.upper()} {b}x", "cbs", value, n=b,
+                         search=SearchOverrides(mode=mode, budget_tokens=b * max_tokens))
+            for b in sorted(set(budgets)) if b > 1 for mode in modes]
+
+
+def sweep(prompts, out: str | Path, *, value: str, reward: str, template, budgets: Sequence[int] = (1, 2, 4, 8, 16, 32),
+          modes: Sequence[str] = SWEEP_MODES, oracle: bool = True) -> list[MethodResult]:
+    """Every arm on `prompts` (resumable: each arm's answers land in `out`); base first."""
+    results = evaluate(prompts, [BASE], out, reward=reward, template=template)
+    if max(budgets) > 1:
+        results += best_of_n(prompts, budgets, out, reward=reward, template=template, value=value, oracle=oracle)
+    results += evaluate(prompts, budget_methods(value, budgets, modes, template.max_tokens), out, reward=reward,
+                        template=template)
+    return results
+
+
+def plot_reward_vs_seconds(results: Sequence[MethodResult], path: str | Path, *, title: str = "") -> Path:
+    """Mean reward (95% CI) against wall seconds per prompt, one curve per arm family."""
+    from trainer.plots import BASE_COLOR, BON_COLOR, _errors, _figure
+
+    fig, ax = _figure()
+    families = {"Best-of-N (value)": [r for r in results if r.kind in ("base", "bon")],
+                "Best-of-N (reward)": [r for r in results if r.kind == "oracle"]}
+    for mode in SWEEP_MODES:
+        families[mode.upper()] = [r for r in results if r.name.startswith(f"{mode}-")]
+    styles = {"Best-of-N (value)": (BON_COLOR, "o"), "Best-of-N (reward)": (BASE_COLOR, "^")} | {
+        m.upper(): s for m, s in MODE_STYLES.items()}
+    for label, rs in families.items():
+        rs = sorted(rs, key=lambda r: r.n)
+        if rs:
+            color, marker = styles[label]
+            ax.errorbar([r.seconds / max(1, r.prompts) for r in rs], [r.mean for r in rs], yerr=_errors(rs),
+                        color=color, marker=marker, capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall seconds per prompt (log)")
+    ax.set_ylabel("mean reward (95% CI)")
+    ax.set_title(title or "reward vs wall time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def main(task: str = "review-sentiment", out: Path = Path("frontier"), value: Optional[str] = None,
+         server: Optional[str] = None, api_key: Optional[str] = None, n_prompts: int = 16,
+         budgets: str = "1,2,4,8,16,32", modes: str = ",".join(SWEEP_MODES), max_tokens: Optional[int] = None,
+         concurrency: int = 8, seed: int = 0, oracle: bool = True, progress: bool = True) -> None:
+    """Sweep base, Best-of-N (value and reward) and the search modes over token budgets."""
+    import os
+
+    import typer
+
+    from trainer.jobs_cli import _load_task, _server, resolve_value
+    from trainer.rollout import RolloutConfig
+
+    if value is None:
+        raise typer.BadParameter("a value is needed (--value name or name@N)", param_hint="--value")
+    wanted_modes = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = sorted(set(wanted_modes) - set(SWEEP_MODES))
+    if unknown:
+        raise typer.BadParameter(f"unknown modes {unknown} (known: {', '.join(SWEEP_MODES)})", param_hint="--modes")
+    multiples = sorted({int(b) for b in budgets.split(",") if b.strip()})
+    if not multiples or multiples[0] < 1:
+        raise typer.BadParameter("budgets are multiples of max_tokens, each >= 1", param_hint="--budgets")
+    spec = _load_task(task)
+    url, key = _server(server), api_key or os.environ.get("IRO_API_KEY")
+    value = resolve_value(url, key, value)
+    template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
+                             max_tokens=max_tokens or spec.max_tokens, temperature=spec.temperature)
+    prompts = spec.items("eval", n_prompts)
+    results = sweep(prompts, out, value=value, reward=spec.reward, template=template, budgets=multiples,
+                    modes=wanted_modes, oracle=oracle)
+    meta = {"task": spec.name, "prompts": len(prompts), "value": value, "reward": spec.reward,
+            "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": seed,
+            "budgets": f"{multiples} x max_tokens"}
+    title = f"{spec.name}: reward vs compute"
+    paths = write_results(results, out, title=title, meta=meta)
+    paths["png_seconds"] = plot_reward_vs_seconds(results, Path(out) / "reward_vs_seconds.png", title=title)
+    with paths["md"].open("a") as f:
+        f.write(f"![reward vs wall time]({paths['png_seconds'].name})\n")
+    typer.echo(paths["md"].read_text())
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(main)
