@@ -41,7 +41,7 @@ def _completion(row) -> StoredCompletion:
     response = row.response
     choices = [{**c, "token_ids": ids} for c, ids in zip(response.get("choices", []), row.completion_token_ids)]
     return StoredCompletion.model_validate({**response, "choices": choices, "prompt_token_ids": row.prompt_token_ids,
-                                           "metadata": row.metadata or {}, "request": row.request,
+                                           "metadata": row.metadata or {}, "request": row.request, "prompt_text": row.prompt_text,
                                            "policy": row.policy})
 
 
