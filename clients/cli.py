@@ -17,21 +17,22 @@ from rich.markup import escape
 from clients.client import IroClient
 from clients.errors import IroClientError
 from common.protocol import GuidanceInfo, UsageInfo
+from common.search_settings import SEARCH_MODES, SearchOverrides
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
-class Mode(str, Enum):
-    cbs = "cbs"
-    bon = "bon"
+Mode = Enum("Mode", {m: m for m in SEARCH_MODES}, type=str)
+"""`--mode` choices: every mode of `common.search_settings.SearchMode`."""
 
 
 URL = typer.Option(None, "--url", help="Server root (env IRO_BASE_URL; default http://127.0.0.1:8000).")
 API_KEY = typer.Option(None, "--api-key", help="Bearer token (env IRO_API_KEY).")
 MODEL = typer.Option(None, "--model", help="Model id (default: the server's base model; `<base>+<value>` also works).")
 VALUE = typer.Option(None, "--value", help='Value function guiding decoding: "name" or "name@3".')
-MODE = typer.Option(None, "--mode", help="Guided search: cbs (chunk-level beam search) or bon (best-of-N).")
+MODE = typer.Option(None, "--mode", help="Guided search: cbs (chunk-level beam search), bon (best-of-N), or another "
+                    "mode of the server's (default: the value's).")
 MAX_TOKENS = typer.Option(256, "--max-tokens", min=1, help="Most tokens to generate.")
 TEMPERATURE = typer.Option(None, "--temperature", min=0.0, max=2.0, help="Sampling temperature (server default 1.0).")
 STREAM = typer.Option(False, "--stream", help="Print the answer as it is generated.")
@@ -56,7 +57,8 @@ def footer(model: str, finish: str | None, usage: UsageInfo | None, guidance: Gu
 
 
 def _guidance(value: str | None, mode: Mode | None) -> dict[str, Any] | None:
-    guidance = {k: v for k, v in (("value", value), ("mode", mode.value if mode else None)) if v is not None}
+    search = SearchOverrides(mode=mode.value if mode else None)
+    guidance = ({"value": value} if value is not None else {}) | search.given()
     return guidance or None
 
 

@@ -10,7 +10,7 @@ every candidate a search sampled: the cost axis of the paper's test-time scaling
               of max(N) samples per prompt shared by every N, scored through POST /v1/score)
     oracle-N  N samples from the base model, the one the reward scores highest (an upper bound for bon-N;
               the paper's Best-of-N ranks with its reward model)
-    iro       chunk-level beam search guided by the value chain (guidance mode cbs, w/k/l)
+    iro       chunk-level beam search guided by the value chain (guidance mode cbs, w/k/l: a SearchSettings)
     distilled plain sampling (N = 1) from a distilled policy adapter, requested by its model name
 
     methods = standard_methods("review@3", bon=[1, 2, 4, 8, 16])
@@ -28,10 +28,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
+from common.search_settings import SearchOverrides, SearchSettings
+from trainer.eval_results import MethodResult, markdown_table
 from trainer.rollout import PromptItem, RolloutConfig, RolloutError, read_records, run_rollout, write_atomic
 
 log = logging.getLogger(__name__)
@@ -93,19 +95,18 @@ class Method:
     """Value chain for bon/cbs (`name@N` pins a version)."""
     n: int = 1
     """Samples per prompt that a bon answer chooses from (1 for base)."""
-    w: int | None = None
-    k: int | None = None
-    l: int | None = None
+    search: SearchSettings | None = None
+    """The search of an IRO (`cbs`) method, every field pinned; None: cbs with the value's defaults."""
     model: str | None = None
     """Model id to request (a distilled policy's name); None: the server's base model."""
 
     def rollout_config(self, template: RolloutConfig) -> RolloutConfig:
         if self.kind in ("base", "distilled"):
-            guided = dict(value=None, mode=None, w=None, k=None, l=None)
+            guided = dict(value=None, search=None)
         elif self.kind == "bon":
-            guided = dict(value=self.value, mode="bon", w=None, k=self.n, l=None)
+            guided = dict(value=self.value, search=SearchOverrides(mode="bon", k=self.n))
         else:
-            guided = dict(value=self.value, mode="cbs", w=self.w, k=self.k, l=self.l)
+            guided = dict(value=self.value, search=self.search or SearchOverrides(mode="cbs"))
         model = {"model": self.model} if self.model is not None else {}
         return dataclasses.replace(template, samples_per_prompt=1, record_usage=True, **guided, **model)
 
@@ -117,7 +118,7 @@ class Method:
 
     def settings(self) -> str:
         if self.kind == "cbs":
-            return f"w={self.w} k={self.k} l={self.l}"
+            return search_text(self.search) if self.search is not None else "the value's defaults"
         if self.kind == "oracle":
             return f"N={self.n}, ranked by the reward"
         if self.kind == "distilled":
@@ -125,11 +126,24 @@ class Method:
         return f"N={self.n}"
 
 
+def search_text(search: SearchSettings, *, mode: bool = False) -> str:
+    """A search as reports write it: w, k and l, other fields where they differ from their defaults,
+    the mode first when `mode` is true or it is not cbs.
+
+    >>> search_text(SearchSettings(w=2)), search_text(SearchSettings(), mode=True)
+    ('w=2 k=4 l=8', 'CBS w=4 k=4 l=8')
+    """
+    fields, defaults = search.model_dump(), SearchSettings().model_dump()
+    kind = fields.pop("mode")
+    text = " ".join(f"{k}={v}" for k, v in fields.items() if k in ("w", "k", "l") or v != defaults.get(k))
+    return f"{kind.upper()} {text}" if mode or kind != "cbs" else text
+
+
 BASE = Method("base", "base (N=1)", "base")
 """Plain sampling from the frozen model."""
 
 
-def standard_methods(value: str | None, *, bon: Sequence[int] = (1, 2, 4, 8, 16), cbs: tuple[int, int, int] = (4, 4, 8),
+def standard_methods(value: str | None, *, bon: Sequence[int] = (1, 2, 4, 8, 16), cbs: SearchSettings = SearchSettings(),
                      iro_label: str = "IRO", iro_name: str = "iro", include_iro: bool = True) -> list[Method]:
     """base (N=1), Best-of-N for every N > 1 in `bon`, and IRO (CBS), the last two only with a value.
 
@@ -147,45 +161,8 @@ def standard_methods(value: str | None, *, bon: Sequence[int] = (1, 2, 4, 8, 16)
         if n > 1:
             methods.append(Method(f"bon-{n}", f"Best-of-{n}", "bon", value, n=n))
     if include_iro:
-        w, k, l = cbs
-        methods.append(Method(iro_name, iro_label, "cbs", value, w=w, k=k, l=l))
+        methods.append(Method(iro_name, iro_label, "cbs", value, search=cbs))
     return methods
-
-
-@dataclass
-class MethodResult:
-    """What one method scored on the evaluation prompts."""
-
-    name: str
-    label: str
-    kind: str
-    settings: str
-    value: str | None
-    versions: list[int]
-    prompts: int
-    mean: float
-    ci_low: float
-    ci_high: float
-    std: float
-    distinct2: float
-    tokens: int
-    """Completion tokens generated in all (every candidate of a search)."""
-    tokens_per_prompt: float
-    seconds: float
-    n: int = 1
-    kl_to_base: float | None = None
-    """Distilled policies: KL(policy || base) per response token on the distillation's held-out rollouts."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MethodResult:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
-
-    def ci_text(self) -> str:
-        return f"{self.mean:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
 
 
 def summarize(method: Method, records: Sequence[dict], rewards: Sequence[float], seconds: float) -> MethodResult:
@@ -235,8 +212,7 @@ def best_of_n(prompts: list[PromptItem], ns: Sequence[int], out_dir: str | Path,
     from trainer.rewards import label_records, parse_reward
 
     n_max = max(ns)
-    config = dataclasses.replace(template, samples_per_prompt=n_max, record_usage=True, value=None, mode=None,
-                                 w=None, k=None, l=None)
+    config = dataclasses.replace(template, samples_per_prompt=n_max, record_usage=True, value=None, search=None)
     path = Path(out_dir) / "oracle.jsonl"
     stats = run_rollout(prompts, path, config)
     if not stats.complete:
@@ -306,22 +282,6 @@ def evaluate(prompts: list[PromptItem], methods: Sequence[Method], out_dir: str 
 
 
 # --------------------------------------------------------------------------- reports
-def markdown_table(results: Sequence[MethodResult]) -> str:
-    """A markdown table of results (one row per method); a `KL to base` column when a distilled
-    policy is among them."""
-    kl = any(r.kl_to_base is not None for r in results)
-    lines = ["| method | settings | value | mean reward [95% CI] | distinct-2 | tokens/prompt | wall s |"
-             + (" KL to base |" if kl else ""), "|---|---|---|---|---|---|---|" + ("---|" if kl else "")]
-    for r in results:
-        value = f"{r.value} (chain {','.join(map(str, r.versions))})" if r.value else "-"
-        row = (f"| {r.label} | {r.settings} | {value} | {r.ci_text()} | {r.distinct2:.3f} | "
-               f"{r.tokens_per_prompt:.0f} | {r.seconds:.0f} |")
-        if kl:
-            row += " - |" if r.kl_to_base is None else f" {r.kl_to_base:.4f} |"
-        lines.append(row)
-    return "\n".join(lines)
-
-
 def write_results(results: Sequence[MethodResult], out_dir: str | Path, *, title: str = "Evaluation",
                   meta: dict | None = None) -> dict[str, Path]:
     """`eval.json`, `eval.md` and `reward_vs_tokens.png` in `out_dir`; returns their paths."""
@@ -338,5 +298,6 @@ def write_results(results: Sequence[MethodResult], out_dir: str | Path, *, title
     return paths
 
 
-__all__ = ["BASE", "Method", "MethodResult", "best_of_n", "distinct_n", "evaluate", "evaluate_method", "markdown_table", "mean_ci",
-           "oracle_best_of_n", "standard_methods", "summarize", "value_scores", "write_results"]
+__all__ = ["BASE", "Method", "MethodResult", "best_of_n", "distinct_n", "evaluate", "evaluate_method", "markdown_table",
+           "mean_ci", "oracle_best_of_n", "search_text", "standard_methods", "summarize", "value_scores",
+           "write_results"]

@@ -18,14 +18,15 @@ from typing import Optional
 
 import typer
 
+from common.search_settings import SEARCH_MODES
+
 SERVER = typer.Option(None, "--server", help="Server root (env IRO_BASE_URL; default http://127.0.0.1:8000).")
 API_KEY = typer.Option(None, "--api-key", help="Bearer token for /v1 (env IRO_API_KEY).")
 CONCURRENCY = typer.Option(16, "--concurrency", "-c", min=1, help="Requests in flight at once.")
 
 
-class Mode(str, Enum):
-    cbs = "cbs"
-    bon = "bon"
+Mode = Enum("Mode", {m: m for m in SEARCH_MODES}, type=str)
+"""`--mode` choices: every mode of `common.search_settings.SearchMode`."""
 
 
 class Backend(str, Enum):
@@ -77,7 +78,7 @@ def rollout(
     samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", "-n", min=1, help="Responses per prompt."),
     concurrency: int = CONCURRENCY,
     value: Optional[str] = typer.Option(None, help='Sample from the guided policy of this value: "name" or "name@3".'),
-    mode: Optional[Mode] = typer.Option(None, help="Guided search: cbs or bon (default: the value's)."),
+    mode: Optional[Mode] = typer.Option(None, help="Guided search mode (default: the value's)."),
     w: Optional[int] = typer.Option(None, "--w", min=1, help="Beam width (cbs)."),
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Successors per beam (cbs) or N (bon)."),
     l: Optional[int] = typer.Option(None, "--l", min=1, help="Chunk length in tokens (cbs)."),
@@ -95,13 +96,15 @@ def rollout(
     import os
 
     from clients.errors import IroClientError
+    from common.search_settings import SearchOverrides
     from trainer.rollout import RolloutConfig, RolloutError, read_prompts, run_rollout
 
     try:
         config = RolloutConfig(
             server=_server(server), api_key=api_key or os.environ.get("IRO_API_KEY"), model=model,
             samples_per_prompt=samples_per_prompt, concurrency=concurrency, value=value,
-            mode=mode.value if mode else None, w=w, k=k, l=l, temperature=temperature, max_tokens=max_tokens,
+            search=SearchOverrides(mode=mode.value if mode else None, w=w, k=k, l=l), temperature=temperature,
+            max_tokens=max_tokens,
             seed=seed, backend=backend.value, progress=progress, tokenizer=tokenizer)
         items = read_prompts(prompts)
         stats = run_rollout(items, out, config)
@@ -167,6 +170,7 @@ def eval_(
     import os
 
     from clients.errors import IroClientError
+    from common.search_settings import SearchOverrides
     from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
     from trainer.rewards import RewardError, resolve_reward
     from trainer.rollout import RolloutConfig, RolloutError
@@ -189,8 +193,7 @@ def eval_(
         if (value is not None or oracle) and max(ns) > 1:  # Best-of-N: one set of samples, both rankings
             results += best_of_n(prompts, ns, out, reward=reward, template=template, value=value, oracle=oracle)
         if iro and value is not None:
-            method = Method("iro", "IRO", "cbs", value, w=w or spec.search.w, k=k or spec.search.k,
-                            l=l or spec.search.l)
+            method = Method("iro", "IRO", "cbs", value, search=spec.search.resolve(SearchOverrides(w=w, k=k, l=l)))
             results += evaluate(prompts, [method], out, reward=reward, template=template)
     except (RolloutError, RewardError, ValueError) as exc:
         _fail(str(exc))

@@ -1,26 +1,69 @@
-"""The loop's report: `report.md` from a run's state (per-iteration table, baselines with the
-distilled policies, a verdict in plain language).
+"""The loop's report: `report.md` from plain data about a run (`ReportData`: per-iteration rows,
+baselines with the distilled policies, a verdict in plain language). It knows nothing of the loop
+object; `IroLoop.report` gathers the data from the run's state.
 
-    path = loop.report()        # IroLoop.report renders with `render_report(loop, iro, baselines)`
+    path.write_text(render_report(ReportData(...)))
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-from trainer.evaluate import MethodResult, markdown_table
+from common.search_settings import SearchSettings
+from trainer.eval_results import MethodResult, markdown_table
+from trainer.evaluate import search_text
+from trainer.loop_config import LoopConfig
 
-if TYPE_CHECKING:
-    from trainer.loop import IroLoop, RunState
+
+@dataclass(frozen=True)
+class IterationRow:
+    """One IRO iteration as the report shows it."""
+
+    t: int
+    value: str
+    """`name@version` of V_t (`name@None` when not published yet)."""
+    chain: list[int]
+    result: MethodResult | None
+    """IRO-t on the held-out prompts (None: not evaluated yet)."""
+    rollout_reward: float | None
+    heldout_mse: float | None
+    spearman: float | None
+    seconds: dict[str, float | None]
+    """Wall time of each stage: rollout, reward, train, serve, eval (None: not finished)."""
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything `report.md` says about a run, as plain data."""
+
+    config: LoopConfig
+    value_name: str
+    task: str
+    task_source: str
+    reward: str
+    server: str
+    registry: str
+    run_id: str
+    max_tokens: int
+    temperature: float
+    eval_search: SearchSettings
+    """IRO-t's search at evaluation (the task's, with the loop's options over it)."""
+    final_value: str
+    """`name@version` of the final chain (Best-of-N ranks by it)."""
+    total_seconds: float
+    rows: list[IterationRow]
+    iro: list[MethodResult]
+    baselines: list[MethodResult]
+    distilled: list[MethodResult] = field(default_factory=list)
+    distill_seconds: dict[str, float | None] = field(default_factory=dict)
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _seconds(state: RunState, key: str) -> str:
-    info = state.stage(key)
-    return f"{info['seconds']:.0f}" if info else "-"
+def _seconds(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def verdict(iro: list[MethodResult], baselines: list[MethodResult]) -> list[str]:
@@ -92,48 +135,42 @@ def distill_verdict(iro: list[MethodResult], baselines: list[MethodResult], dist
     return lines
 
 
-def render_report(loop: IroLoop, iro: list[MethodResult], baselines: list[MethodResult],
-                  distilled: list[MethodResult] = (), distill_seconds: dict[str, float] | None = None) -> str:
-    state, c = loop.state, loop.config
+def render_report(data: ReportData) -> str:
+    """`report.md` of a run."""
+    d, c = data, data.config
     rows = ["| t | value (chain) | held-out reward [95% CI] | distinct-2 | tokens/prompt | train-rollout reward | "
             "value held-out MSE / Spearman | rollout s | reward s | train s | publish→serve s | eval s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for t in range(1, c.iterations + 1):
-        result = next((r for r in iro if r.label == f"IRO-{t}"), None)
-        train = state.stage(f"it{t}/train") or {}
-        reward = state.stage(f"it{t}/reward") or {}
-        chain = ",".join(map(str, train.get("chain") or []))
-        cells = [str(t), f"{loop.name}@{state.version(t)} ({chain})", result.ci_text() if result else "-",
+    for row in d.rows:
+        result = row.result
+        cells = [str(row.t), f"{row.value} ({','.join(map(str, row.chain))})", result.ci_text() if result else "-",
                  _fmt(result and result.distinct2, ".3f"), _fmt(result and result.tokens_per_prompt, ".0f"),
-                 _fmt(reward.get("mean_reward"), "+.3f"),
-                 f"{_fmt(train.get('heldout_mse'), '.4f')} / {_fmt(train.get('spearman'), '.3f')}"]
-        cells += [_seconds(state, f"it{t}/{s}") for s in ("rollout", "reward", "train", "serve", "eval")]
+                 _fmt(row.rollout_reward, "+.3f"), f"{_fmt(row.heldout_mse, '.4f')} / {_fmt(row.spearman, '.3f')}"]
+        cells += [_seconds(row.seconds.get(s)) for s in ("rollout", "reward", "train", "serve", "eval")]
         rows.append("| " + " | ".join(cells) + " |")
-    final = state.version(c.iterations)
-    w, k, l = loop.search
-    total = sum(info.get("seconds", 0.0) for info in state.data["stages"].values())
+    distilled = list(d.distilled)
     lines = [
-        f"# IRO loop: value `{loop.name}` on task `{loop.task.name}` ({loop.task.source})", "",
-        f"- server: {loop.server}; registry: {loop.registry.root}; run: {state.run_id}",
+        f"# IRO loop: value `{d.value_name}` on task `{d.task}` ({d.task_source})", "",
+        f"- server: {d.server}; registry: {d.registry}; run: {d.run_id}",
         f"- {c.iterations} iterations; {c.n_train_prompts} training prompts x {c.samples_per_prompt} samples per "
-        f"iteration (guided rollouts: CBS w={c.rollout_w} k={c.rollout_k} l={c.rollout_l}); {c.n_eval_prompts} "
-        f"held-out prompts; max_tokens {loop.max_tokens}, temperature {loop.temperature}; value training preset "
+        f"iteration (guided rollouts: {search_text(c.rollout_search, mode=True)}); {c.n_eval_prompts} "
+        f"held-out prompts; max_tokens {d.max_tokens}, temperature {d.temperature}; value training preset "
         f"`{c.train_preset}` {c.train or ''}",
-        f"- reward: `{loop.task.reward}`; IRO-t = CBS w={w} k={k} l={l} over V_1..V_t; Best-of-N ranked by "
-        f"{loop.name}@{final}; tokens = completion tokens generated per prompt, every candidate included",
-        f"- wall time of all stages: {total:.0f} s",
+        f"- reward: `{d.reward}`; IRO-t = {search_text(d.eval_search, mode=True)} over V_1..V_t; Best-of-N ranked by "
+        f"{d.final_value}; tokens = completion tokens generated per prompt, every candidate included",
+        f"- wall time of all stages: {d.total_seconds:.0f} s",
         *([f"- distilled: LoRA policies trained by `iro distill` ({', '.join(c.distill)}, preset "
            f"`{c.distill_preset}` {c.distill_options or ''}) on iteration {c.iterations}'s rollouts, sampled plainly "
            "(N=1) through their model names; KL to base = KL(policy || base) per response token on the "
            "distillation's held-out rollouts"] if distilled else []), "",
         "## Held-out reward per iteration", "", *rows, "",
-        f"## Baselines (held-out prompts, value {loop.name}@{final})", "", markdown_table(baselines + list(distilled) + iro), "",
-        "## Verdict", "", *closing_note(iro, baselines + list(distilled), total), *verdict(iro, baselines),
-        *distill_verdict(iro, baselines, list(distilled), distill_seconds), "",
+        f"## Baselines (held-out prompts, value {d.final_value})", "", markdown_table(d.baselines + distilled + d.iro),
+        "",
+        "## Verdict", "", *closing_note(d.iro, d.baselines + distilled, d.total_seconds), *verdict(d.iro, d.baselines),
+        *distill_verdict(d.iro, d.baselines, distilled, d.distill_seconds), "",
         "![reward vs tokens](reward_vs_tokens.png)", "", "![reward per iteration](reward_per_iteration.png)", "",
     ]
     return "\n".join(lines)
 
 
-
-__all__ = ["closing_note", "distill_verdict", "render_report", "verdict"]
+__all__ = ["IterationRow", "ReportData", "closing_note", "distill_verdict", "render_report", "verdict"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainer.evaluate import MethodResult
+    from trainer.eval_results import MethodResult
 
 BON_COLOR, IRO_COLOR, BASE_COLOR = "#1f77b4", "#d62728", "#7f7f7f"
 DISTILLED_STYLES = [("#2ca02c", "D"), ("#9467bd", "P"), ("#ff7f0e", "*")]

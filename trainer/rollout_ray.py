@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.rollout import JsonlAppender, PromptItem, RolloutConfig, RolloutError, RolloutStats, pending, make_record
+from trainer.rollout_config import SAMPLING_KEYS, RolloutConfig, RolloutError
+from trainer.rollout_records import JsonlAppender, PromptItem, RolloutStats, make_record, pending
+
 
 def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutConfig, *, model: str | None = None,
                     replicas: int = 1, batch_size: int = 64) -> RolloutStats:
@@ -62,6 +64,22 @@ def run_rollout_ray(items: list[PromptItem], out: str | Path, config: RolloutCon
     return stats
 
 
+def sampling_params_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A task's request fields (`trainer.rollout_config.SAMPLING_KEYS`, which vLLM's `SamplingParams`
+    names alike) as `SamplingParams` keyword arguments, with the server's defaults for the rest.
+
+    >>> sampling_params_kwargs({"temperature": 0.7, "max_tokens": 8, "logit_bias": {"42": -5}, "seed": None})
+    {'temperature': 0.7, 'max_tokens': 8, 'logit_bias': {42: -5}, 'top_p': 1.0, 'top_k': -1}
+    """
+    kwargs = {k: v for k, v in sampling.items() if k in SAMPLING_KEYS and v is not None}
+    if "logit_bias" in kwargs:  # JSON keys are text
+        kwargs["logit_bias"] = {int(token): bias for token, bias in kwargs["logit_bias"].items()}
+    kwargs.setdefault("temperature", 1.0)
+    kwargs.setdefault("top_p", 1.0)
+    kwargs["top_k"] = kwargs.get("top_k") or -1  # 0 (every token) is -1 to vLLM
+    return kwargs
+
+
 class _VllmSampler:
     """Ray Data callable class: one offline vLLM engine per actor, a batch of rows per call."""
 
@@ -88,9 +106,7 @@ class _VllmSampler:
                 text = prompt
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             prompts.append({"prompt_token_ids": list(ids)})
-            params.append(SamplingParams(n=1, temperature=s.get("temperature", 1.0), top_p=s.get("top_p", 1.0),
-                                         top_k=s.get("top_k") or -1, max_tokens=s.get("max_tokens"),
-                                         seed=s.get("seed"), stop=s.get("stop")))
+            params.append(SamplingParams(n=1, **sampling_params_kwargs(s)))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return {
             "index": batch["index"],
@@ -102,4 +118,4 @@ class _VllmSampler:
         }
 
 
-__all__ = ["run_rollout_ray"]
+__all__ = ["run_rollout_ray", "sampling_params_kwargs"]

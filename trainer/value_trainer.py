@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from common.dtype import log_dtype
+from common.search_settings import SearchSettings
 from trainer.returns import gae_targets_batch, mc_returns_batch
 from trainer.value_config import ValueTrainConfig
 from valuefn.checkpoint import (
-    ADAPTER_FILE, HEAD_FILE, MANIFEST, CheckpointError, Manifest, SearchDefaults, build_value_model, check_backbone,
+    ADAPTER_FILE, HEAD_FILE, MANIFEST, CheckpointError, Manifest, build_value_model, check_backbone,
     load_trained_tensors, read_manifest, sha256_file, verify_files, write_checkpoint_files,
 )
 from valuefn.loader import BackbonePool, make_manifest, publish_model
@@ -234,7 +235,7 @@ class TrainResult:
     identity: dict
     init_from: int | None
     """The version this one was initialised from (None: fresh)."""
-    defaults: SearchDefaults
+    defaults: SearchSettings
     training: dict[str, Any]
     metrics: dict[str, Any]
     history: list[float] = field(default_factory=list)
@@ -293,13 +294,13 @@ class ValueTrainer:
             for i, e in enumerate(chunk):
                 self._features[e] = features[i, : int(batch.attention_mask[i].sum())].clone()
 
-    def _build_model(self) -> tuple[ValueModel, int | None, SearchDefaults]:
+    def _build_model(self) -> tuple[ValueModel, int | None, SearchSettings]:
         c = self.config
         torch.manual_seed(c.seed)
         previous = self.parent if c.init_from_previous else None
         if previous is None:
             arch = c.architecture(self.pool.identity["total_layers"])
-            return ValueModel(self.pool.fresh(arch), arch), None, SearchDefaults()
+            return ValueModel(self.pool.fresh(arch), arch), None, SearchSettings()
         directory = self.registry.path(self.name, previous)
         manifest = read_manifest(directory)
         check_backbone(manifest, self.pool.identity, directory)

@@ -12,12 +12,13 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
+from common.search_settings import SearchSettings
 from registry.manifest import MANIFEST, CheckpointError, read_manifest_json, verify_listed_files  # noqa: F401 (re-exported)
 from valuefn.model import ValueModel, ValueModelConfig, sha256_file
 
@@ -33,11 +34,8 @@ class ChainLink(BaseModel):
     beta: float = Field(1.0, gt=0)
 
 
-class SearchDefaults(BaseModel):
-    mode: Literal["cbs", "bon"] = "cbs"
-    w: int = Field(4, ge=1)
-    k: int = Field(4, ge=1)
-    l: int = Field(8, ge=1)
+SearchDefaults = SearchSettings
+"""The manifest's search defaults were their own type; importers move to `common.search_settings`."""
 
 
 class Manifest(BaseModel):
@@ -49,7 +47,9 @@ class Manifest(BaseModel):
     model: ValueModelConfig
     head: dict[str, int] = Field(default_factory=lambda: {"in_features": 0, "out_features": 1})
     chain: list[ChainLink]
-    defaults: SearchDefaults = Field(default_factory=SearchDefaults)
+    defaults: SearchSettings = Field(default_factory=SearchSettings)
+    """The value's search settings when a request sets none: `{"mode", "w", "k", "l", ...}`, the JSON of
+    every format so far."""
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)

@@ -111,7 +111,9 @@ def test_train_refuses_unlabelled_rollouts(app, tmp_path, tiny_backbone):
 
 @pytest.mark.parametrize("module", ["trainer.rewards", "trainer.returns", "trainer.tasks.spec", "trainer.tasks.json_extract",
                                     "trainer.tasks.review_sentiment", "trainer.value_config",
-                                    "trainer.value_trainer"])
+                                    "trainer.value_trainer", "trainer.rollout_config", "trainer.rollout_records",
+                                    "trainer.rollout_ray", "trainer.evaluate", "trainer.loop_config",
+                                    "trainer.loop_report"])
 def test_doctests(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0

@@ -6,10 +6,13 @@ import json
 
 import pytest
 
+from common.search_settings import SearchOverrides, SearchSettings
 from trainer.evaluate import (
     Method, MethodResult, distinct_n, markdown_table, mean_ci, standard_methods, summarize, write_results,
 )
-from trainer.loop import LoopConfig, LoopError, RunState, verdict
+from trainer.loop_config import LoopConfig
+from trainer.loop_report import verdict
+from trainer.loop_state import LoopError, RunState
 from trainer.rollout import RolloutConfig
 
 
@@ -30,7 +33,7 @@ def test_distinct_2_detects_collapse():
 
 
 def test_methods_and_their_requests():
-    methods = standard_methods("review@3", bon=[16, 1, 4], cbs=(4, 4, 8), iro_label="IRO-3", iro_name="iro-3")
+    methods = standard_methods("review@3", bon=[16, 1, 4], cbs=SearchSettings(), iro_label="IRO-3", iro_name="iro-3")
     assert [m.name for m in methods] == ["base", "bon-4", "bon-16", "iro-3"]
     template = RolloutConfig(server="http://x", max_tokens=32, samples_per_prompt=5)
     base, bon4, _, iro = (m.rollout_config(template) for m in methods)
@@ -38,6 +41,13 @@ def test_methods_and_their_requests():
     assert bon4.guidance() == {"value": "review@3", "mode": "bon", "k": 4}
     assert iro.guidance() == {"value": "review@3", "mode": "cbs", "w": 4, "k": 4, "l": 8}
     assert methods[1].file_stem() == "bon-4__review-v3" and methods[0].file_stem() == "base"
+    assert methods[-1].settings() == "w=4 k=4 l=8"
+    bon_iro = Method("iro", "IRO", "cbs", "review@3", search=SearchSettings(mode="bon", k=8))
+    assert bon_iro.rollout_config(template).guidance() == {"value": "review@3", "mode": "bon", "w": 4, "k": 8, "l": 8}
+    assert bon_iro.settings() == "BON w=4 k=8 l=8"  # a mode other than cbs is named
+    default = Method("iro", "IRO", "cbs", "review@3")  # no search: cbs with the value's defaults
+    assert default.rollout_config(template).guidance() == {"value": "review@3", "mode": "cbs"}
+    assert SearchOverrides(w=2).given() == {"w": 2}
 
 
 def _record(i: int, text: str, tokens: int, versions=(1,)):
@@ -104,8 +114,10 @@ def test_loop_presets_and_overrides():
     assert smoke.iterations == 2 and smoke.bon == [1, 2] and smoke.max_tokens == 16
     assert smoke.train["max_steps"] == 3 and smoke.train["batch_size"] == 4
     full = LoopConfig.from_preset("full")
-    assert (full.w, full.k, full.l, full.bon) == (None, None, None, [1, 2, 4, 8, 16])  # w/k/l: the task's search
-    assert (smoke.w, smoke.k, smoke.l, full.max_tokens) == (2, 2, 8, None)  # max_tokens: the task's
+    assert full.search == SearchOverrides() and full.bon == [1, 2, 4, 8, 16]  # the task's search
+    assert smoke.search.given() == {"w": 2, "k": 2, "l": 8} and full.max_tokens is None  # max_tokens: the task's
+    assert full.rollout_search == SearchSettings(mode="cbs", w=2, k=2, l=8)
+    assert LoopConfig().rollout_search == SearchSettings()  # the reference's cbs 4, 4, 8
     with pytest.raises(ValueError, match="unknown loop option 'nope'"):
         LoopConfig.from_preset("smoke", nope=1)
     with pytest.raises(ValueError, match="unknown loop preset"):
@@ -119,6 +131,40 @@ def test_loop_presets_and_overrides():
     assert named.name == "yes"  # names stay text (YAML would read `yes` as true)
     deep = LoopConfig.from_preset("smoke", **{"train_preset": "smoke-lora", "train.model.lora_r": "2"})
     assert deep.train_config().model.lora_r == 2 and deep.train_config().model.lora_alpha == 16
+
+
+def test_search_sections_and_their_former_flat_keys(tmp_path):
+    """`rollout_search` and `search` are SearchSettings / SearchOverrides; the flat keys of earlier
+    presets and runs (rollout_w, w, ...) still work, and a `--set` of either kind wins over a preset."""
+    dotted = LoopConfig.from_preset("smoke", **{"search.w": "3", "rollout_search.mode": "bon", "rollout_search.k": "6"})
+    assert dotted.search.given() == {"w": 3, "k": 2, "l": 8}
+    assert dotted.rollout_search == SearchSettings(mode="bon", w=2, k=6, l=8)
+    flat = LoopConfig.from_preset("smoke", w="3", rollout_k="6")  # `--set w=3 --set rollout_k=6`
+    assert flat.search.given() == {"w": 3, "k": 2, "l": 8} and (flat.rollout_search.k, flat.rollout_search.w) == (6, 2)
+    old = tmp_path / "old.yaml"  # a preset written before the sections
+    old.write_text("rollout_w: 3\nrollout_k: 1\nrollout_l: 4\nw: 5\niterations: 2\n")
+    from_old = LoopConfig.from_preset(str(old))
+    assert from_old.rollout_search == SearchSettings(w=3, k=1, l=4) and from_old.search.given() == {"w": 5}
+    with pytest.raises(ValueError, match="w=3 and search.w=4 both given"):
+        LoopConfig.from_preset("smoke", w="3", **{"search.w": "4"})
+    with pytest.raises(ValueError, match="rollout_search.w: Input should be greater than or equal to 1"):
+        LoopConfig.from_preset("smoke", rollout_w="0")
+    with pytest.raises(ValueError, match="search.mode"):
+        LoopConfig.from_preset("smoke", **{"search.mode": "beam"})
+
+
+def test_a_run_started_with_the_flat_keys_resumes(tmp_path):
+    """A `state.json` written before the search sections resumes with the same settings given as sections."""
+    config = LoopConfig.from_preset("smoke")
+    state = RunState.open(tmp_path / "run", config)
+    saved = json.loads(state.path.read_text())
+    old = {k: v for k, v in saved["config"].items() if k not in ("search", "rollout_search")}
+    old.update(rollout_w=2, rollout_k=2, rollout_l=8, w=2, k=2, l=8)
+    state.path.write_text(json.dumps({**saved, "config": old}))
+    assert RunState.open(tmp_path / "run", config).run_id == state.run_id
+    state.path.write_text(json.dumps({**saved, "config": {**old, "rollout_w": 4}}))
+    with pytest.raises(LoopError, match="other settings.*rollout_search"):
+        RunState.open(tmp_path / "run", config)
 
 
 def test_run_state_resumes_and_refuses_other_settings(tmp_path):

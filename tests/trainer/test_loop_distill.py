@@ -10,8 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from trainer.evaluate import MethodResult
-from trainer.loop import IroLoop, LoopConfig, LoopError, RunState
+from trainer.eval_results import MethodResult
+from trainer.loop import IroLoop
+from trainer.loop_config import LoopConfig
+from trainer.loop_distill import DistillStages
+from trainer.loop_state import LoopError, RunState
 from trainer.plots import plot_reward_vs_tokens
 
 
@@ -22,6 +25,11 @@ def make_loop(tmp_path, *, model=None, distill=("is-dpo",), **options) -> IroLoo
                    policies_dir=tmp_path / "policies", model=model and str(model))
     loop.state = RunState.open(loop.run_dir, config)
     return loop
+
+
+def make_stages(tmp_path, **kw) -> DistillStages:
+    """The distillation stages of a fresh loop (what `IroLoop.run` drives)."""
+    return make_loop(tmp_path, **kw).distiller()
 
 
 def answers(*replies):
@@ -74,30 +82,30 @@ def test_distillation_can_be_added_to_a_finished_run(tmp_path):
 
 
 def test_the_server_must_serve_the_loops_policy_registry(tmp_path):
-    loop = make_loop(tmp_path)
+    loop = make_stages(tmp_path)
     loop._admin_get = answers((404, {"error": {"code": "policies_disabled"}}))
     with pytest.raises(LoopError, match="--policies-dir .*policies"):
-        loop.check_policy_server()
+        loop.check_server()
     loop._admin_get = answers((200, {"registry": str(tmp_path / "elsewhere"), "data": []}))
     with pytest.raises(LoopError, match="elsewhere"):
-        loop.check_policy_server()
+        loop.check_server()
     loop._admin_get = answers((401, {}))
     with pytest.raises(LoopError, match="admin key"):
-        loop.check_policy_server()
+        loop.check_server()
     loop._admin_get = answers((200, {"registry": str(tmp_path / "policies"), "data": []}))
-    loop.check_policy_server()  # the same registry: fine
+    loop.check_server()  # the same registry: fine
 
 
 def test_waiting_for_the_policy_and_a_refusal(tmp_path):
-    loop = make_loop(tmp_path, publish_timeout=30)
+    loop = make_stages(tmp_path, publish_timeout=30)
     loop.state.finish("distill/is-dpo/train", {"policy": "rev-is-dpo", "version": 2})
     loop._models = lambda: {"base", "rev-is-dpo"}
     loop._admin_get = answers((404, {}), (200, {"served_version": 1, "refused": []}),
                               (200, {"served_version": 2, "refused": []}))
-    assert loop.serve_policy("is-dpo")["version"] == 2
+    assert loop.serve("is-dpo")["version"] == 2
     loop._admin_get = answers((200, {"served_version": 1, "refused": [{"version": 2, "reason": "sha256 mismatch"}]}))
     with pytest.raises(LoopError, match="refused policy rev-is-dpo v2: sha256"):
-        loop.serve_policy("is-dpo")
+        loop.serve("is-dpo")
 
 
 def labelled_rollouts(path, n_prompts=8, samples=2, seed=0):
@@ -116,27 +124,27 @@ def test_distill_stage_publishes_a_policy_and_adopts_it_after_a_kill(tmp_path):
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "tiny", vocab=32)
-    loop = make_loop(tmp_path, model=model)
+    loop = make_stages(tmp_path, model=model)
     labelled_rollouts(loop.run_dir / "it1" / "labelled.jsonl")
     loop.state.set_version(1, 1)
     stale = loop.run_dir / "eval" / "distilled-is-dpo.jsonl"  # an earlier policy's samples under this name
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_text('{"prompt_id": "p0", "response": "old"}\n')
-    info = loop.distill("is-dpo")
+    info = loop.train("is-dpo")
     assert info["policy"] == "rev-is-dpo" and info["version"] == 1 and not info["adopted"]
     assert not stale.exists()  # the eval stage samples the new policy instead of resuming from them
     assert info["steps"] == 2 and info["kl_to_base"] is not None and info["distill_seconds"] > 0
     manifest = loop.policies.manifest("rev-is-dpo", 1)
     assert manifest.method == "is-dpo" and manifest.training["loop_run"] == loop.state.run_id
     assert manifest.training["value"] == "rev@1"
-    again = loop.distill("is-dpo")  # killed before the stage was recorded: adopt, do not train again
+    again = loop.train("is-dpo")  # killed before the stage was recorded: adopt, do not train again
     assert again["adopted"] and again["version"] == 1 and loop.policies.versions("rev-is-dpo") == [1]
 
-    other = make_loop(tmp_path / "other", model=model)  # another run may not take over the name
+    other = make_stages(tmp_path / "other", model=model)  # another run may not take over the name
     other.policies = loop.policies
     other._admin_get = answers((200, {"registry": str(loop.policies.root), "data": []}))
     with pytest.raises(LoopError, match="not made by this run"):
-        other.check_policy_server()
+        other.check_server()
 
 
 def result(label, kind, mean, tokens, *, name=None, d2=0.8, kl=None):

@@ -15,10 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common.protocol import ChatCompletionRequest, CompletionRequest
+from common.search_settings import SearchOverrides, SearchSettings
 from trainer.rollout import (
-    JsonlAppender, PromptItem, RolloutConfig, RolloutError, arun_rollout, parse_prompt_line, plan, read_prompts,
-    read_records, scan_output,
+    SAMPLING_KEYS, JsonlAppender, PromptItem, RolloutConfig, RolloutError, arun_rollout, parse_prompt_line, plan,
+    read_prompts, read_records, scan_output,
 )
+from trainer.rollout_records import SEARCH_FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD_KEYS = ["id", "prompt_id", "sample", "messages", "prompt_text", "prompt_token_ids", "response",
@@ -58,6 +61,19 @@ def test_batch_file_lines(tmp_path):
     assert len({t.sampling["seed"] for t in tasks}) == 5  # one derived seed per sample
 
 
+def test_a_line_may_set_every_sampling_field_of_the_request():
+    """SAMPLING_KEYS comes from the one sampling type: a field both request kinds accept is taken from
+    a line (min_p, repetition_penalty, ... were dropped silently before), and is a valid request field."""
+    body = {"min_p": 0.1, "repetition_penalty": 1.2, "stop_token_ids": [7], "ignore_eos": True, "min_tokens": 2,
+            "logit_bias": {"42": -5}, "top_k": 5, "presence_penalty": 0.5, "frequency_penalty": 0.1}
+    item = parse_prompt_line({"prompt": "x", **body}, 1)
+    assert item.sampling == body
+    for request in (CompletionRequest(model="m", prompt="x", **body),
+                    ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], **body)):
+        assert request.min_p == 0.1 and request.to_sampling().logit_bias == ((42, -5.0),)
+    assert "logprobs" not in SAMPLING_KEYS and "stream" not in SAMPLING_KEYS and "max_tokens" in SAMPLING_KEYS
+
+
 @pytest.mark.parametrize("line,message", [
     ({"custom_id": "x", "method": "GET", "url": "/v1/chat/completions", "body": {"messages": []}}, "method"),
     ({"custom_id": "x", "url": "/v1/embeddings", "body": {"input": "a"}}, "url"),
@@ -88,8 +104,15 @@ def test_duplicate_ids_and_bad_json(tmp_path):
 
 def test_mode_without_value_is_refused():
     with pytest.raises(RolloutError, match="--value"):
-        RolloutConfig(mode="cbs")
-    assert RolloutConfig(value="v@2", mode="bon", k=4).guidance() == {"value": "v@2", "mode": "bon", "k": 4}
+        RolloutConfig(search=SearchOverrides(mode="cbs"))
+    assert RolloutConfig(search=SearchOverrides()).guidance() is None  # nothing set: plain sampling
+    bon = RolloutConfig(value="v@2", search=SearchOverrides(mode="bon", k=4))
+    assert bon.guidance() == {"value": "v@2", "mode": "bon", "k": 4}
+    assert RolloutConfig(value="v", search={"w": 2}).guidance() == {"value": "v", "w": 2}
+    pinned = RolloutConfig(value="v", search=SearchSettings(w=2)).guidance()  # complete: every field sent
+    assert {k: pinned[k] for k in ("mode", "w", "k", "l")} == {"mode": "cbs", "w": 2, "k": 4, "l": 8}
+    with pytest.raises(RolloutError, match="w"):
+        RolloutConfig(value="v", search={"w": 0})
 
 
 # --------------------------------------------------------------------------- output
@@ -186,8 +209,8 @@ def test_records_have_the_exact_format_and_resume(tmp_path):
     assert chat["prompt_id"] == "q0" and chat["sample"] == 1 and chat["response"] == "re: prompt 0"
     assert chat["prompt_token_ids"] == [1, 2, 3] and chat["finish_reason"] == "stop" and chat["reward"] is None
     assert chat["prompt_text"] == "user: prompt 0"  # no tokenizer for this model: plain rendering
-    assert chat["policy"] == {"model": "fake-model", "value": None, "versions": [], "mode": None, "w": None,
-                              "k": None, "l": None}
+    assert chat["policy"] == {"model": "fake-model", "value": None, "versions": [], **dict.fromkeys(SEARCH_FIELDS)}
+    assert {"mode", "w", "k", "l"} <= set(SEARCH_FIELDS)
     assert chat["sampling"]["temperature"] == 0.7 and chat["sampling"]["max_tokens"] == 20
     raw = next(r for r in records if r["id"] == "c:0")
     assert raw["prompt"] == "raw text" and "messages" not in raw and raw["prompt_token_ids"] == [4, 5]
@@ -204,15 +227,21 @@ def test_records_have_the_exact_format_and_resume(tmp_path):
 
 def test_guided_records_and_a_changed_job_is_refused(tmp_path):
     out, fake = tmp_path / "out.jsonl", FakeServer()
-    config = RolloutConfig(value="review@2", mode="cbs", w=2, k=2, l=4, record_usage=True, progress=False)
+    config = RolloutConfig(value="review@2", search=SearchOverrides(mode="cbs", w=2, k=2, l=4), record_usage=True,
+                           progress=False)
     _run(_items(2), out, config, fake)
     assert fake.bodies[-1]["guidance"] == {"value": "review@2", "mode": "cbs", "w": 2, "k": 2, "l": 4}
     record = read_records(out)[0]
-    assert record["policy"] == {"model": "fake-model", "value": "review", "versions": [1, 2], "mode": "cbs",
-                                "w": 2, "k": 2, "l": 4}
+    assert {k: record["policy"][k] for k in ("model", "value", "versions", "mode", "w", "k", "l")} == {
+        "model": "fake-model", "value": "review", "versions": [1, 2], "mode": "cbs", "w": 2, "k": 2, "l": 4}
     assert record["usage"]["completion_tokens"] == 12
     with pytest.raises(RolloutError, match="made otherwise.*value"):
         _run(_items(3), out, RolloutConfig(progress=False), fake)
+    with pytest.raises(RolloutError, match="made otherwise.*w: 2 there, 3 now"):  # another search pinned
+        _run(_items(3), out, RolloutConfig(value="review", search=SearchOverrides(w=3), record_usage=True,
+                                           progress=False), fake)
+    _run(_items(3), out, RolloutConfig(value="review", search=SearchOverrides(k=2), record_usage=True,
+                                       progress=False), fake)  # what it pins matches: resumed
     with pytest.raises(RolloutError, match="max_tokens"):
         _run(_items(3), out, RolloutConfig(value="review", max_tokens=99, progress=False), fake)
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from valuefn.checkpoint import ADAPTER_FILE, HEAD_FILE, MANIFEST, CheckpointError, SearchDefaults
+from common.search_settings import SearchSettings
+from valuefn.checkpoint import ADAPTER_FILE, HEAD_FILE, MANIFEST, CheckpointError
 from valuefn.loader import BackbonePool, ValueLoader, init_value, publish_model
 from valuefn.model import ValueModel, ValueModelConfig
 from valuefn.registry import Registry, RegistryError, parse_spec
@@ -73,6 +74,36 @@ def test_format_1_manifests_read_as_last_token_values(tiny_model_dir, registry):
     with torch.no_grad():
         expected = loaded.model(torch.tensor([ids]))[0][0, -1].item()
     assert forward_values(loaded, [ScoreItem(ids, 0, 2)], use_cache=False)[0] == pytest.approx(expected, abs=1e-5)
+
+
+OLD_MANIFEST = {  # as iro-serve wrote it before the search settings had one type (format 2, its own SearchDefaults)
+    "format_version": 2, "name": "old", "version": 3, "created_at": 1764900000.0,
+    "backbone": {"name": "tiny", "config_sha256": "a" * 64, "tokenizer_sha256": "b" * 64},
+    "model": {"num_layers": 2, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj"],
+              "dtype": "float32", "pooling": "mean", "feature_layers": None},
+    "head": {"in_features": 16, "out_features": 1}, "chain": [{"version": 1, "beta": 1.0}, {"version": 3, "beta": 0.5}],
+    "defaults": {"mode": "bon", "w": 2, "k": 6, "l": 4},
+    "training": {}, "metrics": {}, "files": {ADAPTER_FILE: "0" * 64, HEAD_FILE: "1" * 64},
+}
+
+
+@pytest.mark.parametrize("defaults", [OLD_MANIFEST["defaults"], None], ids=["with defaults", "without"])
+def test_manifests_written_before_search_settings_still_load(tmp_path, defaults):
+    """The manifest's `defaults` is a `common.search_settings.SearchSettings` now, read from the same JSON
+    (and written with the same keys, plus any new optional field)."""
+    from valuefn.checkpoint import Manifest, read_manifest
+
+    old = {k: v for k, v in OLD_MANIFEST.items() if k != "defaults" or defaults is not None}
+    (tmp_path / MANIFEST).write_text(json.dumps(old))
+    manifest = read_manifest(tmp_path)
+    expected = SearchSettings(mode="bon", w=2, k=6, l=4) if defaults else SearchSettings()
+    assert isinstance(manifest.defaults, SearchSettings) and manifest.defaults == expected
+    written = json.loads(manifest.model_dump_json())["defaults"]
+    assert {k: written[k] for k in ("mode", "w", "k", "l")} == expected.model_dump(include={"mode", "w", "k", "l"})
+    assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest  # round trip
+    (tmp_path / MANIFEST).write_text(json.dumps({**old, "defaults": {"mode": "cbs", "w": 0}}))
+    with pytest.raises(CheckpointError, match="invalid"):  # bounds of the one type still hold
+        read_manifest(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "missing_file", "future_format", "wrong_backbone"])
@@ -211,7 +242,7 @@ def test_registry_publish_chain_rollback_and_names(tiny_model_dir, registry):
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
     v1 = publish_model(registry, "it", trained_like(pool, 4), pool.identity, extend_chain=True)
     v2 = publish_model(registry, "it", trained_like(pool, 5), pool.identity, extend_chain=True, beta=0.5,
-                       defaults=SearchDefaults(w=2, k=3, l=4))
+                       defaults=SearchSettings(w=2, k=3, l=4))
     assert (v1, v2) == (1, 2)
     assert [c.version for c in registry.manifest("it", 2).chain] == [1, 2]
     assert registry.current("it") == 2 and registry.resolve("it@1") == ("it", 1)

@@ -13,7 +13,8 @@ A task file (every path relative to the file itself):
     stop: ["\\n\\n"]
     format: chat                       # chat: /v1/chat/completions (prompt strings become a user
                                        # turn); completion: /v1/completions with raw prompt strings
-    search: {w: 4, k: 4, l: 8}         # IRO's CBS at evaluation (loop presets and options win)
+    search: {w: 4, k: 4, l: 8}         # IRO's search at evaluation (common.search_settings.SearchSettings:
+                                       # mode cbs by default; loop presets and options win)
 
 Instead of a JSONL file, a prompt set may be generated: `{generator: MODULE:FUNCTION, args: {...}}`
 calls the function (MODULE may be a .py file) with `args` and takes the list of prompt lines it
@@ -38,7 +39,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainer.rollout import PromptItem, RolloutError, parse_prompt_line
+from common.search_settings import SearchSettings
+from trainer.rollout_config import RolloutError
+from trainer.rollout_records import PromptItem, parse_prompt_line
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 TASK_FILE = "task.yaml"
@@ -83,14 +86,6 @@ class PromptSets(_Strict):
         return value
 
 
-class SearchDefaults(_Strict):
-    """Chunk-level beam search of IRO at evaluation (the reference: w=4, k=4, l=8)."""
-
-    w: int = Field(4, ge=1, description="Beams kept.")
-    k: int = Field(4, ge=1, description="Continuations sampled per beam.")
-    l: int = Field(8, ge=1, description="Tokens per chunk.")
-
-
 class TaskFile(_Strict):
     """The schema of a task file."""
 
@@ -103,7 +98,15 @@ class TaskFile(_Strict):
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
     stop: list[str] = Field(default_factory=list, description="Stop strings (a prompt line's own `stop` wins).")
     format: Literal["chat", "completion"] = "chat"
-    search: SearchDefaults = Field(default_factory=SearchDefaults)
+    search: SearchSettings = Field(default_factory=SearchSettings, description="IRO's search at evaluation (the "
+                                   "reference: cbs with w=4, k=4, l=8); loop presets and options win.")
+
+    @field_validator("search", mode="wrap")
+    @classmethod
+    def _strict_search(cls, value: Any, handler: Any) -> Any:
+        if isinstance(value, dict):  # as strict as the rest of the file: `w: "4"` is refused
+            return SearchSettings.__pydantic_validator__.validate_python(value, strict=True)
+        return handler(value)
 
     @field_validator("reward")
     @classmethod
@@ -134,7 +137,7 @@ class Task:
     temperature: float
     stop: tuple[str, ...]
     format: Literal["chat", "completion"]
-    search: SearchDefaults
+    search: SearchSettings
     train: tuple[PromptItem, ...]
     eval: tuple[PromptItem, ...]
 
@@ -159,7 +162,7 @@ class Task:
 
         return {"name": self.name, "source": self.source, "description": self.description, "reward": self.reward,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "stop": list(self.stop),
-                "format": self.format, "search": self.search.model_dump(),
+                "format": self.format, "search": self.search.model_dump(exclude_none=True),
                 "prompts": {"train": len(self.train), "eval": len(self.eval)},
                 "first_prompt": {"train": first(self.train), "eval": first(self.eval)}}
 
@@ -334,5 +337,5 @@ def _known(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-__all__ = ["BUILTIN_DIR", "PromptGenerator", "PromptSets", "SearchDefaults", "Task", "TaskError", "TaskFile",
+__all__ = ["BUILTIN_DIR", "PromptGenerator", "PromptSets", "Task", "TaskError", "TaskFile",
            "builtin_tasks", "load_task", "task_path"]

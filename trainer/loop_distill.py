@@ -1,0 +1,190 @@
+"""The loop's distillation stages (after the last iteration, one set per method): train a LoRA
+policy on iteration T's guided rollouts, publish it into the policy registry the server watches,
+wait until the server serves it, and evaluate it with plain sampling through its model name.
+
+    distill/<method>/train   `iro distill` (APA advantages from the final chain V_1..V_T; IS-DPO pairs
+                             by reward) -> `<value name>-<method>` in the policy registry
+    distill/<method>/serve   GET /v1/policies/NAME until it serves the version, and /v1/models lists it
+    distill/<method>/eval    the held-out prompts, N = 1, with base's max_tokens, temperature and seeds
+
+The server must run `iro serve --policies-dir DIR` on the loop's `policies_dir`: `check_server`
+says so (GET /v1/policies) before any work.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.eval_results import MethodResult
+from trainer.evaluate import Method
+from trainer.loop_config import LoopConfig
+from trainer.loop_state import LoopError, RunState, ServerLink
+
+log = logging.getLogger(__name__)
+
+DISTILL_LABELS = {"apa": "APA", "is-dpo": "IS-DPO", "is-ipo": "IS-IPO"}
+
+
+def admin_get(server: ServerLink, path: str):
+    """GET an admin path of the server (an `httpx.Response`). The loop's one raw HTTP call: `clients/`
+    has no policy methods yet; the value stages use `IroClient`."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {server.admin_key}"} if server.admin_key else {}
+    try:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+            return http.get(path)
+    except httpx.HTTPError as exc:
+        raise LoopError(f"cannot reach the server at {server.url}: {exc}") from exc
+
+
+def policy_method(method: str, model: str | None = None) -> Method:
+    """The evaluation method of a distilled policy (`model`: its model name)."""
+    return Method(f"distilled-{method}", f"distilled ({DISTILL_LABELS.get(method, method)})", "distilled",
+                  model=model)
+
+
+class DistillStages:
+    """The distillation stages of one run, over what the run shares: its `config` and `state`, the
+    value `name` whose final chain guides, the registries, the server, and `evaluate` (a method on the
+    loop's held-out prompts; keyword arguments go to the rollout template)."""
+
+    def __init__(self, config: LoopConfig, state: RunState, *, name: str, reward: str, run_dir: Path, registry,
+                 policies, server: ServerLink, model: str | None,
+                 evaluate: Callable[..., MethodResult]):
+        self.config, self.state, self.name, self.reward = config, state, name, reward
+        self.run_dir, self.registry, self.policies = run_dir, registry, policies
+        self.server, self.model, self._evaluate = server, model, evaluate
+
+    def policy_name(self, method: str) -> str:
+        """`<value name>-<method>`, the policy's name in the registry and its model name."""
+        return f"{self.name}-{method}"
+
+    def _admin_get(self, path: str):
+        return admin_get(self.server, path)
+
+    def check_server(self) -> None:
+        """Fail before any work unless the server serves the policy registry the loop publishes to."""
+        r = self._admin_get("/v1/policies")
+        if r.status_code == 404:
+            raise LoopError(f"--distill needs a server that serves policies: the server at {self.server.url} has no "
+                            f"policy registry; restart it with `iro serve --policies-dir {self.policies.root}`")
+        if r.status_code in (401, 403):
+            raise LoopError(f"the server refused GET /v1/policies ({r.status_code}): pass its admin key (--admin-key "
+                            "or IRO_ADMIN_KEY)")
+        if r.status_code != 200:
+            raise LoopError(f"GET /v1/policies answered {r.status_code}: {r.text[:300]}")
+        served = r.json().get("registry")
+        if served is not None and Path(served).resolve() != self.policies.root.resolve():
+            raise LoopError(f"the server serves the policy registry {served}, but the loop publishes to "
+                            f"{self.policies.root}: pass --policies-dir {served} (or restart the server with "
+                            f"--policies-dir {self.policies.root})")
+        for method in self.config.distill:
+            name = self.policy_name(method)
+            current = self.policies.current(name)
+            if current is None or self.state.stage(f"distill/{method}/train"):
+                continue
+            if self.policies.manifest(name, current).training.get("loop_run") != self.state.run_id:
+                raise LoopError(f"policy {name!r} already exists in {self.policies.root} (CURRENT v{current}) and was "
+                                "not made by this run: choose another --name, or remove it from the registry")
+
+    def train(self, method: str) -> dict[str, Any]:
+        """Train a LoRA policy with `method` on iteration T's guided rollouts (APA advantages from
+        the final chain) and publish it as `<name>-<method>` (adopting a version this run published
+        before a kill)."""
+        from common.model_store import resolve_model
+        from trainer.distill import DistillTrainer
+        from trainer.value_trainer import examples_from_records, read_rollouts
+        from valuefn.loader import BackbonePool, ValueLoader
+
+        T = self.config.iterations
+        name, final = self.policy_name(method), self.state.version(T)
+        current = self.policies.current(name)
+        if current is not None:
+            training = self.policies.manifest(name, current).training
+            if training.get("loop_run") == self.state.run_id and training.get("method") == method:
+                log.info("distill %s: adopting %s v%d, already published by this run", method, name, current)
+                return self._info(name, current, adopted=True)
+        # Samples of an earlier policy under this name (a re-distillation) must not pass for this one's:
+        # the eval stage resumes from this file.
+        (self.run_dir / "eval" / f"{policy_method(method).file_stem()}.jsonl").unlink(missing_ok=True)
+        data = self.run_dir / f"it{T}" / "labelled.jsonl"
+        examples, skipped = examples_from_records(read_rollouts(data))
+        if not examples:
+            raise LoopError(f"no usable rollouts to distil in {data} (skipped: {skipped})")
+        config = self.config.distill_config(method, progress=self.config.progress)
+        model_path = resolve_model(self.model)
+        chain = None
+        if method == "apa":  # per-token advantages: temporal differences of the final value
+            chain = ValueLoader(self.registry, BackbonePool(model_path)).load_chain(self.name, final)
+        start = time.perf_counter()
+        trainer = DistillTrainer(config, model_path)
+        result = trainer.train(examples, value=chain, data=str(data),
+                               extra={"loop_run": self.state.run_id, "value": f"{self.name}@{final}",
+                                      "reward": self.reward})
+        result.training["command_seconds"] = round(time.perf_counter() - start, 3)
+        version = trainer.publish(result, self.policies, name)
+        del trainer, result, chain
+        gc.collect()
+        return self._info(name, version, skipped=skipped)
+
+    def _info(self, name: str, version: int, *, adopted: bool = False, skipped: dict | None = None) -> dict[str, Any]:
+        manifest = self.policies.manifest(name, version)
+        training, metrics = manifest.training, manifest.metrics
+        after, before = metrics.get("eval") or {}, metrics.get("eval_before") or {}
+        return {"policy": name, "version": version, "method": manifest.method, "value": training.get("value"),
+                "steps": training.get("steps"), "examples": training.get("examples"),
+                "distill_seconds": training.get("command_seconds") or training.get("wall_seconds"),
+                "heldout_loss_before": before.get("loss"), "heldout_loss": after.get("loss"),
+                "kl_to_base": after.get("kl_to_base"), "adopted": adopted, "skipped": skipped or {}}
+
+    def serve(self, method: str) -> dict[str, Any]:
+        """Wait until the server serves the distilled version (GET /v1/policies/NAME) and lists
+        the policy in /v1/models."""
+        trained = self.state.stage(f"distill/{method}/train")
+        name, version = trained["policy"], trained["version"]
+        start = time.monotonic()
+        deadline = start + self.config.publish_timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            r = self._admin_get(f"/v1/policies/{name}")
+            if r.status_code == 200:
+                status = r.json()
+                refused = next((x for x in status.get("refused", []) if x["version"] == version), None)
+                if refused is not None:
+                    raise LoopError(f"the server refused policy {name} v{version}: {refused['reason']}")
+                if status.get("served_version") == version and name in self._models():
+                    return {"policy": name, "version": version, "wait_seconds": round(time.monotonic() - start, 2)}
+            time.sleep(0.25)  # polling the server's state against a deadline
+        raise LoopError(f"policy {name} v{version} not served after {self.config.publish_timeout:.0f} s (server: "
+                        f"{status or 'unknown policy'}); is --policies-dir the server's ({self.policies.root})?")
+
+    def _models(self) -> set[str]:
+        with self.server.client() as client:
+            return {card.id for card in client.models().data}
+
+    def evaluate(self, method: str) -> dict[str, Any]:
+        """The distilled policy on the held-out prompts: plain sampling (N = 1) through its model
+        name, with base's max_tokens, temperature and seeds."""
+        from common.model_store import resolve_model
+
+        trained = self.state.stage(f"distill/{method}/train")
+        result = self._evaluate(policy_method(method, trained["policy"]), tokenizer=str(resolve_model(self.model)))
+        result.kl_to_base, result.versions = trained.get("kl_to_base"), [trained["version"]]
+        return {"result": result.to_dict(), "distill_seconds": trained.get("distill_seconds")}
+
+    def results(self) -> tuple[list[MethodResult], dict[str, float | None]]:
+        """The evaluated distilled policies, in the order of `config.distill`, and each one's
+        distillation wall time by label."""
+        done = [(m, self.state.stage(f"distill/{m}/eval")) for m in self.config.distill]
+        done = [(m, info) for m, info in done if info]
+        results = [MethodResult.from_dict(info["result"]) for _, info in done]
+        return results, {r.label: info.get("distill_seconds") for r, (_, info) in zip(results, done)}
+
+
+__all__ = ["DISTILL_LABELS", "DistillStages", "admin_get", "policy_method"]
