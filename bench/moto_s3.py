@@ -61,6 +61,9 @@ def _atomic_conditional_puts() -> None:
 
 def start_endpoint() -> MotoEndpoint:
     """A started moto S3 server on a free port of 127.0.0.1."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     _atomic_conditional_puts()
     endpoint = MotoEndpoint(free_port())
     endpoint.start()
