@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from bench.server import peak_rss_mib, start
+from common.search_settings import SearchOverrides, SearchSettings
 
 TOPICS = ["the ocean", "a busy city", "learning to cook", "winter mornings", "an old library", "space travel",
           "a mountain hike", "friendship", "a rainy day", "jazz music", "the history of bread", "a small garden",
@@ -38,8 +39,10 @@ TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "guided_engine_head_vs_pla
            "hot_swap_seconds": ("<", 0.5), "hot_swap_lora_value_seconds": ("<", 1.0),
            "failed_requests_during_swap": ("<=", 0)}
 """The LoRA value's targets are the first wave's; the engine value's (the default) are issue 15's."""
-W, K, L, MAX_TOKENS, TEMPERATURE = 4, 4, 8, 48, 0.7
-GUIDANCE = {"value": "bench", "mode": "cbs", "w": W, "k": K, "l": L}
+SEARCH = SearchSettings(mode="cbs", w=4, k=4, l=8)
+"""The bench's search: IRO's reference CBS."""
+W, K, L, MAX_TOKENS, TEMPERATURE = SEARCH.w, SEARCH.k, SEARCH.l, 48, 0.7
+GUIDANCE = {"value": "bench", **SearchOverrides(mode=SEARCH.mode, w=W, k=K, l=L).given()}
 HEAD_GUIDANCE = GUIDANCE | {"value": "bench-head"}  # the default engine value: the engine computes it (no scorer)
 ENGINE_VALUE_GUIDANCE = HEAD_GUIDANCE
 """The bench's engine-side value (the default engine value): `concurrency_vs_plain_ceiling` is its."""

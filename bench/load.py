@@ -27,6 +27,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.search_settings import SearchOverrides
+
 KINDS = ("plain", "guided", "stream", "cancel")
 PROMPTS = ["Write one sentence about the sea.", "Describe a cat in a few words.", "Give me a tip for cooking rice.",
            "What makes a good friend?", "Name three colours of autumn.", "Why is the sky blue?"]
@@ -48,7 +50,8 @@ class LoadConfig:
     """Value for guided requests (default: the first aligned model's value); none: no guided requests."""
     mix: dict[str, int] = field(default_factory=lambda: {"plain": 3, "guided": 2, "stream": 3, "cancel": 2})
     max_tokens: int = 16
-    guidance: dict = field(default_factory=lambda: {"w": 2, "k": 2, "l": 4})
+    guidance: dict = field(default_factory=lambda: SearchOverrides(w=2, k=2, l=4).given())
+    """Search fields of the guided requests (`common.search_settings.SearchOverrides`)."""
     pid: int | None = None
     """Server pid for VmRSS (default: /metrics process_resident_memory_bytes)."""
     drain_timeout: float = 30.0

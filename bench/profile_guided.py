@@ -19,6 +19,7 @@ import numpy as np
 
 from bench.guided import MAX_TOKENS, PROMPTS, TEMPERATURE
 from common.sampling import Sampling
+from common.search_settings import SearchSettings
 from server.engine import ChunkRequest, VllmEngine
 from server.search import Searcher, SearchParams
 
@@ -68,8 +69,9 @@ async def main(args):
     layers = list(engine.value_layers) or None  # the default engine value: the exposed residual-stream layers
     init_value(reg, "h", model_path, ValueModelConfig.for_engine_value(feature_layers=layers, dtype=args.dtype))
     head_chain = loader.load_chain("h")  # the engine values candidates
-    params = SearchParams(mode="cbs", w=4, k=4, l=8, max_tokens=MAX_TOKENS, sampling=Sampling(temperature=TEMPERATURE),
-                          align=args.block_size if args.align else 1)
+    ref = SearchSettings()  # IRO's reference search: cbs, w=4, k=4, l=8
+    params = SearchParams(mode=ref.mode, w=ref.w, k=ref.k, l=ref.l, max_tokens=MAX_TOKENS,
+                          sampling=Sampling(temperature=TEMPERATURE), align=args.block_size if args.align else 1)
 
     async def plain():
         return await asyncio.gather(*[engine.sample(ChunkRequest(p, 16, MAX_TOKENS, Sampling(temperature=TEMPERATURE))) for p in prompts])

@@ -30,13 +30,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.dtype import describe_dtype
+from common.search_settings import SearchSettings
 from valuefn.loader import make_manifest
 from valuefn.model import ValueModel, ValueModelConfig
 from valuefn.scorer import LoadedValue, ScoreItem, forward_values
 
 log = logging.getLogger(__name__)
 
-W, K, L, PROMPT, STEPS = 4, 4, 8, 128, 16
+SEARCH = SearchSettings()
+"""One CBS step of IRO's reference search (w=4 beams x k=4 candidates, 8-token chunks)."""
+W, K, L, PROMPT, STEPS = SEARCH.w, SEARCH.k, SEARCH.l, 128, 16
 
 SHAPES = {
     "smollm2-135m-4l": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

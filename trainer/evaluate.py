@@ -95,8 +95,9 @@ class Method:
     """Value chain for bon/cbs (`name@N` pins a version)."""
     n: int = 1
     """Samples per prompt that a bon answer chooses from (1 for base)."""
-    search: SearchSettings | None = None
-    """The search of an IRO (`cbs`) method, every field pinned; None: cbs with the value's defaults."""
+    search: SearchSettings | SearchOverrides | None = None
+    """The search of an IRO (`cbs`) method: complete settings pin every field, overrides only theirs
+    (the value's defaults for the rest); None: cbs with the value's defaults."""
     model: str | None = None
     """Model id to request (a distilled policy's name); None: the server's base model."""
 
@@ -126,15 +127,15 @@ class Method:
         return f"N={self.n}"
 
 
-def search_text(search: SearchSettings, *, mode: bool = False) -> str:
-    """A search as reports write it: w, k and l, other fields where they differ from their defaults,
-    the mode first when `mode` is true or it is not cbs.
+def search_text(search: SearchSettings | SearchOverrides, *, mode: bool = False) -> str:
+    """A search as reports write it: w, k and l, other fields where they differ from their defaults
+    (fields overrides leave unset are not written), the mode first when `mode` is true or it is not cbs.
 
-    >>> search_text(SearchSettings(w=2)), search_text(SearchSettings(), mode=True)
-    ('w=2 k=4 l=8', 'CBS w=4 k=4 l=8')
+    >>> search_text(SearchSettings(w=2)), search_text(SearchSettings(), mode=True), search_text(SearchOverrides(k=3))
+    ('w=2 k=4 l=8', 'CBS w=4 k=4 l=8', 'k=3')
     """
-    fields, defaults = search.model_dump(), SearchSettings().model_dump()
-    kind = fields.pop("mode")
+    fields, defaults = search.model_dump(exclude_none=True), SearchSettings().model_dump()
+    kind = fields.pop("mode", "cbs")
     text = " ".join(f"{k}={v}" for k, v in fields.items() if k in ("w", "k", "l") or v != defaults.get(k))
     return f"{kind.upper()} {text}" if mode or kind != "cbs" else text
 
