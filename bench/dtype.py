@@ -8,7 +8,7 @@ bench/results/dtype-<cpu>.json), with the CPU model, its bf16 flags and the dtyp
     python -m bench.dtype scorer     # value scorer, both dtypes (no engine)
     python -m bench.dtype train      # a few value-training steps, both dtypes (no engine)
 
-`engine` measures plain n=16 sampling and guided CBS (LoRA value and engine-head value) on the
+`engine` measures plain n=16 sampling and guided CBS (LoRA value and engine value) on the
 16 bench prompts, and the concurrency figures of `iro bench` (bench.guided) with two sequential
 requests of each kind. `scorer` and `train` alternate the dtypes for `--rounds` rounds and keep
 each dtype's best round, so load from other processes weighs on both alike; every part records
@@ -75,14 +75,14 @@ def measure_engine(dtype: str, concurrency: bool = True) -> dict:
             out.update(measure_plain_vs_guided(srv.url, model))
             if concurrency:
                 out.update(measure_concurrency(srv.url, model, 2, out["guided_seconds"], out["plain_seconds"],
-                                               out["guided_engine_head_seconds"]))
+                                               out["guided_engine_value_seconds"]))
             log_text = srv.log_path.read_text(errors="replace")
             out["server_dtype_log"] = next((line.split("serve: ", 1)[1] for line in log_text.splitlines()
                                             if "serve: dtype" in line), None)
         finally:
             srv.stop()
     keep = ("engine_start_seconds", "plain_seconds", "plain_tok_per_s", "guided_seconds", "guided_tok_per_s",
-            "guided_engine_head_seconds", "guided_vs_plain_time_ratio", "guided_engine_head_vs_plain_time_ratio",
+            "guided_engine_value_seconds", "guided_vs_plain_time_ratio", "guided_engine_value_vs_plain_time_ratio",
             "concurrency_speedup", "plain_concurrency_speedup", "engine_value_concurrency_speedup",
             "concurrency_vs_plain_ceiling", "concurrency_vs_plain_ceiling_lora", "server_dtype_log")
     return {k: out[k] for k in keep if k in out}

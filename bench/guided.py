@@ -2,7 +2,7 @@
 
 Starts a real server (vLLM + default model + one value), then measures:
 guided_vs_plain_time_ratio (a 4-layer LoRA value, scored by the scorer) and
-guided_engine_head_vs_plain_time_ratio (an engine-head value, computed by the engine while it
+guided_engine_value_vs_plain_time_ratio (an engine value, computed by the engine while it
 samples), speedup_vs_reference_loop, scoring_growth_ratio,
 concurrency_speedup (LoRA value) and concurrency_vs_plain_ceiling (the engine-side value's gain from
 16 guided requests in flight over one at a time, against plain sampling's gain at the same load),
@@ -32,8 +32,8 @@ TOPICS = ["the ocean", "a busy city", "learning to cook", "winter mornings", "an
           "a mountain hike", "friendship", "a rainy day", "jazz music", "the history of bread", "a small garden",
           "electric cars", "a night market", "chess", "autumn leaves"]
 PROMPTS = [f"Write a long, detailed paragraph about {t}." for t in TOPICS]
-TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "guided_engine_head_vs_plain_time_ratio": ("<=", 1.2),
-           "speedup_vs_reference_loop": (">=", 4.0), "speedup_vs_reference_loop_engine_head": (">=", 6.0),
+TARGETS = {"guided_vs_plain_time_ratio": ("<=", 1.3), "guided_engine_value_vs_plain_time_ratio": ("<=", 1.2),
+           "speedup_vs_reference_loop": (">=", 4.0), "speedup_vs_reference_loop_engine_value": (">=", 6.0),
            "scoring_growth_ratio": ("<=", 1.5), "concurrency_speedup": (">=", 4.0),
            "concurrency_vs_plain_ceiling": (">=", 0.95),
            "hot_swap_seconds": ("<", 0.5), "hot_swap_lora_value_seconds": ("<", 1.0),
@@ -61,9 +61,9 @@ class BenchReport(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     guided_vs_plain_time_ratio: float
-    guided_engine_head_vs_plain_time_ratio: float
+    guided_engine_value_vs_plain_time_ratio: float
     speedup_vs_reference_loop: float
-    speedup_vs_reference_loop_engine_head: float
+    speedup_vs_reference_loop_engine_value: float
     scoring_growth_ratio: float
     concurrency_speedup: float
     concurrency_vs_plain_ceiling: float
@@ -130,11 +130,11 @@ def measure_plain_vs_guided(url: str, model: str, rounds: int = 1) -> dict:
             "guided_vs_plain_per_token_ratio": statistics.median(
                 [(g / tokens["guided"]) / (p / tokens["plain"]) for g, p in zip(seconds["guided"], seconds["plain"])]),
             "guided_chunks": sum(r["guidance"]["chunks"] for r in runs["guided"][-1][1]),
-            "guided_engine_head_seconds": med["head"], "guided_engine_head_candidate_tokens": tokens["head"],
-            "guided_engine_head_vs_plain_time_ratio": statistics.median(head_ratios),
+            "guided_engine_value_seconds": med["head"], "guided_engine_value_candidate_tokens": tokens["head"],
+            "guided_engine_value_vs_plain_time_ratio": statistics.median(head_ratios),
             "rounds": rounds, "plain_seconds_rounds": seconds["plain"], "guided_seconds_rounds": seconds["guided"],
-            "guided_engine_head_seconds_rounds": seconds["head"],
-            "guided_engine_head_vs_plain_time_ratio_rounds": head_ratios}
+            "guided_engine_value_seconds_rounds": seconds["head"],
+            "guided_engine_value_vs_plain_time_ratio_rounds": head_ratios}
 
 
 def engine_value_config(model_path, dtype: str):
@@ -322,7 +322,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
             results.update(measure_plain_vs_guided(srv.url, model, rounds=3 if quick else 5))
             steps.update()
             results.update(measure_concurrency(srv.url, model, 2 if quick else 4, results["guided_seconds"],
-                                               results["plain_seconds"], results["guided_engine_head_seconds"]))
+                                               results["plain_seconds"], results["guided_engine_value_seconds"]))
             steps.update()
             swap = measure_hot_swap(srv.url, model, srv.values_dir, model_path,  # the default value
                                     engine_value_config(model_path, dtype), name="bench-head", guidance=HEAD_GUIDANCE)
@@ -354,15 +354,15 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
         results["ours_seconds_per_prompt"] = ours_per_prompt
         results["speedup_vs_reference_loop"] = ref["reference_seconds_per_prompt"] / ours_per_prompt
         steps.update()
-        # the same comparison with the engine-head value: the reference re-runs it (the whole base
+        # the same comparison with the engine value: the reference re-runs it (the whole base
         # model + head) over every full sequence each chunk; we get it from the engine's forward
         head_value = ValueLoader(registry, pool, dtype=dtype).load_version("bench-head", registry.current("bench-head"))
         ref_head = measure_reference(model_path, head_value, tok, PROMPTS[:2], threads=None, dtype=dtype)
-        results["reference_engine_head_seconds_per_prompt"] = ref_head["reference_seconds_per_prompt"]
-        results["reference_engine_head_value_fraction"] = ref_head["reference_value_fraction"]
-        results["ours_engine_head_seconds_per_prompt"] = results["guided_engine_head_seconds"] / len(PROMPTS)
-        results["speedup_vs_reference_loop_engine_head"] = (ref_head["reference_seconds_per_prompt"]
-                                                            / results["ours_engine_head_seconds_per_prompt"])
+        results["reference_engine_value_seconds_per_prompt"] = ref_head["reference_seconds_per_prompt"]
+        results["reference_engine_value_value_fraction"] = ref_head["reference_value_fraction"]
+        results["ours_engine_value_seconds_per_prompt"] = results["guided_engine_value_seconds"] / len(PROMPTS)
+        results["speedup_vs_reference_loop_engine_value"] = (ref_head["reference_seconds_per_prompt"]
+                                                            / results["ours_engine_value_seconds_per_prompt"])
         steps.update()
     steps.update()
     steps.close()
@@ -381,11 +381,11 @@ def print_table(results: dict) -> None:
     table = Table("metric", "value", "target", "met", title="iro bench")
     for k, t in results["targets"].items():
         table.add_row(k, f"{t['value']:.3g}", f"{t['op']} {t['target']}", "yes" if t["met"] else "NO")
-    for k in ("plain_seconds", "guided_seconds", "guided_engine_head_seconds", "plain_tok_per_s", "guided_tok_per_s", "plain_concurrency_speedup",
+    for k in ("plain_seconds", "guided_seconds", "guided_engine_value_seconds", "plain_tok_per_s", "guided_tok_per_s", "plain_concurrency_speedup",
               "engine_value_concurrency_speedup", "concurrency_vs_plain_ceiling_lora",
               "reference_seconds_per_prompt",
-              "ours_seconds_per_prompt", "reference_value_fraction", "reference_engine_head_seconds_per_prompt",
-              "ours_engine_head_seconds_per_prompt", "peak_rss_mib", "peak_rss_api_process_mib",
+              "ours_seconds_per_prompt", "reference_value_fraction", "reference_engine_value_seconds_per_prompt",
+              "ours_engine_value_seconds_per_prompt", "peak_rss_mib", "peak_rss_api_process_mib",
               "base_model_mib", "engine_start_seconds"):
         if k in results:
             table.add_row(k, f"{results[k]:.3g}", "", "")

@@ -202,13 +202,13 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
 
     registry = open_registry(settings.resolved_values_dir(), Registry, create=True)  # a folder or s3://bucket/prefix
     value_dtype = settings.dtype if settings.dtype != "float16" else "auto"  # values: bfloat16 or float32
-    from server.engine import engine_head_probe
+    from server.engine import engine_value_probe
 
     # the engine's (machine's) dtype; engine values the engine computes are checked there and hold no backbone here
     pool = BackbonePool(model_path, value_cache_gib=settings.value_cache_gib,
                         gpu_memory_utilization=settings.gpu_memory_utilization)  # the values' memory plan
     loader = ValueLoader(registry, pool, dtype=value_dtype,
-                         engine_probe=engine_head_probe(engine, asyncio.get_running_loop()))
+                         engine_probe=engine_value_probe(engine, asyncio.get_running_loop()))
     manager = ValueManager(registry, loader, base_id=engine.model_id,
                            metrics=app.state.metrics)
     scorer = Scorer(threads=settings.scorer_threads, metrics=app.state.metrics)

@@ -185,7 +185,7 @@ PROBE_IDS = [1, 2, 3, 4]
 """The test sequence a new engine value is checked on (the loader's own test forward uses the same)."""
 
 
-def engine_head_probe(engine: EngineClient, loop: asyncio.AbstractEventLoop) -> Callable:
+def engine_value_probe(engine: EngineClient, loop: asyncio.AbstractEventLoop) -> Callable:
     """`ValueLoader(engine_probe=...)`: run a value's heads in `engine` on a short test sequence (one
     greedy token), from the loader's thread; None when the engine does not compute those heads, so
     the loader builds the value's backbone as before. Requests in flight go on meanwhile: this is

@@ -195,7 +195,7 @@ def scorer_passes(server) -> float:
 
 
 @pytest.mark.parametrize("layers", [None, [2, 15, 27]], ids=["final-state", "layers-2-15-27"])
-def test_engine_head_value_is_computed_by_the_engine_and_agrees_with_the_scorer(server, layers):
+def test_engine_value_is_computed_by_the_engine_and_agrees_with_the_scorer(server, layers):
     """A head on the frozen base model's hidden states (the final normed ones, or the residual
     stream after layers 2, 15 and 27, which the engine exposes by default through vLLM's auxiliary
     hidden states): the engine values candidates as it samples them (no scorer pass), and its values

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engine import PROBE_IDS, engine_head_probe
+from server.engine import PROBE_IDS, engine_value_probe
 from tests.server.test_search import HeadEngine, ScriptedEngine
 
 
 def _from_a_thread(engine, heads, layers=None):
     async def main():
-        probe = engine_head_probe(engine, asyncio.get_running_loop())
+        probe = engine_value_probe(engine, asyncio.get_running_loop())
         return await asyncio.to_thread(probe, heads, layers)  # as the value manager runs the loader
 
     return asyncio.run(main())

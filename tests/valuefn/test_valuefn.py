@@ -192,7 +192,7 @@ def test_incremental_scoring_equals_full_recomputation(tiny_model_dir, registry,
     assert value.cache.hits > 0
 
 
-def test_engine_head_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, registry):
+def test_engine_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, registry):
     from transformers import AutoModel
 
     config = ValueModelConfig(num_layers=None, lora_r=0, pooling="mean_before", dtype="float32")
