@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from common.search_settings import SearchSettings
 from trainer.rewards import parse_reward
 from trainer.tasks import TaskError, builtin_tasks, load_task
 from trainer.tasks.json_extract import expected_answer, find_object, score
@@ -49,6 +50,9 @@ def test_a_hand_written_task_resolves_paths_formats_and_stop_strings(tmp_path):
     assert item.messages == [{"role": "user", "content": "train.jsonl prompt 0"}] and item.sampling == {"stop": ["\n\n"]}
     assert [p.id for p in task.items("eval", 2)] == ["1", "2"]
     assert load_task(tmp_path) == task  # a folder means its task.yaml
+    assert task.search == SearchSettings()  # the reference: cbs, w=4, k=4, l=8
+    mine = load_task(write_task(tmp_path, GOOD + "search: {mode: bon, k: 8}\n")).search
+    assert isinstance(mine, SearchSettings) and (mine.mode, mine.w, mine.k) == ("bon", 4, 8)
 
 
 def test_completion_format_keeps_raw_prompts_and_refuses_chat_lines(tmp_path):
@@ -86,6 +90,8 @@ BAD = [
     ("missing field", GOOD.replace("reward: python:reward.py:score\n", ""), {}, 1, "reward: required field missing"),
     ("bad choice", GOOD + "format: raw\n", {}, 8, "format: Input should be 'chat' or 'completion'"),
     ("bad search", GOOD + "search: {w: 0}\n", {}, 8, "search.w: Input should be greater than or equal to 1"),
+    ("search as text", GOOD + 'search: {w: "4"}\n', {}, 8, "search.w: Input should be a valid integer"),
+    ("bad search mode", GOOD + "search: {mode: beam}\n", {}, 8, "search.mode: Input should be 'cbs', 'bon'"),
     ("bad value name", GOOD.replace("name: tiny", "name: ../up"), {}, 1, "name: invalid value name"),
 ]
 
