@@ -70,8 +70,7 @@ class IroLoop:
         self.config = config
         self.task = task if task is not None else load_task(config.task)
         self.name = validate_name(config.name or self.task.name)
-        self.search = self.task.search.resolve(config.search)
-        """IRO-t's search at evaluation: the task's, with the loop's `search` options over it."""
+        self.search = self.task.search.resolve(config.search)  # IRO-t's, at evaluation: the task's, options over it
         self.run_dir = Path(run_dir).expanduser()
         self.registry = Registry(values_dir)
         from registry.policies import PolicyRegistry, default_policies_dir

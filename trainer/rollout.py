@@ -5,15 +5,16 @@
 
 Input lines (JSONL): `{"id"?, "messages": [...]}` (chat), `{"id"?, "prompt": "..."}` (completion),
 or OpenAI batch-file lines `{"custom_id", "method", "url", "body"}` whose body holds messages or
-prompt and sampling fields (temperature, top_p, max_tokens, seed, stop, n, ...); body fields win
-over the command line's, `n` sets that prompt's number of samples. Lines without an id are named
-by their line number.
+prompt and sampling fields (`SAMPLING_KEYS`: the fields of `common.sampling.Sampling` that requests
+carry, e.g. temperature, top_p, min_p, stop, seed, and max_tokens; and n); a line's fields win over
+the command line's, `n` sets that prompt's number of samples. Lines without an id are named by
+their line number.
 
 Every response becomes one output record, the format `iro reward` and `iro train` read:
 
     {"id": "<prompt_id>:<j>", "prompt_id", "sample": j, "messages" | "prompt", "prompt_text",
      "prompt_token_ids", "response", "response_token_ids", "finish_reason",
-     "policy": {"model", "value", "versions", "mode", "w", "k", "l"},
+     "policy": {"model", "value", "versions", "mode", "w", "k", "l", ...every search field},
      "sampling": {"temperature", "max_tokens", "seed"}, "reward": null}
 
 The job is resumable: records are appended and flushed as each response arrives (fsync'd every
