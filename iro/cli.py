@@ -169,6 +169,7 @@ _add_commands("trainer.cli", "register", "_trainer")  # registers several comman
 _add_commands("trainer.jobs_cli", "register", "_jobs")  # rollout, eval, loop
 _add_commands("trainer.distill_cli", "register", "_distill")
 _add_commands("trainer.tasks_cli", "app", "tasks")
+_add_commands("trainer.data_cli", "app", "data")
 _add_commands("clients.cli", "register", "_clients")
 _add_commands("bench.cli", "bench", "bench")
 

@@ -32,15 +32,17 @@ class BodyLimitMiddleware:
     closed) for a body not fully received `timeout` seconds after its request's headers: uvicorn
     bounds idle keep-alive connections but not a stalled upload."""
 
-    def __init__(self, app, limit: int, timeout: float = 60.0):
+    def __init__(self, app, limit: int, timeout: float = 60.0, uploads: dict[str, int] | None = None):
         self.app, self.limit, self.timeout = app, limit, timeout
+        self.uploads = uploads or {}  # path -> its own limit (file uploads)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.uploads.get(scope.get("path", ""), self.limit)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._reject(send, limit)
         seen = 0
         complete = False
         deadline = asyncio.get_running_loop().time() + self.timeout
@@ -56,8 +58,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
-                if seen > self.limit:
-                    raise _TooLarge(self.limit)
+                if seen > limit:
+                    raise _TooLarge(limit)
             else:
                 complete = True
             return message
@@ -65,10 +67,10 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._reject(send)
+            await self._reject(send, limit)
 
-    async def _reject(self, send):
-        body = JSONResponse(error_body(413, f"request body larger than {self.limit} bytes"), status_code=413)
+    async def _reject(self, send, limit: int):
+        body = JSONResponse(error_body(413, f"request body larger than {limit} bytes"), status_code=413)
         await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})
 
@@ -259,6 +261,8 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     from server.policies import start_policies
 
     app.state.policies = serving.policies = await start_policies(app, settings, engine, model_path)
+    serving.stored, serving.store_everything = getattr(app.state, "stored", None), settings.store_everything
+    serving.store_error = getattr(app.state, "store_error", None)
     app.state.serving = serving  # last: /health says ready once the registry's policies are served too
     gc.collect()  # then freeze: what start-up built (torch, the tokenizer, values) is never scanned again,
     gc.freeze()  # as vLLM's engine core does
@@ -290,6 +294,9 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from server.store.startup import start_store
+
+        await start_store(app, settings)  # files, batches (and their runner), stored completions
         app.state.starting = asyncio.create_task(_start_engine(app, settings))
         watcher = asyncio.create_task(_watch_engine(app))
 
@@ -343,6 +350,11 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     from server.admin.engine_router import router as engine_router
 
     app.include_router(engine_router)
+    from server.batches.router import router as batches_router
+    from server.stored.router import router as stored_router
+
+    app.include_router(batches_router)
+    app.include_router(stored_router)
 
     @app.get("/health", response_model=HealthStatus, responses=error_responses(503))
     async def health():
@@ -370,5 +382,6 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.body_timeout,
+                       uploads={"/v1/files": settings.max_file_bytes + 65536})  # + multipart framing
     return app

@@ -16,7 +16,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from common import protocol
 from common.engine_args import EngineSettings
 from common.search_settings import REASONING_EFFORT_BUDGETS, ReasoningEffort
-from common.paths import default_values_dir
+from common.paths import default_values_dir, iro_home
 
 
 class ServerSettings(EngineSettings):
@@ -89,6 +89,19 @@ class ServerSettings(EngineSettings):
     """Tokens one /v1/score request sends through the value chain (prompt + response, summed)."""
     max_score_queue: int = Field(8, ge=1)
     """/v1/score requests scored or waiting for the scorer at once; past it: 429 with Retry-After."""
+    # --- jobs and data: files, batches, stored completions ----------------------------------
+    data_dir: Path | None = None
+    """Folder of the database (SQLite) and of uploaded and batch output files; default `$IRO_HOME/data`."""
+    database_url: SecretStr | None = None
+    """SQLAlchemy URL of the database (files' metadata, batches, stored completions); default
+    `sqlite:///<data_dir>/iro.db`. Several replicas share a PostgreSQL one (`postgresql+psycopg://...`)."""
+    max_file_bytes: int = Field(200_000_000, ge=1024)
+    """Largest file `POST /v1/files` accepts (OpenAI's batch input limit: 200 MB)."""
+    batch_concurrency: int = Field(4, ge=1)
+    """Batch lines answered at once while no interactive request is in progress (one while any is)."""
+    store_everything: bool = False
+    """Store every non-streamed chat completion (as with `store: true`) unless it says `store: false`;
+    off by default (prompts may be private) and logged at start when on."""
     # --- connections (uvicorn) -------------------------------------------------------------
     limit_concurrency: int | None = Field(1024, ge=1)
     """Connections plus requests in progress at once before uvicorn answers 503 (None: no limit)."""
@@ -131,6 +144,9 @@ class ServerSettings(EngineSettings):
 
     def resolved_values_dir(self) -> Path:
         return (self.values_dir or default_values_dir()).expanduser()
+
+    def resolved_data_dir(self) -> Path:
+        return (self.data_dir or iro_home() / "data").expanduser()
 
     def lora_options(self) -> dict:
         """vLLM's LoRA arguments: none unless a policy registry is configured."""

@@ -254,7 +254,7 @@ class OpenAIServing:
         usage = self.count_tokens(len(prompt.token_ids), result.completion_tokens)
         response = responses.chat_response(request, prompt.token_ids, result, usage)
         if store:
-            await self._store(request, response, prompt.token_ids, result, value, adapter)
+            await self._store(request, response, prompt, result, value, adapter)
         return response
 
     def _will_store(self, request: ChatCompletionRequest) -> bool:
@@ -273,14 +273,15 @@ class OpenAIServing:
                                       param="metadata", code="unsupported_value")
         return store
 
-    async def _store(self, request, response, prompt_ids, result, value, adapter) -> None:
+    async def _store(self, request, response, prompt: RenderedPrompt, result, value, adapter) -> None:
         from server.stored.protocol import StoredRecord
         from server.stored.serving import policy_of
 
         await self.stored.save(StoredRecord(
             id=response.id, created=response.created, model=request.model, metadata=request.metadata or {},
             request=request.model_dump(mode="json", exclude_none=True), response=response.model_dump(mode="json"),
-            prompt_token_ids=prompt_ids, completion_token_ids=[c.token_ids for c in result.choices[0]],
+            prompt_text=prompt.text, prompt_token_ids=prompt.token_ids,
+            completion_token_ids=[c.token_ids for c in result.choices[0]],
             policy=policy_of(self.base_id, value, adapter, response.guidance)))
 
     async def create_completion(self, request: CompletionRequest):

@@ -90,6 +90,7 @@ completions = sa.Table(
     sa.Column("metadata", sa.JSON, nullable=False),
     sa.Column("request", sa.JSON, nullable=False),  # messages and settings, as sent
     sa.Column("response", sa.JSON, nullable=False),  # the chat.completion object
+    sa.Column("prompt_text", sa.Text, nullable=True),  # the chat template applied to the messages
     sa.Column("prompt_token_ids", sa.JSON, nullable=False),
     sa.Column("completion_token_ids", sa.JSON, nullable=False),  # one list per choice
     sa.Column("policy", sa.JSON, nullable=False),  # base, value chain + versions + betas, adapter

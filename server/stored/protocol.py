@@ -11,9 +11,15 @@ from common.protocol import ChatCompletionResponse, OpenAIBaseModel, OpenAIReque
 
 
 class StoredCompletion(ChatCompletionResponse):
-    """A stored `chat.completion` with its `metadata`."""
+    """A stored `chat.completion` with its `metadata`; `prompt_token_ids`, each choice's
+    `token_ids`, `request` and `policy` are filled in (iro extension: what training reads)."""
 
     metadata: dict[str, str] = Field(default_factory=dict)
+    # --- iro extension -------------------------------------------------------------------
+    request: dict[str, Any] | None = Field(None, description="The request as sent (messages and settings).")
+    prompt_text: str | None = Field(None, description="The prompt as the model saw it (chat template applied).")
+    policy: dict[str, Any] | None = Field(None, description="What answered: base, value, versions, betas, search "
+                                          "settings, adapter.")
 
 
 class StoredCompletionList(OpenAIBaseModel):
@@ -71,6 +77,7 @@ class StoredRecord(OpenAIBaseModel):
     metadata: dict[str, str]
     request: dict[str, Any]
     response: dict[str, Any]
+    prompt_text: str | None = None
     prompt_token_ids: list[int]
     completion_token_ids: list[list[int]] = Field(description="One list per choice.")
     policy: dict[str, Any] = Field(description="base, value, versions, betas, search settings, adapter.")

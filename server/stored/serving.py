@@ -38,7 +38,11 @@ def _filters(model: str | None, metadata: dict[str, str]):
 
 
 def _completion(row) -> StoredCompletion:
-    return StoredCompletion.model_validate({**row.response, "metadata": row.metadata or {}})
+    response = row.response
+    choices = [{**c, "token_ids": ids} for c, ids in zip(response.get("choices", []), row.completion_token_ids)]
+    return StoredCompletion.model_validate({**response, "choices": choices, "prompt_token_ids": row.prompt_token_ids,
+                                           "metadata": row.metadata or {}, "request": row.request, "prompt_text": row.prompt_text,
+                                           "policy": row.policy})
 
 
 class StoredCompletions:

@@ -194,6 +194,10 @@ def test_a_stored_record_keeps_token_ids_and_policy(stack):
     assert row.id == cid and row.prompt_token_ids == list(b"<user>hello\n<assistant>")
     assert row.completion_token_ids == [list(b"abcd")]
     assert row.policy == {"base": "tiny", "value": None, "adapter": None}
+    got = client.get(f"/v1/chat/completions/{cid}").json()
+    assert got["prompt_token_ids"] == row.prompt_token_ids and got["choices"][0]["token_ids"] == list(b"abcd")
+    assert got["policy"]["base"] == "tiny" and got["request"]["messages"][0]["content"] == "hello"
+    assert got["prompt_text"] == "<user>hello\n<assistant>"
 
 
 def test_store_refusals(stack, tmp_path):
