@@ -17,7 +17,8 @@ from clients.base import BaseIroClient
 from clients.client import AsyncIroClient, IroClient
 from clients.errors import (
     APIStatusError, AuthenticationError, BadRequestError, ConflictError, InternalServerError, IroClientError,
-    NotFoundError, PayloadTooLargeError, PermissionDeniedError, RateLimitError, ServiceUnavailableError, TransportError,
+    NotFoundError, NotServingError, PayloadTooLargeError, PermissionDeniedError, RateLimitError, ServiceUnavailableError,
+    TransportError,
 )
 from clients.streaming import AsyncStream, Stream
 
@@ -25,5 +26,5 @@ __all__ = [
     "IroClient", "AsyncIroClient", "BaseIroClient", "Stream", "AsyncStream", "errors", "IroClientError",
     "APIStatusError", "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
     "ConflictError", "PayloadTooLargeError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
-    "TransportError",
+    "TransportError", "NotServingError",
 ]

@@ -23,10 +23,12 @@ from pydantic import BaseModel
 
 from common.version import __version__
 from clients.errors import (
-    APIStatusError, ConnectError, IroClientError, RateLimitError, ServiceUnavailableError, TimeoutError,
-    TransportError, error_class, status_for_type,
+    APIStatusError, ConnectError, IroClientError, NotServingError, RateLimitError, ServiceUnavailableError,
+    TimeoutError, TransportError, error_class, status_for_type,
 )
-from common.admin_protocol import DeletedValue, LoadValueRequest, ValueList, ValueStatus
+from common.admin_protocol import (
+    DeletedVersion, LoadRequest, PolicyList, PolicyStatus, RegistryEntryStatus, Unloaded, ValueList, ValueStatus,
+)
 from common.errors import ErrorInfo
 from common.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage, CompletionRequest,
@@ -163,6 +165,7 @@ class BaseIroClient:
                         **dict(headers or {})}
         self._model = model
         self._http: httpx.Client | httpx.AsyncClient  # set by the subclass
+        self._clock = time.monotonic  # what waits measure their deadline with (tests replace it)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -207,27 +210,64 @@ class BaseIroClient:
     def _health_call() -> Call:
         return Call("GET", "/health", retry=False)
 
+    # The watched registries (admin key): one route shape for values and policies.
     @staticmethod
-    def _values_call() -> Call:
-        return Call("GET", "/v1/values", admin=True, result=ValueList)
-
-    @staticmethod
-    def _value_call(method: str, name: str, action: str = "", body: BaseModel | None = None,
-                    result: type[BaseModel] = ValueStatus) -> Call:
-        path = f"/v1/values/{quote(name, safe='')}" + (f"/{action}" if action else "")
+    def _registry_call(method: str, kind: str, name: str | None = None, action: str = "", body: BaseModel | None = None,
+                       result: type[BaseModel] | None = None) -> Call:
+        """`kind` is "values" or "policies"; the answer is that kind's status unless `result` says."""
+        path = f"/v1/{kind}" + (f"/{quote(name, safe='')}" if name is not None else "") + (f"/{action}" if action else "")
+        if result is None:
+            result = {"values": ValueStatus, "policies": PolicyStatus}[kind]
         return Call(method, path, json=body.model_dump(mode="json") if body else None, admin=True, result=result)
 
+    def _values_call(self) -> Call:
+        return self._registry_call("GET", "values", result=ValueList)
+
     def _value_status_call(self, name: str) -> Call:
-        return self._value_call("GET", name)
+        return self._registry_call("GET", "values", name)
 
     def _load_value_call(self, name: str, version: int | None) -> Call:
-        return self._value_call("POST", name, "load", LoadValueRequest(version=version))
+        return self._registry_call("POST", "values", name, "load", LoadRequest(version=version))
 
     def _rollback_value_call(self, name: str) -> Call:
-        return self._value_call("POST", name, "rollback")
+        return self._registry_call("POST", "values", name, "rollback")
 
     def _unload_value_call(self, name: str) -> Call:
-        return self._value_call("DELETE", name, result=DeletedValue)
+        return self._registry_call("DELETE", "values", name, result=Unloaded)
+
+    def _policies_call(self) -> Call:
+        return self._registry_call("GET", "policies", result=PolicyList)
+
+    def _policy_status_call(self, name: str) -> Call:
+        return self._registry_call("GET", "policies", name)
+
+    def _load_policy_call(self, name: str, version: int | None) -> Call:
+        return self._registry_call("POST", "policies", name, "load", LoadRequest(version=version))
+
+    def _rollback_policy_call(self, name: str) -> Call:
+        return self._registry_call("POST", "policies", name, "rollback")
+
+    def _unload_policy_call(self, name: str) -> Call:
+        return self._registry_call("DELETE", "policies", name, result=Unloaded)
+
+    def _delete_policy_version_call(self, name: str, version: int) -> Call:
+        return self._registry_call("DELETE", "policies", name, f"versions/{int(version)}", result=DeletedVersion)
+
+    def _serving(self, call: Call, status: RegistryEntryStatus, version: int, deadline: float) -> bool:
+        """Whether a wait for `version` is over: True once it serves; raises `NotServingError` once
+        the server refused it or `deadline` (of `_clock`) passed; False: ask again."""
+        if status.serving_version == version:
+            return True
+        refused = next((r for r in status.refused if r.version == version), None)
+        request = self._build_request(call)
+        if refused is not None:
+            raise NotServingError(f"the server refused {status.name}@{version}: {refused.reason}", request=request,
+                                  status=status, refused=refused)
+        if self._clock() >= deadline:
+            raise NotServingError(f"{status.name}@{version} is not served before the deadline (serving "
+                                  f"{status.serving_version}, CURRENT {status.current_on_disk})", request=request,
+                                  status=status)
+        return False
 
     @staticmethod
     def _split_request(request: GenerationRequest) -> tuple[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ import httpx
 from clients.base import BaseIroClient, Call, GenerationRequest, Guidance, Messages, Prompt
 from clients.errors import IroClientError
 from clients.streaming import AsyncStream, Stream
-from common.admin_protocol import DeletedValue, ValueList, ValueStatus
+from common.admin_protocol import DeletedVersion, PolicyList, PolicyStatus, Unloaded, ValueList, ValueStatus
 from common.protocol import (
     ChatCompletionResponse, ChatCompletionStreamResponse, CompletionResponse, CompletionStreamResponse, ModelList, ScoreResponse,
 )
@@ -41,6 +41,7 @@ class IroClient(BaseIroClient):
         super().__init__(base_url, **options)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
                                   transport=transport)
+        self._sleep = time.sleep  # retry delays and waits (tests replace it)
 
     def close(self) -> None:
         self._http.close()
@@ -70,7 +71,7 @@ class IroClient(BaseIroClient):
             delay = self._retry_delay(attempt, error) if call.retry else None
             if delay is None:
                 raise error
-            time.sleep(delay)
+            self._sleep(delay)
             attempt += 1
 
     def _request(self, call: Call) -> Any:
@@ -125,16 +126,60 @@ class IroClient(BaseIroClient):
         return self._request(self._value_status_call(name))
 
     def load_value(self, name: str, version: int | None = None) -> ValueStatus:
-        """Load (and pin) `version` of value `name`, or the registry's CURRENT when None."""
+        """Load and pin `version` of value `name` (the watcher keeps it until CURRENT changes); with
+        no version, serve the registry's CURRENT and follow it again (unpin)."""
         return self._request(self._load_value_call(name, version))
 
     def rollback_value(self, name: str) -> ValueStatus:
         """Serve the version before the one serving now."""
         return self._request(self._rollback_value_call(name))
 
-    def unload_value(self, name: str) -> DeletedValue:
-        """Stop serving value `name` (its files stay in the registry)."""
+    def unload_value(self, name: str) -> Unloaded:
+        """Stop serving value `name` (its files stay in the registry) until it is loaded again."""
         return self._request(self._unload_value_call(name))
+
+    def wait_value(self, name: str, version: int, *, timeout: float = 60.0, poll_interval: float = 0.25) -> ValueStatus:
+        """Poll until value `name` serves `version`; `NotServingError` once the server refused it
+        or after `timeout` seconds."""
+        return self._wait(self._value_status_call(name), version, timeout, poll_interval)
+
+    # ------------------------------------------------------------------ policy admin (admin key)
+    def policies(self) -> PolicyList:
+        """`GET /v1/policies`: every policy adapter, its serving version and what is on disk."""
+        return self._request(self._policies_call())
+
+    def policy(self, name: str) -> PolicyStatus:
+        """`GET /v1/policies/{name}`: one policy's status."""
+        return self._request(self._policy_status_call(name))
+
+    def load_policy(self, name: str, version: int | None = None) -> PolicyStatus:
+        """Load and pin `version` of policy `name` (the watcher keeps it until CURRENT changes); with
+        no version, serve the registry's CURRENT and follow it again (unpin)."""
+        return self._request(self._load_policy_call(name, version))
+
+    def rollback_policy(self, name: str) -> PolicyStatus:
+        """Serve the newest version before CURRENT that verifies, and point CURRENT at it."""
+        return self._request(self._rollback_policy_call(name))
+
+    def unload_policy(self, name: str) -> Unloaded:
+        """Stop serving policy `name` (its files stay in the registry) until it is loaded again."""
+        return self._request(self._unload_policy_call(name))
+
+    def delete_policy_version(self, name: str, version: int) -> DeletedVersion:
+        """Remove one version of policy `name` from the registry (not the serving one, nor CURRENT)."""
+        return self._request(self._delete_policy_version_call(name, version))
+
+    def wait_policy(self, name: str, version: int, *, timeout: float = 60.0,
+                    poll_interval: float = 0.25) -> PolicyStatus:
+        """Poll until policy `name` serves `version`; `NotServingError` once the server refused it
+        or after `timeout` seconds."""
+        return self._wait(self._policy_status_call(name), version, timeout, poll_interval)
+
+    def _wait(self, call: Call, version: int, timeout: float, poll_interval: float) -> Any:
+        deadline = self._clock() + timeout
+        while not self._serving(call, status := self._request(call), version, deadline):
+            self._sleep(poll_interval)  # polling the server's state against a deadline
+        return status
 
     # ------------------------------------------------------------------ batch rollouts
     def _generate_one(self, request: GenerationRequest) -> Generation:
@@ -184,6 +229,7 @@ class AsyncIroClient(BaseIroClient):
         super().__init__(base_url, **options)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
                                        transport=transport)
+        self._sleep = asyncio.sleep  # retry delays and waits (tests replace it)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -213,7 +259,7 @@ class AsyncIroClient(BaseIroClient):
             delay = self._retry_delay(attempt, error) if call.retry else None
             if delay is None:
                 raise error
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             attempt += 1
 
     async def _request(self, call: Call) -> Any:
@@ -266,16 +312,61 @@ class AsyncIroClient(BaseIroClient):
         return await self._request(self._value_status_call(name))
 
     async def load_value(self, name: str, version: int | None = None) -> ValueStatus:
-        """Load (and pin) `version` of value `name`, or the registry's CURRENT when None."""
+        """Load and pin `version` of value `name` (the watcher keeps it until CURRENT changes); with
+        no version, serve the registry's CURRENT and follow it again (unpin)."""
         return await self._request(self._load_value_call(name, version))
 
     async def rollback_value(self, name: str) -> ValueStatus:
         """Serve the version before the one serving now."""
         return await self._request(self._rollback_value_call(name))
 
-    async def unload_value(self, name: str) -> DeletedValue:
-        """Stop serving value `name` (its files stay in the registry)."""
+    async def unload_value(self, name: str) -> Unloaded:
+        """Stop serving value `name` (its files stay in the registry) until it is loaded again."""
         return await self._request(self._unload_value_call(name))
+
+    async def wait_value(self, name: str, version: int, *, timeout: float = 60.0,
+                         poll_interval: float = 0.25) -> ValueStatus:
+        """Poll until value `name` serves `version`; `NotServingError` once the server refused it
+        or after `timeout` seconds."""
+        return await self._wait(self._value_status_call(name), version, timeout, poll_interval)
+
+    # ------------------------------------------------------------------ policy admin (admin key)
+    async def policies(self) -> PolicyList:
+        """`GET /v1/policies`: every policy adapter, its serving version and what is on disk."""
+        return await self._request(self._policies_call())
+
+    async def policy(self, name: str) -> PolicyStatus:
+        """`GET /v1/policies/{name}`: one policy's status."""
+        return await self._request(self._policy_status_call(name))
+
+    async def load_policy(self, name: str, version: int | None = None) -> PolicyStatus:
+        """Load and pin `version` of policy `name` (the watcher keeps it until CURRENT changes); with
+        no version, serve the registry's CURRENT and follow it again (unpin)."""
+        return await self._request(self._load_policy_call(name, version))
+
+    async def rollback_policy(self, name: str) -> PolicyStatus:
+        """Serve the newest version before CURRENT that verifies, and point CURRENT at it."""
+        return await self._request(self._rollback_policy_call(name))
+
+    async def unload_policy(self, name: str) -> Unloaded:
+        """Stop serving policy `name` (its files stay in the registry) until it is loaded again."""
+        return await self._request(self._unload_policy_call(name))
+
+    async def delete_policy_version(self, name: str, version: int) -> DeletedVersion:
+        """Remove one version of policy `name` from the registry (not the serving one, nor CURRENT)."""
+        return await self._request(self._delete_policy_version_call(name, version))
+
+    async def wait_policy(self, name: str, version: int, *, timeout: float = 60.0,
+                          poll_interval: float = 0.25) -> PolicyStatus:
+        """Poll until policy `name` serves `version`; `NotServingError` once the server refused it
+        or after `timeout` seconds."""
+        return await self._wait(self._policy_status_call(name), version, timeout, poll_interval)
+
+    async def _wait(self, call: Call, version: int, timeout: float, poll_interval: float) -> Any:
+        deadline = self._clock() + timeout
+        while not self._serving(call, status := await self._request(call), version, deadline):
+            await self._sleep(poll_interval)  # polling the server's state against a deadline
+        return status
 
     # ------------------------------------------------------------------ batch rollouts
     async def _generate_one(self, request: GenerationRequest) -> Generation:

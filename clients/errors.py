@@ -1,6 +1,8 @@
 """Errors raised by `IroClient` and `AsyncIroClient`.
 
     IroClientError                   base; `.request` is the httpx.Request that failed
+    ├── NotServingError              wait_value/wait_policy: the version was refused (`.refused`) or not
+    │                                served before the deadline; `.status` is the last status seen
     ├── TransportError               no HTTP answer (wraps the httpx exception as __cause__)
     │   ├── ConnectError             could not connect (retried)
     │   └── TimeoutError             connect/read/write/pool timeout (connect timeouts retried)
@@ -27,10 +29,11 @@ from __future__ import annotations
 
 import httpx
 
+from common.admin_protocol import RefusedVersion, RegistryEntryStatus
 from common.errors import ErrorInfo
 
 __all__ = [
-    "IroClientError", "TransportError", "ConnectError", "TimeoutError", "APIStatusError", "BadRequestError",
+    "IroClientError", "NotServingError", "TransportError", "ConnectError", "TimeoutError", "APIStatusError", "BadRequestError",
     "AuthenticationError", "PermissionDeniedError", "NotFoundError", "ConflictError", "PayloadTooLargeError",
     "RateLimitError", "InternalServerError", "ServiceUnavailableError", "error_class", "status_for_type",
 ]
@@ -43,6 +46,18 @@ class IroClientError(Exception):
         super().__init__(message)
         self.message = message
         self.request = request
+
+
+class NotServingError(IroClientError):
+    """A wait for a version (`wait_value`, `wait_policy`) is over without it serving: the server
+    refused it (`refused`: version, reason, time) or the deadline passed (`refused` is None).
+    `status` is the last status the server gave."""
+
+    def __init__(self, message: str, *, request: httpx.Request, status: RegistryEntryStatus,
+                 refused: RefusedVersion | None = None):
+        super().__init__(message, request=request)
+        self.status = status
+        self.refused = refused
 
 
 class TransportError(IroClientError):

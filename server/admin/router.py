@@ -1,55 +1,71 @@
-"""Value admin routes (admin key required): list, load, rollback, unload."""
+"""Admin routes of the watched registries (admin key required), one shape for values and policies:
+list, status, load (a version pins it; none follows CURRENT), rollback, unload (DELETE).
+
+`registry_router` builds them for one kind; this module's `router` serves `/v1/values`
+(`server.admin.policies_router` serves `/v1/policies`). The schemas are `common.admin_protocol`'s."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Body, Depends, Request
 
-from common.admin_protocol import DeletedValue, LoadValueRequest, ValueList, ValueStatus
+from common.admin_protocol import LoadRequest, RegistryEntryStatus, RegistryList, Unloaded, ValueList, ValueStatus
 from server.auth import require_admin_key
 from server.errors import InvalidRequestError, UnavailableError, error_responses
-from server.value_manager import ValueManager
+from server.registry_manager import RegistryManager
 from valuefn.registry import RegistryError, validate_name
 
-router = APIRouter(prefix="/v1/values", dependencies=[Depends(require_admin_key)], tags=["values"],
-                   responses=error_responses(400, 401, 403, 404, 413, 503))
+
+def checked(name: str, kind: str) -> str:
+    try:
+        return validate_name(name, kind)
+    except RegistryError as exc:
+        raise InvalidRequestError(str(exc), param="name", code="invalid_name") from exc
 
 
-def get_manager(request: Request) -> ValueManager:
+def registry_router(prefix: str, kind: str, manager_of: Callable[[Request], RegistryManager],
+                    status: type[RegistryEntryStatus], listing: type[RegistryList]) -> APIRouter:
+    """The admin routes of one watched registry under `prefix` (e.g. "/v1/values")."""
+    plural = prefix.rsplit("/", 1)[-1]
+    router = APIRouter(prefix=prefix, dependencies=[Depends(require_admin_key)], tags=[plural],
+                       responses=error_responses(400, 401, 403, 404, 409, 413, 503))
+
+    @router.get("", response_model=listing, name=f"list_{plural}")
+    async def list_entries(request: Request):
+        return manager_of(request).list()
+
+    @router.get("/{name}", response_model=status, name=f"get_{kind}")
+    async def get_entry(name: str, request: Request):
+        return manager_of(request).status(checked(name, kind))
+
+    @router.post("/{name}/load", response_model=status, name=f"load_{kind}")
+    async def load_entry(name: str, request: Request, body: LoadRequest | None = Body(None)):
+        manager, name = manager_of(request), checked(name, kind)
+        version = body.version if body else None
+        await manager.load(name, version, pin=version is not None)
+        return manager.status(name)
+
+    @router.post("/{name}/rollback", response_model=status, name=f"rollback_{kind}")
+    async def rollback_entry(name: str, request: Request):
+        manager, name = manager_of(request), checked(name, kind)
+        await manager.rollback(name)
+        return manager.status(name)
+
+    @router.delete("/{name}", response_model=Unloaded, name=f"unload_{kind}")
+    async def unload_entry(name: str, request: Request):
+        name = checked(name, kind)
+        await manager_of(request).unload(name)
+        return Unloaded(name=name)
+
+    return router
+
+
+def values_manager(request: Request) -> RegistryManager:
     manager = getattr(request.app.state, "values", None)
     if manager is None:
         raise UnavailableError("the server is starting; retry shortly", code="engine_starting")
     return manager
 
 
-def checked(name: str) -> str:
-    try:
-        return validate_name(name)
-    except RegistryError as exc:
-        raise InvalidRequestError(str(exc), param="name", code="invalid_name") from exc
-
-
-@router.get("", response_model=ValueList)
-async def list_values(request: Request):
-    return get_manager(request).list()
-
-
-@router.get("/{name}", response_model=ValueStatus)
-async def get_value(name: str, request: Request):
-    return get_manager(request).status(checked(name))
-
-
-@router.post("/{name}/load", response_model=ValueStatus)
-async def load_value(name: str, request: Request, body: LoadValueRequest | None = Body(None)):
-    version = body.version if body else None
-    return await get_manager(request).load(checked(name), version, pin=version is not None)
-
-
-@router.post("/{name}/rollback", response_model=ValueStatus)
-async def rollback_value(name: str, request: Request):
-    return await get_manager(request).rollback(checked(name))
-
-
-@router.delete("/{name}", response_model=DeletedValue)
-async def unload_value(name: str, request: Request):
-    get_manager(request).unload(checked(name))
-    return DeletedValue(name=name)
+router = registry_router("/v1/values", "value", values_manager, ValueStatus, ValueList)

@@ -114,6 +114,13 @@ class SyncDriver:
     def generate_many(self, requests, **kwargs) -> list:
         return list(self.client.generate_many(requests, **kwargs))
 
+    def fake_time(self) -> list[float]:
+        """Sleeps are recorded instead of slept; the clock moves by what was slept."""
+        slept: list[float] = []
+        self.client._sleep = slept.append
+        self.client._clock = lambda: sum(slept)
+        return slept
+
     def close(self):
         self.client.close()
 
@@ -142,6 +149,17 @@ class AsyncDriver:
             return [item async for item in self.client.generate_many(requests, **kwargs)]
 
         return self.runner.run(collect())
+
+    def fake_time(self) -> list[float]:
+        """Sleeps are recorded instead of slept; the clock moves by what was slept."""
+        slept: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+
+        self.client._sleep = sleep
+        self.client._clock = lambda: sum(slept)
+        return slept
 
     def close(self):
         self.runner.run(self.client.aclose())

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import httpx
 import pytest
 from pydantic import ValidationError
 
 from clients import AsyncIroClient, IroClient, errors
-from common.admin_protocol import DeletedValue, ValueList, ValueStatus
+from common.admin_protocol import DeletedVersion, PolicyList, PolicyStatus, Unloaded, ValueList, ValueStatus
 from common.protocol import (
     ChatCompletionResponse, ChatCompletionStreamResponse, CompletionResponse, CompletionStreamResponse,
     GuidanceParams, ModelList,
@@ -120,7 +119,7 @@ def test_value_admin_calls_use_the_admin_key(make_client):
     assert isinstance(loaded, ValueStatus) and loaded.serving_version == 1
     client.call("load_value", "helpful")
     assert isinstance(client.call("rollback_value", "helpful"), ValueStatus)
-    assert client.call("unload_value", "helpful") == DeletedValue(name="helpful")
+    assert client.call("unload_value", "helpful") == Unloaded(name="helpful")
     assert rec.paths() == ["GET /v1/values", "GET /v1/values/helpful", "POST /v1/values/helpful/load",
                            "POST /v1/values/helpful/load", "POST /v1/values/helpful/rollback",
                            "DELETE /v1/values/helpful"]
@@ -134,6 +133,65 @@ def test_admin_key_falls_back_to_api_key_and_names_are_escaped(make_client):
     client.call("rollback_value", "a b")
     assert rec.requests[0].url.raw_path == b"/v1/values/a%20b/rollback"
     assert rec.requests[0].headers["authorization"] == "Bearer user-key"
+
+
+# ----------------------------------------------------------------------------- policy admin
+def policy_status(name: str = "pol", version: int | None = 2, refused: list | None = None, **extra) -> dict:
+    return {"name": name, "model": name, "root": BASE, "serving_version": version, "versions_on_disk": [1, 2, 3],
+            "current_on_disk": 3, "refused": refused or [], "pinned": False, "method": "apa", **extra}
+
+
+def test_policy_admin_calls_mirror_the_value_ones(make_client):
+    rec = Recorder(routes({
+        "GET /v1/policies": {"object": "list", "registry": "/srv/policies", "data": [policy_status()]},
+        "GET /v1/policies/pol": policy_status(),
+        "POST /v1/policies/pol/load": policy_status(version=1, pinned=True),
+        "POST /v1/policies/pol/rollback": policy_status(version=1),
+        "DELETE /v1/policies/pol": {"name": "pol", "deleted": True},
+        "DELETE /v1/policies/pol/versions/1": {"name": "pol", "version": 1, "deleted": True},
+    }))
+    client = make_client(rec, api_key="user-key", admin_key="admin-key")
+    listing = client.call("policies")
+    assert isinstance(listing, PolicyList) and listing.registry == "/srv/policies" and listing.data[0].method == "apa"
+    assert client.call("policy", "pol").serving_version == 2
+    pinned = client.call("load_policy", "pol", version=1)
+    assert isinstance(pinned, PolicyStatus) and pinned.serving_version == 1 and pinned.pinned
+    client.call("load_policy", "pol")  # no version: follow CURRENT (unpin)
+    assert client.call("rollback_policy", "pol").serving_version == 1
+    assert client.call("unload_policy", "pol") == Unloaded(name="pol")
+    assert client.call("delete_policy_version", "pol", 1) == DeletedVersion(name="pol", version=1)
+    assert rec.paths() == ["GET /v1/policies", "GET /v1/policies/pol", "POST /v1/policies/pol/load",
+                           "POST /v1/policies/pol/load", "POST /v1/policies/pol/rollback", "DELETE /v1/policies/pol",
+                           "DELETE /v1/policies/pol/versions/1"]
+    assert rec.json(2) == {"version": 1} and rec.json(3) == {"version": None}
+    assert {r.headers["authorization"] for r in rec.requests} == {"Bearer admin-key"}
+
+
+@pytest.mark.parametrize("method,path,status", [("wait_policy", "/v1/policies/pol", policy_status),
+                                                ("wait_value", "/v1/values/pol", lambda **kw: value_status("pol", **kw))])
+def test_wait_polls_until_the_version_serves(make_client, method, path, status):
+    rec = Recorder([httpx.Response(200, json=status(version=1)), httpx.Response(200, json=status(version=1)),
+                    httpx.Response(200, json=status(version=2))])
+    client = make_client(rec)
+    slept = client.fake_time()
+    assert client.call(method, "pol", 2, poll_interval=0.5).serving_version == 2
+    assert slept == [0.5, 0.5] and rec.paths() == [f"GET {path}"] * 3
+
+
+def test_wait_raises_when_the_version_is_refused_or_late(make_client):
+    refusal = {"version": 3, "reason": "hash_mismatch: pol@3/adapter_model.safetensors", "at": 1.0}
+    rec = Recorder([httpx.Response(200, json=policy_status(refused=[refusal]))])
+    client = make_client(rec)
+    client.fake_time()
+    with pytest.raises(errors.NotServingError, match="refused pol@3: hash_mismatch") as info:
+        client.call("wait_policy", "pol", 3)
+    assert info.value.refused.reason.startswith("hash_mismatch") and info.value.status.serving_version == 2
+    rec = Recorder([httpx.Response(200, json=policy_status())])
+    client = make_client(rec)
+    slept = client.fake_time()
+    with pytest.raises(errors.NotServingError, match="deadline") as info:
+        client.call("wait_policy", "pol", 3, timeout=2.0, poll_interval=0.5)
+    assert info.value.refused is None and slept == [0.5] * 4 and len(rec.requests) == 5
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -218,10 +276,9 @@ def test_retries_then_succeeds(make_client, status):
 def test_retry_after_is_honoured_but_capped(make_client):
     rec = Recorder([busy(503, retry_after="30"), httpx.Response(200, json=chat_body("ok"))])
     client = make_client(rec, model=BASE, max_retry_delay=0.2, retry_backoff=0.0)
-    start = time.monotonic()
+    slept = client.fake_time()
     client.call("chat", "Hi")
-    elapsed = time.monotonic() - start
-    assert len(rec.requests) == 2 and 0.2 <= elapsed < 5
+    assert len(rec.requests) == 2 and slept == [0.2]
 
 
 def test_bad_request_is_not_retried(make_client):

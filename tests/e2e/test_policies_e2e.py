@@ -150,10 +150,10 @@ def test_policy_plus_value_runs_guided_decoding(lora_server):
 
 
 def test_corrupted_version_is_refused_while_the_old_one_serves(lora_server, peft_model):
-    before = policy_status(lora_server, "pol")["served_version"]
+    before = policy_status(lora_server, "pol")["serving_version"]
     bad = publish(lora_server.policies_dir, "pol", peft_model, seed=2, corrupt=True)
     status = wait_for(lora_server, "pol", lambda s: any(r["version"] == bad for r in s["refused"]))
-    assert status["served_version"] == before
+    assert status["serving_version"] == before
     assert "sha256" in next(r["reason"] for r in status["refused"] if r["version"] == bad)
     assert chat(lora_server.openai(), "pol").choices[0].message.content
 
@@ -173,7 +173,7 @@ def test_new_version_is_served_without_a_failed_request(lora_server, peft_model)
     worker.start()
     try:
         version = publish(lora_server.policies_dir, "pol", peft_model, seed=3)
-        wait_for(lora_server, "pol", lambda s: s["served_version"] == version)
+        wait_for(lora_server, "pol", lambda s: s["serving_version"] == version)
         n = len(results)
         wait_deadline = time.monotonic() + 60
         while len(results) < n + 2 and time.monotonic() < wait_deadline:  # some requests on the new version
@@ -186,11 +186,45 @@ def test_new_version_is_served_without_a_failed_request(lora_server, peft_model)
     with lora_server.admin() as admin:  # admin: rollback to the previous good version, delete the refused one
         r = admin.post("/v1/policies/pol/rollback")
         assert r.status_code == 200, r.text
-        assert r.json()["served_version"] < version
+        assert r.json()["serving_version"] < version
         refused = [x["version"] for x in r.json()["refused"]]
         if refused:
             assert admin.delete(f"/v1/policies/pol/versions/{refused[0]}").status_code == 200
-        assert admin.delete(f"/v1/policies/pol/versions/{r.json()['served_version']}").status_code == 409
+        assert admin.delete(f"/v1/policies/pol/versions/{r.json()['serving_version']}").status_code == 409
+
+
+def test_a_pinned_version_stays_pinned_until_load_without_a_version(lora_server, peft_model):
+    """Issue 26's bug, end to end: `POST /v1/policies/NAME/load {"version": 1}` (the README's call)
+    answered 200, then the watcher served CURRENT again within a second; `load {}` did not unpin.
+    The policy client methods drive the rest."""
+    from clients import IroClient, errors
+
+    for seed in (4, 5):
+        publish(lora_server.policies_dir, "pin", peft_model, seed=seed)
+    with IroClient(lora_server.url, api_key=lora_server.api_key, admin_key=lora_server.admin_key) as client:
+        assert client.wait_policy("pin", 2, timeout=120).serving_version == 2
+        with lora_server.admin() as admin:
+            r = admin.post("/v1/policies/pin/load", json={"version": 1})
+        assert r.status_code == 200 and r.json()["serving_version"] == 1 and r.json()["pinned"], r.text
+        # A registry change the watcher must see: its reconcile visits "pin" before "zz-marker", and
+        # the marker's refusal shows that pass has run.
+        publish(lora_server.policies_dir, "zz-marker", peft_model, seed=6, corrupt=True)
+        with pytest.raises(errors.NotServingError) as refused:
+            client.wait_policy("zz-marker", 1, timeout=120)
+        assert refused.value.refused is not None
+        status = client.policy("pin")
+        assert status.serving_version == 1 and status.pinned and status.current_on_disk == 2
+        followed = client.load_policy("pin")  # no version: CURRENT again, and the watcher follows it
+        assert followed.serving_version == 2 and not followed.pinned
+        assert client.unload_policy("pin").name == "pin"
+        assert "pin" not in {m.id for m in client.models().data}
+        with pytest.raises(errors.NotFoundError):
+            client.chat("Hi", model="pin", max_tokens=2)
+        assert client.load_policy("pin", 1).serving_version == 1
+        for version, code in ((1, "policy_in_use"), (2, "policy_is_current")):
+            with pytest.raises(errors.ConflictError) as conflict:
+                client.delete_policy_version("pin", version)
+            assert conflict.value.code == code
 
 
 def test_loop_distils_publishes_serves_and_reports_policies(lora_server, tmp_path):
@@ -220,7 +254,7 @@ def test_loop_distils_publishes_serves_and_reports_policies(lora_server, tmp_pat
     for method in ("apa", "is-dpo"):
         trained = state["stages"][f"distill/{method}/train"]
         assert trained["policy"] == f"loopd-{method}" and trained["kl_to_base"] is not None
-        assert policy_status(lora_server, f"loopd-{method}")["served_version"] == trained["version"]
+        assert policy_status(lora_server, f"loopd-{method}")["serving_version"] == trained["version"]
         samples = [json.loads(line) for line in (run_dir / f"eval/distilled-{method}.jsonl").open()]
         assert samples and all(r["policy"]["model"] == f"loopd-{method}" and r["policy"]["value"] is None
                                for r in samples)

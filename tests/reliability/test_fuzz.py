@@ -45,7 +45,8 @@ OPERATIONS = [
     ("GET", "/v1/values"), ("GET", "/v1/values/{name}"), ("POST", "/v1/values/{name}/load"),
     ("POST", "/v1/values/{name}/rollback"), ("DELETE", "/v1/values/{name}"),
     ("GET", "/v1/policies"), ("GET", "/v1/policies/{name}"), ("POST", "/v1/policies/{name}/load"),
-    ("POST", "/v1/policies/{name}/rollback"), ("DELETE", "/v1/policies/{name}/versions/{version}"),
+    ("POST", "/v1/policies/{name}/rollback"), ("DELETE", "/v1/policies/{name}"),
+    ("DELETE", "/v1/policies/{name}/versions/{version}"),
     ("GET", "/v1/engine"),
 ]
 

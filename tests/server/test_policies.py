@@ -47,8 +47,8 @@ def test_manager_serves_refuses_and_swaps(tiny_model_dir, peft_model, tmp_path):
     publish(registry, "pol", peft_model, identity, corrupt=True)  # v2: a weights file that fails its hash
     asyncio.run(manager.reconcile())
     status = manager.status("pol")
-    assert status["served_version"] == 1 and status["current"] == 2
-    assert status["refused"][0]["version"] == 2 and "sha256" in status["refused"][0]["reason"]
+    assert status.serving_version == 1 and status.current_on_disk == 2
+    assert status.refused[0].version == 2 and "sha256" in status.refused[0].reason
 
     publish(registry, "pol", peft_model, identity)  # v3: good again
     asyncio.run(manager.reconcile())
@@ -56,13 +56,13 @@ def test_manager_serves_refuses_and_swaps(tiny_model_dir, peft_model, tmp_path):
     assert manager.served["pol"].lora.lora_int_id != first.lora_int_id  # in-flight v1 requests keep theirs
 
     publish(registry, "big", peft_model, identity, rank=4)
-    manager.max_lora_rank = 2
+    manager.loader.max_lora_rank = 2
     asyncio.run(manager.reconcile())
-    assert "big" not in manager.served and "rank" in manager.status("big")["refused"][0]["reason"]
+    assert "big" not in manager.served and "rank" in manager.status("big").refused[0].reason
 
     with pytest.raises(Exception, match="being served"):  # ConflictError: 409
-        manager.delete("pol", 3)
-    manager.delete("pol", 2)
+        asyncio.run(manager.delete_version("pol", 3))
+    asyncio.run(manager.delete_version("pol", 2))
     assert registry.versions("pol") == [1, 3]
 
 
@@ -78,7 +78,7 @@ def test_resolve_names_the_request_adapter(tiny_model_dir, peft_model, tmp_path)
     identity_other = {**identity, "tokenizer_sha256": "x"}
     other = PolicyManager(registry, identity=identity_other, base_id="tiny", max_lora_rank=8)
     asyncio.run(other.reconcile())
-    assert other.names() == [] and "base" in other.status("pol")["refused"][0]["reason"]
+    assert other.names() == [] and "base" in other.status("pol").refused[0].reason
 
 
 def test_vllm_lora_loader_reads_a_published_adapter(tiny_model_dir, peft_model, tmp_path):
@@ -162,11 +162,11 @@ def test_policy_admin_on_a_read_only_registry_is_409_with_the_reason(tiny_model_
 
 
 def test_refusals_are_bounded_per_policy(tiny_model_dir, tmp_path):
-    from server.policies import MAX_REFUSALS
+    from server.registry_manager import MAX_REFUSALS
 
     manager = PolicyManager(PolicyRegistry(tmp_path), identity={}, base_id="tiny", max_lora_rank=8)
     for version in range(1, MAX_REFUSALS + 10):
         manager._refuse("pol", version, ValueError(f"bad {tmp_path}/pol/v{version:04d}"))
     refused = manager.refused["pol"]
     assert len(refused) == MAX_REFUSALS and max(refused) == MAX_REFUSALS + 9
-    assert all(str(tmp_path) not in reason for reason in refused.values())
+    assert all(str(tmp_path) not in r.reason for r in refused.values())

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from server.errors import ConflictError, GuidanceError, NotFoundError
-from server.value_manager import MAX_REFUSALS, ValueManager
+from server.registry_manager import MAX_REFUSALS
+from server.value_manager import ValueManager
 from valuefn.checkpoint import CheckpointError
 from valuefn.registry import Registry
 
@@ -42,7 +43,7 @@ def manager_with(tmp_path, versions: int = 3):
     registry = make_registry(tmp_path, "demo", versions)
     loader = CountingLoader()
     manager = ValueManager(registry, loader, base_id="tiny")
-    manager.chains["demo"] = loader.load_chain("demo", versions)
+    manager.served["demo"] = loader.load_chain("demo", versions)
     loader.loads.clear()
     return manager, loader
 
@@ -76,7 +77,7 @@ async def test_only_listed_versions_with_valid_specs_are_pinned(tmp_path, spec, 
 async def test_an_unloaded_value_cannot_be_pinned_and_loses_its_pins(tmp_path):
     manager, loader = manager_with(tmp_path)
     await manager.chain_for("demo@1")
-    manager.unload("demo")
+    await manager.unload("demo")
     assert manager._extra == {}
     with pytest.raises(NotFoundError, match="unloaded"):
         await manager.chain_for("demo@1")
@@ -113,7 +114,7 @@ async def test_rollback_on_a_read_only_registry_is_a_409_with_the_reason(tmp_pat
     with pytest.raises(ConflictError) as raised:
         await manager.rollback("demo")
     assert raised.value.code == "registry_read_only" and "Permission denied" in raised.value.message
-    assert manager.chains["demo"].version == 3 and loader.loads == []
+    assert manager.served["demo"].version == 3 and loader.loads == [("demo", 2)]  # verified, then refused to write
 
 
 def test_a_refusal_is_logged_with_its_tag_and_shown_without_paths(tmp_path, caplog):
