@@ -126,3 +126,27 @@ def write_jsonl(path, rows: Iterable[dict]) -> int:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def stored_task(task, client, *, metadata: dict[str, str] | None = None, model: str | None = None,
+                since: int | None = None, heldout_fraction: float = 0.1):
+    """`task` with its training prompts replaced by the deduplicated prompts of stored
+    completions (online IRO: served traffic becomes the next iteration's rollout prompts) and its
+    held-out prompts by the stored held-out split (the task's own when that split is empty); the
+    task's reward, stop strings and search stay. ValueError when no stored prompt matches."""
+    from dataclasses import replace
+
+    from trainer.rollout_records import prompts_from_dicts
+
+    train, heldout = split_prompts(list_stored(client, metadata=metadata, model=model, since=since),
+                                   heldout_fraction=heldout_fraction)
+    if not train:
+        raise ValueError(f"no stored completion matches (metadata {metadata or {}}, model {model}, since {since}): "
+                         "nothing to train on; serve requests with store: true first")
+
+    def items(rows):
+        stop = {"stop": list(task.stop)} if task.stop else {}
+        return tuple(replace(item, sampling={**stop, **item.sampling}) for item in prompts_from_dicts(rows))
+
+    return replace(task, source=f"stored completions ({task.source})", train=items(train),
+                   eval=items(heldout) if heldout else task.eval)

@@ -65,3 +65,15 @@ def test_iro_data_export_prompts_and_rm(sdk, tmp_path, monkeypatch):
     assert result.exit_code == 0 and "deleted 2" in result.output
     assert [metadata_of(c) for c in list_stored(sdk)] == [{"task": "b"}]
     assert runner.invoke(data_cli.app, ["export", "-o", str(out), "--metadata", "nokey"]).exit_code == 2
+
+
+def test_a_task_takes_the_stored_prompts(sdk):
+    from trainer.stored_data import stored_task
+    from trainer.tasks import load_task
+
+    task = load_task("review-sentiment")
+    online = stored_task(task, sdk, metadata={"task": "a"}, heldout_fraction=0.0)
+    assert [p.messages for p in online.items("train")] == [[{"role": "user", "content": "hello"}]]
+    assert online.eval == task.eval and online.reward == task.reward
+    with pytest.raises(ValueError, match="no stored completion matches"):
+        stored_task(task, sdk, metadata={"task": "none"})
