@@ -20,7 +20,7 @@ import numpy as np
 from bench.guided import MAX_TOKENS, PROMPTS, TEMPERATURE
 from common.sampling import Sampling
 from common.search_settings import SearchSettings
-from server.engine import ChunkRequest, VllmEngine
+from server.engine import EngineRequest, VllmEngine
 from server.search import Searcher, SearchParams
 
 
@@ -74,7 +74,7 @@ async def main(args):
                           sampling=Sampling(temperature=TEMPERATURE), align=args.block_size if args.align else 1)
 
     async def plain():
-        return await asyncio.gather(*[engine.sample(ChunkRequest(p, 16, MAX_TOKENS, Sampling(temperature=TEMPERATURE))) for p in prompts])
+        return await asyncio.gather(*[engine.sample(EngineRequest(p, 16, MAX_TOKENS, Sampling(temperature=TEMPERATURE))) for p in prompts])
 
     async def guided(sc, ch, p=params):
         s = Searcher(engine, sc)

@@ -165,7 +165,7 @@ def _add_commands(module: str, attr: str, name: str) -> None:
 
 _add_commands("valuefn.cli", "app", "values")
 _add_commands("valuefn.policies_cli", "app", "policies")
-_add_commands("trainer.cli", "register", "_trainer")  # registers several commands itself
+_add_commands("trainer.value_cli", "register", "_values_training")  # reward, train, publish
 _add_commands("trainer.jobs_cli", "register", "_jobs")  # rollout, eval, loop
 _add_commands("trainer.distill_cli", "register", "_distill")
 _add_commands("trainer.tasks_cli", "app", "tasks")

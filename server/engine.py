@@ -59,10 +59,6 @@ class EngineRequest:
     hash), so a search's chunks share one prefix cache; None: vLLM balances the request."""
 
 
-ChunkRequest = EngineRequest
-"""The search's name for it: one chunk of a beam."""
-
-
 def to_sampling_params(request: EngineRequest, *, delta: bool = False) -> Any:
     """vLLM's `SamplingParams` for `request`: the one place where our sampling settings meet vLLM's.
 
@@ -117,7 +113,7 @@ class Sample:
     text: str
     finish_reason: str | None  # "stop" (EOS or stop string) | "length" | None
     stop_reason: str | int | None = None  # the stop string or token that ended it
-    token_values: list[list[float]] | None = None  # per sampled token, ChunkRequest.value_heads' outputs
+    token_values: list[list[float]] | None = None  # per sampled token, EngineRequest.value_heads' outputs
     prompt_values: list[list[float]] | None = None
     """With `EngineRequest.prompt_values`: per prompt token i, the heads' outputs at position i - 1
     (entry 0 empty), the value of token i as a sampled token's is."""
@@ -148,10 +144,10 @@ class EngineClient(abc.ABC):
         """Return `request.n` finished continuations."""
 
     max_value_heads = 0
-    """How many `ChunkRequest.value_heads` the engine evaluates per request (0: none)."""
+    """How many `EngineRequest.value_heads` the engine evaluates per request (0: none)."""
 
     value_layers: tuple[int, ...] = ()
-    """The residual-stream layers heads may read (`ChunkRequest.value_layers`); the final hidden
+    """The residual-stream layers heads may read (`EngineRequest.value_layers`); the final hidden
     state is always available when `max_value_heads` > 0."""
 
     kv_block_size = 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from common.sampling import Sampling
-from server.engine import ChunkRequest, EngineClient, Sample
+from server.engine import EngineClient, EngineRequest, Sample
 from server.search import Searcher, SearchParams, chunk_seed, common_prefix, cut_at_stop
 
 EOS = 0
@@ -28,7 +28,7 @@ class ScriptedEngine(EngineClient):
     def __init__(self, eos_on_9: bool = False, script=None):
         self.eos_on_9 = eos_on_9
         self.script = script
-        self.requests: list[ChunkRequest] = []
+        self.requests: list[EngineRequest] = []
 
     @property
     def tokenizer(self):
@@ -37,7 +37,7 @@ class ScriptedEngine(EngineClient):
     def stream(self, request, request_id, *, delta=False):  # pragma: no cover - unused by the search
         raise NotImplementedError
 
-    async def sample(self, request: ChunkRequest) -> list[Sample]:
+    async def sample(self, request: EngineRequest) -> list[Sample]:
         self.requests.append(request)
         await asyncio.sleep(0)
         if self.script is not None:
@@ -195,7 +195,7 @@ class HeadEngine(ScriptedEngine):
 
     max_value_heads = 2
 
-    async def sample(self, request: ChunkRequest) -> list[Sample]:
+    async def sample(self, request: EngineRequest) -> list[Sample]:
         samples = await super().sample(request)
         if request.value_heads:
             for s in samples:
@@ -220,7 +220,7 @@ def test_engine_heads_value_the_candidates_without_the_scorer():
     assert best.raw.tolist() == [best.token_ids.count(7) / 8]  # the mean of its tokens' head outputs
     plain = ScriptedEngine()
     plain_sevens = np.mean([s.token_ids.count(7) for s in asyncio.run(plain.sample(
-        ChunkRequest(PROMPT, 64, 8, Sampling(seed=5))))])
+        EngineRequest(PROMPT, 64, 8, Sampling(seed=5))))])
     assert best.token_ids.count(7) >= 2 * max(plain_sevens, 0.5)
 
 

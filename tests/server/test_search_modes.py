@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from common.sampling import Sampling
-from server.engine import ChunkRequest, Sample
+from server.engine import EngineRequest, Sample
 from server.search import Searcher, SearchParams, fit_budget, resample
 from tests.server.test_search import EOS, PROMPT, Chain, CountingScorer, ScriptedEngine, decode
 
@@ -34,7 +34,7 @@ class StepEngine(ScriptedEngine):
         super().__init__(**kw)
         self.tokens = 0
 
-    async def sample(self, request: ChunkRequest) -> list[Sample]:
+    async def sample(self, request: EngineRequest) -> list[Sample]:
         self.requests.append(request)
         await asyncio.sleep(0)
         rng = random.Random(request.sampling.seed)
@@ -107,7 +107,7 @@ def test_pf_prefers_what_the_value_prefers_and_a_seed_reproduces_it():
 def test_pf_extends_every_particle_by_one_chunk_per_step_in_one_request_per_distinct_particle():
     engine = StepEngine()
     result = search(engine, CountingScorer(3), params(mode="pf", k=6, l=4, max_tokens=12))
-    by_step: dict[int, list[ChunkRequest]] = {}
+    by_step: dict[int, list[EngineRequest]] = {}
     for r in engine.requests:
         by_step.setdefault(len(r.prompt_ids), []).append(r)
     assert [sum(r.n for r in rs) for _, rs in sorted(by_step.items())] == [6, 6, 6]  # k samples every step

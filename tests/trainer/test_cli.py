@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from trainer.cli import register
+from trainer.value_cli import register
 from valuefn.registry import Registry
 
 from .conftest import synthetic_records
@@ -70,7 +70,7 @@ def test_train_publishes_then_trains_aside_and_publishes_later(app, tmp_path, ti
     data = write_jsonl(tmp_path / "labelled.jsonl", synthetic_records(n_prompts=10, samples=2))
     values = tmp_path / "values"
     common = ["--model", tiny_backbone, "--values-dir", values, "--preset", "smoke", "--set", "max_steps=2",
-              "--set", "num_layers=null", "--set", "dtype=float32", "--set", "progress=false"]
+              "--set", "dtype=float32", "--set", "progress=false"]
     result = invoke(app, "train", data, "--name", "demo", *common)
     assert result.exit_code == 0, result.output
     assert "published demo v1 (chain [1])" in result.output and "warning" not in result.output
