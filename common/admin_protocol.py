@@ -56,6 +56,15 @@ class PolicyStatus(RegistryEntryStatus):
                                                          "the trainer's loop waits through the client).")
 
 
+class ReplicaServing(OpenAIBaseModel):
+    """What one replica serves behind Ray Serve (`iro serve --replicas N`), as it last reported it."""
+
+    replica: str = Field(description="Ray Serve's id of the replica.")
+    values: dict[str, int] = Field(description="Each loaded value's serving version.")
+    registry_error: str | None = Field(None, description="Why this replica could not read the registry, if it could not.")
+    reported_at: float = Field(description="Unix time of the report (each replica reports every second).")
+
+
 class RegistryList(OpenAIBaseModel):
     object: Literal["list"] = "list"
     registry: str | None = Field(None, description="The registry this server watches.")
@@ -64,6 +73,8 @@ class RegistryList(OpenAIBaseModel):
 
 class ValueList(RegistryList):
     data: list[ValueStatus]
+    replicas: list[ReplicaServing] | None = Field(None, description="Behind Ray Serve: what every live replica "
+                                                                    "serves (None from a single server).")
 
 
 class PolicyList(RegistryList):

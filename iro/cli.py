@@ -55,10 +55,15 @@ def _serve(settings) -> None:
     from server.app import build_app
 
     if settings.replicas > 1:  # Ray Serve: its proxy on host:port, one engine per replica (docs/scale-out.md)
-        from server.ray_serve import run
-
-        return run(settings)
+        return _serve_replicas(settings)
     uvicorn.run(build_app(settings), **settings.uvicorn_options(), log_level="info", timeout_graceful_shutdown=5)
+
+
+def _serve_replicas(settings) -> None:
+    """`iro serve --replicas N`: N replicas on a local Ray Serve (server.ray_serve)."""
+    from server.ray_serve import run
+
+    run(settings)
 
 
 def _serve_command():

@@ -363,7 +363,11 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
             return JSONResponse(error_body(503, "engine dead", type="service_unavailable", code="engine_dead"), 503)
         if app.state.serving is None:
             return JSONResponse(error_body(503, "engine starting", type="service_unavailable", code="engine_starting"), 503)
-        return HealthStatus()
+        unreadable = [f"the {kind} registry cannot be read (serving what is loaded)"  # no paths: /health is open
+                      for kind, m in (("value", app.state.values), ("policy", app.state.policies))
+                      if getattr(m, "registry_error", None)
+                      or not getattr(getattr(m, "registry", None), "healthy", True)]  # e.g. its object store is down
+        return HealthStatus(status="degraded", reason="; ".join(unreadable)) if unreadable else HealthStatus()
 
     @app.get("/version", response_model=VersionInfo)
     async def version():

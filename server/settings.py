@@ -113,6 +113,10 @@ class ServerSettings(EngineSettings):
     allow_open_admin: bool = Field(False, validate_default=True, json_schema_extra={"flag": "--allow-open-admin"})
     """Serve on a non-loopback address with neither an admin key nor an API key, so that anyone who
     can reach the port can load, unload and delete values and policies. Refused unless set."""
+    replicas: int = Field(1, ge=1)
+    """Copies of this server, each with its own engine, behind one port (Ray Serve's proxy; model
+    multiplexing routes guided requests by value name). 1: this process alone, no Ray. More needs
+    the `ray` extra; each replica takes the same settings (docs/scale-out.md)."""
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -33,7 +33,11 @@ def registry_router(prefix: str, kind: str, manager_of: Callable[[Request], Regi
 
     @router.get("", response_model=listing, name=f"list_{plural}")
     async def list_entries(request: Request):
-        return manager_of(request).list()
+        entries = manager_of(request).list()
+        replicas = getattr(request.app.state, "replica_board", None)  # behind Ray Serve (server.ray_serve)
+        if replicas is not None and "replicas" in type(entries).model_fields:
+            entries.replicas = await replicas()
+        return entries
 
     @router.get("/{name}", response_model=status, name=f"get_{kind}")
     async def get_entry(name: str, request: Request):

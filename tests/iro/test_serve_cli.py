@@ -4,8 +4,6 @@ configuration page (docs/configuration.md) naming only flags that exist (no engi
 from __future__ import annotations
 
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -131,9 +129,6 @@ def served(monkeypatch):
     seen = {}
     monkeypatch.setattr(server.app, "build_app", lambda settings: seen.setdefault("settings", settings))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("run", kw))
-    ray_serve = types.ModuleType("server.ray_serve")  # --replicas > 1 runs Ray Serve instead of uvicorn
-    ray_serve.run = lambda settings: seen.setdefault("settings", settings)
-    monkeypatch.setitem(sys.modules, "server.ray_serve", ray_serve)
     monkeypatch.setattr(iro.cli, "_serve_replicas", lambda settings: seen.setdefault("settings", settings))  # Ray
 
     def run(*args, env=None):

@@ -1,0 +1,152 @@
+"""The Ray-free parts of scale-out (`server.ray_serve` holds the Ray Serve deployments): routing by
+value name, the settings a replica is built from, and the board of what each replica serves.
+
+Route guided requests by value name: the key Ray Serve's model multiplexing routes on.
+
+Ray Serve's HTTP proxy sends a request to a replica that already holds its multiplexed model id,
+which it reads from the `serve_multiplexed_model_id` header only (it never parses bodies). Our
+clients name the value in the body (`guidance.value`, `model: "<base>+<value>"`, /v1/score's
+`value`), so `ValueRoutingMiddleware` runs inside the proxy (Ray Serve's proxy callback,
+`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=server.scale_out:proxy_middlewares`), reads the JSON
+body of the routed POSTs (bounded), and adds the header when the client did not set it. The body
+is replayed unchanged to the replica, which validates it as a single server would.
+
+    >>> routing_key("/v1/chat/completions", b'{"model": "base+tldr@3", "messages": []}')
+    'tldr'
+    >>> routing_key("/v1/chat/completions", b'{"model": "base", "guidance": {"value": "tldr"}}')
+    'tldr'
+    >>> routing_key("/v1/models", b"") is None
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from pydantic import SecretStr
+
+MULTIPLEX_HEADER = b"serve_multiplexed_model_id"
+"""The header Ray Serve's proxy routes on (it also accepts hyphens in place of underscores)."""
+ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/score")
+"""POST routes whose body names a value."""
+MAX_ROUTED_BODY = 4 * 1024 * 1024
+"""Bytes of a body the proxy reads to find the value; a larger body goes unrouted (any replica),
+where the replica's own limit (`max_body_bytes`) refuses it as a single server would."""
+
+
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # valuefn.registry.NAME_RE (not imported: the proxy stays light)
+
+
+def routing_key(path: str, body: bytes) -> str | None:
+    """The value name a request body asks for (without a pinned `@N`), or None: the request is
+    not guided, not JSON, or not one of the routed paths. Never raises: the replica validates."""
+    if not path.endswith(ROUTED_PATHS):
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    value = None
+    guidance = data.get("guidance")
+    if isinstance(guidance, dict) and isinstance(guidance.get("value"), str):
+        value = guidance["value"]
+    elif path.endswith("/v1/score") and isinstance(data.get("value"), str):
+        value = data["value"]
+    elif isinstance(data.get("model"), str) and "+" in data["model"]:
+        value = data["model"].partition("+")[2]  # `<base>+<value>` or `<policy>+<value>`
+    value = (value or "").split("@")[0]
+    return value if _NAME.fullmatch(value) else None  # a bad name goes anywhere: the replica refuses it
+
+
+def _has_header(scope) -> bool:
+    return any(k.lower().replace(b"-", b"_") == MULTIPLEX_HEADER for k, _ in scope.get("headers") or [])
+
+
+class ValueRoutingMiddleware:
+    """ASGI middleware (in Ray Serve's proxy): adds `serve_multiplexed_model_id: <value>` to a
+    guided request that lacks it, from its JSON body, and replays the body untouched."""
+
+    def __init__(self, app, max_body: int = MAX_ROUTED_BODY):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or scope.get("method") != "POST" or not scope.get("path", "").endswith(ROUTED_PATHS)
+                or _has_header(scope)):
+            return await self.app(scope, receive, send)
+        buffered, size, complete = [], 0, False
+        while not complete and size <= self.max_body:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break  # a disconnect: replayed, the replica sees it
+            size += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
+        if complete:
+            key = routing_key(scope["path"], b"".join(m.get("body", b"") for m in buffered))
+            if key is not None:
+                scope = dict(scope, headers=[*scope.get("headers", []), (MULTIPLEX_HEADER, key.encode())])
+        pending = iter(buffered)
+
+        async def replay():
+            message = next(pending, None)
+            return message if message is not None else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def proxy_middlewares() -> list:
+    """Ray Serve's HTTP proxy callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`): the
+    middleware that routes guided requests by value name."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ValueRoutingMiddleware)]
+
+
+# ---------------------------------------------------------------------- replica settings
+SECRETS = ("api_key", "admin_key")
+NOT_FOR_REPLICAS = {"replicas", "port"}  # the proxy listens; a replica binds no port
+
+
+def replica_args(settings) -> dict:
+    """The settings a replica is built from, as plain JSON values: those set (flags, environment)
+    except secrets, which travel as `IRO_*` environment variables, never in Ray's stored config."""
+    return settings.model_dump(mode="json", exclude_unset=True, exclude=set(SECRETS) | NOT_FOR_REPLICAS)
+
+
+def secret_env(settings) -> dict[str, str]:
+    """`IRO_API_KEY` / `IRO_ADMIN_KEY` (those set) for the replicas' environment."""
+    return {f"IRO_{name.upper()}": value.get_secret_value() for name in SECRETS
+            if isinstance(value := getattr(settings, name), SecretStr)}
+
+
+# ---------------------------------------------------------------------- what each replica serves
+REPORT_STALE = 10.0
+"""A replica whose last report is older than this is left out (dead, or restarting)."""
+
+
+class ReplicaReports:
+    """What each replica serves, as it last reported it (the state of `server.ray_serve.ReplicaBoard`).
+
+    >>> board = ReplicaReports(); board.report("r1", {"tldr": 2}, None, now=100.0)
+    >>> [r["values"] for r in board.snapshot(now=105.0)], board.snapshot(now=111.0)
+    ([{'tldr': 2}], [])
+    """
+
+    def __init__(self, stale: float = REPORT_STALE):
+        self.stale = stale
+        self.reports: dict[str, dict] = {}
+
+    def report(self, replica: str, values: dict[str, int], registry_error: str | None, *,
+               now: float | None = None) -> None:
+        self.reports[replica] = {"replica": replica, "values": dict(values), "registry_error": registry_error,
+                                 "reported_at": time.time() if now is None else now}
+
+    def snapshot(self, *, now: float | None = None) -> list[dict]:
+        now = time.time() if now is None else now
+        for replica in [r for r, rep in self.reports.items() if now - rep["reported_at"] > self.stale]:
+            del self.reports[replica]
+        return sorted(self.reports.values(), key=lambda r: r["replica"])

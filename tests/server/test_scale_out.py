@@ -1,0 +1,134 @@
+"""Scale-out without Ray: routing guided requests by value name (the proxy's middleware), the
+settings replicas get, the board of what each replica serves, /health degraded, /v1/values'
+`replicas` (tests/e2e/test_ray_serve_e2e.py runs the real thing)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from server.scale_out import (MULTIPLEX_HEADER, ReplicaReports, ValueRoutingMiddleware, replica_args, routing_key,
+                              secret_env)
+from server.settings import ServerSettings
+from tests.server.conftest import make_client
+
+
+@pytest.mark.parametrize("path, body, key", [
+    ("/v1/chat/completions", {"model": "base+tldr", "messages": []}, "tldr"),
+    ("/v1/chat/completions", {"model": "base+tldr@3", "messages": []}, "tldr"),
+    ("/v1/completions", {"model": "base", "prompt": "x", "guidance": {"value": "sent.v2"}}, "sent.v2"),
+    ("/v1/chat/completions", {"model": "policy+tldr", "guidance": {"value": "other"}}, "other"),  # guidance wins
+    ("/v1/score", {"value": "tldr@2", "prompt": "p", "responses": ["a"]}, "tldr"),
+    ("/v1/chat/completions", {"model": "base", "messages": []}, None),  # plain sampling: any replica
+    ("/v1/chat/completions", {"model": "base+../etc", "messages": []}, None),  # not a value name
+    ("/v1/chat/completions", {"model": "base+" + "x" * 65}, None),
+    ("/v1/chat/completions", {"guidance": {"value": 3}}, None),
+    ("/v1/models", {"model": "base+tldr"}, None),  # not a routed path
+])
+def test_routing_key(path, body, key):
+    assert routing_key(path, json.dumps(body).encode()) == key
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
+def test_routing_key_never_raises(body):
+    assert routing_key("/v1/chat/completions", body) is None
+
+
+def run_middleware(chunks: list[bytes], *, path="/v1/chat/completions", headers=(), max_body=1 << 20):
+    """The headers and the body the proxy's inner app sees behind ValueRoutingMiddleware."""
+    seen = {}
+
+    async def inner(scope, receive, send):
+        seen["headers"] = scope["headers"]
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen["body"] = body
+
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive():
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers)}
+    asyncio.run(ValueRoutingMiddleware(inner, max_body=max_body)(scope, receive, None))
+    return dict(seen["headers"]), seen["body"]
+
+
+def test_middleware_adds_the_header_and_replays_the_body_unchanged():
+    body = json.dumps({"model": "base+tldr", "messages": [{"role": "user", "content": "hi " * 50}]}).encode()
+    chunks = [body[:17], body[17:60], body[60:]]
+    headers, replayed = run_middleware(chunks, headers=[(b"authorization", b"Bearer k")])
+    assert headers[MULTIPLEX_HEADER] == b"tldr" and headers[b"authorization"] == b"Bearer k"
+    assert replayed == body
+
+
+def test_middleware_keeps_a_client_header_and_leaves_big_or_plain_bodies_unrouted():
+    body = json.dumps({"model": "base+tldr"}).encode()
+    headers, _ = run_middleware([body], headers=[(b"serve-multiplexed-model-id", b"mine")])
+    assert MULTIPLEX_HEADER not in headers and headers[b"serve-multiplexed-model-id"] == b"mine"
+    big = json.dumps({"model": "base+tldr", "prompt": "x" * 5000}).encode()
+    headers, replayed = run_middleware([big[:3000], big[3000:]], max_body=2048)  # read past the limit: replayed whole
+    assert MULTIPLEX_HEADER not in headers and replayed == big
+    headers, _ = run_middleware([json.dumps({"model": "base"}).encode()])
+    assert MULTIPLEX_HEADER not in headers
+
+
+def test_replica_args_keep_secrets_out_of_ray_and_bind_no_port():
+    settings = ServerSettings(api_key="sk-1", admin_key="adm", port=9000, replicas=3, kv_cache_gib=1,
+                              values_dir="/srv/values")
+    args = replica_args(settings)
+    assert args["kv_cache_gib"] == 1 and args["values_dir"] == "/srv/values"
+    assert not {"api_key", "admin_key", "port", "replicas"} & set(args)
+    assert "sk-1" not in json.dumps(args)
+    assert secret_env(settings) == {"IRO_API_KEY": "sk-1", "IRO_ADMIN_KEY": "adm"}
+    assert ServerSettings(**args).kv_cache_gib == 1  # a replica rebuilds the same settings
+
+
+def test_replicas_is_a_validated_setting():
+    assert ServerSettings().replicas == 1
+    with pytest.raises(ValueError, match="replicas"):
+        ServerSettings(replicas=0)
+
+
+def test_board_forgets_a_replica_that_stopped_reporting():
+    board = ReplicaReports(stale=10)
+    board.report("b", {"tldr": 1}, None, now=0.0)
+    board.report("a", {"tldr": 2}, "cannot read", now=5.0)
+    assert [r["replica"] for r in board.snapshot(now=9.0)] == ["a", "b"]
+    board.report("b", {"tldr": 2}, None, now=12.0)
+    assert [(r["replica"], r["values"]) for r in board.snapshot(now=16.0)] == [("b", {"tldr": 2})]
+
+
+def test_health_is_degraded_while_a_registry_is_unreadable():
+    client = make_client()
+    client.app.state.values = SimpleNamespace(registry_error="cannot read /srv/private/values: [Errno 2]")
+    r = client.get("/health", headers={"Authorization": ""})
+    assert r.status_code == 200 and r.json()["status"] == "degraded"
+    assert "value registry" in r.json()["reason"] and "/srv" not in r.text  # /health is open: no paths
+    client.app.state.values.registry_error = None
+    assert client.get("/health").json() == {"status": "ok", "reason": None}
+    client.app.state.policies = SimpleNamespace(registry=SimpleNamespace(healthy=False))  # an object store down
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "degraded" and "policy registry" in r.json()["reason"]
+
+
+def test_values_listing_names_what_each_replica_serves():
+    from common.admin_protocol import ReplicaServing, ValueList
+
+    client = make_client()
+    client.app.state.values = SimpleNamespace(list=lambda: ValueList(data=[]))
+    assert client.get("/v1/values").json()["replicas"] is None  # a single server
+
+    async def board():
+        return [ReplicaServing(replica="r1", values={"tldr": 2}, reported_at=1.0)]  # server.ray_serve's board
+
+    client.app.state.replica_board = board
+    assert client.get("/v1/values").json()["replicas"] == [
+        {"replica": "r1", "values": {"tldr": 2}, "registry_error": None, "reported_at": 1.0}]
