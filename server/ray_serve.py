@@ -154,7 +154,8 @@ class IroReplica:
         while True:
             manager = app.state.values
             try:
-                values = {name: chain.version for name, chain in manager.chains.items()} if manager else {}
+                served = getattr(manager, "served", None) or {}  # name -> what serves it (a chain)
+                values = {name: entry.version for name, entry in served.items()}
                 await self.board.report.remote(self.replica_id, values, getattr(manager, "registry_error", None))
             except Exception as exc:  # noqa: BLE001 - the board is informational; never stop serving for it
                 log.warning("replica %s: cannot report to the board: %r", self.replica_id, exc)
