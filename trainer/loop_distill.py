@@ -8,7 +8,7 @@ wait until the server serves it, and evaluate it with plain sampling through its
     distill/<method>/eval    the held-out prompts, N = 1, with base's max_tokens, temperature and seeds
 
 The server must run `iro serve --policies-dir DIR` on the loop's `policies_dir`: `check_server`
-says so (GET /v1/policies) before any work.
+says so (GET /v1/policies) before any work. The server is asked through `IroClient`'s policy methods.
 """
 
 from __future__ import annotations
@@ -28,19 +28,6 @@ from trainer.loop_state import LoopError, RunState, ServerLink
 log = logging.getLogger(__name__)
 
 DISTILL_LABELS = {"apa": "APA", "is-dpo": "IS-DPO", "is-ipo": "IS-IPO"}
-
-
-def admin_get(server: ServerLink, path: str):
-    """GET an admin path of the server (an `httpx.Response`). The loop's one raw HTTP call: `clients/`
-    has no policy methods yet; the value stages use `IroClient`."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {server.admin_key}"} if server.admin_key else {}
-    try:
-        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
-            return http.get(path)
-    except httpx.HTTPError as exc:
-        raise LoopError(f"cannot reach the server at {server.url}: {exc}") from exc
 
 
 def policy_method(method: str, model: str | None = None) -> Method:
@@ -65,21 +52,23 @@ class DistillStages:
         """`<value name>-<method>`, the policy's name in the registry and its model name."""
         return f"{self.name}-{method}"
 
-    def _admin_get(self, path: str):
-        return admin_get(self.server, path)
-
     def check_server(self) -> None:
         """Fail before any work unless the server serves the policy registry the loop publishes to."""
-        r = self._admin_get("/v1/policies")
-        if r.status_code == 404:
+        from clients.errors import APIStatusError, AuthenticationError, NotFoundError, PermissionDeniedError, TransportError
+
+        try:
+            with self.server.client() as client:
+                served = client.policies().registry
+        except NotFoundError as exc:
             raise LoopError(f"--distill needs a server that serves policies: the server at {self.server.url} has no "
-                            f"policy registry; restart it with `iro serve --policies-dir {self.policies.root}`")
-        if r.status_code in (401, 403):
-            raise LoopError(f"the server refused GET /v1/policies ({r.status_code}): pass its admin key (--admin-key "
-                            "or IRO_ADMIN_KEY)")
-        if r.status_code != 200:
-            raise LoopError(f"GET /v1/policies answered {r.status_code}: {r.text[:300]}")
-        served = r.json().get("registry")
+                            f"policy registry; restart it with `iro serve --policies-dir {self.policies.root}`") from exc
+        except (AuthenticationError, PermissionDeniedError) as exc:
+            raise LoopError(f"the server refused GET /v1/policies ({exc.status_code}): pass its admin key "
+                            "(--admin-key or IRO_ADMIN_KEY)") from exc
+        except APIStatusError as exc:
+            raise LoopError(f"GET /v1/policies answered {exc.status_code}: {exc}") from exc
+        except TransportError as exc:
+            raise LoopError(f"cannot reach the server at {self.server.url}: {exc}") from exc
         if served is not None and Path(served).resolve() != self.policies.root.resolve():
             raise LoopError(f"the server serves the policy registry {served}, but the loop publishes to "
                             f"{self.policies.root}: pass --policies-dir {served} (or restart the server with "
@@ -146,27 +135,29 @@ class DistillStages:
     def serve(self, method: str) -> dict[str, Any]:
         """Wait until the server serves the distilled version (GET /v1/policies/NAME) and lists
         the policy in /v1/models."""
+        from clients.errors import NotFoundError
+
         trained = self.state.stage(f"distill/{method}/train")
         name, version = trained["policy"], trained["version"]
         start = time.monotonic()
         deadline = start + self.config.publish_timeout
-        status: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            r = self._admin_get(f"/v1/policies/{name}")
-            if r.status_code == 200:
-                status = r.json()
-                refused = next((x for x in status.get("refused", []) if x["version"] == version), None)
-                if refused is not None:
-                    raise LoopError(f"the server refused policy {name} v{version}: {refused['reason']}")
-                if status.get("served_version") == version and name in self._models():
-                    return {"policy": name, "version": version, "wait_seconds": round(time.monotonic() - start, 2)}
-            time.sleep(0.25)  # polling the server's state against a deadline
-        raise LoopError(f"policy {name} v{version} not served after {self.config.publish_timeout:.0f} s (server: "
-                        f"{status or 'unknown policy'}); is --policies-dir the server's ({self.policies.root})?")
-
-    def _models(self) -> set[str]:
+        status = None
         with self.server.client() as client:
-            return {card.id for card in client.models().data}
+            while time.monotonic() < deadline:
+                try:
+                    status = client.policy(name)
+                except NotFoundError:  # its watcher has not seen the new policy yet
+                    status = None
+                if status is not None:
+                    refused = next((x for x in status.refused if x.version == version), None)
+                    if refused is not None:
+                        raise LoopError(f"the server refused policy {name} v{version}: {refused.reason}")
+                    if status.serving_version == version and name in {card.id for card in client.models().data}:
+                        return {"policy": name, "version": version, "wait_seconds": round(time.monotonic() - start, 2)}
+                time.sleep(0.25)  # polling the server's state against a deadline
+        seen = f"it serves v{status.serving_version}" if status is not None else "it does not know the policy"
+        raise LoopError(f"policy {name} v{version} not served after {self.config.publish_timeout:.0f} s ({seen}); "
+                        f"is --policies-dir the server's ({self.policies.root})?")
 
     def evaluate(self, method: str) -> dict[str, Any]:
         """The distilled policy on the held-out prompts: plain sampling (N = 1) through its model
@@ -187,4 +178,4 @@ class DistillStages:
         return results, {r.label: info.get("distill_seconds") for r, (_, info) in zip(results, done)}
 
 
-__all__ = ["DISTILL_LABELS", "DistillStages", "admin_get", "policy_method"]
+__all__ = ["DISTILL_LABELS", "DistillStages", "policy_method"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,14 @@ class ServerLink:
     url: str
     api_key: str | None = None
     admin_key: str | None = None
+    transport: Any = field(default=None, repr=False, compare=False)
+    """httpx transport of the clients (tests pass an `httpx.MockTransport`); None: the network."""
 
     def client(self):
         """An `IroClient` with both keys (close it: `with link.client() as client`)."""
         from clients import IroClient
 
-        return IroClient(self.url, api_key=self.api_key, admin_key=self.admin_key)
+        return IroClient(self.url, api_key=self.api_key, admin_key=self.admin_key, transport=self.transport)
 
 
 class RunState:

@@ -1,20 +1,21 @@
-"""The loop's distillation stages with stand-ins for the server (its answers scripted) and a tiny
-random Llama as the base model: the early check of the server's policy registry, training and
-publishing (and adopting after a kill), waiting until served, and the report's rows and verdict."""
+"""The loop's distillation stages with a scripted server (the real `IroClient` over an
+`httpx.MockTransport`) and a tiny random Llama as the base model: the early check of the server's
+policy registry, training and publishing (and adopting after a kill), waiting until served, and the
+report's rows and verdict."""
 
 from __future__ import annotations
 
 import json
 import random
-from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from trainer.eval_results import MethodResult
 from trainer.loop import IroLoop
 from trainer.loop_config import LoopConfig
 from trainer.loop_distill import DistillStages
-from trainer.loop_state import LoopError, RunState
+from trainer.loop_state import LoopError, RunState, ServerLink
 from trainer.plots import plot_reward_vs_tokens
 
 
@@ -27,19 +28,40 @@ def make_loop(tmp_path, *, model=None, distill=("is-dpo",), **options) -> IroLoo
     return loop
 
 
-def make_stages(tmp_path, **kw) -> DistillStages:
-    """The distillation stages of a fresh loop (what `IroLoop.run` drives)."""
-    return make_loop(tmp_path, **kw).distiller()
+def make_stages(tmp_path, *replies, models=("base",), **kw) -> DistillStages:
+    """The distillation stages of a fresh loop (what `IroLoop.run` drives), against a server that
+    answers the policy routes with `replies` (see `scripted`)."""
+    loop = make_loop(tmp_path, **kw)
+    loop.server = ServerLink("http://fake", admin_key="admin", transport=scripted(*replies, models=models))
+    return loop.distiller()
 
 
-def answers(*replies):
-    """`_admin_get` stand-in: each call returns the next (status, body)."""
-    replies = list(replies)
+def scripted(*replies, models=("base",)):
+    """A server that answers GET /v1/policies[/NAME] with the next (status, body) (the last one again
+    once the others are used) and /v1/models with `models`; `.paths` records what was asked."""
+    replies, paths = list(replies), []
 
-    def get(path):
+    def handle(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": m} for m in models]})
+        assert request.headers["authorization"] == "Bearer admin"  # the admin key reaches the admin routes
         status, body = replies.pop(0) if len(replies) > 1 else replies[0]
-        return SimpleNamespace(status_code=status, json=lambda: body, text=json.dumps(body), path=path)
-    return get
+        return httpx.Response(status, json=body)
+
+    transport = httpx.MockTransport(handle)
+    transport.paths = paths
+    return transport
+
+
+def policy(version, refused=()):
+    """GET /v1/policies/rev-is-dpo's body: serving `version`, with `refused` as (version, reason)."""
+    return {"name": "rev-is-dpo", "model": "rev-is-dpo", "root": "base", "serving_version": version,
+            "refused": [{"version": v, "reason": r, "at": 0.0} for v, r in refused]}
+
+
+def error(status, code):
+    return (status, {"error": {"message": code, "type": "invalid_request_error", "param": None, "code": code}})
 
 
 def test_distill_option_takes_lists_commas_and_presets():
@@ -81,31 +103,33 @@ def test_distillation_can_be_added_to_a_finished_run(tmp_path):
         RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
 
 
-def test_the_server_must_serve_the_loops_policy_registry(tmp_path):
-    loop = make_stages(tmp_path)
-    loop._admin_get = answers((404, {"error": {"code": "policies_disabled"}}))
-    with pytest.raises(LoopError, match="--policies-dir .*policies"):
-        loop.check_server()
-    loop._admin_get = answers((200, {"registry": str(tmp_path / "elsewhere"), "data": []}))
-    with pytest.raises(LoopError, match="elsewhere"):
-        loop.check_server()
-    loop._admin_get = answers((401, {}))
-    with pytest.raises(LoopError, match="admin key"):
-        loop.check_server()
-    loop._admin_get = answers((200, {"registry": str(tmp_path / "policies"), "data": []}))
-    loop.check_server()  # the same registry: fine
+@pytest.mark.parametrize("reply, refusal", [
+    (error(404, "policies_disabled"), "--policies-dir .*policies"),
+    ((200, {"registry": "/elsewhere", "data": []}), "serves the policy registry /elsewhere"),
+    (error(401, "invalid_api_key"), r"refused GET /v1/policies \(401\): pass its admin key"),
+    (error(403, "admin_key_required"), r"\(403\): pass its admin key"),
+])
+def test_the_server_must_serve_the_loops_policy_registry(tmp_path, reply, refusal):
+    with pytest.raises(LoopError, match=refusal):
+        make_stages(tmp_path, reply).check_server()
+
+
+def test_the_same_policy_registry_passes_the_check(tmp_path):
+    stages = make_stages(tmp_path, (200, {"registry": str(tmp_path / "policies"), "data": []}))
+    stages.check_server()
+    assert stages.server.transport.paths == ["/v1/policies"]
 
 
 def test_waiting_for_the_policy_and_a_refusal(tmp_path):
-    loop = make_stages(tmp_path, publish_timeout=30)
-    loop.state.finish("distill/is-dpo/train", {"policy": "rev-is-dpo", "version": 2})
-    loop._models = lambda: {"base", "rev-is-dpo"}
-    loop._admin_get = answers((404, {}), (200, {"served_version": 1, "refused": []}),
-                              (200, {"served_version": 2, "refused": []}))
-    assert loop.serve("is-dpo")["version"] == 2
-    loop._admin_get = answers((200, {"served_version": 1, "refused": [{"version": 2, "reason": "sha256 mismatch"}]}))
-    with pytest.raises(LoopError, match="refused policy rev-is-dpo v2: sha256"):
-        loop.serve("is-dpo")
+    stages = make_stages(tmp_path, error(404, "policy_not_found"), (200, policy(1)), (200, policy(2)),
+                         models=("base", "rev-is-dpo"), publish_timeout=30)
+    stages.state.finish("distill/is-dpo/train", {"policy": "rev-is-dpo", "version": 2})
+    assert stages.serve("is-dpo")["version"] == 2  # unknown at first, then v1, then v2 (listed in /v1/models)
+    assert stages.server.transport.paths == ["/v1/policies/rev-is-dpo"] * 3 + ["/v1/models"]
+    refused = make_stages(tmp_path / "refused", (200, policy(1, refused=[(2, "hash_mismatch: sha256")])))
+    refused.state.finish("distill/is-dpo/train", {"policy": "rev-is-dpo", "version": 2})
+    with pytest.raises(LoopError, match="refused policy rev-is-dpo v2: hash_mismatch: sha256"):
+        refused.serve("is-dpo")
 
 
 def labelled_rollouts(path, n_prompts=8, samples=2, seed=0):
@@ -140,9 +164,9 @@ def test_distill_stage_publishes_a_policy_and_adopts_it_after_a_kill(tmp_path):
     again = loop.train("is-dpo")  # killed before the stage was recorded: adopt, do not train again
     assert again["adopted"] and again["version"] == 1 and loop.policies.versions("rev-is-dpo") == [1]
 
-    other = make_stages(tmp_path / "other", model=model)  # another run may not take over the name
+    other = make_stages(tmp_path / "other", (200, {"registry": str(loop.policies.root), "data": []}),
+                        model=model)  # another run may not take over the name
     other.policies = loop.policies
-    other._admin_get = answers((200, {"registry": str(loop.policies.root), "data": []}))
     with pytest.raises(LoopError, match="not made by this run"):
         other.check_server()
 
