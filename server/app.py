@@ -202,7 +202,8 @@ async def _start_values(app: FastAPI, settings: ServerSettings, engine, model_pa
     from valuefn.registry import Registry, open_registry
     from valuefn.scorer import Scorer
 
-    registry = open_registry(settings.resolved_values_dir(), Registry, create=True)  # a folder or s3://bucket/prefix
+    registry = open_registry(settings.resolved_values_dir(), Registry, create=True,  # a folder or s3://bucket/prefix
+                             poll_interval=settings.registry_poll_s)
     value_dtype = settings.dtype if settings.dtype != "float16" else "auto"  # values: bfloat16 or float32
     from server.engine import engine_value_probe
 

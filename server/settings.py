@@ -39,7 +39,11 @@ class ServerSettings(EngineSettings):
     admin_key: SecretStr | None = None
     """Bearer token required on the admin routes (values, policies); falls back to api_key when unset."""
     values_dir: Path | None = None
-    """Value registry to load and watch; default `$IRO_HOME/values`."""
+    """Value registry to load and watch; default `$IRO_HOME/values`. A folder, or
+    `s3://bucket/prefix` (any S3-compatible store through the standard AWS settings)."""
+    registry_poll_s: float = Field(1.0, gt=0, le=60)
+    """How often a registry in object storage (values or policies at `s3://...`) is polled for a new
+    CURRENT (a LIST and one HEAD per name); a folder registry is watched through file events instead."""
     max_n: int = Field(16, ge=1)
     """Largest `n` a request may ask for."""
     max_guided_candidates: int = Field(64, ge=1)
