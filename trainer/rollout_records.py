@@ -4,8 +4,8 @@ response out (appended, resumable), and the (prompt, sample) tasks still to do.
     items = read_prompts("prompts.jsonl")
     tasks, stats = pending(items, "rollouts.jsonl", RolloutConfig(samples_per_prompt=2))
 
-The record format is described in `trainer.rollout`; both backends (the server's, `trainer.rollout`,
-and Ray's, `trainer.rollout_ray`) write it with `make_record`.
+The record format is described in `trainer.rollout`; every backend (the server's, `trainer.rollout`,
+Ray's, `trainer.rollout_ray`) writes it with `make_record` (`record_from_response` for an API answer).
 """
 
 from __future__ import annotations
@@ -294,6 +294,66 @@ def make_record(task: Task, *, model: str, prompt_text: str, prompt_token_ids: l
 
 
 
+class PromptRenderer:
+    """`prompt_text` of a record: the prompt's token ids decoded with the base model's tokenizer
+    (so chat prompts appear with their template), cached per prompt."""
+
+    def __init__(self, tokenizer: str | None = None):
+        self.path = tokenizer
+        self._tokenizer: Any = None
+        self._tried = False
+        self._cache: dict[str, str] = {}
+
+    def load(self, model_id: str) -> Any:
+        """The tokenizer (loaded once; None when there is none for `model_id`)."""
+        if not self._tried:
+            self._tried = True
+            path = self.path
+            if path is None:
+                from common.model_store import DEFAULT_MODEL_NAME, default_model_dir, prepare_default_model
+
+                if model_id.split("+")[0] == DEFAULT_MODEL_NAME:  # only the tokenizer is needed: skip verifying
+                    folder = default_model_dir()
+                    path = str(folder if (folder / "tokenizer.json").is_file() else prepare_default_model())
+            if path is not None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+            else:
+                log.warning("no tokenizer for model %r (pass --tokenizer): prompt_text is rendered without "
+                            "the chat template", model_id)
+        return self._tokenizer
+
+    def __call__(self, item: PromptItem, token_ids: list[int], model_id: str) -> str:
+        if item.id not in self._cache:
+            tokenizer = self.load(model_id)
+            if tokenizer is not None:
+                text = tokenizer.decode(token_ids, skip_special_tokens=False)
+            elif item.prompt is not None:
+                text = item.prompt
+            else:
+                text = "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in item.messages)
+            self._cache[item.id] = text
+        return self._cache[item.id]
+
+
+
+
+def record_from_response(task: Task, response: Any, render: PromptRenderer, *, record_usage: bool = False) -> dict:
+    """The record of one chat/completion answer asked with `return_token_ids`."""
+    choice = response.choices[0]
+    prompt_ids = response.prompt_token_ids
+    if prompt_ids and isinstance(prompt_ids[0], list):  # completions: one list per prompt
+        prompt_ids = prompt_ids[0]
+    if prompt_ids is None or choice.token_ids is None:
+        raise RolloutError("the server returned no token ids (it must support `return_token_ids`)")
+    text = choice.message.content if hasattr(choice, "message") else choice.text
+    usage = response.usage.model_dump() if (record_usage and response.usage is not None) else None
+    return make_record(task, model=response.model, prompt_text=render(task.item, prompt_ids, response.model),
+                       prompt_token_ids=prompt_ids, response=text or "", response_token_ids=choice.token_ids,
+                       finish_reason=choice.finish_reason, guidance=response.guidance, usage=usage)
+
+
 @dataclass
 class RolloutStats:
     total: int
@@ -351,6 +411,7 @@ def _check_same_job(out: str | Path, planned: dict[str, Task], config: RolloutCo
 
 
 
-__all__ = ["CHAT_URL", "COMPLETIONS_URL", "JsonlAppender", "PromptItem", "RolloutStats", "SEARCH_FIELDS", "Task",
-           "make_record", "parse_prompt_line", "pending", "plan", "prompts_from_dicts", "read_prompts", "read_records",
-           "sample_seed", "scan_output", "write_atomic", "write_records"]
+__all__ = ["CHAT_URL", "COMPLETIONS_URL", "JsonlAppender", "PromptItem", "PromptRenderer", "RolloutStats",
+           "SEARCH_FIELDS", "Task", "make_record", "parse_prompt_line", "pending", "plan", "prompts_from_dicts",
+           "read_prompts", "read_records", "record_from_response", "sample_seed", "scan_output", "write_atomic",
+           "write_records"]
