@@ -226,8 +226,8 @@ class DistillTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, units: Sequence, advantages: Sequence | None, eval_examples: Sequence[Example]) -> dict:
-        """Held-out loss (None without held-out units) and KL(policy || base) per response token on
-        the held-out rollouts."""
+        """Held-out loss on `units` and KL(policy || base) per response token on the held-out rollouts
+        `eval_examples` (each None when its input is empty)."""
         if not units and not eval_examples:
             return {}
         was = self.model.training
@@ -249,7 +249,7 @@ class DistillTrainer:
             kls.append(float(kl) * weights[-1])
         self.model.train(was)
         return {"loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
-                "kl_to_base": sum(kls) / max(1.0, sum(weights))}
+                "kl_to_base": sum(kls) / max(1.0, sum(weights)) if weights else None}
 
     @torch.no_grad()
     def sample_responses(self, prompts: Sequence[tuple[tuple[int, ...], str]], *, adapter: bool) -> list[str]:
@@ -359,16 +359,14 @@ class DistillTrainer:
         heldout_prompts = list(prompts.values())
         base_samples = self.sample_metrics(heldout_prompts, reward_fn, adapter=False) if heldout_prompts else None
         checkpoints: list[Checkpoint] = []
-        evals: list[dict] = []
         samples: list[dict | None] = []
 
-        def measure(step: int, epoch: int) -> Checkpoint:
-            ev = self.evaluate(eval_units, eval_adv, eval_set)
+        def measure(step: int, epoch: int) -> Checkpoint:  # the KL only: the held-out loss of the chosen one at the end
+            kl = self.evaluate([], None, eval_set)["kl_to_base"]
             sm = self.sample_metrics(heldout_prompts, reward_fn, adapter=True) if heldout_prompts else None
-            cp = Checkpoint(step, ev["kl_to_base"], sm and sm["reward"], sm and sm["distinct_2"], ev["loss"], epoch,
+            cp = Checkpoint(step, kl, sm and sm["reward"], sm and sm["distinct_2"], None, epoch,
                             state=self._adapter_state())
             checkpoints.append(cp)
-            evals.append(ev)
             samples.append(sm)
             log.info("distill %s: checkpoint at step %d: KL %.4f, reward %s, distinct-2 %s", c.method, step,
                      cp.kl_to_base, "-" if cp.reward is None else f"{cp.reward:+.4f}",
@@ -435,7 +433,8 @@ class DistillTrainer:
                 log.warning("distill %s: publishing step %d: %s", c.method, choice.step, choice.why)
             chosen = checkpoints[choice.index]
             self._load_adapter_state(chosen.state)
-            metrics["eval"] = evals[choice.index]
+            chosen.loss = self.evaluate(eval_units, eval_adv, [])["loss"] if eval_units else None
+            metrics["eval"] = {"loss": chosen.loss, "kl_to_base": chosen.kl_to_base}
             if base_samples is not None:
                 sm = samples[choice.index]
                 metrics["samples"] = {"distinct_2_policy": sm["distinct_2"], "distinct_2_base": base_d2,

@@ -74,7 +74,7 @@ def test_config_fields_are_validated():
 def test_full_preset_has_per_method_defaults_and_user_options_win():
     apa = DistillConfig.from_preset("full", method="apa")
     dpo = DistillConfig.from_preset("full", method="is-dpo")
-    assert (apa.lam, apa.lr, apa.eval_every, apa.kl_budget) == (0.01, 5e-4, 15, 0.12)
-    assert (dpo.lr, dpo.eval_every, dpo.kl_budget, dpo.lam) == (4e-4, 10, 0.16, DistillConfig().lam)
+    assert (apa.lam, apa.lr, apa.eval_every, apa.kl_budget) == (0.01, 5e-4, 30, 0.12)
+    assert (dpo.lr, dpo.eval_every, dpo.kl_budget, dpo.lam) == (4e-4, 15, 0.16, DistillConfig().lam)
     assert apa.select == dpo.select == "reward" and apa.max_distinct_drop == 0.10
     assert DistillConfig.from_preset("full", method="apa", lr="1e-4", kl_budget="0.2").lr == 1e-4

@@ -31,7 +31,11 @@ def test_training_stops_at_the_kl_budget_and_publishes_the_best_eligible_checkpo
 
     kls = iter([0.0, 0.01, 0.03, 0.05, 0.09])  # before training, then the checkpoints at steps 2, 4, 6, (8)
     samples = iter([(0.2, 0.70), (0.5, 0.69), (0.6, 0.60)])  # (reward, distinct-2): step 6 loses 14% diversity
-    monkeypatch.setattr(DistillTrainer, "evaluate", lambda self, *a: {"loss": 1.0, "kl_to_base": next(kls)})
+
+    def evaluate(self, units, advantages, rollouts):  # the held-out loss is only measured for the chosen one
+        return {"loss": 1.5 if not rollouts else (1.0 if units else None), "kl_to_base": next(kls) if rollouts else None}
+
+    monkeypatch.setattr(DistillTrainer, "evaluate", evaluate)
 
     def sample_metrics(self, prompts, reward_fn, *, adapter):
         assert len(prompts) == 2  # eval_prompts
@@ -57,7 +61,8 @@ def test_training_stops_at_the_kl_budget_and_publishes_the_best_eligible_checkpo
     assert [(r["step"], r["kl_to_base"], r["reward"], r["eligible"]) for r in sel["checkpoints"]] == [
         (2, 0.01, 0.2, True), (4, 0.03, 0.5, True), (6, 0.05, 0.6, False)]
     assert sel["base"] == {"reward": 0.1, "distinct_2": 0.70}
-    assert result.metrics["eval"]["kl_to_base"] == 0.03
+    assert result.metrics["eval"] == {"loss": 1.5, "kl_to_base": 0.03} and result.metrics["eval_before"]["loss"] == 1.0
+    assert [r["loss"] for r in sel["checkpoints"]] == [None, 1.5, None]
     assert result.metrics["samples"]["reward_gain"] == pytest.approx(0.4)
     assert result.metrics["samples"]["distinct_2_policy"] == 0.69
 
