@@ -27,7 +27,10 @@ SINCE = typer.Option(None, "--since", help="Only completions created at or after
 
 
 def _client(server: Optional[str], api_key: Optional[str]):
-    import openai
+    try:
+        import openai
+    except ImportError:
+        raise typer.BadParameter("iro data needs the openai package (pip install openai)") from None
 
     root = server or os.environ.get("IRO_BASE_URL") or "http://127.0.0.1:8000"
     return openai.OpenAI(base_url=root.rstrip("/") + "/v1", api_key=api_key or os.environ.get("IRO_API_KEY") or "none",

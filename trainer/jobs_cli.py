@@ -87,6 +87,9 @@ def rollout(
     seed: Optional[int] = typer.Option(None, help="Job seed (per-sample seeds derive from it): a re-run repeats."),
     backend: Backend = typer.Option(Backend.server, help="server (HTTP, guided or not) or ray (offline vLLM on Ray, "
                                                          "base model only; needs the ray extra)."),
+    via_batch: bool = typer.Option(False, "--via-batch", help="Submit the job through the server's Batch API "
+                                   "(/v1/files + /v1/batches; needs the openai package): the server runs it beside "
+                                   "interactive traffic, at a lower priority."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for prompt_text (default: the embedded "
                                                        "model)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -99,13 +102,15 @@ def rollout(
     from common.search_settings import SearchOverrides
     from trainer.rollout import RolloutConfig, RolloutError, read_prompts, run_rollout
 
+    if via_batch and backend != Backend.server:
+        _fail("--via-batch submits to the server's Batch API: it does not combine with --backend ray")
     try:
         config = RolloutConfig(
             server=_server(server), api_key=api_key or os.environ.get("IRO_API_KEY"), model=model,
             samples_per_prompt=samples_per_prompt, concurrency=concurrency, value=value,
             search=SearchOverrides(mode=mode.value if mode else None, w=w, k=k, l=l), temperature=temperature,
             max_tokens=max_tokens,
-            seed=seed, backend=backend.value, progress=progress, tokenizer=tokenizer)
+            seed=seed, backend="batch" if via_batch else backend.value, progress=progress, tokenizer=tokenizer)
         items = read_prompts(prompts)
         stats = run_rollout(items, out, config)
     except RolloutError as exc:
@@ -230,6 +235,16 @@ def loop(
                                                 "serve --policies-dir`; env IRO_POLICIES_DIR; default "
                                                 "$IRO_HOME/policies)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    from_stored: bool = typer.Option(False, "--from-stored", help="Online IRO: train on the deduplicated prompts of "
+                                     "the server's stored completions (store: true) and evaluate on their held-out "
+                                     "split (the task's own held-out prompts when it is empty); the task's reward "
+                                     "scores them. Needs the openai package."),
+    metadata: list[str] = typer.Option([], "--metadata", help="--from-stored: only completions with this metadata "
+                                       "pair key=value (repeatable)."),
+    since: Optional[str] = typer.Option(None, "--since", help="--from-stored: only completions created at or after "
+                                        "this date (ISO 8601) or Unix time."),
+    heldout_fraction: float = typer.Option(0.1, "--heldout-fraction", min=0.0, max=0.9,
+                                           help="--from-stored: share of stored prompts kept for evaluation."),
 ):
     """Run IRO: T x (rollout -> reward -> train V_t -> publish -> evaluate), then Best-of-N baselines and a report;
     with --distill, distilled LoRA policies too."""
@@ -246,6 +261,10 @@ def loop(
     from valuefn.registry import RegistryError
 
     spec = _load_task(task)
+    if from_stored:
+        spec = _stored_task(spec, server, api_key, metadata, since, heldout_fraction)
+    elif metadata or since:
+        _fail("--metadata and --since select stored completions: give --from-stored too")
     try:
         options = dict(parse_override(o) for o in overrides)
         if distill:
@@ -271,6 +290,23 @@ def loop(
         _fail(f"{type(exc).__name__}: {exc}", code=1)
     typer.echo(report.read_text())
     typer.echo(f"wrote {report}")
+
+
+def _stored_task(spec, server, api_key, metadata, since, heldout_fraction):
+    """The task with the stored completions' prompts (`iro loop --from-stored`), or exit 1 saying why."""
+    try:
+        import openai
+    except ImportError:
+        _fail("--from-stored needs the openai package (pip install openai)")
+
+    from trainer.data_cli import _client, _since
+    from trainer.stored_data import parse_pairs, stored_task
+
+    try:
+        return stored_task(spec, _client(server, api_key), metadata=parse_pairs(metadata), since=_since(since),
+                           heldout_fraction=heldout_fraction)
+    except (ValueError, openai.APIError) as exc:
+        _fail(f"--from-stored: {exc}", code=1)
 
 
 def register(app: typer.Typer) -> None:

@@ -120,6 +120,12 @@ def run_rollout(items: list[PromptItem], out: str | Path, config: RolloutConfig,
         from trainer.rollout_ray import run_rollout_ray
 
         return run_rollout_ray(items, out, config, **kw)
+    if config.backend == "batch":
+        from trainer.rollout_batch import run_rollout_via_batch
+
+        render = PromptRenderer(config.tokenizer)
+        return run_rollout_via_batch(items, out, config, **kw, record=lambda task, answer: record_from_response(
+            task, answer, render, record_usage=config.record_usage))
     return asyncio.run(arun_rollout(items, out, config, **kw))
 
 

@@ -2,7 +2,7 @@
 nothing but the server's URL. Every pending (prompt, sample) becomes one line of a batch input
 file (`custom_id` = the record id), uploaded with `/v1/files`, run by `/v1/batches` beside the
 server's interactive traffic, and the output file's answers become the same records as the HTTP
-path writes (`record_from_response`). The batch id is kept beside the output (`<out>.batch`): a
+path writes (`trainer.rollout.record_from_response`). The batch id is kept beside the output (`<out>.batch`): a
 re-run after an interruption waits for that batch instead of submitting the work again.
 
 Needs the `openai` package (the Batch API's client).
@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from common.protocol import ChatCompletionResponse, CompletionResponse
@@ -25,10 +26,8 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 
 def _client(config: RolloutConfig):
-    try:
-        import openai
-    except ImportError:
-        raise RolloutError("--via-batch needs the openai package (pip install openai)") from None
+    import openai
+
     return openai.OpenAI(base_url=config.server.rstrip("/") + "/v1", api_key=config.api_key or "none",
                          timeout=config.timeout, max_retries=config.max_retries)
 
@@ -45,9 +44,24 @@ def batch_lines(tasks, model: str, guidance: dict | None) -> list[dict]:
 
 
 def run_rollout_via_batch(items: list[PromptItem], out: str | Path, config: RolloutConfig, *,
-                          client: Any = None, poll_interval: float = 2.0) -> RolloutStats:
-    from trainer.rollout import PromptRenderer, record_from_response
+                          record: Callable[[Any, Any], dict], client: Any = None,
+                          poll_interval: float = 2.0) -> RolloutStats:
+    """Sample every missing (prompt, sample) of `items` into `out` through one batch; `record(task,
+    answer)` makes a task's record of its answer (`trainer.rollout.record_from_response`). A refusal
+    of the Batch API (auth, unknown model, a file it cannot take) is a `RolloutError`."""
+    try:
+        import openai
+    except ImportError:
+        raise RolloutError("--via-batch needs the openai package (pip install openai)") from None
+    try:
+        return _run(items, out, config, record, client, poll_interval)
+    except openai.APIStatusError as exc:
+        raise RolloutError(f"the server's Batch API answered {exc.status_code}: {exc.message}") from None
+    except openai.APIConnectionError as exc:
+        raise RolloutError(f"cannot reach the server's Batch API at {config.server}: {exc}") from None
 
+
+def _run(items, out, config, record, client, poll_interval) -> RolloutStats:
     tasks, stats = pending(items, out, config)
     if not tasks:
         return stats
@@ -78,7 +92,6 @@ def run_rollout_via_batch(items: list[PromptItem], out: str | Path, config: Roll
             bar.update(counts.completed + counts.failed - bar.n)
     bar.close()
     by_id = {t.id: t for t in tasks}
-    render = PromptRenderer(config.tokenizer)
     with JsonlAppender(out, fsync_every=config.fsync_every) as sink:
         for line in _lines(client, batch.output_file_id):
             task = by_id.get(line["custom_id"])
@@ -87,7 +100,7 @@ def run_rollout_via_batch(items: list[PromptItem], out: str | Path, config: Roll
                 continue
             kind = ChatCompletionResponse if "chat.completion" == body.get("object") else CompletionResponse
             answer = kind.model_validate(body)
-            sink.write(record_from_response(task, answer, render, record_usage=config.record_usage))
+            sink.write(record(task, answer))
             stats.written += 1
             stats.completion_tokens += answer.usage.completion_tokens if answer.usage else 0
     for line in _lines(client, batch.error_file_id):

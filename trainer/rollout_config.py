@@ -65,7 +65,8 @@ class RolloutConfig:
     seed: int | None = None
     """Job seed: sample j of prompt p is requested with a seed derived from (seed, p, j)."""
     # --- runtime
-    backend: Literal["server", "ray"] = "server"
+    backend: Literal["server", "ray", "batch"] = "server"
+    """server: HTTP requests; batch: the server's Batch API (`--via-batch`); ray: offline vLLM on Ray."""
     fsync_every: int = 16
     progress: bool = True
     record_usage: bool = False
@@ -89,8 +90,8 @@ class RolloutConfig:
             raise RolloutError(f"search must be SearchOverrides or SearchSettings, got {type(self.search).__name__}")
         if self.value is None and self.pinned():
             raise RolloutError("--mode/--w/--k/--l steer value-guided decoding: give --value NAME too")
-        if self.backend not in ("server", "ray"):
-            raise RolloutError(f"backend must be 'server' or 'ray', got {self.backend!r}")
+        if self.backend not in ("server", "ray", "batch"):
+            raise RolloutError(f"backend must be 'server', 'ray' or 'batch', got {self.backend!r}")
 
     def pinned(self) -> dict[str, Any]:
         """The search fields this job sets (the rest are the value's defaults)."""

@@ -12,7 +12,7 @@ import pytest
 
 from server.store.startup import open_store
 from tests.server.conftest import API_KEY, ScriptedEngine, make_client
-from trainer.rollout_batch import run_rollout_via_batch
+from trainer.rollout import run_rollout
 from trainer.rollout_config import RolloutConfig
 from trainer.rollout_records import prompts_from_dicts
 
@@ -34,8 +34,9 @@ def test_rollout_via_batch_writes_records_and_a_rerun_asks_nothing(served, tmp_p
     items = prompts_from_dicts([{"id": "p1", "messages": [{"role": "user", "content": "hi"}]},
                                 {"id": "p2", "messages": [{"role": "user", "content": "yo"}]}])
     out = tmp_path / "rollouts.jsonl"
-    config = RolloutConfig(server="http://testserver", samples_per_prompt=2, max_tokens=3, progress=False, seed=7)
-    stats = run_rollout_via_batch(items, out, config, client=sdk, poll_interval=0.05)
+    config = RolloutConfig(server="http://testserver", samples_per_prompt=2, max_tokens=3, progress=False, seed=7,
+                           backend="batch")
+    stats = run_rollout(items, out, config, client=sdk, poll_interval=0.05)
     assert (stats.written, stats.failed) == (4, 0), stats.errors
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == ["p1:0", "p1:1", "p2:0", "p2:1"]
@@ -44,5 +45,17 @@ def test_rollout_via_batch_writes_records_and_a_rerun_asks_nothing(served, tmp_p
     assert r["prompt_token_ids"] == list(b"<user>hi\n<assistant>") and r["policy"]["model"] == "tiny"
     assert not (tmp_path / "rollouts.jsonl.batch").exists()
     asked = len(engine.requests)
-    assert run_rollout_via_batch(items, out, config, client=sdk, poll_interval=0.05).written == 0
+    assert run_rollout(items, out, config, client=sdk, poll_interval=0.05).written == 0
     assert len(engine.requests) == asked
+
+
+def test_cli_refusals():
+    from typer.testing import CliRunner
+
+    from iro.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["rollout", "/dev/null", "-o", "/tmp/x.jsonl", "--via-batch", "--backend", "ray"])
+    assert r.exit_code == 2 and "--via-batch" in r.output
+    r = runner.invoke(app, ["loop", "--metadata", "task=a"])
+    assert r.exit_code == 2 and "--from-stored" in r.output
