@@ -34,10 +34,6 @@ class ChainLink(BaseModel):
     beta: float = Field(1.0, gt=0)
 
 
-SearchDefaults = SearchSettings
-"""The manifest's search defaults were their own type; importers move to `common.search_settings`."""
-
-
 class Manifest(BaseModel):
     format_version: int
     name: str

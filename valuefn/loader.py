@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from common.dtype import resolve_dtype
+from common.search_settings import SearchSettings
 from valuefn.checkpoint import (
-    FORMAT_VERSION, CheckpointError, Manifest, SearchDefaults, build_value_model, check_backbone,
+    FORMAT_VERSION, CheckpointError, Manifest, build_value_model, check_backbone,
     load_trained_tensors, read_manifest, write_checkpoint_files,
 )
 from valuefn.kv_pool import CacheBudget, default_budget_bytes
@@ -339,18 +340,18 @@ class ValueLoader:
         return ValueChain(spec_name, tuple(links))
 
 
-def make_manifest(name: str, config: ValueModelConfig, identity: dict, *, defaults: SearchDefaults | None = None,
+def make_manifest(name: str, config: ValueModelConfig, identity: dict, *, defaults: SearchSettings | None = None,
                   training: dict | None = None, metrics: dict | None = None) -> Manifest:
     """A manifest for a new version (version and chain are filled in by `Registry.publish`)."""
     from valuefn.checkpoint import ChainLink
 
     return Manifest(format_version=FORMAT_VERSION, name=name, version=1, backbone=identity, model=config,
                     head={"in_features": identity["hidden_size"] * config.head_inputs, "out_features": 1}, chain=[ChainLink(version=1)],
-                    defaults=defaults or SearchDefaults(), training=training or {}, metrics=metrics or {})
+                    defaults=defaults or SearchSettings(), training=training or {}, metrics=metrics or {})
 
 
 def publish_model(registry: Registry, name: str, model: ValueModel, identity: dict, *, extend_chain: bool,
-                  beta: float = 1.0, defaults: SearchDefaults | None = None, training: dict | None = None,
+                  beta: float = 1.0, defaults: SearchSettings | None = None, training: dict | None = None,
                   metrics: dict | None = None) -> int:
     manifest = make_manifest(name, model.config, identity, defaults=defaults, training=training, metrics=metrics)
     return registry.publish(name, lambda d: write_checkpoint_files(model, d), manifest,
@@ -358,7 +359,7 @@ def publish_model(registry: Registry, name: str, model: ValueModel, identity: di
 
 
 def init_value(registry: Registry, name: str, model_path: str | Path, config: ValueModelConfig | None = None,
-               *, seed: int = 0, defaults: SearchDefaults | None = None) -> int:
+               *, seed: int = 0, defaults: SearchSettings | None = None) -> int:
     """Publish a new untrained version of `name` (fresh head, identity LoRA); return its number."""
     config = (config or ValueModelConfig(num_layers=4)).resolved()
     pool = BackbonePool(model_path, torch.device("cpu"))

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from valuefn.checkpoint import Manifest, SearchDefaults
+from common.search_settings import SearchSettings
+from valuefn.checkpoint import Manifest
 from valuefn.kv_pool import CacheBudget, KVPool, Row
 from valuefn.model import ValueModel, pool_values
 
@@ -133,7 +134,7 @@ class ValueChain:
         return self.links[-1][0].version
 
     @property
-    def defaults(self) -> SearchDefaults:
+    def defaults(self) -> SearchSettings:
         return self.links[-1][0].manifest.defaults
 
     def with_betas(self, betas: Sequence[float]) -> "ValueChain":
