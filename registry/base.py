@@ -131,6 +131,13 @@ class BaseRegistry:
     def last_error(self) -> str | None:
         return self.store.last_error
 
+    def same_location(self, other: str | Path) -> bool:
+        """Whether `other` (what another process, e.g. a server, reports as its registry) is this
+        registry: the same folder, or the same bucket and prefix (each process has its own cache)."""
+        from registry.open import same_location
+
+        return same_location(self.location, other)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r})"
 

@@ -27,6 +27,15 @@ def is_object_store(location: str | Path | None) -> bool:
     return location is not None and S3_URL.match(str(location)) is not None
 
 
+def same_location(a: str | Path, b: str | Path) -> bool:
+    """Whether two locations, as two processes report them, name the same registry: the same
+    bucket and prefix, or the same folder once resolved."""
+    ma, mb = S3_URL.match(str(a)), S3_URL.match(str(b))
+    if ma or mb:
+        return bool(ma and mb) and (ma.group(1), ma.group(2)) == (mb.group(1), mb.group(2))
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def open_store(location: str | Path | None, *, cache_dir: str | Path | None = None, poll_interval: float | None = None,
                client: Any = None) -> Store:
     """The store `location` names: `s3://bucket/prefix` (cached under `cache_dir`, CURRENT polled
@@ -59,4 +68,4 @@ def open_registry(location: str | Path | None, kind: type[R], *, create: bool = 
     return registry
 
 
-__all__ = ["is_object_store", "open_registry", "open_store"]
+__all__ = ["is_object_store", "open_registry", "open_store", "same_location"]

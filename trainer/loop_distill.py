@@ -69,7 +69,7 @@ class DistillStages:
             raise LoopError(f"GET /v1/policies answered {exc.status_code}: {exc}") from exc
         except TransportError as exc:
             raise LoopError(f"cannot reach the server at {self.server.url}: {exc}") from exc
-        if served is not None and Path(served).resolve() != self.policies.root.resolve():
+        if served is not None and not self.policies.same_location(served):  # a folder or s3://bucket/prefix
             raise LoopError(f"the server serves the policy registry {served}, but the loop publishes to "
                             f"{self.policies.root}: pass --policies-dir {served} (or restart the server with "
                             f"--policies-dir {self.policies.root})")

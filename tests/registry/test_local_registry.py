@@ -48,3 +48,13 @@ async def test_the_folder_watch_reconciles_on_a_change_and_waits_for_a_missing_f
     stop.set()
     await asyncio.wait_for(task, timeout=10)
     assert not task.exception()
+
+
+def test_same_location_compares_folders_resolved_and_urls_by_bucket_and_prefix(tmp_path, monkeypatch):
+    reg = open_registry(tmp_path / "policies", PolicyRegistry, create=True)
+    monkeypatch.chdir(tmp_path)
+    assert reg.same_location("policies") and reg.same_location(str(tmp_path / "x" / ".." / "policies"))
+    assert not reg.same_location(tmp_path / "other") and not reg.same_location("s3://b/policies")
+    s3 = PolicyRegistry("s3://bkt/iro/policies", cache_dir=tmp_path / "cache", client=object())
+    assert s3.same_location("s3://bkt/iro/policies/") and s3.same_location("s3:/bkt/iro/policies")  # pathlib's folded form
+    assert not s3.same_location("s3://bkt/iro") and not s3.same_location(tmp_path / "cache")
