@@ -98,3 +98,39 @@ def test_a_budget_no_checkpoint_meets_falls_back_to_the_lowest_kl_or_refuses(tin
         DistillTrainer(config("apa", on_none_eligible="refuse", **kw), tiny32).train(examples, prompt_texts=texts)
     with pytest.raises(ValueError, match="kl_budget needs held-out rollouts"):
         DistillTrainer(config("apa", **(kw | {"eval_fraction": 0.0})), tiny32).train(examples)
+
+
+def test_distill_command_reports_the_checkpoint_and_refuses_when_asked(tiny32, data, tmp_path):
+    """`iro distill` (its typer command alone: the CLI module of this package) says which checkpoint
+    it published and why, warns when it is outside the bounds, and publishes nothing with refuse."""
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from trainer.distill_cli import register
+
+    app = typer.Typer()
+    register(app)
+    examples, texts = data
+    rollouts = tmp_path / "labelled.jsonl"
+    rollouts.write_text("".join(json.dumps({"id": f"{e.group}:{i}", "prompt_id": e.group, "prompt": texts[e.group],
+                                            "prompt_token_ids": list(e.prompt_ids),
+                                            "response_token_ids": list(e.response_ids), "reward": e.reward}) + "\n"
+                                for i, e in enumerate(examples)))
+    policies = tmp_path / "policies"
+    args = [str(rollouts), "--method", "apa", "--name", "kl-cli", "--policies-dir", str(policies), "--preset", "smoke",
+            "--model", str(tiny32)] + [x for o in ("device=cpu", "dtype=float32", "progress=false", "max_steps=6",
+                                                   "eval_every=2", "kl_budget=1e-9", "eval_prompts=2",
+                                                   "eval_max_tokens=4") for x in ("--set", o)]
+    runner = CliRunner()
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "checkpoint: step 2 of 2 (kl: no checkpoint inside the bounds (step 2: KL" in out.output
+    assert "stopped early: KL" in out.output and "warning: the published checkpoint is outside the bounds" in out.output
+    assert "published policy kl-cli v1 (apa)" in out.output
+    refused = runner.invoke(app, args + ["--set", "on_none_eligible=refuse"])
+    assert refused.exit_code == 2 and "error: no checkpoint is inside the bounds" in refused.output
+    assert sorted(p.name for p in (policies / "kl-cli").iterdir() if p.name.startswith("v")) == ["v0001"]
+    bad = runner.invoke(app, args + ["--set", "eval_every=null"])
+    assert bad.exit_code == 2 and "kl_budget needs eval_every" in bad.output
