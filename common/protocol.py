@@ -108,7 +108,8 @@ class GuidanceParams(OpenAIRequestModel):
                           "resampled each step by softmax(value / beta)); dvts: diverse verifier tree search "
                           "(s independent beam searches of width w, the best leaf wins).")
     w: int | None = Field(None, ge=1, description="Beam width: beams kept after each chunk (cbs; per subtree in dvts).")
-    k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs, dvts), N (bon), particles (pf).")
+    k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs, dvts), N (bon), particles (pf; "
+                                                  "default: the value's w*k, its cbs's samples per step).")
     l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs, pf, dvts): the most a chunk may add.")
     s: int | None = Field(None, ge=1, description="dvts: independent subtrees (default: the value's w subtrees "
                                                   "of one beam each, search-and-learn's DVTS).")
