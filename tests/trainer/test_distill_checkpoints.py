@@ -78,3 +78,12 @@ def test_full_preset_has_per_method_defaults_and_user_options_win():
     assert (dpo.lr, dpo.eval_every, dpo.kl_budget, dpo.lam) == (4e-4, 15, 0.16, DistillConfig().lam)
     assert apa.select == dpo.select == "reward" and apa.max_distinct_drop == 0.10
     assert DistillConfig.from_preset("full", method="apa", lr="1e-4", kl_budget="0.2").lr == 1e-4
+
+
+@pytest.mark.parametrize("module", ["trainer.distill_checkpoints", "trainer.distill_config"])
+def test_doctests(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0
