@@ -368,6 +368,8 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
                       for kind, m in (("value", app.state.values), ("policy", app.state.policies))
                       if getattr(m, "registry_error", None)
                       or not getattr(getattr(m, "registry", None), "healthy", True)]  # e.g. its object store is down
+        if getattr(app.state, "store_error", None):  # the routes that need it answer 503 with the reason
+            unreadable.append("the database cannot be opened (files, batches and stored completions are unavailable)")
         return HealthStatus(status="degraded", reason="; ".join(unreadable)) if unreadable else HealthStatus()
 
     @app.get("/version", response_model=VersionInfo)

@@ -226,6 +226,8 @@ def test_a_corrupt_database_leaves_plain_traffic_served(tmp_path):
     assert open_store(client.app, client.app.state.settings) is None
     client.app.state.serving.store_error = client.app.state.store_error
     assert chat(client).status_code == 200
+    health = client.get("/health").json()
+    assert health["status"] == "degraded" and "database cannot be opened" in health["reason"]
     for r in (client.get("/v1/files"), client.get("/v1/batches"), client.get("/v1/chat/completions"),
               chat(client, store=True)):
         assert r.status_code == 503 and "file is not a database" in r.json()["error"]["message"], r.text
