@@ -16,14 +16,15 @@ import pytest
 from tests.conftest import start_server, stop_server, wait_ready
 from tests.e2e.test_guided import iro_values_init, wait_serving
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]  # two server starts (the kill test), each minutes on 2 busy cores
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
 @pytest.fixture(scope="module")
 def bserver(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("batch-server")
-    srv = start_server(tmp, env={"IRO_DATA_DIR": str(tmp / "data"), "IRO_BATCH_CONCURRENCY": "2"}, ready=False)
+    srv = start_server(tmp, env={"IRO_DATA_DIR": str(tmp / "data"), "IRO_BATCH_CONCURRENCY": "2",
+                                 "IRO_KV_CACHE_GIB": "1"}, ready=False)
     srv.data_dir = tmp / "data"
     srv.tmp = tmp
     try:  # stopped even when it never becomes healthy
@@ -148,7 +149,7 @@ def test_kill_9_mid_batch_then_restart_answers_each_custom_id_once(bserver):
     bserver.proc.wait(30)
     port = bserver.url.rsplit(":", 1)[1]
     again = start_server(bserver.tmp / "again", env={"IRO_DATA_DIR": str(bserver.data_dir), "IRO_PORT": port,
-                                                     "IRO_VALUES_DIR": str(bserver.values_dir)}, ready=False)
+                                                     "IRO_VALUES_DIR": str(bserver.values_dir), "IRO_KV_CACHE_GIB": "1"}, ready=False)
     try:
         wait_ready(again, 900)
         done = wait_batch(again.openai(), batch.id)
