@@ -33,12 +33,22 @@ def probe(cls: type) -> None:
 
 
 def supported() -> bool:
-    """Whether structured outputs can continue a beam: the patch took in this process (vLLM runs
-    its plugins in every process; the engine core's outcome is the same as this one's)."""
-    from server.vllm_ext import install_worker_patches, registry
+    """Whether structured outputs can continue a beam: the patch took in this process (the engine's
+    start loads vLLM's plugins here, as in every process vLLM starts, so the engine core's outcome is
+    this one's); with no engine started, whether it would take (probed; nothing is patched)."""
+    from server.vllm_ext import registry
 
-    status = registry.STATUS if "grammar_prefix" in registry.STATUS else install_worker_patches()
-    return status.get("grammar_prefix") == INSTALLED
+    status = registry.STATUS.get("grammar_prefix")
+    if status is not None:
+        return status == INSTALLED
+    try:
+        import vllm
+
+        registry.check_vllm_version(vllm.__version__)
+        probe(*targets())
+    except (ImportError, registry.PatchMismatch):
+        return False
+    return True
 
 
 def patch_create_grammar(cls) -> None:

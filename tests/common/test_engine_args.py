@@ -207,3 +207,23 @@ def test_the_engine_refuses_it_before_building_vllm(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     with pytest.raises(ValueError, match="mixture-of-experts"):
         VllmEngine.start(str(tmp_path), "moe", enforce_eager=True, lora={"enable_lora": True})
+
+
+@pytest.mark.parametrize("lora_compile, mode", [(True, 2), (False, 0)])  # VLLM_COMPILE, NONE
+def test_the_settings_reach_vllms_own_config(monkeypatch, vllm_patches, tiny_model_dir, lora_compile, mode):
+    """What vLLM builds from the recipe (no engine started): the CPU KV cache as its
+    `kv_cache_memory_bytes`, 16-token blocks (the patch), our knobs in `additional_config`, and
+    `lora_compile` deciding whether a CPU engine with LoRA stays compiled (was `IRO_LORA_COMPILE`)."""
+    import vllm.engine.arg_utils
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    monkeypatch.setattr(engine_args, "on_cuda", lambda: False)
+    monkeypatch.setattr(vllm.engine.arg_utils, "load_general_plugins", lambda: None)  # the fixture installed them
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    settings = EngineSettings(max_model_len=256, kv_cache_gib=1, dtype="float32", engine_value_layers="1",
+                              enforce_eager=False, lora_compile=lora_compile)  # the tests' IRO_ENFORCE_EAGER aside
+    config = AsyncEngineArgs(model=str(tiny_model_dir), **engine_kwargs(settings), enable_lora=True, max_lora_rank=8,
+                             max_loras=1).create_engine_config()
+    assert (config.cache_config.kv_cache_memory_bytes, config.cache_config.block_size) == (GiB, 16)
+    assert config.additional_config == {VALUE_LAYERS_KEY: "1", LORA_COMPILE_KEY: lora_compile}
+    assert int(config.compilation_config.mode) == mode
