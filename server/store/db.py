@@ -8,7 +8,7 @@ answered batch line or a stored completion survives `kill -9` and a power cut (N
 survive `kill -9` but may lose the last commits on power loss; a commit per generated answer is
 cheap next to the generation). Writes go through one thread (`Database.write`), so SQLite never
 sees two writers from this process; readers run beside it (WAL). Tables are created if missing
-(`metadata.create_all`): the schema only grows by new tables for now.
+(`metadata.create_all`, safe with several processes opening at once): the schema only grows by new tables for now.
 
 A file that is not a database (or fails `PRAGMA quick_check`) raises `DatabaseUnavailable` with
 the reason; the server logs it, keeps serving plain traffic and answers 503 on the routes that
@@ -18,6 +18,7 @@ need the database.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +30,36 @@ from sqlalchemy import event
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_ESCAPED = re.compile(r"\\(\\|0)")
+
+
+class UserText(sa.types.TypeDecorator):
+    """Text a user sent (a filename, a custom_id, a model name, a metadata pair, a prompt).
+
+    PostgreSQL's text cannot hold U+0000, which JSON and SQLite allow; there every value is stored
+    escaped (`\\` -> `\\\\`, U+0000 -> `\\0`; reversible, and equality filters still match since the
+    parameters compared with the column are escaped the same way) and as unbounded `text` (the API
+    bounds the lengths; an escaped value may be longer). SQLite stores the value as is."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(sa.Text())
+        return dialect.type_descriptor(sa.String(self.impl.length))
+
+    def process_bind_param(self, value, dialect):
+        if value is None or dialect.name != "postgresql":
+            return value
+        return value.replace("\\", "\\\\").replace("\x00", "\\0")
+
+    def process_result_value(self, value, dialect):
+        if value is None or dialect.name != "postgresql":
+            return value
+        return _ESCAPED.sub(lambda m: "\\" if m[1] == "\\" else "\x00", value)
+
+
 metadata = sa.MetaData()
 
 files = sa.Table(
@@ -37,7 +68,7 @@ files = sa.Table(
     sa.Column("id", sa.String(64), unique=True, nullable=False),
     sa.Column("bytes", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
-    sa.Column("filename", sa.String(512), nullable=False),
+    sa.Column("filename", UserText(512), nullable=False),
     sa.Column("purpose", sa.String(32), nullable=False),
     sa.Column("lines", sa.Integer, nullable=True),  # batch input: request lines
     sa.Column("sha256", sa.String(64), nullable=False),
@@ -73,7 +104,7 @@ batches = sa.Table(
 batch_results = sa.Table(
     "batch_results", metadata,
     sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("custom_id", sa.String(512), primary_key=True),  # the key: one answer per custom_id
+    sa.Column("custom_id", UserText(512), primary_key=True),  # the key: one answer per custom_id
     sa.Column("line", sa.Integer, nullable=False),
     sa.Column("ok", sa.Boolean, nullable=False),
     sa.Column("result", sa.JSON, nullable=False),  # the output (or error) file's line
@@ -86,11 +117,11 @@ completions = sa.Table(
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # stable order for listing
     sa.Column("id", sa.String(64), unique=True, nullable=False),
     sa.Column("created", sa.BigInteger, nullable=False),
-    sa.Column("model", sa.String(512), nullable=False),
+    sa.Column("model", UserText(512), nullable=False),
     sa.Column("metadata", sa.JSON, nullable=False),
     sa.Column("request", sa.JSON, nullable=False),  # messages and settings, as sent
     sa.Column("response", sa.JSON, nullable=False),  # the chat.completion object
-    sa.Column("prompt_text", sa.Text, nullable=True),  # the chat template applied to the messages
+    sa.Column("prompt_text", UserText(), nullable=True),  # the chat template applied to the messages
     sa.Column("prompt_token_ids", sa.JSON, nullable=False),
     sa.Column("completion_token_ids", sa.JSON, nullable=False),  # one list per choice
     sa.Column("policy", sa.JSON, nullable=False),  # base, value chain + versions + betas, adapter
@@ -100,8 +131,8 @@ completion_metadata = sa.Table(  # one row per pair: portable equality filters o
     "stored_completion_metadata", metadata,
     sa.Column("completion_id", sa.String(64), sa.ForeignKey("stored_completions.id", ondelete="CASCADE"),
               primary_key=True),
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.String(512), nullable=False),
+    sa.Column("key", UserText(64), primary_key=True),
+    sa.Column("value", UserText(512), nullable=False),
     sa.Index("ix_metadata_pair", "key", "value"),
 )
 
@@ -151,7 +182,7 @@ class Database:
                     verdict = conn.exec_driver_sql("PRAGMA quick_check").scalar()
                     if verdict != "ok":
                         raise DatabaseUnavailable(f"database {db.safe_url()} failed its integrity check: {verdict}")
-            metadata.create_all(db.engine)
+            db._create_tables()
         except sa.exc.SQLAlchemyError as exc:
             db.engine.dispose()
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
@@ -160,6 +191,21 @@ class Database:
             db.engine.dispose()
             raise
         return db
+
+    def _create_tables(self) -> None:
+        """The missing tables, also when other processes (replicas, `iro data`) create them at the
+        same moment: PostgreSQL serializes them on an advisory lock; SQLite's check-then-create is
+        not atomic, so a table another process created in between ("already exists") is a retry."""
+        for attempt in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    if not self.is_sqlite:
+                        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215800131)")
+                    metadata.create_all(conn)
+                return
+            except sa.exc.OperationalError as exc:
+                if not self.is_sqlite or "already exists" not in str(exc.orig) or attempt == 4:
+                    raise
 
     def safe_url(self) -> str:
         """The URL without its password."""

@@ -109,3 +109,99 @@ def engine() -> ScriptedEngine:
 @pytest.fixture
 def client(engine) -> TestClient:
     return make_client(engine)
+
+
+# --- PostgreSQL: one throwaway server per test session, a fresh database per test ---------------
+
+def _postgres_bin() -> "Path | None":
+    import glob
+    import shutil
+    from pathlib import Path
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of its own (initdb into a tmp folder, `pg_ctl start`, a unix socket in that
+    folder, no TCP); yields (socket folder, port) and is stopped at the end of the session. As root
+    it runs as the `postgres` user (initdb refuses root). Skipped, saying why, when PostgreSQL is
+    not installed (`.ci/run` installs it)."""
+    import os
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin or on PATH): "
+                    "the postgresql variants of the database tests did not run; `apt-get install postgresql`")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            pg_user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as (initdb refuses root)")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    folder = tempfile.mkdtemp(prefix="iro-pg-")  # short: a unix socket path is limited to ~100 chars
+    if as_user:
+        os.chown(folder, pg_user.pw_uid, pg_user.pw_gid)
+    with socket.socket() as s:  # with no TCP listener the port only names the socket file; still unique
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = f"{folder}/data"
+
+    def run(*cmd: str) -> None:
+        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+    try:
+        run(str(bindir / "initdb"), "-D", data, "-A", "trust", "-U", "iro", "-E", "UTF8", "--no-sync",
+            "--no-instructions")
+        # fsync off: a throwaway server; durability against a killed client does not depend on it
+        run(str(bindir / "pg_ctl"), "-D", data, "-l", f"{folder}/server.log", "-w", "-t", "60", "-o",
+            f"-p {port} -k {folder} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
+            f"-c max_connections=100", "start")
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    try:
+        yield folder, port
+    finally:
+        try:
+            run(str(bindir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request):
+    """A fresh, empty database on the session's PostgreSQL (dropped after the test); its SQLAlchemy URL."""
+    import re
+
+    import psycopg
+
+    folder, port = postgres_server
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40] + f"_{id(request) % 100000}"
+    with psycopg.connect(host=folder, port=port, user="iro", dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://iro@/{name}?host={folder}&port={port}"
+    with psycopg.connect(host=folder, port=port, user="iro", dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """The server's database URL, once on SQLite (the default: a file in tmp) and once on PostgreSQL."""
+    if request.param == "sqlite":
+        from server.store.db import default_url
+
+        return default_url(tmp_path)
+    return request.getfixturevalue("postgres_url")

@@ -1,5 +1,5 @@
-"""Files, batches and stored completions against a scripted engine and a real SQLite database
-(no vLLM): upload checks, the runner's output and error files, cancel, resume without repeats,
+"""Files, batches and stored completions against a scripted engine and a real database, SQLite
+and PostgreSQL (`database_url`; no vLLM): upload checks, the runner's output and error files, cancel, resume without repeats,
 stored completions listed, filtered, updated and deleted."""
 
 from __future__ import annotations
@@ -22,13 +22,26 @@ def chat_line(custom_id: str, content: str = "hi", **body) -> dict:
             "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 3, **body}}
 
 
-@pytest.fixture
-def stack(tmp_path):
+def make_stack(tmp_path, database_url: str | None):
     engine = ScriptedEngine()
-    client = make_client(engine, data_dir=tmp_path, max_file_bytes=4096)
+    client = make_client(engine, data_dir=tmp_path, max_file_bytes=4096, database_url=database_url)
     runner = open_store(client.app, client.app.state.settings)
+    assert runner is not None, client.app.state.store_error
     client.app.state.serving.stored = client.app.state.stored
-    return client, runner, engine
+    yield client, runner, engine
+    client.app.state.database.close()
+
+
+@pytest.fixture
+def stack(tmp_path, database_url):
+    """On SQLite and on PostgreSQL."""
+    yield from make_stack(tmp_path, database_url)
+
+
+@pytest.fixture
+def sqlite_stack(tmp_path):
+    """Request checks that do not depend on the database: on the default (SQLite) only."""
+    yield from make_stack(tmp_path, None)
 
 
 def upload(client, data: bytes, purpose: str = "batch"):
@@ -59,16 +72,16 @@ def test_upload_list_retrieve_content_delete(stack):
     (jsonl([{**chat_line("a"), "body": {"messages": []}}]), "line 1: body.model is required"),
     (b"\n", "holds no request lines"),
 ])
-def test_a_malformed_batch_file_is_refused_naming_the_line(stack, data, needle):
-    client, _, _ = stack
+def test_a_malformed_batch_file_is_refused_naming_the_line(sqlite_stack, data, needle):
+    client, _, _ = sqlite_stack
     r = upload(client, data)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"] and r.json()["error"]["param"] == "file"
     assert client.get("/v1/files").json()["data"] == []
 
 
-def test_upload_limits_and_fields(stack):
-    client, _, _ = stack
+def test_upload_limits_and_fields(sqlite_stack):
+    client, _, _ = sqlite_stack
     r = upload(client, jsonl([chat_line(str(i), "x" * 200) for i in range(30)]))
     assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
     r = upload(client, jsonl([chat_line("a")]), purpose="fine-tune")
@@ -146,8 +159,8 @@ async def test_lines_of_another_endpoint_fail_the_batch(stack):
     assert failed["status"] == "failed" and failed["errors"]["data"][0]["line"] == 1
 
 
-def test_batch_create_refusals(stack):
-    client, _, _ = stack
+def test_batch_create_refusals(sqlite_stack):
+    client, _, _ = sqlite_stack
     base = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
     assert client.post("/v1/batches", json={**base, "input_file_id": "file-x"}).status_code == 404
     file_id = upload(client, jsonl([chat_line("a")])).json()["id"]
@@ -200,8 +213,8 @@ def test_a_stored_record_keeps_token_ids_and_policy(stack):
     assert got["prompt_text"] == "<user>hello\n<assistant>"
 
 
-def test_store_refusals(stack, tmp_path):
-    client, _, _ = stack
+def test_store_refusals(sqlite_stack, tmp_path):
+    client, _, _ = sqlite_stack
     r = chat(client, metadata={"a": "b"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"
     r = chat(client, store=True, stream=True)
@@ -231,3 +244,48 @@ def test_a_corrupt_database_leaves_plain_traffic_served(tmp_path):
     for r in (client.get("/v1/files"), client.get("/v1/batches"), client.get("/v1/chat/completions"),
               chat(client, store=True)):
         assert r.status_code == 503 and "file is not a database" in r.json()["error"]["message"], r.text
+
+
+def test_text_with_a_nul_character_is_stored_and_given_back_whole(stack):
+    client, _, _ = stack  # PostgreSQL text cannot hold U+0000; JSON can, escaped
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 4, "store": True,
+                                                   "metadata": {"k": "a\x00b\\0"},
+                                                   "messages": [{"role": "user", "content": "nul\x00here"}]})
+    assert r.status_code == 200, r.text
+    got = client.get(f"/v1/chat/completions/{r.json()['id']}").json()
+    assert got["prompt_text"] == "<user>nul\x00here\n<assistant>" and got["metadata"] == {"k": "a\x00b\\0"}
+    assert got["request"]["messages"][0]["content"] == "nul\x00here"
+    assert [c["id"] for c in client.get("/v1/chat/completions", params={"metadata[k]": "a\x00b\\0"}).json()["data"]] == [
+        r.json()["id"]]
+    data = jsonl([chat_line("nul\x00id", content="x\x00y")])
+    f = client.post("/v1/files", files={"file": ("in\x00.jsonl", io.BytesIO(data), "application/jsonl")},
+                    data={"purpose": "batch"})
+    assert f.status_code == 200, f.text
+    assert client.get(f"/v1/files/{f.json()['id']}/content").content == data
+
+
+async def test_two_replicas_on_one_database_answer_each_line_once(stack, tmp_path):
+    import asyncio
+
+    from server.batches.runner import BatchRunner
+
+    client, runner, engine = stack
+    other = BatchRunner(client.app.state.database, client.app.state.files, lambda: client.app.state.serving,
+                        owner="other-replica:1", concurrency=2)
+    ids = []
+    for n in range(3):
+        file_id = upload(client, jsonl([chat_line(f"{n}-{c}", content=c) for c in "abcd"])).json()["id"]
+        ids.append(client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                                    "completion_window": "24h"}).json()["id"])
+
+    async def drain(r):
+        ran = 0
+        while await r.run_once():
+            ran += 1
+        return ran
+
+    assert sum(await asyncio.gather(drain(runner), drain(other))) == 3  # each batch claimed by one replica
+    for batch_id in ids:
+        batch = client.get(f"/v1/batches/{batch_id}").json()
+        assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 4
+    assert len(engine.requests) == 12  # no line asked twice
