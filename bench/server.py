@@ -77,8 +77,9 @@ def start(workdir: Path, *, env: dict | None = None, args: list[str] = (), wait:
     log_path = workdir / f"server-{port}.log"
     full_env = {**os.environ, "IRO_VALUES_DIR": str(values_dir), "IRO_PORT": str(port), **(env or {})}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "iro.cli", "serve", *args], env=full_env, cwd=cwd,
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "iro.cli", "serve", *args], env=full_env, cwd=cwd,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     srv = ServerProcess(f"http://127.0.0.1:{port}", proc, values_dir, log_path, 0.0, t0)
     return srv.wait_healthy(wait) if ready else srv
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.sampling import Generation, Sampling, StructuredOutput
-from common.search_settings import CHUNK_PRESETS, ReasoningEffort, SearchMode
+from common.search_settings import CHUNK_PRESETS, ReasoningEffort, SearchMode, SearchOverrides
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +96,14 @@ MAX_DEADLINE_MS = 3_600_000
 """The longest `guidance.deadline_ms` (one hour)."""
 
 
-class GuidanceParams(OpenAIRequestModel):
-    """Value-guided decoding settings (iro extension; the openai SDK sends it via `extra_body`)."""
+class GuidanceParams(OpenAIRequestModel, SearchOverrides):
+    """Value-guided decoding settings (iro extension; the openai SDK sends it via `extra_body`). The search
+    fields (mode, w, k, l, s, budget_tokens) are `common.search_settings.SearchOverrides`'."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     value: str | None = Field(None, description='Value function: "name" or "name@3" (a version). '
                               "Defaults to the value named in `model` (`<base>+<value>`).")
-    mode: SearchMode | None = Field(
-        None, description="cbs: chunk-level beam search; bon: Best-of-N; pf: particle filtering (k particles, "
-                          "resampled each step by softmax(value / beta)); dvts: diverse verifier tree search "
-                          "(s independent beam searches of width w, the best leaf wins).")
-    w: int | None = Field(None, ge=1, description="Beam width: beams kept after each chunk (cbs; per subtree in dvts).")
-    k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs, dvts), N (bon), particles (pf; "
-                                                  "default: the value's w*k, its cbs's samples per step).")
-    l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs, pf, dvts): the most a chunk may add.")
-    s: int | None = Field(None, ge=1, description="dvts: independent subtrees (default: the value's w subtrees "
-                                                  "of one beam each, search-and-learn's DVTS).")
     beta: float | None = Field(None, gt=0, description="One temperature for every value in the chain (pf: the "
                                                        "resampling temperature).")
     betas: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(
@@ -129,10 +120,6 @@ class GuidanceParams(OpenAIRequestModel):
         None, description='Step-aware chunks: a chunk ends at the first of these strings (e.g. ["\\n\\n"], kept '
                           "in the text) or after l tokens, whichever comes first, so the value scores whole steps; "
                           "or the name of a preset. Unlike `stop`, a delimiter ends the chunk, not the answer.")
-    budget_tokens: int | None = Field(
-        None, ge=1, description="Tokens the search of each prompt may generate, summed over every candidate "
-                                "(exact: it never generates more; usage counts the same tokens). Without w/k "
-                                "the search plans its widths from it.")
     deadline_ms: int | None = Field(
         None, ge=1, le=MAX_DEADLINE_MS,
         description="Anytime search: once this many milliseconds have passed since the search started, no new "

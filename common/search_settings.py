@@ -45,17 +45,24 @@ class SearchOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: SearchMode | None = Field(None, description="cbs: chunk-level beam search; bon: Best-of-N.")
-    w: int | None = Field(None, ge=1, description="Beam width: beams kept after each chunk (cbs).")
-    k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs) or N (bon).")
-    l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs).")
-    s: int | None = Field(None, ge=1, description="Independent subtrees (dvts).")
-    budget_tokens: int | None = Field(None, ge=1, description="Tokens the search may generate in all; without "
-                                      "w/k it plans them from it.")
+    mode: SearchMode | None = Field(
+        None, description="cbs: chunk-level beam search; bon: Best-of-N; pf: particle filtering (k particles, "
+                          "resampled each step by softmax(value / beta)); dvts: diverse verifier tree search "
+                          "(s independent beam searches of width w, the best leaf wins).")
+    w: int | None = Field(None, ge=1, description="Beam width: beams kept after each chunk (cbs; per subtree in dvts).")
+    k: int | None = Field(None, ge=1, description="Successors sampled per beam (cbs, dvts), N (bon), particles (pf; "
+                                                  "default: the value's w*k, its cbs's samples per step).")
+    l: int | None = Field(None, ge=1, description="Chunk length in tokens (cbs, pf, dvts): the most a chunk may add.")
+    s: int | None = Field(None, ge=1, description="dvts: independent subtrees (default: the value's w subtrees "
+                                                  "of one beam each, search-and-learn's DVTS).")
+    budget_tokens: int | None = Field(
+        None, ge=1, description="Tokens the search of each prompt may generate, summed over every candidate "
+                                "(exact: it never generates more; usage counts the same tokens). Without w/k "
+                                "the search plans its widths from it.")
 
     def given(self) -> dict:
-        """The fields that were set (for a request body or a log line)."""
-        return self.model_dump(exclude_none=True)
+        """The search fields that were set (for a request body or a log line)."""
+        return self.model_dump(include=set(SearchOverrides.model_fields), exclude_none=True)
 
 
 class SearchSettings(BaseModel):

@@ -101,6 +101,9 @@ class GuidedGenerator:
             raise GuidanceError(f"guidance.s (subtrees) applies to mode dvts, not {mode}", param="guidance.s")
         if g.w is not None and mode == "pf":
             raise GuidanceError("pf has no beams: its particles are guidance.k", param="guidance.w")
+        for field, why in (("w", "it keeps no beams: its N is guidance.k"), ("l", "it samples whole answers, not chunks")):
+            if getattr(g, field) is not None and mode == "bon":
+                raise GuidanceError(f"guidance.{field} does not apply to mode bon: {why}", param=f"guidance.{field}")
         if g.chunk_until is not None and mode == "bon":
             raise GuidanceError("bon samples whole answers: there are no chunks to end at guidance.chunk_until "
                                 "(use mode cbs, pf or dvts)", param="guidance.chunk_until")
