@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from registry.base import Reconcile, Store
+from registry.store import Reconcile, Store
 from registry.errors import RegistryError
 from registry.manifest import MANIFEST
 from registry.names import CURRENT, NAME_RE, VERSION_RE, validate_name, vdir

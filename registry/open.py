@@ -14,12 +14,12 @@ import re
 from pathlib import Path
 from typing import Any, TypeVar
 
-from registry.base import BaseRegistry, Store
+from registry.store import Store
 from registry.errors import RegistryError
 
 log = logging.getLogger(__name__)
 S3_URL = re.compile(r"\As3:/{1,2}([^/]*)/*(.*?)/*\Z")
-R = TypeVar("R", bound=BaseRegistry)
+R = TypeVar("R", bound="BaseRegistry")  # registry.base imports this module: the bound stays a name
 
 
 def is_object_store(location: str | Path | None) -> bool:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from registry.base import Reconcile, Store
+from registry.store import Reconcile, Store
 from registry.errors import CheckpointError, RegistryError, RegistryUnavailable
 from registry.local import _fsync_dir, _reconcile_logged, _write_durable
 from registry.manifest import MANIFEST, safe_file_name

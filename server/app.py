@@ -16,9 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.protocol import UNICODE_ERROR, HealthStatus, VersionInfo
+from common.protocol import HealthStatus, VersionInfo
 from common.version import __version__
-from server.errors import IroError, error_body, error_responses
+from server.errors import IroError, error_body, error_responses, validation_error_info
 from server.metrics import Metrics, MetricsMiddleware
 from server.settings import ServerSettings
 
@@ -86,39 +86,6 @@ class _SlowBody(StarletteHTTPException):
         super().__init__(408, f"request body not received within {timeout:g} seconds", headers={"Connection": "close"})
 
 
-def _is_union_tag(part) -> bool:
-    # pydantic names the member of a union that failed in the location: ("stop", "list[constrained-str]")
-    return isinstance(part, str) and (part in _TYPE_NAMES or "[" in part or part.startswith(("constrained-", "function-")))
-
-
-_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "constrained-str"}
-
-
-def _param_from_loc(loc) -> str | None:
-    parts = [str(p) for p in loc if p != "body" and not _is_union_tag(p)]
-    return ".".join(parts) or None
-
-
-def _message(error: dict) -> str:
-    if error.get("type") == "string_unicode":  # a constrained string holding a lone surrogate
-        return UNICODE_ERROR
-    message = str(error.get("msg", "invalid value"))
-    return message.removeprefix("Value error, ")
-
-
-def _relevant(errors: list[dict]) -> list[dict]:
-    """One error per field, the most telling first: in a union (`stop`: a string or a list of them)
-    every member reports; "at most 16 items" says more than "not a string"."""
-    mismatch = [e for e in errors if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
-    seen, out = set(), []
-    for e in mismatch + errors:
-        param = _param_from_loc(e.get("loc", ()))
-        if param not in seen:
-            seen.add(param)
-            out.append(e)
-    return out
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(IroError)
     async def iro_error(_: Request, exc: IroError):
@@ -132,14 +99,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body(400, f"We could not parse the JSON body of your request: {first.get('msg')}",
                                            code="invalid_json"), status_code=400)
-        errors = _relevant(errors)
-        first = errors[0] if errors else first
-        param = _param_from_loc(first.get("loc", ()))
-        if first.get("type") == "extra_forbidden":  # OpenAI's wording for an unknown field
-            return JSONResponse(error_body(400, f"Unrecognized request argument supplied: {param}", param=param,
-                                           code="unknown_field"), status_code=400)
-        message = "; ".join(f"{_param_from_loc(e.get('loc', ())) or 'body'}: {_message(e)}" for e in errors[:5])
-        return JSONResponse(error_body(400, message, param=param, code="invalid_value"), status_code=400)
+        info = validation_error_info(errors or [first])
+        return JSONResponse(error_body(400, info["message"], param=info["param"], code=info["code"]), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

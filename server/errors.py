@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import ErrorInfo, ErrorResponse
+from common.protocol import UNICODE_ERROR
 
 
 class IroError(Exception):
@@ -121,3 +122,51 @@ def error_responses(*statuses: int) -> dict[int, dict[str, Any]]:
 def error_body(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+
+
+# ----------------------------------------------------------------------------- request validation
+def _is_union_tag(part) -> bool:
+    # pydantic names the member of a union that failed in the location: ("stop", "list[constrained-str]")
+    return isinstance(part, str) and (part in _TYPE_NAMES or "[" in part or part.startswith(("constrained-", "function-")))
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "constrained-str"}
+
+
+def _param_from_loc(loc) -> str | None:
+    parts = [str(p) for p in loc if p != "body" and not _is_union_tag(p)]
+    return ".".join(parts) or None
+
+
+def _message(error: dict) -> str:
+    if error.get("type") == "string_unicode":  # a constrained string holding a lone surrogate
+        return UNICODE_ERROR
+    message = str(error.get("msg", "invalid value"))
+    return message.removeprefix("Value error, ")
+
+
+def _relevant(errors: list[dict]) -> list[dict]:
+    """One error per field, the most telling first: in a union (`stop`: a string or a list of them)
+    every member reports; "at most 16 items" says more than "not a string"."""
+    mismatch = [e for e in errors if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
+    seen, out = set(), []
+    for e in mismatch + errors:
+        param = _param_from_loc(e.get("loc", ()))
+        if param not in seen:
+            seen.add(param)
+            out.append(e)
+    return out
+
+
+def validation_error_info(errors: list[dict]) -> dict:
+    """The OpenAI-shaped error (message, type, param, code) for a body that did not validate (pydantic's
+    `errors()`): an unknown field in OpenAI's wording, else every field's problem (at most 5). The HTTP
+    endpoints and the batch runner (a batch line is a body too) answer with it."""
+    errors = _relevant(errors)
+    first = errors[0]
+    param = _param_from_loc(first.get("loc", ()))
+    if first.get("type") == "extra_forbidden":  # OpenAI's wording for an unknown field
+        return {"message": f"Unrecognized request argument supplied: {param}", "type": "invalid_request_error",
+                "param": param, "code": "unknown_field"}
+    message = "; ".join(f"{_param_from_loc(e.get('loc', ())) or 'body'}: {_message(e)}" for e in errors[:5])
+    return {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_value"}

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from common.protocol import ChatCompletionRequest, CompletionRequest
 from server.batches.files import FileStore, parse_batch_lines
 from server.batches.protocol import BatchInputLine
-from server.errors import IroError
+from server.errors import IroError, validation_error_info
 from server.store.db import Database, batch_results, batches
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,7 @@ def error_line(custom_id: str, status: int, error: dict) -> dict:
 
 def validation_error(exc: ValidationError) -> dict:
     """The 400 body the HTTP endpoint would answer for a body that does not validate."""
-    from server.app import _message, _param_from_loc, _relevant
-
-    errors = _relevant(exc.errors())
-    first = errors[0]
-    param = _param_from_loc(first.get("loc", ()))
-    if first.get("type") == "extra_forbidden":
-        return {"message": f"Unrecognized request argument supplied: {param}", "type": "invalid_request_error",
-                "param": param, "code": "unknown_field"}
-    message = "; ".join(f"{_param_from_loc(e.get('loc', ())) or 'body'}: {_message(e)}" for e in errors[:5])
-    return {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_value"}
+    return validation_error_info(exc.errors())
 
 
 class BatchRunner:
