@@ -125,6 +125,22 @@ def value_labels(chain, examples: Sequence[Example]) -> list[float]:
     return [float(v) for v in forward_values(value, items)] if items else []
 
 
+def prompt_texts(records: Sequence[dict]) -> dict[str, str]:
+    """{prompt group: the prompt's text} of rollout records, for scoring held-out samples with a
+    reward (a record without prompt text scores on "")."""
+    from trainer.rewards import record_prompt
+
+    texts: dict[str, str] = {}
+    for n, r in enumerate(records):
+        group = str(r.get("prompt_id") if r.get("prompt_id") is not None else r.get("id", n))
+        if group not in texts:
+            try:
+                texts[group] = record_prompt(r)
+            except Exception:
+                texts[group] = ""
+    return texts
+
+
 def distill_examples(records: Sequence[dict], method: str, value=None) -> tuple[list[Example], dict[str, int], str]:
     """(examples, skipped, ranked_by): the labelled rollouts with their reward; for IS-DPO/IS-IPO
     with a value and no labelled rollout at all, every rollout with the value's score instead
@@ -474,5 +490,5 @@ class DistillTrainer:
             name, lambda d: write_adapter_files(result.model, d, result.identity.get("name", "")), manifest)
 
 
-__all__ = ["DistillResult", "DistillTrainer", "distill_examples", "group_baseline_advantages", "make_pairs",
+__all__ = ["DistillResult", "DistillTrainer", "distill_examples", "group_baseline_advantages", "make_pairs", "prompt_texts",
            "value_advantages", "value_labels"]

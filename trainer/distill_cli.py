@@ -43,9 +43,9 @@ def distill(
     """Train a LoRA policy on the frozen base with APA or IS-DPO and publish it as NAME's next version."""
     from common.model_store import resolve_model
     from trainer.options import parse_override
-    from trainer.distill import DistillTrainer, distill_examples
+    from trainer.distill import DistillTrainer, distill_examples, prompt_texts
     from trainer.distill_config import DistillConfig
-    from trainer.rewards import RewardError, parse_reward, record_prompt
+    from trainer.rewards import RewardError, parse_reward
     from trainer.tasks import load_task
     from trainer.value_trainer import examples_from_records, read_rollouts
     from valuefn.checkpoint import CheckpointError
@@ -69,14 +69,7 @@ def distill(
     if not examples and not (value is not None and config.method != "apa" and skipped.get("unlabelled")):
         _fail(f"{rollouts} has no labelled responses (run `iro reward` first, or give --value to rank "
               f"{config.method} pairs by a value)")
-    texts = {}
-    for n, r in enumerate(records):
-        group = str(r.get("prompt_id") if r.get("prompt_id") is not None else r.get("id", n))
-        if group not in texts:
-            try:
-                texts[group] = record_prompt(r)
-            except Exception:  # a record without prompt text: its held-out samples are scored on ""
-                texts[group] = ""
+    texts = prompt_texts(records)
     model_path = resolve_model(model)
     registry = PolicyRegistry(policies_dir or default_policies_dir())
     try:

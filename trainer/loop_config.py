@@ -129,8 +129,9 @@ class LoopConfig(BaseModel):
         return self
 
     def distill_config(self, method: str, **overrides: Any):
-        """The distillation config of `method`: `distill_preset` with `distill_options` over it; no
-        sampling from the trainer (the loop evaluates through the server), unless an option asks."""
+        """The distillation config of `method`: `distill_preset` with `distill_options` over it. The
+        trainer samples a few held-out prompts at each checkpoint (`eval_prompts`) to select the one
+        it publishes on reward and distinct-2; the loop's own evaluation goes through the server."""
         from trainer.distill_config import METHODS, DistillConfig
 
         shared = {k: v for k, v in self.distill_options.items() if k not in METHODS}
@@ -139,7 +140,7 @@ class LoopConfig(BaseModel):
             raise ValueError(f"distill_options.{method} must hold options of that method (e.g. "
                              f"distill_options.{method}.lr=1e-4), not {own!r}")
         return DistillConfig.from_preset(self.distill_preset,
-                                         **{"eval_prompts": 0, **overrides, **flatten(shared), **flatten(own),
+                                         **{**overrides, **flatten(shared), **flatten(own),
                                             "method": method})
 
     def train_config(self, **overrides: Any):

@@ -87,7 +87,8 @@ class DistillStages:
         the final chain) and publish it as `<name>-<method>` (adopting a version this run published
         before a kill)."""
         from common.model_store import resolve_model
-        from trainer.distill import DistillTrainer
+        from trainer.distill import DistillTrainer, prompt_texts
+        from trainer.rewards import parse_reward
         from trainer.value_trainer import examples_from_records, read_rollouts
         from valuefn.loader import BackbonePool, ValueLoader
 
@@ -103,7 +104,8 @@ class DistillStages:
         # the eval stage resumes from this file.
         (self.run_dir / "eval" / f"{policy_method(method).file_stem()}.jsonl").unlink(missing_ok=True)
         data = self.run_dir / f"it{T}" / "labelled.jsonl"
-        examples, skipped = examples_from_records(read_rollouts(data))
+        records = read_rollouts(data)
+        examples, skipped = examples_from_records(records)
         if not examples:
             raise LoopError(f"no usable rollouts to distil in {data} (skipped: {skipped})")
         config = self.config.distill_config(method, progress=self.config.progress)
@@ -113,7 +115,9 @@ class DistillStages:
             chain = ValueLoader(self.registry, BackbonePool(model_path)).load_chain(self.name, final)
         start = time.perf_counter()
         trainer = DistillTrainer(config, model_path)
-        result = trainer.train(examples, value=chain, data=str(data),
+        # the task's reward and the prompts' text: checkpoints are selected on held-out reward and distinct-2
+        result = trainer.train(examples, value=chain, reward_fn=parse_reward(self.reward),
+                               prompt_texts=prompt_texts(records), data=str(data),
                                extra={"loop_run": self.state.run_id, "value": f"{self.name}@{final}",
                                       "reward": self.reward})
         result.training["command_seconds"] = round(time.perf_counter() - start, 3)

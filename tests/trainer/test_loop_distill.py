@@ -11,6 +11,7 @@ import random
 import httpx
 import pytest
 
+from trainer.distill_config import DistillConfig
 from trainer.eval_results import MethodResult
 from trainer.loop import IroLoop
 from trainer.loop_config import LoopConfig
@@ -73,7 +74,9 @@ def test_distill_option_takes_lists_commas_and_presets():
     with pytest.raises(ValueError, match="lamda"):  # a bad distillation option is refused before any work
         LoopConfig.from_preset("smoke", distill=["apa"], **{"distill_options.lamda": "1"})
     smoke = LoopConfig.from_preset("smoke", distill=["apa"]).distill_config("apa")
-    assert smoke.max_steps == 2 and smoke.eval_prompts == 0 and smoke.method == "apa"
+    # the trainer samples held-out prompts to select its checkpoint, as `iro distill` does
+    assert smoke.max_steps == 2 and smoke.method == "apa"
+    assert smoke.eval_prompts == DistillConfig.from_preset("smoke").eval_prompts > 0
 
 
 def test_distill_options_named_after_a_method_apply_to_it_alone():
