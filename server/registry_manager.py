@@ -293,6 +293,21 @@ class RegistryManager(Generic[S]):
                 pass  # refused: listed in the status, logged and counted by _refuse
             except IroError as exc:  # the registry moved meanwhile; its next change retries
                 log.debug("reconcile %s %s: %s", self.kind, name, exc)
+        self.prune_cache()
+
+    def in_use(self) -> set[tuple[str, int]]:
+        """(name, version) of every version a served entry reads (a value chain: all its versions)."""
+        return {(name, v) for name, served in self.served.items()
+                for v in (getattr(served, "versions", None) or [served.version])}
+
+    def prune_cache(self) -> list[tuple[str, int]]:
+        """Drop the local copies of versions nothing serves (an object store's cache; a folder registry
+        has none). Versions read in the last few minutes stay, for requests still running on them."""
+        try:
+            return self.registry.prune_cache(self.in_use())
+        except OSError as exc:  # a cache that cannot be cleaned costs disk, never a request
+            log.warning("cannot prune the %s registry's cache: %s", self.kind, exc)
+            return []
 
     async def watch(self) -> None:
         """Reconcile now and on every registry change until `stop()` (`BaseRegistry.watch`: watchfiles

@@ -250,3 +250,21 @@ async def test_a_policy_version_is_deleted_from_disk_by_its_own_route(tmp_path):
     assert client.delete("/v1/policies/a/versions/3").json()["error"]["code"] == "policy_is_current"
     assert client.delete("/v1/policies/a/versions/1").json() == {"name": "a", "version": 1, "deleted": True}
     assert policies.registry.versions("a") == [2, 3]
+
+
+async def test_reconcile_prunes_the_cache_to_the_versions_served(kind):
+    """After each reconcile the registry's cache keeps only what a served entry reads (a value chain:
+    all its versions); the registry decides what a cache is (a folder registry has none)."""
+    manager, asked = kind.manager, []
+    kind.publish("a"), kind.publish("a"), kind.publish("b")
+    kind.registry.prune_cache = lambda in_use: asked.append(set(in_use)) or []
+    await manager.reconcile()
+    assert asked[-1] == {("a", 2), ("b", 1)}
+    manager.served["a"].versions = [1, 2]  # a chain V_1, V_2 reads both
+    assert manager.in_use() == {("a", 1), ("a", 2), ("b", 1)}
+
+    def unreadable(in_use):
+        raise PermissionError("read-only cache")
+
+    kind.registry.prune_cache = unreadable
+    assert manager.prune_cache() == []  # logged: costs disk, never a request
