@@ -98,12 +98,71 @@ class ValueRoutingMiddleware:
         await self.app(scope, replay, send)
 
 
+REPLICA_LOST = {"error": {"message": "the replica serving this request stopped (it is being replaced); retry: "
+                                    "another replica answers", "type": "service_unavailable", "param": None,
+                          "code": "replica_unavailable"}}
+
+
+class ReplicaLostMiddleware:
+    """ASGI middleware (in Ray Serve's proxy): a request whose replica died answers 503
+    `replica_unavailable` with `Retry-After: 1` in the OpenAI error shape, which clients retry (the
+    openai SDK and ours), instead of what the proxy says by itself (a 500 with the Ray exception as
+    plain text) or what the dying replica says (`engine_dead`, which a single server means as "do not
+    retry: this server is going away"; behind the proxy another replica answers).
+
+    Only a non-JSON 500 (the proxy's own) and a 503 `engine_dead` are rewritten; a JSON 500 is the
+    app's and passes through. Streams whose headers were sent cannot be rewritten and are not."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict | None = None
+        body: list[bytes] = []
+
+        async def watch(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] in (500, 503):
+                held = message  # decide once the body is known
+                return
+            if held is None:
+                return await send(message)
+            body.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            await _send_final(send, held, b"".join(body))
+
+        await self.app(scope, receive, watch)
+
+
+def _replica_lost(status: int, headers, body: bytes) -> bool:
+    content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+    if status == 500:
+        return b"json" not in content_type
+    try:
+        return json.loads(body).get("error", {}).get("code") == "engine_dead"
+    except (ValueError, AttributeError):
+        return False
+
+
+async def _send_final(send, start: dict, body: bytes) -> None:
+    if _replica_lost(start["status"], start.get("headers") or [], body):
+        body = json.dumps(REPLICA_LOST).encode()
+        start = {"type": "http.response.start", "status": 503,
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                             (b"retry-after", b"1")]}
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def proxy_middlewares() -> list:
     """Ray Serve's HTTP proxy callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`): the
-    middleware that routes guided requests by value name."""
+    middlewares that route guided requests by value name and make a lost replica retryable."""
     from starlette.middleware import Middleware
 
-    return [Middleware(ValueRoutingMiddleware)]
+    return [Middleware(ReplicaLostMiddleware), Middleware(ValueRoutingMiddleware)]
 
 
 # ---------------------------------------------------------------------- replica settings

@@ -132,3 +132,43 @@ def test_values_listing_names_what_each_replica_serves():
     client.app.state.replica_board = board
     assert client.get("/v1/values").json()["replicas"] == [
         {"replica": "r1", "values": {"tldr": 2}, "registry_error": None, "reported_at": 1.0}]
+
+
+# ---------------------------------------------------------------------- a lost replica is retryable
+def _through_replica_lost(status: int, content_type: bytes, body: bytes) -> tuple[int, dict, bytes]:
+    from server.scale_out import ReplicaLostMiddleware
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+        await send({"type": "http.response.body", "body": body[:5], "more_body": True})
+        await send({"type": "http.response.body", "body": body[5:], "more_body": False})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(ReplicaLostMiddleware(inner)({"type": "http", "method": "POST", "path": "/v1/completions"},
+                                             None, send))
+    start = sent[0]
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_a_replica_that_died_mid_request_answers_a_retryable_503():
+    # what Ray Serve's proxy answers by itself when the replica's actor dies: a 500, the exception as text
+    status, headers, body = _through_replica_lost(500, b"text/plain; charset=utf-8", b"RayActorError: The actor died")
+    assert (status, headers[b"retry-after"]) == (503, b"1")
+    assert json.loads(body)["error"]["code"] == "replica_unavailable"
+    # a dying replica's own engine_dead means "another replica answers" behind the proxy
+    dead = json.dumps({"error": {"message": "engine dead", "type": "service_unavailable", "param": None,
+                                 "code": "engine_dead"}}).encode()
+    assert json.loads(_through_replica_lost(503, b"application/json", dead)[2])["error"]["code"] == "replica_unavailable"
+
+
+def test_the_apps_own_errors_pass_through_unchanged():
+    app_500 = json.dumps({"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}).encode()
+    assert _through_replica_lost(500, b"application/json", app_500) == (500, {b"content-type": b"application/json"},
+                                                                          app_500)
+    busy = json.dumps({"error": {"code": "value_swapping"}}).encode()
+    assert _through_replica_lost(503, b"application/json", busy)[::2] == (503, busy)
+    assert _through_replica_lost(200, b"application/json", b'{"ok": true}')[::2] == (200, b'{"ok": true}')
