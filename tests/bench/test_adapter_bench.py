@@ -1,10 +1,13 @@
 """`iro bench --adapter`: the adapter it serves is a valid policy for the default model; the table
 renders and the target is judged from the figures (timings themselves are not tested)."""
 
+import pytest
+
 from bench.adapter import POLICY, TARGETS, machine, print_table, publish_random_adapter
 from bench.guided import evaluate_targets_of
 
 
+@pytest.mark.slow
 def test_the_bench_adapter_is_a_policy_the_server_accepts(tmp_path):
     from common.model_store import prepare_default_model
     from valuefn.model import backbone_identity

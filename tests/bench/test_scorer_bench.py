@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import scorer
 
 
+@pytest.mark.slow
 def test_scorer_bench_runs_and_checks_on_cpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(scorer.SHAPES, "tiny", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                                     num_key_value_heads=2, head_dim=8, vocab_size=256))

@@ -66,6 +66,7 @@ def config(method, **kw):
     return DistillConfig(**(base | kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["apa", "is-dpo"])
 def test_distillation_lowers_loss_and_raises_reward(tiny32, data, method, tmp_path):
     examples, texts = data

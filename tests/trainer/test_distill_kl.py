@@ -23,6 +23,7 @@ def data(tiny32):
     return rollouts(tiny32, n_prompts=16, samples=4)
 
 
+@pytest.mark.slow
 def test_training_stops_at_the_kl_budget_and_publishes_the_best_eligible_checkpoint(tiny32, data, tmp_path,
                                                                                    monkeypatch):
     """Scripted measurements (the KL and the samples of each checkpoint), real training steps and weights."""

@@ -76,6 +76,7 @@ def test_mixed_batch_reuse_equals_recompute(tiny_model_dir, pooling):
     assert reused[0] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_many_steps_reuse_equals_recompute_with_small_batches(tiny_model_dir):
     value = make_value(tiny_model_dir)
     for items in search_steps(np.random.default_rng(2), searches=3, steps=5):
@@ -83,6 +84,7 @@ def test_many_steps_reuse_equals_recompute_with_small_batches(tiny_model_dir):
                                    forward_values(value, items, use_cache=False), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tensor_operations_per_step_do_not_grow_with_candidates(tiny_model_dir):
     value = make_value(tiny_model_dir)
     counts = {}
@@ -97,6 +99,7 @@ def test_tensor_operations_per_step_do_not_grow_with_candidates(tiny_model_dir):
     assert counts[8] == counts[1], counts
 
 
+@pytest.mark.slow
 def test_pool_respects_the_budget_and_evicts(tiny_model_dir, monkeypatch):
     from valuefn import kv_pool
 

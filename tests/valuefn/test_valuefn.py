@@ -38,6 +38,7 @@ def trained_like(pool: BackbonePool, seed: int, pooling: str = "last") -> ValueM
     return model
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_scores(tiny_model_dir, registry):
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
     model = trained_like(pool, 0)
@@ -169,6 +170,7 @@ def test_chain_scores_match_direct_computation():
     np.testing.assert_allclose(chain_scores(values[:, :1], [2.0]), values[:, 0] / 2.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["last", "mean", "mean_before"])
 def test_incremental_scoring_equals_full_recomputation(tiny_model_dir, registry, pooling):
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
