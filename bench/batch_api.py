@@ -81,7 +81,7 @@ async def direct(url: str, api_key: str, lines: list[dict], concurrency: int) ->
 
 
 def run(url: str, api_key: str, value: str, n: int, guided_fraction: float, max_tokens: int,
-        concurrency: int, batch_concurrency: int) -> dict:
+        concurrency: int, batch_concurrency: int, probe: bool = True) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=600)
@@ -95,7 +95,7 @@ def run(url: str, api_key: str, value: str, n: int, guided_fraction: float, max_
                                   endpoint="/v1/chat/completions", completion_window="24h")
     stop = threading.Event()
     during: list[float] = []
-    prober = threading.Thread(target=lambda: during.extend(interactive(client, model, stop, None)))
+    prober = threading.Thread(target=lambda: during.extend(interactive(client, model, stop, None) if probe else []))
     prober.start()
     while batch.status not in TERMINAL:
         time.sleep(1.0)
@@ -115,7 +115,7 @@ def run(url: str, api_key: str, value: str, n: int, guided_fraction: float, max_
                   "tokens_per_s": round(batch.usage.output_tokens / wall, 1)},
         "direct": {"concurrency": concurrency, "wall_s": round(direct_wall, 1), "output_tokens": direct_tokens,
                    "tokens_per_s": round(direct_tokens / direct_wall, 1)},
-        "interactive_idle": summary(idle), "interactive_during_batch": summary(during),
+        "interactive_idle": summary(idle), "interactive_during_batch": summary(during) if during else None,
     }
 
 
@@ -207,8 +207,9 @@ def markdown(result: dict) -> str:
         "| interactive chat (max_tokens 8) | n | p50 s | p95 s |",
         "|---|---|---|---|",
         f"| idle | {idle['n']} | {idle['p50_s']} | {idle['p95_s']} |",
-        f"| during the batch | {during['n']} | {during['p50_s']} | {during['p95_s']} |",
     ]
+    if during:
+        rows.append(f"| during the batch | {during['n']} | {during['p50_s']} | {during['p95_s']} |")
     if k:
         rows += ["", f"kill -9 of the server's process group after {k['answered_before_kill']} of {k['lines']} "
                  f"lines, restarted on the same data folder and port (healthy after {k['restart_to_healthy_s']} s): "
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                         "starts one).")
     parser.add_argument("--direct-concurrency", type=int, default=8, help="Requests in flight when sent directly "
                         "(iro rollout's default).")
+    parser.add_argument("--no-probe", action="store_true", help="No interactive requests during the batch (the "
+                        "runner then keeps --batch-concurrency lines in flight: batch vs direct like for like).")
     parser.add_argument("--kill-lines", type=int, default=32, help="Lines of the batch killed and resumed (0: skip).")
     parser.add_argument("--out-dir", type=Path, help="Write result.json and result.md here.")
     args = parser.parse_args(argv)
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         args.url = server.url
     try:
         result = run(args.url, args.api_key, args.value, args.lines, args.guided_fraction, args.max_tokens,
-                     args.direct_concurrency, args.batch_concurrency)
+                     args.direct_concurrency, args.batch_concurrency, not args.no_probe)
         if server is not None and args.kill_lines > 0:
             result["kill_9"], server = kill_and_resume(server, env, tmp / "again", args.api_key, result["model"],
                                                        args.value, args.kill_lines, args.guided_fraction,
