@@ -318,7 +318,7 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(batches_router)
     app.include_router(stored_router)
 
-    @app.get("/health", response_model=HealthStatus, responses=error_responses(503))
+    @app.get("/health", response_model=HealthStatus, response_model_exclude_none=True, responses=error_responses(503))
     async def health():
         engine = app.state.engine
         if getattr(app.state, "engine_dead", False) or (engine is not None and engine.errored):
