@@ -49,6 +49,18 @@ OPERATIONS = [
     ("DELETE", "/v1/policies/{name}/versions/{version}"),
     ("GET", "/v1/engine"),
 ]
+LISTED_NOT_FUZZED = [
+    # The Files / Batches API and stored completions (issue 29): their refusals and shapes are tested by
+    # tests/server/test_batches.py and, through the openai SDK, tests/e2e/test_batches_e2e.py; fuzzing
+    # them (multipart uploads, a database behind them) is still to do.
+    ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
+    ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"),
+    ("POST", "/v1/batches"), ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"),
+    ("POST", "/v1/batches/{batch_id}/cancel"),
+    ("GET", "/v1/chat/completions"), ("DELETE", "/v1/chat/completions"),
+    ("GET", "/v1/chat/completions/{completion_id}"), ("POST", "/v1/chat/completions/{completion_id}"),
+    ("DELETE", "/v1/chat/completions/{completion_id}"), ("GET", "/v1/chat/completions/{completion_id}/messages"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +130,7 @@ def shape(case, model_id: str) -> None:
 
 def test_the_document_lists_every_operation(api_schema, server):
     listed = {(op.method.upper(), op.path) for op in (r.ok() for r in api_schema.get_all_operations())}
-    assert listed == set(OPERATIONS)
+    assert listed == set(OPERATIONS) | set(LISTED_NOT_FUZZED), sorted(listed ^ (set(OPERATIONS) | set(LISTED_NOT_FUZZED)))
     doc = httpx.get(server.url + "/openapi.json").json()
     schemas = doc["components"]["schemas"]
     for request in ("ChatCompletionRequest", "CompletionRequest"):
