@@ -255,7 +255,7 @@ def test_loop_distils_publishes_serves_and_reports_policies(lora_server, tmp_pat
         trained = state["stages"][f"distill/{method}/train"]
         assert trained["policy"] == f"loopd-{method}" and trained["kl_to_base"] is not None
         assert policy_status(lora_server, f"loopd-{method}")["serving_version"] == trained["version"]
-        samples = [json.loads(line) for line in (run_dir / f"eval/distilled-{method}.jsonl").open()]
+        samples = [json.loads(line) for line in (run_dir / f"eval/distilled-{method}.jsonl").read_text().splitlines()]
         assert samples and all(r["policy"]["model"] == f"loopd-{method}" and r["policy"]["value"] is None
                                for r in samples)
     report = (run_dir / "report.md").read_text()

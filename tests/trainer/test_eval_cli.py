@@ -38,6 +38,6 @@ def test_iro_eval_reports_every_method(server, tmp_path):
     assert all(r["prompts"] == 3 and -1 <= r["mean"] <= 1 for r in results.values())
     assert results["bon-4"]["value"] == f"{NAME}@1" and results["bon-4"]["versions"] == [1]
     assert results["bon-4"]["tokens"] == sum(  # Best-of-4 costs the first 4 samples of every prompt
-        r["usage"]["completion_tokens"] for r in map(json.loads, (out / "oracle.jsonl").open()) if r["sample"] < 4)
+        r["usage"]["completion_tokens"] for r in map(json.loads, (out / "oracle.jsonl").read_text().splitlines()) if r["sample"] < 4)
     assert results["oracle-4"]["mean"] >= results["oracle-2"]["mean"]  # more samples, the reward picks: never worse
     assert "| IRO |" in (out / "eval.md").read_text() and (out / "reward_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"

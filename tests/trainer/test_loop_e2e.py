@@ -31,7 +31,7 @@ def test_smoke_loop_two_iterations_and_resume(server, tmp_path):
     assert "Best-of-4" in report and "Best-of-4 (reward)" in report and "IRO-2" in report and "## Verdict" in report
     # value-ranked Best-of-N: every sample scored by the final chain, the best of the first N picked
     scored = json.loads((run_dir / f"eval/bon-scores__{NAME}-v2.json").read_text())
-    samples = [json.loads(line) for line in (run_dir / "eval/oracle.jsonl").open()]
+    samples = [json.loads(line) for line in (run_dir / "eval/oracle.jsonl").read_text().splitlines()]
     assert scored["versions"] == [1, 2] and set(scored["scores"]) == {r["id"] for r in samples}
     for png in ("reward_vs_tokens.png", "reward_per_iteration.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
@@ -41,8 +41,8 @@ def test_smoke_loop_two_iterations_and_resume(server, tmp_path):
     assert registry.manifest(NAME, 2).training["init_from"] == 1
     state = json.loads((run_dir / "state.json").read_text())
     assert list(state["stages"]) == STAGES and state["versions"] == {"1": 1, "2": 2}
-    assert all(r["policy"]["value"] is None for r in map(json.loads, (run_dir / "it1/rollouts.jsonl").open()))
-    guided = [json.loads(line)["policy"] for line in (run_dir / "it2/rollouts.jsonl").open()]
+    assert all(r["policy"]["value"] is None for r in map(json.loads, (run_dir / "it1/rollouts.jsonl").read_text().splitlines()))
+    guided = [json.loads(line)["policy"] for line in (run_dir / "it2/rollouts.jsonl").read_text().splitlines()]
     assert all(p["value"] == NAME and p["versions"] == [1] and p["mode"] == "cbs" for p in guided)
     with server.admin() as admin:
         status = admin.get(f"/v1/values/{NAME}").json()

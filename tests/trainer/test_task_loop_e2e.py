@@ -63,7 +63,7 @@ def test_hand_written_task_file_drives_the_smoke_loop_and_eval(server, tmp_path)
     for png in ("reward_vs_tokens.png", "reward_per_iteration.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     # the task's prompts, reward and stop strings reached the rollouts; the value is named after the task
-    rollouts = [json.loads(line) for line in (run_dir / "it1/labelled.jsonl").open()]
+    rollouts = [json.loads(line) for line in (run_dir / "it1/labelled.jsonl").read_text().splitlines()]
     samples = LoopConfig.from_preset("smoke").samples_per_prompt
     assert sorted(r["messages"][0]["content"] for r in rollouts) == sorted(questions[:4] * samples)
     assert all(r["reward"] == pytest.approx(0.7 * r["response"].strip().endswith("?")
