@@ -4,6 +4,7 @@ per test session in a subprocess on a free port (like vLLM's RemoteOpenAIServer)
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -176,6 +177,26 @@ def _no_vllm_patches_left(request):
         registry.STATUS.clear()  # report once, not again for every later test
         pytest.fail(f"{request.node.nodeid} left vLLM patches installed ({', '.join(left)}); "
                     "use the vllm_patches fixture", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _collect_e2e_garbage(request):
+    """After an end-to-end test, collect what it leaked (openai clients, files) now, under its own
+    warning filters (see pytest_collection_modifyitems), not at the end of the session, where an
+    unraisable ResourceWarning would fail the whole run."""
+    yield
+    if request.node.get_closest_marker("e2e") is not None:
+        gc.collect()
+
+
+def pytest_sessionfinish(session):
+    """What is still unreferenced when the session ends (objects of session fixtures) is collected
+    here with ResourceWarnings ignored: a leak belongs to a test, and one found this late names none."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 ENGINE_FIXTURES = {"server"}
