@@ -15,8 +15,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from common import protocol
 from common.engine_args import EngineSettings
-from common.search_settings import REASONING_EFFORT_BUDGETS, ReasoningEffort
 from common.paths import default_values_dir, iro_home
+from common.search_settings import REASONING_EFFORT_BUDGETS, ReasoningEffort
 
 
 class ServerSettings(EngineSettings):
