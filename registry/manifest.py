@@ -39,6 +39,16 @@ def read_manifest_json(directory: Path, max_format: int, what: str = "format") -
     return path, raw, fmt
 
 
+def validate_manifest(model, raw: dict, path: Path, directory: Path):
+    """`raw` (read from `path`) as the pydantic `model`; a mismatch refuses the version as `bad_manifest`."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"{path} is invalid: {exc.errors()[0]['msg']}", reason="bad_manifest", path=directory) from exc
+
+
 def verify_listed_files(directory: Path, files: dict[str, str], *, required: tuple[str, ...],
                         allowed: Callable[[str], bool], refusal: str) -> None:
     """The files a manifest lists (name -> sha256): the `required` ones listed, each one `allowed`,

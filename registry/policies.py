@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from common.hashing import sha256_file
 from registry.base import BaseRegistry
 from registry.errors import CheckpointError
-from registry.manifest import read_manifest_json, verify_listed_files
+from registry.manifest import read_manifest_json, validate_manifest, verify_listed_files
 
 if TYPE_CHECKING:
     import torch
@@ -69,10 +69,7 @@ class PolicyManifest(BaseModel):
 
 def read_policy_manifest(directory: Path) -> PolicyManifest:
     path, raw, _ = read_manifest_json(directory, POLICY_FORMAT_VERSION, "policy format")
-    try:
-        return PolicyManifest.model_validate(raw)
-    except ValidationError as exc:
-        raise CheckpointError(f"{path} is invalid: {exc.errors()[0]['msg']}", reason="bad_manifest", path=directory) from exc
+    return validate_manifest(PolicyManifest, raw, path, directory)
 
 
 def verify_policy_files(directory: Path, manifest: PolicyManifest) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from common.search_settings import SearchSettings
-from registry.manifest import MANIFEST, CheckpointError, read_manifest_json, verify_listed_files  # noqa: F401 (re-exported)
+from registry.manifest import (MANIFEST, CheckpointError, read_manifest_json, validate_manifest,  # noqa: F401 (re-exported)
+                               verify_listed_files)
 from valuefn.model import ValueModel, ValueModelConfig, sha256_file
 
 FORMAT_VERSION = 2
@@ -63,10 +64,7 @@ def read_manifest(directory: Path) -> Manifest:
     path, raw, fmt = read_manifest_json(directory, FORMAT_VERSION)
     if fmt < 2 and isinstance(raw.get("model"), dict):
         raw["model"].setdefault("pooling", "last")
-    try:
-        return Manifest.model_validate(raw)
-    except ValidationError as exc:
-        raise CheckpointError(f"{path} is invalid: {exc.errors()[0]['msg']}", reason="bad_manifest", path=directory) from exc
+    return validate_manifest(Manifest, raw, path, directory)
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
