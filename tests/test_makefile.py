@@ -221,6 +221,7 @@ def test_an_index_that_refuses_is_left_out_at_once(repo):
     assert any(l.startswith("echo") and "did not answer within 3 s" in l for l in lines)
 
 
+@pytest.mark.slow  # waits out the 3 s probe
 def test_an_index_that_never_answers_costs_three_seconds_not_pips_timeouts(repo):
     with socket.create_server(("127.0.0.1", 0)) as silent:  # connects (backlog), never replies
         start = time.monotonic()

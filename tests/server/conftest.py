@@ -197,7 +197,7 @@ def postgres_url(postgres_server, request):
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])  # PostgreSQL: make test
 def database_url(request, tmp_path):
     """The server's database URL, once on SQLite (the default: a file in tmp) and once on PostgreSQL."""
     if request.param == "sqlite":

@@ -5,7 +5,15 @@ import torch
 
 from server.vllm_ext import lora_ops as lora_cpu
 
-ops = pytest.importorskip("vllm.lora.ops.torch_ops")
+
+class _VllmTorchOps:
+    """vLLM's torch LoRA ops, imported at first use: collecting this file costs no vLLM import."""
+
+    def __getattr__(self, name):
+        return getattr(pytest.importorskip("vllm.lora.ops.torch_ops"), name)
+
+
+ops = _VllmTorchOps()
 
 T, IN, R, OUT, SLOTS = 7, 12, 4, 10, 3
 BF16 = dict(rtol=2e-2, atol=2e-2)  # the grouped ops multiply in the weights' dtype (bf16), vLLM's in float32
