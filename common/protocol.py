@@ -356,10 +356,21 @@ class CompletionRequest(_SamplingFields):
 
 
 # ----------------------------------------------------------------------------- responses
+class CompletionTokensDetails(OpenAIBaseModel):
+    reasoning_tokens: int = Field(0, description="Tokens generated and not returned: a guided search's other "
+                                                 "candidates (counted in completion_tokens, as OpenAI counts a "
+                                                 "reasoning model's hidden tokens).")
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = Field(0, description="Every token generated for the answer: with guidance, each "
+                                                  "candidate of the search (the returned choices' tokens plus "
+                                                  "completion_tokens_details.reasoning_tokens).")
     total_tokens: int = 0
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        None, description="Guided answers: how many of completion_tokens were not returned (null without guidance: "
+                          "all were).")
 
 
 class GuidanceInfo(OpenAIBaseModel):

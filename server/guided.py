@@ -212,7 +212,8 @@ class GuidedGenerator:
         results = await asyncio.gather(*[self.searcher.run(plan.chain, p, plan.params, started=started)
                                          for p in prompts])
         choices = [[Choice(b.text, b.token_ids, b.finish_reason) for b in r.beams] for r in results]
-        return Outcome(choices, sum(r.completion_tokens for r in results), self.info(plan, results))
+        return Outcome(choices, sum(r.completion_tokens for r in results), self.info(plan, results),
+                       returned_tokens=sum(len(c.token_ids) for cs in choices for c in cs))
 
     # ------------------------------------------------------------------ streaming
     async def stream(self, prompts: list[list[int]], plan: GuidedPlan) -> AsyncIterator[Delta | Outcome]:
@@ -256,4 +257,5 @@ class GuidedGenerator:
                 rest = beam.text[len(emitted[pi]):] if beam.text.startswith(emitted[pi]) else ""
                 last = pi == len(results) - 1 and j == len(r.beams) - 1
                 yield Delta(pi, j, rest, finish_reason=beam.finish_reason, guidance=info if last else None)
-        yield Outcome([], sum(r.completion_tokens for r in results), info)
+        yield Outcome([], sum(r.completion_tokens for r in results), info,
+                      returned_tokens=sum(len(b.token_ids) for r in results for b in r.beams))

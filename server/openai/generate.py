@@ -48,7 +48,10 @@ class Outcome:
 
     choices: list[list[Choice]]
     completion_tokens: int
+    """Every token generated (a guided search: every candidate's)."""
     guidance: GuidanceInfo | None = None
+    returned_tokens: int | None = None
+    """A guided search: the tokens of the choices it returned. None: every generated token was returned."""
 
 
 async def merge(iterators: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:

@@ -16,7 +16,7 @@ from common.protocol import (
 )
 from server.openai.generate import Delta, Outcome
 
-CountTokens = Callable[[int, int], UsageInfo]
+CountTokens = Callable[[int, int, int | None], UsageInfo]
 """(prompt tokens, completion tokens) -> usage (and metrics)."""
 
 
@@ -81,7 +81,7 @@ async def chat_stream(request: ChatCompletionRequest, prompt_ids: list[int], eve
         yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     async for event in events:
         if isinstance(event, Outcome):
-            usage = count_tokens(len(prompt_ids), event.completion_tokens)
+            usage = count_tokens(len(prompt_ids), event.completion_tokens, event.returned_tokens)
             if request.stream_options and request.stream_options.include_usage:
                 yield chunk([], usage)
             break
@@ -124,7 +124,7 @@ async def completion_stream(request: CompletionRequest, prompts: list[list[int]]
                 yield chunk([CompletionChoice(index=pi * request.n + j, text=echo)])
     async for event in events:
         if isinstance(event, Outcome):
-            usage = count_tokens(sum(len(p) for p in prompts), event.completion_tokens)
+            usage = count_tokens(sum(len(p) for p in prompts), event.completion_tokens, event.returned_tokens)
             if request.stream_options and request.stream_options.include_usage:
                 yield chunk([], usage)
             break

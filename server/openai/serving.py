@@ -15,7 +15,9 @@ from dataclasses import dataclass, replace
 import anyio
 
 from common import protocol
-from common.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
+from common.protocol import (
+    ChatCompletionRequest, CompletionRequest, CompletionTokensDetails, ModelCard, ModelList, UsageInfo,
+)
 from common.sampling import Generation
 from server.engine import EngineClient, EngineRequest
 from server.errors import EngineDeadError, InvalidRequestError, NotFoundError, OverloadedError, UnavailableError
@@ -214,12 +216,16 @@ class OpenAIServing:
                 raise InvalidRequestError(f"{param} token ids must be in [0, {vocab}); got {bad[:5]}",
                                           param=param, code="invalid_value")
 
-    def count_tokens(self, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    def count_tokens(self, prompt_tokens: int, completion_tokens: int, returned_tokens: int | None = None) -> UsageInfo:
+        """`usage`: `completion_tokens` counts every generated token; a guided answer (`returned_tokens`
+        set) says in `completion_tokens_details.reasoning_tokens` how many of them it did not return."""
         if self.metrics:
             self.metrics.prompt_tokens.inc(prompt_tokens)
             self.metrics.generation_tokens.inc(completion_tokens)
+        details = None if returned_tokens is None else CompletionTokensDetails(
+            reasoning_tokens=completion_tokens - returned_tokens)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens)
+                         total_tokens=prompt_tokens + completion_tokens, completion_tokens_details=details)
 
     # ------------------------------------------------------------------ generation
     async def _generate(self, prompts: list[list[int]], generation: Generation, value: str | None, stream: bool):
@@ -251,7 +257,7 @@ class OpenAIServing:
         result = await self._generate([prompt.token_ids], generation, value, request.stream)
         if request.stream:
             return responses.chat_stream(request, prompt.token_ids, result, self.count_tokens)
-        usage = self.count_tokens(len(prompt.token_ids), result.completion_tokens)
+        usage = self.count_tokens(len(prompt.token_ids), result.completion_tokens, result.returned_tokens)
         response = responses.chat_response(request, prompt.token_ids, result, usage)
         if store:
             await self._store(request, response, prompt, result, value, adapter)
@@ -306,5 +312,5 @@ class OpenAIServing:
         result = await self._generate(ids, generation, value, request.stream)
         if request.stream:
             return responses.completion_stream(request, ids, echoes, result, self.count_tokens)
-        usage = self.count_tokens(sum(len(p) for p in ids), result.completion_tokens)
+        usage = self.count_tokens(sum(len(p) for p in ids), result.completion_tokens, result.returned_tokens)
         return responses.completion_response(request, ids, echoes, result, usage)

@@ -26,7 +26,8 @@ def test_completion_choices_and_usage(client, engine):
                                                 "max_tokens": 3}).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert all(c["text"] == "abc" and c["finish_reason"] == "length" for c in body["choices"])
-    assert body["usage"] == {"prompt_tokens": 5 + 2, "completion_tokens": 4 * 3, "total_tokens": 7 + 12}
+    assert body["usage"] == {"prompt_tokens": 5 + 2, "completion_tokens": 4 * 3, "total_tokens": 7 + 12,
+                             "completion_tokens_details": None}
     assert [ids for ids, _ in engine.requests] == [list(b"hello"), list(b"hi")]
 
 
