@@ -11,6 +11,9 @@
   so each `custom_id` is answered exactly once.
 - Finalizing writes the output file (lines answered 200) and the error file (the others), in
   input order, in OpenAI's line format.
+- A batch still running when its completion window ends (`expires_at`, on `clock`) stops at once
+  and ends `expired`, as OpenAI's do: the lines answered are in the output file, the others in the
+  error file with code `batch_expired`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -51,6 +55,13 @@ def error_line(custom_id: str, status: int, error: dict) -> dict:
             "error": None}
 
 
+def expired_line(custom_id: str) -> dict:
+    """The error-file line of a request the batch's completion window ended before (OpenAI's)."""
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
+            "error": {"code": "batch_expired",
+                      "message": "This request could not be executed before the completion window expired."}}
+
+
 def validation_error(exc: ValidationError) -> dict:
     """The 400 body the HTTP endpoint would answer for a body that does not validate."""
     return validation_error_info(exc.errors())
@@ -58,11 +69,12 @@ def validation_error(exc: ValidationError) -> dict:
 
 class BatchRunner:
     """Runs claimed batches until `stop()`; `serving()` returns the `OpenAIServing` (None while the
-    engine starts)."""
+    engine starts). `clock` (Unix seconds) decides when a batch's window has ended."""
 
-    def __init__(self, db: Database, files: FileStore, serving, *, owner: str, concurrency: int = 4, metrics=None):
+    def __init__(self, db: Database, files: FileStore, serving, *, owner: str, concurrency: int = 4, metrics=None,
+                 clock: Callable[[], float] = time.time):
         self.db, self.files, self.serving = db, files, serving
-        self.owner, self.concurrency = owner, concurrency
+        self.owner, self.concurrency, self.clock = owner, concurrency, clock
         self._wake = asyncio.Event()
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,12 +160,13 @@ class BatchRunner:
         if status == "validating":
             status = await self._validate(row)
         if status == "in_progress":
-            if row.expires_at and time.time() > row.expires_at:
-                return await self._finalize(row.id, "expired")
-            status = await self._answer_lines(row)
+            status = "expired" if self._expired(row) else await self._answer_lines(row)
         if status in ("cancelling", "finalizing", "expired", "in_progress"):
             final = {"cancelling": "cancelled", "expired": "expired"}.get(status, "completed")
             await self._finalize(row.id, final)
+
+    def _expired(self, row) -> bool:
+        return row.expires_at is not None and self.clock() >= row.expires_at
 
     async def _validate(self, row) -> str:
         try:
@@ -193,6 +206,9 @@ class BatchRunner:
                 in_flight = {t for t in in_flight if not t.done()}
             if self._stopped:
                 break
+            if self._expired(row):
+                status = "expired"
+                break
             if time.monotonic() - last_check > 1.0 or self._wake.is_set():  # a cancel wakes us
                 last_check = time.monotonic()
                 self._wake.clear()
@@ -201,7 +217,7 @@ class BatchRunner:
                     break
             in_flight.add(asyncio.create_task(self._answer(row.id, number, line)))
         if status != "in_progress" or self._stopped:
-            for task in in_flight:  # cancelled or shutting down: abort what runs (its engine requests too)
+            for task in in_flight:  # cancelled, expired or shutting down: abort what runs (its engine requests too)
                 task.cancel()
         results = await asyncio.gather(*in_flight, return_exceptions=True)
         for r in results:
@@ -209,6 +225,8 @@ class BatchRunner:
                 log.error("batch %s: a line failed to record: %r", row.id, r)
         if self._stopped:
             return "stopped"
+        if status == "expired":
+            return status
         status = await self._status(row.id)
         return "finalizing" if status == "in_progress" else status
 
@@ -271,8 +289,21 @@ class BatchRunner:
             await self.db.write(lambda c: c.execute(
                 batches.update().where(batches.c.id == batch_id, batches.c.status == "in_progress")
                 .values(status="finalizing", finalizing_at=int(time.time()))))
+        unanswered: list[tuple[int, str]] = []
+        if final == "expired":
+            row = await self.db.read(lambda c: c.execute(sa.select(batches).where(batches.c.id == batch_id)).one())
+            lines = await anyio.to_thread.run_sync(parse_batch_lines, self.files.path(row.input_file_id))
+            unanswered = [(i, line.custom_id) for i, line in enumerate(lines, start=1)]
 
         def finish(conn):
+            if unanswered:  # the window ended: each line not answered fails with batch_expired
+                answered = set(conn.execute(sa.select(batch_results.c.custom_id)
+                                            .where(batch_results.c.batch_id == batch_id)).scalars())
+                expired = [{"batch_id": batch_id, "custom_id": custom_id, "line": number, "ok": False,
+                            "result": expired_line(custom_id), "input_tokens": 0, "output_tokens": 0}
+                           for number, custom_id in unanswered if custom_id not in answered]
+                if expired:
+                    conn.execute(batch_results.insert(), expired)
             rows = conn.execute(sa.select(batch_results.c.ok, batch_results.c.result)
                                 .where(batch_results.c.batch_id == batch_id).order_by(batch_results.c.line)).all()
             good = [r.result for r in rows if r.ok]
@@ -286,7 +317,7 @@ class BatchRunner:
                 self.files.write_output_sync(conn, error_id, f"{batch_id}_error.jsonl", bad)
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
                 status=final, output_file_id=output_id, error_file_id=error_id, owner=None,
-                **{stamp: int(time.time())}))
+                **{stamp: int(self.clock() if final == "expired" else time.time())}))
             return len(good), len(bad)
 
         good, bad = await self.db.write(finish)

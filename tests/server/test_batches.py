@@ -136,6 +136,64 @@ async def test_resume_skips_lines_already_answered(stack):
     assert [o["custom_id"] for o in out] == ["a", "b", "c", "d"] and out[1]["from"] == "before"
 
 
+def create_batch(client, lines) -> dict:
+    file_id = upload(client, jsonl(lines)).json()["id"]
+    return client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                            "completion_window": "24h"}).json()
+
+
+def output_lines(client, file_id: str | None) -> list[dict]:
+    return [json.loads(x) for x in client.get(f"/v1/files/{file_id}/content").text.splitlines()] if file_id else []
+
+
+def assert_expired(client, batch_id: str, answered: list[str], expired: list[str]) -> None:
+    """OpenAI's expiry: status expired, answered lines in the output file, the rest in the error
+    file with code batch_expired (and counted as failed)."""
+    batch = client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "expired" and batch["expired_at"] >= batch["expires_at"]
+    assert batch["request_counts"] == {"completed": len(answered), "failed": len(expired),
+                                       "total": len(answered) + len(expired)}
+    assert [o["custom_id"] for o in output_lines(client, batch["output_file_id"])] == answered
+    errors = output_lines(client, batch["error_file_id"])
+    assert [e["custom_id"] for e in errors] == expired
+    for e in errors:
+        assert e["response"] is None and e["error"]["code"] == "batch_expired" and e["error"]["message"]
+
+
+async def test_a_batch_past_its_window_expires_keeping_what_was_answered(stack):
+    client, runner, engine = stack
+    from server.store.db import batch_results, batches
+
+    batch = create_batch(client, [chat_line(c, content=c) for c in "abcd"])
+    line_a = {"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": None}
+
+    def answered_then_late(conn):  # a was answered, then the server was down past the window
+        conn.execute(batch_results.insert().values(batch_id=batch["id"], custom_id="a", line=1, ok=True,
+                                                   result=line_a))
+        conn.execute(batches.update().where(batches.c.id == batch["id"]).values(
+            status="in_progress", in_progress_at=batch["created_at"], expires_at=batch["created_at"] - 1))
+
+    client.app.state.database.write_sync(answered_then_late)
+    assert await runner.run_once()
+    assert engine.requests == []  # nothing runs after the window
+    assert_expired(client, batch["id"], answered=["a"], expired=["b", "c", "d"])
+
+
+async def test_the_window_passing_mid_batch_stops_it_at_once(stack):
+    from server.batches.runner import BatchRunner
+
+    client, _, engine = stack
+    batch = create_batch(client, [chat_line(c, content=c) for c in "abcd"])
+    late = batch["expires_at"] + 1
+    clock = lambda: late if len(engine.requests) >= 2 else batch["created_at"]  # noqa: E731 (the window ends after b)
+    runner = BatchRunner(client.app.state.database, client.app.state.files, lambda: client.app.state.serving,
+                         owner="test:1", concurrency=1, clock=clock)
+    assert await runner.run_once()
+    assert len(engine.requests) == 2
+    assert_expired(client, batch["id"], answered=["a", "b"], expired=["c", "d"])
+    assert client.get(f"/v1/batches/{batch['id']}").json()["expired_at"] == late
+
+
 async def test_cancel_before_it_runs(stack):
     client, runner, engine = stack
     file_id = upload(client, jsonl([chat_line("a")])).json()["id"]
