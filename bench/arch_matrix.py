@@ -70,8 +70,8 @@ def value_configs(num_layers: int) -> dict:
     from common.engine_args import default_value_layers
     from valuefn.model import ValueModelConfig
 
-    return {"engine": ValueModelConfig.for_engine_value(feature_layers=list(default_value_layers(num_layers))),
-            "final": ValueModelConfig.for_engine_value(feature_layers=None),
+    return {"engine": ValueModelConfig.for_engine_value(value_layers=list(default_value_layers(num_layers))),
+            "final": ValueModelConfig.for_engine_value(value_layers=None),
             "lora": ValueModelConfig(num_layers=2, lora_r=8, lora_alpha=16)}
 
 

@@ -95,7 +95,7 @@ def run_configuration(env: dict, args: list[str], workdir: Path) -> dict:
 
     model_path = prepare_default_model()
     layers = json.loads((Path(model_path) / "config.json").read_text())["num_hidden_layers"]
-    head = ValueModelConfig.for_engine_value(feature_layers=list(default_value_layers(layers)))
+    head = ValueModelConfig.for_engine_value(value_layers=list(default_value_layers(layers)))
     srv = start(workdir, env=env, args=args, wait=900)
     try:
         registry = Registry(srv.values_dir)

@@ -143,7 +143,7 @@ def engine_value_config(model_path, dtype: str):
     from valuefn.model import ValueModelConfig, backbone_identity
 
     layers = default_value_layers(backbone_identity(model_path)["total_layers"])
-    return ValueModelConfig.for_engine_value(feature_layers=list(layers), dtype=dtype)
+    return ValueModelConfig.for_engine_value(value_layers=list(layers), dtype=dtype)
 
 
 def measure_concurrency(url: str, model: str, sequential: int, concurrent_seconds: float,

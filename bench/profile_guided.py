@@ -67,7 +67,7 @@ async def main(args):
     chain = loader.load_chain("p")
     scorer = Scorer(threads=args.scorer_threads)
     layers = list(engine.value_layers) or None  # the default engine value: the exposed residual-stream layers
-    init_value(reg, "h", model_path, ValueModelConfig.for_engine_value(feature_layers=layers, dtype=args.dtype))
+    init_value(reg, "h", model_path, ValueModelConfig.for_engine_value(value_layers=layers, dtype=args.dtype))
     head_chain = loader.load_chain("h")  # the engine values candidates
     ref = SearchSettings()  # IRO's reference search: cbs, w=4, k=4, l=8
     params = SearchParams(mode=ref.mode, w=ref.w, k=ref.k, l=ref.l, max_tokens=MAX_TOKENS,

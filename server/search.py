@@ -23,7 +23,7 @@ exactly: every generated token of every candidate) cannot pay for another step, 
 deadline has passed (checked before each step after the first, on an injectable clock), or at
 `max_steps`.
 
-When every member of the chain is an engine head (`ValueChain.engine_heads`) and the engine can
+When every member of the chain is an engine head (`ValueChain.value_heads`) and the engine can
 evaluate that many heads (`EngineClient.max_value_heads`), the chunk requests carry the heads and
 the engine returns their outputs with every sampled token: a candidate's values are then the
 mean of its tokens' (`mean_before` pooling) and the scorer is not called at all.
@@ -173,7 +173,7 @@ def fit_budget(costs: Sequence[tuple[int, int]], left: int | None) -> list[int] 
     return [min(m, share) for _, m in costs] if share >= 1 else None
 
 
-class EngineHeads(NamedTuple):
+class ValueHeads(NamedTuple):
     """What a chunk request hands the engine to value its samples (`EngineRequest.value_heads` /
     `value_layers`)."""
 
@@ -205,9 +205,9 @@ class Searcher:
         """Search for `params.n` answers to `prompt_ids`; `started` (on `clock`) is when the
         request's deadline began (default: now)."""
         started = self.clock() if started is None else started
-        heads = getattr(chain, "engine_heads", None)
+        heads = getattr(chain, "value_heads", None)
         if heads is not None:
-            heads = EngineHeads(heads, getattr(chain, "engine_layers", None))
+            heads = ValueHeads(heads, getattr(chain, "value_layers", None))
             if (len(heads.weights) > getattr(self.engine, "max_value_heads", 0)
                     or not set(heads.layers or ()) <= set(getattr(self.engine, "value_layers", ()))):
                 heads = None  # the scorer values the candidates instead

@@ -60,7 +60,7 @@ class EngineValue(BaseModel):
     def architecture(self, total_layers: int) -> ValueModelConfig:
         """The value model on a base model of `total_layers` decoder layers."""
         layers = resolve_value_layers(self.value_layers, total_layers)
-        return ValueModelConfig.for_engine_value(feature_layers=list(layers) or None, dtype=self.dtype)
+        return ValueModelConfig.for_engine_value(value_layers=list(layers) or None, dtype=self.dtype)
 
 
 class LoraValue(ValueModelConfig):
@@ -75,6 +75,33 @@ class LoraValue(ValueModelConfig):
     """Decoder layers of the backbone to keep (None: all). 4 of SmolLM2's 30: on 1,760 labelled demo
     rollouts the first 4 layers ranked held-out rewards as well as the first 8 (Spearman 0.60 vs
     0.57) at half the training and scoring cost (scoring is what guided decoding pays for)."""
+
+    value_layers: list[int] | None = None
+    """Residual-stream layers whose states feed the head ("8,15" or a list; "none" or unset: the
+    kept layers' final normed state). With layers, the value keeps the decoder layers up to the last
+    of them (`num_layers` follows; a preset's `num_layers` gives way to them)."""
+
+    @field_validator("value_layers", mode="before")
+    @classmethod
+    def _layers_as_written(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, str):
+            spec = value.strip().lower()
+            if spec == "auto":
+                raise ValueError("'auto' picks the layers the engine exposes, for an engine value (model.kind=engine); "
+                                 "a LoRA value names its layers ('8,15') or 'none'")
+            try:
+                return None if spec in ("", "none") else [int(part) for part in spec.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError("value layers must be layer numbers like '8,15' or 'none'") from None
+        return value
+
+    @model_validator(mode="after")
+    def _value_layers_fit(self) -> "LoraValue":  # ValueModelConfig's, with num_layers following the layers
+        if self.value_layers and "num_layers" not in self.model_fields_set:
+            self.num_layers = None
+        return ValueModelConfig._value_layers_fit(self)
 
     def architecture(self, total_layers: int) -> ValueModelConfig:
         return ValueModelConfig(**self.model_dump(exclude={"kind"}))
@@ -94,7 +121,7 @@ class ValueTrainConfig(BaseModel):
     # --- the value's architecture (when initialising from the previous version, that version's is kept)
     model: ValueArchitecture = Field(default_factory=EngineValue)
     """`kind: engine` (EngineValue: value_layers, dtype) or `kind: lora` (LoraValue: num_layers,
-    lora_r, lora_alpha, lora_dropout, target_modules, dtype, pooling, feature_layers). A LoRA value's
+    lora_r, lora_alpha, lora_dropout, target_modules, dtype, pooling, value_layers). A LoRA value's
     keys may also be given at the top level (`lora_r: 8`)."""
     init_from_previous: bool = True
     """Start from the CURRENT version of the value in the registry (V_{t-1}) when there is one."""
@@ -196,6 +223,10 @@ class ValueTrainConfig(BaseModel):
         replaces the preset's `model:` section (its keys belong to the other kind)."""
         base, extra = nest(load_preset(preset, PRESETS_DIR)), nest(overrides)
         base_model, extra_model = base.get("model") or {}, extra.get("model") or {}
+        layers_set = "value_layers" in extra or isinstance(extra_model, dict) and "value_layers" in extra_model
+        num_layers_set = "num_layers" in extra or isinstance(extra_model, dict) and "num_layers" in extra_model
+        if layers_set and not num_layers_set and isinstance(base_model, dict):
+            base_model.pop("num_layers", None)  # a LoRA value's depth follows the layers it reads
         if isinstance(extra_model, dict) and "kind" in extra_model and isinstance(base_model, dict) \
                 and base_model.get("kind", "engine") != extra_model["kind"]:
             base = {k: v for k, v in base.items() if k != "model"}

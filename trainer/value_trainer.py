@@ -306,7 +306,7 @@ class ValueTrainer:
         check_backbone(manifest, self.pool.identity, directory)
         adapter, head = load_trained_tensors(directory, manifest)
         ours = c.architecture(self.pool.identity["total_layers"]).model_dump(
-            include={"num_layers", "lora_r", "lora_alpha", "pooling", "feature_layers"})
+            include={"num_layers", "lora_r", "lora_alpha", "pooling", "value_layers"})
         theirs = {k: getattr(manifest.model, k) for k in ours}
         if ours != theirs:
             log.warning("initialising from %s v%d: its architecture %s is kept (config asked for %s)",

@@ -100,10 +100,10 @@ def init(
     path = resolve_model(model)
     if engine_value:
         try:
-            feature_layers = resolve_value_layers(value_layers or "auto", backbone_identity(path)["total_layers"])
+            value_layers = resolve_value_layers(value_layers or "auto", backbone_identity(path)["total_layers"])
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--value-layers") from None
-        config = ValueModelConfig.for_engine_value(feature_layers=list(feature_layers) or None)
+        config = ValueModelConfig.for_engine_value(value_layers=list(value_layers) or None)
     else:
         config = ValueModelConfig(num_layers=(4 if layers is None else layers) or None, pooling=pooling or "mean")
     with _clear_errors():

@@ -139,7 +139,7 @@ class BackbonePool:
 
     @staticmethod
     def _key(config: ValueModelConfig, device_type: str) -> tuple[int | None, str, bool]:
-        final_norm = config.feature_layers is None  # feature-layer values read the raw residual stream
+        final_norm = config.value_layers is None  # feature-layer values read the raw residual stream
         return config.num_layers, resolve_dtype(config.dtype, device_type), final_norm
 
     def template(self, config: ValueModelConfig) -> torch.nn.Module:
@@ -294,7 +294,7 @@ class ValueLoader:
             raise CheckpointError(f"{name}@{version}: its head does not fit {width} features of this base model",
                                   reason="shape_mismatch", path=self.registry.path(name, version))
         weights = torch.cat([weight.detach().float().flatten(), bias.detach().float().flatten()])  # (D + 1,)
-        layers = tuple(run_as.model.feature_layers) if run_as.model.feature_layers else None
+        layers = tuple(run_as.model.value_layers) if run_as.model.value_layers else None
         values = self.engine_probe((tuple(weights.tolist()),), layers)
         if values is None:
             return None

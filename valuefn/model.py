@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from torch import nn
 
 from common.dtype import resolve_dtype
@@ -71,46 +71,47 @@ class ValueModelConfig(BaseModel):
     """The dtype it trains in ("auto": this machine's choice, `common.dtype`); manifests record it
     resolved. Serving runs the backbone in the serving machine's dtype (`BackbonePool`)."""
     pooling: Literal["last", "mean", "mean_before"] = "mean"
-    feature_layers: list[int] | None = None
-    """Residual-stream layers whose states feed the head (k: the stream after k decoder layers),
-    each RMS-normalised (no weights) and concatenated; None: the backbone's final normed state.
-    The backbone then keeps only the first max(feature_layers) layers. With `lora_r=0` and
-    `mean_before` this is an engine value: vLLM hands the same states back as auxiliary hidden
-    states (the mechanism of EAGLE-3 speculative decoding) while it samples."""
     """How per-token head outputs become V: the last token's (`last`), the mean over the response
     tokens so far (`mean`; the prompt's last token when there is no response yet), or the mean
     over the positions that sampled them (`mean_before`: the prompt's last token .. the response's
     second-to-last)."""
+    value_layers: list[int] | None = Field(None, validation_alias=AliasChoices("value_layers", "feature_layers"))
+    """Residual-stream layers whose states feed the head (k: the stream after k decoder layers),
+    each RMS-normalised (no weights) and concatenated; None: the backbone's final normed state.
+    The backbone then keeps only the first max(value_layers) layers. With `lora_r=0` and
+    `mean_before` this is an engine value: vLLM hands the same states back as auxiliary hidden
+    states (the mechanism of EAGLE-3 speculative decoding) while it samples. Manifests written
+    before the rename call it `feature_layers`; both read the same."""
 
     @model_validator(mode="after")
-    def _feature_layers_fit(self) -> "ValueModelConfig":
-        if self.feature_layers is not None:
-            layers = sorted(set(self.feature_layers))
+    def _value_layers_fit(self) -> "ValueModelConfig":
+        if self.value_layers is not None:
+            layers = sorted(set(self.value_layers))
             if not layers or layers[0] < 1:
-                raise ValueError("feature_layers must name layers >= 1 (the stream after that many decoder layers)")
+                raise ValueError("value_layers must name layers >= 1 (the stream after that many decoder layers)")
             if self.num_layers is not None and self.num_layers != layers[-1]:
-                raise ValueError(f"feature_layers {layers} need num_layers = {layers[-1]} (or unset), "
+                raise ValueError(f"value_layers {layers} need num_layers = {layers[-1]} (or unset), "
                                  f"not {self.num_layers}")
-            self.feature_layers, self.num_layers = layers, layers[-1]
+            self.value_layers, self.num_layers = layers, layers[-1]
         return self
 
     @property
     def engine_value(self) -> bool:
         """True for an engine value: V needs only hidden states the serving engine computes anyway
-        (its final normed ones, all layers, or the residual stream at `feature_layers`); no LoRA."""
+        (its final normed ones, all layers, or the residual stream at `value_layers`); no LoRA."""
         return (self.lora_r == 0 and self.pooling == "mean_before"
-                and (self.feature_layers is not None or self.num_layers is None))
+                and (self.value_layers is not None or self.num_layers is None))
 
     @property
     def head_inputs(self) -> int:
         """How many hidden-state vectors the head reads per token (concatenated)."""
-        return len(self.feature_layers) if self.feature_layers else 1
+        return len(self.value_layers) if self.value_layers else 1
 
     @classmethod
-    def for_engine_value(cls, feature_layers: list[int] | None = None, **kwargs) -> "ValueModelConfig":
+    def for_engine_value(cls, value_layers: list[int] | None = None, **kwargs) -> "ValueModelConfig":
         """An engine value: no LoRA, `mean_before` pooling, on the final normed hidden state
-        (`feature_layers=None`) or on residual-stream layers the engine exposes."""
-        return cls(num_layers=None, lora_r=0, pooling="mean_before", feature_layers=feature_layers, **kwargs)
+        (`value_layers=None`) or on residual-stream layers the engine exposes."""
+        return cls(num_layers=None, lora_r=0, pooling="mean_before", value_layers=value_layers, **kwargs)
 
     def resolved(self, device: str | None = None) -> "ValueModelConfig":
         """This config with "auto" dtype made this machine's choice for `device` (what a manifest records)."""
@@ -337,7 +338,7 @@ class ValueModel(nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
         """The head's inputs for every position, (B, T, D) float32, and the updated KV cache."""
-        layers = self.config.feature_layers
+        layers = self.config.value_layers
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=past_key_values, use_cache=use_cache,
                             output_hidden_states=layers is not None)

@@ -141,20 +141,20 @@ class ValueChain:
         return ValueChain(self.name, tuple((v, float(b)) for (v, _), b in zip(self.links, betas)))
 
     @functools.cached_property
-    def engine_heads(self) -> tuple[tuple[float, ...], ...] | None:
+    def value_heads(self) -> tuple[tuple[float, ...], ...] | None:
         """Each member's head (D weights + bias) when every member is an engine value on the same
-        hidden states (`ValueModelConfig.engine_value`, one set of `feature_layers`): the engine can then
+        hidden states (`ValueModelConfig.engine_value`, one set of `value_layers`): the engine can then
         value candidates as it samples them (`mean_before` over its per-token head outputs), with
         no forward pass here."""
         configs = [v.config for v, _ in self.links]
-        if not all(c.engine_value for c in configs) or len({tuple(c.feature_layers or ()) for c in configs}) != 1:
+        if not all(c.engine_value for c in configs) or len({tuple(c.value_layers or ()) for c in configs}) != 1:
             return None
         return tuple(tuple(v.head_weights.tolist()) for v, _ in self.links)
 
     @property
-    def engine_layers(self) -> tuple[int, ...] | None:
-        """The residual-stream layers `engine_heads` read (None: the final normed hidden state)."""
-        layers = self.links[-1][0].config.feature_layers
+    def value_layers(self) -> tuple[int, ...] | None:
+        """The residual-stream layers `value_heads` read (None: the final normed hidden state)."""
+        layers = self.links[-1][0].config.value_layers
         return tuple(layers) if layers else None
 
 

@@ -64,10 +64,10 @@ class ScoreServing:
         candidates (each response token's heads at the position before it, averaged: `mean_before`),
         when every member is an engine value the engine computes; None otherwise, or when a value
         comes back non-finite (the scorer then runs the chain)."""
-        heads, engine = chain.engine_heads, self.engine
+        heads, engine = chain.value_heads, self.engine
         if heads is None or not getattr(engine, "values_prompts", False) or len(heads) > engine.max_value_heads:
             return None
-        layers = chain.engine_layers
+        layers = chain.value_layers
         if not set(layers or ()) <= set(engine.value_layers):
             return None
         samples = await asyncio.gather(*[engine.sample(EngineRequest(

@@ -209,7 +209,7 @@ def test_engine_value_is_computed_by_the_engine_and_agrees_with_the_scorer(serve
     from valuefn.scorer import ScoreItem, forward_values
 
     name = "engine-head" if layers is None else "engine-layers"
-    config = ValueModelConfig.for_engine_value(feature_layers=layers)
+    config = ValueModelConfig.for_engine_value(value_layers=layers)
     version = init_value(Registry(server.values_dir), name, prepare_default_model(), config, seed=3)
     wait_serving(server, name, version)
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]

@@ -91,7 +91,7 @@ _LINK = SimpleNamespace(version=1, manifest=SimpleNamespace(defaults=SimpleNames
 class _Chain:
     name = "v"
     links = ((_LINK, 1.0),)
-    engine_heads = None
+    value_heads = None
 
     @property
     def versions(self):

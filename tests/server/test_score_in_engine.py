@@ -18,8 +18,8 @@ from tests.server.test_sampling import _Chain, _Scorer, _Values
 
 @dataclass
 class _HeadChain(_Chain):
-    engine_heads: tuple | None = ((0.5, 0.0),)
-    engine_layers: tuple | None = None
+    value_heads: tuple | None = ((0.5, 0.0),)
+    value_layers: tuple | None = None
 
 
 class _Heads(_Values):
@@ -72,8 +72,8 @@ def test_engine_values_are_scored_in_the_engine_as_the_mean_over_the_response_to
 @pytest.mark.parametrize("engine,chain", [
     (PromptValueEngine(bad=float("nan")), _HeadChain()),  # a non-finite value
     (ScriptedEngine(), _HeadChain()),  # an engine without heads
-    (PromptValueEngine(), _HeadChain(engine_layers=(2,))),  # layers the engine does not expose
-    (PromptValueEngine(), _HeadChain(engine_heads=None)),  # not an engine value
+    (PromptValueEngine(), _HeadChain(value_layers=(2,))),  # layers the engine does not expose
+    (PromptValueEngine(), _HeadChain(value_heads=None)),  # not an engine value
 ])
 def test_the_scorer_scores_what_the_engine_does_not(engine, chain):
     scorer = CountingScorer()

@@ -205,7 +205,7 @@ class HeadEngine(ScriptedEngine):
 
 @dataclass
 class HeadChain(Chain):
-    engine_heads: tuple | None = ((0.5, -1.0, 0.0),)
+    value_heads: tuple | None = ((0.5, -1.0, 0.0),)
 
 
 def test_engine_heads_value_the_candidates_without_the_scorer():
@@ -214,7 +214,7 @@ def test_engine_heads_value_the_candidates_without_the_scorer():
     chain = HeadChain([1.0])
     result = asyncio.run(Searcher(engine, scorer, decode=decode).run(chain, PROMPT, params))
     assert scorer.calls == 0
-    assert engine.requests and all(r.value_heads == chain.engine_heads for r in engine.requests)
+    assert engine.requests and all(r.value_heads == chain.value_heads for r in engine.requests)
     best = result.beams[0]
     assert best.token_values.shape == (8, 1)
     assert best.raw.tolist() == [best.token_ids.count(7) / 8]  # the mean of its tokens' head outputs
@@ -226,8 +226,8 @@ def test_engine_heads_value_the_candidates_without_the_scorer():
 
 @pytest.mark.parametrize("engine,chain", [
     (ScriptedEngine(), HeadChain([1.0])),  # the engine cannot evaluate heads
-    (HeadEngine(), HeadChain([1.0, 1.0], links=((None, 1.0),) * 3, engine_heads=((0.0,),) * 3)),  # too many
-    (HeadEngine(), HeadChain([1.0], engine_heads=None)),  # a member needs its own backbone
+    (HeadEngine(), HeadChain([1.0, 1.0], links=((None, 1.0),) * 3, value_heads=((0.0,),) * 3)),  # too many
+    (HeadEngine(), HeadChain([1.0], value_heads=None)),  # a member needs its own backbone
 ])
 def test_the_scorer_values_candidates_when_the_engine_cannot(engine, chain):
     scorer = CountingScorer(3)

@@ -19,7 +19,7 @@ _LINK = SimpleNamespace(version=1, manifest=SimpleNamespace(defaults=SimpleNames
 class _Chain:
     name = "v"
     links = ((_LINK, 1.0),)
-    engine_heads = None
+    value_heads = None
     versions = [1]
     betas = [1.0]
     defaults = _LINK.manifest.defaults

@@ -33,7 +33,7 @@ def test_the_value_architecture_is_one_tagged_union():
     assert not set(ValueModelConfig.model_fields) & set(ValueTrainConfig.model_fields)
     head = ValueTrainConfig.from_dict({"model.kind": "engine", "model.dtype": "float32"})
     arch = head.architecture(total_layers=30)  # the engine value on the layers a server exposes by default
-    assert arch.engine_value and arch.dtype == "float32" and arch.feature_layers == [2, 15, 27] and arch.lora_r == 0
+    assert arch.engine_value and arch.dtype == "float32" and arch.value_layers == [2, 15, 27] and arch.lora_r == 0
     assert ValueTrainConfig.from_dict({"model.value_layers": "none"}).architecture(30).num_layers is None
     with pytest.raises(ValueError, match="model.value_layers: value layers must be"):
         ValueTrainConfig.from_dict({"model.value_layers": "middle"})
@@ -44,7 +44,8 @@ def test_the_value_architecture_is_one_tagged_union():
 @pytest.mark.parametrize("preset, overrides, message", [
     ("full", {"model.lora_r": "8"}, r"model.lora_r applies to a LoRA value \(model.kind=lora\), not an engine value"),
     ("smoke", {"num_layers": "2"}, "model.num_layers applies to a LoRA value"),  # the top-level shorthand too
-    ("full-lora", {"model.value_layers": "8"}, "model.value_layers applies to an engine value"),
+    ("full-lora", {"model.value_layers": "auto"}, "'auto' picks the layers the engine exposes, for an engine value"),
+    ("full-lora", {"model.value_layers": "2,3", "model.num_layers": "5"}, r"value_layers \[2, 3\] need num_layers = 3"),
     ("full", {"engine_head": "false"}, r"engine_head was replaced by model.kind \(engine or lora\)"),
     ("full", {"engine_layers": "8"}, "engine_layers was replaced by model.value_layers"),
     ("full", {"model.kind": "gru"}, "model: Input tag 'gru' found using 'kind' does not match"),
@@ -53,6 +54,15 @@ def test_options_that_do_not_apply_to_the_kind_are_refused_not_ignored(preset, o
     """The README's `--set model.lora_r=8` did nothing with the default (engine value) presets."""
     with pytest.raises(ValueError, match=message):
         ValueTrainConfig.from_preset(preset, **overrides)
+
+
+def test_a_lora_value_reads_the_layers_it_names_and_keeps_the_layers_up_to_them():
+    """`value_layers` is one idea with one name for both kinds (it was `feature_layers` on a LoRA value)."""
+    config = ValueTrainConfig.from_preset("full-lora", **{"model.value_layers": "8,2"})
+    arch = config.architecture(total_layers=30)
+    assert (arch.value_layers, arch.num_layers, arch.lora_r) == ([2, 8], 8, 16) and not arch.engine_value
+    assert ValueTrainConfig.from_dict(config.to_dict()) == config
+    assert ValueTrainConfig.from_preset("full-lora", **{"model.value_layers": "none"}).architecture(30).num_layers == 4
 
 
 def test_switching_the_kind_replaces_the_presets_model_section():
@@ -68,7 +78,7 @@ def test_manifests_keep_recording_the_value_model_config(tmp_path):
     from valuefn.model import ValueModelConfig
 
     published = {"num_layers": 4, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "dtype": "float32",
-                 "target_modules": ["q_proj"], "pooling": "mean", "feature_layers": None}
+                 "target_modules": ["q_proj"], "pooling": "mean", "value_layers": None}
     assert ValueModelConfig.model_validate(published).model_dump() == published
     engine = ValueTrainConfig.from_dict({"model.value_layers": "2,4", "model.dtype": "float32"}).architecture(6)
     assert set(engine.model_dump()) == set(published)

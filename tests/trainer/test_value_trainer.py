@@ -129,7 +129,7 @@ def test_an_engine_value_trains_only_its_head_on_the_frozen_base_model(tiny_back
     arch = trainer.model.config
     assert arch.engine_value
     auto = list(default_value_layers(total))
-    assert (arch.feature_layers, arch.num_layers) == ((auto, max(auto)) if layers == "auto" else (None, None))
+    assert (arch.value_layers, arch.num_layers) == ((auto, max(auto)) if layers == "auto" else (None, None))
     before = snapshot(trainer.model)
     result = trainer.train(examples)
     after = snapshot(trainer.model)

@@ -44,13 +44,13 @@ def test_init_engine_value_publishes_a_head_on_the_base_model(tiny_model_dir, va
     total = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
     # by default the layers an engine exposes by default, read from the residual stream
     layers = list(default_value_layers(total))
-    assert model.engine_value and (model.feature_layers, model.lora_r, model.pooling) == (layers, 0, "mean_before")
+    assert model.engine_value and (model.value_layers, model.lora_r, model.pooling) == (layers, 0, "mean_before")
     assert model.num_layers == max(layers)  # the scorer's copy of the backbone stops there
     out = iro_values("init", "head", "--engine-value", "--value-layers", "none", "--model", tiny_model_dir,
                      "--values-dir", values)
     assert out.exit_code == 0, out.output
     model = Registry(values).manifest("head", 2).model  # the final normed hidden state, all layers
-    assert model.engine_value and (model.feature_layers, model.num_layers) == (None, None)
+    assert model.engine_value and (model.value_layers, model.num_layers) == (None, None)
     out = iro_values("init", "head", "--engine-value", "--value-layers", "99", "--model", tiny_model_dir,
                      "--values-dir", values)
     assert out.exit_code != 0 and "--value-layers" in out.output

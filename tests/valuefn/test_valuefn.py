@@ -81,7 +81,7 @@ OLD_MANIFEST = {  # as iro-serve wrote it before the search settings had one typ
     "format_version": 2, "name": "old", "version": 3, "created_at": 1764900000.0,
     "backbone": {"name": "tiny", "config_sha256": "a" * 64, "tokenizer_sha256": "b" * 64},
     "model": {"num_layers": 2, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj"],
-              "dtype": "float32", "pooling": "mean", "feature_layers": None},
+              "dtype": "float32", "pooling": "mean", "value_layers": None},
     "head": {"in_features": 16, "out_features": 1}, "chain": [{"version": 1, "beta": 1.0}, {"version": 3, "beta": 0.5}],
     "defaults": {"mode": "bon", "w": 2, "k": 6, "l": 4},
     "training": {}, "metrics": {}, "files": {ADAPTER_FILE: "0" * 64, HEAD_FILE: "1" * 64},
@@ -206,7 +206,7 @@ def test_engine_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, regis
     manifest = json.loads((registry.path("eh", version) / MANIFEST).read_text())
     assert manifest["model"]["lora_r"] == 0 and set(manifest["files"]) == {ADAPTER_FILE, HEAD_FILE}
     chain = ValueChain("eh", ((value, 1.0),))
-    (head,) = chain.engine_heads
+    (head,) = chain.value_heads
     base = AutoModel.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
     ids = [5, 6, 7, 8, 9, 10]
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_engine_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, regis
     np.testing.assert_allclose(got[0], per_token[1:5].mean(), rtol=1e-4, atol=1e-5)
     lora_chain = ValueChain("x", ((ValueLoader(registry, pool, dtype="float32").load_version("eh", version), 1.0),
                                   (LoadedValue("t", 1, None, trained_like(pool, 0)), 1.0)))
-    assert lora_chain.engine_heads is None  # one member needs its own backbone pass
+    assert lora_chain.value_heads is None  # one member needs its own backbone pass
 
 
 def test_scorer_micro_batches_concurrent_requests(tiny_model_dir, registry):
@@ -377,8 +377,8 @@ def test_an_engine_value_the_engine_computes_holds_no_backbone_until_the_scorer_
     assert not value.built and not pool._templates  # no backbone anywhere in this process
     reference = ValueLoader(registry, BackbonePool(tiny_model_dir, torch.device("cpu")), dtype="float32").load_version(
         "eh", version)
-    assert ValueChain("eh", ((value, 1.0),)).engine_heads == ValueChain("eh", ((reference, 1.0),)).engine_heads
-    assert asked == [(ValueChain("eh", ((reference, 1.0),)).engine_heads, None)]
+    assert ValueChain("eh", ((value, 1.0),)).value_heads == ValueChain("eh", ((reference, 1.0),)).value_heads
+    assert asked == [(ValueChain("eh", ((reference, 1.0),)).value_heads, None)]
     items = [ScoreItem([5, 6, 7, 8, 9, 10], 0, 2)]
     np.testing.assert_allclose(forward_values(value, items, use_cache=False),
                                forward_values(reference, items, use_cache=False), rtol=1e-5)
@@ -392,3 +392,11 @@ def test_an_engine_value_the_engine_computes_holds_no_backbone_until_the_scorer_
     assert exc.value.reason == "bad_values"
     fallback = ValueLoader(registry, pool, dtype="float32", engine_probe=lambda heads, layers: None)
     assert fallback.load_version("eh", version).built
+
+
+def test_a_manifest_written_before_the_rename_reads_its_feature_layers_as_value_layers():
+    old = ValueModelConfig.for_engine_value(value_layers=[2, 3]).model_dump()
+    old["feature_layers"] = old.pop("value_layers")
+    config = ValueModelConfig.model_validate(old)
+    assert config.value_layers == [2, 3] and config.engine_value
+    assert "feature_layers" not in config.model_dump()
