@@ -4,13 +4,25 @@ entry (values, policies): the manifest names a format version and a sha256 per f
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+from pydantic import BaseModel, Field
 
 from common.hashing import sha256_file
 from registry.errors import CheckpointError
 
 MANIFEST = "manifest.json"
+
+
+class VersionManifest(BaseModel):
+    """What every version's manifest says of itself (a value's and a policy's add their own fields)."""
+
+    format_version: int
+    name: str
+    version: int = Field(ge=1)
+    created_at: float = Field(default_factory=time.time)
 
 
 def safe_file_name(name: object) -> bool:

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from common.hashing import sha256_file
 from registry.base import BaseRegistry
 from registry.errors import CheckpointError
-from registry.manifest import read_manifest_json, validate_manifest, verify_listed_files
+from registry.manifest import VersionManifest, read_manifest_json, validate_manifest, verify_listed_files
 
 if TYPE_CHECKING:
     import torch
@@ -50,11 +49,7 @@ def default_policies_dir() -> Path | str:
     return Path(os.environ.get("IRO_HOME", Path.home() / ".cache" / "iro")).expanduser() / "policies"
 
 
-class PolicyManifest(BaseModel):
-    format_version: int
-    name: str
-    version: int = Field(ge=1)
-    created_at: float = Field(default_factory=time.time)
+class PolicyManifest(VersionManifest):
     base: dict[str, Any]
     """Identity of the base model the adapter was trained on (`valuefn.model.backbone_identity`)."""
     method: Literal["apa", "is-dpo", "is-ipo"]

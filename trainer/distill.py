@@ -47,7 +47,8 @@ from common.dtype import log_dtype
 from trainer.distill_checkpoints import Checkpoint, select_checkpoint
 from trainer.distill_config import DistillConfig
 from trainer.distill_losses import apa_loss, apa_sequence_loss, is_daa_loss, sequence_logps, token_kl
-from trainer.value_trainer import Example, _lr_lambda, batches, collate, split_examples
+from trainer.optimization import Optimizer, total_steps
+from trainer.value_trainer import Example, batches, collate, split_examples
 from valuefn.model import backbone_identity, default_device
 from registry.policies import POLICY_FORMAT_VERSION, PolicyRegistry, write_adapter_files
 
@@ -360,10 +361,10 @@ class DistillTrainer:
                 raise ValueError("no preference pairs: IS-DPO needs several samples per prompt with different rewards")
 
         steps_per_epoch = math.ceil(len(train_units) / c.batch_size)
-        total = steps_per_epoch * c.epochs if c.max_steps is None else min(c.max_steps, steps_per_epoch * c.epochs)
+        total = total_steps(len(train_units), c.batch_size, c.epochs, c.max_steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, max(1, int(total * c.warmup_ratio))))
+        optimizer = Optimizer(params, lr=c.lr, weight_decay=c.weight_decay, total=total,
+                              warmup=max(1, int(total * c.warmup_ratio)), max_grad_norm=c.max_grad_norm)
         before = self.evaluate(eval_units, eval_adv, eval_set)
 
         # held-out prompts to sample from (reward and distinct-2 of every checkpoint, and the base's once)
@@ -408,12 +409,7 @@ class DistillTrainer:
                     loss, info = self._apa_step(chunk, [train_adv[i] for i in idx])
                 else:
                     loss, info = self._pair_step(chunk)
-                loss.backward()
-                if c.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.step(loss)
                 seconds += time.perf_counter() - t0
                 tokens += info["tokens"]
                 step += 1

@@ -31,6 +31,7 @@ import torch
 
 from common.dtype import log_dtype
 from common.search_settings import SearchSettings
+from trainer.optimization import Optimizer, total_steps
 from trainer.returns import gae_targets_batch, mc_returns_batch
 from trainer.value_config import ValueTrainConfig
 from valuefn.checkpoint import (
@@ -242,16 +243,6 @@ class TrainResult:
     """Training loss of every step."""
 
 
-def _lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine to 10% of the peak
-
-    return f
-
-
 class ValueTrainer:
     """Builds V_t (from V_{t-1} in the registry when there is one), trains it, evaluates it."""
 
@@ -399,10 +390,10 @@ class ValueTrainer:
                 self.model.head.weight.normal_(std=0.01 / self.model.head.in_features**0.5)
                 self.model.head.bias.fill_(float(np.mean([e.reward for e in train_set])))
         steps_per_epoch = math.ceil(len(train_set) / c.batch_size)
-        total = steps_per_epoch * c.epochs if c.max_steps is None else min(c.max_steps, steps_per_epoch * c.epochs)
+        total = total_steps(len(train_set), c.batch_size, c.epochs, c.max_steps)
         params = self.model.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, math.ceil(c.warmup_ratio * total)))
+        optimizer = Optimizer(params, lr=c.lr, weight_decay=c.weight_decay, total=total,
+                              warmup=math.ceil(c.warmup_ratio * total), max_grad_norm=c.max_grad_norm)
         log.info("value training: %d train / %d held-out examples, %d steps, %d trainable parameters",
                  len(train_set), len(eval_set), total, sum(p.numel() for p in params))
 
@@ -422,12 +413,7 @@ class ValueTrainer:
                 batch = collate(chunk, c.max_len).to(self.device)
                 pred, mask = self._forward(batch, chunk)
                 loss = self._masked_mse(pred, self._targets(batch, pred), mask)
-                loss.backward()
-                if c.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.step(loss)
                 train_seconds += time.perf_counter() - start
                 tokens += batch.tokens
                 step += 1

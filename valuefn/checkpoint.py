@@ -9,7 +9,6 @@ settings, training metadata, and a sha256 of every file, checked before anything
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from common.search_settings import SearchSettings
-from registry.manifest import (MANIFEST, CheckpointError, read_manifest_json, validate_manifest,  # noqa: F401 (re-exported)
-                               verify_listed_files)
+from registry.manifest import (MANIFEST, CheckpointError, VersionManifest, read_manifest_json,  # noqa: F401 (re-exported)
+                               validate_manifest, verify_listed_files)
 from valuefn.model import ValueModel, ValueModelConfig, sha256_file
 
 FORMAT_VERSION = 2
@@ -35,11 +34,7 @@ class ChainLink(BaseModel):
     beta: float = Field(1.0, gt=0)
 
 
-class Manifest(BaseModel):
-    format_version: int
-    name: str
-    version: int = Field(ge=1)
-    created_at: float = Field(default_factory=time.time)
+class Manifest(VersionManifest):
     backbone: dict[str, Any]
     model: ValueModelConfig
     head: dict[str, int] = Field(default_factory=lambda: {"in_features": 0, "out_features": 1})

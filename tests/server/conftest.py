@@ -205,3 +205,22 @@ def database_url(request, tmp_path):
 
         return default_url(tmp_path)
     return request.getfixturevalue("postgres_url")
+
+
+class OneValue:
+    """The server's values (`has`, `names`, `chain_for`) holding one value, "v", whose chain has
+    the search `defaults` given (`mode`, `w`, `k`, `l`) and no engine heads."""
+
+    def __init__(self, **defaults) -> None:
+        link = SimpleNamespace(version=1, manifest=SimpleNamespace(defaults=SimpleNamespace(**defaults)))
+        self.chain = SimpleNamespace(name="v", links=((link, 1.0),), value_heads=None, versions=[1], betas=[1.0],
+                                     defaults=link.manifest.defaults)
+
+    def has(self, name):
+        return name == "v"
+
+    def names(self):
+        return ["v"]
+
+    async def chain_for(self, spec):
+        return self.chain

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from common.sampling import Sampling, StructuredOutput
 from server.engine import EngineRequest, Sample
 from server.guided import GuidedGenerator
 from server.openai.serving import OpenAIServing
-from tests.server.conftest import ScriptedEngine
+from tests.server.conftest import OneValue, ScriptedEngine
 
 # A non-default value for every field of Sampling, and the request fields that carry it.
 CHANGED = {
@@ -85,38 +84,6 @@ def test_plain_path_passes_the_request_sampling_unchanged():
     assert sent.sampling == request.to_sampling()
 
 
-_LINK = SimpleNamespace(version=1, manifest=SimpleNamespace(defaults=SimpleNamespace(mode="cbs", w=2, k=2, l=2)))
-
-
-class _Chain:
-    name = "v"
-    links = ((_LINK, 1.0),)
-    value_heads = None
-
-    @property
-    def versions(self):
-        return [1]
-
-    @property
-    def betas(self):
-        return [1.0]
-
-    @property
-    def defaults(self):
-        return self.links[0][0].manifest.defaults
-
-
-class _Values:
-    def has(self, name):
-        return name == "v"
-
-    def names(self):
-        return ["v"]
-
-    async def chain_for(self, spec):
-        return _Chain()
-
-
 class _Scorer:
     async def values(self, chain, items):
         return np.array([[float(len(it.token_ids))] for it in items])
@@ -135,8 +102,8 @@ class _ChunkEngine(ScriptedEngine):
 @pytest.mark.parametrize("mode", ["cbs", "bon"])
 def test_guided_path_passes_the_request_sampling_to_every_chunk(mode):
     engine = _ChunkEngine()
-    guided = GuidedGenerator(engine, _Scorer(), _Values())
-    serving = OpenAIServing(engine, max_n=4, guided=guided, values=_Values())
+    guided = GuidedGenerator(engine, _Scorer(), OneValue(mode="cbs", w=2, k=2, l=2))
+    serving = OpenAIServing(engine, max_n=4, guided=guided, values=OneValue(mode="cbs", w=2, k=2, l=2))
     fields = {k: v for k, v in REQUEST_FIELDS.items() if k != "logprobs"}  # refused with guidance
     request = CompletionRequest(model="tiny+v", prompt="hi", max_tokens=6, guidance={"mode": mode}, **fields)
     body = asyncio.run(serving.create_completion(request))
@@ -154,7 +121,7 @@ def test_guided_logprobs_are_refused_naming_the_field():
     from server.errors import InvalidRequestError
 
     engine = _ChunkEngine()
-    serving = OpenAIServing(engine, max_n=4, guided=GuidedGenerator(engine, _Scorer(), _Values()), values=_Values())
+    serving = OpenAIServing(engine, max_n=4, guided=GuidedGenerator(engine, _Scorer(), OneValue(mode="cbs", w=2, k=2, l=2)), values=OneValue(mode="cbs", w=2, k=2, l=2))
     chat = ChatCompletionRequest(model="tiny+v", messages=[{"role": "user", "content": "x"}], logprobs=True,
                                  max_tokens=4)
     with pytest.raises(InvalidRequestError) as exc:

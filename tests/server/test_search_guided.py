@@ -3,7 +3,6 @@ through the app with a scripted engine and value (no vLLM, no model)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,30 +10,7 @@ import pytest
 from server.engine import Sample
 from server.guided import GuidedGenerator, plan_widths
 from server.openai.serving import OpenAIServing
-from tests.server.conftest import ScriptedEngine, make_client
-
-_LINK = SimpleNamespace(version=1, manifest=SimpleNamespace(defaults=SimpleNamespace(mode="cbs", w=4, k=4, l=4)))
-
-
-class _Chain:
-    name = "v"
-    links = ((_LINK, 1.0),)
-    value_heads = None
-    versions = [1]
-    betas = [1.0]
-    defaults = _LINK.manifest.defaults
-
-
-class _Values:
-    def has(self, name):
-        return name == "v"
-
-    def names(self):
-        return ["v"]
-
-    async def chain_for(self, spec):
-        return _Chain()
-
+from tests.server.conftest import OneValue, ScriptedEngine, make_client
 
 class _Scorer:
     async def values(self, chain, items):  # prefers more "b"s
@@ -74,9 +50,9 @@ def client(**settings):
     c = _CLIENTS[key]
     engine = _ChunkEngine()
     s = c.app.state.settings
-    guided = GuidedGenerator(engine, _Scorer(), _Values(), max_candidates=s.max_guided_candidates,
+    guided = GuidedGenerator(engine, _Scorer(), OneValue(mode="cbs", w=4, k=4, l=4), max_candidates=s.max_guided_candidates,
                              max_steps=s.max_guided_steps, effort_budgets=s.reasoning_effort_budgets)
-    c.app.state.serving = OpenAIServing(engine, max_n=s.max_n, guided=guided, values=_Values())
+    c.app.state.serving = OpenAIServing(engine, max_n=s.max_n, guided=guided, values=OneValue(mode="cbs", w=4, k=4, l=4))
     return c, engine
 
 
