@@ -209,12 +209,14 @@ def database_url(request, tmp_path):
 
 class OneValue:
     """The server's values (`has`, `names`, `chain_for`) holding one value, "v", whose chain has
-    the search `defaults` given (`mode`, `w`, `k`, `l`) and no engine heads."""
+    the search `defaults` given (`mode`, `w`, `k`, `l`) and the engine heads given (none: a value
+    the scorer runs)."""
 
-    def __init__(self, **defaults) -> None:
+    def __init__(self, value_heads=None, value_layers=None, **defaults) -> None:
+        defaults = {"mode": "cbs", "w": 2, "k": 2, "l": 2, **defaults}
         link = SimpleNamespace(version=1, manifest=SimpleNamespace(defaults=SimpleNamespace(**defaults)))
-        self.chain = SimpleNamespace(name="v", links=((link, 1.0),), value_heads=None, versions=[1], betas=[1.0],
-                                     defaults=link.manifest.defaults)
+        self.chain = SimpleNamespace(name="v", links=((link, 1.0),), value_heads=value_heads, value_layers=value_layers,
+                                     versions=[1], betas=[1.0], defaults=link.manifest.defaults)
 
     def has(self, name):
         return name == "v"

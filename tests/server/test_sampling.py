@@ -102,8 +102,8 @@ class _ChunkEngine(ScriptedEngine):
 @pytest.mark.parametrize("mode", ["cbs", "bon"])
 def test_guided_path_passes_the_request_sampling_to_every_chunk(mode):
     engine = _ChunkEngine()
-    guided = GuidedGenerator(engine, _Scorer(), OneValue(mode="cbs", w=2, k=2, l=2))
-    serving = OpenAIServing(engine, max_n=4, guided=guided, values=OneValue(mode="cbs", w=2, k=2, l=2))
+    guided = GuidedGenerator(engine, _Scorer(), OneValue())
+    serving = OpenAIServing(engine, max_n=4, guided=guided, values=OneValue())
     fields = {k: v for k, v in REQUEST_FIELDS.items() if k != "logprobs"}  # refused with guidance
     request = CompletionRequest(model="tiny+v", prompt="hi", max_tokens=6, guidance={"mode": mode}, **fields)
     body = asyncio.run(serving.create_completion(request))
@@ -121,7 +121,7 @@ def test_guided_logprobs_are_refused_naming_the_field():
     from server.errors import InvalidRequestError
 
     engine = _ChunkEngine()
-    serving = OpenAIServing(engine, max_n=4, guided=GuidedGenerator(engine, _Scorer(), OneValue(mode="cbs", w=2, k=2, l=2)), values=OneValue(mode="cbs", w=2, k=2, l=2))
+    serving = OpenAIServing(engine, max_n=4, guided=GuidedGenerator(engine, _Scorer(), OneValue()), values=OneValue())
     chat = ChatCompletionRequest(model="tiny+v", messages=[{"role": "user", "content": "x"}], logprobs=True,
                                  max_tokens=4)
     with pytest.raises(InvalidRequestError) as exc:

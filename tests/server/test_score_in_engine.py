@@ -4,7 +4,6 @@ anything the engine does not compute, or a non-finite value, goes to the scorer.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -12,22 +11,12 @@ import pytest
 from common.protocol import ScoreRequest
 from server.engine import Sample
 from server.openai.serving_score import ScoreServing
-from tests.server.conftest import ScriptedEngine
-from tests.server.test_sampling import _Chain, _Scorer, _Values
+from tests.server.conftest import OneValue, ScriptedEngine
+from tests.server.test_sampling import _Scorer
 
 
-@dataclass
-class _HeadChain(_Chain):
-    value_heads: tuple | None = ((0.5, 0.0),)
-    value_layers: tuple | None = None
-
-
-class _Heads(_Values):
-    def __init__(self, chain):
-        self.chain = chain
-
-    async def chain_for(self, spec):
-        return self.chain
+ENGINE_VALUE = dict(value_heads=((0.5, 0.0),))
+"""One engine value on the final normed hidden state."""
 
 
 class PromptValueEngine(ScriptedEngine):
@@ -55,27 +44,27 @@ class CountingScorer(_Scorer):
         return await super().values(chain, items)
 
 
-def _score(engine, chain, scorer):
-    serving = ScoreServing(engine, scorer, _Heads(chain))
+def _score(engine, value, scorer):
+    serving = ScoreServing(engine, scorer, OneValue(**value))
     request = ScoreRequest(value="v", prompt="hi", responses=["a", "abcd"])
     return asyncio.run(serving.score(request))
 
 
 def test_engine_values_are_scored_in_the_engine_as_the_mean_over_the_response_tokens():
     engine, scorer = PromptValueEngine(), CountingScorer()
-    body = _score(engine, _HeadChain(), scorer)
+    body = _score(engine, ENGINE_VALUE, scorer)
     assert scorer.calls == 0 and all(r.prompt_values and r.value_heads == ((0.5, 0.0),) for r in engine.requests)
     prompt = len("hi")  # the scripted tokenizer: one token per byte
     assert body.values == [[float(prompt)], [np.mean(range(prompt, prompt + 4))]]  # tokens 2 / 2..5
 
 
-@pytest.mark.parametrize("engine,chain", [
-    (PromptValueEngine(bad=float("nan")), _HeadChain()),  # a non-finite value
-    (ScriptedEngine(), _HeadChain()),  # an engine without heads
-    (PromptValueEngine(), _HeadChain(value_layers=(2,))),  # layers the engine does not expose
-    (PromptValueEngine(), _HeadChain(value_heads=None)),  # not an engine value
+@pytest.mark.parametrize("engine,value", [
+    (PromptValueEngine(bad=float("nan")), ENGINE_VALUE),  # a non-finite value
+    (ScriptedEngine(), ENGINE_VALUE),  # an engine without heads
+    (PromptValueEngine(), {**ENGINE_VALUE, "value_layers": (2,)}),  # layers the engine does not expose
+    (PromptValueEngine(), {}),  # not an engine value
 ])
-def test_the_scorer_scores_what_the_engine_does_not(engine, chain):
+def test_the_scorer_scores_what_the_engine_does_not(engine, value):
     scorer = CountingScorer()
-    body = _score(engine, chain, scorer)
+    body = _score(engine, value, scorer)
     assert scorer.calls == 1 and np.isfinite(body.values).all()

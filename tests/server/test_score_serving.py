@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from server.openai.serving_score import ScoreServing
-from tests.server.conftest import ScriptedEngine, make_client
-from tests.server.test_sampling import _Scorer, _Values
+from tests.server.conftest import OneValue, ScriptedEngine, make_client
+from tests.server.test_sampling import _Scorer
 
 
 def test_score_renders_the_chat_prompt_and_ranks_by_the_chain():
     engine = ScriptedEngine()
     client = make_client(engine)
-    client.app.state.score_serving = ScoreServing(engine, _Scorer(), _Values())
+    client.app.state.score_serving = ScoreServing(engine, _Scorer(), OneValue())
     body = client.post("/v1/score", json={"value": "v", "messages": [{"role": "user", "content": "hi"}],
                                           "responses": ["a", "abc"]}).json()
     prompt = len("<user>hi\n<assistant>")
@@ -34,8 +34,8 @@ def test_guided_stream_through_the_app():
 
     engine = _ChunkEngine()
     client = make_client(engine)
-    client.app.state.serving = OpenAIServing(engine, max_n=4, values=_Values(),
-                                             guided=GuidedGenerator(engine, _Scorer(), _Values()))
+    client.app.state.serving = OpenAIServing(engine, max_n=4, values=OneValue(),
+                                             guided=GuidedGenerator(engine, _Scorer(), OneValue()))
     response = client.post("/v1/chat/completions", json={
         "model": "tiny+v", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "n": 2, "stream": True,
         "stream_options": {"include_usage": True}})
@@ -58,7 +58,6 @@ def test_guided_stream_through_the_app():
 
 
 def test_score_cost_is_bounded_before_the_scorer_runs():
-    from tests.server.test_sampling import _Scorer, _Values
 
     class Counting(_Scorer):
         calls = 0
@@ -69,7 +68,7 @@ def test_score_cost_is_bounded_before_the_scorer_runs():
 
     engine = ScriptedEngine()
     client = make_client(engine)
-    serving = client.app.state.score_serving = ScoreServing(engine, Counting(), _Values(), max_responses=2,
+    serving = client.app.state.score_serving = ScoreServing(engine, Counting(), OneValue(), max_responses=2,
                                                             max_tokens=12, max_queue=1)
     error = client.post("/v1/score", json={"value": "v", "prompt": "hi", "responses": ["a", "b", "c"]}).json()["error"]
     assert error["param"] == "responses" and "at most 2" in error["message"]

@@ -50,9 +50,9 @@ def client(**settings):
     c = _CLIENTS[key]
     engine = _ChunkEngine()
     s = c.app.state.settings
-    guided = GuidedGenerator(engine, _Scorer(), OneValue(mode="cbs", w=4, k=4, l=4), max_candidates=s.max_guided_candidates,
+    guided = GuidedGenerator(engine, _Scorer(), OneValue(w=4, k=4, l=4), max_candidates=s.max_guided_candidates,
                              max_steps=s.max_guided_steps, effort_budgets=s.reasoning_effort_budgets)
-    c.app.state.serving = OpenAIServing(engine, max_n=s.max_n, guided=guided, values=OneValue(mode="cbs", w=4, k=4, l=4))
+    c.app.state.serving = OpenAIServing(engine, max_n=s.max_n, guided=guided, values=OneValue(w=4, k=4, l=4))
     return c, engine
 
 

@@ -78,11 +78,12 @@ def test_guided_cbs_with_response_format_is_refused_without_the_patch(monkeypatc
     from common.protocol import CompletionRequest
     from server.errors import InvalidRequestError
     from server.guided import GuidedGenerator
-    from tests.server.test_sampling import _ChunkEngine, _Scorer, _Values
+    from tests.server.conftest import OneValue
+    from tests.server.test_sampling import _ChunkEngine, _Scorer
 
     monkeypatch.setattr(grammar_prefix, "supported", lambda: False)
     engine = _ChunkEngine()
-    guided = GuidedGenerator(engine, _Scorer(), _Values())
+    guided = GuidedGenerator(engine, _Scorer(), OneValue())
     request = CompletionRequest(model="tiny+v", prompt="hi", max_tokens=4, response_format={"type": "json_object"})
     with pytest.raises(InvalidRequestError) as exc:
         asyncio.run(guided.prepare(request.to_generation(), "v"))
