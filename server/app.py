@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.protocol import HealthStatus, VersionInfo
 from common.version import __version__
-from server.errors import IroError, error_body, error_responses, validation_error_info
+from server.errors import IroError, QuotaExceededError, error_body, error_responses, validation_error_info
 from server.metrics import Metrics, MetricsMiddleware
 from server.settings import ServerSettings
 
@@ -90,6 +90,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(IroError)
     async def iro_error(_: Request, exc: IroError):
         headers = {"Retry-After": "1"} if exc.status_code in (429, 503) else None
+        if isinstance(exc, QuotaExceededError):
+            headers = {"x-should-retry": "false"}
         return JSONResponse(exc.to_response().model_dump(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)

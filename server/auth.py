@@ -1,4 +1,9 @@
-"""Bearer-token checks (constant-time) for the API key and the separate admin key."""
+"""Bearer-token checks (constant-time) for the API keys and the separate admin key.
+
+Each API key has a name (`api_key` is `default`, the others are `api_keys`' names); the name a
+request's key has is its owner's in the database: files, batches and stored completions are seen
+and touched only by the key that made them, and quotas count per name. With no key set, every
+caller is `default`."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import secrets
 from fastapi import Request
 
 from server.errors import AuthenticationError, PermissionDeniedError
+from server.settings import DEFAULT_KEY_NAME
 
 
 def _bearer(request: Request) -> str | None:
@@ -20,17 +26,30 @@ def _matches(given: str | None, expected: str) -> bool:
 
 
 async def require_api_key(request: Request) -> None:
-    settings = request.app.state.settings
-    if settings.api_key is None:
+    """Refuse a request without one of the API keys; record the key's name (`api_key_name`)."""
+    keys = request.app.state.settings.named_api_keys()
+    if not keys:
+        request.state.api_key_name = DEFAULT_KEY_NAME
         return
-    if not _matches(_bearer(request), settings.api_key.get_secret_value()):
+    token = _bearer(request)
+    matched = [name for name, key in keys if _matches(token, key)]  # every key compared: no early exit
+    if not matched:
         raise AuthenticationError("Incorrect or missing API key (Authorization: Bearer <key>).", code="invalid_api_key")
+    request.state.api_key_name = matched[0]
+
+
+def api_key_name(request: Request) -> str:
+    """The name of the API key that `require_api_key` accepted for this request."""
+    return getattr(request.state, "api_key_name", DEFAULT_KEY_NAME)
 
 
 async def require_admin_key(request: Request) -> None:
     settings = request.app.state.settings
     key = settings.admin_key or settings.api_key
     if key is None:
+        if settings.api_keys:
+            raise PermissionDeniedError("The admin routes need the admin key, and this server has none (only named "
+                                        "API keys): set IRO_ADMIN_KEY.", code="admin_key_required")
         return
     token = _bearer(request)
     if token is None:

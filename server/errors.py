@@ -9,6 +9,7 @@
     ├── ConflictError            409
     ├── PayloadTooLargeError     413
     ├── OverloadedError          429 (queue full; retry later)
+    ├── QuotaExceededError       429 insufficient_quota (a per-key quota of files or batches; not retried)
     ├── UnavailableError         503 recoverable (engine starting, value swapping)
     └── EngineDeadError          503 fatal (the engine process died)
 """
@@ -75,6 +76,19 @@ class OverloadedError(IroError):
     error_type = "rate_limit_error"
 
 
+class QuotaExceededError(IroError):
+    """An API key's quota of files, file bytes or unfinished batches is used up.
+
+    429, as OpenAI answers a used-up quota (`insufficient_quota`): the request is well-formed and the
+    same one succeeds once the key deletes files or its batches end, so 400 (fix the request) would
+    mislead, and clients already treat 429 as "over a limit". Unlike a full queue it does not clear
+    in a second: the response has no Retry-After and says `x-should-retry: false` (the openai SDK
+    then raises at once instead of retrying). The message names the quota's setting and its limit."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+
+
 class UnavailableError(IroError):
     status_code = 503
     error_type = "service_unavailable"
@@ -91,7 +105,8 @@ _DESCRIPTIONS = {
     404: "Unknown route, model, value or version.",
     409: "Conflicting request.",
     413: "Request body larger than the server's limit.",
-    429: "Too many requests in progress; retry after `Retry-After` seconds.",
+    429: "Too many requests in progress (retry after `Retry-After` seconds), or a per-key quota of files or "
+         "batches used up (`x-should-retry: false`: delete files or wait for batches to end).",
     503: "Engine starting or dead, or a value being swapped; retry after `Retry-After` seconds unless the engine died.",
 }
 

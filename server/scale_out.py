@@ -166,7 +166,7 @@ def proxy_middlewares() -> list:
 
 
 # ---------------------------------------------------------------------- replica settings
-SECRETS = ("api_key", "admin_key")
+SECRETS = ("api_key", "admin_key", "api_keys")
 NOT_FOR_REPLICAS = {"replicas", "port"}  # the proxy listens; a replica binds no port
 
 
@@ -177,9 +177,12 @@ def replica_args(settings) -> dict:
 
 
 def secret_env(settings) -> dict[str, str]:
-    """`IRO_API_KEY` / `IRO_ADMIN_KEY` (those set) for the replicas' environment."""
-    return {f"IRO_{name.upper()}": value.get_secret_value() for name in SECRETS
-            if isinstance(value := getattr(settings, name), SecretStr)}
+    """`IRO_API_KEY` / `IRO_ADMIN_KEY` / `IRO_API_KEYS` (JSON; those set) for the replicas' environment."""
+    env = {f"IRO_{name.upper()}": value.get_secret_value() for name in SECRETS
+           if isinstance(value := getattr(settings, name), SecretStr)}
+    if settings.api_keys:
+        env["IRO_API_KEYS"] = json.dumps({name: key.get_secret_value() for name, key in settings.api_keys.items()})
+    return env
 
 
 # ---------------------------------------------------------------------- what each replica serves

@@ -19,6 +19,11 @@ from common.paths import default_values_dir, iro_home
 from common.search_settings import REASONING_EFFORT_BUDGETS, ReasoningEffort
 
 
+DEFAULT_KEY_NAME = "default"
+"""The name of `api_key`, and of every caller when no key is set (files, batches, stored completions)."""
+KeyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
 class ServerSettings(EngineSettings):
     """Everything `iro serve` needs. Each field can be set as `IRO_<FIELD>` in the environment or as
     the flag `--<field>`; the engine's fields (max_model_len, kv_cache_gib, block_size, ...) come
@@ -38,6 +43,11 @@ class ServerSettings(EngineSettings):
     """Bearer token required on /v1 routes when set."""
     admin_key: SecretStr | None = None
     """Bearer token required on the admin routes (values, policies); falls back to api_key when unset."""
+    api_keys: dict[KeyName, SecretStr] = {}
+    """More API keys, by name (`{"alice": "sk-...", "bob": "sk-..."}`). Each name owns its files, batches
+    and stored completions (another key gets 404 for them) and has its own quotas. `api_key` is the
+    key named `default`, as is every caller when no key is set; a named key is never an admin key
+    (with named keys and neither admin_key nor api_key, the admin routes answer 403)."""
     values_dir: Path | None = None
     """Value registry to load and watch; default `$IRO_HOME/values`. A folder, or
     `s3://bucket/prefix` (any S3-compatible store through the standard AWS settings)."""
@@ -101,6 +111,15 @@ class ServerSettings(EngineSettings):
     `sqlite:///<data_dir>/iro.db`. Several replicas share a PostgreSQL one (`postgresql+psycopg://...`)."""
     max_file_bytes: int = Field(200_000_000, ge=1024)
     """Largest file `POST /v1/files` accepts (OpenAI's batch input limit: 200 MB)."""
+    max_files_per_key: int = Field(10_000, ge=1)
+    """Files one API key may keep: its uploads and its batches' output and error files (a deleted
+    file no longer counts). An upload past it: 429 naming the quota."""
+    max_file_storage_bytes_per_key: int = Field(10_000_000_000, ge=1024)
+    """Bytes of files one API key may keep (uploads, batch outputs and error files). An upload past
+    it: 429 naming the quota."""
+    max_active_batches_per_key: int = Field(100, ge=1)
+    """Batches of one API key not yet ended (validating, in progress, finalizing, cancelling). A new
+    batch past it: 429 naming the quota."""
     batch_concurrency: int = Field(4, ge=1)
     """Batch lines answered at once while no interactive request is in progress (one while any is)."""
     store_everything: bool = False
@@ -130,11 +149,30 @@ class ServerSettings(EngineSettings):
             return json.loads(value) if value.startswith("[") else [o.strip() for o in value.split(",") if o.strip()]
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_distinct(cls, keys: dict[str, SecretStr], info: ValidationInfo) -> dict[str, SecretStr]:
+        secrets = [k.get_secret_value() for k in keys.values()]
+        if info.data.get("api_key") is not None:
+            secrets.append(info.data["api_key"].get_secret_value())
+        if len(set(secrets)) < len(secrets):
+            raise ValueError("two API keys (api_key and api_keys) are the same; each key must be distinct, since "
+                             "the key decides whose files, batches and stored completions a request sees")
+        if any(not secret for secret in secrets):
+            raise ValueError("an API key in api_keys is empty")
+        return keys
+
+    def named_api_keys(self) -> list[tuple[str, str]]:
+        """(name, key) of every API key: api_key as `default`, then api_keys; empty when auth is off."""
+        named = [(DEFAULT_KEY_NAME, self.api_key.get_secret_value())] if self.api_key is not None else []
+        return named + [(name, key.get_secret_value()) for name, key in self.api_keys.items()]
+
     @field_validator("allow_open_admin")
     @classmethod
     def _admin_closed_off_loopback(cls, allow: bool, info: ValidationInfo) -> bool:
         data = info.data
-        if allow or is_loopback(data.get("host", "127.0.0.1")) or data.get("admin_key") or data.get("api_key"):
+        if (allow or is_loopback(data.get("host", "127.0.0.1")) or data.get("admin_key") or data.get("api_key")
+                or data.get("api_keys")):  # named keys only: the admin routes answer 403
             return allow
         raise ValueError(f"refusing to serve the admin routes (/v1/values, /v1/policies) without a key on "
                          f"{data.get('host')!r}, a non-loopback address: set an admin key (IRO_ADMIN_KEY, "
@@ -143,7 +181,7 @@ class ServerSettings(EngineSettings):
 
     def admin_open_to_network(self) -> bool:
         """True when the admin routes are reachable without a key from other machines."""
-        return not is_loopback(self.host) and self.admin_key is None and self.api_key is None
+        return not is_loopback(self.host) and self.admin_key is None and self.api_key is None and not self.api_keys
 
     def uvicorn_options(self) -> dict:
         """uvicorn's settings: address, connection limit, keep-alive."""

@@ -6,6 +6,11 @@ checked line by line at upload: each line a JSON object with `custom_id` (unique
 `method` POST, `url` one of the batch endpoints and an object `body` with a `model`; the first bad
 line is refused with a 400 naming it. What a body asks for is checked when the line runs (the
 error file holds the reason), as OpenAI does.
+
+A file belongs to the API key that uploaded it (a batch's output and error files to the batch's):
+another key gets 404 for it and does not see it listed. A key's quotas (files kept, bytes kept)
+are checked at upload, in the transaction that records the file; outputs are always written and
+count against the key's next upload.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from server.batches.protocol import MAX_BATCH_LINES, BatchInputLine, FileDeleted, FileList, FileObject
-from server.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
-from server.store.db import Database, batches, files
+from server.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError, QuotaExceededError
+from server.store.db import Database, batches, files, lock_api_key
 
 _CHUNK = 1 << 20
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
@@ -77,10 +82,13 @@ def parse_batch_lines(path: Path) -> list[BatchInputLine]:
 
 class FileStore:
     """Files: contents under `root`, metadata in `db`. Blocking methods end in `_sync`; serving
-    calls them in a worker thread."""
+    calls them in a worker thread. `max_bytes` bounds one file; `max_files` and `max_stored_bytes`
+    what one API key keeps."""
 
-    def __init__(self, db: Database, root: Path, *, max_bytes: int):
+    def __init__(self, db: Database, root: Path, *, max_bytes: int, max_files: int = 10_000,
+                 max_stored_bytes: int = 10_000_000_000):
         self.db, self.root, self.max_bytes = db, root, max_bytes
+        self.max_files, self.max_stored_bytes = max_files, max_stored_bytes
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, file_id: str) -> Path:
@@ -112,10 +120,29 @@ class FileStore:
             tmp.unlink(missing_ok=True)
         return size, digest.hexdigest()
 
-    def upload_sync(self, source: BinaryIO, filename: str, purpose: str) -> FileObject:
+    def _check_quota(self, conn, api_key_name: str, *, uploading: bool) -> None:
+        """`QuotaExceededError` naming the quota and its limit when the key's files pass one: before
+        an upload (`uploading`), when they leave no room for one more; once its row is written, when
+        they pass a quota with it."""
+        count, size = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(files.c.bytes), 0)).where(
+            files.c.api_key_name == api_key_name, files.c.deleted.is_(False))).one()
+        keeps = "keeps" if uploading else "would keep"
+        advice = "delete files (batch outputs count too) to upload more"
+        if count + uploading > self.max_files:
+            raise QuotaExceededError(f"API key {api_key_name!r} {keeps} {count} files; its quota "
+                                     f"(max_files_per_key) is {self.max_files}: {advice}", param="file",
+                                     code="files_quota_exceeded", quota="max_files_per_key", limit=self.max_files)
+        if size + uploading > self.max_stored_bytes:
+            raise QuotaExceededError(f"API key {api_key_name!r} {keeps} {size} bytes of files; its quota "
+                                     f"(max_file_storage_bytes_per_key) is {self.max_stored_bytes}: {advice}",
+                                     param="file", code="file_storage_quota_exceeded",
+                                     quota="max_file_storage_bytes_per_key", limit=self.max_stored_bytes)
+
+    def upload_sync(self, source: BinaryIO, filename: str, purpose: str, *, api_key_name: str) -> FileObject:
         if purpose != "batch":
             raise InvalidRequestError(f"purpose {purpose!r} is not supported here; upload batch input files with "
                                       "purpose \"batch\"", param="purpose", code="invalid_value")
+        self.db.read_sync(lambda c: self._check_quota(c, api_key_name, uploading=True))  # full: refused before reading
         file_id = new_file_id()
         size, sha = self._publish(file_id, iter(lambda: source.read(_CHUNK), b""))
         try:
@@ -124,26 +151,34 @@ class FileStore:
             self.path(file_id).unlink(missing_ok=True)
             raise
         row = dict(id=file_id, bytes=size, created_at=int(time.time()), filename=filename[:512] or "upload.jsonl",
-                   purpose=purpose, lines=len(lines), sha256=sha, deleted=False)
+                   purpose=purpose, lines=len(lines), sha256=sha, deleted=False, api_key_name=api_key_name)
+
+        def record(conn):  # written, then checked with it: two uploads at once cannot both pass
+            lock_api_key(conn, api_key_name)
+            conn.execute(files.insert().values(**row))  # SQLite: this write takes the one writer's lock
+            self._check_quota(conn, api_key_name, uploading=False)
+
         try:
-            self.db.write_sync(lambda c: c.execute(files.insert().values(**row)))
+            self.db.write_sync(record)
         except Exception:
             self.path(file_id).unlink(missing_ok=True)
             raise
         return FileObject(id=file_id, bytes=size, created_at=row["created_at"], filename=row["filename"],
                           purpose="batch")
 
-    def write_output_sync(self, conn: sa.Connection, file_id: str, filename: str, lines: list[dict]) -> None:
+    def write_output_sync(self, conn: sa.Connection, file_id: str, filename: str, lines: list[dict], *,
+                          api_key_name: str) -> None:
         """A batch's output or error file (JSONL), published then recorded in `conn`'s transaction;
         writing the same `file_id` again (a finalize resumed after a crash) replaces it."""
         size, sha = self._publish(file_id, ((json.dumps(line, ensure_ascii=False) + "\n").encode() for line in lines))
         conn.execute(files.delete().where(files.c.id == file_id))
         conn.execute(files.insert().values(id=file_id, bytes=size, created_at=int(time.time()), filename=filename,
-                                           purpose="batch_output", lines=len(lines), sha256=sha, deleted=False))
+                                           purpose="batch_output", lines=len(lines), sha256=sha, deleted=False,
+                                           api_key_name=api_key_name))
 
-    def delete_sync(self, file_id: str) -> FileDeleted:
+    def delete_sync(self, file_id: str, *, api_key_name: str) -> FileDeleted:
         def delete(conn):
-            self._row(conn, file_id)
+            self._row(conn, file_id, api_key_name)
             using = conn.execute(sa.select(batches.c.id).where(batches.c.input_file_id == file_id,
                                                                batches.c.status.in_(UNFINISHED))).first()
             if using is not None:
@@ -157,30 +192,34 @@ class FileStore:
 
     # ------------------------------------------------------------------ reads
     @staticmethod
-    def _row(conn, file_id: str):
-        row = conn.execute(sa.select(files).where(files.c.id == file_id, files.c.deleted.is_(False))).first()
+    def _row(conn, file_id: str, api_key_name: str):
+        """The file's row; 404 when it is deleted or another API key's."""
+        row = conn.execute(sa.select(files).where(files.c.id == file_id, files.c.deleted.is_(False),
+                                                  files.c.api_key_name == api_key_name)).first()
         if row is None:
             raise NotFoundError(f"No such File object: {file_id}", param="file_id", code="file_not_found")
         return row
 
-    def get_sync(self, file_id: str) -> FileObject:
-        return _object(self.db.read_sync(lambda c: self._row(c, file_id)))
+    def get_sync(self, file_id: str, *, api_key_name: str) -> FileObject:
+        return _object(self.db.read_sync(lambda c: self._row(c, file_id, api_key_name)))
 
-    def content_path_sync(self, file_id: str) -> Path:
-        self.get_sync(file_id)
+    def content_path_sync(self, file_id: str, *, api_key_name: str) -> Path:
+        self.get_sync(file_id, api_key_name=api_key_name)
         path = self.path(file_id)
         if not path.exists():
             raise NotFoundError(f"the contents of {file_id} are missing from the server's file store",
                                 param="file_id", code="file_not_found")
         return path
 
-    def list_sync(self, *, after: str | None, limit: int, order: str, purpose: str | None) -> FileList:
+    def list_sync(self, *, after: str | None, limit: int, order: str, purpose: str | None,
+                  api_key_name: str) -> FileList:
         def query(conn):
-            q = sa.select(files).where(files.c.deleted.is_(False))
+            q = sa.select(files).where(files.c.deleted.is_(False), files.c.api_key_name == api_key_name)
             if purpose:
                 q = q.where(files.c.purpose == purpose)
             if after:
-                seq = conn.execute(sa.select(files.c.seq).where(files.c.id == after)).scalar()
+                seq = conn.execute(sa.select(files.c.seq).where(files.c.id == after,
+                                                                files.c.api_key_name == api_key_name)).scalar()
                 if seq is None:
                     raise NotFoundError(f"No such File object: {after}", param="after", code="file_not_found")
                 q = q.where(files.c.seq < seq if order == "desc" else files.c.seq > seq)

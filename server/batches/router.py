@@ -1,4 +1,5 @@
-"""Thin routes of `/v1/files` and `/v1/batches` (same API key as the other `/v1` routes)."""
+"""Thin routes of `/v1/files` and `/v1/batches` (same API keys as the other `/v1` routes; each
+key sees only its own files and batches)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
-from server.auth import require_api_key
+from server.auth import api_key_name, require_api_key
 from server.batches.protocol import Batch, BatchCreateRequest, BatchList, FileDeleted, FileList, FileObject
 from server.errors import InvalidRequestError, UnavailableError, error_responses
 
@@ -36,7 +37,7 @@ def get_batches(request: Request):
 
 
 # ----------------------------------------------------------------------------- files
-@router.post("/files", response_model=FileObject, responses=error_responses(400, 413))
+@router.post("/files", response_model=FileObject, responses=error_responses(400, 413, 429))
 async def upload_file(request: Request):
     """Upload a batch input file (multipart: `file` and `purpose`="batch")."""
     files = get_files(request)
@@ -51,7 +52,8 @@ async def upload_file(request: Request):
             raise InvalidRequestError("file is required (a multipart file part)", param="file", code="missing_field")
         if not isinstance(purpose, str):
             raise InvalidRequestError("purpose is required", param="purpose", code="missing_field")
-        return await anyio.to_thread.run_sync(files.upload_sync, upload.file, upload.filename or "", purpose)
+        return await anyio.to_thread.run_sync(lambda: files.upload_sync(upload.file, upload.filename or "", purpose,
+                                                                        api_key_name=api_key_name(request)))
     finally:
         await form.close()
 
@@ -61,48 +63,49 @@ async def list_files(request: Request, after: str | None = None, limit: int = Qu
                      order: Literal["asc", "desc"] = "desc", purpose: str | None = None):
     files = get_files(request)
     return await anyio.to_thread.run_sync(lambda: files.list_sync(after=after, limit=limit, order=order,
-                                                                  purpose=purpose))
+                                                                  purpose=purpose, api_key_name=api_key_name(request)))
 
 
 @router.get("/files/{file_id}", response_model=FileObject, responses=error_responses(404))
 async def retrieve_file(file_id: str, request: Request):
     files = get_files(request)
-    return await anyio.to_thread.run_sync(files.get_sync, file_id)
+    return await anyio.to_thread.run_sync(lambda: files.get_sync(file_id, api_key_name=api_key_name(request)))
 
 
 @router.get("/files/{file_id}/content", response_class=FileResponse, responses=error_responses(404))
 async def file_content(file_id: str, request: Request):
     files = get_files(request)
-    path = await anyio.to_thread.run_sync(files.content_path_sync, file_id)
+    path = await anyio.to_thread.run_sync(lambda: files.content_path_sync(file_id, api_key_name=api_key_name(request)))
     return FileResponse(path, media_type="application/jsonl")
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
 async def delete_file(file_id: str, request: Request):
     files = get_files(request)
-    return await anyio.to_thread.run_sync(files.delete_sync, file_id)
+    return await anyio.to_thread.run_sync(lambda: files.delete_sync(file_id, api_key_name=api_key_name(request)))
 
 
 # ----------------------------------------------------------------------------- batches
-@router.post("/batches", response_model=Batch, responses=error_responses(400, 404))
+@router.post("/batches", response_model=Batch, responses=error_responses(400, 404, 429))
 async def create_batch(body: BatchCreateRequest, request: Request):
     batches = get_batches(request)
-    return await anyio.to_thread.run_sync(batches.create_sync, body)
+    return await anyio.to_thread.run_sync(lambda: batches.create_sync(body, api_key_name=api_key_name(request)))
 
 
 @router.get("/batches", response_model=BatchList)
 async def list_batches(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)):
     batches = get_batches(request)
-    return await anyio.to_thread.run_sync(lambda: batches.list_sync(after=after, limit=limit))
+    return await anyio.to_thread.run_sync(lambda: batches.list_sync(after=after, limit=limit,
+                                                                    api_key_name=api_key_name(request)))
 
 
 @router.get("/batches/{batch_id}", response_model=Batch, responses=error_responses(404))
 async def retrieve_batch(batch_id: str, request: Request):
     batches = get_batches(request)
-    return await anyio.to_thread.run_sync(batches.get_sync, batch_id)
+    return await anyio.to_thread.run_sync(lambda: batches.get_sync(batch_id, api_key_name=api_key_name(request)))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=Batch, responses=error_responses(404, 409))
 async def cancel_batch(batch_id: str, request: Request):
     batches = get_batches(request)
-    return await anyio.to_thread.run_sync(batches.cancel_sync, batch_id)
+    return await anyio.to_thread.run_sync(lambda: batches.cancel_sync(batch_id, api_key_name=api_key_name(request)))

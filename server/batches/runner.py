@@ -10,7 +10,8 @@
   is counted: after `kill -9` a new start resumes the batch and skips every line already answered,
   so each `custom_id` is answered exactly once.
 - Finalizing writes the output file (lines answered 200) and the error file (the others), in
-  input order, in OpenAI's line format.
+  input order, in OpenAI's line format. They belong to the batch's API key, as do the completions
+  its lines store (`store: true`).
 - A batch still running when its completion window ends (`expires_at`, on `clock`) stops at once
   and ends `expired`, as OpenAI's do: the lines answered are in the output file, the others in the
   error file with code `batch_expired`.
@@ -40,8 +41,11 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = 60.0
 POLL_SECONDS = 2.0
 ACTIVE = ("validating", "in_progress", "cancelling", "finalizing")
-_REQUESTS = {"/v1/chat/completions": (ChatCompletionRequest, "create_chat_completion"),
-             "/v1/completions": (CompletionRequest, "create_completion")}
+_REQUESTS = {  # endpoint -> (request type, its serving call with the batch's API key name)
+    "/v1/chat/completions": (ChatCompletionRequest,
+                             lambda serving, request, key: serving.create_chat_completion(request, api_key_name=key)),
+    "/v1/completions": (CompletionRequest, lambda serving, request, key: serving.create_completion(request)),
+}
 
 
 def replica_name(port: int) -> str:
@@ -215,7 +219,7 @@ class BatchRunner:
                 status = await self._status(row.id)
                 if status != "in_progress":
                     break
-            in_flight.add(asyncio.create_task(self._answer(row.id, number, line)))
+            in_flight.add(asyncio.create_task(self._answer(row, number, line)))
         if status != "in_progress" or self._stopped:
             for task in in_flight:  # cancelled, expired or shutting down: abort what runs (its engine requests too)
                 task.cancel()
@@ -236,8 +240,9 @@ class BatchRunner:
             return 0
         return 1 if getattr(serving, "_admitted", 0) > 0 else self.concurrency
 
-    async def _answer(self, batch_id: str, number: int, line: BatchInputLine) -> None:
-        result, ok, tokens = await self._call(line)
+    async def _answer(self, row, number: int, line: BatchInputLine) -> None:
+        batch_id = row.id
+        result, ok, tokens = await self._call(line, row.api_key_name)
         if self.lines is not None:
             self.lines.labels("completed" if ok else "failed").inc()
 
@@ -253,9 +258,9 @@ class BatchRunner:
 
         await self.db.write(record)
 
-    async def _call(self, line: BatchInputLine) -> tuple[dict, bool, tuple[int, int]]:
+    async def _call(self, line: BatchInputLine, api_key_name: str) -> tuple[dict, bool, tuple[int, int]]:
         """(output line, answered 200, (prompt tokens, completion tokens))."""
-        request_type, method = _REQUESTS[line.url]
+        request_type, call = _REQUESTS[line.url]
         try:
             request = request_type.model_validate(line.body)
         except ValidationError as exc:
@@ -267,7 +272,7 @@ class BatchRunner:
         serving = self.serving()
         try:
             serving.engine_check()
-            response = await getattr(serving, method)(request)
+            response = await call(serving, request, api_key_name)
         except IroError as exc:
             return error_line(line.custom_id, exc.status_code, exc.to_response().error.model_dump()), False, (0, 0)
         except asyncio.CancelledError:
@@ -296,6 +301,7 @@ class BatchRunner:
             unanswered = [(i, line.custom_id) for i, line in enumerate(lines, start=1)]
 
         def finish(conn):
+            key_name = conn.execute(sa.select(batches.c.api_key_name).where(batches.c.id == batch_id)).scalar_one()
             if unanswered:  # the window ended: each line not answered fails with batch_expired
                 answered = set(conn.execute(sa.select(batch_results.c.custom_id)
                                             .where(batch_results.c.batch_id == batch_id)).scalars())
@@ -312,9 +318,9 @@ class BatchRunner:
             output_id = f"file-{stem}-output" if good else None
             error_id = f"file-{stem}-errors" if bad else None
             if good:
-                self.files.write_output_sync(conn, output_id, f"{batch_id}_output.jsonl", good)
+                self.files.write_output_sync(conn, output_id, f"{batch_id}_output.jsonl", good, api_key_name=key_name)
             if bad:
-                self.files.write_output_sync(conn, error_id, f"{batch_id}_error.jsonl", bad)
+                self.files.write_output_sync(conn, error_id, f"{batch_id}_error.jsonl", bad, api_key_name=key_name)
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
                 status=final, output_file_id=output_id, error_file_id=error_id, owner=None,
                 **{stamp: int(self.clock() if final == "expired" else time.time())}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -13,7 +14,7 @@ from common.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ModelList, ScoreRequest,
     ScoreResponse,
 )
-from server.auth import require_api_key
+from server.auth import api_key_name, require_api_key
 from server.errors import IroError, UnavailableError, error_responses
 from server.openai.serving import OpenAIServing
 
@@ -112,7 +113,8 @@ async def list_models(request: Request):
              responses=generation_responses("ChatCompletionStreamResponse"))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     serving = get_serving(request)
-    return await _respond(request, serving, serving.create_chat_completion, body)
+    create = partial(serving.create_chat_completion, api_key_name=api_key_name(request))  # a stored answer's owner
+    return await _respond(request, serving, create, body)
 
 
 @router.post("/completions", response_model=CompletionResponse,

@@ -23,6 +23,7 @@ from server.engine import EngineClient, EngineRequest
 from server.errors import EngineDeadError, InvalidRequestError, NotFoundError, OverloadedError, UnavailableError
 from server.openai import responses
 from server.openai.generate import PlainGenerator
+from server.settings import DEFAULT_KEY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,8 @@ class OpenAIServing:
             return generator.stream(prompts, plan)
         return await generator.run(prompts, plan)
 
-    async def create_chat_completion(self, request: ChatCompletionRequest):
+    async def create_chat_completion(self, request: ChatCompletionRequest, *, api_key_name: str = DEFAULT_KEY_NAME):
+        """The answer (or its stream); a stored one (`store: true`) belongs to `api_key_name`."""
         value, adapter = self.resolve_model(request.model)
         store = self._will_store(request)
         self.limits.check(request)
@@ -260,7 +262,7 @@ class OpenAIServing:
         usage = self.count_tokens(len(prompt.token_ids), result.completion_tokens, result.returned_tokens)
         response = responses.chat_response(request, prompt.token_ids, result, usage)
         if store:
-            await self._store(request, response, prompt, result, value, adapter)
+            await self._store(request, response, prompt, result, value, adapter, api_key_name)
         return response
 
     def _will_store(self, request: ChatCompletionRequest) -> bool:
@@ -279,7 +281,8 @@ class OpenAIServing:
                                       param="metadata", code="unsupported_value")
         return store
 
-    async def _store(self, request, response, prompt: RenderedPrompt, result, value, adapter) -> None:
+    async def _store(self, request, response, prompt: RenderedPrompt, result, value, adapter,
+                     api_key_name: str) -> None:
         from server.stored.protocol import StoredRecord
         from server.stored.serving import policy_of
 
@@ -288,7 +291,7 @@ class OpenAIServing:
             request=request.model_dump(mode="json", exclude_none=True), response=response.model_dump(mode="json"),
             prompt_text=prompt.text, prompt_token_ids=prompt.token_ids,
             completion_token_ids=[c.token_ids for c in result.choices[0]],
-            policy=policy_of(self.base_id, value, adapter, response.guidance)))
+            policy=policy_of(self.base_id, value, adapter, response.guidance)), api_key_name=api_key_name)
 
     async def create_completion(self, request: CompletionRequest):
         value, adapter = self.resolve_model(request.model)

@@ -6,9 +6,15 @@
 SQLite runs in WAL mode with `synchronous=FULL`: a commit is fsynced before it returns, so an
 answered batch line or a stored completion survives `kill -9` and a power cut (NORMAL+WAL would
 survive `kill -9` but may lose the last commits on power loss; a commit per generated answer is
-cheap next to the generation). Writes go through one thread (`Database.write`), so SQLite never
-sees two writers from this process; readers run beside it (WAL). Tables are created if missing
-(`metadata.create_all`, safe with several processes opening at once): the schema only grows by new tables for now.
+cheap next to the generation). Writes go through one thread (`Database.write`) or, from the routes'
+worker threads, take the same process-wide lock (`write_sync`), so SQLite never sees two writers
+from this process; readers run beside it (WAL). Tables are created if missing
+(`metadata.create_all`, safe with several processes opening at once), and so are columns and
+indexes added since a database was made (`ALTER TABLE ... ADD COLUMN` with the column's default):
+the schema only grows.
+
+Files, batches and stored completions belong to the API key that made them (`api_key_name`;
+rows from before keys had names belong to `default`, the `api_key`'s, which made them).
 
 A file that is not a database (or fails `PRAGMA quick_check`) raises `DatabaseUnavailable` with
 the reason; the server logs it, keeps serving plain traffic and answers 503 on the routes that
@@ -17,8 +23,11 @@ need the database.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -26,6 +35,8 @@ from typing import TypeVar
 import anyio
 import sqlalchemy as sa
 from sqlalchemy import event
+
+from server.settings import DEFAULT_KEY_NAME
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,6 +84,8 @@ files = sa.Table(
     sa.Column("lines", sa.Integer, nullable=True),  # batch input: request lines
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False, default=False),
+    sa.Column("api_key_name", sa.String(64), nullable=False, server_default=DEFAULT_KEY_NAME),
+    sa.Index("ix_files_api_key_name", "api_key_name"),
 )
 
 batches = sa.Table(
@@ -99,6 +112,8 @@ batches = sa.Table(
     sa.Column("total", sa.Integer, nullable=False, default=0),
     sa.Column("owner", sa.String(256), nullable=True),  # replica running it
     sa.Column("lease_until", sa.Float, nullable=True),  # its claim lapses after this time
+    sa.Column("api_key_name", sa.String(64), nullable=False, server_default=DEFAULT_KEY_NAME),
+    sa.Index("ix_batches_api_key_name", "api_key_name"),
 )
 
 batch_results = sa.Table(
@@ -125,6 +140,8 @@ completions = sa.Table(
     sa.Column("prompt_token_ids", sa.JSON, nullable=False),
     sa.Column("completion_token_ids", sa.JSON, nullable=False),  # one list per choice
     sa.Column("policy", sa.JSON, nullable=False),  # base, value chain + versions + betas, adapter
+    sa.Column("api_key_name", sa.String(64), nullable=False, server_default=DEFAULT_KEY_NAME),
+    sa.Index("ix_stored_completions_api_key_name", "api_key_name"),
 )
 
 completion_metadata = sa.Table(  # one row per pair: portable equality filters on SQLite and PostgreSQL
@@ -135,6 +152,30 @@ completion_metadata = sa.Table(  # one row per pair: portable equality filters o
     sa.Column("value", UserText(512), nullable=False),
     sa.Index("ix_metadata_pair", "key", "value"),
 )
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """Columns (each with a default) and indexes added to a table since the database was made."""
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+                log.info("database: added column %s.%s", table.name, column.name)
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+
+
+def lock_api_key(conn: sa.Connection, name: str) -> None:
+    """Serialize the quota checks of one API key's writes until this transaction ends. On
+    PostgreSQL an advisory lock (replicas and read-committed transactions would otherwise both
+    pass a check); SQLite has one writer at a time, taken by the write that precedes the check."""
+    if conn.dialect.name == "postgresql":
+        key = zlib.crc32(name.encode())
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:space, :key)"),
+                     {"space": 7215800, "key": key - 2**32 if key >= 2**31 else key})
 
 
 class DatabaseUnavailable(Exception):
@@ -168,6 +209,9 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._writer = anyio.CapacityLimiter(1)
         self._readers = anyio.CapacityLimiter(4)
+        # SQLite: one writer per process also for the blocking callers (routes' worker threads), which
+        # would otherwise wait on SQLite's busy handler, in sleeps of up to a second
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
 
     @classmethod
     def open(cls, url: str) -> "Database":
@@ -193,18 +237,21 @@ class Database:
         return db
 
     def _create_tables(self) -> None:
-        """The missing tables, also when other processes (replicas, `iro data`) create them at the
-        same moment: PostgreSQL serializes them on an advisory lock; SQLite's check-then-create is
-        not atomic, so a table another process created in between ("already exists") is a retry."""
+        """The missing tables, columns and indexes, also when other processes (replicas, `iro data`)
+        create them at the same moment: PostgreSQL serializes them on an advisory lock; SQLite's
+        check-then-create is not atomic, so one another process created in between ("already
+        exists", "duplicate column") is a retry."""
         for attempt in range(5):
             try:
                 with self.engine.begin() as conn:
                     if not self.is_sqlite:
                         conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215800131)")
                     metadata.create_all(conn)
+                    _add_missing_columns(conn)
                 return
             except sa.exc.OperationalError as exc:
-                if not self.is_sqlite or "already exists" not in str(exc.orig) or attempt == 4:
+                lost_race = "already exists" in str(exc.orig) or "duplicate column" in str(exc.orig)
+                if not self.is_sqlite or not lost_race or attempt == 4:
                     raise
 
     def safe_url(self) -> str:
@@ -212,7 +259,7 @@ class Database:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def write_sync(self, fn: Callable[[sa.Connection], T]) -> T:
-        with self.engine.begin() as conn:
+        with self._write_lock, self.engine.begin() as conn:
             return fn(conn)
 
     def read_sync(self, fn: Callable[[sa.Connection], T]) -> T:

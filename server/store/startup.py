@@ -37,10 +37,12 @@ def open_store(app, settings):
         log.warning("store_everything is on: every non-streamed chat completion is stored with its prompt "
                     "(a request with store: false opts out)")
     app.state.database = db
-    app.state.files = FileStore(db, data_dir / "files", max_bytes=settings.max_file_bytes)
+    app.state.files = FileStore(db, data_dir / "files", max_bytes=settings.max_file_bytes,
+                                max_files=settings.max_files_per_key,
+                                max_stored_bytes=settings.max_file_storage_bytes_per_key)
     runner = BatchRunner(db, app.state.files, lambda: app.state.serving, owner=replica_name(settings.port),
                          concurrency=settings.batch_concurrency, metrics=app.state.metrics)
-    app.state.batches = BatchServing(db, wake=runner.wake)
+    app.state.batches = BatchServing(db, wake=runner.wake, max_active=settings.max_active_batches_per_key)
     app.state.stored = StoredCompletions(db, metrics=app.state.metrics)
     return runner
 

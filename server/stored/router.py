@@ -1,11 +1,12 @@
-"""Thin routes of stored chat completions (`GET/POST/DELETE /v1/chat/completions[/{id}]`)."""
+"""Thin routes of stored chat completions (`GET/POST/DELETE /v1/chat/completions[/{id}]`); each API
+key sees only its own."""
 
 from __future__ import annotations
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 
-from server.auth import require_api_key
+from server.auth import api_key_name, require_api_key
 from server.batches.router import store_unavailable
 from server.errors import InvalidRequestError, error_responses
 from server.stored.protocol import (
@@ -54,7 +55,7 @@ async def list_stored(request: Request):
     paginate, `order` asc (default) or desc."""
     stored = get_stored(request)
     query = list_query(request, {"after", "limit", "order", "model", "metadata"})
-    return await anyio.to_thread.run_sync(lambda: stored.list_sync(**query))
+    return await anyio.to_thread.run_sync(lambda: stored.list_sync(**query, api_key_name=api_key_name(request)))
 
 
 @router.delete("", response_model=StoredCompletionsDeleted, responses=error_responses(400))
@@ -62,30 +63,33 @@ async def delete_stored_matching(request: Request):
     """Delete every stored completion matching `metadata[key]=value` and/or `model` (iro extension)."""
     stored = get_stored(request)
     query = list_query(request, {"model", "metadata"})
-    return await anyio.to_thread.run_sync(lambda: stored.delete_matching_sync(model=query.get("model"),
-                                                                              metadata=query["metadata"]))
+    return await anyio.to_thread.run_sync(lambda: stored.delete_matching_sync(
+        model=query.get("model"), metadata=query["metadata"], api_key_name=api_key_name(request)))
 
 
 @router.get("/{completion_id}", response_model=StoredCompletion, responses=error_responses(404))
 async def retrieve_stored(completion_id: str, request: Request):
     stored = get_stored(request)
-    return await anyio.to_thread.run_sync(stored.get_sync, completion_id)
+    return await anyio.to_thread.run_sync(lambda: stored.get_sync(completion_id, api_key_name=api_key_name(request)))
 
 
 @router.post("/{completion_id}", response_model=StoredCompletion, responses=error_responses(400, 404))
 async def update_stored(completion_id: str, body: StoredCompletionUpdate, request: Request):
     stored = get_stored(request)
-    return await anyio.to_thread.run_sync(stored.update_sync, completion_id, body.metadata)
+    return await anyio.to_thread.run_sync(lambda: stored.update_sync(completion_id, body.metadata,
+                                                                     api_key_name=api_key_name(request)))
 
 
 @router.delete("/{completion_id}", response_model=StoredCompletionDeleted, responses=error_responses(404))
 async def delete_stored(completion_id: str, request: Request):
     stored = get_stored(request)
-    return await anyio.to_thread.run_sync(stored.delete_sync, completion_id)
+    return await anyio.to_thread.run_sync(lambda: stored.delete_sync(completion_id,
+                                                                     api_key_name=api_key_name(request)))
 
 
 @router.get("/{completion_id}/messages", response_model=StoredMessageList, responses=error_responses(400, 404))
 async def stored_messages(completion_id: str, request: Request):
     stored = get_stored(request)
     query = list_query(request, {"after", "limit", "order"})
-    return await anyio.to_thread.run_sync(lambda: stored.messages_sync(completion_id, **query))
+    return await anyio.to_thread.run_sync(lambda: stored.messages_sync(completion_id, **query,
+                                                                       api_key_name=api_key_name(request)))

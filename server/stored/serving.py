@@ -1,6 +1,9 @@
 """Stored chat completions: saved by `OpenAIServing` when a request says `store: true` (or the
 server stores everything), listed with OpenAI's filters (`metadata[key]=value`, `model`) and
-cursor pagination (`after`, `limit`, `order`), updated, deleted by id or by metadata filter."""
+cursor pagination (`after`, `limit`, `order`), updated, deleted by id or by metadata filter.
+
+A stored completion belongs to the API key whose request made it (a batch line's: the batch's):
+another key gets 404 for it, does not see it listed and does not delete it with a filter."""
 
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ def policy_of(base: str, value: str | None, adapter, guidance) -> dict:
             "adapter": getattr(adapter, "lora_name", None)}
 
 
-def _filters(model: str | None, metadata: dict[str, str]):
-    conds = []
+def _filters(model: str | None, metadata: dict[str, str], api_key_name: str | None = None):
+    conds = [] if api_key_name is None else [completions.c.api_key_name == api_key_name]
     if model:
         conds.append(completions.c.model == model)
     for key, value in metadata.items():
@@ -55,11 +58,12 @@ class StoredCompletions:
             self.failures = Counter("iro_store_failures_total", "Completions asked to be stored that were not "
                                     "(database errors); the answer was still returned", registry=metrics.registry)
 
-    async def save(self, record: StoredRecord) -> None:
-        """Store one completion; a database failure is logged and counted, never raised (the
-        answer has been generated and is returned)."""
+    async def save(self, record: StoredRecord, *, api_key_name: str) -> None:
+        """Store one completion as `api_key_name`'s; a database failure is logged and counted, never
+        raised (the answer has been generated and is returned)."""
         def insert(conn):
-            conn.execute(completions.insert().values(**record.model_dump(include=set(completions.c.keys()))))
+            conn.execute(completions.insert().values(**record.model_dump(include=set(completions.c.keys())),
+                                                     api_key_name=api_key_name))
             if record.metadata:
                 conn.execute(completion_metadata.insert(), [{"completion_id": record.id, "key": k, "value": v}
                                                             for k, v in record.metadata.items()])
@@ -72,33 +76,34 @@ class StoredCompletions:
                 self.failures.inc()
 
     # ------------------------------------------------------------------ reads
-    def _row(self, conn, completion_id: str):
-        row = conn.execute(sa.select(completions).where(completions.c.id == completion_id)).first()
+    def _row(self, conn, completion_id: str, api_key_name: str):
+        """The completion's row; 404 when it is another API key's."""
+        row = conn.execute(sa.select(completions).where(completions.c.id == completion_id,
+                                                        completions.c.api_key_name == api_key_name)).first()
         if row is None:
             raise NotFoundError(f"No stored chat completion {completion_id}", param="completion_id",
                                 code="completion_not_found")
         return row
 
-    def _seq(self, conn, completion_id: str) -> int:
-        return self._row(conn, completion_id).seq
-
-    def list_sync(self, *, after: str | None = None, limit: int = 20, order: str = "asc", model: str | None = None,
-                  metadata: dict[str, str] | None = None) -> StoredCompletionList:
-        rows = self.records_sync(after=after, limit=limit, order=order, model=model, metadata=metadata, extra=1)
+    def list_sync(self, *, api_key_name: str, after: str | None = None, limit: int = 20, order: str = "asc",
+                  model: str | None = None, metadata: dict[str, str] | None = None) -> StoredCompletionList:
+        rows = self.records_sync(after=after, limit=limit, order=order, model=model, metadata=metadata, extra=1,
+                                 api_key_name=api_key_name)
         data = [_completion(r) for r in rows[:limit]]
         return StoredCompletionList(data=data, has_more=len(rows) > limit, first_id=data[0].id if data else None,
                                     last_id=data[-1].id if data else None)
 
     def records_sync(self, *, after: str | None = None, limit: int | None = 20, order: str = "asc",
                      model: str | None = None, metadata: dict[str, str] | None = None, since: int | None = None,
-                     extra: int = 0) -> list:
-        """Rows (all columns) matching the filters, in `seq` order."""
+                     extra: int = 0, api_key_name: str | None = None) -> list:
+        """Rows (all columns) matching the filters, in `seq` order; `api_key_name` None: every key's."""
         def query(conn):
-            q = sa.select(completions).where(*_filters(model, metadata or {}))
+            q = sa.select(completions).where(*_filters(model, metadata or {}, api_key_name))
             if since is not None:
                 q = q.where(completions.c.created >= since)
             if after:
-                seq = conn.execute(sa.select(completions.c.seq).where(completions.c.id == after)).scalar()
+                seq = conn.execute(sa.select(completions.c.seq).where(
+                    completions.c.id == after, *_filters(None, {}, api_key_name))).scalar()
                 if seq is None:
                     raise NotFoundError(f"No stored chat completion {after}", param="after", code="completion_not_found")
                 q = q.where(completions.c.seq < seq if order == "desc" else completions.c.seq > seq)
@@ -109,12 +114,12 @@ class StoredCompletions:
 
         return self.db.read_sync(query)
 
-    def get_sync(self, completion_id: str) -> StoredCompletion:
-        return _completion(self.db.read_sync(lambda c: self._row(c, completion_id)))
+    def get_sync(self, completion_id: str, *, api_key_name: str) -> StoredCompletion:
+        return _completion(self.db.read_sync(lambda c: self._row(c, completion_id, api_key_name)))
 
-    def messages_sync(self, completion_id: str, *, after: str | None = None, limit: int = 20,
+    def messages_sync(self, completion_id: str, *, api_key_name: str, after: str | None = None, limit: int = 20,
                       order: str = "asc") -> StoredMessageList:
-        row = self.db.read_sync(lambda c: self._row(c, completion_id))
+        row = self.db.read_sync(lambda c: self._row(c, completion_id, api_key_name))
         messages = []
         for i, m in enumerate(row.request.get("messages", [])):
             content, parts = m.get("content"), None
@@ -134,35 +139,38 @@ class StoredCompletions:
                                  last_id=data[-1].id if data else None)
 
     # ------------------------------------------------------------------ writes
-    def update_sync(self, completion_id: str, metadata: dict[str, str] | None) -> StoredCompletion:
+    def update_sync(self, completion_id: str, metadata: dict[str, str] | None, *,
+                    api_key_name: str) -> StoredCompletion:
         def update(conn):
-            self._row(conn, completion_id)
+            self._row(conn, completion_id, api_key_name)
             conn.execute(completions.update().where(completions.c.id == completion_id).values(metadata=metadata or {}))
             conn.execute(completion_metadata.delete().where(completion_metadata.c.completion_id == completion_id))
             if metadata:
                 conn.execute(completion_metadata.insert(), [{"completion_id": completion_id, "key": k, "value": v}
                                                             for k, v in metadata.items()])
-            return self._row(conn, completion_id)
+            return self._row(conn, completion_id, api_key_name)
 
         return _completion(self.db.write_sync(update))
 
-    def delete_sync(self, completion_id: str) -> StoredCompletionDeleted:
+    def delete_sync(self, completion_id: str, *, api_key_name: str) -> StoredCompletionDeleted:
         def delete(conn):
-            self._row(conn, completion_id)
+            self._row(conn, completion_id, api_key_name)
             conn.execute(completion_metadata.delete().where(completion_metadata.c.completion_id == completion_id))
             conn.execute(completions.delete().where(completions.c.id == completion_id))
 
         self.db.write_sync(delete)
         return StoredCompletionDeleted(id=completion_id)
 
-    def delete_matching_sync(self, *, model: str | None, metadata: dict[str, str]) -> StoredCompletionsDeleted:
+    def delete_matching_sync(self, *, model: str | None, metadata: dict[str, str],
+                             api_key_name: str) -> StoredCompletionsDeleted:
         if not metadata and not model:
             raise InvalidRequestError("give a filter (metadata[key]=value or model) to delete stored completions in "
                                       "bulk; DELETE /v1/chat/completions/{id} deletes one", param="metadata",
                                       code="filter_required")
 
         def delete(conn):
-            ids = conn.execute(sa.select(completions.c.id).where(*_filters(model, metadata))).scalars().all()
+            ids = conn.execute(sa.select(completions.c.id).where(*_filters(model, metadata, api_key_name))
+                               ).scalars().all()
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 conn.execute(completion_metadata.delete().where(completion_metadata.c.completion_id.in_(chunk)))

@@ -67,7 +67,10 @@ def sample(name: str, field) -> tuple[list[str], object]:
         choice = next(c for c in get_args(base) if c != default)
         return [flag, choice], choice
     if _takes_json(field):
-        value = {k: v * 2 for k, v in default.items()} if isinstance(default, dict) else [*(default or []), "x"]
+        if isinstance(default, dict):
+            value = {k: v * 2 for k, v in default.items()} if default else {"sample": f"sample-{name}"}
+        else:
+            value = [*(default or []), "x"]
         return [flag, json.dumps(value)], value
     if base is float:
         value = default / 2 if default else 1.0
