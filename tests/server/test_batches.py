@@ -258,6 +258,18 @@ def test_stored_completions_list_filter_update_delete(stack):
     assert client.get("/v1/chat/completions", params={"colour": "red"}).json()["error"]["param"] == "colour"
 
 
+def test_stored_completions_deleted_by_metadata_filter_match_every_pair(stack):
+    client, _, _ = stack
+    a, b, c = (chat(client, store=True, metadata=m).json()["id"] for m in (
+        {"task": "x", "split": "a"}, {"task": "x", "split": "b"}, {"task": "y", "split": "a"}))
+    r = client.delete("/v1/chat/completions", params={"metadata[task]": "x", "metadata[split]": "a"})
+    assert r.json() == {"object": "chat.completion.deleted.list", "deleted": 1}
+    assert [x["id"] for x in client.get("/v1/chat/completions").json()["data"]] == [b, c]
+    assert client.delete("/v1/chat/completions", params={"model": "other"}).json()["deleted"] == 0
+    assert client.delete("/v1/chat/completions", params={"model": "tiny"}).json()["deleted"] == 2
+    assert client.get(f"/v1/chat/completions/{a}").status_code == 404
+
+
 def test_a_stored_record_keeps_token_ids_and_policy(stack):
     client, _, _ = stack
     cid = chat(client, store=True).json()["id"]
