@@ -88,8 +88,14 @@ model: install
 serve: setup
 	$(BIN)/iro serve --host $(HOST) --port $(PORT)
 
+# make test: the tests that start no engine on every core, then the end-to-end tier (one engine at a
+# time, in order). Both always run; the exit status is the first failure's, and an invocation that
+# selects nothing (exit 5: a PYTEST_ARGS naming tests of one tier only) is no failure.
 test: setup
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	@rc=0; \
+	$(BIN)/python -m pytest -q -ra -n auto -m "not e2e" --ignore=tests/e2e $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
+	$(BIN)/python -m pytest -q -ra -m e2e $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || [ $$rc -ne 0 ] || rc=$$r; }; \
+	exit $$rc
 
 # The fast tier runs on every core (pytest-xdist): its tests share no engine, port or folder.
 # tests/e2e holds only e2e tests: not even collected here (importing Ray Serve alone takes seconds).
