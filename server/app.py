@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.protocol import HealthStatus, VersionInfo
 from common.version import __version__
 from server.errors import IroError, QuotaExceededError, error_body, error_responses, validation_error_info
-from server.metrics import Metrics, MetricsMiddleware
+from server.metrics import Metrics, MetricsMiddleware, merge_replicas
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,11 @@ def build_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+        body = app.state.metrics.render()
+        replicas = getattr(app.state, "replica_metrics", None)  # on Ray Serve: every replica's (server.ray_serve)
+        if replicas is not None:
+            body = merge_replicas(await replicas(body))
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
 
     install_openapi(app)
     if settings.cors_origins:

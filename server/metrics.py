@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
 
@@ -37,6 +40,38 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Families:
+    """A collector of fixed metric families (what `merge_replicas` renders)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merge_replicas(texts: Mapping[str, bytes | str], label: str = "replica") -> bytes:
+    """Several replicas' expositions (replica id -> `Metrics.render()` text) as one, each sample
+    labelled with its replica: what `GET /metrics` answers through Ray Serve's proxy, so a scrape
+    of the one endpoint sees every replica instead of whichever one the proxy picked.
+
+    >>> a, b = Metrics(), Metrics(); a.rejected.inc(2); b.rejected.inc(5)
+    >>> [line for line in merge_replicas({"r1": a.render(), "r2": b.render()}).decode().splitlines()
+    ...  if line.startswith("iro_requests_rejected_total")]
+    ['iro_requests_rejected_total{replica="r1"} 2.0', 'iro_requests_rejected_total{replica="r2"} 5.0']
+    """
+    families: dict[str, Metric] = {}
+    for replica, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text.decode() if isinstance(text, bytes) else text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            merged.samples += [sample._replace(labels={**sample.labels, label: replica}) for sample in family.samples]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
 
 
 class MetricsMiddleware:

@@ -13,8 +13,10 @@ engine, behind Ray Serve's HTTP proxy on one port (docs/scale-out.md).
   to a replica that already holds that value (`server.scale_out` sets the header from the body
   inside the proxy; a client may send `serve_multiplexed_model_id` itself), and the replica
   registers the value with `@serve.multiplexed`, so a value's caches stay warm where it is served.
-- `ReplicaBoard` (one small replica, no CPU) collects what each replica serves (a report every
-  second); `GET /v1/values` through the proxy lists it under `replicas`.
+- `ReplicaBoard` (one small replica, no CPU) collects what each replica serves and its metrics (a
+  report every second): `GET /v1/values` through the proxy lists the versions under `replicas`,
+  and `GET /metrics` answers every replica's metrics, each sample labelled `replica`, so one scrape
+  of the one endpoint sees them all (not whichever replica the proxy picked).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def replica_options(settings: ServerSettings) -> dict:
     resources = {"num_cpus": 1}
     if torch.cuda.is_available():
         resources["num_gpus"] = ranks
-    return {"num_replicas": settings.replicas, "ray_actor_options": resources}
+    return {"num_replicas": settings.replicas, "ray_actor_options": resources,
+            "max_ongoing_requests": settings.replica_max_ongoing_requests}
 
 
 @asynccontextmanager
@@ -86,14 +89,18 @@ class ReplicaBoard:
     def __init__(self):
         self.reports = ReplicaReports()
 
-    def report(self, replica: str, values: dict[str, int], registry_error: str | None) -> None:
-        self.reports.report(replica, values, registry_error)
+    def report(self, replica: str, values: dict[str, int], registry_error: str | None,
+               metrics: bytes | None = None) -> None:
+        self.reports.report(replica, values, registry_error, metrics)
 
     def snapshot(self) -> list[dict]:
         return self.reports.snapshot()
 
+    def metrics(self) -> dict[str, bytes]:
+        return self.reports.metrics_of_replicas()
 
-@serve.deployment(name="IroReplica", max_ongoing_requests=64, health_check_period_s=5,
+
+@serve.deployment(name="IroReplica", health_check_period_s=5,
                   graceful_shutdown_timeout_s=30)
 @serve.ingress()
 class IroReplica:
@@ -140,6 +147,7 @@ class IroReplica:
 
         app.router.lifespan_context = lifespan
         app.state.replica_board = self.replicas_serving if self.board is not None else None
+        app.state.replica_metrics = self.replicas_metrics if self.board is not None else None
         app.add_middleware(_HoldValue, hold=self.hold_value)
         self._app = app
         return app
@@ -156,7 +164,8 @@ class IroReplica:
             try:
                 served = getattr(manager, "served", None) or {}  # name -> what serves it (a chain)
                 values = {name: entry.version for name, entry in served.items()}
-                await self.board.report.remote(self.replica_id, values, getattr(manager, "registry_error", None))
+                await self.board.report.remote(self.replica_id, values, getattr(manager, "registry_error", None),
+                                               app.state.metrics.render())
             except Exception as exc:  # noqa: BLE001 - the board is informational; never stop serving for it
                 log.warning("replica %s: cannot report to the board: %r", self.replica_id, exc)
             await asyncio.sleep(REPORT_INTERVAL)
@@ -166,6 +175,12 @@ class IroReplica:
         from common.admin_protocol import ReplicaServing
 
         return [ReplicaServing.model_validate(r) for r in await self.board.snapshot.remote()]
+
+    async def replicas_metrics(self, own: bytes) -> dict[str, bytes]:
+        """Every live replica's metrics exposition (the others' at most REPORT_INTERVAL old), this
+        replica's as `own` (fresh)."""
+        texts = await self.board.metrics.remote()
+        return {**texts, self.replica_id: own}
 
     def check_health(self) -> None:
         """Ray Serve's health check: fails once the engine died (Ray Serve then replaces the replica)."""
@@ -188,6 +203,8 @@ def build(args: dict | None = None):
     options = replica_options(settings)
     if "replicas" not in args:  # the config's num_replicas (or autoscaling) decides
         options.pop("num_replicas")
+    if "replica_max_ongoing_requests" not in args:  # likewise its max_ongoing_requests
+        options.pop("max_ongoing_requests")
     board = ReplicaBoard.bind()
     return IroReplica.options(**options).bind(replica_args(settings), board)
 

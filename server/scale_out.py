@@ -201,14 +201,24 @@ class ReplicaReports:
     def __init__(self, stale: float = REPORT_STALE):
         self.stale = stale
         self.reports: dict[str, dict] = {}
+        self.metrics: dict[str, bytes] = {}
 
-    def report(self, replica: str, values: dict[str, int], registry_error: str | None, *,
-               now: float | None = None) -> None:
+    def report(self, replica: str, values: dict[str, int], registry_error: str | None, metrics: bytes | None = None,
+               *, now: float | None = None) -> None:
+        """`metrics`: the replica's `/metrics` exposition (`server.metrics.Metrics.render`)."""
         self.reports[replica] = {"replica": replica, "values": dict(values), "registry_error": registry_error,
                                  "reported_at": time.time() if now is None else now}
+        if metrics is not None:
+            self.metrics[replica] = metrics
 
     def snapshot(self, *, now: float | None = None) -> list[dict]:
         now = time.time() if now is None else now
         for replica in [r for r, rep in self.reports.items() if now - rep["reported_at"] > self.stale]:
             del self.reports[replica]
+            self.metrics.pop(replica, None)
         return sorted(self.reports.values(), key=lambda r: r["replica"])
+
+    def metrics_of_replicas(self, *, now: float | None = None) -> dict[str, bytes]:
+        """The last exposition of every live replica (a replica that stopped reporting drops out)."""
+        live = {r["replica"] for r in self.snapshot(now=now)}
+        return {replica: text for replica, text in self.metrics.items() if replica in live}

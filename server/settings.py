@@ -140,6 +140,10 @@ class ServerSettings(EngineSettings):
     """Copies of this server, each with its own engine, behind one port (Ray Serve's proxy; model
     multiplexing routes guided requests by value name). 1: this process alone, no Ray. More needs
     the `ray` extra; each replica takes the same settings (docs/scale-out.md)."""
+    replica_max_ongoing_requests: int = Field(16, ge=1)
+    """With replicas: requests one replica takes at once (Ray Serve's `max_ongoing_requests`); more
+    wait in the proxy. A value's guided requests go to the replicas already serving it until those
+    are full, then spread to the others: lower it to spread one hot value over more replicas."""
 
     @field_validator("cors_origins", mode="before")
     @classmethod

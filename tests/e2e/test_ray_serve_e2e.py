@@ -1,10 +1,11 @@
-"""`iro serve --replicas 2` on Ray Serve with the value registry on moto's S3 server: 8 guided
+"""`iro serve --replicas 2` on Ray Serve with the value registry on moto's S3 server: 16 guided
 clients through the proxy while v2 is published; both replicas end up serving v2 and no request
 fails. One test (two engines start: minutes on 2 cores); the measurements are bench/scale_out.py's."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -31,10 +32,11 @@ def test_two_replicas_serve_a_published_version_with_no_failed_request(tmp_path,
         bad = httpx.post(srv.url + "/v1/chat/completions", headers=auth, json={
             "model": f"{base}+swap", "messages": [{"role": "user", "content": "hi"}], "guidance": {"w": 0}})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "guidance.w"
-        assert "iro_" in httpx.get(srv.url + "/metrics").text
+        metrics = httpx.get(srv.url + "/metrics").text  # every replica's, each labelled
+        assert len(set(re.findall(r'iro_requests_in_flight\{replica="([^"]+)"\}', metrics))) == 2
 
         async def run():
-            load = scale_out.GuidedLoad(srv.url, f"{base}+swap", 8)
+            load = scale_out.GuidedLoad(srv.url, f"{base}+swap", 16)
             load.start()
             while load.ok < 8:  # the load is on before the publish
                 await asyncio.sleep(0.2)

@@ -106,6 +106,41 @@ def test_board_forgets_a_replica_that_stopped_reporting():
     assert [(r["replica"], r["values"]) for r in board.snapshot(now=16.0)] == [("b", {"tldr": 2})]
 
 
+def test_board_keeps_the_metrics_of_live_replicas_only():
+    board = ReplicaReports(stale=10)
+    board.report("a", {}, None, b"a-metrics", now=0.0)
+    board.report("b", {}, None, b"b-metrics", now=5.0)
+    board.report("b", {}, None, now=8.0)  # a report without metrics keeps the last ones
+    assert board.metrics_of_replicas(now=9.0) == {"a": b"a-metrics", "b": b"b-metrics"}
+    assert board.metrics_of_replicas(now=12.0) == {"b": b"b-metrics"}  # a stopped reporting
+
+
+def test_metrics_through_the_proxy_are_every_replicas_each_labelled():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import Metrics
+
+    client = make_client()
+    other = Metrics()
+    other.rejected.inc(4)
+    seen = {}
+
+    async def replica_metrics(own):  # server.ray_serve.IroReplica.replicas_metrics
+        seen["own"] = own
+        return {"r1": own, "r2": other.render()}
+
+    single = client.get("/metrics").text
+    assert 'replica="' not in single  # a single server: its own metrics, unlabelled
+    client.app.state.replica_metrics = replica_metrics
+    client.get("/v1/models")
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    rejected = {s.labels["replica"]: s.value for s in families["iro_requests_rejected"].samples}
+    assert rejected == {"r1": 0.0, "r2": 4.0}
+    requests = [s for s in families["iro_requests"].samples if s.labels.get("endpoint") == "/v1/models"]
+    assert [s.labels["replica"] for s in requests] == ["r1"]  # this replica's own, fresh
+    assert b"iro_requests_total" in seen["own"]
+
+
 def test_health_is_degraded_while_a_registry_is_unreadable():
     client = make_client()
     client.app.state.values = SimpleNamespace(registry_error="cannot read /srv/private/values: [Errno 2]")
