@@ -79,7 +79,8 @@ class SearchParams:
     re-prefills ((prefix length - 1) mod block) + 1 tokens, once per continuation: 1 token at
     1 past a block boundary, a whole block at a boundary itself."""
     chunk_until: tuple[str, ...] = ()
-    """Step delimiters: a chunk ends at the first of them (kept in the text) or after `l` tokens."""
+    """Step delimiters: a chunk ends at the first of them (kept in the text) or after `l` tokens; one
+    that begins in the chunk before counts too (`Searcher._step_end`)."""
     budget_tokens: int | None = None
     """Tokens the search may generate in all (every candidate's); None: no budget."""
     deadline_s: float | None = None
@@ -232,14 +233,35 @@ class Searcher:
                              chunk_until=params.chunk_until,
                              affinity=zlib.crc32(np.asarray(prompt_ids, dtype=np.int64).tobytes()))
 
+    def _step_end(self, parent: Beam, ids: list[int], text: str, delimiters: tuple[str, ...]) -> int | None:
+        r"""How many of `ids` a chunk keeps when a delimiter ends it before its last token; None when none
+        does. vLLM matches stop strings in the new chunk's text only, so a delimiter that begins in the
+        parent's text ("\n" | "\n...") reaches the search unended: the candidate's whole text decides.
+        A parent that ended at a delimiter lends none of it to the next one."""
+        done = len(parent.text)
+        straddle = not parent.text.endswith(delimiters)
+        end = min((i + len(d) for d in delimiters
+                   if d and (i := text.find(d, max(0, done - (len(d) - 1) * straddle))) >= 0), default=None)
+        if end is None or end >= len(text):
+            return None
+        for m in range(len(parent.token_ids) + 1, len(ids)):  # the first token that completes the delimiter
+            if len(self.decode(ids[:m]).rstrip("\ufffd")) >= end:
+                return m
+        return None
+
     def _extend(self, parent: Beam, sample, params: SearchParams) -> Beam:
         ids = parent.token_ids + list(sample.token_ids)
-        text, stopped = cut_at_stop(self.decode(ids), params.sampling.stop)
+        text = self.decode(ids)
+        cut = self._step_end(parent, ids, text, params.chunk_until) if params.chunk_until else None
+        if cut is not None:  # the tokens past the delimiter are dropped (and stay counted as generated)
+            ids, text = ids[:cut], self.decode(ids[:cut])
+        text, stopped = cut_at_stop(text, params.sampling.stop)
         beam = Beam(ids, text, chunk_ends=parent.chunk_ends + (len(ids),))
         if sample.token_values and (parent.token_values is not None or not parent.token_ids):
             new = np.asarray(sample.token_values, dtype=np.float64)  # (tokens, heads)
+            new = new[:len(ids) - len(parent.token_ids)]
             beam.token_values = new if parent.token_values is None else np.concatenate([parent.token_values, new])
-        delimiter = isinstance(sample.stop_reason, str) and sample.stop_reason in params.chunk_until
+        delimiter = cut is not None or isinstance(sample.stop_reason, str) and sample.stop_reason in params.chunk_until
         if stopped or (sample.finish_reason == "stop" and not delimiter):  # a delimiter ends the chunk only
             beam.finished, beam.finish_reason = True, "stop"
         elif len(ids) >= params.max_tokens:

@@ -154,6 +154,25 @@ def test_dvts_each_subtree_keeps_w_beams_and_k_successors():
 MODES = [dict(mode="cbs", w=2, k=3), dict(mode="pf", k=6), dict(mode="dvts", s=2, w=1, k=3)]
 
 
+def chunk_ends_by_the_rule(ids: list[int], ends: tuple[int, ...], delimiters: tuple[str, ...], l: int) -> int:
+    """Assert the step-aware chunk rule on one answer: a chunk ends right after the first delimiter that
+    ends past the previous chunk's text (the answer's text decides, so a delimiter may begin in the
+    previous chunk unless that one ended at a delimiter), or after `l` tokens when there is none. Returns
+    how many chunks ended at a delimiter."""
+    at_delimiter = 0
+    for a, b in zip((0,) + ends[:-1], ends):
+        before, text = decode(ids[:a]), decode(ids[:b])
+        straddle = not before.endswith(delimiters)
+        found = [i + len(d) for d in delimiters
+                 if (i := text.find(d, max(0, len(before) - (len(d) - 1) * straddle))) >= 0]
+        if found:
+            assert min(found) == len(text), (before, text)
+            at_delimiter += 1
+        else:
+            assert b - a == min(l, len(ids) - a), (before, text)
+    return at_delimiter
+
+
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
 def test_a_chunk_ends_exactly_at_a_delimiter_or_after_l_tokens(mode):
     engine = StepEngine()
@@ -162,17 +181,59 @@ def test_a_chunk_ends_exactly_at_a_delimiter_or_after_l_tokens(mode):
     ended_at_delimiter = 0
     for beam in result.beams:
         assert len(beam.token_ids) == 24 and beam.finish_reason == "length"  # a delimiter ends a chunk only
-        starts = (0,) + beam.chunk_ends[:-1]
-        for a, b in zip(starts, beam.chunk_ends):
-            text = decode(beam.token_ids[a:b])
-            delimiter = [d for d in ("e", "ca") if d in text]
-            if delimiter:  # the chunk stops right after the first delimiter it wrote
-                assert any(text.endswith(d) for d in delimiter) and text.index(delimiter[0]) + len(delimiter[0]) \
-                    == len(text), text
-                ended_at_delimiter += 1
-            else:
-                assert b - a == min(6, 24 - a), text
+        ended_at_delimiter += chunk_ends_by_the_rule(beam.token_ids, beam.chunk_ends, ("e", "ca"), 6)
     assert ended_at_delimiter > 0
+
+
+class TextEngine(StepEngine):
+    """Every sample continues `text` (letters: token i is the i-th letter) from where its prompt ends,
+    ending at a stop string of its own output as vLLM does (`StepEngine`)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    async def sample(self, request: EngineRequest) -> list[Sample]:
+        self.requests.append(request)
+        start = len(request.prompt_ids) - len(PROMPT)
+        stops = tuple(request.sampling.stop) + tuple(request.chunk_until)
+        ids, reason, why = [], "length", None
+        for c in self.text[start:start + request.max_tokens]:
+            ids.append(ord(c) - ord("a") + 1)
+            if (why := next((s for s in stops if s in decode(ids)), None)) is not None:
+                reason = "stop"
+                break
+        self.tokens += len(ids) * request.n
+        return [Sample(list(ids), decode(ids), reason, why) for _ in range(request.n)]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
+def test_a_delimiter_split_across_two_chunks_ends_the_second(mode):
+    """"cc" with the first chunk cut at l=4 tokens after one "c" and the next beginning with the other:
+    the engine sees no "cc" in the second chunk's own text, the search does and ends the chunk there."""
+    engine = TextEngine("abac" "cabd" "cc" "dabc" "ccab" "dddd")
+    result = search(engine, CountingScorer(3), params(**mode, l=4, max_tokens=20, chunk_until=("cc",)))
+    beam = result.beams[0]
+    assert decode(beam.token_ids) == "abaccabdccdabcccabdd"
+    # "abac|c|abdc|c|dabc|c|cabd|d": no delimiter reuses the "c" of the one that ended the chunk before
+    assert beam.chunk_ends == (4, 5, 9, 10, 14, 15, 19, 20)
+    chunk_ends_by_the_rule(beam.token_ids, beam.chunk_ends, ("cc",), 4)
+    # the tokens generated past the delimiter are dropped from the candidate but counted as spent
+    assert result.completion_tokens == engine.tokens > sum(len(b.token_ids) for b in result.beams)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
+def test_delimiters_straddling_random_chunk_boundaries(mode):
+    straddled = 0
+    for seed in range(6):
+        result = search(StepEngine(), CountingScorer(3),
+                        params(**mode, seed=seed, n=2, l=3, max_tokens=24, chunk_until=("ca", "ge", "hh")))
+        for beam in result.beams:
+            chunk_ends_by_the_rule(beam.token_ids, beam.chunk_ends, ("ca", "ge", "hh"), 3)
+            ids = beam.token_ids
+            straddled += sum(decode(ids[e - 1:e + 1]) in ("ca", "ge", "hh")
+                             and not decode(ids[:e]).endswith(("ca", "ge", "hh")) for e in beam.chunk_ends[:-1])
+    assert straddled > 0  # the draws did split a delimiter somewhere
 
 
 def test_the_requests_stop_still_ends_the_answer_with_chunk_delimiters():
