@@ -32,6 +32,7 @@ from server.store.db import Database, batches, files, lock_api_key
 
 _CHUNK = 1 << 20
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+PURPOSES = ("batch", "batch_output")
 
 
 def new_file_id() -> str:
@@ -213,6 +214,9 @@ class FileStore:
 
     def list_sync(self, *, after: str | None, limit: int, order: str, purpose: str | None,
                   api_key_name: str) -> FileList:
+        if purpose and purpose not in PURPOSES:  # no file has it (nor U+0000, which PostgreSQL refuses)
+            return FileList(data=[])
+
         def query(conn):
             q = sa.select(files).where(files.c.deleted.is_(False), files.c.api_key_name == api_key_name)
             if purpose:

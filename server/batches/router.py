@@ -37,7 +37,15 @@ def get_batches(request: Request):
 
 
 # ----------------------------------------------------------------------------- files
-@router.post("/files", response_model=FileObject, responses=error_responses(400, 413, 429))
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
+    "properties": {"file": {"type": "string", "format": "binary", "description": "The JSONL batch input file."},
+                   "purpose": {"type": "string", "enum": ["batch"]}}}}}}}
+"""The multipart body the upload route reads itself (FastAPI would buffer a declared `UploadFile`
+the same way; declared here so the document, and the fuzz, know it)."""
+
+
+@router.post("/files", response_model=FileObject, responses=error_responses(400, 413, 429), openapi_extra=UPLOAD_BODY)
 async def upload_file(request: Request):
     """Upload a batch input file (multipart: `file` and `purpose`="batch")."""
     files = get_files(request)
@@ -58,7 +66,7 @@ async def upload_file(request: Request):
         await form.close()
 
 
-@router.get("/files", response_model=FileList)
+@router.get("/files", response_model=FileList, responses=error_responses(400, 404))
 async def list_files(request: Request, after: str | None = None, limit: int = Query(10000, ge=1, le=10000),
                      order: Literal["asc", "desc"] = "desc", purpose: str | None = None):
     files = get_files(request)
@@ -92,7 +100,7 @@ async def create_batch(body: BatchCreateRequest, request: Request):
     return await anyio.to_thread.run_sync(lambda: batches.create_sync(body, api_key_name=api_key_name(request)))
 
 
-@router.get("/batches", response_model=BatchList)
+@router.get("/batches", response_model=BatchList, responses=error_responses(400, 404))
 async def list_batches(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)):
     batches = get_batches(request)
     return await anyio.to_thread.run_sync(lambda: batches.list_sync(after=after, limit=limit,

@@ -71,12 +71,27 @@ class UserText(sa.types.TypeDecorator):
         return _ESCAPED.sub(lambda m: "\\" if m[1] == "\\" else "\x00", value)
 
 
+class ServerId(sa.types.TypeDecorator):
+    """An id this server made (`file-<hex>`, `batch_<hex>`, `chatcmpl-<hex>`, ...). A value it cannot
+    have made (other characters, longer) is compared as "", which no row has: a lookup of it finds
+    nothing (404) on every database, where PostgreSQL would refuse U+0000 in it outright (500)."""
+
+    impl = sa.String(64)
+    cache_ok = True
+    _MADE_HERE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+    def process_bind_param(self, value, dialect):
+        if value is None or self._MADE_HERE.fullmatch(value):
+            return value
+        return ""
+
+
 metadata = sa.MetaData()
 
 files = sa.Table(
     "files", metadata,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("id", sa.String(64), unique=True, nullable=False),
+    sa.Column("id", ServerId, unique=True, nullable=False),
     sa.Column("bytes", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("filename", UserText(512), nullable=False),
@@ -91,9 +106,9 @@ files = sa.Table(
 batches = sa.Table(
     "batches", metadata,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # stable order for listing
-    sa.Column("id", sa.String(64), unique=True, nullable=False),
+    sa.Column("id", ServerId, unique=True, nullable=False),
     sa.Column("endpoint", sa.String(64), nullable=False),
-    sa.Column("input_file_id", sa.String(64), nullable=False),
+    sa.Column("input_file_id", ServerId, nullable=False),
     sa.Column("completion_window", sa.String(16), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
@@ -118,7 +133,7 @@ batches = sa.Table(
 
 batch_results = sa.Table(
     "batch_results", metadata,
-    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("batch_id", ServerId, sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("custom_id", UserText(512), primary_key=True),  # the key: one answer per custom_id
     sa.Column("line", sa.Integer, nullable=False),
     sa.Column("ok", sa.Boolean, nullable=False),
@@ -130,7 +145,7 @@ batch_results = sa.Table(
 completions = sa.Table(
     "stored_completions", metadata,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # stable order for listing
-    sa.Column("id", sa.String(64), unique=True, nullable=False),
+    sa.Column("id", ServerId, unique=True, nullable=False),
     sa.Column("created", sa.BigInteger, nullable=False),
     sa.Column("model", UserText(512), nullable=False),
     sa.Column("metadata", sa.JSON, nullable=False),
@@ -146,7 +161,7 @@ completions = sa.Table(
 
 completion_metadata = sa.Table(  # one row per pair: portable equality filters on SQLite and PostgreSQL
     "stored_completion_metadata", metadata,
-    sa.Column("completion_id", sa.String(64), sa.ForeignKey("stored_completions.id", ondelete="CASCADE"),
+    sa.Column("completion_id", ServerId, sa.ForeignKey("stored_completions.id", ondelete="CASCADE"),
               primary_key=True),
     sa.Column("key", UserText(64), primary_key=True),
     sa.Column("value", UserText(512), nullable=False),

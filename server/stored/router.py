@@ -49,7 +49,18 @@ def list_query(request: Request, allowed: set[str]) -> dict:
     return out
 
 
-@router.get("", response_model=StoredCompletionList, responses=error_responses(400))
+def query_parameters(*names: str) -> dict:
+    """`openapi_extra` declaring the query parameters `list_query` reads (the document and the fuzz
+    know them; `metadata` is OpenAI's `metadata[key]=value`, a deepObject)."""
+    schemas = {"after": {"type": "string"}, "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+               "order": {"type": "string", "enum": ["asc", "desc"]}, "model": {"type": "string"},
+               "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}
+    return {"parameters": [{"name": n, "in": "query", "required": False, "schema": schemas[n],
+                            **({"style": "deepObject", "explode": True} if n == "metadata" else {})} for n in names]}
+
+
+@router.get("", response_model=StoredCompletionList, responses=error_responses(400, 404),
+            openapi_extra=query_parameters("after", "limit", "order", "model", "metadata"))
 async def list_stored(request: Request):
     """Stored completions; `metadata[key]=value` (repeatable) and `model` filter, `after` + `limit`
     paginate, `order` asc (default) or desc."""
@@ -58,7 +69,8 @@ async def list_stored(request: Request):
     return await anyio.to_thread.run_sync(lambda: stored.list_sync(**query, api_key_name=api_key_name(request)))
 
 
-@router.delete("", response_model=StoredCompletionsDeleted, responses=error_responses(400))
+@router.delete("", response_model=StoredCompletionsDeleted, responses=error_responses(400),
+               openapi_extra=query_parameters("model", "metadata"))
 async def delete_stored_matching(request: Request):
     """Delete every stored completion matching `metadata[key]=value` and/or `model` (iro extension)."""
     stored = get_stored(request)
@@ -87,7 +99,8 @@ async def delete_stored(completion_id: str, request: Request):
                                                                      api_key_name=api_key_name(request)))
 
 
-@router.get("/{completion_id}/messages", response_model=StoredMessageList, responses=error_responses(400, 404))
+@router.get("/{completion_id}/messages", response_model=StoredMessageList, responses=error_responses(400, 404),
+            openapi_extra=query_parameters("after", "limit", "order"))
 async def stored_messages(completion_id: str, request: Request):
     stored = get_stored(request)
     query = list_query(request, {"after", "limit", "order"})

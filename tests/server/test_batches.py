@@ -359,3 +359,16 @@ async def test_two_replicas_on_one_database_answer_each_line_once(stack, tmp_pat
         batch = client.get(f"/v1/batches/{batch_id}").json()
         assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 4
     assert len(engine.requests) == 12  # no line asked twice
+
+
+def test_the_document_declares_the_upload_and_the_list_filters(sqlite_stack):
+    client, _, _ = sqlite_stack  # what the fuzz (tests/reliability/test_fuzz.py) generates requests from
+    paths = client.get("/openapi.json").json()["paths"]
+    upload_schema = paths["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload_schema["required"] == ["file", "purpose"] and upload_schema["properties"]["file"]["format"] == "binary"
+    listed = {p["name"]: p for p in paths["/v1/chat/completions"]["get"]["parameters"]}
+    assert set(listed) == {"after", "limit", "order", "model", "metadata"} and listed["metadata"]["style"] == "deepObject"
+    assert {p["name"] for p in paths["/v1/chat/completions"]["delete"]["parameters"]} == {"model", "metadata"}
+    for path in ("/v1/files", "/v1/batches", "/v1/chat/completions"):
+        assert "404" in paths[path]["get"]["responses"]  # an unknown `after`
+    assert "429" in paths["/v1/files"]["post"]["responses"] and "429" in paths["/v1/batches"]["post"]["responses"]

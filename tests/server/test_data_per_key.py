@@ -61,7 +61,8 @@ async def test_a_key_neither_sees_nor_touches_another_keys_files_batches_and_com
     client.headers.update(as_key(API_KEY))
     stored_id = chat(client, store=True, metadata={"task": "t"}).json()["id"]
     alice = as_key(ALICE)
-    for r in (client.get(f"/v1/files/{file_id}", headers=alice), client.get(f"/v1/files/{file_id}/content", headers=alice),
+    for r in (client.get(f"/v1/files/{file_id}", headers=alice),
+              client.get(f"/v1/files/{file_id}/content", headers=alice),
               client.delete(f"/v1/files/{file_id}", headers=alice), create_batch(client, ALICE, file_id),
               client.get(f"/v1/batches/{batch_id}", headers=alice),
               client.post(f"/v1/batches/{batch_id}/cancel", headers=alice),
@@ -213,3 +214,24 @@ def test_named_keys_reach_the_replicas_as_a_secret():
     settings = ServerSettings(api_key="k", api_keys={"alice": ALICE})
     assert json.loads(secret_env(settings)["IRO_API_KEYS"]) == {"alice": ALICE}
     assert "api_keys" not in replica_args(settings)  # never in Ray's stored config
+
+
+@pytest.mark.parametrize("odd", ["a\x00b", "x" * 300, "../../etc/passwd", "file-\u00e9\U0001f600"])
+def test_ids_that_cannot_exist_are_404s(stack, odd):
+    from urllib.parse import quote
+
+    client, _ = stack  # PostgreSQL cannot compare text with U+0000 at all: never sent there
+    client.headers.update(as_key(API_KEY))
+    path_odd = quote(odd, safe="")
+    for r in (client.get(f"/v1/files/{path_odd}"), client.get(f"/v1/files/{path_odd}/content"),
+              client.delete(f"/v1/files/{path_odd}"),
+              client.get(f"/v1/batches/{path_odd}"), client.post(f"/v1/batches/{path_odd}/cancel"),
+              create_batch(client, API_KEY, odd), client.get(f"/v1/chat/completions/{path_odd}"),
+              client.delete(f"/v1/chat/completions/{path_odd}"),
+              client.get(f"/v1/chat/completions/{path_odd}/messages"),
+              client.post(f"/v1/chat/completions/{path_odd}", json={"metadata": {}}),
+              client.get("/v1/files", params={"after": odd}), client.get("/v1/batches", params={"after": odd}),
+              client.get("/v1/chat/completions", params={"after": odd})):
+        assert r.status_code == 404, (r.request.method, r.request.url, r.text)
+    r = client.get("/v1/files", params={"purpose": odd})
+    assert r.status_code == 200 and r.json()["data"] == []
