@@ -20,9 +20,17 @@ def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference pro
           device: Optional[str] = typer.Option(None, help="With --scorer: cpu | cuda (default: cuda if present)"),
           adapter: bool = typer.Option(False, "--adapter", help="Only the cost of serving a LoRA policy: plain n=16 "
                                        "through a policy vs the base model on a server with --policies-dir, and base "
-                                       "tok/s with and without a policy registry (two server starts).")):
+                                       "tok/s with and without a policy registry (two server starts)."),
+          cost: bool = typer.Option(False, "--cost", help="Only the per-token cost of each search mode: plain n=16, "
+                                    "CBS, PF and DVTS (engine value, 16 samples per step), wall time and CPU "
+                                    "core-seconds over the server's processes, and the ratios to CBS."),
+          rounds: Optional[int] = typer.Option(None, min=1, help="Rounds of the plain/guided comparison (default 5, "
+                                               "3 with --quick; 3 with --cost)."),
+          prompts: Optional[int] = typer.Option(None, min=1, max=16, help="With --cost: the first N of the 16 "
+                                                "prompts per round (default 16).")):
     """Measure guided decoding against plain vLLM sampling and the reference HF loop (or, with
-    --scorer, the value scorer alone, on CPU or CUDA; with --adapter, the cost of serving a LoRA policy)."""
+    --scorer, the value scorer alone, on CPU or CUDA; with --adapter, the cost of serving a LoRA policy;
+    with --cost, the CPU and wall cost per generated token of CBS, PF and DVTS)."""
     if dtype not in ("auto", "bfloat16", "float32"):
         raise typer.BadParameter(f"expected auto, bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
     if scorer:
@@ -42,9 +50,19 @@ def bench(quick: bool = typer.Option(False, help="Fewer sequential/reference pro
         return
     if device is not None:
         raise typer.BadParameter("--device applies to --scorer only (the engine runs where vLLM runs)", param_hint="--device")
+    if prompts is not None and not cost:
+        raise typer.BadParameter("--prompts applies to --cost only", param_hint="--prompts")
+    if cost:
+        from bench.guided import print_cost_table, run_cost
+
+        results = run_cost(rounds=rounds or 3, prompts=prompts or 16, json_path=json_path, dtype=dtype)
+        print_cost_table(results)
+        if json_path is None:
+            typer.echo(json.dumps(results, indent=2))
+        return
     from bench.guided import print_table, run
 
-    results = run(quick=quick, json_path=json_path, dtype=dtype)
+    results = run(quick=quick, json_path=json_path, dtype=dtype, rounds=rounds)
     print_table(results)
     if json_path is None:
         typer.echo(json.dumps({k: v for k, v in results.items() if k != "targets"}, indent=2))

@@ -9,6 +9,11 @@ concurrency_speedup (LoRA value) and concurrency_vs_plain_ceiling (the engine-si
 hot_swap_seconds (the default engine value) and hot_swap_lora_value_seconds, each under 16 clients
 guided by that value, with failed_requests_during_swap over both, and peak RSS. Everything runs in
 one dtype, the machine's choice unless given (`common.dtype`), reported with its reason.
+
+The plain/guided rounds also run PF and DVTS (engine value, 16 samples per step as CBS) and read
+each arm's CPU core-seconds over the server's process tree: `cost` has every arm's wall and CPU
+seconds per generated token, `cost_ratios` PF's and DVTS's over CBS's (medians of the rounds'
+ratios; CPU time is what the shared machine's drift moves least). `iro bench --cost` runs only those.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ GUIDANCE = {"value": "bench", **SearchOverrides(mode=SEARCH.mode, w=W, k=K, l=L)
 HEAD_GUIDANCE = GUIDANCE | {"value": "bench-head"}  # the default engine value: the engine computes it (no scorer)
 ENGINE_VALUE_GUIDANCE = HEAD_GUIDANCE
 """The bench's engine-side value (the default engine value): `concurrency_vs_plain_ceiling` is its."""
+PF_GUIDANCE = {"value": "bench-head", **SearchOverrides(mode="pf", k=W * K, l=L).given()}
+DVTS_GUIDANCE = {"value": "bench-head", **SearchOverrides(mode="dvts", s=W, w=1, k=K, l=L).given()}
+"""PF and DVTS at CBS's samples per step (16): 16 particles; 4 subtrees of one beam with 4 successors."""
 
 
 class Target(BaseModel):
@@ -105,36 +113,104 @@ async def _post_all(url: str, bodies: list[dict]) -> tuple[float, list[dict]]:
     return elapsed, [r.json() for r in rs]
 
 
-def measure_plain_vs_guided(url: str, model: str, rounds: int = 1) -> dict:
-    """16 prompts: plain n=16, guided with the LoRA value, guided with the engine value, `rounds`
-    times in turn. The ratios are the medians of each round's own ratios (this machine's speed
-    drifts by tens of percent over minutes: a ratio within one round compares like with like);
-    the seconds are medians too, and every round's figures are kept (`*_rounds`)."""
-    runs: dict[str, list] = {"plain": [], "guided": [], "head": []}
-    bodies = {"plain": [chat_body(model, p, n=16) for p in PROMPTS],
-              "guided": [chat_body(model, p, guidance=GUIDANCE) for p in PROMPTS],
-              "head": [chat_body(model, p, guidance=HEAD_GUIDANCE) for p in PROMPTS]}
+ARMS: dict[str, dict] = {"plain": {"n": W * K}, "cbs_lora": {"guidance": GUIDANCE},
+                         "cbs": {"guidance": HEAD_GUIDANCE}, "pf": {"guidance": PF_GUIDANCE},
+                         "dvts": {"guidance": DVTS_GUIDANCE}}
+"""What each arm adds to a prompt's request: plain n=16 sampling; CBS guided by the LoRA value
+(`cbs_lora`) and by the engine value (`cbs`); PF and DVTS guided by the engine value."""
+COST_ARMS = ("plain", "cbs", "pf", "dvts")
+"""`iro bench --cost`: the per-token cost of each search mode, one value (the engine value)."""
+
+
+def measure_plain_vs_guided(url: str, model: str, rounds: int = 1, *,
+                            arms: tuple[str, ...] = ("plain", "cbs_lora", "cbs"), pid: int | None = None,
+                            prompts: list[str] = PROMPTS) -> dict:
+    """The prompts through each of `arms` (`ARMS`), all of a round's requests in flight together,
+    arm after arm, `rounds` times. The ratios are the medians of each round's own ratios (this
+    machine's speed drifts by tens of percent over minutes: a ratio within one round compares like
+    with like); the seconds are medians too, and every round's figures are kept (`*_rounds`).
+
+    With `pid` (the server's), each arm's CPU core-seconds are read too, summed over the server's
+    process tree (`process_tree_cpu`: the API process, the engine core and its workers), and every
+    arm gets its wall and CPU seconds per generated token (`usage.completion_tokens`, every candidate
+    counted) in `cost`, with the ratios to CBS in `cost_ratios` (`cost_figures`)."""
+    from bench.server import cpu_spent, process_tree_cpu
+
+    bodies = {a: [chat_body(model, p, **ARMS[a]) for p in prompts] for a in arms}
+    runs: list[dict[str, dict]] = []
     for _ in range(rounds):
-        for name, batch in bodies.items():
-            runs[name].append(asyncio.run(_post_all(url, batch)))
-    seconds = {name: [t for t, _ in rs] for name, rs in runs.items()}
-    tokens = {name: sum(r["usage"]["completion_tokens"] for r in rs[-1][1]) for name, rs in runs.items()}
-    med = {name: statistics.median(ts) for name, ts in seconds.items()}
-    guided_ratios = [g / p for g, p in zip(seconds["guided"], seconds["plain"])]
-    head_ratios = [h / p for h, p in zip(seconds["head"], seconds["plain"])]
-    return {"plain_seconds": med["plain"], "plain_candidate_tokens": tokens["plain"],
-            "plain_tok_per_s": tokens["plain"] / med["plain"],
-            "guided_seconds": med["guided"], "guided_candidate_tokens": tokens["guided"],
-            "guided_tok_per_s": tokens["guided"] / med["guided"],
-            "guided_vs_plain_time_ratio": statistics.median(guided_ratios),
-            "guided_vs_plain_per_token_ratio": statistics.median(
-                [(g / tokens["guided"]) / (p / tokens["plain"]) for g, p in zip(seconds["guided"], seconds["plain"])]),
-            "guided_chunks": sum(r["guidance"]["chunks"] for r in runs["guided"][-1][1]),
-            "guided_engine_value_seconds": med["head"], "guided_engine_value_candidate_tokens": tokens["head"],
-            "guided_engine_value_vs_plain_time_ratio": statistics.median(head_ratios),
-            "rounds": rounds, "plain_seconds_rounds": seconds["plain"], "guided_seconds_rounds": seconds["guided"],
-            "guided_engine_value_seconds_rounds": seconds["head"],
-            "guided_engine_value_vs_plain_time_ratio_rounds": head_ratios}
+        this: dict[str, dict] = {}
+        for arm, batch in bodies.items():
+            before = process_tree_cpu(pid) if pid else None
+            seconds, answers = asyncio.run(_post_all(url, batch))
+            this[arm] = {"seconds": seconds, "tokens": sum(r["usage"]["completion_tokens"] for r in answers),
+                         "chunks": sum((r.get("guidance") or {}).get("chunks", 0) for r in answers)}
+            if pid:
+                this[arm]["cpu"] = cpu_spent(before, process_tree_cpu(pid))
+        runs.append(this)
+    out = {"rounds": rounds, "arms": list(arms), "prompts": len(prompts), **cost_figures(runs)}
+    seconds = {a: [r[a]["seconds"] for r in runs] for a in arms}
+    tokens = {a: runs[-1][a]["tokens"] for a in arms}
+    med = {a: statistics.median(ts) for a, ts in seconds.items()}
+    old = {"plain": "plain", "cbs_lora": "guided", "cbs": "guided_engine_value"}  # the report's names before arms
+    for arm, name in old.items():
+        if arm in arms:
+            out |= {f"{name}_seconds": med[arm], f"{name}_candidate_tokens": tokens[arm],
+                    f"{name}_seconds_rounds": seconds[arm]}
+    if "plain" in arms:
+        out["plain_tok_per_s"] = tokens["plain"] / med["plain"]
+    if {"plain", "cbs_lora"} <= set(arms):
+        out |= {"guided_tok_per_s": tokens["cbs_lora"] / med["cbs_lora"],
+                "guided_vs_plain_time_ratio": statistics.median(
+                    [g / p for g, p in zip(seconds["cbs_lora"], seconds["plain"])]),
+                "guided_vs_plain_per_token_ratio": out["cost_ratios"]["cbs_lora_vs_plain_wall_per_token"],
+                "guided_chunks": runs[-1]["cbs_lora"]["chunks"]}
+    if {"plain", "cbs"} <= set(arms):
+        head_ratios = [h / p for h, p in zip(seconds["cbs"], seconds["plain"])]
+        out |= {"guided_engine_value_vs_plain_time_ratio": statistics.median(head_ratios),
+                "guided_engine_value_vs_plain_time_ratio_rounds": head_ratios}
+    return out
+
+
+def cost_figures(runs: list[dict[str, dict]], base: str = "cbs") -> dict:
+    """Per generated token, each arm's wall seconds and (where measured) CPU core-seconds, medians of
+    the rounds; and each search's ratios to `base` (CBS's, with both CBS arms' to plain), each the
+    median of the rounds' own ratios. `runs`: per round, per arm {"seconds", "tokens", "cpu": `cpu_spent`}.
+
+    >>> r = lambda s, c, t: {"seconds": s, "tokens": t, "cpu": {"total": c}}
+    >>> f = cost_figures([{"cbs": r(2, 4, 100), "pf": r(2, 3, 100)}, {"cbs": r(4, 4, 100), "pf": r(2, 2, 100)}])
+    >>> f["cost_ratios"]["pf_vs_cbs_cpu_per_token"], f["cost_ratios"]["pf_vs_cbs_wall_per_token"]
+    (0.625, 0.75)
+    >>> f["cost"]["pf"]["cpu_core_seconds_per_token"]
+    0.025
+    """
+    arms = list(runs[0]) if runs else []
+    cpu = all("cpu" in r[a] for r in runs for a in arms)
+
+    def per_token(r: dict, what: str) -> float:
+        return (r["cpu"]["total"] if what == "cpu" else r["seconds"]) / max(1, r["tokens"])
+
+    cost = {}
+    for a in arms:
+        cost[a] = {"tokens_rounds": [r[a]["tokens"] for r in runs], "seconds_rounds": [r[a]["seconds"] for r in runs],
+                   "wall_seconds_per_token": statistics.median(per_token(r[a], "wall") for r in runs)}
+        if cpu:
+            cost[a] |= {"cpu_core_seconds_rounds": [r[a]["cpu"]["total"] for r in runs],
+                        "cpu_core_seconds_per_token": statistics.median(per_token(r[a], "cpu") for r in runs),
+                        "cpu_core_seconds_by_process": {
+                            role: statistics.median(r[a]["cpu"].get(role, 0.0) for r in runs)
+                            for role in dict.fromkeys(k for r in runs for k in r[a]["cpu"])
+                            if role not in ("total", "ended")}}
+    pairs = [(a, base) for a in arms if a not in (base, "plain", "cbs_lora") and base in arms]
+    pairs += [(a, "plain") for a in (base, "cbs_lora") if a in arms and "plain" in arms]
+    ratios = {}
+    for a, b in pairs:
+        for what in ("wall", "cpu") if cpu else ("wall",):
+            ratios[f"{a}_vs_{b}_{what}_per_token"] = statistics.median(
+                per_token(r[a], what) / per_token(r[b], what) for r in runs)
+            ratios[f"{a}_vs_{b}_{what}_per_token_rounds"] = [per_token(r[a], what) / per_token(r[b], what)
+                                                              for r in runs]
+    return {"cost": cost, "cost_ratios": ratios}
 
 
 def engine_value_config(model_path, dtype: str):
@@ -277,7 +353,85 @@ def measure_reference(model_path: Path, value, tokenizer, prompts: list[str], th
     return {"reference_seconds_per_prompt": elapsed / len(prompts), "reference_value_fraction": value_s / elapsed}
 
 
-def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto") -> dict:
+def warm_up(url: str, model: str, arms: tuple[str, ...]) -> None:
+    """One short request per arm, so every measured path is compiled and cached before it is timed."""
+    asyncio.run(_post_all(url, [chat_body(model, PROMPTS[i], max_tokens=8, **ARMS[a]) for i, a in enumerate(arms)]))
+
+
+def machine() -> dict:
+    """The CPU (lscpu's model name), cores and platform, and the load averages now: this machine
+    is shared, so a report says what else ran."""
+    import os
+    import subprocess
+
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
+    except (OSError, subprocess.SubprocessError):
+        model = platform.processor()
+    return {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "processor": platform.processor(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def run_cost(rounds: int = 3, prompts: int = len(PROMPTS), json_path: Path | None = None, dtype: str = "auto") -> dict:
+    """`iro bench --cost`: only the per-token cost of each search mode (`COST_ARMS`: plain n=16,
+    CBS, PF and DVTS guided by the default engine value, 16 samples per step each), `rounds` rounds
+    of the first `prompts` prompts, with every arm's CPU core-seconds summed over the server's
+    process tree. Reports the machine and its load averages before and after (it may be shared)."""
+    import os
+
+    from common.dtype import describe_dtype
+    from common.model_store import prepare_default_model
+    from valuefn.loader import init_value
+    from valuefn.registry import Registry
+
+    model_path = prepare_default_model()
+    choice = describe_dtype(dtype)
+    results: dict = {"machine": machine(),
+                     "settings": {"w": W, "k": K, "l": L, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
+                                  "prompts": prompts, "rounds": rounds, "dtype": choice.dtype,
+                                  "dtype_reason": choice.reason,
+                                  "arms": {a: ARMS[a] for a in COST_ARMS}}}
+    with tempfile.TemporaryDirectory(prefix="iro-bench-cost-") as tmp:
+        work = Path(tmp)
+        init_value(Registry(work / "values"), "bench-head", model_path, engine_value_config(model_path, choice.dtype))
+        srv = start(work, env={"IRO_DTYPE": choice.dtype})
+        results["engine_start_seconds"] = srv.started_in
+        try:
+            model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
+            warm_up(srv.url, model, COST_ARMS)
+            t0 = time.perf_counter()
+            results.update(measure_plain_vs_guided(srv.url, model, rounds=rounds, arms=COST_ARMS, pid=srv.proc.pid,
+                                                   prompts=PROMPTS[:prompts]))
+            results["measured_seconds"] = time.perf_counter() - t0
+        finally:
+            srv.stop()
+    results["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_cost_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("arm", "tokens / round", "wall s / token", "CPU core-s / token", "CPU by process (median s / round)",
+                  title=f"iro bench --cost ({results['rounds']} rounds, {results['prompts']} prompts)")
+    for arm, c in results["cost"].items():
+        table.add_row(arm, f"{statistics.median(c['tokens_rounds']):.0f}", f"{c['wall_seconds_per_token']:.3g}",
+                      f"{c.get('cpu_core_seconds_per_token', float('nan')):.3g}",
+                      ", ".join(f"{k} {v:.3g}" for k, v in c.get("cpu_core_seconds_by_process", {}).items()))
+    Console().print(table)
+    ratios = Table("ratio (median of rounds)", "value", "rounds")
+    for k, v in results["cost_ratios"].items():
+        if not k.endswith("_rounds"):
+            ratios.add_row(k, f"{v:.3f}", ", ".join(f"{x:.3f}" for x in results["cost_ratios"][k + "_rounds"]))
+    Console().print(ratios)
+
+
+def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto", rounds: int | None = None) -> dict:
     """One run of every measurement. `dtype` is the engine's, the values' and the reference loop's;
     "auto": the machine's choice (float32 on CPUs without native bf16, e.g. AVX2-only ones, where
     bf16 matmuls are emulated)."""
@@ -300,8 +454,7 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
     logging.getLogger(__name__).info("iro bench: %s", choice)
     dtype = choice.dtype
     steps = tqdm(total=8, desc="iro bench", unit="stage")
-    results: dict = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
-                                 "processor": platform.processor()},
+    results: dict = {"machine": machine(),
                      "settings": {"w": W, "k": K, "l": L, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
                                   "prompts": len(PROMPTS), "quick": quick, "dtype": dtype,
                                   "dtype_reason": choice.reason}}
@@ -316,10 +469,9 @@ def run(quick: bool = False, json_path: Path | None = None, dtype: str = "auto")
         steps.update()
         try:
             model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
-            asyncio.run(_post_all(srv.url, [chat_body(model, PROMPTS[0], max_tokens=8),  # warm-up: every measured path
-                                            chat_body(model, PROMPTS[1], max_tokens=8, guidance=GUIDANCE),
-                                            chat_body(model, PROMPTS[2], max_tokens=8, guidance=HEAD_GUIDANCE)]))
-            results.update(measure_plain_vs_guided(srv.url, model, rounds=3 if quick else 5))
+            warm_up(srv.url, model, tuple(ARMS))
+            results.update(measure_plain_vs_guided(srv.url, model, rounds=rounds or (3 if quick else 5),
+                                                   arms=tuple(ARMS), pid=srv.proc.pid))
             steps.update()
             results.update(measure_concurrency(srv.url, model, 2 if quick else 4, results["guided_seconds"],
                                                results["plain_seconds"], results["guided_engine_value_seconds"]))
@@ -390,6 +542,8 @@ def print_table(results: dict) -> None:
         if k in results:
             table.add_row(k, f"{results[k]:.3g}", "", "")
     Console().print(table)
+    if results.get("cost"):
+        print_cost_table(results)
     settings = results.get("settings", {})
     if "dtype" in settings:
         Console().print(f"dtype {settings['dtype']} ({settings.get('dtype_reason', '')})")

@@ -115,3 +115,48 @@ def _descendants(pid: int) -> list[int]:
         out += [int(k) for k in kids]
         stack += [int(k) for k in kids]
     return out
+
+
+def process_tree_cpu(pid: int, *, process=None) -> dict[int, tuple[str, float]]:
+    """User + system CPU seconds of `pid` and of each live descendant, by pid: (role, seconds). The
+    root is "api" (uvicorn, the search, the scorer); the others are named as the OS names them
+    (`VLLM::EngineCore`, `VLLM::Worker`, ...). Children's reaped time (`children_user`) is left out:
+    a live child is counted by itself, once. `process` stands in for `psutil.Process` in tests."""
+    if process is None:
+        import psutil  # vLLM's dependency, so present wherever the server runs
+
+        process = psutil.Process
+    gone = _no_such_process()
+    root = process(pid)
+    out = {}
+    for i, p in enumerate([root, *root.children(recursive=True)]):
+        try:
+            t = p.cpu_times()
+            out[p.pid] = ("api" if i == 0 else p.name(), t.user + t.system)
+        except gone:  # exited between the listing and the reading: nothing left to count
+            continue
+    return out
+
+
+def _no_such_process() -> type[BaseException]:
+    try:
+        import psutil
+
+        return psutil.Error
+    except ImportError:  # pragma: no cover
+        return OSError
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU core-seconds spent between two `process_tree_cpu` snapshots, summed by role, and "total".
+    A process born in between counts from zero; one that ended in between is not counted (its time
+    can no longer be read): "ended" says how many did.
+
+    >>> cpu_spent({1: ("api", 1.0), 2: ("VLLM::EngineCore", 5.0), 3: ("x", 1.0)},
+    ...           {1: ("api", 1.5), 2: ("VLLM::EngineCore", 7.0), 4: ("VLLM::Worker", 0.25)})
+    {'api': 0.5, 'VLLM::EngineCore': 2.0, 'VLLM::Worker': 0.25, 'total': 2.75, 'ended': 1}
+    """
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        spent[role] = spent.get(role, 0.0) + seconds - (before[pid][1] if pid in before else 0.0)
+    return {**spent, "total": sum(spent.values()), "ended": len(set(before) - set(after))}
