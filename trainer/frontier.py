@@ -11,7 +11,9 @@ Reported per arm: mean reward with a 95% bootstrap CI, distinct-2, tokens and wa
 prompt; `eval.json`, `eval.md`, `reward_vs_tokens.png` (trainer.evaluate.write_results) and
 `reward_vs_seconds.png` in the output folder. Against a running server:
 
-    python -m trainer.frontier --task review-sentiment --value review --out runs/frontier --budgets 1,4,16
+    iro frontier --task review-sentiment --value review --out runs/frontier --budgets 1,4,16
+
+(`python -m trainer.frontier` takes the same options.)
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from common.search_settings import SearchOverrides
+from common.search_settings import SEARCH_MODES, SearchOverrides
 from trainer.eval_results import MethodResult
 from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
 
-SWEEP_MODES = ("cbs", "pf", "dvts")
+SWEEP_MODES = tuple(m for m in SEARCH_MODES if m != "bon")
+"""The chunked searches (Best-of-N is its own arm family)."""
 MODE_STYLES = {"cbs": ("#d62728", "s"), "pf": ("#2ca02c", "D"), "dvts": ("#9467bd", "P")}
 
 
@@ -88,35 +91,27 @@ def plot_reward_vs_seconds(results: Sequence[MethodResult], path: str | Path, *,
     return Path(path)
 
 
-def main(task: str = "review-sentiment", out: Path = Path("frontier"), value: Optional[str] = None,
-         server: Optional[str] = None, api_key: Optional[str] = None, n_prompts: int = 16,
-         budgets: str = "1,2,4,8,16,32", modes: str = ",".join(SWEEP_MODES), max_tokens: Optional[int] = None,
-         concurrency: int = 8, seed: int = 0, oracle: bool = True, progress: bool = True) -> None:
-    """Sweep base, Best-of-N (value and reward) and the search modes over token budgets."""
+def run(*, task: str, out: Path, value: str, server: Optional[str] = None, api_key: Optional[str] = None,
+        n_prompts: int = 16, budgets: Sequence[int] = (1, 2, 4, 8, 16, 32), modes: Sequence[str] = SWEEP_MODES,
+        max_tokens: Optional[int] = None, concurrency: int = 8, seed: int = 0, oracle: bool = True,
+        progress: bool = True) -> dict[str, Path]:
+    """Sweep base, Best-of-N (value and reward) and the search `modes` over `budgets` (multiples of
+    max_tokens) on `task`'s first `n_prompts` held-out prompts against the server at `server`;
+    write the report into `out` and return its paths (`iro frontier` parses the options)."""
     import os
-
-    import typer
 
     from trainer.jobs_cli import _load_task, _server, resolve_value
     from trainer.rollout import RolloutConfig
 
-    if value is None:
-        raise typer.BadParameter("a value is needed (--value name or name@N)", param_hint="--value")
-    wanted_modes = [m.strip() for m in modes.split(",") if m.strip()]
-    unknown = sorted(set(wanted_modes) - set(SWEEP_MODES))
-    if unknown:
-        raise typer.BadParameter(f"unknown modes {unknown} (known: {', '.join(SWEEP_MODES)})", param_hint="--modes")
-    multiples = sorted({int(b) for b in budgets.split(",") if b.strip()})
-    if not multiples or multiples[0] < 1:
-        raise typer.BadParameter("budgets are multiples of max_tokens, each >= 1", param_hint="--budgets")
     spec = _load_task(task)
     url, key = _server(server), api_key or os.environ.get("IRO_API_KEY")
     value = resolve_value(url, key, value)
     template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
                              max_tokens=max_tokens or spec.max_tokens, temperature=spec.temperature)
     prompts = spec.items("eval", n_prompts)
+    multiples = sorted(set(budgets))
     results = sweep(prompts, out, value=value, reward=spec.reward, template=template, budgets=multiples,
-                    modes=wanted_modes, oracle=oracle)
+                    modes=modes, oracle=oracle)
     meta = {"task": spec.name, "prompts": len(prompts), "value": value, "reward": spec.reward,
             "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": seed,
             "budgets": f"{multiples} x max_tokens"}
@@ -125,11 +120,12 @@ def main(task: str = "review-sentiment", out: Path = Path("frontier"), value: Op
     paths["png_seconds"] = plot_reward_vs_seconds(results, Path(out) / "reward_vs_seconds.png", title=title)
     with paths["md"].open("a") as f:
         f.write(f"![reward vs wall time]({paths['png_seconds'].name})\n")
-    typer.echo(paths["md"].read_text())
-    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the same command as `iro frontier`
     import typer
 
-    typer.run(main)
+    from trainer.jobs_cli import frontier
+
+    typer.run(frontier)

@@ -1,7 +1,9 @@
-"""`iro rollout`, `iro eval`, `iro loop`: sample through the server, compare methods, run IRO.
+"""`iro rollout`, `iro eval`, `iro frontier`, `iro loop`: sample through the server, compare methods,
+sweep the reward-vs-compute frontier, run IRO.
 
     iro rollout prompts.jsonl -o rollouts.jsonl --samples-per-prompt 4 --concurrency 16
     iro eval --task review-sentiment --value review --bon 1,2,4,8,16 --out eval/
+    iro frontier --task review-sentiment --value review --budgets 1,4,16,32 --out frontier/
     iro loop --task review-sentiment --iterations 3 --values-dir ~/.cache/iro/values --preset full
     iro loop --task my-task/task.yaml --preset smoke      # any task file (see `iro tasks init`)
     iro loop --preset full --iterations 3 --distill apa --distill is-dpo --policies-dir ~/.cache/iro/policies
@@ -211,6 +213,53 @@ def eval_(
     typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
 
 
+def frontier(
+    task: str = TASK,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for every arm's answers, eval.json, eval.md and the "
+                             "reward-vs-tokens and reward-vs-wall-time plots (resumable: a finished arm is kept)."),
+    value: str = typer.Option(..., help='The value every arm but base uses ("name" = the version served now, or '
+                                        '"name@3").'),
+    server: Optional[str] = SERVER,
+    api_key: Optional[str] = API_KEY,
+    n_prompts: int = typer.Option(16, "--n-prompts", min=1, help="Held-out prompts to use (the first N)."),
+    budgets: str = typer.Option("1,2,4,8,16,32", help="Token budgets as multiples of max_tokens (1 = one plain "
+                                "answer): Best-of-N at N = each, each search mode at budget_tokens = each x "
+                                "max_tokens, its widths planned by the server."),
+    modes: str = typer.Option(",".join(m for m in SEARCH_MODES if m != "bon"),
+                              help="Search modes to sweep (comma-separated; Best-of-N is always there)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Default: the task's."),
+    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, help="Requests in flight at once."),
+    seed: int = typer.Option(0, help="Seed of every arm's sampling."),
+    oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="Also Best-of-N ranked by the reward itself."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """The reward-vs-compute frontier: base, Best-of-N by value and by reward, and CBS, PF and DVTS at
+    token budgets from 1x to 32x max_tokens; reward (95% CI), distinct-2, tokens and wall seconds per
+    prompt; table and two plots."""
+    _quiet_http()
+    from clients.errors import IroClientError
+    from trainer import frontier as sweep
+    from trainer.rewards import RewardError
+    from trainer.rollout import RolloutError
+
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(sweep.SWEEP_MODES))
+    if unknown or not wanted:
+        raise typer.BadParameter(f"unknown modes {unknown} (known: {', '.join(sweep.SWEEP_MODES)})",
+                                 param_hint="--modes")
+    multiples = _int_list(budgets)  # each >= 1
+    try:
+        paths = sweep.run(task=task, out=out, value=value, server=server, api_key=api_key, n_prompts=n_prompts,
+                          budgets=multiples, modes=wanted, max_tokens=max_tokens, concurrency=concurrency, seed=seed,
+                          oracle=oracle, progress=progress)
+    except (RolloutError, RewardError, ValueError) as exc:
+        _fail(str(exc))
+    except IroClientError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+    typer.echo(paths["md"].read_text())
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 def loop(
     task: str = TASK,
     iterations: int = typer.Option(3, min=1, help="IRO iterations T."),
@@ -310,8 +359,9 @@ def _stored_task(spec, server, api_key, metadata, since, heldout_fraction):
 
 
 def register(app: typer.Typer) -> None:
-    """Add `rollout`, `eval` and `loop` to the `iro` command line."""
+    """Add `rollout`, `eval`, `frontier` and `loop` to the `iro` command line."""
     app.command("rollout")(rollout)
     app.command("eval")(eval_)
+    app.command("frontier")(frontier)
     app.command("loop")(loop)
 
