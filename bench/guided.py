@@ -378,6 +378,7 @@ def run_cost(rounds: int = 3, prompts: int = len(PROMPTS), json_path: Path | Non
     CBS, PF and DVTS guided by the default engine value, 16 samples per step each), `rounds` rounds
     of the first `prompts` prompts, with every arm's CPU core-seconds summed over the server's
     process tree. Reports the machine and its load averages before and after (it may be shared)."""
+    import logging
     import os
 
     from common.dtype import describe_dtype
@@ -385,6 +386,7 @@ def run_cost(rounds: int = 3, prompts: int = len(PROMPTS), json_path: Path | Non
     from valuefn.loader import init_value
     from valuefn.registry import Registry
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     model_path = prepare_default_model()
     choice = describe_dtype(dtype)
     results: dict = {"machine": machine(),
@@ -405,7 +407,7 @@ def run_cost(rounds: int = 3, prompts: int = len(PROMPTS), json_path: Path | Non
                                                    prompts=PROMPTS[:prompts]))
             results["measured_seconds"] = time.perf_counter() - t0
         finally:
-            srv.stop()
+            srv.stop_group()
     results["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +62,18 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+    def stop_group(self) -> None:
+        """`stop`, then SIGKILL whatever is left of the server's process group (its own session:
+        vLLM's engine core and workers, should they outlive the API process)."""
+        try:
+            if self.proc.poll() is None:
+                self.stop()
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _log_tail(path: Path, chars: int = 4000) -> str:
