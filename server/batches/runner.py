@@ -252,41 +252,45 @@ class BatchRunner:
             if exists is None:  # exactly once per custom_id (also the primary key)
                 conn.execute(batch_results.insert().values(batch_id=batch_id, custom_id=line.custom_id, line=number,
                                                            ok=ok, result=result, input_tokens=tokens[0],
-                                                           output_tokens=tokens[1]))
+                                                           output_tokens=tokens[1], reasoning_tokens=tokens[2]))
             conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.owner == self.owner)
                          .values(lease_until=time.time() + LEASE_SECONDS))
 
         await self.db.write(record)
 
-    async def _call(self, line: BatchInputLine, api_key_name: str) -> tuple[dict, bool, tuple[int, int]]:
-        """(output line, answered 200, (prompt tokens, completion tokens))."""
+    async def _call(self, line: BatchInputLine, api_key_name: str) -> tuple[dict, bool, tuple[int, int, int]]:
+        """(output line, answered 200, (prompt tokens, completion tokens, those of them not returned))."""
         request_type, call = _REQUESTS[line.url]
         try:
             request = request_type.model_validate(line.body)
         except ValidationError as exc:
-            return error_line(line.custom_id, 400, validation_error(exc)), False, (0, 0)
+            return error_line(line.custom_id, 400, validation_error(exc)), False, (0, 0, 0)
         if request.stream:
             return error_line(line.custom_id, 400, {"message": "stream is not supported in a batch",
                                                     "type": "invalid_request_error", "param": "stream",
-                                                    "code": "invalid_value"}), False, (0, 0)
+                                                    "code": "invalid_value"}), False, (0, 0, 0)
         serving = self.serving()
         try:
             serving.engine_check()
             response = await call(serving, request, api_key_name)
         except IroError as exc:
-            return error_line(line.custom_id, exc.status_code, exc.to_response().error.model_dump()), False, (0, 0)
+            error = exc.to_response().error.model_dump()
+            return error_line(line.custom_id, exc.status_code, error), False, (0, 0, 0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or an engine failure: this line fails, the batch goes on
             log.exception("batch line %r failed", line.custom_id)
             return ({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": None,
                      "error": {"code": "server_error", "message": f"internal error ({type(exc).__name__})"}},
-                    False, (0, 0))
+                    False, (0, 0, 0))
         body = response.model_dump(mode="json")
         usage = response.usage
+        details = usage.completion_tokens_details if usage else None
+        tokens = (usage.prompt_tokens, usage.completion_tokens, details.reasoning_tokens if details else 0) \
+            if usage else (0, 0, 0)
         return ({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
                  "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
-                 "error": None}, True, (usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0))
+                 "error": None}, True, tokens)
 
     async def _finalize(self, batch_id: str, final: str) -> None:
         stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[final]
@@ -306,7 +310,8 @@ class BatchRunner:
                 answered = set(conn.execute(sa.select(batch_results.c.custom_id)
                                             .where(batch_results.c.batch_id == batch_id)).scalars())
                 expired = [{"batch_id": batch_id, "custom_id": custom_id, "line": number, "ok": False,
-                            "result": expired_line(custom_id), "input_tokens": 0, "output_tokens": 0}
+                            "result": expired_line(custom_id), "input_tokens": 0, "output_tokens": 0,
+                            "reasoning_tokens": 0}
                            for number, custom_id in unanswered if custom_id not in answered]
                 if expired:
                     conn.execute(batch_results.insert(), expired)

@@ -140,6 +140,7 @@ batch_results = sa.Table(
     sa.Column("result", sa.JSON, nullable=False),  # the output (or error) file's line
     sa.Column("input_tokens", sa.Integer, nullable=False, default=0),
     sa.Column("output_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("reasoning_tokens", sa.Integer, nullable=False, server_default="0"),  # of output_tokens: not returned
 )
 
 completions = sa.Table(

@@ -119,6 +119,26 @@ async def test_a_batch_runs_to_output_and_error_files_in_input_order(stack):
     assert client.get(f"/v1/files/{batch['output_file_id']}").json()["purpose"] == "batch_output"
 
 
+async def test_batch_usage_says_how_many_output_tokens_guided_lines_did_not_return(sqlite_stack):
+    from server.guided import GuidedGenerator
+    from server.openai.serving import OpenAIServing
+    from tests.server.conftest import OneValue
+    from tests.server.test_search_guided import _ChunkEngine, _Scorer
+
+    client, runner, _ = sqlite_stack
+    engine, values = _ChunkEngine(), OneValue(w=2, k=4, l=4)
+    client.app.state.serving = OpenAIServing(engine, max_n=4, values=values,
+                                             guided=GuidedGenerator(engine, _Scorer(), values))
+    batch = create_batch(client, [chat_line("plain"), chat_line("guided", model="tiny+v", max_tokens=8, seed=1)])
+    assert await runner.run_once()
+    batch = client.get(f"/v1/batches/{batch['id']}").json()
+    bodies = {o["custom_id"]: o["response"]["body"] for o in output_lines(client, batch["output_file_id"])}
+    hidden = bodies["guided"]["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    assert hidden > 0 and bodies["plain"]["usage"]["completion_tokens_details"] is None
+    assert batch["usage"]["output_tokens"] == sum(b["usage"]["completion_tokens"] for b in bodies.values())
+    assert batch["usage"]["output_tokens_details"] == {"reasoning_tokens": hidden}
+
+
 async def test_resume_skips_lines_already_answered(stack):
     client, runner, engine = stack
     from server.store.db import batch_results
@@ -365,9 +385,11 @@ def test_the_document_declares_the_upload_and_the_list_filters(sqlite_stack):
     client, _, _ = sqlite_stack  # what the fuzz (tests/reliability/test_fuzz.py) generates requests from
     paths = client.get("/openapi.json").json()["paths"]
     upload_schema = paths["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert upload_schema["required"] == ["file", "purpose"] and upload_schema["properties"]["file"]["format"] == "binary"
+    assert upload_schema["required"] == ["file", "purpose"]
+    assert upload_schema["properties"]["file"]["format"] == "binary"
     listed = {p["name"]: p for p in paths["/v1/chat/completions"]["get"]["parameters"]}
-    assert set(listed) == {"after", "limit", "order", "model", "metadata"} and listed["metadata"]["style"] == "deepObject"
+    assert set(listed) == {"after", "limit", "order", "model", "metadata"}
+    assert listed["metadata"]["style"] == "deepObject"
     assert {p["name"] for p in paths["/v1/chat/completions"]["delete"]["parameters"]} == {"model", "metadata"}
     for path in ("/v1/files", "/v1/batches", "/v1/chat/completions"):
         assert "404" in paths[path]["get"]["responses"]  # an unknown `after`

@@ -173,14 +173,16 @@ def test_a_database_from_before_key_names_gives_its_rows_to_the_default_key(tmp_
         for table in ("files", "batches", "stored_completions"):
             conn.exec_driver_sql(f"DROP INDEX ix_{table}_api_key_name")
             conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN api_key_name")
+        conn.exec_driver_sql("ALTER TABLE batch_results DROP COLUMN reasoning_tokens")
         conn.exec_driver_sql("INSERT INTO files (id, bytes, created_at, filename, purpose, sha256, deleted) "
                              "VALUES ('file-old', 1, 0, 'old.jsonl', 'batch', 'x', 0)")
     db.close()
     client, _ = make_stack(tmp_path)
     assert client.get("/v1/files/file-old", headers=as_key(API_KEY)).json()["filename"] == "old.jsonl"
     assert client.get("/v1/files/file-old", headers=as_key(ALICE)).status_code == 404
-    indexes = sa.inspect(client.app.state.database.engine).get_indexes("files")
-    assert "ix_files_api_key_name" in {i["name"] for i in indexes}
+    inspector = sa.inspect(client.app.state.database.engine)
+    assert "ix_files_api_key_name" in {i["name"] for i in inspector.get_indexes("files")}
+    assert "reasoning_tokens" in {c["name"] for c in inspector.get_columns("batch_results")}
     client.app.state.database.close()
 
 
