@@ -397,9 +397,10 @@ def run_cost(rounds: int = 3, prompts: int = len(PROMPTS), json_path: Path | Non
     with tempfile.TemporaryDirectory(prefix="iro-bench-cost-") as tmp:
         work = Path(tmp)
         init_value(Registry(work / "values"), "bench-head", model_path, engine_value_config(model_path, choice.dtype))
-        srv = start(work, env={"IRO_DTYPE": choice.dtype})
-        results["engine_start_seconds"] = srv.started_in
+        srv = start(work, env={"IRO_DTYPE": choice.dtype}, ready=False)
         try:
+            srv.wait_healthy(900)  # a shared machine may take minutes
+            results["engine_start_seconds"] = srv.started_in
             model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
             warm_up(srv.url, model, COST_ARMS)
             t0 = time.perf_counter()

@@ -52,7 +52,7 @@ class ServerProcess:
                 if not self.health_seen:
                     self.health_seen.append("no connection")
             time.sleep(0.25)  # polling for readiness
-        self.proc.kill()
+        self.stop_group()  # the engine core too: it would outlive its parent
         raise RuntimeError(f"server not healthy after {wait}s:\n{_log_tail(self.log_path)}")
 
     def stop(self) -> None:
