@@ -6,12 +6,17 @@
    `clients` guided clients (our AsyncIroClient: retries on connection errors, 429 and 503) run
    through the proxy for the whole measurement.
 2. publish v2 -> seconds until every replica reports v2 in `GET /v1/values`' `replicas`.
-3. SIGKILL one replica process -> seconds until Ray Serve's replacement reports the current
-   version; failed requests the clients saw.
+3. SIGKILL one replica process while both hold guided requests (`--max-ongoing` per replica
+   spreads the one value's load over both) -> seconds until Ray Serve's replacement reports the
+   current version; failed requests the clients saw (the proxy answers a request lost with its
+   replica as a retryable 503, which our client retries).
 4. with `--registry s3`: the object store stopped for `--outage` seconds and restarted ->
    `/health` through the proxy (degraded, then ok) and failed requests.
 5. throughput: guided requests/s for `--seconds` with 2 replicas, then with one `iro serve`
    (no Ray) on the same engine settings.
+6. with `--loop-iterations N`: `iro loop --preset smoke` against the proxy, its values published
+   to the same registry (`--values-dir s3://...`); how its requests spread over the replicas (each
+   replica's request counters in the proxy's `/metrics`) and which version each replica serves.
 
 The registry is a local folder both replicas read, or (`--registry s3`) a bucket on moto's S3
 server in this process (`bench.moto_s3`), CURRENT polled every second (the registry's default).
@@ -155,6 +160,43 @@ class GuidedLoad:
         await asyncio.gather(*self._tasks)
 
 
+def replica_metrics(url: str) -> dict[str, dict[str, float]]:
+    """replica -> guided/plain chat requests answered so far and requests in flight, from the
+    proxy's `/metrics` (every replica's, labelled `replica`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            replica = sample.labels.get("replica")
+            if replica is None:
+                continue
+            row = out.setdefault(replica, {"chat_requests": 0.0, "in_flight": 0.0})
+            if sample.name == "iro_requests_total" and sample.labels.get("endpoint") == "/v1/chat/completions":
+                row["chat_requests"] += sample.value
+            elif sample.name == "iro_requests_in_flight":
+                row["in_flight"] = sample.value
+    return out
+
+
+def served_at(log_path: Path, name: str, version: int) -> dict[int, float]:
+    """replica process id -> when it started serving `name` v`version` (Unix time), from the
+    replicas' `serving value NAME vN` log lines: the swap as the replica saw it, unlike an admin
+    request through the proxy, which queues behind the guided requests of a full replica."""
+    import datetime
+    import re
+
+    line = re.compile(r"pid=(\d+)\).*?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO server\.registry_manager: "
+                      rf"serving value {re.escape(name)} v{version}\b")
+    seen = {}
+    for text in log_path.read_text(errors="replace").splitlines():
+        match = line.search(text)
+        if match:
+            stamp = datetime.datetime.strptime(match.group(2), "%Y-%m-%d %H:%M:%S,%f").astimezone()
+            seen.setdefault(int(match.group(1)), stamp.timestamp())
+    return seen
+
+
 def replica_pids(root_pid: int) -> list[int]:
     """Pids of the Ray Serve replica processes under `iro serve --replicas` (by process title)."""
     out = []
@@ -177,18 +219,21 @@ async def _throughput(url: str, model: str, clients: int, seconds: float) -> dic
     return {"requests_per_s": round(ok_before / seconds, 3), "answered": ok_before, "failed": len(load.failures)}
 
 
-def run(out: Path, *, clients: int, seconds: float, registry: str = "local", outage: float = 30.0) -> dict:
+def run(out: Path, *, clients: int, seconds: float, registry: str = "local", outage: float = 30.0,
+        max_ongoing: int = 8, loop_iterations: int = 0) -> dict:
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="scale-out-"))
-    result = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
-              "command": f"python -m bench.scale_out --registry {registry} --clients {clients} --seconds {seconds:g}",
-              "clients": clients, "guidance": GUIDANCE, "max_tokens": 8}
-    endpoint, env = None, {}
+    result = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+                          "load_average_before": os.getloadavg()},
+              "command": f"python -m bench.scale_out --registry {registry} --clients {clients} --seconds {seconds:g} "
+                         f"--outage {outage:g} --max-ongoing {max_ongoing} --loop-iterations {loop_iterations}",
+              "clients": clients, "guidance": GUIDANCE, "max_tokens": 8, "replica_max_ongoing_requests": max_ongoing}
+    endpoint, env = None, {"IRO_REPLICA_MAX_ONGOING_REQUESTS": str(max_ongoing)}
     if registry == "s3":
-        endpoint, location, env = s3_registry()
-        os.environ.update(env)  # publishing from here
-        env = {**env, "IRO_VALUES_DIR": location}
+        endpoint, location, s3_env = s3_registry()
+        os.environ.update(s3_env)  # publishing from here
+        env = {**env, **s3_env, "IRO_VALUES_DIR": location}
         result["registry"] = "S3 API: moto's server in the bench process (bench.moto_s3), CURRENT polled every 1 s"
     else:
         location = work / "values"
@@ -208,12 +253,23 @@ def run(out: Path, *, clients: int, seconds: float, registry: str = "local", out
             load.start()
             await asyncio.sleep(5)  # load builds up before the publish
             v2 = await asyncio.to_thread(publish, location, "swap")
+            published = time.time()
             swap_s, _ = await asyncio.to_thread(wait_replicas, srv.url, "swap", v2, 2)
-            result["publish_to_every_replica_serves_v2_s"] = round(swap_s, 2)
+            swapped = served_at(srv.log_path, "swap", v2)
+            result["publish_to_each_replica_serves_v2_s"] = sorted(round(t - published, 2) for t in swapped.values())
+            result["publish_to_every_replica_serves_v2_seen_through_the_proxy_s"] = round(swap_s, 2)
             result["publish_failed_requests"] = len(load.failures)
             result["publish_versions_answered"] = sorted(load.versions)
-            # a replica killed under the same load
+            # a replica killed under the same load, once both hold requests
             before = set(replicas_serving(srv.url, "swap"))
+            t_busy = time.monotonic()
+            while True:
+                spread = await asyncio.to_thread(replica_metrics, srv.url)
+                if len(spread) == 2 and min(r["in_flight"] for r in spread.values()) > 0 or time.monotonic() - t_busy > 60:
+                    break
+                await asyncio.sleep(0.2)
+            result["in_flight_per_replica_at_kill"] = sorted(r["in_flight"] for r in spread.values())
+            result["chat_requests_per_replica_before_kill"] = sorted(r["chat_requests"] for r in spread.values())
             victim = replica_pids(srv.proc.pid)[0]
             os.kill(victim, signal.SIGKILL)
             back_s, _ = await asyncio.to_thread(wait_replicas, srv.url, "swap", v2, 1, exclude=before)
@@ -244,9 +300,15 @@ def run(out: Path, *, clients: int, seconds: float, registry: str = "local", out
             result["failures"] = load.failures[:20]
             await load.stop()
             result["answered_during_publish_kill_outage"] = load.ok
+            spread = await asyncio.to_thread(replica_metrics, srv.url)
             result["throughput_2_replicas"] = await _throughput(srv.url, model, clients, seconds)
+            after = await asyncio.to_thread(replica_metrics, srv.url)
+            result["throughput_2_replicas"]["chat_requests_per_replica"] = sorted(
+                after[r]["chat_requests"] - spread.get(r, {}).get("chat_requests", 0.0) for r in after)
 
         asyncio.run(measure())
+        if loop_iterations:
+            result["loop"] = _loop(srv.url, location, env, work, loop_iterations)
     finally:
         stop(srv)
     srv1 = start_replicas(work / "one", 1, env={**env, "IRO_VALUES_DIR": str(location)})
@@ -257,9 +319,28 @@ def run(out: Path, *, clients: int, seconds: float, registry: str = "local", out
         stop(srv1)
         if endpoint is not None:
             endpoint.stop()
+    result["machine"]["load_average_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _loop(url: str, location, env: dict, work: Path, iterations: int) -> dict:
+    """`iro loop --preset smoke` against the proxy, publishing to `location`; its requests per replica."""
+    before = replica_metrics(url)
+    command = [str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "iro"), "loop", "--task", "review-sentiment",
+               "--preset", "smoke", "--iterations", str(iterations), "--name", "loopv", "--server", url,
+               "--values-dir", str(location), "--run-dir", str(work / "loop"), "--no-progress"]
+    t0 = time.monotonic()
+    done = subprocess.run(command, env={**os.environ, **env, "IRO_API_KEY": API_KEY, "IRO_ADMIN_KEY": ADMIN_KEY},
+                          capture_output=True, text=True)
+    after = replica_metrics(url)
+    served = replicas_serving(url, "loopv")
+    return {"command": " ".join(["iro", *command[1:]]), "exit_code": done.returncode,
+            "wall_s": round(time.monotonic() - t0, 1), "output_tail": (done.stdout + done.stderr)[-1500:],
+            "chat_requests_per_replica": {r: after[r]["chat_requests"] - before.get(r, {}).get("chat_requests", 0.0)
+                                          for r in after},
+            "loopv_version_per_replica": served}
 
 
 def _cpu() -> str:
@@ -272,13 +353,18 @@ def _cpu() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale-out/moto-2-replicas.json"))
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--registry", choices=["local", "s3"], default="s3")
     parser.add_argument("--outage", type=float, default=30.0, help="Seconds the object store is stopped (s3).")
+    parser.add_argument("--max-ongoing", type=int, default=8, help="Requests one replica takes at once "
+                        "(replica_max_ongoing_requests): below the clients, so the one value spreads over both.")
+    parser.add_argument("--loop-iterations", type=int, default=0, help="Then run `iro loop --preset smoke` this many "
+                        "iterations against the proxy (0: skip).")
     args = parser.parse_args()
     print(json.dumps(run(args.out, clients=args.clients, seconds=args.seconds, registry=args.registry,
-                         outage=args.outage), indent=2))
+                         outage=args.outage, max_ongoing=args.max_ongoing, loop_iterations=args.loop_iterations),
+                     indent=2))
 
 
 if __name__ == "__main__":

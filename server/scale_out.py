@@ -22,10 +22,13 @@ is replayed unchanged to the replica, which validates it as a single server woul
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 
 from pydantic import SecretStr
+
+log = logging.getLogger(__name__)
 
 MULTIPLEX_HEADER = b"serve_multiplexed_model_id"
 """The header Ray Serve's proxy routes on (it also accepts hyphens in place of underscores)."""
@@ -111,7 +114,9 @@ class ReplicaLostMiddleware:
     retry: this server is going away"; behind the proxy another replica answers).
 
     Only a non-JSON 500 (the proxy's own) and a 503 `engine_dead` are rewritten; a JSON 500 is the
-    app's and passes through. Streams whose headers were sent cannot be rewritten and are not."""
+    app's and passes through. A request the proxy ends with no response at all (what Ray Serve 2.60
+    does when the replica's actor dies: uvicorn then answers a bare 500) or with an exception gets
+    the same 503. Streams whose headers were sent cannot be rewritten and are not."""
 
     def __init__(self, app):
         self.app = app
@@ -120,13 +125,16 @@ class ReplicaLostMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held: dict | None = None
+        started = False
         body: list[bytes] = []
 
         async def watch(message):
-            nonlocal held
-            if message["type"] == "http.response.start" and message["status"] in (500, 503):
-                held = message  # decide once the body is known
-                return
+            nonlocal held, started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] in (500, 503):
+                    held = message  # decide once the body is known
+                    return
             if held is None:
                 return await send(message)
             body.append(message.get("body", b""))
@@ -134,7 +142,15 @@ class ReplicaLostMiddleware:
                 return
             await _send_final(send, held, b"".join(body))
 
-        await self.app(scope, receive, watch)
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            if started:
+                raise
+            log.warning("the proxy failed a request before its replica answered; answering a retryable 503",
+                        exc_info=True)
+        if not started:
+            await _send_final(send, {"type": "http.response.start", "status": 500, "headers": []}, b"")
 
 
 def _replica_lost(status: int, headers, body: bytes) -> bool:

@@ -200,6 +200,42 @@ def test_a_replica_that_died_mid_request_answers_a_retryable_503():
     assert json.loads(_through_replica_lost(503, b"application/json", dead)[2])["error"]["code"] == "replica_unavailable"
 
 
+@pytest.mark.parametrize("ending", ["nothing", "raise"])
+def test_a_request_the_proxy_ends_without_a_response_answers_a_retryable_503(ending):
+    """Ray Serve 2.60's proxy sends nothing for a request whose replica's actor died (uvicorn then
+    answered a bare 500, which no client retries): seen in bench/scale_out.py's replica kill."""
+    from server.scale_out import ReplicaLostMiddleware
+
+    async def inner(scope, receive, send):
+        if ending == "raise":
+            raise RuntimeError("ActorDiedError")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(ReplicaLostMiddleware(inner)({"type": "http", "method": "POST", "path": "/v1/completions"},
+                                             None, send))
+    assert (sent[0]["status"], dict(sent[0]["headers"])[b"retry-after"]) == (503, b"1")
+    assert json.loads(sent[1]["body"])["error"]["code"] == "replica_unavailable"
+
+
+def test_an_error_after_the_response_started_is_not_hidden():
+    from server.scale_out import ReplicaLostMiddleware
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("the stream broke")
+
+    async def send(message):
+        pass
+
+    with pytest.raises(RuntimeError, match="the stream broke"):
+        asyncio.run(ReplicaLostMiddleware(inner)({"type": "http", "method": "POST", "path": "/v1/completions"},
+                                                 None, send))
+
+
 def test_the_apps_own_errors_pass_through_unchanged():
     app_500 = json.dumps({"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}).encode()
     assert _through_replica_lost(500, b"application/json", app_500) == (500, {b"content-type": b"application/json"},
