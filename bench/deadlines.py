@@ -4,9 +4,9 @@
         --out-dir bench/results/deadlines
 
 Starts `iro serve` with an untrained value (as `iro values init`; or sends to `--url`), then
-`--clients` clients share `--requests` chat requests, each a wide search (the modes of `--modes`
-in turn, 16 samples per step, no end-of-sequence token: an answer runs until the deadline
-stops it) with the same `deadline_ms`. Per request it records the response time seen by the
+`--clients` clients share `--requests` chat requests, each a search (the modes of `--modes` in
+turn, `--samples-per-step` samples per step, chunks of `--l` tokens, no end-of-sequence token:
+an answer runs until the deadline stops it) with the same `deadline_ms`. Per request it records the response time seen by the
 client, the search's own `guidance.elapsed_ms`, its steps and one chunk's time (elapsed / steps:
 one step extends every candidate by one chunk), `finish_reason` and `guidance.stopped_by`.
 The search checks its deadline before each step and lets the step in flight finish, so the claim
@@ -35,9 +35,20 @@ PROMPTS = ["Write a long story about a lighthouse keeper.", "Explain in detail h
            "Explain how a bicycle works, step by step.", "Describe the sea in winter."]
 NO_EOS = {"0": -100, "2": -100}
 """The default model's (SmolLM2) end-of-sequence tokens: no answer ends before the deadline does."""
-GUIDANCE = {"cbs": {"mode": "cbs", "w": 4, "k": 4, "l": 8}, "pf": {"mode": "pf", "k": 16, "l": 8},
-            "dvts": {"mode": "dvts", "s": 4, "w": 1, "k": 4, "l": 8}}
-"""A wide search per mode: 16 samples per step each."""
+MODES = ("cbs", "pf", "dvts")
+
+
+def guidance(mode: str, samples: int, l: int) -> dict:
+    """`mode` with `samples` samples per step and chunks of `l` tokens, its widths as the server
+    plans them from a budget (k stays 4 where it fits: CBS 4 beams x 4, DVTS 4 subtrees of one
+    beam x 4 and PF 16 particles for 16).
+
+    >>> guidance("cbs", 16, 8), guidance("dvts", 8, 4)
+    ({'mode': 'cbs', 'l': 8, 'k': 4, 'w': 4}, {'mode': 'dvts', 'l': 4, 'w': 1, 'k': 4, 's': 2})
+    """
+    from server.guided import plan_widths
+
+    return {"mode": mode, "l": l, **plan_widths(mode, samples, {}, 4)}
 
 
 def quantiles(xs: list[float]) -> dict:
@@ -78,7 +89,7 @@ def record(mode: str, deadline_ms: int, response_s: float, body: dict) -> dict:
 
 
 async def send_all(url: str, model: str, *, requests: int, clients: int, deadline_ms: int, max_tokens: int,
-                   modes: list[str], api_key: str = "none") -> list[dict]:
+                   searches: dict[str, dict], api_key: str = "none") -> list[dict]:
     """`requests` guided requests, `clients` in flight at once (each client sends its next when the
     last one came back), with the openai SDK."""
     import openai
@@ -88,6 +99,7 @@ async def send_all(url: str, model: str, *, requests: int, clients: int, deadlin
     for i in range(requests):
         queue.put_nowait(i)
     out: list[dict] = []
+    modes = list(searches)
 
     async def worker() -> None:
         while not queue.empty():
@@ -97,7 +109,7 @@ async def send_all(url: str, model: str, *, requests: int, clients: int, deadlin
             raw = await client.chat.completions.with_raw_response.create(
                 model=model, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=max_tokens,
                 temperature=0.8, seed=i, logit_bias=NO_EOS,
-                extra_body={"guidance": GUIDANCE[mode] | {"deadline_ms": deadline_ms}})
+                extra_body={"guidance": searches[mode] | {"deadline_ms": deadline_ms}})
             body = json.loads(raw.text)
             out.append(record(mode, deadline_ms, time.perf_counter() - t0, body) | {"request": i})
 
@@ -187,12 +199,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--deadline-ms", type=int, default=1500)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--modes", default="cbs,pf,dvts", help="Search modes, in turn over the requests.")
+    parser.add_argument("--modes", default=",".join(MODES), help="Search modes, in turn over the requests.")
+    parser.add_argument("--samples-per-step", type=int, default=16, help="Every search's samples per step (widths "
+                        "planned as the server plans them from a budget).")
+    parser.add_argument("--l", type=int, default=8, help="Chunk length in tokens.")
     parser.add_argument("--out-dir", type=Path, help="Write result.json and result.md here.")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := sorted(set(modes) - set(GUIDANCE)):
-        parser.error(f"unknown modes {unknown} (known: {', '.join(GUIDANCE)})")
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.error(f"unknown modes {unknown} (known: {', '.join(MODES)})")
+    searches = {m: guidance(m, args.samples_per_step, args.l) for m in modes}
 
     import httpx
 
@@ -215,9 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
         base = args.model or httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"},
                                        timeout=30).json()["data"][0]["id"]
         model = f"{base}+{args.value}"
-        kw = dict(clients=args.clients, deadline_ms=args.deadline_ms, max_tokens=args.max_tokens, modes=modes,
+        kw = dict(clients=args.clients, deadline_ms=args.deadline_ms, max_tokens=args.max_tokens, searches=searches,
                   api_key=args.api_key)
-        asyncio.run(send_all(url, model, requests=len(modes), **kw | {"max_tokens": 8}))  # warm-up, untimed
+        asyncio.run(send_all(url, model, requests=len(modes), **kw | {"max_tokens": args.l}))  # warm-up, untimed
         t0 = time.perf_counter()
         records = asyncio.run(send_all(url, model, requests=args.requests, **kw))
         wall = time.perf_counter() - t0
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "load_1min_during": {"min": min(loads), "max": max(loads)}},
               "command": command,
               "settings": {"requests": args.requests, "clients": args.clients, "deadline_ms": args.deadline_ms,
-                           "max_tokens": args.max_tokens, "guidance": {m: GUIDANCE[m] for m in modes},
+                           "max_tokens": args.max_tokens, "guidance": searches,
                            "model": model, "logit_bias": NO_EOS, "server": "started here" if srv else args.url},
               "wall_s": round(wall, 2), "summary": summarise(records), "requests": records}
     if args.out_dir:
