@@ -51,7 +51,7 @@ REPLICA_TITLE = "ServeReplica:iro:IroReplica"
 
 def start_replicas(workdir: Path, replicas: int, *, env: dict | None = None, wait: float = 900):
     """`iro serve --replicas N` in a subprocess (its own session); returns once /health is 200."""
-    full = {"IRO_API_KEY": API_KEY, "IRO_ADMIN_KEY": ADMIN_KEY, **SMALL_ENGINE, **(env or {})}
+    full = {"IRO_API_KEY": API_KEY, "IRO_ADMIN_KEY": ADMIN_KEY, "RAY_DEDUP_LOGS": "0", **SMALL_ENGINE, **(env or {})}
     args = ["--replicas", str(replicas)] if replicas > 1 else []
     return bench_server.start(workdir, env=full, args=args, wait=wait, cwd=Path(__file__).resolve().parents[1])
 
@@ -255,7 +255,10 @@ def run(out: Path, *, clients: int, seconds: float, registry: str = "local", out
             v2 = await asyncio.to_thread(publish, location, "swap")
             published = time.time()
             swap_s, _ = await asyncio.to_thread(wait_replicas, srv.url, "swap", v2, 2)
-            swapped = served_at(srv.log_path, "swap", v2)
+            swapped, t_logs = served_at(srv.log_path, "swap", v2), time.monotonic()
+            while len(swapped) < 2 and time.monotonic() - t_logs < 30:  # Ray streams replica logs with a delay
+                await asyncio.sleep(0.5)
+                swapped = served_at(srv.log_path, "swap", v2)
             result["publish_to_each_replica_serves_v2_s"] = sorted(round(t - published, 2) for t in swapped.values())
             result["publish_to_every_replica_serves_v2_seen_through_the_proxy_s"] = round(swap_s, 2)
             result["publish_failed_requests"] = len(load.failures)
