@@ -6,11 +6,15 @@ Generated requests are shaped before sending so the fuzz stays fast on two cores
 capped at a few tokens (`max_tokens`, `n`), guided searches at 4x4 candidates; most requests name
 the real model (or its aligned `+fz` model) and a third of those without `guidance` get a valid
 one, so they get past the 404 and into the engine and the search. Admin calls only ever touch
-the fuzz's own value `fz`.
+the fuzz's own value `fz`. The Files / Batches / stored-completion routes get multipart uploads
+and query parameters as the document declares them; a third of the ids they are sent (path
+parameters, `input_file_id`) are the fuzz's own file, batch and stored completion, so they get
+past the 404 too (and only those can be deleted or cancelled).
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections import Counter
 
@@ -48,19 +52,16 @@ OPERATIONS = [
     ("POST", "/v1/policies/{name}/rollback"), ("DELETE", "/v1/policies/{name}"),
     ("DELETE", "/v1/policies/{name}/versions/{version}"),
     ("GET", "/v1/engine"),
-]
-LISTED_NOT_FUZZED = [
-    # The Files / Batches API and stored completions (issue 29): their refusals and shapes are tested by
-    # tests/server/test_batches.py and, through the openai SDK, tests/e2e/test_batches_e2e.py; fuzzing
-    # them (multipart uploads, a database behind them) is still to do.
-    ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
-    ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"),
+    # Files, batches, stored completions (issue 29); what deletes or cancels comes last
+    ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"), ("GET", "/v1/files/{file_id}/content"),
     ("POST", "/v1/batches"), ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"),
-    ("POST", "/v1/batches/{batch_id}/cancel"),
-    ("GET", "/v1/chat/completions"), ("DELETE", "/v1/chat/completions"),
-    ("GET", "/v1/chat/completions/{completion_id}"), ("POST", "/v1/chat/completions/{completion_id}"),
-    ("DELETE", "/v1/chat/completions/{completion_id}"), ("GET", "/v1/chat/completions/{completion_id}/messages"),
+    ("GET", "/v1/chat/completions"), ("GET", "/v1/chat/completions/{completion_id}"),
+    ("GET", "/v1/chat/completions/{completion_id}/messages"), ("POST", "/v1/chat/completions/{completion_id}"),
+    ("POST", "/v1/batches/{batch_id}/cancel"), ("DELETE", "/v1/chat/completions"),
+    ("DELETE", "/v1/chat/completions/{completion_id}"), ("DELETE", "/v1/files/{file_id}"),
 ]
+LISTED_NOT_FUZZED: list[tuple[str, str]] = []  # an operation the fuzz cannot drive, each with its reason
+OWN: dict[str, str] = {}  # path parameter -> the fuzz's own file, batch or stored completion
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,16 @@ def api_schema(server):
     iro_values_init(server, FUZZ_VALUE)  # two versions: rollback can work
     with server.admin() as admin:  # serve CURRENT even if an earlier fuzz unloaded it
         assert admin.post(f"/v1/values/{FUZZ_VALUE}/load").status_code == 200
+    with server.http() as http:  # the fuzz's own objects, which its requests may name (and delete)
+        upload = http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("fz.jsonl", batch_file(server))})
+        OWN["file_id"] = upload.json()["id"]
+        batch = http.post("/v1/batches", json={"input_file_id": OWN["file_id"], "endpoint": "/v1/chat/completions",
+                                               "completion_window": "24h"})
+        OWN["batch_id"] = batch.json()["id"]
+        stored = http.post("/v1/chat/completions", json={"model": server.model_id, "max_tokens": 1, "store": True,
+                                                         "metadata": {"fz": "1"},
+                                                         "messages": [{"role": "user", "content": "Say hi."}]})
+        OWN["completion_id"] = stored.json()["id"]
     config = SchemathesisConfig.from_dict({"request-timeout": 120})
     return schemathesis.openapi.from_url(server.url + "/openapi.json", config=config)
 
@@ -82,6 +93,13 @@ SEED_BODIES = {
     "/v1/completions": [{"prompt": "The movie was", "max_tokens": 4, "guidance": _GUIDANCE},
                         {"prompt": [504, 2542, 436], "max_tokens": 3, "n": 2, "seed": 7}],
 }
+
+
+def batch_file(server) -> bytes:
+    """A valid batch input file: one cheap line."""
+    line = {"custom_id": "fz-1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": server.model_id, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi."}]}}
+    return (json.dumps(line) + "\n").encode()
 
 
 def pick(value, choices: int) -> int:
@@ -99,7 +117,12 @@ def shape(case, model_id: str) -> None:
         name = str(case.path_parameters["name"])
         # only the fuzz's own value may be loaded, rolled back or unloaded
         case.path_parameters["name"] = FUZZ_VALUE if pick(name, 3) == 0 else f"{FUZZ_VALUE}-{name}"
+    for param, own in OWN.items():  # only the fuzz's own file, batch or completion may be found (and deleted)
+        if case.path_parameters and param in case.path_parameters and pick(case.path_parameters[param], 3) == 0:
+            case.path_parameters[param] = own
     body = case.body
+    if case.path == "/v1/batches" and isinstance(body, dict) and pick(body.get("input_file_id"), 2) == 0:
+        body["input_file_id"] = OWN["file_id"]  # a batch of one line, one token
     if not isinstance(body, dict) or case.path not in ("/v1/chat/completions", "/v1/completions", "/v1/score"):
         return
     if case.path == "/v1/score":
@@ -150,9 +173,14 @@ def test_the_document_lists_every_operation(api_schema, server):
     assert {"400", "401", "403", "404", "413", "503"} <= set(doc["paths"]["/v1/values/{name}/load"]["post"]["responses"])
 
 
-WITH_BODY = ("/v1/chat/completions", "/v1/completions", "/v1/score", "/v1/values/{name}/load")
+WITH_BODY_OR_QUERY = {
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/score"),
+    ("POST", "/v1/values/{name}/load"), ("POST", "/v1/files"), ("GET", "/v1/files"), ("POST", "/v1/batches"),
+    ("GET", "/v1/batches"), ("GET", "/v1/chat/completions"), ("DELETE", "/v1/chat/completions"),
+    ("POST", "/v1/chat/completions/{completion_id}"), ("GET", "/v1/chat/completions/{completion_id}/messages"),
+}
 CASES = [(m, p, mode) for m, p in OPERATIONS for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
-         if mode is GenerationMode.POSITIVE or p in WITH_BODY]  # string path parameters have no invalid values
+         if mode is GenerationMode.POSITIVE or (m, p) in WITH_BODY_OR_QUERY]  # path parameters: no invalid strings
 
 
 @pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {mode}" for m, p, mode in CASES])
@@ -174,6 +202,9 @@ def test_fuzz(api_schema, server, method, path, mode):
 
     for body in seeds:  # explicit phase: always sent, then shaped and checked like generated ones
         run = hypothesis.example(case=operation.Case(body=dict(body, model=server.model_id), media_type="application/json"))(run)
+    if (method, path, mode) == ("POST", "/v1/files", GenerationMode.POSITIVE):  # a valid upload, always
+        upload = operation.Case(body={"file": batch_file(server), "purpose": "batch"}, media_type="multipart/form-data")
+        run = hypothesis.example(case=upload)(run)
     run()
 
 
@@ -188,6 +219,8 @@ def test_fuzz_reached_every_operation_and_the_engine(server):
     for op in ("POST /v1/chat/completions", "POST /v1/completions"):
         assert COUNTS[(op, 200)] > 0, table
         assert GUIDED_OK[op] > 0, (op, dict(GUIDED_OK))
+    for op in ("POST /v1/files", "GET /v1/files/{file_id}", "GET /v1/chat/completions/{completion_id}"):
+        assert COUNTS[(op, 200)] > 0, table  # past the 404s: the fuzz's own objects were found
     assert sum(n for (op, _), n in COUNTS.items() if op == "POST /v1/score") > 0, table
     assert all(status < 500 for _, status in COUNTS), table
 
