@@ -26,7 +26,7 @@ def test_two_replicas_serve_a_published_version_with_no_failed_request(tmp_path,
     try:
         auth = {"Authorization": f"Bearer {scale_out.API_KEY}"}
         base = httpx.get(srv.url + "/v1/models", headers=auth).json()["data"][0]["id"]
-        scale_out.wait_replicas(srv.url, "swap", v1, 2, timeout=120)  # each loaded v1 before taking traffic
+        scale_out.wait_replicas(srv.url, "swap", v1, 2, timeout=600)  # each loaded v1 (an engine start each: minutes on a busy machine)
         # the single server's API through the proxy: auth, errors, metrics
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         bad = httpx.post(srv.url + "/v1/chat/completions", headers=auth, json={
