@@ -8,7 +8,8 @@ Starts `iro serve` with an untrained value (as `iro values init`; or sends to `-
 turn, `--samples-per-step` samples per step, chunks of `--l` tokens, no end-of-sequence token:
 an answer runs until the deadline stops it) with the same `deadline_ms`. Per request it records the response time seen by the
 client, the search's own `guidance.elapsed_ms`, its steps and one chunk's time (elapsed / steps:
-one step extends every candidate by one chunk), `finish_reason` and `guidance.stopped_by`.
+one step extends every candidate by one chunk), `finish_reason` and `guidance.stopped_by`, after an
+untimed warm-up wave of `--clients` requests.
 The search checks its deadline before each step and lets the step in flight finish, so the claim
 under test is: response time <= deadline + one chunk's time. The report gives the
 distributions (p50/p90/p99/max) of the overrun (response time - deadline) and of the chunk
@@ -233,7 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
         model = f"{base}+{args.value}"
         kw = dict(clients=args.clients, deadline_ms=args.deadline_ms, max_tokens=args.max_tokens, searches=searches,
                   api_key=args.api_key)
-        asyncio.run(send_all(url, model, requests=len(modes), **kw | {"max_tokens": args.l}))  # warm-up, untimed
+        # warm-up, untimed: one whole wave of clients, two steps each (the first concurrent wave after a
+        # start ran one 66 s step here, the later ones ~6 s steps)
+        asyncio.run(send_all(url, model, requests=args.clients, **kw | {"max_tokens": 2 * args.l,
+                                                                         "deadline_ms": 3_600_000}))
         t0 = time.perf_counter()
         records = asyncio.run(send_all(url, model, requests=args.requests, **kw))
         wall = time.perf_counter() - t0
