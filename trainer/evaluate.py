@@ -302,3 +302,18 @@ def write_results(results: Sequence[MethodResult], out_dir: str | Path, *, title
 __all__ = ["BASE", "Method", "MethodResult", "best_of_n", "distinct_n", "evaluate", "evaluate_method", "markdown_table",
            "mean_ci", "oracle_best_of_n", "search_text", "standard_methods", "summarize", "value_scores",
            "write_results"]
+
+
+def resolve_value(server: str, api_key: str | None, spec: str) -> str:
+    """`name` -> `name@N` with N the version the server serves now (asked through /v1/score),
+    so an evaluation keeps using one version; `name@N` is returned as is."""
+    import httpx
+
+    if "@" in spec:
+        return spec
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.post(f"{server.rstrip('/')}/v1/score", headers=headers, timeout=120,
+                   json={"value": spec, "prompt": "Hello", "responses": ["Hi"]})
+    if r.status_code != 200:
+        raise ValueError(f"value {spec!r}: the server answered {r.status_code}: {r.text[:300]}")
+    return f"{spec}@{r.json()['versions'][-1]}"

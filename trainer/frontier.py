@@ -13,7 +13,6 @@ prompt; `eval.json`, `eval.md`, `reward_vs_tokens.png` (trainer.evaluate.write_r
 
     iro frontier --task review-sentiment --value review --out runs/frontier --budgets 1,4,16
 
-(`python -m trainer.frontier` takes the same options.)
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Optional
 
 from common.search_settings import SEARCH_MODES, SearchOverrides
 from trainer.eval_results import MethodResult
-from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
+from trainer.evaluate import BASE, Method, best_of_n, evaluate, resolve_value, write_results
 
 SWEEP_MODES = tuple(m for m in SEARCH_MODES if m != "bon")
 """The chunked searches (Best-of-N is its own arm family)."""
@@ -100,11 +99,12 @@ def run(*, task: str, out: Path, value: str, server: Optional[str] = None, api_k
     write the report into `out` and return its paths (`iro frontier` parses the options)."""
     import os
 
-    from trainer.jobs_cli import _load_task, _server, resolve_value
     from trainer.rollout import RolloutConfig
+    from trainer.rollout_config import server_url
+    from trainer.tasks import load_task
 
-    spec = _load_task(task)
-    url, key = _server(server), api_key or os.environ.get("IRO_API_KEY")
+    spec = load_task(task)  # a TaskError is a ValueError: `iro frontier` reports it with exit code 2
+    url, key = server_url(server), api_key or os.environ.get("IRO_API_KEY")
     value = resolve_value(url, key, value)
     template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
                              max_tokens=max_tokens or spec.max_tokens, temperature=spec.temperature)
@@ -121,11 +121,3 @@ def run(*, task: str, out: Path, value: str, server: Optional[str] = None, api_k
     with paths["md"].open("a") as f:
         f.write(f"![reward vs wall time]({paths['png_seconds'].name})\n")
     return paths
-
-
-if __name__ == "__main__":  # the same command as `iro frontier`
-    import typer
-
-    from trainer.jobs_cli import frontier
-
-    typer.run(frontier)

@@ -21,6 +21,7 @@ from typing import Optional
 import typer
 
 from common.search_settings import SEARCH_MODES
+from trainer.rollout_config import server_url
 
 SERVER = typer.Option(None, "--server", help="Server root (env IRO_BASE_URL; default http://127.0.0.1:8000).")
 API_KEY = typer.Option(None, "--api-key", help="Bearer token for /v1 (env IRO_API_KEY).")
@@ -62,14 +63,6 @@ def _load_task(ref: str):
         _fail(str(exc))
 
 
-def _server(url: Optional[str]) -> str:
-    import os
-
-    from trainer.rollout import DEFAULT_SERVER
-
-    return url or os.environ.get("IRO_BASE_URL") or DEFAULT_SERVER
-
-
 def rollout(
     prompts: Path = typer.Argument(..., exists=True, dir_okay=False,
                                    help="Prompt JSONL (messages/prompt, or OpenAI batch lines)."),
@@ -108,7 +101,7 @@ def rollout(
         _fail("--via-batch submits to the server's Batch API: it does not combine with --backend ray")
     try:
         config = RolloutConfig(
-            server=_server(server), api_key=api_key or os.environ.get("IRO_API_KEY"), model=model,
+            server=server_url(server), api_key=api_key or os.environ.get("IRO_API_KEY"), model=model,
             samples_per_prompt=samples_per_prompt, concurrency=concurrency, value=value,
             search=SearchOverrides(mode=mode.value if mode else None, w=w, k=k, l=l), temperature=temperature,
             max_tokens=max_tokens,
@@ -133,21 +126,6 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise typer.BadParameter(f"expected integers >= 1, got {text!r}")
     return values
-
-
-def resolve_value(server: str, api_key: Optional[str], spec: str) -> str:
-    """`name` -> `name@N` with N the version the server serves now (asked through /v1/score),
-    so an evaluation keeps using one version; `name@N` is returned as is."""
-    import httpx
-
-    if "@" in spec:
-        return spec
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.post(f"{server.rstrip('/')}/v1/score", headers=headers, timeout=120,
-                   json={"value": spec, "prompt": "Hello", "responses": ["Hi"]})
-    if r.status_code != 200:
-        raise ValueError(f"value {spec!r}: the server answered {r.status_code}: {r.text[:300]}")
-    return f"{spec}@{r.json()['versions'][-1]}"
 
 
 def eval_(
@@ -178,7 +156,7 @@ def eval_(
 
     from clients.errors import IroClientError
     from common.search_settings import SearchOverrides
-    from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
+    from trainer.evaluate import BASE, Method, best_of_n, evaluate, resolve_value, write_results
     from trainer.rewards import RewardError, resolve_reward
     from trainer.rollout import RolloutConfig, RolloutError
 
@@ -188,7 +166,7 @@ def eval_(
             resolve_reward(reward)
         except RewardError as exc:
             _fail(f"--reward: {exc}")
-    url, key = _server(server), api_key or os.environ.get("IRO_API_KEY")
+    url, key = server_url(server), api_key or os.environ.get("IRO_API_KEY")
     reward, ns = reward or spec.reward, _int_list(bon)
     try:
         value = resolve_value(url, key, value) if value else None
@@ -328,7 +306,7 @@ def loop(
         _fail(str(exc))
     try:
         runner = IroLoop(config, task=spec, run_dir=run_dir or Path("runs") / (name or spec.name),
-                         values_dir=values_dir or default_values_dir(), server=_server(server),
+                         values_dir=values_dir or default_values_dir(), server=server_url(server),
                          api_key=api_key or os.environ.get("IRO_API_KEY"),
                          admin_key=admin_key or os.environ.get("IRO_ADMIN_KEY"), model=model,
                          policies_dir=policies_dir)

@@ -17,6 +17,13 @@ from common.search_settings import SearchOverrides, SearchSettings
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
+def server_url(url: str | None) -> str:
+    """The server a job talks to: `url`, else `IRO_BASE_URL`, else DEFAULT_SERVER."""
+    import os
+
+    return url or os.environ.get("IRO_BASE_URL") or DEFAULT_SERVER
+
+
 def _sampling_keys() -> tuple[str, ...]:
     """The fields of the one sampling type (`common.sampling.Sampling`) that both request kinds carry
     under the same name, and `max_tokens` (`Generation`'s). `logprobs` is left out: it asks for

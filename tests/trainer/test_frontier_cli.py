@@ -1,10 +1,7 @@
-"""`iro frontier` (and `python -m trainer.frontier`): the options reach `trainer.frontier.run` parsed;
+"""`iro frontier`: the options reach `trainer.frontier.run` parsed;
 bad ones are refused before it runs (no server: `run` is replaced)."""
 
 from __future__ import annotations
-
-import runpy
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -58,11 +55,3 @@ def test_bad_options_are_refused_before_the_sweep(calls, tmp_path, args, says):
 def test_a_value_is_required(calls, tmp_path):
     out = CliRunner().invoke(app, ["frontier", "-o", str(tmp_path)])
     assert out.exit_code == 2 and "--value" in out.output and calls == []
-
-
-def test_python_m_trainer_frontier_is_the_same_command(calls, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["frontier", "--value", "v", "-o", str(tmp_path), "--budgets", "1,8"])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(trainer.frontier.__file__, run_name="__main__")
-    assert exit_.value.code in (0, None)
-    assert calls and calls[0]["budgets"] == [1, 8] and calls[0]["value"] == "v"
