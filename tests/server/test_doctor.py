@@ -37,6 +37,7 @@ def test_value_kinds_follow_the_workers_report():
     assert off["LoRA value"].startswith("scorer")
 
 
+@pytest.mark.slow  # installs vLLM's patches and probes this machine: seconds
 def test_the_report_on_this_machine_names_its_sources(vllm_patches):
     data = doctor.collect()
     assert data["platform"]["device"] in ("cpu", "cuda")

@@ -8,6 +8,7 @@ import pytest
 from server.settings import ServerSettings
 
 
+@pytest.mark.slow  # imports Ray Serve: seconds
 def test_replica_options_come_from_the_settings():
     pytest.importorskip("ray.serve")  # imported here: collecting this file costs no Ray import
     from server.ray_serve import replica_options

@@ -198,6 +198,7 @@ def test_shrink_expand_and_embedding_ops_match_vllm(data, step):
     torch.testing.assert_close(y_mine, y_theirs, **BF16)
 
 
+@pytest.mark.slow  # torch.compile: seconds
 def test_a_compiled_model_reads_each_steps_adapters_at_run_time(data, step):
     """Why the ops exist: a model traced once must not freeze the first step's adapter choice."""
     a, b, slices = _slices()
