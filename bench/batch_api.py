@@ -205,7 +205,7 @@ def restart(server, env: dict, workdir: Path):
     try:
         again.wait_healthy(900)
     except BaseException:
-        stop_group(again)
+        again.stop_group()
         raise
     return again
 
@@ -273,18 +273,6 @@ def wait_value(url: str, admin_key: str, name: str, timeout: float = 120) -> Non
             return
         time.sleep(0.2)  # polling the server's state with a deadline
     raise RuntimeError(f"value {name} not served after {timeout}s")
-
-
-def stop_group(server) -> None:
-    """Stop the server, then SIGKILL what is left of its process group (vLLM's engine core)."""
-    try:
-        if server.proc.poll() is None:
-            server.stop()
-    finally:
-        try:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def kill_and_resume(server, env: dict, workdir: Path, api_key: str, model: str, value: str, n: int,
@@ -441,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
             init_value(Registry(server.values_dir), args.value, prepare_default_model())
             wait_value(server.url, admin_key, args.value)
         except BaseException:
-            stop_group(server)
+            server.stop_group()
             raise
         holder["url"] = server.url
     elif args.kill_at > 0:
@@ -450,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run(holder, env, tmp, args)
     finally:
         if holder["server"] is not None:
-            stop_group(holder["server"])
+            holder["server"].stop_group()
     import platform
 
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()

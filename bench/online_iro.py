@@ -23,7 +23,6 @@ line is written into the result):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -61,32 +60,15 @@ NEW_INSTRUCTIONS = [
 ]
 
 
-def _key(*parts: object) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
-
-
 def online_prompts(n: int) -> list[dict]:
     """`n` review prompts (`{"id", "messages"}`) that are in neither of the task's prompt sets:
     new titles always; the task's openings and instructions mixed with new ones."""
-    from trainer.tasks.review_sentiment import GENRES, INSTRUCTIONS, OPENINGS, TITLES, _article
+    from trainer.tasks.review_sentiment import GENRES, INSTRUCTIONS, OPENINGS, TITLES, _key, compose
 
     assert not set(NEW_TITLES) & set(TITLES)
     openings, instructions = OPENINGS + NEW_OPENINGS, INSTRUCTIONS + NEW_INSTRUCTIONS
     combos = sorted(itertools.product(NEW_TITLES, GENRES, openings), key=lambda c: _key("online", *c))
-    out, seen = [], set()
-    for title, genre, opening in combos:
-        fill = {"title": title, "genre": genre, "a_genre": _article(genre)}
-        text = opening.format(**fill)
-        text = text[0].upper() + text[1:]
-        instruction = instructions[int(_key("online", title, genre, opening)[:8], 16) % len(instructions)]
-        content = instruction.format(opening=text, **fill)
-        if content in seen:
-            continue
-        seen.add(content)
-        out.append({"id": f"online/{len(out):04d}", "messages": [{"role": "user", "content": content}]})
-        if len(out) == n:
-            break
-    return out
+    return compose(combos, instructions, n, salt="online", id_prefix="online")
 
 
 def check_unseen(prompts: list[dict]) -> dict:
@@ -193,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     import openai
 
     from bench import server as bench_server
-    from bench.batch_api import LoadSampler, stop_group
+    from bench.batch_api import LoadSampler
     from trainer.evaluate import Method, evaluate_method
     from trainer.loop_config import LoopConfig
     from trainer.rollout import RolloutConfig
@@ -306,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.continue_served:
             result["continuation"] = continue_served(url, work, args, full_env, commands, timings)
     finally:
-        stop_group(server)
+        server.stop_group()
         (work / "partial-result.json").write_text(json.dumps({"commands": commands, "timings": timings, **result},
                                                              indent=2, default=str) + "\n")
 
@@ -380,7 +362,7 @@ def load_task_reward() -> str:
 def only_continue(args, command: str) -> None:
     """Step 5 alone, on the work folder of an earlier run; merged into its result."""
     from bench import server as bench_server
-    from bench.batch_api import LoadSampler, stop_group
+    from bench.batch_api import LoadSampler
 
     if args.work_dir is None or args.out_dir is None:
         raise SystemExit("--only-continue needs the --work-dir and --out-dir of the earlier run")
@@ -398,7 +380,7 @@ def only_continue(args, command: str) -> None:
         full_env = {**os.environ, **env, "IRO_BASE_URL": server.url}
         continuation = continue_served(server.url, work, args, full_env, commands, timings)
     finally:
-        stop_group(server)
+        server.stop_group()
     cpu = " ".join(subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
                                   text=True).stdout.split())
     result["continuation"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu,

@@ -97,18 +97,24 @@ def prompts(split: Literal["train", "eval"], n: int, *, name: str = "review-sent
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     titles = TITLES[:N_TRAIN_TITLES] if split == "train" else TITLES[N_TRAIN_TITLES:]
     combos = sorted(itertools.product(titles, GENRES, OPENINGS), key=lambda c: _key(name, split, *c))
+    return compose(combos, INSTRUCTIONS, n, salt=split, id_prefix=f"{name}/{split}")
+
+
+def compose(combos, instructions: list[str], n: int, *, salt: str, id_prefix: str) -> list[dict]:
+    """The first `n` distinct prompts of (title, genre, opening) `combos`, each with the instruction
+    a hash of `salt` and the combo picks, as `{"id": "<id_prefix>/NNNN", "messages"}` lines."""
     out: list[dict] = []
     seen: set[str] = set()
     for title, genre, opening in combos:  # many openings do not name the genre: skip repeats
         fill = {"title": title, "genre": genre, "a_genre": _article(genre)}
         text = opening.format(**fill)
         text = text[0].upper() + text[1:]
-        instruction = INSTRUCTIONS[int(_key(split, title, genre, opening)[:8], 16) % len(INSTRUCTIONS)]
+        instruction = instructions[int(_key(salt, title, genre, opening)[:8], 16) % len(instructions)]
         content = instruction.format(opening=text, **fill)
         if content in seen:
             continue
         seen.add(content)
-        out.append({"id": f"{name}/{split}/{len(out):04d}", "messages": [{"role": "user", "content": content}]})
+        out.append({"id": f"{id_prefix}/{len(out):04d}", "messages": [{"role": "user", "content": content}]})
         if len(out) == n:
             break
     return out
