@@ -85,6 +85,9 @@ def rollout(
     via_batch: bool = typer.Option(False, "--via-batch", help="Submit the job through the server's Batch API "
                                    "(/v1/files + /v1/batches; needs the openai package): the server runs it beside "
                                    "interactive traffic, at a lower priority."),
+    keep_batch_files: bool = typer.Option(False, "--keep-batch-files", help="--via-batch: keep the batch's input, "
+                                          "output and error files on the server (default: deleted once the "
+                                          "records are written, as they count against the key's file quota)."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for prompt_text (default: the embedded "
                                                        "model)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -99,13 +102,16 @@ def rollout(
 
     if via_batch and backend != Backend.server:
         _fail("--via-batch submits to the server's Batch API: it does not combine with --backend ray")
+    if keep_batch_files and not via_batch:
+        _fail("--keep-batch-files keeps the files of --via-batch: give --via-batch too")
     try:
         config = RolloutConfig(
             server=server_url(server), api_key=api_key or os.environ.get("IRO_API_KEY"), model=model,
             samples_per_prompt=samples_per_prompt, concurrency=concurrency, value=value,
             search=SearchOverrides(mode=mode.value if mode else None, w=w, k=k, l=l), temperature=temperature,
             max_tokens=max_tokens,
-            seed=seed, backend="batch" if via_batch else backend.value, progress=progress, tokenizer=tokenizer)
+            seed=seed, backend="batch" if via_batch else backend.value, progress=progress, tokenizer=tokenizer,
+            keep_batch_files=keep_batch_files)
         items = read_prompts(prompts)
         stats = run_rollout(items, out, config)
     except RolloutError as exc:
@@ -272,6 +278,11 @@ def loop(
                                         "this date (ISO 8601) or Unix time."),
     heldout_fraction: float = typer.Option(0.1, "--heldout-fraction", min=0.0, max=0.9,
                                            help="--from-stored: share of stored prompts kept for evaluation."),
+    continue_chain: bool = typer.Option(False, "--continue", help="Continue the chain the registry serves under "
+                                        "--name (CURRENT V_1..V_N) instead of starting one: its IRO-N is evaluated "
+                                        "on this run's held-out prompts first, then iterations N+1..N+T guided by "
+                                        "it. With --from-stored: online IRO of the value that served the traffic. "
+                                        "A new run (a new --run-dir)."),
 ):
     """Run IRO: T x (rollout -> reward -> train V_t -> publish -> evaluate), then Best-of-N baselines and a report;
     with --distill, distilled LoRA policies too."""
@@ -309,7 +320,7 @@ def loop(
                          values_dir=values_dir or default_values_dir(), server=server_url(server),
                          api_key=api_key or os.environ.get("IRO_API_KEY"),
                          admin_key=admin_key or os.environ.get("IRO_ADMIN_KEY"), model=model,
-                         policies_dir=policies_dir)
+                         policies_dir=policies_dir, continue_chain=continue_chain)
         report = runner.run()
     except (LoopError, RolloutError, RewardError, RegistryError, CheckpointError, ValueError) as exc:
         _fail(str(exc), code=1)

@@ -25,6 +25,16 @@ again. Versions are pinned (`name@N`) in every request, so results do not depend
 Distillation needs a server started with `iro serve --policies-dir DIR` on the same DIR as the
 loop's `policies_dir`: the loop checks that (GET /v1/policies) before any work.
 
+With `continue_chain` (`iro loop --continue`), a new run starts from the value the registry already
+serves under the name (CURRENT, chain V_1..V_N, made by any run or by hand): those N iterations are
+adopted, IRO-N is evaluated on this run's held-out prompts (the "before"), and the run's iterations
+are N+1..N+T: rollouts guided by V_1..V_N, V_{N+1} trained from V_N. This is online IRO from served
+traffic (`--from-stored --continue`): the value that served the stored requests is the one improved.
+
+Every evaluation records which held-out prompts it ran on; when a resumed run's held-out prompts
+changed (a run resumed with `--from-stored`), its earlier evaluations are run again on the new ones,
+so one report never mixes prompt sets.
+
 The loop in parts: its config (`trainer.loop_config`), run state (`trainer.loop_state`), the value
 iterations and the orchestration (here), the distillation stages (`trainer.loop_distill`) and the
 report from plain data (`trainer.loop_report`).
@@ -63,7 +73,8 @@ class IroLoop:
 
     def __init__(self, config: LoopConfig, *, run_dir: str | Path, values_dir: str | Path,
                  server: str = DEFAULT_SERVER, api_key: str | None = None, admin_key: str | None = None,
-                 model: str | None = None, task: Task | None = None, policies_dir: str | Path | None = None):
+                 model: str | None = None, task: Task | None = None, policies_dir: str | Path | None = None,
+                 continue_chain: bool = False):
         from trainer.tasks import load_task
         from valuefn.registry import Registry, validate_name
 
@@ -81,6 +92,7 @@ class IroLoop:
         self.server, self.model = ServerLink(server, api_key, admin_key), model
         self.max_tokens = config.max_tokens or self.task.max_tokens
         self.temperature = config.temperature if config.temperature is not None else self.task.temperature
+        self.continue_chain = continue_chain
         self.state: RunState | None = None
         self._distiller: DistillStages | None = None
 
@@ -88,16 +100,23 @@ class IroLoop:
     def run(self) -> Path:
         """All iterations, the baselines and the report; returns the report's path."""
         self.state = RunState.open(self.run_dir, self.config)
+        if self.continue_chain:
+            self._adopt_chain()
         self._check_registry()
+        self._forget_other_evaluations()
         if any(self.state.stage(f"distill/{m}/eval") is None for m in self.config.distill):
             self.distiller().check_server()
-        for t in range(1, self.config.iterations + 1):
+        if self.adopted:  # the "before": the chain the run continues, on this run's held-out prompts
+            n = len(self.adopted)
+            self._stage(f"it{n}/serve", lambda: self.serve(n))
+            self._stage(f"it{n}/eval", lambda: self.evaluate(n))
+        for t in self.iterations:
             self._stage(f"it{t}/rollout", lambda: self.rollout(t))
             self._stage(f"it{t}/reward", lambda: self.reward(t))
             self._stage(f"it{t}/train", lambda: self.train(t))
             self._stage(f"it{t}/serve", lambda: self.serve(t))
             self._stage(f"it{t}/eval", lambda: self.evaluate(t))
-        final = self.state.version(self.config.iterations)
+        final = self.state.version(self.last)
         self._stage(f"baselines/v{final}", lambda: self.baselines(final))
         distiller = self.distiller()
         for method in self.config.distill:
@@ -105,6 +124,64 @@ class IroLoop:
             self._stage(f"distill/{method}/serve", lambda: distiller.serve(method))
             self._stage(f"distill/{method}/eval", lambda: distiller.evaluate(method))
         return self.report()
+
+    @property
+    def adopted(self) -> list[int]:
+        """Versions of the chain this run continues (`continue_chain`), as V_1..V_N; [] for a run from scratch."""
+        return list(self.state.data.get("adopted", [])) if self.state else []
+
+    @property
+    def iterations(self) -> range:
+        """This run's own iterations t: 1..T, or N+1..N+T when it continues a chain of N."""
+        first = len(self.adopted) + 1
+        return range(first, first + self.config.iterations)
+
+    @property
+    def last(self) -> int:
+        """The run's last iteration (its final chain is V_1..V_last)."""
+        return len(self.adopted) + self.config.iterations
+
+    def _adopt_chain(self) -> None:
+        """Record the registry's CURRENT chain of the name as iterations 1..N (once, when the run starts)."""
+        if "adopted" in self.state.data:
+            return
+        if self.state.data["versions"]:
+            raise LoopError(f"{self.run_dir} already ran its own iterations: --continue starts a new run "
+                            "(use a new --run-dir)")
+        current = self.registry.current(self.name)
+        if current is None:
+            raise LoopError(f"--continue: value {self.name!r} is not in {self.registry.root}: nothing to continue "
+                            "(give the name of a served value with --name)")
+        chain = [link.version for link in self.registry.manifest(self.name, current).chain]
+        self.state.data["adopted"] = chain
+        self.state.data["adopted_from"] = f"{self.name}@{current}"
+        for t, version in enumerate(chain, start=1):
+            self.state.data["versions"][str(t)] = version
+        self.state.save()
+        log.info("continuing %s@%d (chain %s): this run's iterations are %d..%d", self.name, current, chain,
+                 self.iterations.start, self.last)
+
+    def _eval_set(self) -> str:
+        """Identity of the held-out prompts the evaluations run on (a hash of their messages)."""
+        import hashlib
+        import json
+
+        items = [getattr(item, "messages", None) or getattr(item, "prompt", None) for item in self._eval_prompts()]
+        return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _forget_other_evaluations(self) -> None:
+        """Drop finished evaluations (IRO-t, baselines) that ran on other held-out prompts than this run's
+        now, so they run again; a state written before evaluations recorded their prompts keeps its own."""
+        current = self._eval_set()
+        stale = [key for key, info in self.state.data["stages"].items()
+                 if (key.endswith("/eval") and key.startswith("it") or key.startswith("baselines/"))
+                 and info.get("eval_set", current) != current]
+        for key in stale:
+            log.info("stage %s ran on other held-out prompts (a resumed run with other prompts): running it again",
+                     key)
+            del self.state.data["stages"][key]
+        if stale:
+            self.state.save()
 
     def distiller(self) -> DistillStages:
         """The distillation stages of this run (once the state is open)."""
@@ -270,7 +347,7 @@ class IroLoop:
     def evaluate(self, t: int) -> dict[str, Any]:
         """IRO-t: the evaluation search (CBS by default) over V_1..V_t on the held-out prompts."""
         method = Method(f"iro-{t}", f"IRO-{t}", "cbs", self._value(t), search=self.search)
-        return {"result": self.evaluate_heldout(method).to_dict()}
+        return {"result": self.evaluate_heldout(method).to_dict(), "eval_set": self._eval_set()}
 
     def baselines(self, final: int) -> dict[str, Any]:
         """base (N=1) and Best-of-N (ranked by the final chain, and by the reward), on the held-out prompts."""
@@ -279,14 +356,15 @@ class IroLoop:
         results = [self.evaluate_heldout(BASE)]
         results += best_of_n(prompts, c.bon, self.run_dir / "eval", reward=self.task.reward, template=template,
                              value=f"{self.name}@{final}", oracle=c.oracle)
-        return {"value": f"{self.name}@{final}", "results": [r.to_dict() for r in results]}
+        return {"value": f"{self.name}@{final}", "results": [r.to_dict() for r in results],
+                "eval_set": self._eval_set()}
 
     # ------------------------------------------------------------------ report
     def results(self) -> tuple[list[MethodResult], list[MethodResult]]:
         """(IRO-t for t = 1..T, baselines) from the state."""
         iro = [MethodResult.from_dict(self.state.stage(f"it{t}/eval")["result"])
-               for t in range(1, self.config.iterations + 1) if self.state.stage(f"it{t}/eval")]
-        final = self.state.version(self.config.iterations)
+               for t in self._reported() if self.state.stage(f"it{t}/eval")]
+        final = self.state.version(self.last)
         base = self.state.stage(f"baselines/v{final}") or {"results": []}
         return iro, [MethodResult.from_dict(r) for r in base["results"]]
 
@@ -296,7 +374,7 @@ class IroLoop:
         iro, baselines = self.results()
         distilled, distill_seconds = self.distiller().results()
         rows = []
-        for t in range(1, c.iterations + 1):
+        for t in self._reported():
             train = state.stage(f"it{t}/train") or {}
             seconds = {s: (state.stage(f"it{t}/{s}") or {}).get("seconds")
                        for s in ("rollout", "reward", "train", "serve", "eval")}
@@ -309,8 +387,15 @@ class IroLoop:
             config=c, value_name=self.name, task=self.task.name, task_source=self.task.source, reward=self.task.reward,
             server=self.server.url, registry=str(self.registry.root), run_id=state.run_id, max_tokens=self.max_tokens,
             temperature=self.temperature, eval_search=self.search,
-            final_value=f"{self.name}@{state.version(c.iterations)}", total_seconds=state.stage_seconds(), rows=rows,
-            iro=iro, baselines=baselines, distilled=distilled, distill_seconds=distill_seconds)
+            final_value=f"{self.name}@{state.version(self.last)}", total_seconds=state.stage_seconds(), rows=rows,
+            iro=iro, baselines=baselines, distilled=distilled, distill_seconds=distill_seconds,
+            n_train_prompts=len(self.task.items("train", c.n_train_prompts)),
+            n_eval_prompts=len(self._eval_prompts()), continued_from=state.data.get("adopted_from"),
+            first_iteration=self.iterations.start, last_iteration=self.last)
+
+    def _reported(self) -> range:
+        """Iterations the report shows: the run's own, after the adopted chain's last (its "before")."""
+        return range(max(1, len(self.adopted)), self.last + 1)
 
     def report(self) -> Path:
         """Write `report.md` and the two plots from the state; returns the report's path."""

@@ -92,7 +92,7 @@ class DistillStages:
         from trainer.value_trainer import examples_from_records, read_rollouts
         from valuefn.loader import BackbonePool, ValueLoader
 
-        T = self.config.iterations
+        T = len(self.state.data.get("adopted", [])) + self.config.iterations  # the run's last iteration
         name, final = self.policy_name(method), self.state.version(T)
         current = self.policies.current(name)
         if current is not None:

@@ -56,6 +56,14 @@ class ReportData:
     baselines: list[MethodResult]
     distilled: list[MethodResult] = field(default_factory=list)
     distill_seconds: dict[str, float | None] = field(default_factory=dict)
+    n_train_prompts: int | None = None
+    """Training prompts the task has for the run (None: the config's `n_train_prompts`)."""
+    n_eval_prompts: int | None = None
+    """Held-out prompts the evaluations ran on (None: the config's `n_eval_prompts`)."""
+    continued_from: str | None = None
+    """`name@version` of the served chain the run continues (`iro loop --continue`), else None."""
+    first_iteration: int = 1
+    last_iteration: int | None = None
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -149,18 +157,24 @@ def render_report(data: ReportData) -> str:
         cells += [_seconds(row.seconds.get(s)) for s in ("rollout", "reward", "train", "serve", "eval")]
         rows.append("| " + " | ".join(cells) + " |")
     distilled = list(d.distilled)
+    last = d.last_iteration or c.iterations
+    n_train = c.n_train_prompts if d.n_train_prompts is None else d.n_train_prompts
+    n_eval = c.n_eval_prompts if d.n_eval_prompts is None else d.n_eval_prompts
+    continued = ([f"- continues the served chain {d.continued_from}: iterations 1..{d.first_iteration - 1} are "
+                  f"that chain's (IRO-{d.first_iteration - 1} evaluated here on this run's held-out prompts is the "
+                  f"'before'); this run's iterations are {d.first_iteration}..{last}"] if d.continued_from else [])
     lines = [
         f"# IRO loop: value `{d.value_name}` on task `{d.task}` ({d.task_source})", "",
-        f"- server: {d.server}; registry: {d.registry}; run: {d.run_id}",
-        f"- {c.iterations} iterations; {c.n_train_prompts} training prompts x {c.samples_per_prompt} samples per "
-        f"iteration (guided rollouts: {search_text(c.rollout_search, mode=True)}); {c.n_eval_prompts} "
+        f"- server: {d.server}; registry: {d.registry}; run: {d.run_id}", *continued,
+        f"- {c.iterations} iterations; {n_train} training prompts x {c.samples_per_prompt} samples per "
+        f"iteration (guided rollouts: {search_text(c.rollout_search, mode=True)}); {n_eval} "
         f"held-out prompts; max_tokens {d.max_tokens}, temperature {d.temperature}; value training preset "
         f"`{c.train_preset}` {c.train or ''}",
         f"- reward: `{d.reward}`; IRO-t = {search_text(d.eval_search, mode=True)} over V_1..V_t; Best-of-N ranked by "
         f"{d.final_value}; tokens = completion tokens generated per prompt, every candidate included",
         f"- wall time of all stages: {d.total_seconds:.0f} s",
         *([f"- distilled: LoRA policies trained by `iro distill` ({', '.join(c.distill)}, preset "
-           f"`{c.distill_preset}` {c.distill_options or ''}) on iteration {c.iterations}'s rollouts, sampled plainly "
+           f"`{c.distill_preset}` {c.distill_options or ''}) on iteration {last}'s rollouts, sampled plainly "
            "(N=1) through their model names; KL to base = KL(policy || base) per response token on the "
            "distillation's held-out rollouts"] if distilled else []), "",
         "## Held-out reward per iteration", "", *rows, "",

@@ -3,7 +3,9 @@ nothing but the server's URL. Every pending (prompt, sample) becomes one line of
 file (`custom_id` = the record id), uploaded with `/v1/files`, run by `/v1/batches` beside the
 server's interactive traffic, and the output file's answers become the same records as the HTTP
 path writes (`trainer.rollout.record_from_response`). The batch id is kept beside the output (`<out>.batch`): a
-re-run after an interruption waits for that batch instead of submitting the work again.
+re-run after an interruption waits for that batch instead of submitting the work again. Once the
+records are written, the batch's input, output and error files are deleted from the server (they
+count against the key's file quota, `max_files_per_key`), unless `keep_batch_files` is set.
 
 Needs the `openai` package (the Batch API's client).
 """
@@ -111,7 +113,24 @@ def _run(items, out, config, record, client, poll_interval) -> RolloutStats:
     if batch.status != "completed":
         stats.errors.append(f"batch {batch.id} ended {batch.status}: {batch.errors}")
     sidecar.unlink(missing_ok=True)
+    if not config.keep_batch_files:
+        _delete_files(client, batch)
     return stats
+
+
+def _delete_files(client, batch) -> None:
+    """Delete the batch's files once its answers are in the rollout file; a file that cannot be deleted
+    is logged (the records are safe, only the quota is not freed)."""
+    import openai
+
+    for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
+        if not file_id:
+            continue
+        try:
+            client.files.delete(file_id)
+        except openai.APIError as exc:
+            log.warning("rollout via batch %s: could not delete file %s (%s); it counts against the key's file "
+                        "quota until deleted (iro data / DELETE /v1/files/%s)", batch.id, file_id, exc, file_id)
 
 
 def _resume(client, sidecar: Path, ids: set[str]):

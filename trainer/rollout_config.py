@@ -74,6 +74,9 @@ class RolloutConfig:
     # --- runtime
     backend: Literal["server", "ray", "batch"] = "server"
     """server: HTTP requests; batch: the server's Batch API (`--via-batch`); ray: offline vLLM on Ray."""
+    keep_batch_files: bool = False
+    """backend batch: keep the batch's input, output and error files on the server once the records are
+    written (default: delete them, so a long loop does not fill the key's file quota)."""
     fsync_every: int = 16
     progress: bool = True
     record_usage: bool = False

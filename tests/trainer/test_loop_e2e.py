@@ -1,5 +1,6 @@
 """`iro loop --preset smoke` end to end against the real server: two iterations, a report with
-plots, the chain [1, 2] in the registry, and a re-run that skips every finished stage."""
+plots, the chain [1, 2] in the registry, a re-run that skips every finished stage, and a new run that
+continues the served chain (`--continue`)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,24 @@ def test_smoke_loop_two_iterations_and_resume(server, tmp_path):
     assert all(f"stage {key}: done already" in again.stderr for key in STAGES), again.stderr[-3000:]
     assert registry.versions(NAME) == [1, 2]  # nothing retrained or republished
     assert json.loads((run_dir / "state.json").read_text())["stages"] == state["stages"]
+
+    # `--continue`: a new run takes the served chain [1, 2] as its start (IRO-2 on its held-out prompts is
+    # the "before"), its one iteration is guided by it and V_3 is trained from V_2
+    cont_dir = tmp_path / "continued"
+    cont = [*cmd, "--continue"]
+    cont[cont.index("--iterations") + 1], cont[cont.index("--run-dir") + 1] = "1", str(cont_dir)
+    third = subprocess.run(cont, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-5000:]
+    state = json.loads((cont_dir / "state.json").read_text())
+    assert state["adopted"] == [1, 2] and state["versions"] == {"1": 1, "2": 2, "3": 3}
+    assert list(state["stages"]) == ["it2/serve", "it2/eval"] + [f"it3/{s}" for s in
+                                                                 ("rollout", "reward", "train", "serve", "eval")] + [
+        "baselines/v3"]
+    assert registry.current(NAME) == 3 and registry.manifest(NAME, 3).training["init_from"] == 2
+    assert [link.version for link in registry.manifest(NAME, 3).chain] == [1, 2, 3]
+    guided = [json.loads(line)["policy"] for line in (cont_dir / "it3/rollouts.jsonl").read_text().splitlines()]
+    assert all(p["value"] == NAME and p["versions"] == [1, 2] for p in guided)
+    report = (cont_dir / "report.md").read_text()
+    assert f"continues the served chain {NAME}@2" in report
+    assert "| 2 | loop-smoke@2 (1,2) |" in report and "| 3 | loop-smoke@3 (1,2,3) |" in report
+    assert "| 1 |" not in report  # the adopted chain's earlier iterations were not evaluated by this run

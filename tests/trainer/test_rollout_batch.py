@@ -44,9 +44,22 @@ def test_rollout_via_batch_writes_records_and_a_rerun_asks_nothing(served, tmp_p
     assert (r["response"], r["response_token_ids"]) == ("abc", list(b"abc"))
     assert r["prompt_token_ids"] == list(b"<user>hi\n<assistant>") and r["policy"]["model"] == "tiny"
     assert not (tmp_path / "rollouts.jsonl.batch").exists()
+    assert sdk.files.list().data == []  # input and output files deleted: they would fill the key's quota
     asked = len(engine.requests)
     assert run_rollout(items, out, config, client=sdk, poll_interval=0.05).written == 0
     assert len(engine.requests) == asked
+
+
+def test_rollout_via_batch_keeps_its_files_when_asked(served, tmp_path):
+    sdk, _ = served
+    items = prompts_from_dicts([{"id": "p1", "messages": [{"role": "user", "content": "hi"}]}])
+    config = RolloutConfig(server="http://testserver", max_tokens=3, progress=False, seed=7, backend="batch",
+                           keep_batch_files=True)
+    stats = run_rollout(items, tmp_path / "kept.jsonl", config, client=sdk, poll_interval=0.05)
+    assert (stats.written, stats.failed) == (1, 0), stats.errors
+    batch = sdk.batches.list().data[0]
+    kept = {f.id for f in sdk.files.list().data}
+    assert batch.input_file_id in kept and batch.output_file_id in kept
 
 
 def test_cli_refusals():
@@ -57,5 +70,7 @@ def test_cli_refusals():
     runner = CliRunner()
     r = runner.invoke(app, ["rollout", "/dev/null", "-o", "/tmp/x.jsonl", "--via-batch", "--backend", "ray"])
     assert r.exit_code == 2 and "--via-batch" in r.output
+    r = runner.invoke(app, ["rollout", "/dev/null", "-o", "/tmp/x.jsonl", "--keep-batch-files"])
+    assert r.exit_code == 2 and "give --via-batch too" in r.output
     r = runner.invoke(app, ["loop", "--metadata", "task=a"])
     assert r.exit_code == 2 and "--from-stored" in r.output
