@@ -15,6 +15,9 @@ line is written into the result):
    served value's CBS with the loop's evaluation settings and seeds.
 4. `iro loop --from-stored --metadata source=online-bench --iterations 1`: a new value trained on
    rollouts of the stored training prompts, evaluated (IRO-1, base, Best-of-N) on the held-out split.
+5. (`--continue-served`) `iro loop --from-stored --continue --name <served value>`: online IRO of the
+   value that served the traffic, V_2 trained from V_1 on guided rollouts of the stored training
+   prompts; IRO-1 (before) and IRO-2 (after) on every held-out stored prompt, in one run's report.
 
     python -m bench.online_iro --out-dir bench/results/online-iro
     python -m bench.online_iro --n 40 --preset smoke --out-dir /tmp/online-iro   # a quick check
@@ -163,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metadata", default="source=online-bench")
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--work-dir", type=Path, help="IRO_HOME of the run (default: a new temporary folder).")
-    parser.add_argument("--continue-served", action="store_true", help="5. then the served value's own run resumed "
-                        "with --from-stored for one more iteration (its chain continued on the stored prompts).")
+    parser.add_argument("--continue-served", action="store_true", help="5. then `iro loop --from-stored --continue` "
+                        "on the served value: its chain continued on the stored prompts, before and after on every "
+                        "held-out stored prompt.")
     parser.add_argument("--only-continue", action="store_true", help="Only step 5, on the --work-dir of an earlier "
                         "run whose result.json is in --out-dir.")
     args = parser.parse_args(argv)
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                 if (run1 / name).exists():
                     shutil.copy(run1 / name, args.out_dir / f"loop-{name}")
         if args.continue_served:
-            result["continuation"] = continue_served(url, work, args, full_env, commands, timings)
+            result["continuation"] = continue_served(url, work, args, full_env, commands, timings, n_eval)
     finally:
         server.stop_group()
         (work / "partial-result.json").write_text(json.dumps({"commands": commands, "timings": timings, **result},
@@ -309,48 +313,52 @@ def _env(work: Path) -> dict:
             "IRO_DATA_DIR": str(work / "data"), "IRO_VALUES_DIR": str(work / "values")}
 
 
-def continue_served(url: str, work: Path, args, full_env: dict, commands: list[str], timings: dict) -> dict:
-    """5. The served value's own loop run (step 0) resumed with `--from-stored` and one more
-    iteration: V_2 trained from V_1 on guided rollouts of the stored training prompts (online IRO
-    as the next iteration of the policy that served the traffic), IRO-2 evaluated on the first
-    n_eval_prompts (16, that run's setting) of the held-out stored prompts. Then every method of
-    steps 3-4 scored on those same prompts."""
+def continue_served(url: str, work: Path, args, full_env: dict, commands: list[str], timings: dict,
+                    n_eval: int) -> dict:
+    """5. Online IRO of the value that served the traffic: `iro loop --from-stored --continue --name
+    <served value>` in a new run folder. The run adopts the served chain (V_1 of step 0), evaluates
+    IRO-1 on every held-out stored prompt (the "before", with the loop's seeds), trains V_2 from V_1
+    on guided rollouts of the stored training prompts and evaluates IRO-2 (the "after") on the same
+    prompts; the fresh value of step 4 and base are scored on them too."""
     from trainer.evaluate import mean_ci
     from trainer.rewards import label_records, parse_reward
     from trainer.rollout import read_records
 
-    run0 = work / "runs" / args.served_value
+    run2 = work / "runs" / f"{args.served_value}-continued"
     loop2 = ["loop", "--task", TASK, "--from-stored", "--metadata", args.metadata, "--heldout-fraction",
-             str(args.heldout_fraction), "--iterations", "2", "--preset", args.preset, "--name", args.served_value,
-             "--run-dir", str(run0), "--server", url, "--values-dir", str(work / "values"),
-             "--set", "n_eval_prompts=16", "--set", "bon=[1]", "--set", "oracle=false", "--no-progress"]
+             str(args.heldout_fraction), "--iterations", "1", "--preset", args.preset, "--name", args.served_value,
+             "--continue", "--run-dir", str(run2), "--server", url, "--values-dir", str(work / "values"),
+             "--set", f"n_eval_prompts={n_eval}", "--set", "bon=[1]", "--set", "oracle=false",
+             "--no-progress"]
     timings["continue_served_s"] = run_cmd([sys.executable, "-m", "iro.cli", *loop2], work / "loop2.log", full_env,
                                            commands, "iro " + " ".join(loop2))
-    stages = json.loads((run0 / "state.json").read_text())["stages"]
-    iro2 = stages["it2/eval"]["result"]
-    iro2_file = run0 / "eval" / f"iro-2__{args.served_value}-v{iro2['versions'][-1]}.jsonl"
-    ids = {r["prompt_id"] for r in read_records(iro2_file)}
+    stages = json.loads((run2 / "state.json").read_text())["stages"]
+    before, after = stages["it1/eval"]["result"], stages["it2/eval"]["result"]
     reward = parse_reward(load_task_reward())
     files = {
-        f"before: {args.served_value}@1 (CBS), the loop's settings and seeds":
-            next((work / "before-eval").glob("served__*.jsonl")),
         "baseline: base (N=1)": work / "runs" / args.new_value / "eval" / "base.jsonl",
         f"after, fresh value: IRO-1 = {args.new_value}@1 (step 4)":
             next((work / "runs" / args.new_value / "eval").glob("iro-1__*.jsonl")),
-        f"after, chain continued: IRO-2 = {iro2['value']} (chain {iro2['versions']})": iro2_file,
     }
-    rows = {}
+    ids = {r["prompt_id"] for r in read_records(next((run2 / "eval").glob("iro-2__*.jsonl")))}
+    rows = {f"before: IRO-1 = {before['value']} (the served chain), in the continued run": _result_row(before),
+            f"after, chain continued: IRO-2 = {after['value']} (chain {after['versions']})": _result_row(after)}
     for label, path in files.items():
         records = [r for r in read_records(path) if r["prompt_id"] in ids and r.get("sample", 0) == 0]
         rewards = [r["reward"] for r in label_records(records, reward)]
         mean, lo, hi = mean_ci(rewards)
         rows[label] = {"n": len(rewards), "mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    if args.out_dir:
+        shutil.copy(run2 / "report.md", args.out_dir / "continued-report.md")
     return {"prompts": len(ids), "rows": rows,
             "rollout": {k: stages["it2/rollout"].get(k) for k in ("policy", "records", "completion_tokens")},
             "train": {k: stages["it2/train"].get(k) for k in ("version", "chain", "init_from", "examples", "steps",
                                                               "heldout_mse", "spearman")},
-            "stage_seconds": {k: v.get("seconds") for k, v in stages.items() if k.startswith("it2/")},
-            "iro_2": iro2}
+            "stage_seconds": {k: v.get("seconds") for k, v in stages.items()}}
+
+
+def _result_row(m: dict) -> dict:
+    return {"n": m["prompts"], "mean": round(m["mean"], 4), "ci95": [round(m["ci_low"], 4), round(m["ci_high"], 4)]}
 
 
 def load_task_reward() -> str:
@@ -378,7 +386,8 @@ def only_continue(args, command: str) -> None:
         server.wait_healthy(900)
         timings = {"server_start_s": round(time.perf_counter() - t, 1)}
         full_env = {**os.environ, **env, "IRO_BASE_URL": server.url}
-        continuation = continue_served(server.url, work, args, full_env, commands, timings)
+        continuation = continue_served(server.url, work, args, full_env, commands, timings,
+                                       result["split"]["heldout_prompts"])
     finally:
         server.stop_group()
     cpu = " ".join(subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
@@ -450,7 +459,7 @@ def continuation_markdown(c: dict | None) -> str:
             f"{c['train']['examples']} examples in {c['train']['steps']} steps (held-out MSE "
             f"{c['train']['heldout_mse']}, Spearman {c['train']['spearman']})"
             f"; stage seconds {json.dumps(c['stage_seconds'])}\n\n"
-            f"| on the first {c['prompts']} held-out stored prompts (that run's n_eval_prompts) | prompts | "
+            f"| on the {c['prompts']} held-out stored prompts | prompts | "
             "mean reward [95% CI] |\n|---|---|---|\n")
     return head + "".join(f"| {k} | {v['n']} | {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |\n"
                           for k, v in c["rows"].items())

@@ -379,7 +379,8 @@ class IroLoop:
             seconds = {s: (state.stage(f"it{t}/{s}") or {}).get("seconds")
                        for s in ("rollout", "reward", "train", "serve", "eval")}
             rows.append(IterationRow(
-                t=t, value=f"{self.name}@{state.version(t)}", chain=list(train.get("chain") or []),
+                t=t, value=f"{self.name}@{state.version(t)}",
+                chain=list(train.get("chain") or (self.adopted[:t] if t <= len(self.adopted) else [])),
                 result=next((r for r in iro if r.label == f"IRO-{t}"), None),
                 rollout_reward=(state.stage(f"it{t}/reward") or {}).get("mean_reward"),
                 heldout_mse=train.get("heldout_mse"), spearman=train.get("spearman"), seconds=seconds))

@@ -160,13 +160,14 @@ def render_report(data: ReportData) -> str:
     last = d.last_iteration or c.iterations
     n_train = c.n_train_prompts if d.n_train_prompts is None else d.n_train_prompts
     n_eval = c.n_eval_prompts if d.n_eval_prompts is None else d.n_eval_prompts
-    continued = ([f"- continues the served chain {d.continued_from}: iterations 1..{d.first_iteration - 1} are "
-                  f"that chain's (IRO-{d.first_iteration - 1} evaluated here on this run's held-out prompts is the "
-                  f"'before'); this run's iterations are {d.first_iteration}..{last}"] if d.continued_from else [])
+    n = d.first_iteration - 1
+    continued = ([f"- continues the served chain {d.continued_from}: V_1..V_{n} are that chain's; IRO-{n}, evaluated "
+                  f"here on this run's held-out prompts, is the 'before'; this run trains "
+                  f"{', '.join(f'V_{t}' for t in range(d.first_iteration, last + 1))}"] if d.continued_from else [])
     lines = [
         f"# IRO loop: value `{d.value_name}` on task `{d.task}` ({d.task_source})", "",
         f"- server: {d.server}; registry: {d.registry}; run: {d.run_id}", *continued,
-        f"- {c.iterations} iterations; {n_train} training prompts x {c.samples_per_prompt} samples per "
+        f"- {c.iterations} iteration{'s' if c.iterations != 1 else ''}; {n_train} training prompts x {c.samples_per_prompt} samples per "
         f"iteration (guided rollouts: {search_text(c.rollout_search, mode=True)}); {n_eval} "
         f"held-out prompts; max_tokens {d.max_tokens}, temperature {d.temperature}; value training preset "
         f"`{c.train_preset}` {c.train or ''}",
