@@ -66,6 +66,9 @@ class RolloutConfig:
     search: SearchOverrides | SearchSettings | None = None
     """The search of guided decoding: what it sets replaces the value's defaults (a complete
     `SearchSettings` pins every field); None: the value's defaults."""
+    beta: float | None = None
+    """`guidance.beta` of the guided requests: one temperature for every value of the chain (pf: the
+    resampling temperature, softmax(V / beta)); None: the registry's betas. Plain requests ignore it."""
     # --- sampling
     temperature: float = 0.7
     max_tokens: int = 128
@@ -98,6 +101,8 @@ class RolloutConfig:
                 raise RolloutError(f"search: {exc}") from None
         if self.search is not None and not isinstance(self.search, (SearchOverrides, SearchSettings)):
             raise RolloutError(f"search must be SearchOverrides or SearchSettings, got {type(self.search).__name__}")
+        if self.beta is not None and not self.beta > 0:
+            raise RolloutError(f"beta must be > 0, got {self.beta}")
         if self.value is None and self.pinned():
             raise RolloutError("--mode/--w/--k/--l steer value-guided decoding: give --value NAME too")
         if self.backend not in ("server", "ray", "batch"):
@@ -111,7 +116,7 @@ class RolloutConfig:
         """The requests' `guidance` block (None: plain sampling)."""
         if self.value is None:
             return None
-        return {"value": self.value, **self.pinned()}
+        return {"value": self.value, **self.pinned(), **({"beta": self.beta} if self.beta is not None else {})}
 
 
 __all__ = ["DEFAULT_SERVER", "SAMPLING_KEYS", "RolloutConfig", "RolloutError"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -14,6 +15,7 @@ from trainer.loop_config import LoopConfig
 from trainer.loop_report import verdict
 from trainer.loop_state import LoopError, RunState
 from trainer.rollout import RolloutConfig
+from trainer.rollout_config import RolloutError
 
 
 def test_mean_ci_is_reproducible_and_covers_the_mean():
@@ -48,6 +50,12 @@ def test_methods_and_their_requests():
     default = Method("iro", "IRO", "cbs", "review@3")  # no search: cbs with the value's defaults
     assert default.rollout_config(template).guidance() == {"value": "review@3", "mode": "cbs"}
     assert SearchOverrides(w=2).given() == {"w": 2}
+    # a template's beta reaches every guided request (pf's resampling temperature), not plain ones
+    cold = replace(template, beta=0.1)
+    assert default.rollout_config(cold).guidance() == {"value": "review@3", "mode": "cbs", "beta": 0.1}
+    assert methods[0].rollout_config(cold).guidance() is None
+    with pytest.raises(RolloutError, match="beta must be > 0"):
+        RolloutConfig(beta=0.0)
 
 
 def _record(i: int, text: str, tokens: int, versions=(1,)):
