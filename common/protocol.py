@@ -384,6 +384,9 @@ class GuidanceInfo(OpenAIBaseModel):
     k: int
     l: int
     s: int | None = Field(None, description="dvts: independent subtrees.")
+    pf_temperature: float | None = Field(
+        None, description="pf: particles were resampled by softmax(chain score / pf_temperature) (the server's "
+                          "setting without guidance.beta/betas; 1 with them, beta being the temperature).")
     chunk_until: list[str] | None = Field(None, description="Strings that ended a chunk early (step-aware chunks).")
     chunks: int = Field(description="Chunk sampling calls made to the engine.")
     candidates_generated: int

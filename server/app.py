@@ -214,7 +214,8 @@ async def _start_engine(app: FastAPI, settings: ServerSettings) -> None:
     values, scorer = await _start_values(app, settings, engine, model_path)
     guided = GuidedGenerator(engine, scorer, values, max_candidates=settings.max_guided_candidates,
                              max_steps=settings.max_guided_steps, metrics=app.state.metrics,
-                             effort_budgets=settings.reasoning_effort_budgets)
+                             effort_budgets=settings.reasoning_effort_budgets,
+                             pf_temperature=settings.pf_temperature)
     tokenizer_limiter = anyio.CapacityLimiter(1)  # one tokenizer thread, shared (as vLLM's executor)
     app.state.score_serving = ScoreServing(engine, scorer, values, max_responses=settings.max_score_responses,
                                            max_tokens=settings.max_score_tokens, max_queue=settings.max_score_queue,

@@ -66,7 +66,8 @@ class GuidedGenerator:
     """Runs value-guided searches for the OpenAI endpoints (same `run`/`stream` shape as `PlainGenerator`)."""
 
     def __init__(self, engine, scorer, values, *, max_candidates: int = 64, max_steps: int = 512, metrics=None,
-                 effort_budgets: dict[str, float] | None = None, clock=time.monotonic):
+                 effort_budgets: dict[str, float] | None = None, pf_temperature: float = 1.0,
+                 clock=time.monotonic):
         self.engine = engine
         self.scorer = scorer
         self.values = values
@@ -74,6 +75,7 @@ class GuidedGenerator:
         self.max_steps = max_steps
         self.metrics = metrics
         self.effort_budgets = {**REASONING_EFFORT_BUDGETS, **(effort_budgets or {})}
+        self.pf_temperature = pf_temperature
         self.searcher = Searcher(engine, scorer, on_chunks=metrics.chunks.inc if metrics else None,
                                  on_engine_fallback=metrics.engine_value_fallbacks.inc if metrics else None,
                                  clock=clock)
@@ -185,7 +187,9 @@ class GuidedGenerator:
                               align=self.engine.kv_block_size if g.align_chunks else 1,
                               chunk_until=g.chunk_delimiters(), budget_tokens=budget,
                               deadline_s=g.deadline_ms / 1000 if g.deadline_ms is not None else None,
-                              max_steps=self.max_steps if g.chunk_until is not None else None)
+                              max_steps=self.max_steps if g.chunk_until is not None else None,
+                              pf_temperature=(1.0 if g.beta is not None or g.betas is not None
+                                              else self.pf_temperature))
         return GuidedPlan(chain, params, spec.split("@")[0], budget_from, effort,
                           tuple(f for f in planned if budget is not None), g.deadline_ms)
 
@@ -196,6 +200,7 @@ class GuidedGenerator:
         return GuidanceInfo(
             value=plan.name, versions=plan.chain.versions, betas=plan.chain.betas, mode=p.mode, w=p.w, k=p.k,
             l=p.l, s=p.s if p.mode == "dvts" else None, chunk_until=list(p.chunk_until) or None,
+            pf_temperature=p.pf_temperature if p.mode == "pf" else None,
             chunks=sum(r.chunks for r in results),
             candidates_generated=sum(r.candidates_generated for r in results),
             candidates_scored=sum(r.candidates_scored for r in results),

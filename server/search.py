@@ -11,8 +11,10 @@ cache hits), values the new candidates with the chain, and lets the mode choose 
 - dvts: `s` independent CBS pools ("subtrees") of width `w`, stepped together; the best leaf of all
   subtrees wins (search-and-learn's DVTS with `w=1`).
 - pf: `k` particles, one successor each per step; the population (finished particles included) is
-  resampled with probabilities softmax(chain score) (= softmax(V / beta) for one value: beta is the
-  temperature), with a numpy RNG seeded from the request's seed (Puri et al., arXiv 2502.01618).
+  resampled with probabilities softmax(chain score / pf_temperature) (= softmax(V / (beta x
+  pf_temperature)) for one value), with a numpy RNG seeded from the request's seed (Puri et al.,
+  arXiv 2502.01618). The server's `pf_temperature` (0.1) applies when a request sets no beta; a
+  request's `guidance.beta` is the temperature itself (pf_temperature 1).
   With n > 1 the n best distinct particles are kept before the rest is resampled, so n answers exist.
 - bon: `k` whole answers in one request; the best one wins.
 
@@ -88,6 +90,8 @@ class SearchParams:
     max_steps: int | None = None
     """Steps at most; None: ceil(max_tokens / l) + 1 (max_tokens + 1 with `chunk_until`: a chunk may
     end after one token)."""
+    pf_temperature: float = 1.0
+    """pf: particles are resampled with probabilities softmax(chain score / pf_temperature)."""
 
     def first_chunk_length(self, prompt_len: int) -> int:
         if self.chunk_until:  # chunks end at delimiters, off any grid
@@ -349,7 +353,7 @@ class Searcher:
                                                          for _ in cs], result)
             if params.mode == "pf":
                 pools = [self._resample([c for cs in children for c in cs] + [b for b in pools[0] if b.finished],
-                                        chain, params.k, params.n, rng)]
+                                        chain, params.k, params.n, rng, params.pf_temperature)]
             else:
                 new: list[list[Beam]] = [[] for _ in pools]
                 for (g, _, _), cs in zip(fanout, children):
@@ -387,9 +391,10 @@ class Searcher:
         return ranked[:w]
 
     @staticmethod
-    def _resample(particles: list[Beam], chain, k: int, n: int, rng: np.random.Generator) -> list[Beam]:
-        """k particles drawn by softmax(chain score); for n > 1 the n best distinct ones are kept
-        first (resampling alone collapses the population onto fewer than n answers)."""
+    def _resample(particles: list[Beam], chain, k: int, n: int, rng: np.random.Generator,
+                  temperature: float = 1.0) -> list[Beam]:
+        """k particles drawn by softmax(chain score / temperature); for n > 1 the n best distinct ones
+        are kept first (resampling alone collapses the population onto fewer than n answers)."""
         scores = chain_scores(np.stack([b.raw for b in particles]), chain.betas)
         for b, s in zip(particles, scores):
             b.score = float(s)
@@ -400,7 +405,7 @@ class Searcher:
                 if len(kept) < n and b.text not in seen:
                     seen.add(b.text)
                     kept.append(b)
-        return kept + [particles[i] for i in resample(scores, k - len(kept), rng)]
+        return kept + [particles[i] for i in resample(scores / temperature, k - len(kept), rng)]
 
     @staticmethod
     def _distinct(beams: list[Beam], n: int) -> list[Beam]:

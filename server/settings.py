@@ -92,6 +92,10 @@ class ServerSettings(EngineSettings):
     max_guided_steps: int = Field(512, ge=1)
     """Search steps of a guided request: ceil(max_tokens / guidance.l) for cbs. Without max_tokens
     a request may run up to the context length; past this it must set max_tokens or a larger l."""
+    pf_temperature: float = Field(0.1, gt=0, le=100)
+    """Particle filtering (guidance.mode pf) resamples by softmax(chain score / pf_temperature) when a
+    request sets no guidance.beta/betas. Values score in reward units (about -1..1), where a
+    temperature of 1 barely tells particles apart; 0.1 measured best (bench/results/frontier)."""
     reasoning_effort_budgets: dict[ReasoningEffort, Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: dict(REASONING_EFFORT_BUDGETS))
     """Token budget of a guided search for each OpenAI `reasoning_effort`, as a multiple of the request's

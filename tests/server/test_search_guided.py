@@ -51,7 +51,8 @@ def client(**settings):
     engine = _ChunkEngine()
     s = c.app.state.settings
     guided = GuidedGenerator(engine, _Scorer(), OneValue(w=4, k=4, l=4), max_candidates=s.max_guided_candidates,
-                             max_steps=s.max_guided_steps, effort_budgets=s.reasoning_effort_budgets)
+                             max_steps=s.max_guided_steps, effort_budgets=s.reasoning_effort_budgets,
+                             pf_temperature=s.pf_temperature)
     c.app.state.serving = OpenAIServing(engine, max_n=s.max_n, guided=guided, values=OneValue(w=4, k=4, l=4))
     return c, engine
 
@@ -75,6 +76,15 @@ def test_every_mode_answers_with_its_metadata(mode):
     assert g["k"] == expected_k
     if mode == "dvts":
         assert (g["s"], g["w"]) == (4, 1)
+
+
+def test_pf_resamples_at_the_servers_temperature_unless_the_request_sets_beta():
+    c, _ = client()
+    assert complete(c, guidance={"mode": "pf"}).json()["guidance"]["pf_temperature"] == 0.1  # the setting's default
+    assert complete(c, guidance={"mode": "pf", "beta": 1.0}).json()["guidance"]["pf_temperature"] == 1.0  # beta is it
+    assert complete(c, guidance={"mode": "cbs"}).json()["guidance"]["pf_temperature"] is None
+    warm, _ = client(pf_temperature=2.0)
+    assert complete(warm, guidance={"mode": "pf"}).json()["guidance"]["pf_temperature"] == 2.0
 
 
 def test_usage_is_the_search_tokens():

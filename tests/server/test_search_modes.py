@@ -104,6 +104,15 @@ def test_pf_prefers_what_the_value_prefers_and_a_seed_reproduces_it():
     assert any(r.beams[0].token_ids != results[3].beams[0].token_ids for r in results[:3])
 
 
+def test_a_colder_pf_temperature_follows_the_value_more_closely():
+    def sevens(temperature):
+        return np.mean([search(StepEngine(), CountingScorer(3), params(mode="pf", k=8, seed=s,
+                                                                       pf_temperature=temperature))
+                        .beams[0].token_ids.count(7) for s in range(8)])
+
+    assert sevens(0.05) > sevens(20.0)  # hot: resampling is almost uniform, close to plain sampling
+
+
 def test_pf_extends_every_particle_by_one_chunk_per_step_in_one_request_per_distinct_particle():
     engine = StepEngine()
     result = search(engine, CountingScorer(3), params(mode="pf", k=6, l=4, max_tokens=12))
