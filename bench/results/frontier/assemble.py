@@ -1,0 +1,47 @@
+"""Write the frontier's table and plots from the arms that finished (`iro frontier` writes them only
+at the end of a full sweep; this stop's sweep was stopped before PF and DVTS at 32x). Every row
+comes from the arm's own answers in the run folder; nothing is sampled again (the Best-of-N
+scores are read from its cache). PF at beta 0.1 (bench/pf_temperature.py) is added from its folder.
+
+    python bench/results/frontier/assemble.py RUN_DIR PF_TEMPERATURE_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from common.search_settings import SearchOverrides
+from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
+from trainer.frontier import budget_methods
+from trainer.rollout import RolloutConfig
+from trainer.tasks import load_task
+
+
+def main(run: Path, pf_dir: Path, out: Path, *, task="review-sentiment", value="rs-builtin@1", n_prompts=64,
+         server="http://127.0.0.1:8100") -> None:
+    spec = load_task(task)
+    template = RolloutConfig(server=server, concurrency=32, seed=0, progress=False, max_tokens=spec.max_tokens,
+                             temperature=spec.temperature)
+    prompts = spec.items("eval", n_prompts)
+    budgets = [1, 2, 4, 8, 16, 32]
+    done = [m for m in budget_methods(value, budgets, ["cbs", "pf", "dvts"], template.max_tokens)
+            if len((run / f"{m.file_stem()}.jsonl").read_text().splitlines()
+                   if (run / f"{m.file_stem()}.jsonl").exists() else []) == n_prompts]
+    results = evaluate(prompts, [BASE], run, reward=spec.reward, template=template)
+    results += best_of_n(prompts, budgets, run, reward=spec.reward, template=template, value=value)
+    results += evaluate(prompts, done, run, reward=spec.reward, template=template)
+    cold = Method("pf-16x-beta0.1", "PF 16x, beta 0.1", "cbs", value,
+                  search=SearchOverrides(mode="pf", budget_tokens=16 * template.max_tokens))
+    from dataclasses import replace
+    results += evaluate(prompts, [cold], pf_dir, reward=spec.reward, template=replace(template, beta=0.1))
+    meta = {"task": spec.name, "prompts": len(prompts), "value": value, "reward": spec.reward,
+            "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": 0,
+            "budgets": f"{budgets} x max_tokens (PF and DVTS at 32x not run)"}
+    title = f"{spec.name}: reward vs compute"
+    paths = write_results(results, out, title=title, meta=meta)  # no wall-time plot: a resumed arm's seconds are 0
+    print(paths["md"].read_text())
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
