@@ -74,4 +74,4 @@ def test_smoke_loop_two_iterations_and_resume(server, tmp_path):
     report = (cont_dir / "report.md").read_text()
     assert f"continues the served chain {NAME}@2" in report
     assert "| 2 | loop-smoke@2 (1,2) |" in report and "| 3 | loop-smoke@3 (1,2,3) |" in report
-    assert "| 1 |" not in report  # the adopted chain's earlier iterations were not evaluated by this run
+    assert "\n| 1 | loop-smoke@1" not in report  # the adopted chain's earlier iterations: not evaluated by this run
