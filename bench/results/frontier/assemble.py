@@ -1,7 +1,8 @@
 """Write the frontier's table and plots from the arms that finished (`iro frontier` writes them only
-at the end of a full sweep; this stop's sweep was stopped before PF and DVTS at 32x). Every row
+at the end of a full sweep; this stop's sweep was stopped before PF at 32x, beta 1). Every row
 comes from the arm's own answers in the run folder; nothing is sampled again (the Best-of-N
-scores are read from its cache). PF at beta 0.1 (bench/pf_temperature.py) is added from its folder.
+scores are read from its cache). PF at beta 0.1, 16x and 32x (bench/pf_temperature.py), is added
+from its folder.
 
     python bench/results/frontier/assemble.py RUN_DIR PF_TEMPERATURE_DIR OUT_DIR
 """
@@ -31,13 +32,14 @@ def main(run: Path, pf_dir: Path, out: Path, *, task="review-sentiment", value="
     results = evaluate(prompts, [BASE], run, reward=spec.reward, template=template)
     results += best_of_n(prompts, budgets, run, reward=spec.reward, template=template, value=value)
     results += evaluate(prompts, done, run, reward=spec.reward, template=template)
-    cold = Method("pf-16x-beta0.1", "PF 16x, beta 0.1", "cbs", value,
-                  search=SearchOverrides(mode="pf", budget_tokens=16 * template.max_tokens))
     from dataclasses import replace
-    results += evaluate(prompts, [cold], pf_dir, reward=spec.reward, template=replace(template, beta=0.1))
+
+    cold = [Method(f"pf-{b}x-beta0.1", f"PF {b}x, beta 0.1", "cbs", value,
+                   search=SearchOverrides(mode="pf", budget_tokens=b * template.max_tokens)) for b in (16, 32)]
+    results += evaluate(prompts, cold, pf_dir, reward=spec.reward, template=replace(template, beta=0.1))
     meta = {"task": spec.name, "prompts": len(prompts), "value": value, "reward": spec.reward,
             "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": 0,
-            "budgets": f"{budgets} x max_tokens (PF and DVTS at 32x not run)"}
+            "budgets": f"{budgets} x max_tokens (PF at beta 1 stopped before 32x)"}
     title = f"{spec.name}: reward vs compute"
     paths = write_results(results, out, title=title, meta=meta)  # no wall-time plot: a resumed arm's seconds are 0
     print(paths["md"].read_text())
