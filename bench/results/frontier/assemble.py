@@ -5,6 +5,7 @@ scores are read from its cache). PF at beta 0.1, 16x and 32x (bench/pf_temperatu
 from its folder.
 
     python bench/results/frontier/assemble.py RUN_DIR PF_TEMPERATURE_DIR OUT_DIR
+    python bench/results/frontier/assemble.py RUN_DIR - OUT_DIR json-extract je@1 32   # no PF folder
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from trainer.rollout import RolloutConfig
 from trainer.tasks import load_task
 
 
-def main(run: Path, pf_dir: Path, out: Path, *, task="review-sentiment", value="rs-builtin@1", n_prompts=64,
+def main(run: Path, pf_dir: Path | None, out: Path, *, task="review-sentiment", value="rs-builtin@1", n_prompts=64,
          server="http://127.0.0.1:8100") -> None:
     spec = load_task(task)
     template = RolloutConfig(server=server, concurrency=32, seed=0, progress=False, max_tokens=spec.max_tokens,
@@ -36,14 +37,19 @@ def main(run: Path, pf_dir: Path, out: Path, *, task="review-sentiment", value="
 
     cold = [Method(f"pf-{b}x-beta0.1", f"PF {b}x, beta 0.1", "cbs", value,
                    search=SearchOverrides(mode="pf", budget_tokens=b * template.max_tokens)) for b in (16, 32)]
-    results += evaluate(prompts, cold, pf_dir, reward=spec.reward, template=replace(template, beta=0.1))
+    if pf_dir is not None:
+        results += evaluate(prompts, cold, pf_dir, reward=spec.reward, template=replace(template, beta=0.1))
     meta = {"task": spec.name, "prompts": len(prompts), "value": value, "reward": spec.reward,
             "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": 0,
-            "budgets": f"{budgets} x max_tokens (PF at beta 1 stopped before 32x)"}
+            "budgets": f"{budgets} x max_tokens (the arms that finished)"}
     title = f"{spec.name}: reward vs compute"
     paths = write_results(results, out, title=title, meta=meta)  # no wall-time plot: a resumed arm's seconds are 0
     print(paths["md"].read_text())
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    run_dir, pf, out, *rest = sys.argv[1:]
+    options = dict(zip(("task", "value", "n_prompts"), rest))
+    if "n_prompts" in options:
+        options["n_prompts"] = int(options["n_prompts"])
+    main(Path(run_dir), None if pf == "-" else Path(pf), Path(out), **options)
