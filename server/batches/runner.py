@@ -4,8 +4,11 @@
 - One batch at a time per replica, claimed in the database with a lease (owner + lease_until), so
   several replicas sharing a PostgreSQL database never run the same batch at once; a restarted
   server (same host and port) takes its own batches back at once, another replica after the lease.
-- At most `concurrency` lines in flight, and only one while interactive requests are in progress:
-  batches run at a lower priority than interactive traffic.
+- At most `concurrency` lines in flight, and only one while interactive requests are in progress
+  and for `interactive_cooldown` seconds after the last one was seen: batches run at a lower
+  priority than interactive traffic. (Without the cool-down, the gaps between back-to-back
+  interactive requests refilled the batch to `concurrency` lines, which the next interactive
+  request then shared the engine's steps with.)
 - Each answered line is committed with its `custom_id` as part of the primary key before the next
   is counted: after `kill -9` a new start resumes the batch and skips every line already answered,
   so each `custom_id` is answered exactly once.
@@ -76,9 +79,12 @@ class BatchRunner:
     engine starts). `clock` (Unix seconds) decides when a batch's window has ended."""
 
     def __init__(self, db: Database, files: FileStore, serving, *, owner: str, concurrency: int = 4, metrics=None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, interactive_cooldown: float = 1.0,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.db, self.files, self.serving = db, files, serving
         self.owner, self.concurrency, self.clock = owner, concurrency, clock
+        self.interactive_cooldown, self.monotonic = interactive_cooldown, monotonic
+        self._interactive_seen = -float("inf")
         self._wake = asyncio.Event()
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -235,10 +241,15 @@ class BatchRunner:
         return "finalizing" if status == "in_progress" else status
 
     def _capacity(self) -> int:
+        """Lines the batch may have in flight now: 0 while the engine starts, 1 while interactive
+        requests run and for `interactive_cooldown` seconds after, else `concurrency`."""
         serving = self.serving()
         if serving is None:
             return 0
-        return 1 if getattr(serving, "_admitted", 0) > 0 else self.concurrency
+        now = self.monotonic()
+        if getattr(serving, "_admitted", 0) > 0:
+            self._interactive_seen = now
+        return 1 if now - self._interactive_seen < self.interactive_cooldown else self.concurrency
 
     async def _answer(self, row, number: int, line: BatchInputLine) -> None:
         batch_id = row.id

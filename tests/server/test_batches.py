@@ -394,3 +394,23 @@ def test_the_document_declares_the_upload_and_the_list_filters(sqlite_stack):
     for path in ("/v1/files", "/v1/batches", "/v1/chat/completions"):
         assert "404" in paths[path]["get"]["responses"]  # an unknown `after`
     assert "429" in paths["/v1/files"]["post"]["responses"] and "429" in paths["/v1/batches"]["post"]["responses"]
+
+
+def test_one_line_while_interactive_requests_run_and_for_a_cooldown_after():
+    from types import SimpleNamespace
+
+    from server.batches.runner import BatchRunner
+
+    now = [100.0]
+    serving = SimpleNamespace(_admitted=0)
+    runner = BatchRunner(None, None, lambda: serving, owner="test:1", concurrency=4, interactive_cooldown=1.0,
+                         monotonic=lambda: now[0])
+    assert runner._capacity() == 4  # no interactive traffic yet
+    serving._admitted = 2
+    assert runner._capacity() == 1
+    serving._admitted = 0  # the gap between two back-to-back interactive requests: still one line
+    now[0] += 0.5
+    assert runner._capacity() == 1
+    now[0] += 0.6  # a second of quiet: the batch takes its whole concurrency again
+    assert runner._capacity() == 4
+    assert BatchRunner(None, None, lambda: None, owner="test:1")._capacity() == 0  # the engine is starting
