@@ -14,7 +14,6 @@ with it. Writes eval.json, eval.md and a reward-vs-tokens plot into --out (resum
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,29 +34,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from common.search_settings import SearchOverrides
-    from trainer.evaluate import Method, evaluate, resolve_value, write_results
-    from trainer.rollout import RolloutConfig
-    from trainer.rollout_config import server_url
-    from trainer.tasks import load_task
+    from trainer.evaluate import evaluate, write_results
+    from trainer.frontier import beta_methods, setup
 
-    spec = load_task(args.task)
-    url, key = server_url(args.server), os.environ.get("IRO_API_KEY")
-    value = resolve_value(url, key, args.value)
-    template = RolloutConfig(server=url, api_key=key, concurrency=args.concurrency, seed=args.seed,
-                             max_tokens=spec.max_tokens, temperature=spec.temperature)
-    prompts = spec.items("eval", args.n_prompts)
-    budget = args.budget * template.max_tokens
+    up = setup(args.task, args.value, server=args.server, n_prompts=args.n_prompts, concurrency=args.concurrency,
+               seed=args.seed)
+    spec, template = up.spec, up.template
     results = []
     for beta in (float(b) for b in args.betas.split(",")):
-        for mode in args.modes.split(","):
-            method = Method(f"{mode}-{args.budget}x-beta{beta:g}", f"{mode.upper()} {args.budget}x, beta {beta:g}",
-                            "cbs", value, search=SearchOverrides(mode=mode, budget_tokens=budget))
-            results += evaluate(prompts, [method], args.out, reward=spec.reward, template=replace(template, beta=beta))
-    meta = {"task": spec.name, "prompts": len(prompts), "value": value, "reward": spec.reward,
-            "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": args.seed,
-            "budget": f"{args.budget} x max_tokens = {budget} tokens", "betas": args.betas,
-            "command": "python -m bench.pf_temperature " + " ".join(argv if argv is not None else sys.argv[1:])}
+        methods = beta_methods(up.value, [args.budget], args.modes.split(","), template.max_tokens, beta)
+        results += evaluate(up.prompts, methods, args.out, reward=spec.reward, template=replace(template, beta=beta))
+    meta = up.meta(budget=f"{args.budget} x max_tokens = {args.budget * template.max_tokens} tokens",
+                   betas=args.betas,
+                   command="python -m bench.pf_temperature " + " ".join(argv if argv is not None else sys.argv[1:]))
     paths = write_results(results, args.out, title=f"{spec.name}: PF's resampling temperature", meta=meta)
     print(paths["md"].read_text())
 

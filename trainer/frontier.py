@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from common.search_settings import SEARCH_MODES, SearchOverrides
 from trainer.eval_results import MethodResult
@@ -50,6 +50,51 @@ def budget_methods(value: str, budgets: Sequence[int], modes: Sequence[str], max
     return [BudgetMethod(f"{mode}-{b}x", f"{mode.upper()} {b}x", "cbs", value, n=b,
                          search=SearchOverrides(mode=mode, budget_tokens=b * max_tokens))
             for b in sorted(set(budgets)) if b > 1 for mode in modes]
+
+
+def beta_methods(value: str, budgets: Sequence[int], modes: Sequence[str], max_tokens: int,
+                 beta: float) -> list[Method]:
+    """`budget_methods` sent with `guidance.beta` = `beta` (pf: its resampling temperature), named apart.
+
+    >>> [m.name for m in beta_methods("v", [16], ["pf"], 32, 0.1)]
+    ['pf-16x-beta0.1']
+    """
+    return [dataclasses.replace(m, name=f"{m.name}-beta{beta:g}", label=f"{m.label}, beta {beta:g}")
+            for m in budget_methods(value, budgets, modes, max_tokens)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSetup:
+    """What every arm of a sweep shares: the task, the pinned value, the request template, the prompts."""
+
+    spec: Any
+    value: str
+    template: Any
+    prompts: list
+
+    def meta(self, **extra: Any) -> dict[str, Any]:
+        """The report's header fields (`write_results(meta=...)`), `extra` after them."""
+        t = self.template
+        return {"task": self.spec.name, "prompts": len(self.prompts), "value": self.value, "reward": self.spec.reward,
+                "max_tokens": t.max_tokens, "temperature": t.temperature, "seed": t.seed, **extra}
+
+
+def setup(task: str, value: str, *, server: Optional[str] = None, api_key: Optional[str] = None,
+          n_prompts: int = 16, concurrency: int = 8, seed: int = 0, max_tokens: Optional[int] = None,
+          progress: bool = True) -> SweepSetup:
+    """Load `task`, pin `value` to the version served now (`name` -> `name@N`) and build the template
+    every arm samples with (the task's temperature and max_tokens unless given)."""
+    import os
+
+    from trainer.rollout import RolloutConfig
+    from trainer.rollout_config import server_url
+    from trainer.tasks import load_task
+
+    spec = load_task(task)  # a TaskError is a ValueError: `iro frontier` reports it with exit code 2
+    url, key = server_url(server), api_key or os.environ.get("IRO_API_KEY")
+    template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
+                             max_tokens=max_tokens or spec.max_tokens, temperature=spec.temperature)
+    return SweepSetup(spec, resolve_value(url, key, value), template, spec.items("eval", n_prompts))
 
 
 def sweep(prompts, out: str | Path, *, value: str, reward: str, template, budgets: Sequence[int] = (1, 2, 4, 8, 16, 32),
@@ -97,24 +142,13 @@ def run(*, task: str, out: Path, value: str, server: Optional[str] = None, api_k
     """Sweep base, Best-of-N (value and reward) and the search `modes` over `budgets` (multiples of
     max_tokens) on `task`'s first `n_prompts` held-out prompts against the server at `server`;
     write the report into `out` and return its paths (`iro frontier` parses the options)."""
-    import os
-
-    from trainer.rollout import RolloutConfig
-    from trainer.rollout_config import server_url
-    from trainer.tasks import load_task
-
-    spec = load_task(task)  # a TaskError is a ValueError: `iro frontier` reports it with exit code 2
-    url, key = server_url(server), api_key or os.environ.get("IRO_API_KEY")
-    value = resolve_value(url, key, value)
-    template = RolloutConfig(server=url, api_key=key, concurrency=concurrency, seed=seed, progress=progress,
-                             max_tokens=max_tokens or spec.max_tokens, temperature=spec.temperature)
-    prompts = spec.items("eval", n_prompts)
+    up = setup(task, value, server=server, api_key=api_key, n_prompts=n_prompts, concurrency=concurrency, seed=seed,
+               max_tokens=max_tokens, progress=progress)
+    spec, template = up.spec, up.template
     multiples = sorted(set(budgets))
-    results = sweep(prompts, out, value=value, reward=spec.reward, template=template, budgets=multiples,
+    results = sweep(up.prompts, out, value=up.value, reward=spec.reward, template=template, budgets=multiples,
                     modes=modes, oracle=oracle)
-    meta = {"task": spec.name, "prompts": len(prompts), "value": value, "reward": spec.reward,
-            "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": seed,
-            "budgets": f"{multiples} x max_tokens"}
+    meta = up.meta(budgets=f"{multiples} x max_tokens")
     title = f"{spec.name}: reward vs compute"
     paths = write_results(results, out, title=title, meta=meta)
     paths["png_seconds"] = plot_reward_vs_seconds(results, Path(out) / "reward_vs_seconds.png", title=title)

@@ -128,18 +128,17 @@ class IroLoop:
     @property
     def adopted(self) -> list[int]:
         """Versions of the chain this run continues (`continue_chain`), as V_1..V_N; [] for a run from scratch."""
-        return list(self.state.data.get("adopted", [])) if self.state else []
-
-    @property
-    def iterations(self) -> range:
-        """This run's own iterations t: 1..T, or N+1..N+T when it continues a chain of N."""
-        first = len(self.adopted) + 1
-        return range(first, first + self.config.iterations)
+        return self.state.adopted
 
     @property
     def last(self) -> int:
         """The run's last iteration (its final chain is V_1..V_last)."""
-        return len(self.adopted) + self.config.iterations
+        return self.state.last_iteration(self.config.iterations)
+
+    @property
+    def iterations(self) -> range:
+        """This run's own iterations t: 1..T, or N+1..N+T when it continues a chain of N."""
+        return range(len(self.adopted) + 1, self.last + 1)
 
     def _adopt_chain(self) -> None:
         """Record the registry's CURRENT chain of the name as iterations 1..N (once, when the run starts)."""
@@ -166,7 +165,7 @@ class IroLoop:
         import hashlib
         import json
 
-        items = [getattr(item, "messages", None) or getattr(item, "prompt", None) for item in self._eval_prompts()]
+        items = [item.messages or item.prompt for item in self._eval_prompts()]
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _forget_other_evaluations(self) -> None:
@@ -174,7 +173,7 @@ class IroLoop:
         now, so they run again; a state written before evaluations recorded their prompts keeps its own."""
         current = self._eval_set()
         stale = [key for key, info in self.state.data["stages"].items()
-                 if (key.endswith("/eval") and key.startswith("it") or key.startswith("baselines/"))
+                 if ((key.startswith("it") and key.endswith("/eval")) or key.startswith("baselines/"))
                  and info.get("eval_set", current) != current]
         for key in stale:
             log.info("stage %s ran on other held-out prompts (a resumed run with other prompts): running it again",
@@ -391,8 +390,8 @@ class IroLoop:
             final_value=f"{self.name}@{state.version(self.last)}", total_seconds=state.stage_seconds(), rows=rows,
             iro=iro, baselines=baselines, distilled=distilled, distill_seconds=distill_seconds,
             n_train_prompts=len(self.task.items("train", c.n_train_prompts)),
-            n_eval_prompts=len(self._eval_prompts()), continued_from=state.data.get("adopted_from"),
-            first_iteration=self.iterations.start, last_iteration=self.last)
+            n_eval_prompts=len(self._eval_prompts()), iterations=self.iterations,
+            continued_from=state.data.get("adopted_from"))
 
     def _reported(self) -> range:
         """Iterations the report shows: the run's own, after the adopted chain's last (its "before")."""

@@ -92,7 +92,7 @@ class DistillStages:
         from trainer.value_trainer import examples_from_records, read_rollouts
         from valuefn.loader import BackbonePool, ValueLoader
 
-        T = len(self.state.data.get("adopted", [])) + self.config.iterations  # the run's last iteration
+        T = self.state.last_iteration(self.config.iterations)
         name, final = self.policy_name(method), self.state.version(T)
         current = self.policies.current(name)
         if current is not None:

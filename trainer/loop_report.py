@@ -54,16 +54,16 @@ class ReportData:
     rows: list[IterationRow]
     iro: list[MethodResult]
     baselines: list[MethodResult]
-    distilled: list[MethodResult] = field(default_factory=list)
-    distill_seconds: dict[str, float | None] = field(default_factory=dict)
-    n_train_prompts: int | None = None
-    """Training prompts the task has for the run (None: the config's `n_train_prompts`)."""
-    n_eval_prompts: int | None = None
-    """Held-out prompts the evaluations ran on (None: the config's `n_eval_prompts`)."""
+    n_train_prompts: int
+    """Training prompts the task has for the run (at most the config's `n_train_prompts`)."""
+    n_eval_prompts: int
+    """Held-out prompts the evaluations ran on."""
+    iterations: range
+    """The run's own iterations (N+1..N+T when it continues a chain of N)."""
     continued_from: str | None = None
     """`name@version` of the served chain the run continues (`iro loop --continue`), else None."""
-    first_iteration: int = 1
-    last_iteration: int | None = None
+    distilled: list[MethodResult] = field(default_factory=list)
+    distill_seconds: dict[str, float | None] = field(default_factory=dict)
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -157,25 +157,22 @@ def render_report(data: ReportData) -> str:
         cells += [_seconds(row.seconds.get(s)) for s in ("rollout", "reward", "train", "serve", "eval")]
         rows.append("| " + " | ".join(cells) + " |")
     distilled = list(d.distilled)
-    last = d.last_iteration or c.iterations
-    n_train = c.n_train_prompts if d.n_train_prompts is None else d.n_train_prompts
-    n_eval = c.n_eval_prompts if d.n_eval_prompts is None else d.n_eval_prompts
-    n = d.first_iteration - 1
+    n = d.iterations.start - 1
     continued = ([f"- continues the served chain {d.continued_from}: V_1..V_{n} are that chain's; IRO-{n}, evaluated "
                   f"here on this run's held-out prompts, is the 'before'; this run trains "
-                  f"{', '.join(f'V_{t}' for t in range(d.first_iteration, last + 1))}"] if d.continued_from else [])
+                  f"{', '.join(f'V_{t}' for t in d.iterations)}"] if d.continued_from else [])
     lines = [
         f"# IRO loop: value `{d.value_name}` on task `{d.task}` ({d.task_source})", "",
         f"- server: {d.server}; registry: {d.registry}; run: {d.run_id}", *continued,
-        f"- {c.iterations} iteration{'s' if c.iterations != 1 else ''}; {n_train} training prompts x {c.samples_per_prompt} samples per "
-        f"iteration (guided rollouts: {search_text(c.rollout_search, mode=True)}); {n_eval} "
+        f"- {c.iterations} iteration{'s' if c.iterations != 1 else ''}; {d.n_train_prompts} training prompts x {c.samples_per_prompt} samples per "
+        f"iteration (guided rollouts: {search_text(c.rollout_search, mode=True)}); {d.n_eval_prompts} "
         f"held-out prompts; max_tokens {d.max_tokens}, temperature {d.temperature}; value training preset "
         f"`{c.train_preset}` {c.train or ''}",
         f"- reward: `{d.reward}`; IRO-t = {search_text(d.eval_search, mode=True)} over V_1..V_t; Best-of-N ranked by "
         f"{d.final_value}; tokens = completion tokens generated per prompt, every candidate included",
         f"- wall time of all stages: {d.total_seconds:.0f} s",
         *([f"- distilled: LoRA policies trained by `iro distill` ({', '.join(c.distill)}, preset "
-           f"`{c.distill_preset}` {c.distill_options or ''}) on iteration {last}'s rollouts, sampled plainly "
+           f"`{c.distill_preset}` {c.distill_options or ''}) on iteration {d.iterations[-1]}'s rollouts, sampled plainly "
            "(N=1) through their model names; KL to base = KL(policy || base) per response token on the "
            "distillation's held-out rollouts"] if distilled else []), "",
         "## Held-out reward per iteration", "", *rows, "",

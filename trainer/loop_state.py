@@ -90,6 +90,16 @@ class RunState:
         self.data["stages"][key] = info
         self.save()
 
+    @property
+    def adopted(self) -> list[int]:
+        """Versions of the served chain a run continues (`iro loop --continue`) as its iterations
+        1..N; [] for a run that started its own chain."""
+        return list(self.data.get("adopted", []))
+
+    def last_iteration(self, iterations: int) -> int:
+        """The run's last iteration: its own `iterations` after the adopted chain's."""
+        return len(self.adopted) + iterations
+
     def version(self, t: int) -> int | None:
         return self.data["versions"].get(str(t))
 

@@ -11,21 +11,17 @@ from its folder.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from common.search_settings import SearchOverrides
-from trainer.evaluate import BASE, Method, best_of_n, evaluate, write_results
-from trainer.frontier import budget_methods
-from trainer.rollout import RolloutConfig
-from trainer.tasks import load_task
+from trainer.evaluate import BASE, best_of_n, evaluate, write_results
+from trainer.frontier import beta_methods, budget_methods, setup
 
 
 def main(run: Path, pf_dir: Path | None, out: Path, *, task="review-sentiment", value="rs-builtin@1", n_prompts=64,
          server="http://127.0.0.1:8100") -> None:
-    spec = load_task(task)
-    template = RolloutConfig(server=server, concurrency=32, seed=0, progress=False, max_tokens=spec.max_tokens,
-                             temperature=spec.temperature)
-    prompts = spec.items("eval", n_prompts)
+    up = setup(task, value, server=server, n_prompts=n_prompts, concurrency=32, progress=False)
+    spec, template, prompts = up.spec, up.template, up.prompts
     budgets = [1, 2, 4, 8, 16, 32]
     done = [m for m in budget_methods(value, budgets, ["cbs", "pf", "dvts"], template.max_tokens)
             if len((run / f"{m.file_stem()}.jsonl").read_text().splitlines()
@@ -33,15 +29,10 @@ def main(run: Path, pf_dir: Path | None, out: Path, *, task="review-sentiment", 
     results = evaluate(prompts, [BASE], run, reward=spec.reward, template=template)
     results += best_of_n(prompts, budgets, run, reward=spec.reward, template=template, value=value)
     results += evaluate(prompts, done, run, reward=spec.reward, template=template)
-    from dataclasses import replace
-
-    cold = [Method(f"pf-{b}x-beta0.1", f"PF {b}x, beta 0.1", "cbs", value,
-                   search=SearchOverrides(mode="pf", budget_tokens=b * template.max_tokens)) for b in (16, 32)]
     if pf_dir is not None:
-        results += evaluate(prompts, cold, pf_dir, reward=spec.reward, template=replace(template, beta=0.1))
-    meta = {"task": spec.name, "prompts": len(prompts), "value": value, "reward": spec.reward,
-            "max_tokens": template.max_tokens, "temperature": template.temperature, "seed": 0,
-            "budgets": f"{budgets} x max_tokens (the arms that finished)"}
+        results += evaluate(prompts, beta_methods(value, [16, 32], ["pf"], template.max_tokens, 0.1), pf_dir,
+                            reward=spec.reward, template=replace(template, beta=0.1))
+    meta = up.meta(budgets=f"{budgets} x max_tokens (the arms that finished)")
     title = f"{spec.name}: reward vs compute"
     paths = write_results(results, out, title=title, meta=meta)  # no wall-time plot: a resumed arm's seconds are 0
     print(paths["md"].read_text())
