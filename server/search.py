@@ -23,7 +23,8 @@ streamed as it grows, is final. A search stops early, returning the best candida
 (finished or not, `SearchResult.stopped_by`), when its token budget (`budget_tokens`, counted
 exactly: every generated token of every candidate) cannot pay for another step, when its
 deadline has passed (checked before each step after the first, on an injectable clock), or at
-`max_steps`.
+`max_steps`. A batch line's search (`server.priority.LOW_PRIORITY` set) waits before each step
+after the first while interactive requests run, at most the watch's `max_wait`.
 
 When every member of the chain is an engine head (`ValueChain.value_heads`) and the engine can
 evaluate that many heads (`EngineClient.max_value_heads`), the chunk requests carry the heads and
@@ -51,6 +52,7 @@ import numpy as np
 from common.sampling import Sampling
 from common.search_settings import SearchMode
 from server.engine import EngineClient, EngineRequest
+from server.priority import LOW_PRIORITY
 from valuefn.scorer import ScoreItem, chain_scores
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ class SearchResult:
     steps: int = 0
     stopped_by: StoppedBy | None = None
     elapsed_s: float = 0.0
+    yielded_s: float = 0.0
+    """Seconds a low-priority search (a batch line's) waited for interactive requests (server.priority)."""
 
 
 OnStep = Callable[[list[Beam]], Awaitable[None] | None]
@@ -337,6 +341,9 @@ class Searcher:
             if step >= params.step_limit():
                 result.stopped_by = "max_steps"
                 break
+            watch = LOW_PRIORITY.get()
+            if watch is not None and step > 0:  # a batch line: interactive requests take the engine's steps first
+                result.yielded_s += await watch.wait()
             if params.deadline_s is not None and step > 0 and self.clock() - started >= params.deadline_s:
                 result.stopped_by = "deadline"  # anytime: the best so far (the first step always runs)
                 break

@@ -126,6 +126,10 @@ class ServerSettings(EngineSettings):
     batch past it: 429 naming the quota."""
     batch_concurrency: int = Field(4, ge=1)
     """Batch lines answered at once while no interactive request is in progress (one while any is)."""
+    batch_yield_max_s: float = Field(2.0, ge=0)
+    """Longest a batch line's guided search waits before each step while interactive requests run
+    (or ran in the last second), so they do not share the engine's steps; bounds the slow-down of
+    a batch under interactive traffic that never pauses (0: batch lines never wait)."""
     store_everything: bool = False
     """Store every non-streamed chat completion (as with `store: true`) unless it says `store: false`;
     off by default (prompts may be private) and logged at start when on."""

@@ -88,7 +88,7 @@ class IroLoop:
 
         self.policies = PolicyRegistry(Path(policies_dir).expanduser() if policies_dir else default_policies_dir())
         for method in config.distill:
-            validate_name(f"{self.name}-{method}", "policy")
+            validate_name(f"{config.distill_name or self.name}-{method}", "policy")
         self.server, self.model = ServerLink(server, api_key, admin_key), model
         self.max_tokens = config.max_tokens or self.task.max_tokens
         self.temperature = config.temperature if config.temperature is not None else self.task.temperature

@@ -99,6 +99,9 @@ class LoopConfig(BaseModel):
     distill_options: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the distillation preset (DistillConfig options); a method's name as the key
     holds overrides for that method alone (`distill_options.apa.lam=0.025`)."""
+    distill_name: str | None = None
+    """The distilled policies are published as `<distill_name>-<method>` (default: the value's name),
+    so a copy of a run distilled again (another seed, other options) does not replace the first."""
     progress: bool = True
 
     @field_validator("distill", mode="before")
@@ -189,7 +192,7 @@ class LoopConfig(BaseModel):
         return self.model_dump()
 
 
-TEXT_OPTIONS = frozenset({"task", "name", "train_preset", "distill_preset"})
+TEXT_OPTIONS = frozenset({"task", "name", "train_preset", "distill_preset", "distill_name"})
 """Loop options taken as text from the command line (a value named `null` or `yes` is a name)."""
 
 
@@ -206,7 +209,7 @@ def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 RESUMABLE_OPTIONS = frozenset({"iterations", "progress", "publish_timeout", "concurrency", "distill"})
 """Options a run may be resumed with changed (more iterations, distillation added afterwards)."""
-DISTILL_OPTIONS = frozenset({"distill_preset", "distill_options"})
+DISTILL_OPTIONS = frozenset({"distill_preset", "distill_options", "distill_name"})
 """Options a run may be resumed with changed until its first distillation stage has finished."""
 
 

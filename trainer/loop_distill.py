@@ -49,8 +49,8 @@ class DistillStages:
         self.server, self.model, self._evaluate = server, model, evaluate
 
     def policy_name(self, method: str) -> str:
-        """`<value name>-<method>`, the policy's name in the registry and its model name."""
-        return f"{self.name}-{method}"
+        """`<distill_name or value name>-<method>`, the policy's name in the registry and its model name."""
+        return f"{self.config.distill_name or self.name}-{method}"
 
     def check_server(self) -> None:
         """Fail before any work unless the server serves the policy registry the loop publishes to."""

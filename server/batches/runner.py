@@ -8,7 +8,9 @@
   and for `interactive_cooldown` seconds after the last one was seen: batches run at a lower
   priority than interactive traffic. (Without the cool-down, the gaps between back-to-back
   interactive requests refilled the batch to `concurrency` lines, which the next interactive
-  request then shared the engine's steps with.)
+  request then shared the engine's steps with.) A guided line's search also waits before each of
+  its steps while interactive requests are recent, at most `yield_max_wait` seconds a step
+  (`server.priority`), so the line left in flight does not share the engine's steps with them either.
 - Each answered line is committed with its `custom_id` as part of the primary key before the next
   is counted: after `kill -9` a new start resumes the batch and skips every line already answered,
   so each `custom_id` is answered exactly once.
@@ -38,6 +40,7 @@ from common.protocol import ChatCompletionRequest, CompletionRequest
 from server.batches.files import FileStore, parse_batch_lines
 from server.batches.protocol import BatchInputLine
 from server.errors import IroError, validation_error_info
+from server.priority import LOW_PRIORITY, InteractiveWatch
 from server.store.db import Database, batch_results, batches
 
 log = logging.getLogger(__name__)
@@ -80,15 +83,13 @@ class BatchRunner:
 
     def __init__(self, db: Database, files: FileStore, serving, *, owner: str, concurrency: int = 4, metrics=None,
                  clock: Callable[[], float] = time.time, interactive_cooldown: float = 1.0,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 yield_max_wait: float = 2.0, monotonic: Callable[[], float] = time.monotonic):
         self.db, self.files, self.serving = db, files, serving
         self.owner, self.concurrency, self.clock = owner, concurrency, clock
-        self.interactive_cooldown, self.monotonic = interactive_cooldown, monotonic
-        self._interactive_seen = -float("inf")
         self._wake = asyncio.Event()
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.lines = self.failures = None
+        self.lines = self.failures = self.yielded = None
         if metrics is not None:
             from prometheus_client import Counter
 
@@ -96,6 +97,14 @@ class BatchRunner:
                                  registry=metrics.registry)
             self.failures = Counter("iro_batch_runner_errors_total", "Batch runner failures (database, files)",
                                     registry=metrics.registry)
+            self.yielded = Counter("iro_batch_yield_seconds_total", "Seconds batch lines' searches waited for "
+                                   "interactive requests", registry=metrics.registry)
+        self.watch = InteractiveWatch(self._interactive, cooldown=interactive_cooldown, max_wait=yield_max_wait,
+                                      monotonic=monotonic, on_wait=self.yielded.inc if metrics is not None else None)
+
+    def _interactive(self) -> bool:
+        """Interactive requests are in progress (batch lines are not admitted through the router)."""
+        return getattr(self.serving(), "_admitted", 0) > 0
 
     def wake(self) -> None:
         """Look for work now; callable from any thread or event loop (asyncio.Event is neither
@@ -243,13 +252,9 @@ class BatchRunner:
     def _capacity(self) -> int:
         """Lines the batch may have in flight now: 0 while the engine starts, 1 while interactive
         requests run and for `interactive_cooldown` seconds after, else `concurrency`."""
-        serving = self.serving()
-        if serving is None:
+        if self.serving() is None:
             return 0
-        now = self.monotonic()
-        if getattr(serving, "_admitted", 0) > 0:
-            self._interactive_seen = now
-        return 1 if now - self._interactive_seen < self.interactive_cooldown else self.concurrency
+        return 1 if self.watch.recent() else self.concurrency
 
     async def _answer(self, row, number: int, line: BatchInputLine) -> None:
         batch_id = row.id
@@ -281,6 +286,7 @@ class BatchRunner:
                                                     "type": "invalid_request_error", "param": "stream",
                                                     "code": "invalid_value"}), False, (0, 0, 0)
         serving = self.serving()
+        LOW_PRIORITY.set(self.watch)  # this line's task (and the tasks it starts): its searches yield
         try:
             serving.engine_check()
             response = await call(serving, request, api_key_name)

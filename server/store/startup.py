@@ -41,7 +41,8 @@ def open_store(app, settings):
                                 max_files=settings.max_files_per_key,
                                 max_stored_bytes=settings.max_file_storage_bytes_per_key)
     runner = BatchRunner(db, app.state.files, lambda: app.state.serving, owner=replica_name(settings.port),
-                         concurrency=settings.batch_concurrency, metrics=app.state.metrics)
+                         concurrency=settings.batch_concurrency, yield_max_wait=settings.batch_yield_max_s,
+                         metrics=app.state.metrics)
     app.state.batches = BatchServing(db, wake=runner.wake, max_active=settings.max_active_batches_per_key)
     app.state.stored = StoredCompletions(db, metrics=app.state.metrics)
     return runner

@@ -414,3 +414,31 @@ def test_one_line_while_interactive_requests_run_and_for_a_cooldown_after():
     now[0] += 0.6  # a second of quiet: the batch takes its whole concurrency again
     assert runner._capacity() == 4
     assert BatchRunner(None, None, lambda: None, owner="test:1")._capacity() == 0  # the engine is starting
+
+
+def test_a_batch_line_runs_at_low_priority_and_an_interactive_request_does_not():
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.batches.protocol import BatchInputLine
+    from server.batches.runner import BatchRunner
+    from server.errors import InvalidRequestError
+    from server.priority import LOW_PRIORITY
+
+    seen = []
+
+    async def create_chat_completion(request, api_key_name=None):
+        seen.append(LOW_PRIORITY.get())  # what a guided search in this line would yield to
+        raise InvalidRequestError("stop here", param="model")
+
+    serving = SimpleNamespace(_admitted=0, engine_check=lambda: None, create_chat_completion=create_chat_completion)
+    runner = BatchRunner(None, None, lambda: serving, owner="test:1")
+    line = BatchInputLine(custom_id="a", method="POST", url="/v1/chat/completions",
+                          body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+    async def go():
+        await asyncio.create_task(runner._call(line, "default"))  # a line's own task, as _answer_lines starts it
+        return LOW_PRIORITY.get()
+
+    assert asyncio.run(go()) is None  # the runner's (and an interactive request's) context is untouched
+    assert seen == [runner.watch]

@@ -11,6 +11,7 @@ import random
 import httpx
 import pytest
 
+from registry.errors import RegistryError
 from trainer.distill_config import DistillConfig
 from trainer.eval_results import MethodResult
 from trainer.loop import IroLoop
@@ -86,8 +87,9 @@ def test_distill_options_named_after_a_method_apply_to_it_alone():
     apa, dpo = config.distill_config("apa"), config.distill_config("is-dpo")
     assert (apa.lr, apa.lam, apa.epochs) == (3e-4, 0.025, 1) and (dpo.lr, dpo.epochs) == (3e-4, 3)
     assert dpo.lam != 0.025
-    full = LoopConfig.from_preset("full", distill=["apa", "is-dpo"])  # the preset's measured settings
-    assert (full.distill_config("apa").lam, full.distill_config("is-dpo").lr) == (0.015, 3e-4)
+    full = LoopConfig.from_preset("full", distill=["apa", "is-dpo"])  # the distill preset's, with its KL budgets
+    assert full.distill_config("apa") == DistillConfig.from_preset("full", method="apa")
+    assert full.distill_config("is-dpo").kl_budget == DistillConfig.from_preset("full", method="is-dpo").kl_budget
     mine = LoopConfig.from_preset("full", distill=["apa"], **{"distill_options.lam": "0.5"})
     assert mine.distill_config("apa").lam == 0.5  # the user's option for all methods beats the preset's per-method one
     with pytest.raises(ValueError, match="epoch"):  # misspelt inside a method's block: refused too
@@ -104,6 +106,13 @@ def test_distillation_can_be_added_to_a_finished_run(tmp_path):
     again.finish("distill/apa/train", {"policy": "x"})
     with pytest.raises(LoopError, match="distill_preset"):
         RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
+
+
+def test_distill_name_names_the_policies(tmp_path):
+    assert make_loop(tmp_path / "a").distiller().policy_name("apa") == "rev-apa"  # the value's name
+    assert make_loop(tmp_path / "b", distill_name="rev-seed1").distiller().policy_name("is-dpo") == "rev-seed1-is-dpo"
+    with pytest.raises(RegistryError, match="invalid policy name 'Bad Name!-apa'"):  # refused before any work
+        make_loop(tmp_path / "c", distill=["apa"], distill_name="Bad Name!")
 
 
 @pytest.mark.parametrize("reply, refusal", [
