@@ -1,7 +1,7 @@
 """Batch work yields to interactive traffic between search steps.
 
 A batch line runs with `LOW_PRIORITY` set to the runner's `InteractiveWatch`; a guided search that
-sees it waits before each of its steps (after the first) while interactive requests are in progress
+sees it waits before each of its steps while interactive requests are in progress
 or were seen less than `cooldown` seconds ago, so the engine's steps go to the interactive requests
 instead of being shared with a batch line's candidates. `max_wait` bounds each wait: under
 interactive traffic that never pauses a batch line still takes one step per `max_wait` seconds, so

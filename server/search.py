@@ -24,7 +24,7 @@ streamed as it grows, is final. A search stops early, returning the best candida
 exactly: every generated token of every candidate) cannot pay for another step, when its
 deadline has passed (checked before each step after the first, on an injectable clock), or at
 `max_steps`. A batch line's search (`server.priority.LOW_PRIORITY` set) waits before each step
-after the first while interactive requests run, at most the watch's `max_wait`.
+while interactive requests run, at most the watch's `max_wait`.
 
 When every member of the chain is an engine head (`ValueChain.value_heads`) and the engine can
 evaluate that many heads (`EngineClient.max_value_heads`), the chunk requests carry the heads and
@@ -138,6 +138,13 @@ class SearchResult:
 OnStep = Callable[[list[Beam]], Awaitable[None] | None]
 
 
+async def yield_to_interactive() -> float:
+    """In a batch line (`LOW_PRIORITY` set): wait while interactive requests are recent, at most the
+    watch's `max_wait`; returns the seconds waited (0 for interactive work)."""
+    watch = LOW_PRIORITY.get()
+    return 0.0 if watch is None else await watch.wait()
+
+
 def chunk_seed(seed: int | None, *parts: Any) -> int | None:
     """A deterministic per-chunk seed derived from the request seed."""
     if seed is None:
@@ -221,7 +228,9 @@ class Searcher:
                     or not set(heads.layers or ()) <= set(getattr(self.engine, "value_layers", ()))):
                 heads = None  # the scorer values the candidates instead
         if params.mode == "bon":
+            yielded = await yield_to_interactive()
             result = await self._bon(chain, prompt_ids, params, heads)
+            result.yielded_s = yielded
         else:
             result = await self._steps(chain, prompt_ids, params, heads, on_step, started)
         result.elapsed_s = self.clock() - started
@@ -341,9 +350,7 @@ class Searcher:
             if step >= params.step_limit():
                 result.stopped_by = "max_steps"
                 break
-            watch = LOW_PRIORITY.get()
-            if watch is not None and step > 0:  # a batch line: interactive requests take the engine's steps first
-                result.yielded_s += await watch.wait()
+            result.yielded_s += await yield_to_interactive()
             if params.deadline_s is not None and step > 0 and self.clock() - started >= params.deadline_s:
                 result.stopped_by = "deadline"  # anytime: the best so far (the first step always runs)
                 break

@@ -1,5 +1,5 @@
 """Batch lines yield to interactive traffic (server.priority): the watch's wait on a scripted clock
-(no real time), a low-priority search waiting before every step after the first, and an interactive
+(no real time), a low-priority search waiting before every step, and an interactive
 search (the variable unset) never waiting."""
 
 from __future__ import annotations
@@ -62,17 +62,24 @@ def low_priority_search(mode, watch):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
-def test_a_batch_lines_search_waits_before_each_step_after_the_first(mode):
+def test_a_batch_lines_search_waits_before_each_step(mode):
     traffic = Traffic(busy_until=float("inf"))
     watch = traffic.watch(cooldown=1.0, max_wait=2.0)
     result = low_priority_search(mode, watch)
     assert result.steps > 1
-    assert watch.waits == result.steps - 1  # the first step runs at once
-    assert result.yielded_s == pytest.approx(2.0 * (result.steps - 1))
+    assert watch.waits == result.steps
+    assert result.yielded_s == pytest.approx(2.0 * result.steps)
     same = asyncio.run(Searcher(StepEngine(), CountingScorer(3), decode=decode).run(Chain([1.0]), PROMPT,
                                                                                    params(**mode)))
     assert [b.token_ids for b in same.beams] == [b.token_ids for b in result.beams]  # waiting changes no answer
     assert same.yielded_s == 0.0  # interactive: the variable is not set, nothing waits
+
+
+def test_a_batch_lines_best_of_n_waits_once_before_its_one_engine_request():
+    traffic = Traffic(busy_until=float("inf"))
+    watch = traffic.watch(cooldown=1.0, max_wait=2.0)
+    result = low_priority_search(dict(mode="bon", k=4), watch)
+    assert watch.waits == 1 and result.yielded_s == pytest.approx(2.0) and len(result.beams) >= 1
 
 
 def test_a_quiet_server_costs_a_batch_line_no_wait():
