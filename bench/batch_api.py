@@ -262,6 +262,16 @@ def main_batch(holder: dict, env: dict | None, workdir: Path | None, api_key: st
     return out
 
 
+def yield_seconds(url: str) -> float | None:
+    """`iro_batch_yield_seconds_total` from GET /metrics: the seconds batch lines' searches waited for
+    interactive requests since the server started (None: not reported)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    found = re.search(r"^iro_batch_yield_seconds_total (\S+)$", text, re.M)
+    return round(float(found.group(1)), 1) if found else None
+
+
 def wait_value(url: str, admin_key: str, name: str, timeout: float = 120) -> None:
     """Until GET /v1/values reports `name` served (the registry watcher loads a new value)."""
     import httpx
@@ -312,7 +322,8 @@ def run(holder: dict, env: dict | None, tmp: Path | None, args) -> dict:
     client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=600)
     model = client.models.list().data[0].id
     lines = batch_lines(model, args.value, args.lines, args.guided_fraction, args.max_tokens)
-    result = {"model": model, "batch_concurrency": args.batch_concurrency, "lines": args.lines,
+    result = {"model": model, "batch_concurrency": args.batch_concurrency, "batch_yield_max_s": args.batch_yield_max_s,
+              "lines": args.lines,
               "guided_lines": sum("+" in x["body"]["model"] for x in lines), "max_tokens": args.max_tokens,
               "guided_fraction": args.guided_fraction}
     interactive(client, model, None, 3)  # warm-up
@@ -330,6 +341,7 @@ def run(holder: dict, env: dict | None, tmp: Path | None, args) -> dict:
                       args.kill_at)
     result["interactive_during_batch"] = main.pop("interactive_during_batch")
     result["batch"] = main
+    main["yield_seconds"] = yield_seconds(holder["url"])
     if main["output_tokens"] is not None and "kill_9" not in main:
         main["tokens_per_s"] = round(main["output_tokens"] / main["wall_s"], 1)
     if holder.get("server") is not None and args.kill_lines > 0:
@@ -360,6 +372,11 @@ def markdown(result: dict) -> str:
     if during:
         rows.append(f"| during the main batch (failed while the server was down: {b['interactive_errors']}) | "
                     f"{during['n']} | {during['p50_s']} | {during['p95_s']} |")
+    if b.get("yield_seconds") is not None:
+        rows += ["", f"Batch lines' searches waited {b['yield_seconds']} s in all for interactive requests "
+                 f"(`iro_batch_yield_seconds_total`; each wait at most the server's --batch-yield-max-s"
+                 + (f", {result['batch_yield_max_s']} s" if result.get("batch_yield_max_s") is not None else "")
+                 + ")."]
     if k:
         rows += ["", f"kill -9 of the server's process group during the main batch, after {k['answered_before_kill']} "
                  f"of {result['lines']} lines answered ({k['killed_at_s']} s in), restarted on the same data folder "
@@ -391,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch-concurrency", type=int, default=4, help="The server's batch concurrency (when it "
                         "starts one).")
+    parser.add_argument("--batch-yield-max-s", type=float, default=None, help="The server's --batch-yield-max-s "
+                        "(when it starts one; default: the server's).")
     parser.add_argument("--direct", choices=("rollout", "sdk", "none"), default="rollout",
                         help="How the same requests are sent directly: `iro rollout` or the openai SDK.")
     parser.add_argument("--direct-concurrency", type=int, default=8, help="Requests in flight when sent directly "
@@ -423,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="batch-bench-"))
         env = {"IRO_API_KEY": args.api_key, "IRO_ADMIN_KEY": admin_key, "IRO_DATA_DIR": str(tmp / "data"),
                "IRO_BATCH_CONCURRENCY": str(args.batch_concurrency)}
+        if args.batch_yield_max_s is not None:
+            env["IRO_BATCH_YIELD_MAX_S"] = str(args.batch_yield_max_s)
         server = holder["server"] = bench_server.start(tmp, env=env, ready=False)
         try:
             server.wait_healthy(900)
