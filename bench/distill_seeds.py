@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-drop", type=float, default=0.10)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from trainer.loop import IroLoop
     from trainer.rollout_config import DEFAULT_SERVER
