@@ -1,6 +1,6 @@
 """Distillation on several seeds, by the loop's own protocol: a finished `iro loop` run is copied once
 per seed and each copy is resumed with `--distill` (the distillation seed set, the policies named
-`<value>-seed<S>-<method>`), so every seed trains on the same final guided rollouts and is evaluated
+`<value>-[<tag>]seed<S>-<method>`), so every seed trains on the same final guided rollouts and is evaluated
 on the same held-out prompts and sampling seeds as the run's base and IRO-T rows.
 
     iro serve --values-dir VALUES --policies-dir POLICIES &
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 
-def seed_run(run: Path, seed: int) -> Path:
+def seed_run(run: Path, seed: int, tag: str = "") -> Path:
     """The copy of `run` that seed `seed` distils in (made once, without any distillation of `run`'s)."""
-    dest = run.parent / f"{run.name}-seed{seed}"
+    dest = run.parent / f"{run.name}-{tag}seed{seed}"
     if dest.exists():
         return dest
     partial = dest.with_name(dest.name + ".partial")
@@ -42,7 +42,7 @@ def seed_run(run: Path, seed: int) -> Path:
     return dest
 
 
-def seed_config(run: Path, seed: int, methods: list[str], options: dict[str, Any], preset: str):
+def seed_config(run: Path, seed: int, methods: list[str], options: dict[str, Any], preset: str, tag: str = ""):
     """The run's own config with distillation: `preset`, `options` and the seed over it."""
     from trainer.loop_config import LoopConfig
 
@@ -50,7 +50,7 @@ def seed_config(run: Path, seed: int, methods: list[str], options: dict[str, Any
     name = config.get("name") or config["task"]
     return LoopConfig.model_validate({**config, "distill": methods, "distill_preset": preset,
                                       "distill_options": {**options, "seed": seed},
-                                      "distill_name": f"{name}-seed{seed}"})
+                                      "distill_name": f"{name}-{tag}seed{seed}"})
 
 
 def row(loop, method: str, seed: int, iro, base, *, min_share: float, max_drop: float) -> dict[str, Any]:
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="full", help="Distillation preset (trainer/presets/distill).")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="A distillation option KEY=VALUE over the preset (repeatable; apa.lam=... for one method).")
+    parser.add_argument("--tag", default="", help="Names the copies RUN-<tag>seed<S> and the policies "
+                        "<value>-<tag>seed<S>-<method>: another sweep of the same run (other --set options).")
     parser.add_argument("--server", default=None)
     parser.add_argument("--admin-key", default=None)
     parser.add_argument("--values-dir", type=Path, required=True)
@@ -145,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     bounds = {"min_share": args.min_share, "max_drop": args.max_drop}
     rows, iro, base = [], None, None
     for seed in (int(s) for s in args.seeds.split(",")):
-        run = seed_run(args.run, seed)
-        loop = IroLoop(seed_config(args.run, seed, methods, options, args.preset), run_dir=run,
+        run = seed_run(args.run, seed, args.tag)
+        loop = IroLoop(seed_config(args.run, seed, methods, options, args.preset, args.tag), run_dir=run,
                        values_dir=args.values_dir, server=args.server or DEFAULT_SERVER, admin_key=args.admin_key,
                        policies_dir=args.policies_dir)
         print(f"seed {seed}: {loop.run()}", flush=True)

@@ -40,6 +40,8 @@ def test_a_seed_copies_the_run_without_its_distillation(tmp_path):
     assert state["run_id"] == json.loads((run / "state.json").read_text())["run_id"]  # the run's values stay its own
     (copy / "it1" / "labelled.jsonl").write_text("changed\n")
     assert seed_run(run, 2) == copy and (copy / "it1" / "labelled.jsonl").read_text() == "changed\n"  # made once
+    assert seed_run(run, 2, "lam0.02-") == tmp_path / "rev-lam0.02-seed2"  # another sweep of the same run
+    assert seed_config(run, 2, ["apa"], {}, "full", "lam0.02-").distill_name == "rev-lam0.02-seed2"
 
 
 def test_each_seed_resumes_with_its_own_policy_names_and_seed(tmp_path):
