@@ -8,8 +8,8 @@ interactive traffic that never pauses a batch line still takes one step per `max
 a batch slows down but is never starved.
 
     watch = InteractiveWatch(lambda: serving._admitted > 0, cooldown=1.0, max_wait=2.0)
-    token = LOW_PRIORITY.set(watch)      # in the batch line's task (context variables follow its tasks)
-    ...                                  # Search._steps: `await watch.wait()` before each step
+    LOW_PRIORITY.set(watch)              # in the batch line's task (context variables follow its tasks)
+    ...                                  # the search, before each step: `await yield_to_interactive()`
 """
 
 from __future__ import annotations
@@ -59,4 +59,11 @@ LOW_PRIORITY: ContextVar[InteractiveWatch | None] = ContextVar("iro_low_priority
 """Set in a batch line's task: the watch its searches yield to (None: interactive work)."""
 
 
-__all__ = ["InteractiveWatch", "LOW_PRIORITY"]
+async def yield_to_interactive() -> float:
+    """In a batch line (`LOW_PRIORITY` set): wait while interactive requests are recent, at most the
+    watch's `max_wait`; returns the seconds waited (0 for interactive work)."""
+    watch = LOW_PRIORITY.get()
+    return 0.0 if watch is None else await watch.wait()
+
+
+__all__ = ["InteractiveWatch", "LOW_PRIORITY", "yield_to_interactive"]

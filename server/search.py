@@ -52,7 +52,7 @@ import numpy as np
 from common.sampling import Sampling
 from common.search_settings import SearchMode
 from server.engine import EngineClient, EngineRequest
-from server.priority import LOW_PRIORITY
+from server.priority import yield_to_interactive
 from valuefn.scorer import ScoreItem, chain_scores
 
 log = logging.getLogger(__name__)
@@ -136,13 +136,6 @@ class SearchResult:
 
 
 OnStep = Callable[[list[Beam]], Awaitable[None] | None]
-
-
-async def yield_to_interactive() -> float:
-    """In a batch line (`LOW_PRIORITY` set): wait while interactive requests are recent, at most the
-    watch's `max_wait`; returns the seconds waited (0 for interactive work)."""
-    watch = LOW_PRIORITY.get()
-    return 0.0 if watch is None else await watch.wait()
 
 
 def chunk_seed(seed: int | None, *parts: Any) -> int | None:
