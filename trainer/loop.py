@@ -52,7 +52,7 @@ from typing import Any
 from trainer.eval_results import MethodResult
 from trainer.evaluate import BASE, Method, best_of_n, evaluate_method
 from trainer.loop_config import LoopConfig
-from trainer.loop_distill import DistillStages
+from trainer.loop_distill import DistillStages, policy_name
 from trainer.loop_report import IterationRow, ReportData, render_report
 from trainer.loop_state import LoopError, RunState, ServerLink
 from trainer.rollout import DEFAULT_SERVER, RolloutConfig, run_rollout
@@ -88,7 +88,7 @@ class IroLoop:
 
         self.policies = PolicyRegistry(Path(policies_dir).expanduser() if policies_dir else default_policies_dir())
         for method in config.distill:
-            validate_name(f"{config.distill_name or self.name}-{method}", "policy")
+            validate_name(policy_name(config, self.name, method), "policy")
         self.server, self.model = ServerLink(server, api_key, admin_key), model
         self.max_tokens = config.max_tokens or self.task.max_tokens
         self.temperature = config.temperature if config.temperature is not None else self.task.temperature

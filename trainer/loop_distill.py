@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 DISTILL_LABELS = {"apa": "APA", "is-dpo": "IS-DPO", "is-ipo": "IS-IPO"}
 
 
+def policy_name(config: LoopConfig, value_name: str, method: str) -> str:
+    """`<distill_name or value name>-<method>`: a distilled policy's name in the registry and its model name."""
+    return f"{config.distill_name or value_name}-{method}"
+
+
 def policy_method(method: str, model: str | None = None) -> Method:
     """The evaluation method of a distilled policy (`model`: its model name)."""
     return Method(f"distilled-{method}", f"distilled ({DISTILL_LABELS.get(method, method)})", "distilled",
@@ -49,8 +54,8 @@ class DistillStages:
         self.server, self.model, self._evaluate = server, model, evaluate
 
     def policy_name(self, method: str) -> str:
-        """`<distill_name or value name>-<method>`, the policy's name in the registry and its model name."""
-        return f"{self.config.distill_name or self.name}-{method}"
+        """This run's policy of `method` (`policy_name`)."""
+        return policy_name(self.config, self.name, method)
 
     def check_server(self) -> None:
         """Fail before any work unless the server serves the policy registry the loop publishes to."""
@@ -182,4 +187,4 @@ class DistillStages:
         return results, {r.label: info.get("distill_seconds") for r, (_, info) in zip(results, done)}
 
 
-__all__ = ["DISTILL_LABELS", "DistillStages", "policy_method"]
+__all__ = ["DISTILL_LABELS", "DistillStages", "policy_method", "policy_name"]
