@@ -45,9 +45,10 @@ def seed_run(run: Path, seed: int, tag: str = "") -> Path:
 def seed_config(run: Path, seed: int, methods: list[str], options: dict[str, Any], preset: str, tag: str = ""):
     """The run's own config with distillation: `preset`, `options` and the seed over it."""
     from trainer.loop_config import LoopConfig
+    from trainer.tasks import load_task
 
     config = json.loads((run / "state.json").read_text())["config"]
-    name = config.get("name") or config["task"]
+    name = config.get("name") or load_task(config["task"]).name  # the value's name, as IroLoop resolves it
     return LoopConfig.model_validate({**config, "distill": methods, "distill_preset": preset,
                                       "distill_options": {**options, "seed": seed},
                                       "distill_name": f"{name}-{tag}seed{seed}"})
