@@ -17,7 +17,8 @@ trainer's `Example`s: the engine's own token ids and a reward per response).
   per-token KL to the base on the held-out rollouts and the reward and distinct-2 of plain samples
   on a few held-out prompts, and keeps the adapter weights in memory; training stops once the KL
   reaches `kl_budget` (PPO's target KL), and the checkpoint `select` chooses (by default the highest
-  held-out reward with KL and distinct-2 inside their bounds) is the one returned and published.
+  held-out reward with distinct-2 inside its bound, and with `kl_rule: bound` the KL inside the
+  budget too) is the one returned and published.
   `metrics["selection"]` in the manifest holds every checkpoint's row and why the one was chosen.
 
     config = DistillConfig.from_preset("smoke", method="apa")
@@ -95,18 +96,17 @@ def value_advantages(chain, examples: Sequence[Example], chunk: int = 8) -> list
     """Per-token advantages from the newest value of `chain` (a `valuefn.scorer.ValueChain`):
     V at the prompt and every `chunk` response tokens, V = reward after the last token; the tokens
     of a chunk share its temporal difference equally."""
-    from valuefn.scorer import ScoreItem, forward_values
+    from valuefn.scorer import ScoreItem, prefix_values
 
     value = chain.links[-1][0]
     cuts_of = [list(range(0, len(e.response_ids), chunk)) for e in examples]  # response lengths where V is read
-    items = [ScoreItem(list(e.prompt_ids + e.response_ids[:k]), 0, len(e.prompt_ids))
-             for e, cuts in zip(examples, cuts_of) for k in cuts]
-    values = [float(x) for x in forward_values(value, items, use_cache=False)] if items else []  # batched
-    out, offset = [], 0
-    for e, cuts in zip(examples, cuts_of):
+    items = [ScoreItem(list(e.prompt_ids + e.response_ids), 0, len(e.prompt_ids)) for e in examples]
+    values = prefix_values(value, items, [[len(e.prompt_ids) + k for k in cuts] for e, cuts in zip(examples, cuts_of)]
+                           ) if items else []  # one pass per rollout, batched
+    out = []
+    for e, cuts, vs in zip(examples, cuts_of, values):
         T = len(e.response_ids)
-        v = values[offset: offset + len(cuts)] + [e.reward]
-        offset += len(cuts)
+        v = [float(x) for x in vs] + [e.reward]
         adv = [0.0] * T
         for j, start in enumerate(cuts):
             end = min(start + chunk, T)
@@ -439,7 +439,8 @@ class DistillTrainer:
                 rule = "kl"
                 log.warning("distill %s: select=reward without a %s: the kl rule chooses the checkpoint", c.method,
                             "reward function" if reward_fn is None else "held-out sample (eval_prompts/eval_samples)")
-            choice = select_checkpoint(checkpoints, rule, kl_budget=c.kl_budget, max_distinct_drop=c.max_distinct_drop,
+            bound = c.kl_budget if c.kl_rule == "bound" else None  # `stop`: the budget stopped training, no more
+            choice = select_checkpoint(checkpoints, rule, kl_budget=bound, max_distinct_drop=c.max_distinct_drop,
                                        base_distinct_2=base_d2, on_none_eligible=c.on_none_eligible)
             if not choice.eligible:
                 log.warning("distill %s: publishing step %d: %s", c.method, choice.step, choice.why)
@@ -456,14 +457,15 @@ class DistillTrainer:
                                            "reward_gain": sm["reward"] - base_samples["reward"]}
             metrics["selection"] = {
                 "rule": choice.rule, "requested": c.select, "chosen_step": choice.step, "why": choice.why,
-                "eligible": choice.eligible, "kl_budget": c.kl_budget, "max_distinct_drop": c.max_distinct_drop,
-                "stopped": stopped, "base": base_samples,
+                "eligible": choice.eligible, "kl_budget": c.kl_budget, "kl_rule": c.kl_rule,
+                "max_distinct_drop": c.max_distinct_drop, "stopped": stopped, "base": base_samples,
                 "checkpoints": [cp.record(base_d2) for cp in checkpoints]}
         else:  # nothing held out: the end of training, unmeasured
             metrics["eval"] = {}
             metrics["selection"] = {"rule": "last", "requested": c.select, "chosen_step": step, "eligible": None,
                                     "why": "no held-out rollouts to measure checkpoints on (eval_fraction=0)",
-                                    "kl_budget": c.kl_budget, "max_distinct_drop": c.max_distinct_drop,
+                                    "kl_budget": c.kl_budget, "kl_rule": c.kl_rule,
+                                    "max_distinct_drop": c.max_distinct_drop,
                                     "stopped": None, "base": None, "checkpoints": []}
         self.model.eval()
         training = {

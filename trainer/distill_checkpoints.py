@@ -4,8 +4,9 @@ and distinct-2 of samples, as pure functions over a table of evaluated checkpoin
 Every `eval_every` steps the trainer measures a checkpoint (per-token KL to the base model on the
 held-out rollouts; the reward and distinct-2 of plain samples on held-out prompts) and keeps its
 adapter weights in memory. Training stops once the KL reaches `kl_budget`. A checkpoint is
-*eligible* when its KL is within the budget and its distinct-2 is at most `max_distinct_drop`
-below the base model's (same prompts, same seeds). The rules:
+*eligible* when its distinct-2 is at most `max_distinct_drop` below the base model's (same prompts,
+same seeds) and, when a `kl_budget` is given here, its KL is within it (the trainer gives it only
+with `kl_rule: bound`; by default the budget only stops training, as PPO's target KL). The rules:
 
 - `reward`: the eligible checkpoint with the highest held-out reward (without a reward function the
   trainer falls back to `kl`, and the selection record says so);

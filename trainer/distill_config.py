@@ -74,7 +74,10 @@ class DistillConfig(BaseModel):
     samples on `eval_prompts` held-out prompts (null: only the end of training)."""
     kl_budget: float | None = Field(None, gt=0)
     """Per-token KL(policy || base) on the held-out rollouts at which training stops (PPO's target
-    KL); a checkpoint above it is not eligible (null: no budget). Needs `eval_every`."""
+    KL; null: no budget). Needs `eval_every`. `kl_rule` says whether it also bounds eligibility."""
+    kl_rule: Literal["stop", "bound"] = "stop"
+    """`stop` (PPO's target KL): the budget only stops training, so the checkpoint that reached it can
+    still be published; `bound`: a checkpoint above the budget is also not eligible."""
     select: Literal["reward", "kl", "last"] = "reward"
     """Which checkpoint is published: `reward`, the highest held-out reward among the eligible ones
     (KL within the budget, distinct-2 within `max_distinct_drop` of the base's; without a reward

@@ -267,17 +267,43 @@ def _run_pooled(value: LoadedValue, rows: list[Row], items: list[ScoreItem], key
     step.finish(keys, scalars)
 
 
-def _recompute(value: LoadedValue, items: list[ScoreItem], out: np.ndarray, idx: list[int]) -> None:
+@torch.inference_mode()
+def prefix_values(value: LoadedValue, items: Sequence[ScoreItem], lengths: Sequence[Sequence[int]], *,
+                  max_batch_tokens: int | None = None) -> list[list[float]]:
+    """V of prefixes of each item, `lengths[i]` being the token counts of item i's prefixes, from one
+    forward pass per item: attention is causal, so the head outputs at a prefix's tokens are those of
+    the prefix scored alone (`forward_values` on each prefix, one pass per prefix).
+
+    Reading V every few response tokens of whole rollouts (APA's per-token advantages) therefore
+    costs one pass per rollout instead of one per chunk."""
+    max_batch_tokens = max_batch_tokens or default_max_batch_tokens(value.device)
+    out: list[list[float]] = [[] for _ in items]
+    pooling = value.model.config.pooling
+    for batch in _batches(list(range(len(items))), [len(it.token_ids) for it in items], max_batch_tokens):
+        values = _padded_forward(value, [items[i] for i in batch])
+        for b, i in enumerate(batch):
+            if any(not 0 < n <= len(items[i].token_ids) for n in lengths[i]):
+                raise ValueError(f"prefix lengths {list(lengths[i])} outside 1..{len(items[i].token_ids)}")
+            out[i] = [pool_values(values[b, :n], items[i].response_start, pooling) for n in lengths[i]]
+    return out
+
+
+def _padded_forward(value: LoadedValue, items: list[ScoreItem]) -> np.ndarray:
+    """The head outputs (B, T) of right-padded rows: positions start at 0 in every row."""
     device = value.device
     B = len(items)
     T = max(len(it.token_ids) for it in items)
     ids = np.zeros((B, T), dtype=np.int64)
     mask = np.zeros((B, T), dtype=np.int64)
-    for b, it in enumerate(items):  # right padding: positions start at 0 in every row
+    for b, it in enumerate(items):
         ids[b, : len(it.token_ids)] = it.token_ids
         mask[b, : len(it.token_ids)] = 1
     values, _ = value.model(torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device))
-    values = values.float().cpu().numpy()
+    return values.float().cpu().numpy()
+
+
+def _recompute(value: LoadedValue, items: list[ScoreItem], out: np.ndarray, idx: list[int]) -> None:
+    values = _padded_forward(value, items)
     pooling = value.model.config.pooling
     for b, it in enumerate(items):
         out[idx[b]] = pool_values(values[b, : len(it.token_ids)], it.response_start, pooling)

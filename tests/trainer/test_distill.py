@@ -164,8 +164,8 @@ def test_value_advantages_telescope_to_reward_minus_value(monkeypatch):
     from trainer.distill import value_advantages
 
     # V(prompt + k response tokens) = 0.1 * k: the fake value reads only how far the response got
-    monkeypatch.setattr(valuefn.scorer, "forward_values",
-                        lambda value, items, **kw: [0.1 * (len(it.token_ids) - it.response_start) for it in items])
+    monkeypatch.setattr(valuefn.scorer, "prefix_values", lambda value, items, lengths, **kw: [
+        [0.1 * (n - it.response_start) for n in ns] for it, ns in zip(items, lengths)])
     chain = SimpleNamespace(links=((object(), 1.0),))
     e = Example((1, 2), tuple(range(10, 20)), 2.0, "p")  # 10 response tokens, chunks [0, 4), [4, 8), [8, 10)
     adv = value_advantages(chain, [e], chunk=4)[0]

@@ -62,13 +62,14 @@ def test_config_fields_are_validated():
     with pytest.raises(ValueError, match="kl_budget needs eval_every"):
         DistillConfig(kl_budget=0.1)
     for bad in ({"select": "best"}, {"max_distinct_drop": 1.5}, {"kl_budget": 0, "eval_every": 5},
-                {"eval_every": 0}, {"on_none_eligible": "skip"}):
+                {"eval_every": 0}, {"on_none_eligible": "skip"}, {"kl_rule": "exclude"}):
         with pytest.raises(ValueError):
             DistillConfig(**bad)
     with pytest.raises(ValueError, match="kl_budget"):  # through the command line's parser: names the field
         DistillConfig.from_preset("smoke", kl_budget="-1")
     cfg = DistillConfig.from_preset("smoke", kl_budget="0.08", select="kl", max_distinct_drop="0.05")
     assert (cfg.kl_budget, cfg.select, cfg.max_distinct_drop, cfg.eval_every) == (0.08, "kl", 0.05, 10)
+    assert cfg.kl_rule == "stop" and DistillConfig.from_preset("smoke", kl_rule="bound").kl_rule == "bound"
 
 
 def test_full_preset_has_per_method_defaults_and_user_options_win():

@@ -56,11 +56,12 @@ def test_training_stops_at_the_kl_budget_and_publishes_the_best_eligible_checkpo
 
     sel = result.metrics["selection"]
     assert result.training["steps"] == 6 and result.training["chosen_step"] == 4  # stopped, and not at the last one
-    assert sel["stopped"] == "KL 0.0500 reached the budget 0.05 at step 6"
+    assert sel["stopped"] == "KL 0.0500 reached the budget 0.05 at step 6" and sel["kl_rule"] == "stop"
     assert (sel["rule"], sel["requested"], sel["chosen_step"], sel["eligible"]) == ("reward", "reward", 4, True)
     assert sel["why"] == "highest held-out reward (+0.5000) of the 2 eligible checkpoints"
     assert [(r["step"], r["kl_to_base"], r["reward"], r["eligible"]) for r in sel["checkpoints"]] == [
         (2, 0.01, 0.2, True), (4, 0.03, 0.5, True), (6, 0.05, 0.6, False)]
+    assert sel["checkpoints"][2]["why_not"] == ["distinct-2 0.6000 is more than 10% below the base's 0.7000"]
     assert sel["base"] == {"reward": 0.1, "distinct_2": 0.70}
     assert result.metrics["eval"] == {"loss": 1.5, "kl_to_base": 0.03} and result.metrics["eval_before"]["loss"] == 1.0
     assert [r["loss"] for r in sel["checkpoints"]] == [None, 1.5, None]
@@ -81,11 +82,32 @@ def test_training_stops_at_the_kl_budget_and_publishes_the_best_eligible_checkpo
     assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k].float()) for k in written)
 
 
+@pytest.mark.parametrize("kl_rule", ["stop", "bound"])
+def test_the_checkpoint_that_reached_the_budget_is_published_under_the_stop_rule_only(tiny32, data, monkeypatch,
+                                                                                     kl_rule):
+    """PPO's target KL (`stop`, the default) only stops training: the checkpoint that reached the
+    budget is eligible when its distinct-2 is inside the bound; `bound` also excludes it."""
+    kls = iter([0.0, 0.02, 0.07])  # before training, then the checkpoints at steps 2 and 4 (over the 0.05 budget)
+    samples = iter([(0.3, 0.70), (0.6, 0.66)])  # step 4: the higher reward, distinct-2 -5.7% (inside the bound)
+    monkeypatch.setattr(DistillTrainer, "evaluate", lambda self, units, adv, rollouts: {
+        "loss": 1.0, "kl_to_base": next(kls) if rollouts else None})
+    monkeypatch.setattr(DistillTrainer, "sample_metrics", lambda self, prompts, reward_fn, *, adapter: (
+        dict(zip(("reward", "distinct_2"), next(samples))) if adapter else {"reward": 0.1, "distinct_2": 0.70}))
+    examples, texts = data
+    result = DistillTrainer(config("apa", eval_every=2, kl_budget=0.05, kl_rule=kl_rule, max_steps=20,
+                                   eval_prompts=2), tiny32).train(examples, reward_fn=low_half_reward, prompt_texts=texts)
+    sel = result.metrics["selection"]
+    assert result.training["steps"] == 4 and sel["stopped"] == "KL 0.0700 reached the budget 0.05 at step 4"
+    assert (sel["kl_rule"], sel["chosen_step"], sel["eligible"]) == (kl_rule, 4 if kl_rule == "stop" else 2, True)
+    assert sel["checkpoints"][1]["why_not"] == ([] if kl_rule == "stop" else ["KL 0.0700 > budget 0.05"])
+
+
 def test_a_budget_no_checkpoint_meets_falls_back_to_the_lowest_kl_or_refuses(tiny32, data):
     """Real KL: a budget below the first step's KL stops training at step 1; without a reward the
     `reward` rule falls back to `kl`, recorded; `on_none_eligible=refuse` publishes nothing."""
     examples, texts = data
-    kw = dict(eval_every=1, kl_budget=1e-9, max_steps=10, eval_prompts=2, eval_samples=2, eval_max_tokens=4)
+    kw = dict(eval_every=1, kl_budget=1e-9, kl_rule="bound", max_steps=10, eval_prompts=2, eval_samples=2,
+              eval_max_tokens=4)
     result = DistillTrainer(config("apa", **kw), tiny32).train(examples, prompt_texts=texts)
     sel = result.metrics["selection"]
     assert result.training["steps"] == 1 and sel["stopped"].startswith("KL ")
@@ -122,7 +144,7 @@ def test_distill_command_reports_the_checkpoint_and_refuses_when_asked(tiny32, d
     policies = tmp_path / "policies"
     args = [str(rollouts), "--method", "apa", "--name", "kl-cli", "--policies-dir", str(policies), "--preset", "smoke",
             "--model", str(tiny32)] + [x for o in ("device=cpu", "dtype=float32", "progress=false", "max_steps=6",
-                                                   "eval_every=2", "kl_budget=1e-9", "eval_prompts=2",
+                                                   "eval_every=2", "kl_budget=1e-9", "kl_rule=bound", "eval_prompts=2",
                                                    "eval_max_tokens=4") for x in ("--set", o)]
     runner = CliRunner()
     out = runner.invoke(app, args)

@@ -88,7 +88,7 @@ def test_distill_options_named_after_a_method_apply_to_it_alone():
     assert (apa.lr, apa.lam, apa.epochs) == (3e-4, 0.025, 1) and (dpo.lr, dpo.epochs) == (3e-4, 3)
     assert dpo.lam != 0.025
     full = LoopConfig.from_preset("full", distill=["apa", "is-dpo"])  # the preset's measured settings
-    assert (full.distill_config("apa").lam, full.distill_config("is-dpo").lr) == (0.015, 3e-4)
+    assert (full.distill_config("apa").lam, full.distill_config("is-dpo").lr) == (0.01, 3e-4)
     assert full.distill_config("apa").kl_budget == DistillConfig.from_preset("full", method="apa").kl_budget  # and selection
     mine = LoopConfig.from_preset("full", distill=["apa"], **{"distill_options.lam": "0.5"})
     assert mine.distill_config("apa").lam == 0.5  # the user's option for all methods beats the preset's per-method one

@@ -219,6 +219,26 @@ def test_engine_values_are_a_head_on_the_frozen_base_model(tiny_model_dir, regis
     assert lora_chain.value_heads is None  # one member needs its own backbone pass
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_before"])
+def test_prefix_values_of_one_pass_equal_scoring_each_prefix(tiny_model_dir, registry, pooling):
+    """APA reads V every few tokens of a rollout from one pass (`prefix_values`): the same values as
+    scoring each prefix alone, rows of different lengths batched together."""
+    from valuefn.scorer import prefix_values
+
+    pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
+    value = LoadedValue("p", 1, None, trained_like(pool, 2, pooling))
+    items = [ScoreItem([5, 6, 7, 8, 9, 10, 11], 0, 2), ScoreItem([12, 13, 14, 15], 0, 3)]
+    lengths = [[2, 4, 7], [3, 4]]
+    got = prefix_values(value, items, lengths, max_batch_tokens=64)
+    expected = [forward_values(value, [ScoreItem(it.token_ids[:n], 0, it.response_start) for n in ns], use_cache=False)
+                for it, ns in zip(items, lengths)]
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+    assert len(set(np.round(got[0], 5))) == 3  # the prefixes' values differ: the test can fail
+    with pytest.raises(ValueError, match="prefix lengths"):
+        prefix_values(value, items[:1], [[8]])
+
+
 def test_scorer_micro_batches_concurrent_requests(tiny_model_dir, registry):
     pool = BackbonePool(tiny_model_dir, torch.device("cpu"))
     version = publish_model(registry, "q", trained_like(pool, 3), pool.identity, extend_chain=False)
