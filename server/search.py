@@ -24,7 +24,8 @@ streamed as it grows, is final. A search stops early, returning the best candida
 exactly: every generated token of every candidate) cannot pay for another step, when its
 deadline has passed (checked before each step after the first, on an injectable clock), or at
 `max_steps`. A batch line's search (`server.priority.LOW_PRIORITY` set) waits before each step
-while interactive requests run, at most the watch's `max_wait`.
+while interactive requests run, at most the watch's `max_wait`, and a step whose engine requests an
+interactive request interrupts runs again (`server.priority.preemptible`).
 
 When every member of the chain is an engine head (`ValueChain.value_heads`) and the engine can
 evaluate that many heads (`EngineClient.max_value_heads`), the chunk requests carry the heads and
@@ -52,7 +53,7 @@ import numpy as np
 from common.sampling import Sampling
 from common.search_settings import SearchMode
 from server.engine import EngineClient, EngineRequest
-from server.priority import yield_to_interactive
+from server.priority import preemptible, yield_to_interactive
 from valuefn.scorer import ScoreItem, chain_scores
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ class Searcher:
         requests = [self._request(prompt_ids, fanout[groups[key][0]][1], sum(fanout[i][2] for i in groups[key]),
                                   key[1], params, heads, *parts(r)) for r, key in enumerate(keys)]
         self.on_chunks(len(requests))
-        samples = await asyncio.gather(*[self.engine.sample(r) for r in requests])
+        samples = await asyncio.gather(*[preemptible(lambda r=r: self.engine.sample(r)) for r in requests])
         result.chunks += len(requests)
         children: list[list[Beam]] = [[] for _ in fanout]
         for key, outs in zip(keys, samples):

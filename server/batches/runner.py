@@ -11,6 +11,8 @@
   request then shared the engine's steps with.) A guided line's search also waits before each of
   its steps while interactive requests are recent, at most `yield_max_wait` seconds a step
   (`server.priority`), so the line left in flight does not share the engine's steps with them either.
+  An engine request of a line that an interactive request interrupts is cancelled and runs again
+  after the wait (at most `max_preemptions` times; `server.priority.preemptible`).
 - Each answered line is committed with its `custom_id` as part of the primary key before the next
   is counted: after `kill -9` a new start resumes the batch and skips every line already answered,
   so each `custom_id` is answered exactly once.
@@ -83,13 +85,14 @@ class BatchRunner:
 
     def __init__(self, db: Database, files: FileStore, serving, *, owner: str, concurrency: int = 4, metrics=None,
                  clock: Callable[[], float] = time.time, interactive_cooldown: float = 1.0,
-                 yield_max_wait: float = 2.0, monotonic: Callable[[], float] = time.monotonic):
+                 yield_max_wait: float = 2.0, max_preemptions: int = 2,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.db, self.files, self.serving = db, files, serving
         self.owner, self.concurrency, self.clock = owner, concurrency, clock
         self._wake = asyncio.Event()
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.lines = self.failures = self.yielded = None
+        self.lines = self.failures = self.yielded = self.preempted = None
         if metrics is not None:
             from prometheus_client import Counter
 
@@ -99,8 +102,12 @@ class BatchRunner:
                                     registry=metrics.registry)
             self.yielded = Counter("iro_batch_yield_seconds_total", "Seconds batch lines' searches waited for "
                                    "interactive requests", registry=metrics.registry)
+            self.preempted = Counter("iro_batch_preemptions_total", "Engine requests of batch lines cancelled "
+                                     "for an arriving interactive request (each ran again)", registry=metrics.registry)
         self.watch = InteractiveWatch(self._interactive, cooldown=interactive_cooldown, max_wait=yield_max_wait,
-                                      monotonic=monotonic, on_wait=self.yielded.inc if metrics is not None else None)
+                                      max_preemptions=max_preemptions, monotonic=monotonic,
+                                      on_wait=self.yielded.inc if metrics is not None else None,
+                                      on_preempt=self.preempted.inc if metrics is not None else None)
 
     def _interactive(self) -> bool:
         """Interactive requests are in progress (batch lines are not admitted through the router)."""

@@ -17,6 +17,7 @@ from typing import Any
 from common.protocol import GuidanceInfo
 from common.sampling import Generation
 from server.engine import EngineClient, EngineRequest
+from server.priority import preemptible
 
 
 @dataclass
@@ -101,9 +102,13 @@ class PlainGenerator:
                              sampling=generation.sampling, adapter=generation.adapter)
 
     async def _final(self, prompt_ids: list[int], generation: Generation) -> list[Choice]:
-        final = None
-        async for final in self.engine.stream(self._request(prompt_ids, generation), f"req-{uuid.uuid4().hex}"):
-            pass
+        async def run():
+            final = None
+            async for final in self.engine.stream(self._request(prompt_ids, generation), f"req-{uuid.uuid4().hex}"):
+                pass
+            return final
+
+        final = await preemptible(run)  # a batch line's request gives way to interactive ones
         outputs = sorted(final.outputs, key=lambda o: o.index)
         return [Choice(o.text, list(o.token_ids), o.finish_reason, o.logprobs) for o in outputs]
 
