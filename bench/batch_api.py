@@ -57,11 +57,22 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def interactive(client, model: str, stop: threading.Event | None, count: int | None,
-                errors: list | None = None) -> list[float]:
-    """Latencies (s) of short chat requests sent one after another. With `errors` a failed request
-    (the server down during a restart) is recorded there and the probe goes on after a pause."""
+                errors: list | None = None, gap_s: float = 0.0, seed: int = 0) -> list[float]:
+    """Latencies (s) of short chat requests sent one after another, back to back or (`gap_s` > 0)
+    with exponential pauses of mean `gap_s` between them (a user's think time: the server gets
+    gaps, as real interactive traffic leaves). With `errors` a failed request (the server down during
+    a restart) is recorded there and the probe goes on after a pause."""
+    import random
+
+    rng = random.Random(seed)
     out = []
     while (stop is None or not stop.is_set()) and (count is None or len(out) < count):
+        if gap_s > 0 and out:
+            pause = rng.expovariate(1 / gap_s)
+            if stop is not None and stop.wait(pause):
+                break
+            if stop is None:
+                time.sleep(pause)
         t = time.perf_counter()
         try:
             client.chat.completions.create(model=model, max_tokens=8, temperature=0,
@@ -211,7 +222,7 @@ def restart(server, env: dict, workdir: Path):
 
 
 def main_batch(holder: dict, env: dict | None, workdir: Path | None, api_key: str, lines: list[dict], model: str,
-               probe: bool, kill_at: float) -> dict:
+               probe: bool, kill_at: float, gap_s: float = 0.0) -> dict:
     """The main batch with the interactive prober beside it; with `kill_at` > 0, `kill -9` of the
     server's process group once that fraction of the lines is answered, a new start on the same
     data folder and port (`holder["server"]` is replaced), and the batch waited for."""
@@ -225,7 +236,7 @@ def main_batch(holder: dict, env: dict | None, workdir: Path | None, api_key: st
     during: list[float] = []
     probe_errors: list[str] = []
     prober = threading.Thread(target=lambda: during.extend(
-        interactive(client, model, stop, None, probe_errors) if probe else []))
+        interactive(client, model, stop, None, probe_errors, gap_s) if probe else []))
     prober.start()
     kill = None
     try:
@@ -262,13 +273,14 @@ def main_batch(holder: dict, env: dict | None, workdir: Path | None, api_key: st
     return out
 
 
-def yield_seconds(url: str) -> float | None:
-    """`iro_batch_yield_seconds_total` from GET /metrics: the seconds batch lines' searches waited for
-    interactive requests since the server started (None: not reported)."""
+def metric(url: str, name: str) -> float | None:
+    """A counter from GET /metrics since the server started (None: not reported): e.g.
+    `iro_batch_yield_seconds_total`, the seconds batch lines waited for interactive requests, or
+    `iro_batch_preemptions_total`, their engine requests cancelled for one."""
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    found = re.search(r"^iro_batch_yield_seconds_total (\S+)$", text, re.M)
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
     return round(float(found.group(1)), 1) if found else None
 
 
@@ -323,6 +335,7 @@ def run(holder: dict, env: dict | None, tmp: Path | None, args) -> dict:
     model = client.models.list().data[0].id
     lines = batch_lines(model, args.value, args.lines, args.guided_fraction, args.max_tokens)
     result = {"model": model, "batch_concurrency": args.batch_concurrency, "batch_yield_max_s": args.batch_yield_max_s,
+              "batch_max_preemptions": args.batch_max_preemptions, "probe_gap_s": args.probe_gap_s,
               "lines": args.lines,
               "guided_lines": sum("+" in x["body"]["model"] for x in lines), "max_tokens": args.max_tokens,
               "guided_fraction": args.guided_fraction}
@@ -338,10 +351,11 @@ def run(holder: dict, env: dict | None, tmp: Path | None, args) -> dict:
             if args.direct == "rollout" else asyncio.run(direct_sdk(url, api_key, lines, args.direct_concurrency))
     print(f"[{time.strftime('%H:%M:%S')}] main batch (probe {not args.no_probe}, kill at {args.kill_at})", flush=True)
     main = main_batch(holder, env, tmp / "again" if tmp else None, api_key, lines, model, not args.no_probe,
-                      args.kill_at)
+                      args.kill_at, args.probe_gap_s)
     result["interactive_during_batch"] = main.pop("interactive_during_batch")
     result["batch"] = main
-    main["yield_seconds"] = yield_seconds(holder["url"])
+    main["yield_seconds"] = metric(holder["url"], "iro_batch_yield_seconds_total")
+    main["preemptions"] = metric(holder["url"], "iro_batch_preemptions_total")
     if main["output_tokens"] is not None and "kill_9" not in main:
         main["tokens_per_s"] = round(main["output_tokens"] / main["wall_s"], 1)
     if holder.get("server") is not None and args.kill_lines > 0:
@@ -367,7 +381,9 @@ def markdown(result: dict) -> str:
     main_tps = b.get("tokens_per_s", "— (contains the kill and restart)")
     rows.append(f"| Batch API, main pass (interactive prober beside it{', kill -9 in the middle' if k else ''}) | "
                 f"{b['wall_s']} | {b['answers']} | {b['output_tokens']} | {main_tps} |")
-    rows += ["", "| interactive chat (max_tokens 8) | n | p50 s | p95 s |", "|---|---|---|---|",
+    gap = result.get("probe_gap_s") or 0
+    rows += ["", f"| interactive chat (max_tokens 8; {'pauses of mean ' + str(gap) + ' s' if gap else 'back to back'}"
+             " during the batch) | n | p50 s | p95 s |", "|---|---|---|---|",
              f"| idle | {idle['n']} | {idle['p50_s']} | {idle['p95_s']} |"]
     if during:
         rows.append(f"| during the main batch (failed while the server was down: {b['interactive_errors']}) | "
@@ -376,6 +392,12 @@ def markdown(result: dict) -> str:
         rows += ["", f"Batch lines' searches waited {b['yield_seconds']} s in all for interactive requests "
                  f"(`iro_batch_yield_seconds_total`; each wait at most the server's --batch-yield-max-s"
                  + (f", {result['batch_yield_max_s']} s" if result.get("batch_yield_max_s") is not None else "")
+                 + ")."]
+    if b.get("preemptions") is not None:
+        rows += ["", f"Engine requests of batch lines cancelled for an arriving interactive request and run again: "
+                 f"{b['preemptions']:.0f} (`iro_batch_preemptions_total`; at most the server's "
+                 f"--batch-max-preemptions per request"
+                 + (f", {result['batch_max_preemptions']}" if result.get("batch_max_preemptions") is not None else "")
                  + ")."]
     if k:
         rows += ["", f"kill -9 of the server's process group during the main batch, after {k['answered_before_kill']} "
@@ -410,6 +432,10 @@ def main(argv: list[str] | None = None) -> None:
                         "starts one).")
     parser.add_argument("--batch-yield-max-s", type=float, default=None, help="The server's --batch-yield-max-s "
                         "(when it starts one; default: the server's).")
+    parser.add_argument("--batch-max-preemptions", type=int, default=None, help="The server's "
+                        "--batch-max-preemptions (when it starts one; default: the server's).")
+    parser.add_argument("--probe-gap-s", type=float, default=0.0, help="Mean pause (exponential, seeded) between "
+                        "the interactive requests sent during the batch (0: back to back, the server never idle).")
     parser.add_argument("--direct", choices=("rollout", "sdk", "none"), default="rollout",
                         help="How the same requests are sent directly: `iro rollout` or the openai SDK.")
     parser.add_argument("--direct-concurrency", type=int, default=8, help="Requests in flight when sent directly "
@@ -444,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
                "IRO_BATCH_CONCURRENCY": str(args.batch_concurrency)}
         if args.batch_yield_max_s is not None:
             env["IRO_BATCH_YIELD_MAX_S"] = str(args.batch_yield_max_s)
+        if args.batch_max_preemptions is not None:
+            env["IRO_BATCH_MAX_PREEMPTIONS"] = str(args.batch_max_preemptions)
         server = holder["server"] = bench_server.start(tmp, env=env, ready=False)
         try:
             server.wait_healthy(900)

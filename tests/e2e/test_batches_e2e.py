@@ -151,6 +151,39 @@ def test_sdk_stored_completions_plain_and_guided(bserver):
     assert [c.id for c in client.chat.completions.list(metadata={"task": "e2e"})] == [guided.id]
 
 
+def test_an_interactive_request_preempts_running_batch_lines_which_then_answer_once(bserver):
+    """An interactive request arriving while batch lines run cancels their engine requests (vLLM
+    aborts them); they wait, run again from their start, and each custom_id is answered once with
+    its whole answer (`iro_batch_preemptions_total` counts the cancelled requests)."""
+    import re
+
+    client = bserver.openai()
+
+    def preemptions() -> float:
+        with bserver.http() as http:
+            return float(re.search(r"^iro_batch_preemptions_total (\S+)$", http.get("/metrics").text, re.M).group(1))
+
+    before = preemptions()
+    lines = [line(f"pre{i}", bserver.model_id, f"Tell a story about the number {i}.", max_tokens=48,
+                  ignore_eos=True, seed=i) for i in range(6)]
+    batch = client.batches.create(input_file_id=client.files.create(file=("p.jsonl", jsonl(lines)), purpose="batch").id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    # each line generates 48 tokens (seconds here): once one is answered the next ones are in flight
+    wait_batch(client, batch.id, until=lambda b: b.request_counts.completed >= 1 or b.status in TERMINAL,
+               every=0.1)
+    reply = client.chat.completions.create(model=bserver.model_id, max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": "Say hi."}])
+    assert reply.choices[0].message.content
+    done = wait_batch(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 6, done
+    assert preemptions() > before  # the lines in flight were cancelled for the interactive request
+    out = lines_of(client, done.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == sorted(x["custom_id"] for x in lines)  # each exactly once
+    for o in out:
+        body = o["response"]["body"]
+        assert body["usage"]["completion_tokens"] == 48 and body["choices"][0]["finish_reason"] == "length", o
+
+
 def test_kill_9_mid_batch_then_restart_answers_each_custom_id_once(bserver):
     client = bserver.openai()
     n = 12  # short lines: the point is the restart, not the generation
