@@ -13,7 +13,7 @@ steps stop being shared at once), waits like a step, and runs again from its sta
 reads the final output (a search step's samples, a plain line's choices), so the retry is invisible
 but for the time; with a `seed` it gives the same answer. A request that starts while interactive
 requests are still recent (its wait reached `max_wait`) or was preempted `max_preemptions` times
-runs to its end, so a batch still always progresses.
+runs to its end, so a batch still always progresses; such requests run one at a time.
 
     watch = InteractiveWatch(lambda: serving._admitted > 0, cooldown=1.0, max_wait=2.0)
     LOW_PRIORITY.set(watch)              # in the batch line's task (context variables follow its tasks)
@@ -51,6 +51,8 @@ class InteractiveWatch:
         self._poller: asyncio.Task | None = None
         self._arrived: asyncio.Future | None = None
         self._waiting = 0
+        self._forced: asyncio.Semaphore | None = None
+        self._forced_loop: asyncio.AbstractEventLoop | None = None
 
     def recent(self) -> bool:
         """An interactive request is in progress, or one was seen less than `cooldown` seconds ago."""
@@ -96,6 +98,15 @@ class InteractiveWatch:
         self._seen = self.monotonic()
         arrived.set_result(None)
 
+    def forced(self) -> asyncio.Semaphore:
+        """Held by a batch request that runs beside interactive requests (its wait reached
+        `max_wait`, or it was preempted `max_preemptions` times): the lines whose waits end together
+        then run one at a time, not all at once beside the interactive request."""
+        loop = asyncio.get_running_loop()
+        if self._forced_loop is not loop:
+            self._forced, self._forced_loop = asyncio.Semaphore(1), loop
+        return self._forced
+
     def preempted(self) -> None:
         self.preemptions += 1
         if self.on_preempt is not None:
@@ -117,7 +128,8 @@ async def preemptible(run: Callable[[], Awaitable[T]]) -> T:
     """`await run()`, an engine request whose caller reads only its final output. In a batch line
     (`LOW_PRIORITY` set) it is preempted when an interactive request arrives while it runs: cancelled
     (vLLM aborts it), then after the watch's wait started again; it runs to its end when it starts
-    while interactive requests are recent (the wait reached `max_wait`) or after `max_preemptions`."""
+    while interactive requests are recent (the wait reached `max_wait`) or after `max_preemptions`,
+    one such request at a time (`InteractiveWatch.forced`)."""
     watch = LOW_PRIORITY.get()
     if watch is None:
         return await run()
@@ -142,7 +154,8 @@ async def preemptible(run: Callable[[], Awaitable[T]]) -> T:
             await watch.wait()
         else:  # it finished as the interactive request arrived: keep its answer
             return task.result()
-    return await run()
+    async with watch.forced():  # beside interactive requests: one batch request at a time
+        return await run()
 
 
 __all__ = ["InteractiveWatch", "LOW_PRIORITY", "preemptible", "yield_to_interactive"]

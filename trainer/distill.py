@@ -71,13 +71,17 @@ def group_baseline_advantages(examples: Sequence[Example]) -> list[float]:
     return [e.reward - (float(np.mean(by_group[e.group])) if len(by_group[e.group]) > 1 else overall) for e in examples]
 
 
-def make_pairs(examples: Sequence[Example], pairs_per_prompt: int = 1) -> list[tuple[Example, Example]]:
+def make_pairs(examples: Sequence[Example], pairs_per_prompt: int = 1,
+               min_gap: float = 0.0) -> list[tuple[Example, Example]]:
     """(chosen, rejected) pairs within each prompt's samples: best vs worst, 2nd vs 2nd-worst, ...
-    Pairs of equal reward are dropped (they carry no preference).
+    Pairs of equal reward, or whose rewards differ by less than `min_gap`, are dropped (they carry
+    no preference, or one too weak to push a good answer down for).
 
     >>> e = lambda r: Example((1,), (2,), r, "p")
     >>> [(c.reward, r.reward) for c, r in make_pairs([e(0.2), e(0.9), e(0.5), e(0.1)], 2)]
     [(0.9, 0.1), (0.5, 0.2)]
+    >>> [(c.reward, r.reward) for c, r in make_pairs([e(0.2), e(0.9), e(0.5), e(0.1)], 2, min_gap=0.5)]
+    [(0.9, 0.1)]
     """
     by_group: dict[str, list[Example]] = defaultdict(list)
     for e in examples:
@@ -87,7 +91,7 @@ def make_pairs(examples: Sequence[Example], pairs_per_prompt: int = 1) -> list[t
         ranked = sorted(by_group[group], key=lambda e: e.reward, reverse=True)
         for i in range(min(pairs_per_prompt, len(ranked) // 2)):
             chosen, rejected = ranked[i], ranked[-1 - i]
-            if chosen.reward > rejected.reward:
+            if chosen.reward > rejected.reward and chosen.reward - rejected.reward >= min_gap:
                 pairs.append((chosen, rejected))
     return pairs
 
@@ -355,10 +359,12 @@ class DistillTrainer:
             train_units, eval_units = list(train_set), list(eval_set)
             train_adv, eval_adv = advantages(train_units), advantages(eval_units)
         else:
-            train_units, eval_units = make_pairs(train_set, c.pairs_per_prompt), make_pairs(eval_set, c.pairs_per_prompt)
+            train_units = make_pairs(train_set, c.pairs_per_prompt, c.min_reward_gap)
+            eval_units = make_pairs(eval_set, c.pairs_per_prompt, c.min_reward_gap)
             train_adv = eval_adv = None
             if not train_units:
-                raise ValueError("no preference pairs: IS-DPO needs several samples per prompt with different rewards")
+                raise ValueError("no preference pairs: IS-DPO needs several samples per prompt with different rewards"
+                                 + (f" (at least min_reward_gap={c.min_reward_gap:g} apart)" if c.min_reward_gap else ""))
 
         steps_per_epoch = math.ceil(len(train_units) / c.batch_size)
         total = total_steps(len(train_units), c.batch_size, c.epochs, c.max_steps)

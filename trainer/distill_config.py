@@ -34,6 +34,10 @@ class DistillConfig(BaseModel):
     """IS-DAAs' clipping constant: importance ratios are capped at exp(2 * clip_eps) (null: no weights, plain DPO/IPO)."""
     pairs_per_prompt: int = Field(1, ge=1)
     """IS-DPO pairs per prompt: the best sample against the worst, then the 2nd best against the 2nd worst, ..."""
+    min_reward_gap: float = Field(0.0, ge=0)
+    """IS-DPO / IS-IPO: a pair whose rewards differ by less than this is dropped. Two about equally
+    good answers carry no preference, and training on them pushes one good answer down, which
+    narrows the policy (distinct-2)."""
 
     # --- optimisation
     lr: float = Field(2e-4, gt=0)
@@ -139,7 +143,8 @@ class DistillConfig(BaseModel):
     def hyperparameters(self) -> dict:
         """What the manifest records as the method's hyper-parameters."""
         method = {"lambda": self.lam} if self.method == "apa" else {"beta": self.beta, "clip_eps": self.clip_eps,
-                                                                     "pairs_per_prompt": self.pairs_per_prompt}
+                                                                     "pairs_per_prompt": self.pairs_per_prompt,
+                                                                     "min_reward_gap": self.min_reward_gap}
         return {**method, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules}
 
 

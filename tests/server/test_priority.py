@@ -150,6 +150,30 @@ def test_a_request_that_starts_while_interactive_traffic_runs_is_not_preempted()
     assert run_low_priority(watch, run) == "answer of attempt 1" and run.cancelled == 0 and watch.preemptions == 0
 
 
+def test_batch_requests_beside_interactive_traffic_run_one_at_a_time():
+    """Lines whose waits reached max_wait together do not all run beside the interactive request."""
+    traffic = Traffic(busy_until=float("inf"))
+    watch = traffic.watch(cooldown=1.0, max_wait=2.0, max_preemptions=2)
+    running, most = [0], [0]
+
+    async def request(i: int) -> int:
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        for _ in range(3):
+            await traffic.sleep(0.1)
+        running[0] -= 1
+        return i
+
+    async def go():
+        LOW_PRIORITY.set(watch)
+        return await asyncio.gather(*[preemptible(lambda i=i: request(i)) for i in range(4)])
+
+    assert asyncio.run(go()) == [0, 1, 2, 3] and most == [1] and watch.preemptions == 0
+    traffic.busy_until = 0.0  # a quiet server: the batch's requests run together
+    running, most = [0], [0]
+    assert asyncio.run(go()) == [0, 1, 2, 3] and most == [4]
+
+
 class InterruptedEngine(StepEngine):
     """The first engine request of a search sees an interactive request arrive while it runs."""
 

@@ -122,8 +122,21 @@ def test_corrupted_or_mismatched_adapter_is_refused(tiny32, data, tmp_path):
 def test_pairs_need_different_rewards():
     same = [Example((1,), (2,), 0.5, "a"), Example((1,), (3,), 0.5, "a")]
     assert make_pairs(same) == []
+    close = [Example((1,), (2,), 0.9, "b"), Example((1,), (3,), 0.8, "b"), Example((1,), (2,), 0.9, "c"),
+             Example((1,), (4,), -0.2, "c")]
+    assert [p[0].group for p in make_pairs(close)] == ["b", "c"]
+    assert [(p[0].reward, p[1].reward) for p in make_pairs(close, min_gap=0.25)] == [(0.9, -0.2)]  # b: too close
+    with pytest.raises(ValueError, match="min_reward_gap"):
+        DistillConfig(min_reward_gap=-0.1)
+    assert DistillConfig(method="is-dpo", min_reward_gap=0.25).hyperparameters()["min_reward_gap"] == 0.25
     with pytest.raises(ValueError, match="method"):
         DistillConfig(method="ppo")
+
+
+def test_a_reward_gap_no_pair_reaches_is_refused_by_name(tiny32, data):
+    examples, texts = data
+    with pytest.raises(ValueError, match="no preference pairs.*min_reward_gap=5 apart"):
+        DistillTrainer(config("is-dpo", min_reward_gap=5.0), tiny32).train(examples, prompt_texts=texts)
 
 
 def test_distill_and_policies_commands(tiny32, data, tmp_path):
