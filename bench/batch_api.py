@@ -89,7 +89,9 @@ def interactive(client, model: str, stop: threading.Event | None, count: int | N
 
 
 def summary(xs: list[float]) -> dict:
-    return {"n": len(xs), "p50_s": round(statistics.median(xs), 3), "p95_s": round(percentile(xs, 0.95), 3)}
+    """p50 and p95, and every latency in the order sent (the tail is a handful of requests)."""
+    return {"n": len(xs), "p50_s": round(statistics.median(xs), 3), "p95_s": round(percentile(xs, 0.95), 3),
+            "latencies_s": [round(x, 3) for x in xs]}
 
 
 class LoadSampler(threading.Thread):
