@@ -358,6 +358,7 @@ def run(holder: dict, env: dict | None, tmp: Path | None, args) -> dict:
     result["batch"] = main
     main["yield_seconds"] = metric(holder["url"], "iro_batch_yield_seconds_total")
     main["preemptions"] = metric(holder["url"], "iro_batch_preemptions_total")
+    main["scorer_seconds"] = metric(holder["url"], "iro_scorer_batch_seconds_sum")  # the value's forward passes
     if main["output_tokens"] is not None and "kill_9" not in main:
         main["tokens_per_s"] = round(main["output_tokens"] / main["wall_s"], 1)
     if holder.get("server") is not None and args.kill_lines > 0:

@@ -24,8 +24,9 @@ streamed as it grows, is final. A search stops early, returning the best candida
 exactly: every generated token of every candidate) cannot pay for another step, when its
 deadline has passed (checked before each step after the first, on an injectable clock), or at
 `max_steps`. A batch line's search (`server.priority.LOW_PRIORITY` set) waits before each step
-while interactive requests run, at most the watch's `max_wait`, and a step whose engine requests an
-interactive request interrupts runs again (`server.priority.preemptible`).
+and before each scorer pass while interactive requests run, at most the watch's `max_wait` each,
+and a step whose engine requests an interactive request interrupts runs again
+(`server.priority.preemptible`).
 
 When every member of the chain is an engine head (`ValueChain.value_heads`) and the engine can
 evaluate that many heads (`EngineClient.max_value_heads`), the chunk requests carry the heads and
@@ -224,7 +225,7 @@ class Searcher:
         if params.mode == "bon":
             yielded = await yield_to_interactive()
             result = await self._bon(chain, prompt_ids, params, heads)
-            result.yielded_s = yielded
+            result.yielded_s += yielded
         else:
             result = await self._steps(chain, prompt_ids, params, heads, on_step, started)
         result.elapsed_s = self.clock() - started
@@ -322,6 +323,8 @@ class Searcher:
         if raw is None:
             items = [ScoreItem(prompt_ids + b.token_ids, len(prompt_ids) + p, len(prompt_ids))
                      for b, p in zip(beams, parents)]
+            if items:  # the scorer's forward pass shares the CPU (or GPU) with the engine: a batch line waits too
+                result.yielded_s += await yield_to_interactive()
             raw = await self.scorer.values(chain, items) if items else np.zeros((0, len(chain.links)))
         result.candidates_scored += len(beams)
         for b, r in zip(beams, raw):

@@ -69,19 +69,19 @@ def test_a_batch_lines_search_waits_before_each_step(mode):
     watch = traffic.watch(cooldown=1.0, max_wait=2.0)
     result = low_priority_search(mode, watch)
     assert result.steps > 1
-    assert watch.waits == result.steps
-    assert result.yielded_s == pytest.approx(2.0 * result.steps)
+    assert watch.waits == 2 * result.steps  # before each step's engine requests and before its scorer pass
+    assert result.yielded_s == pytest.approx(2.0 * 2 * result.steps)
     same = asyncio.run(Searcher(StepEngine(), CountingScorer(3), decode=decode).run(Chain([1.0]), PROMPT,
                                                                                    params(**mode)))
     assert [b.token_ids for b in same.beams] == [b.token_ids for b in result.beams]  # waiting changes no answer
     assert same.yielded_s == 0.0  # interactive: the variable is not set, nothing waits
 
 
-def test_a_batch_lines_best_of_n_waits_once_before_its_one_engine_request():
+def test_a_batch_lines_best_of_n_waits_before_its_one_engine_request_and_its_scorer_pass():
     traffic = Traffic(busy_until=float("inf"))
     watch = traffic.watch(cooldown=1.0, max_wait=2.0)
     result = low_priority_search(dict(mode="bon", k=4), watch)
-    assert watch.waits == 1 and result.yielded_s == pytest.approx(2.0) and len(result.beams) >= 1
+    assert watch.waits == 2 and result.yielded_s == pytest.approx(4.0) and len(result.beams) >= 1
 
 
 def test_a_quiet_server_costs_a_batch_line_no_wait():
