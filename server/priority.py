@@ -75,7 +75,6 @@ class InteractiveWatch:
             self.on_wait(waited)
         return waited
 
-
     async def arrival(self) -> None:
         """Return once an interactive request is in progress. One task polls `busy()` every `poll`
         seconds for all the requests waiting for it, and only while any is."""
@@ -154,6 +153,8 @@ async def preemptible(run: Callable[[], Awaitable[T]]) -> T:
             await watch.wait()
         else:  # it finished as the interactive request arrived: keep its answer
             return task.result()
+    if not watch.recent():  # a quiet server (preemptions used up, or none allowed): no reason to queue
+        return await run()
     async with watch.forced():  # beside interactive requests: one batch request at a time
         return await run()
 

@@ -170,8 +170,10 @@ def test_batch_requests_beside_interactive_traffic_run_one_at_a_time():
 
     assert asyncio.run(go()) == [0, 1, 2, 3] and most == [1] and watch.preemptions == 0
     traffic.busy_until = 0.0  # a quiet server: the batch's requests run together
-    running, most = [0], [0]
-    assert asyncio.run(go()) == [0, 1, 2, 3] and most == [4]
+    for limit in (2, 0):  # also when preemption is off
+        watch.max_preemptions = limit
+        running, most = [0], [0]
+        assert asyncio.run(go()) == [0, 1, 2, 3] and most == [4]
 
 
 class InterruptedEngine(StepEngine):
