@@ -96,17 +96,27 @@ def make_pairs(examples: Sequence[Example], pairs_per_prompt: int = 1,
     return pairs
 
 
-def value_advantages(chain, examples: Sequence[Example], chunk: int = 8) -> list[list[float]]:
+def value_advantages(chain, examples: Sequence[Example], chunk: int = 8, *, progress: bool = False,
+                     group: int = 64) -> list[list[float]]:
     """Per-token advantages from the newest value of `chain` (a `valuefn.scorer.ValueChain`):
     V at the prompt and every `chunk` response tokens, V = reward after the last token; the tokens
-    of a chunk share its temporal difference equally."""
+    of a chunk share its temporal difference equally. One forward pass per rollout, `group` rollouts
+    at a time (a progress bar with `progress`)."""
+    from tqdm.auto import tqdm
+
     from valuefn.scorer import ScoreItem, prefix_values
 
     value = chain.links[-1][0]
     cuts_of = [list(range(0, len(e.response_ids), chunk)) for e in examples]  # response lengths where V is read
-    items = [ScoreItem(list(e.prompt_ids + e.response_ids), 0, len(e.prompt_ids)) for e in examples]
-    values = prefix_values(value, items, [[len(e.prompt_ids) + k for k in cuts] for e, cuts in zip(examples, cuts_of)]
-                           ) if items else []  # one pass per rollout, batched
+    values: list[list[float]] = []
+    with tqdm(total=len(examples), desc="value advantages", unit="rollout", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for i in range(0, len(examples), group):
+            part = examples[i: i + group]
+            items = [ScoreItem(list(e.prompt_ids + e.response_ids), 0, len(e.prompt_ids)) for e in part]
+            values += prefix_values(value, items, [[len(e.prompt_ids) + k for k in cuts]
+                                                   for e, cuts in zip(part, cuts_of[i: i + group])])
+            bar.update(len(part))
     out = []
     for e, cuts, vs in zip(examples, cuts_of, values):
         T = len(e.response_ids)
@@ -354,7 +364,7 @@ class DistillTrainer:
         if c.method == "apa":
             def advantages(xs):
                 if value is not None:
-                    return value_advantages(value, xs)
+                    return value_advantages(value, xs, progress=c.progress)
                 return [[a] * len(e.response_ids) for e, a in zip(xs, group_baseline_advantages(xs))]
             train_units, eval_units = list(train_set), list(eval_set)
             train_adv, eval_adv = advantages(train_units), advantages(eval_units)

@@ -182,6 +182,7 @@ def test_value_advantages_telescope_to_reward_minus_value(monkeypatch):
     chain = SimpleNamespace(links=((object(), 1.0),))
     e = Example((1, 2), tuple(range(10, 20)), 2.0, "p")  # 10 response tokens, chunks [0, 4), [4, 8), [8, 10)
     adv = value_advantages(chain, [e], chunk=4)[0]
+    assert value_advantages(chain, [e] * 5, chunk=4, group=2) == [adv] * 5  # in groups of 2 rollouts: the same
     assert len(adv) == 10
     assert adv[:4] == pytest.approx([0.1] * 4)  # (V(4) - V(0)) / 4 = 0.4 / 4
     assert adv[8:] == pytest.approx([(2.0 - 0.8) / 2] * 2)  # the last chunk ends at the reward
