@@ -275,15 +275,16 @@ def main_batch(holder: dict, env: dict | None, workdir: Path | None, api_key: st
     return out
 
 
-def metric(url: str, name: str) -> float | None:
-    """A counter from GET /metrics since the server started (None: not reported): e.g.
+def metrics(url: str, *names: str) -> list[float | None]:
+    """Counters from one GET /metrics, since the server started (None: not reported): e.g.
     `iro_batch_yield_seconds_total`, the seconds batch lines waited for interactive requests, or
     `iro_batch_preemptions_total`, their engine requests cancelled for one."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families  # as bench/load.py reads them
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    found = re.search(rf"^{name} (\S+)$", text, re.M)
-    return round(float(found.group(1)), 1) if found else None
+    values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return [round(values[name], 1) if name in values else None for name in names]
 
 
 def wait_value(url: str, admin_key: str, name: str, timeout: float = 120) -> None:
@@ -356,9 +357,8 @@ def run(holder: dict, env: dict | None, tmp: Path | None, args) -> dict:
                       args.kill_at, args.probe_gap_s)
     result["interactive_during_batch"] = main.pop("interactive_during_batch")
     result["batch"] = main
-    main["yield_seconds"] = metric(holder["url"], "iro_batch_yield_seconds_total")
-    main["preemptions"] = metric(holder["url"], "iro_batch_preemptions_total")
-    main["scorer_seconds"] = metric(holder["url"], "iro_scorer_batch_seconds_sum")  # the value's forward passes
+    main["yield_seconds"], main["preemptions"], main["scorer_seconds"] = metrics(  # scorer: the value's passes
+        holder["url"], "iro_batch_yield_seconds_total", "iro_batch_preemptions_total", "iro_scorer_batch_seconds_sum")
     if main["output_tokens"] is not None and "kill_9" not in main:
         main["tokens_per_s"] = round(main["output_tokens"] / main["wall_s"], 1)
     if holder.get("server") is not None and args.kill_lines > 0:

@@ -276,14 +276,15 @@ def prefix_values(value: LoadedValue, items: Sequence[ScoreItem], lengths: Seque
 
     Reading V every few response tokens of whole rollouts (APA's per-token advantages) therefore
     costs one pass per rollout instead of one per chunk."""
+    for it, ns in zip(items, lengths):  # before any forward pass
+        if any(not 0 < n <= len(it.token_ids) for n in ns):
+            raise ValueError(f"prefix lengths {list(ns)} outside 1..{len(it.token_ids)}")
     max_batch_tokens = max_batch_tokens or default_max_batch_tokens(value.device)
     out: list[list[float]] = [[] for _ in items]
     pooling = value.model.config.pooling
     for batch in _batches(list(range(len(items))), [len(it.token_ids) for it in items], max_batch_tokens):
         values = _padded_forward(value, [items[i] for i in batch])
         for b, i in enumerate(batch):
-            if any(not 0 < n <= len(items[i].token_ids) for n in lengths[i]):
-                raise ValueError(f"prefix lengths {list(lengths[i])} outside 1..{len(items[i].token_ids)}")
             out[i] = [pool_values(values[b, :n], items[i].response_start, pooling) for n in lengths[i]]
     return out
 
