@@ -256,7 +256,9 @@ class Database:
         """The missing tables, columns and indexes, also when other processes (replicas, `iro data`)
         create them at the same moment: PostgreSQL serializes them on an advisory lock; SQLite's
         check-then-create is not atomic, so one another process created in between ("already
-        exists", "duplicate column") is a retry."""
+        exists", "duplicate column") is a retry, as is "database is locked": in WAL mode a transaction
+        that read the schema cannot start writing after another process committed, and SQLite
+        answers at once instead of waiting (its busy handler does not apply)."""
         for attempt in range(5):
             try:
                 with self.engine.begin() as conn:
@@ -266,7 +268,8 @@ class Database:
                     _add_missing_columns(conn)
                 return
             except sa.exc.OperationalError as exc:
-                lost_race = "already exists" in str(exc.orig) or "duplicate column" in str(exc.orig)
+                lost_race = any(m in str(exc.orig) for m in ("already exists", "duplicate column",
+                                                              "database is locked"))
                 if not self.is_sqlite or not lost_race or attempt == 4:
                     raise
 
