@@ -135,6 +135,10 @@ class ServerSettings(EngineSettings):
     arrives while it runs (it then waits, as a step does, and runs again from its start; a seeded
     request gives the same answer); past that, or when it started while interactive requests ran, it
     runs to its end (0: batch requests are never cancelled)."""
+    batch_resume_ramp_s: float = Field(0.25, ge=0)
+    """After interactive traffic ends (its one-second cool-down), batch engine requests resume one at
+    a time: one more may start every this many seconds, so the lines that waited do not restart
+    together, whose first steps an arriving interactive request would wait behind (0: all at once)."""
     store_everything: bool = False
     """Store every non-streamed chat completion (as with `store: true`) unless it says `store: false`;
     off by default (prompts may be private) and logged at start when on."""

@@ -6,6 +6,7 @@ request interrupts cancelled and run again (`preemptible`), at most `max_preempt
 from __future__ import annotations
 
 import asyncio
+import selectors
 
 import pytest
 
@@ -240,3 +241,78 @@ def test_a_preempted_plain_batch_request_answers_from_its_new_attempt():
     outcome = asyncio.run(go())
     assert [c.text for c in outcome.choices[0]] == ["abcde"] and outcome.completion_tokens == 5
     assert Engine.calls == 2 and watch.preemptions == 1 and engine.closed == 1  # the first stream was closed
+
+
+
+class VirtualSelector(selectors.DefaultSelector):
+    """The event loop's selector on a virtual clock: a wait for the next timer costs no real time,
+    it moves `now` there, so concurrent tasks sleep on one exact clock."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout=None):
+        if timeout is None:
+            raise RuntimeError("every task waits and no timer is set: the test would hang")
+        ready = super().select(0)
+        if not ready:
+            self.now += timeout
+        return ready
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    def __init__(self):
+        self._virtual = VirtualSelector()
+        super().__init__(self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+def resume_after_interactive_traffic(busy_until: float, lines: int = 4, **kw) -> tuple[list[float], InteractiveWatch]:
+    """On a virtual clock: interactive requests until `busy_until` s, and `lines` batch lines, each
+    waiting (as a step does) and then running one 3 s engine request. The clock times their
+    requests started, and the watch."""
+    starts = []
+
+    async def line(watch) -> None:
+        await watch.wait()
+
+        async def request():
+            starts.append(asyncio.get_running_loop().time())
+            await asyncio.sleep(3.0)
+
+        await preemptible(request)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        watch = InteractiveWatch(lambda: loop.time() < busy_until, monotonic=loop.time, **kw)
+        LOW_PRIORITY.set(watch)
+        await asyncio.gather(*[line(watch) for _ in range(lines)])
+        return watch
+
+    with asyncio.Runner(loop_factory=VirtualLoop) as runner:
+        watch = runner.run(go())
+    return sorted(starts), watch
+
+
+def test_after_interactive_traffic_batch_requests_resume_one_more_every_ramp_seconds():
+    starts, watch = resume_after_interactive_traffic(0.5, cooldown=1.0, max_wait=5.0, ramp=0.5)
+    assert starts[0] == pytest.approx(1.5, abs=0.05)  # the cool-down after the last interactive request
+    assert [b - a for a, b in zip(starts, starts[1:])] == [pytest.approx(0.5, abs=0.05)] * 3  # one more per ramp
+    assert starts[-1] < starts[0] + 3.0  # ...so all four ran at once before the first ended
+    assert watch.running == 0 and watch.preemptions == 0
+
+
+def test_without_a_ramp_or_before_any_interactive_request_batch_requests_start_together():
+    starts, _ = resume_after_interactive_traffic(0.5, cooldown=1.0, max_wait=5.0, ramp=0.0)
+    assert starts == [pytest.approx(1.5, abs=0.05)] * 4 and len(set(starts)) == 1
+    starts, watch = resume_after_interactive_traffic(0.0, cooldown=1.0, max_wait=5.0, ramp=0.5)  # a quiet server
+    assert starts == [0.0] * 4 and watch.slots() == float("inf")
+
+
+def test_a_ramp_wait_is_bounded_by_max_wait():
+    """A ramp slower than max_wait still lets every line run (the wait for a slot ends at max_wait)."""
+    starts, _ = resume_after_interactive_traffic(0.5, cooldown=1.0, max_wait=2.0, ramp=10.0)
+    assert starts[0] == pytest.approx(1.5, abs=0.05) and starts[1:] == [pytest.approx(3.5, abs=0.05)] * 3
