@@ -81,11 +81,14 @@ class InteractiveWatch:
         return 1 + int((self.monotonic() - self._seen - self.cooldown) / self.ramp)
 
     async def admit(self) -> None:
-        """Return when one more batch engine request may start: at once while interactive requests
-        are recent (the caller then waits or runs one at a time) or when `running < slots()`;
-        otherwise poll while the ramp fills (at most `max_wait` seconds)."""
+        """Return when one more batch engine request may start: when `running < slots()`, waiting
+        (polling) while the ramp fills or, should interactive requests arrive meanwhile, while they
+        are recent, at most `max_wait` seconds. At once when they are recent already: the caller's
+        wait has ended (at `max_wait`), so it runs beside them, one at a time (`forced`)."""
+        if self.recent():
+            return
         start = self.monotonic()
-        while not self.recent() and self.running >= self.slots() and self.monotonic() - start < self.max_wait:
+        while self.running >= self.slots() and self.monotonic() - start < self.max_wait:
             await self.sleep(self.poll)
 
     @contextmanager

@@ -316,3 +316,37 @@ def test_a_ramp_wait_is_bounded_by_max_wait():
     """A ramp slower than max_wait still lets every line run (the wait for a slot ends at max_wait)."""
     starts, _ = resume_after_interactive_traffic(0.5, cooldown=1.0, max_wait=2.0, ramp=10.0)
     assert starts[0] == pytest.approx(1.5, abs=0.05) and starts[1:] == [pytest.approx(3.5, abs=0.05)] * 3
+
+
+def test_a_request_held_by_the_ramp_waits_for_an_interactive_request_that_arrives_meanwhile():
+    """It does not start beside it (that would run to its end, unpreemptible): it waits for the
+    cool-down as a step does, then the ramp starts again from one request."""
+    busy = [(0.0, 0.5), (2.1, 2.2)]  # a second interactive request arrives while three lines wait for the ramp
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        watch = InteractiveWatch(lambda: any(a <= loop.time() < b for a, b in busy), monotonic=loop.time,
+                                 cooldown=1.0, max_wait=5.0, ramp=0.5)
+        LOW_PRIORITY.set(watch)
+        starts, forced = [], []
+
+        async def line():
+            await watch.wait()
+
+            async def request():
+                starts.append(loop.time())
+                forced.append(watch.recent())
+                await asyncio.sleep(0.05)  # short requests: the ramp, not `running`, holds the others
+                await asyncio.sleep(3.0) if len(starts) == 1 else None
+
+            await preemptible(request)
+
+        await asyncio.gather(*[line() for _ in range(4)])
+        return sorted(starts), forced, watch
+
+    with asyncio.Runner(loop_factory=VirtualLoop) as runner:
+        starts, forced, watch = runner.run(go())
+    assert not any(forced)  # no batch request started while an interactive one was recent
+    assert not any(2.1 <= t < 3.1 for t in starts)  # none during the second request and its cool-down
+    assert len(starts) == 5 and starts[-2:] == [pytest.approx(3.2, abs=0.05), pytest.approx(3.25, abs=0.05)]
+    assert watch.preemptions == 1  # the long first request, which ran again after the cool-down
