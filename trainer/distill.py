@@ -250,7 +250,8 @@ class DistillTrainer:
         _, pol = sequence_logps(self._logits(batch, reference=False), batch.input_ids, mask)
         P = len(pairs)
         out = is_daa_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta=self.config.beta, clip_eps=self.config.clip_eps,
-                          kind="ipo" if self.config.method == "is-ipo" else "dpo")
+                          kind="ipo" if self.config.method == "is-ipo" else "dpo",
+                          sft_weight=self.config.sft_weight, chosen_tokens=mask[:P].sum(-1))
         return out.loss, {"tokens": batch.tokens, "weight": float(out.weights.mean()),
                           "accuracy": float((out.margins > 0).float().mean())}
 

@@ -38,6 +38,10 @@ class DistillConfig(BaseModel):
     """IS-DPO / IS-IPO: a pair whose rewards differ by less than this is dropped. Two about equally
     good answers carry no preference, and training on them pushes one good answer down, which
     narrows the policy (distinct-2)."""
+    sft_weight: float = Field(0.0, ge=0)
+    """IS-DPO / IS-IPO: weight of the chosen answer's per-token negative log-likelihood added to each
+    pair's loss (RPO): it keeps the chosen answers likely, where DPO alone moves probability to text
+    outside the data (0: off)."""
 
     # --- optimisation
     lr: float = Field(2e-4, gt=0)
@@ -108,6 +112,10 @@ class DistillConfig(BaseModel):
         if self.kl_budget is not None and self.eval_every is None:
             raise ValueError("kl_budget needs eval_every (how often to measure the KL and keep a checkpoint), "
                              "e.g. eval_every=10")
+        if self.method == "apa":
+            pair_only = [name for name in ("min_reward_gap", "sft_weight") if getattr(self, name)]
+            if pair_only:
+                raise ValueError(f"{', '.join(pair_only)} apply to the pair methods (is-dpo, is-ipo), not apa")
         return self
 
     @classmethod
@@ -144,7 +152,8 @@ class DistillConfig(BaseModel):
         """What the manifest records as the method's hyper-parameters."""
         method = {"lambda": self.lam} if self.method == "apa" else {"beta": self.beta, "clip_eps": self.clip_eps,
                                                                      "pairs_per_prompt": self.pairs_per_prompt,
-                                                                     "min_reward_gap": self.min_reward_gap}
+                                                                     "min_reward_gap": self.min_reward_gap,
+                                                                     "sft_weight": self.sft_weight}
         return {**method, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules}
 
 

@@ -15,6 +15,15 @@ clipped from above (no gradient through it) to keep its variance bounded:
     h     = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l))
     L_DPO = w * -log sigmoid(beta * h)          L_IPO = w * (h - 1 / (2 beta))^2
 
+With `sft_weight` alpha > 0 the chosen answer's per-token negative log-likelihood is added to each
+pair's loss, as RPO does (Liu et al., arXiv 2405.16436; Pang et al., arXiv 2404.19733):
+
+    L = L_DAA + alpha * -log pi(y_w|x) / |y_w|
+
+It keeps the chosen answers likely: DPO alone lowers the likelihood of both answers of a pair and
+moves the mass to text outside the data, which here narrows the policy (distinct-2) faster than it
+gains reward.
+
 mu defaults to the reference policy (the authors' code does the same when the data carries no
 behaviour log-probabilities).
 
@@ -73,11 +82,13 @@ class PairLoss:
 
 def is_daa_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
                 *, beta: float = IS_BETA, clip_eps: float = IS_CLIP_EPS, kind: str = "dpo",
-                data_chosen: torch.Tensor | None = None, data_rejected: torch.Tensor | None = None) -> PairLoss:
+                data_chosen: torch.Tensor | None = None, data_rejected: torch.Tensor | None = None,
+                sft_weight: float = 0.0, chosen_tokens: torch.Tensor | None = None) -> PairLoss:
     """IS-DPO (`kind="dpo"`) or IS-IPO (`kind="ipo"`) on (P,) sequence log-probabilities of the
     chosen and rejected responses under the policy, the reference and (optionally) the behaviour
     policy that sampled them (default: the reference). `clip_eps=None` turns the weights off
-    (plain DPO/IPO)."""
+    (plain DPO/IPO). `sft_weight` adds RPO's per-token NLL of the chosen answers (`chosen_tokens`:
+    their (P,) response lengths)."""
     data_chosen = ref_chosen if data_chosen is None else data_chosen
     data_rejected = ref_rejected if data_rejected is None else data_rejected
     h = (chosen - rejected) - (ref_chosen - ref_rejected)  # (P,)
@@ -94,6 +105,10 @@ def is_daa_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.
             log_w = (chosen - data_chosen) + (rejected - data_rejected)  # (P,)
             w = torch.exp(log_w.clamp(max=2 * clip_eps))
     losses = w * per_pair
+    if sft_weight:
+        if chosen_tokens is None:
+            raise ValueError("sft_weight needs chosen_tokens (the chosen responses' lengths)")
+        losses = losses + sft_weight * -chosen / chosen_tokens.clamp(min=1)
     return PairLoss(losses.mean(), losses, w, h.detach())
 
 

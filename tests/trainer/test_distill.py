@@ -129,6 +129,10 @@ def test_pairs_need_different_rewards():
     with pytest.raises(ValueError, match="min_reward_gap"):
         DistillConfig(min_reward_gap=-0.1)
     assert DistillConfig(method="is-dpo", min_reward_gap=0.25).hyperparameters()["min_reward_gap"] == 0.25
+    assert DistillConfig(method="is-ipo", sft_weight=1.0).hyperparameters()["sft_weight"] == 1.0
+    for option in ("min_reward_gap", "sft_weight"):  # pair options are refused for APA, not ignored
+        with pytest.raises(ValueError, match=f"{option} apply to the pair methods"):
+            DistillConfig(method="apa", **{option: 0.5})
     with pytest.raises(ValueError, match="method"):
         DistillConfig(method="ppo")
 

@@ -69,6 +69,20 @@ def test_is_ipo_and_behaviour_policy():
         is_daa_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), kind="kto")
 
 
+def test_sft_weight_adds_the_chosen_answers_per_token_nll():
+    # RPO: DPO's log(1 + e^-1) (h = 2, beta 0.5) plus alpha * -(-1) / 4 tokens, and its gradient on chosen
+    chosen = torch.tensor([-1.0], requires_grad=True)
+    out = is_daa_loss(chosen, torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5,
+                      sft_weight=2.0, chosen_tokens=torch.tensor([4.0]))
+    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-1)) + 2.0 * 1.0 / 4)
+    out.loss.backward()  # DPO's -beta * sigmoid(-beta h) and the NLL's -alpha / tokens
+    assert chosen.grad.item() == pytest.approx(-0.5 / (1 + math.exp(1)) - 2.0 / 4)
+    plain = is_daa_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    assert plain.loss.item() == pytest.approx(math.log1p(math.exp(-1)))  # 0: off
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        is_daa_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), sft_weight=1.0)
+
+
 def test_sequence_logps_and_kl():
     logits = torch.zeros(1, 3, 4)  # uniform: every token has log-prob log(1/4)
     ids = torch.tensor([[1, 2, 3]])
