@@ -20,13 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.batch_api import percentile as quantile
+
 SLOW = 2.0
 """A request slower than this many times the run's idle p50 counts as slow."""
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def arm_of(result: dict[str, Any]) -> tuple:
