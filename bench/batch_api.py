@@ -338,8 +338,7 @@ def run(holder: dict, env: dict | None, tmp: Path | None, args) -> dict:
     model = client.models.list().data[0].id
     lines = batch_lines(model, args.value, args.lines, args.guided_fraction, args.max_tokens)
     result = {"model": model, "batch_concurrency": args.batch_concurrency, "batch_yield_max_s": args.batch_yield_max_s,
-              "batch_max_preemptions": args.batch_max_preemptions,
-              "batch_resume_ramp_s": args.batch_resume_ramp_s, "probe_gap_s": args.probe_gap_s,
+              "batch_max_preemptions": args.batch_max_preemptions, "probe_gap_s": args.probe_gap_s,
               "lines": args.lines,
               "guided_lines": sum("+" in x["body"]["model"] for x in lines), "max_tokens": args.max_tokens,
               "guided_fraction": args.guided_fraction}
@@ -402,8 +401,6 @@ def markdown(result: dict) -> str:
                  f"{b['preemptions']:.0f} (`iro_batch_preemptions_total`; at most the server's "
                  f"--batch-max-preemptions per request"
                  + (f", {result['batch_max_preemptions']}" if result.get("batch_max_preemptions") is not None else "")
-                 + "; after interactive traffic, one more batch engine request every --batch-resume-ramp-s"
-                 + (f", {result['batch_resume_ramp_s']} s" if result.get("batch_resume_ramp_s") is not None else "")
                  + ")."]
     if k:
         rows += ["", f"kill -9 of the server's process group during the main batch, after {k['answered_before_kill']} "
@@ -440,8 +437,6 @@ def main(argv: list[str] | None = None) -> None:
                         "(when it starts one; default: the server's).")
     parser.add_argument("--batch-max-preemptions", type=int, default=None, help="The server's "
                         "--batch-max-preemptions (when it starts one; default: the server's).")
-    parser.add_argument("--batch-resume-ramp-s", type=float, default=None, help="The server's "
-                        "--batch-resume-ramp-s (when it starts one; default: the server's).")
     parser.add_argument("--probe-gap-s", type=float, default=0.0, help="Mean pause (exponential, seeded) between "
                         "the interactive requests sent during the batch (0: back to back, the server never idle).")
     parser.add_argument("--direct", choices=("rollout", "sdk", "none"), default="rollout",
@@ -480,8 +475,6 @@ def main(argv: list[str] | None = None) -> None:
             env["IRO_BATCH_YIELD_MAX_S"] = str(args.batch_yield_max_s)
         if args.batch_max_preemptions is not None:
             env["IRO_BATCH_MAX_PREEMPTIONS"] = str(args.batch_max_preemptions)
-        if args.batch_resume_ramp_s is not None:
-            env["IRO_BATCH_RESUME_RAMP_S"] = str(args.batch_resume_ramp_s)
         server = holder["server"] = bench_server.start(tmp, env=env, ready=False)
         try:
             server.wait_healthy(900)

@@ -15,11 +15,6 @@ but for the time; with a `seed` it gives the same answer. A request that starts 
 requests are still recent (its wait reached `max_wait`) or was preempted `max_preemptions` times
 runs to its end, so a batch still always progresses; such requests run one at a time.
 
-After interactive traffic ends, batch engine requests *resume gradually* (`ramp`): one may run at
-once when the cool-down ends, one more every `ramp` seconds after, so the lines that waited do not all
-restart together (their first engine steps, which an arriving request cannot interrupt, set the
-interactive tail). A server that saw no interactive request is never ramped.
-
     watch = InteractiveWatch(lambda: serving._admitted > 0, cooldown=1.0, max_wait=2.0)
     LOW_PRIORITY.set(watch)              # in the batch line's task (context variables follow its tasks)
     ...                                  # the search, before each step: `await yield_to_interactive()`
@@ -30,8 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TypeVar
 
@@ -43,17 +37,14 @@ class InteractiveWatch:
 
     `monotonic` and `sleep` are injectable for tests; `waited_s` and `waits` sum what `wait` spent,
     `preemptions` counts the engine requests `preemptible` cancelled (at most `max_preemptions` per
-    request; 0: none is). `ramp`: seconds between one more batch engine request being let run after
-    interactive traffic ends (0: all at once); `running` counts those in progress."""
+    request; 0: none is)."""
 
     def __init__(self, busy: Callable[[], bool], *, cooldown: float = 1.0, max_wait: float = 2.0,
-                 max_preemptions: int = 2, ramp: float = 0.0, poll: float = 0.02,
-                 monotonic: Callable[[], float] = time.monotonic,
+                 max_preemptions: int = 8, poll: float = 0.02, monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  on_wait: Callable[[float], None] | None = None, on_preempt: Callable[[], None] | None = None):
         self.busy, self.cooldown, self.max_wait, self.poll = busy, cooldown, max_wait, poll
-        self.max_preemptions, self.ramp = max_preemptions, ramp
-        self.running = 0
+        self.max_preemptions = max_preemptions
         self.monotonic, self.sleep, self.on_wait, self.on_preempt = monotonic, sleep, on_wait, on_preempt
         self._seen = -float("inf")
         self.waited_s, self.waits, self.preemptions = 0.0, 0, 0
@@ -69,36 +60,6 @@ class InteractiveWatch:
         if self.busy():
             self._seen = now
         return now - self._seen < self.cooldown
-
-    def slots(self) -> float:
-        """How many batch engine requests may run now: none while `recent()`, then one when the
-        cool-down ends and one more every `ramp` seconds (unbounded without a ramp or when no
-        interactive request was ever seen)."""
-        if self.recent():
-            return 0
-        if self.ramp <= 0 or self._seen == -float("inf"):
-            return float("inf")
-        return 1 + int((self.monotonic() - self._seen - self.cooldown) / self.ramp)
-
-    async def admit(self) -> None:
-        """Return when one more batch engine request may start: when `running < slots()`, waiting
-        (polling) while the ramp fills or, should interactive requests arrive meanwhile, while they
-        are recent, at most `max_wait` seconds. At once when they are recent already: the caller's
-        wait has ended (at `max_wait`), so it runs beside them, one at a time (`forced`)."""
-        if self.recent():
-            return
-        start = self.monotonic()
-        while self.running >= self.slots() and self.monotonic() - start < self.max_wait:
-            await self.sleep(self.poll)
-
-    @contextmanager
-    def counted(self) -> Iterator[None]:
-        """Around a batch engine request: counted in `running` while it runs."""
-        self.running += 1
-        try:
-            yield
-        finally:
-            self.running -= 1
 
     async def wait(self) -> float:
         """Wait while `recent()`, at most `max_wait` seconds; returns the seconds waited."""
@@ -164,42 +125,38 @@ async def yield_to_interactive() -> float:
 
 async def preemptible(run: Callable[[], Awaitable[T]]) -> T:
     """`await run()`, an engine request whose caller reads only its final output. In a batch line
-    (`LOW_PRIORITY` set) it starts when the watch's ramp lets it (`InteractiveWatch.admit`) and is
-    preempted when an interactive request arrives while it runs: cancelled (vLLM aborts it), then
-    after the watch's wait started again; it runs to its end when it starts while interactive
-    requests are recent (the wait reached `max_wait`) or after `max_preemptions`, one such request at
-    a time beside interactive requests (`InteractiveWatch.forced`)."""
+    (`LOW_PRIORITY` set) it is preempted when an interactive request arrives while it runs: cancelled
+    (vLLM aborts it), then after the watch's wait started again; it runs to its end when it starts
+    while interactive requests are recent (the wait reached `max_wait`) or after `max_preemptions`,
+    one such request at a time (`InteractiveWatch.forced`)."""
     watch = LOW_PRIORITY.get()
     if watch is None:
         return await run()
     preempted = 0
-    while True:
-        await watch.admit()
-        if watch.recent():  # beside interactive requests: one batch request at a time, to its end
-            async with watch.forced():
-                with watch.counted():
-                    return await run()
-        if preempted >= watch.max_preemptions:  # a quiet server, preemptions used up (or none allowed)
-            with watch.counted():
-                return await run()
-        with watch.counted():
-            task = asyncio.ensure_future(run())
-            arrival = asyncio.ensure_future(watch.arrival())
-            try:
-                await asyncio.wait({task, arrival}, return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:  # the caller was cancelled: so is the engine request
-                task.cancel()
-                raise
-            finally:
-                arrival.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if not task.cancelled():  # it finished (perhaps as the interactive request arrived): its answer
+    while preempted < watch.max_preemptions and not watch.recent():
+        task = asyncio.ensure_future(run())
+        arrival = asyncio.ensure_future(watch.arrival())
+        try:
+            await asyncio.wait({task, arrival}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled: so is the engine request
+            task.cancel()
+            raise
+        finally:
+            arrival.cancel()
+        if task.done():
             return task.result()
-        preempted += 1
-        watch.preempted()
-        await watch.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            preempted += 1
+            watch.preempted()
+            await watch.wait()
+        else:  # it finished as the interactive request arrived: keep its answer
+            return task.result()
+    if not watch.recent():  # a quiet server (preemptions used up, or none allowed): no reason to queue
+        return await run()
+    async with watch.forced():  # beside interactive requests: one batch request at a time
+        return await run()
 
 
 __all__ = ["InteractiveWatch", "LOW_PRIORITY", "preemptible", "yield_to_interactive"]

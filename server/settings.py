@@ -130,15 +130,13 @@ class ServerSettings(EngineSettings):
     """Longest a batch line's guided search waits before each step while interactive requests run
     (or ran in the last second), so they do not share the engine's steps; bounds the slow-down of
     a batch under interactive traffic that never pauses (0: batch lines never wait)."""
-    batch_max_preemptions: int = Field(2, ge=0)
+    batch_max_preemptions: int = Field(8, ge=0)
     """How many times one engine request of a batch line may be cancelled when an interactive request
     arrives while it runs (it then waits, as a step does, and runs again from its start; a seeded
     request gives the same answer); past that, or when it started while interactive requests ran, it
-    runs to its end (0: batch requests are never cancelled)."""
-    batch_resume_ramp_s: float = Field(0.25, ge=0)
-    """After interactive traffic ends (its one-second cool-down), batch engine requests resume one at
-    a time: one more may start every this many seconds, so the lines that waited do not restart
-    together, whose first steps an arriving interactive request would wait behind (0: all at once)."""
+    runs to its end (0: batch requests are never cancelled). 8, not 2: with 2, the requests that had
+    used theirs up ran beside the next interactive request, and 14% of interactive requests took over
+    twice the idle median during a mixed batch, against 3% (bench/results/batch-api/gaps/arms.md)."""
     store_everything: bool = False
     """Store every non-streamed chat completion (as with `store: true`) unless it says `store: false`;
     off by default (prompts may be private) and logged at start when on."""

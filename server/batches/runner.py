@@ -12,8 +12,7 @@
   its steps while interactive requests are recent, at most `yield_max_wait` seconds a step
   (`server.priority`), so the line left in flight does not share the engine's steps with them either.
   An engine request of a line that an interactive request interrupts is cancelled and runs again
-  after the wait (at most `max_preemptions` times; `server.priority.preemptible`). When interactive
-  traffic ends, the lines' engine requests resume one more every `resume_ramp` seconds.
+  after the wait (at most `max_preemptions` times; `server.priority.preemptible`).
 - Each answered line is committed with its `custom_id` as part of the primary key before the next
   is counted: after `kill -9` a new start resumes the batch and skips every line already answered,
   so each `custom_id` is answered exactly once.
@@ -86,7 +85,7 @@ class BatchRunner:
 
     def __init__(self, db: Database, files: FileStore, serving, *, owner: str, concurrency: int = 4, metrics=None,
                  clock: Callable[[], float] = time.time, interactive_cooldown: float = 1.0,
-                 yield_max_wait: float = 2.0, max_preemptions: int = 2, resume_ramp: float = 0.0,
+                 yield_max_wait: float = 2.0, max_preemptions: int = 8,
                  monotonic: Callable[[], float] = time.monotonic):
         self.db, self.files, self.serving = db, files, serving
         self.owner, self.concurrency, self.clock = owner, concurrency, clock
@@ -106,7 +105,7 @@ class BatchRunner:
             self.preempted = Counter("iro_batch_preemptions_total", "Engine requests of batch lines cancelled "
                                      "for an arriving interactive request (each ran again)", registry=metrics.registry)
         self.watch = InteractiveWatch(self._interactive, cooldown=interactive_cooldown, max_wait=yield_max_wait,
-                                      max_preemptions=max_preemptions, ramp=resume_ramp, monotonic=monotonic,
+                                      max_preemptions=max_preemptions, monotonic=monotonic,
                                       on_wait=self.yielded.inc if metrics is not None else None,
                                       on_preempt=self.preempted.inc if metrics is not None else None)
 

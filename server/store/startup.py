@@ -42,8 +42,7 @@ def open_store(app, settings):
                                 max_stored_bytes=settings.max_file_storage_bytes_per_key)
     runner = BatchRunner(db, app.state.files, lambda: app.state.serving, owner=replica_name(settings.port),
                          concurrency=settings.batch_concurrency, yield_max_wait=settings.batch_yield_max_s,
-                         max_preemptions=settings.batch_max_preemptions,
-                         resume_ramp=settings.batch_resume_ramp_s, metrics=app.state.metrics)
+                         max_preemptions=settings.batch_max_preemptions, metrics=app.state.metrics)
     app.state.batches = BatchServing(db, wake=runner.wake, max_active=settings.max_active_batches_per_key)
     app.state.stored = StoredCompletions(db, metrics=app.state.metrics)
     return runner

@@ -44,13 +44,11 @@ def test_summary_keeps_every_latency_and_the_report_names_preemptions():
     batch = {"wall_s": 10.0, "answers": 4, "output_tokens": 40, "tokens_per_s": 4.0, "interactive_errors": 0,
              "yield_seconds": 3.5, "preemptions": 12.0}
     result = {"batch": batch, "interactive_idle": summary([0.2, 0.25]), "interactive_during_batch": during,
-              "probe_gap_s": 2.0, "batch_max_preemptions": 2, "batch_yield_max_s": None,
-              "batch_resume_ramp_s": 0.25, "date": "d",
+              "probe_gap_s": 2.0, "batch_max_preemptions": 2, "batch_yield_max_s": None, "date": "d",
               "machine": "cpu", "cores": 2, "load_average_before": [0.0], "load_average_after": [0.0],
               "lines": 4, "guided_lines": 1, "max_tokens": 16, "batch_concurrency": 4, "command": "c"}
     text = markdown(result)
     assert "pauses of mean 2.0 s during the batch" in text
     assert "cancelled for an arriving interactive request and run again: 12 " in text
-    assert "--batch-max-preemptions per request, 2; " in text
-    assert "one more batch engine request every --batch-resume-ramp-s, 0.25 s)" in text
+    assert "--batch-max-preemptions per request, 2)" in text
     assert "back to back" in markdown({**result, "probe_gap_s": 0.0})

@@ -432,7 +432,7 @@ def test_a_batch_line_runs_at_low_priority_and_an_interactive_request_does_not()
         raise InvalidRequestError("stop here", param="model")
 
     serving = SimpleNamespace(_admitted=0, engine_check=lambda: None, create_chat_completion=create_chat_completion)
-    runner = BatchRunner(None, None, lambda: serving, owner="test:1", max_preemptions=3, resume_ramp=0.4)
+    runner = BatchRunner(None, None, lambda: serving, owner="test:1", max_preemptions=3)
     line = BatchInputLine(custom_id="a", method="POST", url="/v1/chat/completions",
                           body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 
@@ -442,4 +442,3 @@ def test_a_batch_line_runs_at_low_priority_and_an_interactive_request_does_not()
 
     assert asyncio.run(go()) is None  # the runner's (and an interactive request's) context is untouched
     assert seen == [runner.watch] and runner.watch.max_preemptions == 3  # --batch-max-preemptions
-    assert runner.watch.ramp == 0.4  # --batch-resume-ramp-s
