@@ -54,12 +54,13 @@ def pool(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         arms.setdefault(arm_of(result), []).append(result)
     rows = []
     for (ramp, preemptions, guided), runs in arms.items():
-        xs = [x for run in runs for x in normalized(run)]
+        per_run = [normalized(run) for run in runs]
+        xs = [x for run in per_run for x in run]
         rows.append({"ramp_s": ramp, "max_preemptions": preemptions, "guided_fraction": guided, "runs": len(runs),
                      "requests": len(xs), "p50": quantile(xs, 0.5), "p90": quantile(xs, 0.9),
                      "p95": quantile(xs, 0.95), "p95_ci": bootstrap(xs, lambda s: quantile(s, 0.95)),
                      "slow_share": slow_share(xs), "slow_share_ci": bootstrap(xs, slow_share),
-                     "per_run_p95": [round(quantile(normalized(r), 0.95), 2) for r in runs],
+                     "per_run_p95": [round(quantile(run, 0.95), 2) for run in per_run],
                      "tokens_per_s": [r["batch"]["tokens_per_s"] for r in runs],
                      "preemptions": [r["batch"].get("preemptions") for r in runs]})
     return rows
