@@ -85,6 +85,18 @@ class SearchSettings(BaseModel):
             return self
         return self.model_copy(update=overrides.given())
 
+    def for_request(self) -> dict:
+        """The fields a request with these settings sends: those `mode` uses (pf has no w, bon no w or l,
+        only dvts has s), as the server refuses a field the mode has no use for.
+
+        >>> SearchSettings(mode="pf", k=16, budget_tokens=512).for_request()
+        {'mode': 'pf', 'k': 16, 'l': 8, 'budget_tokens': 512}
+        >>> SearchSettings(mode="bon", k=8).for_request()
+        {'mode': 'bon', 'k': 8}
+        """
+        unused = {"cbs": {"s"}, "pf": {"w", "s"}, "bon": {"w", "l", "s"}, "dvts": set()}[self.mode]
+        return self.model_dump(exclude=unused, exclude_none=True)
+
     @property
     def candidates_per_step(self) -> int:
         """Engine samples one search step asks for at most (w*k for cbs, s*w*k for dvts, k for bon and pf)."""

@@ -134,7 +134,8 @@ def search_text(search: SearchSettings | SearchOverrides, *, mode: bool = False)
     >>> search_text(SearchSettings(w=2)), search_text(SearchSettings(), mode=True), search_text(SearchOverrides(k=3))
     ('w=2 k=4 l=8', 'CBS w=4 k=4 l=8', 'k=3')
     """
-    fields, defaults = search.model_dump(exclude_none=True), SearchSettings().model_dump()
+    fields = search.for_request() if isinstance(search, SearchSettings) else search.model_dump(exclude_none=True)
+    defaults = SearchSettings().model_dump()
     kind = fields.pop("mode", "cbs")
     text = " ".join(f"{k}={v}" for k, v in fields.items() if k in ("w", "k", "l") or v != defaults.get(k))
     return f"{kind.upper()} {text}" if mode or kind != "cbs" else text

@@ -8,8 +8,10 @@ publish (the server hot-swaps) -> evaluate, then baselines and a report.
                   publish   into the server's registry (chain V_1..V_t); wait until it serves
                   eval      held-out prompts answered by IRO-t (CBS over V_1..V_t)
     then:         baselines base (N = 1) and Best-of-N ranked by the final chain
-    distil:       (with `distill`, per method) train a LoRA policy on iteration T's guided rollouts
-                  (`iro distill`: APA advantages from the final chain V_1..V_T; IS-DPO pairs by
+    distil data:  (with `distill` and `distill_search`) the training prompts answered afresh by the
+                  final policy (V_1..V_T with `distill_search`) into distill-data/, labelled
+    distil:       (with `distill`, per method) train a LoRA policy on those rollouts, or on iteration
+                  T's guided rollouts without `distill_search` (`iro distill`: APA advantages from the final chain V_1..V_T; IS-DPO pairs by
                   reward), publish it into the policy registry the server watches, wait until it
                   serves, evaluate it with plain sampling (N = 1) through its model name
                   report    report.md, reward_vs_tokens.png, reward_per_iteration.png
@@ -52,7 +54,7 @@ from typing import Any
 from trainer.eval_results import MethodResult
 from trainer.evaluate import BASE, Method, best_of_n, evaluate_method
 from trainer.loop_config import LoopConfig
-from trainer.loop_distill import DistillStages, policy_name
+from trainer.loop_distill import DISTILL_DATA, DistillStages, policy_name
 from trainer.loop_report import IterationRow, ReportData, render_report
 from trainer.loop_state import LoopError, RunState, ServerLink
 from trainer.rollout import DEFAULT_SERVER, RolloutConfig, run_rollout
@@ -119,6 +121,10 @@ class IroLoop:
         final = self.state.version(self.last)
         self._stage(f"baselines/v{final}", lambda: self.baselines(final))
         distiller = self.distiller()
+        if self.config.distill and self.config.distill_search is not None:
+            self._forget_other_distill_data()
+            self._stage("distill-data/rollout", self.distill_rollout)
+            self._stage("distill-data/reward", lambda: self._label(self.run_dir / DISTILL_DATA))
         for method in self.config.distill:
             self._stage(f"distill/{method}/train", lambda: distiller.train(method))
             self._stage(f"distill/{method}/serve", lambda: distiller.serve(method))
@@ -182,6 +188,21 @@ class IroLoop:
         if stale:
             self.state.save()
 
+    def _forget_other_distill_data(self) -> None:
+        """Drop the distillation rollouts (stages and files) when they were collected with another search
+        than `distill_search` now, so they are collected again rather than resumed."""
+        done = self.state.stage("distill-data/rollout")
+        wanted = self.config.distill_search.model_dump()
+        if done is None or done.get("search") == wanted:
+            return
+        log.info("the distillation rollouts were collected with %s, not %s: collecting them again",
+                 done.get("search"), wanted)
+        for key in ("distill-data/rollout", "distill-data/reward"):
+            self.state.data["stages"].pop(key, None)
+        for name in ("rollouts.jsonl", "labelled.jsonl"):
+            (self.run_dir / DISTILL_DATA / name).unlink(missing_ok=True)
+        self.state.save()
+
     def distiller(self) -> DistillStages:
         """The distillation stages of this run (once the state is open)."""
         if self._distiller is None or self._distiller.state is not self.state:
@@ -238,11 +259,26 @@ class IroLoop:
     # ------------------------------------------------------------------ stages
     def rollout(self, t: int) -> dict[str, Any]:
         """Training prompts answered by pi_{t-1} into `it{t}/rollouts.jsonl` (resumable)."""
+        guided = {} if t == 1 else dict(value=self._value(t - 1), search=self.config.rollout_search)
+        return self._collect(self._dir(t), guided, seed=self.config.seed * 1000 + t)
+
+    def distill_rollout(self) -> dict[str, Any]:
+        """Training prompts answered by the final policy pi_T (V_1..V_T with `distill_search`) into
+        `distill-data/rollouts.jsonl` (resumable): what distillation learns from. Seeded as iteration
+        T+1's rollouts would be."""
+        T = self.last
+        d = self.run_dir / DISTILL_DATA
+        d.mkdir(parents=True, exist_ok=True)
+        info = self._collect(d, dict(value=self._value(T), search=self.config.distill_search),
+                             seed=self.config.seed * 1000 + T + 1)
+        return {**info, "search": self.config.distill_search.model_dump()}
+
+    def _collect(self, d: Path, guided: dict[str, Any], *, seed: int) -> dict[str, Any]:
+        """The training prompts, `samples_per_prompt` each, answered plainly or `guided` into `d/rollouts.jsonl`."""
         c = self.config
-        guided = {} if t == 1 else dict(value=self._value(t - 1), search=c.rollout_search)
-        config = self._template(samples_per_prompt=c.samples_per_prompt, seed=c.seed * 1000 + t, **guided)
+        config = self._template(samples_per_prompt=c.samples_per_prompt, seed=seed, **guided)
         prompts = self.task.items("train", c.n_train_prompts)
-        stats = run_rollout(prompts, self._dir(t) / "rollouts.jsonl", config)
+        stats = run_rollout(prompts, d / "rollouts.jsonl", config)
         if not stats.complete:
             raise LoopError(f"{stats.failed} of {stats.total} rollouts failed (first: {stats.errors[:1]}); "
                             "run the loop again to resume")
@@ -251,10 +287,13 @@ class IroLoop:
 
     def reward(self, t: int) -> dict[str, Any]:
         """`it{t}/labelled.jsonl`: the rollouts with the task's reward."""
+        return self._label(self._dir(t))
+
+    def _label(self, d: Path) -> dict[str, Any]:
+        """`d/labelled.jsonl`: `d/rollouts.jsonl` with the task's reward."""
         from trainer.rewards import label_records, parse_reward
         from trainer.rollout import read_records, write_records
 
-        d = self._dir(t)
         records = label_records(read_records(d / "rollouts.jsonl"), parse_reward(self.task.reward))
         write_records(d / "labelled.jsonl", records)
         rewards = [r["reward"] for r in records]

@@ -99,6 +99,10 @@ class LoopConfig(BaseModel):
     distill_options: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the distillation preset (DistillConfig options); a method's name as the key
     holds overrides for that method alone (`distill_options.apa.lam=0.025`)."""
+    distill_search: SearchSettings | None = None
+    """The search of the rollouts distillation learns from: the training prompts answered afresh by the
+    final chain V_1..V_T with it, `samples_per_prompt` each (stages `distill-data/*`, into
+    `distill-data/`). None: iteration T's training rollouts (V_1..V_{T-1} with `rollout_search`)."""
     distill_name: str | None = None
     """The distilled policies are published as `<distill_name>-<method>` (default: the value's name),
     so a copy of a run distilled again (another seed, other options) does not replace the first."""
@@ -209,7 +213,7 @@ def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 RESUMABLE_OPTIONS = frozenset({"iterations", "progress", "publish_timeout", "concurrency", "distill"})
 """Options a run may be resumed with changed (more iterations, distillation added afterwards)."""
-DISTILL_OPTIONS = frozenset({"distill_preset", "distill_options", "distill_name"})
+DISTILL_OPTIONS = frozenset({"distill_preset", "distill_options", "distill_name", "distill_search"})
 """Options a run may be resumed with changed until its first distillation stage has finished."""
 
 

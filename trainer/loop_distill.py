@@ -1,5 +1,6 @@
 """The loop's distillation stages (after the last iteration, one set per method): train a LoRA
-policy on iteration T's guided rollouts, publish it into the policy registry the server watches,
+policy on the final policy's own guided rollouts (`distill_search`: the loop's `distill-data/` stages)
+or else on iteration T's guided rollouts, publish it into the policy registry the server watches,
 wait until the server serves it, and evaluate it with plain sampling through its model name.
 
     distill/<method>/train   `iro distill` (APA advantages from the final chain V_1..V_T; IS-DPO pairs
@@ -28,6 +29,8 @@ from trainer.loop_state import LoopError, RunState, ServerLink
 log = logging.getLogger(__name__)
 
 DISTILL_LABELS = {"apa": "APA", "is-dpo": "IS-DPO", "is-ipo": "IS-IPO"}
+DISTILL_DATA = "distill-data"
+"""The run's folder of the rollouts distillation learns from when `distill_search` is set."""
 
 
 def policy_name(config: LoopConfig, value_name: str, method: str) -> str:
@@ -87,6 +90,13 @@ class DistillStages:
                 raise LoopError(f"policy {name!r} already exists in {self.policies.root} (CURRENT v{current}) and was "
                                 "not made by this run: choose another --name, or remove it from the registry")
 
+    def data_path(self) -> Path:
+        """The labelled rollouts distillation learns from: the final policy's own (`distill-data/`) with
+        `distill_search`, else iteration T's training rollouts."""
+        if self.config.distill_search is not None:
+            return self.run_dir / DISTILL_DATA / "labelled.jsonl"
+        return self.run_dir / f"it{self.state.last_iteration(self.config.iterations)}" / "labelled.jsonl"
+
     def train(self, method: str) -> dict[str, Any]:
         """Train a LoRA policy with `method` on iteration T's guided rollouts (APA advantages from
         the final chain) and publish it as `<name>-<method>` (adopting a version this run published
@@ -108,7 +118,7 @@ class DistillStages:
         # Samples of an earlier policy under this name (a re-distillation) must not pass for this one's:
         # the eval stage resumes from this file.
         (self.run_dir / "eval" / f"{policy_method(method).file_stem()}.jsonl").unlink(missing_ok=True)
-        data = self.run_dir / f"it{T}" / "labelled.jsonl"
+        data = self.data_path()
         records = read_rollouts(data)
         examples, skipped = examples_from_records(records)
         if not examples:
@@ -187,4 +197,4 @@ class DistillStages:
         return results, {r.label: info.get("distill_seconds") for r, (_, info) in zip(results, done)}
 
 
-__all__ = ["DISTILL_LABELS", "DistillStages", "policy_method", "policy_name"]
+__all__ = ["DISTILL_DATA", "DISTILL_LABELS", "DistillStages", "policy_method", "policy_name"]

@@ -111,6 +111,20 @@ def closing_note(iro: list[MethodResult], baselines: list[MethodResult], seconds
     return [f"- held-out reward: {', '.join(parts)}; wall time {seconds / 60:.1f} min."] if parts else []
 
 
+def distill_data(config: LoopConfig, last: int) -> str:
+    """What the distilled policies learned from, as the report says it.
+
+    >>> distill_data(LoopConfig(distill_search={"mode": "pf", "k": 16}), 3)
+    "the final policy's own rollouts of the training prompts (PF k=16 l=8 over V_1..V_3)"
+    >>> distill_data(LoopConfig(), 3)
+    "iteration 3's rollouts"
+    """
+    if config.distill_search is None:
+        return f"iteration {last}'s rollouts"
+    return (f"the final policy's own rollouts of the training prompts ({search_text(config.distill_search)} over "
+            f"V_1..V_{last})")
+
+
 def distill_verdict(iro: list[MethodResult], baselines: list[MethodResult], distilled: list[MethodResult],
                     seconds: dict[str, float] | None = None) -> list[str]:
     """Per distilled policy: the fraction of the final IRO's gain over base it recovers at 1x cost,
@@ -172,7 +186,7 @@ def render_report(data: ReportData) -> str:
         f"{d.final_value}; tokens = completion tokens generated per prompt, every candidate included",
         f"- wall time of all stages: {d.total_seconds:.0f} s",
         *([f"- distilled: LoRA policies trained by `iro distill` ({', '.join(c.distill)}, preset "
-           f"`{c.distill_preset}` {c.distill_options or ''}) on iteration {d.iterations[-1]}'s rollouts, sampled plainly "
+           f"`{c.distill_preset}` {c.distill_options or ''}) on {distill_data(c, d.iterations[-1])}, sampled plainly "
            "(N=1) through their model names; KL to base = KL(policy || base) per response token on the "
            "distillation's held-out rollouts"] if distilled else []), "",
         "## Held-out reward per iteration", "", *rows, "",

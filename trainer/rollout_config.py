@@ -110,6 +110,8 @@ class RolloutConfig:
 
     def pinned(self) -> dict[str, Any]:
         """The search fields this job sets (the rest are the value's defaults)."""
+        if isinstance(self.search, SearchSettings):
+            return self.search.for_request()
         return self.search.model_dump(exclude_none=True) if self.search is not None else {}
 
     def guidance(self) -> dict[str, Any] | None:

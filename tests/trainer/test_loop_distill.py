@@ -224,3 +224,58 @@ def test_plot_marks_each_distilled_policy(tmp_path, monkeypatch):
                            result("distilled (IS-DPO)", "distilled", 0.4, 40)], tmp_path / "p.png")
     marks = {label: (marker, x) for label, marker, x in calls}
     assert marks["distilled (APA), 1x cost"] == ("D", [40]) and marks["distilled (IS-DPO), 1x cost"][0] == "P"
+
+
+def test_distill_search_collects_the_final_policys_own_rollouts_to_distil_from(tmp_path, monkeypatch):
+    import trainer.loop
+    from trainer.rollout_records import RolloutStats
+
+    asked = []
+
+    def fake_rollout(prompts, path, config):  # what the server would answer: one record per (prompt, sample)
+        prompts = list(prompts)
+        asked.append((path, config))
+        with path.open("a") as f:
+            for item in prompts:
+                for j in range(config.samples_per_prompt):
+                    f.write(json.dumps({"id": f"{item.id}:{j}", "prompt_id": item.id, "response": "good",
+                                        "prompt_token_ids": [1], "response_token_ids": [5], "reward": None}) + "\n")
+        n = len(prompts) * config.samples_per_prompt
+        return RolloutStats(total=n, skipped=0, written=n, completion_tokens=16 * n)
+
+    monkeypatch.setattr(trainer.loop, "run_rollout", fake_rollout)
+    loop = make_loop(tmp_path, distill_search={"mode": "pf", "k": 16, "budget_tokens": 512})
+    assert loop.distiller().data_path() == loop.run_dir / "distill-data" / "labelled.jsonl"
+    assert make_loop(tmp_path / "plain").distiller().data_path().parts[-2:] == ("it1", "labelled.jsonl")
+    loop.state.set_version(1, 3)
+    info = loop.distill_rollout()
+    path, config = asked[0]
+    assert path == loop.run_dir / "distill-data" / "rollouts.jsonl"
+    # the final chain, every field of the search pinned except those pf has no use for (the server refuses w)
+    assert config.guidance() == {"value": "rev@3", "mode": "pf", "k": 16, "l": 8, "budget_tokens": 512}
+    assert config.seed == 2 and config.samples_per_prompt == loop.config.samples_per_prompt  # iteration T+1's seeds
+    assert info["policy"] == "rev@3" and info["search"]["mode"] == "pf"
+    loop.state.finish("distill-data/rollout", info)
+    labelled = loop._label(loop.run_dir / "distill-data")
+    loop.state.finish("distill-data/reward", labelled)
+    assert labelled["records"] == loop.config.n_train_prompts * loop.config.samples_per_prompt
+    assert (loop.run_dir / "distill-data" / "labelled.jsonl").exists()
+
+    loop._forget_other_distill_data()  # the same search: kept
+    assert loop.state.stage("distill-data/reward") is not None
+    loop.config = loop.config.model_copy(update={"distill_search": loop.config.distill_search.model_copy(
+        update={"k": 8})})
+    loop._forget_other_distill_data()  # another search: collected again, not resumed onto the old file
+    assert loop.state.stage("distill-data/rollout") is None and loop.state.stage("distill-data/reward") is None
+    assert not (loop.run_dir / "distill-data" / "rollouts.jsonl").exists()
+
+
+def test_distill_search_may_change_until_the_first_distillation(tmp_path):
+    state = RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
+    state.finish("distill-data/rollout", {"search": {}})
+    pf = LoopConfig.from_preset("smoke", distill=["apa"], distill_search={"mode": "pf", "k": 8})
+    again = RunState.open(tmp_path / "run", pf)
+    assert again.data["config"]["distill_search"]["mode"] == "pf"
+    again.finish("distill/apa/train", {"policy": "x"})
+    with pytest.raises(LoopError, match="distill_search"):
+        RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
