@@ -11,8 +11,8 @@ publish (the server hot-swaps) -> evaluate, then baselines and a report.
     distil data:  (with `distill` and `distill_search`) the training prompts answered afresh by the
                   final policy (V_1..V_T with `distill_search`) into distill-data/, labelled
     distil:       (with `distill`, per method) train a LoRA policy on those rollouts, or on iteration
-                  T's guided rollouts without `distill_search` (`iro distill`: APA advantages from the final chain V_1..V_T; IS-DPO pairs by
-                  reward), publish it into the policy registry the server watches, wait until it
+                  T's guided rollouts without `distill_search` (`iro distill`: APA advantages from
+                  the final chain V_1..V_T; IS-DPO pairs by reward), publish it into the policy registry the server watches, wait until it
                   serves, evaluate it with plain sampling (N = 1) through its model name
                   report    report.md, reward_vs_tokens.png, reward_per_iteration.png
 
