@@ -45,8 +45,9 @@ def test_methods_and_their_requests():
     assert methods[1].file_stem() == "bon-4__review-v3" and methods[0].file_stem() == "base"
     assert methods[-1].settings() == "w=4 k=4 l=8"
     bon_iro = Method("iro", "IRO", "cbs", "review@3", search=SearchSettings(mode="bon", k=8))
-    assert bon_iro.rollout_config(template).guidance() == {"value": "review@3", "mode": "bon", "w": 4, "k": 8, "l": 8}
-    assert bon_iro.settings() == "BON w=4 k=8 l=8"  # a mode other than cbs is named
+    # only the fields bon uses: the server refuses guidance.w and guidance.l with mode bon
+    assert bon_iro.rollout_config(template).guidance() == {"value": "review@3", "mode": "bon", "k": 8}
+    assert bon_iro.settings() == "BON k=8"  # a mode other than cbs is named
     default = Method("iro", "IRO", "cbs", "review@3")  # no search: cbs with the value's defaults
     assert default.rollout_config(template).guidance() == {"value": "review@3", "mode": "cbs"}
     assert SearchOverrides(w=2).given() == {"w": 2}
