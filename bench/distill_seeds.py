@@ -8,9 +8,9 @@ on the same held-out prompts and sampling seeds as the run's base and IRO-T rows
     python -m bench.distill_seeds --run runs/rs --seeds 0,1,2 --methods apa,is-dpo \
         --values-dir VALUES --policies-dir POLICIES --out bench/results/distill-seeds
 
-With `--distill-search mode=pf,k=16,...` the copies distil from the final policy's own rollouts with that
-search (the loop's `distill_search`): the first seed's copy collects them, the others get a copy
-(`share_data`), so every seed learns from the same rollouts.
+With `--distill-from base` (the base model's samples) or `--distill-from mode=pf,k=16,...` (the final
+policy's own rollouts with that search), the loop's `distill_from`: the first seed's copy collects
+them, the others get a copy (`share_data`), so every seed learns from the same rollouts.
 
 Per seed and method: the held-out reward with its 95% CI, its share of IRO-T's gain over base, its
 distinct-2 against base's, its KL to base, and the checkpoint the KL budget and selection published
@@ -46,19 +46,19 @@ def seed_run(run: Path, seed: int, tag: str = "") -> Path:
     return dest
 
 
-def share_data(run: Path, dest: Path, search: dict[str, Any]) -> Path | None:
-    """Give the seed copy `dest` the distillation rollouts (`distill_search` = `search`) that another
+def share_data(run: Path, dest: Path, source: str | dict[str, Any]) -> Path | None:
+    """Give the seed copy `dest` the distillation rollouts (`distill_from` = `source`) that another
     copy of `run` collected already, so every seed learns from the same rollouts, collected once.
     Returns the copy they came from (None: `dest` has them already, or no copy has)."""
-    from common.search_settings import SearchSettings
+    from trainer.loop_config import LoopConfig
     from trainer.loop_distill import DISTILL_DATA
 
-    wanted = SearchSettings.model_validate(search).model_dump()
+    wanted = LoopConfig(distill_from=source).distill_source()
     keys = ("distill-data/rollout", "distill-data/reward")
 
     def finished(state: dict[str, Any]) -> bool:
         stages = state["stages"]
-        return all(k in stages for k in keys) and stages[keys[0]].get("search") == wanted
+        return all(k in stages for k in keys) and stages[keys[0]].get("source") == wanted
 
     dest_state = json.loads((dest / "state.json").read_text())
     if finished(dest_state):
@@ -78,9 +78,9 @@ def share_data(run: Path, dest: Path, search: dict[str, Any]) -> Path | None:
 
 
 def seed_config(run: Path, seed: int, methods: list[str], options: dict[str, Any], preset: str, tag: str = "",
-                distill_search: dict[str, Any] | None = None):
-    """The run's own config with distillation: `preset`, `options` and the seed over it (and the search
-    of the final policy's rollouts it learns from, `distill_search`)."""
+                distill_from: str | dict[str, Any] = "last"):
+    """The run's own config with distillation: `preset`, `options` and the seed over it, learning from
+    `distill_from`."""
     from trainer.loop_config import LoopConfig
     from trainer.tasks import load_task
 
@@ -89,7 +89,7 @@ def seed_config(run: Path, seed: int, methods: list[str], options: dict[str, Any
     return LoopConfig.model_validate({**config, "distill": methods, "distill_preset": preset,
                                       "distill_options": {**options, "seed": seed},
                                       "distill_name": f"{name}-{tag}seed{seed}",
-                                      "distill_search": distill_search})
+                                      "distill_from": distill_from})
 
 
 def row(loop, method: str, seed: int, iro, base, *, min_share: float, max_drop: float) -> dict[str, Any]:
@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="A distillation option KEY=VALUE over the preset (repeatable; apa.lam=... for one method).")
     parser.add_argument("--tag", default="", help="Names the copies RUN-<tag>seed<S> and the policies "
                         "<value>-<tag>seed<S>-<method>: another sweep of the same run (other --set options).")
-    parser.add_argument("--distill-search", default=None, help="Distil from the final policy's own rollouts with "
-                        "this search, KEY=VALUE pairs joined by commas (e.g. mode=pf,k=16,l=8,budget_tokens=512): "
-                        "collected once, in the first seed's copy, and shared by the others. Default: iteration "
-                        "T's training rollouts.")
+    parser.add_argument("--distill-from", default="last", help="What to distil from: last (iteration T's training "
+                        "rollouts), base (the base model's samples), or a search of the final policy as KEY=VALUE "
+                        "pairs joined by commas (e.g. mode=pf,k=16,l=8): collected once, in the first seed's "
+                        "copy, and shared by the others.")
     parser.add_argument("--server", default=None)
     parser.add_argument("--admin-key", default=None)
     parser.add_argument("--values-dir", type=Path, required=True)
@@ -188,14 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     options = nest(dict(parse_override(o) for o in args.overrides))
     methods = [m for m in args.methods.split(",") if m]
     bounds = {"min_share": args.min_share, "max_drop": args.max_drop}
-    search = (dict(parse_override(kv) for kv in args.distill_search.split(",") if kv)
-              if args.distill_search else None)
+    source = (args.distill_from if args.distill_from in ("last", "base")
+              else dict(parse_override(kv) for kv in args.distill_from.split(",") if kv))
     rows, iro, base = [], None, None
     for seed in (int(s) for s in args.seeds.split(",")):
         run = seed_run(args.run, seed, args.tag)
-        if search is not None and (source := share_data(args.run, run, search)) is not None:
-            print(f"seed {seed}: the distillation rollouts of {source}", flush=True)
-        loop = IroLoop(seed_config(args.run, seed, methods, options, args.preset, args.tag, search), run_dir=run,
+        if source != "last" and (shared := share_data(args.run, run, source)) is not None:
+            print(f"seed {seed}: the distillation rollouts of {shared}", flush=True)
+        loop = IroLoop(seed_config(args.run, seed, methods, options, args.preset, args.tag, source), run_dir=run,
                        values_dir=args.values_dir, server=args.server or DEFAULT_SERVER, admin_key=args.admin_key,
                        policies_dir=args.policies_dir)
         print(f"seed {seed}: {loop.run()}", flush=True)

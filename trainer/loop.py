@@ -8,10 +8,11 @@ publish (the server hot-swaps) -> evaluate, then baselines and a report.
                   publish   into the server's registry (chain V_1..V_t); wait until it serves
                   eval      held-out prompts answered by IRO-t (CBS over V_1..V_t)
     then:         baselines base (N = 1) and Best-of-N ranked by the final chain
-    distil data:  (with `distill` and `distill_search`) the training prompts answered afresh by the
-                  final policy (V_1..V_T with `distill_search`) into distill-data/, labelled
+    distil data:  (with `distill` and `distill_from` base or a search) the training prompts answered
+                  afresh by the base model or by the final policy (V_1..V_T with that search) into
+                  distill-data/, labelled
     distil:       (with `distill`, per method) train a LoRA policy on those rollouts, or on iteration
-                  T's guided rollouts without `distill_search` (`iro distill`: APA advantages from
+                  T's guided rollouts (`distill_from` last, the default) (`iro distill`: APA advantages from
                   the final chain V_1..V_T; IS-DPO pairs by reward), publish it into the policy registry the server watches, wait until it
                   serves, evaluate it with plain sampling (N = 1) through its model name
                   report    report.md, reward_vs_tokens.png, reward_per_iteration.png
@@ -121,7 +122,7 @@ class IroLoop:
         final = self.state.version(self.last)
         self._stage(f"baselines/v{final}", lambda: self.baselines(final))
         distiller = self.distiller()
-        if self.config.distill and self.config.distill_search is not None:
+        if self.config.distill and self.config.distill_from != "last":
             self._forget_other_distill_data()
             self._stage("distill-data/rollout", self.distill_rollout)
             self._stage("distill-data/reward", lambda: self._label(self.run_dir / DISTILL_DATA))
@@ -189,14 +190,13 @@ class IroLoop:
             self.state.save()
 
     def _forget_other_distill_data(self) -> None:
-        """Drop the distillation rollouts (stages and files) when they were collected with another search
-        than `distill_search` now, so they are collected again rather than resumed."""
+        """Drop the distillation rollouts (stages and files) when they came from another source than
+        `distill_from` now, so they are collected again rather than resumed."""
         done = self.state.stage("distill-data/rollout")
-        wanted = self.config.distill_search.model_dump()
-        if done is None or done.get("search") == wanted:
+        wanted = self.config.distill_source()
+        if done is None or done.get("source") == wanted:
             return
-        log.info("the distillation rollouts were collected with %s, not %s: collecting them again",
-                 done.get("search"), wanted)
+        log.info("the distillation rollouts came from %s, not %s: collecting them again", done.get("source"), wanted)
         for key in ("distill-data/rollout", "distill-data/reward"):
             self.state.data["stages"].pop(key, None)
         for name in ("rollouts.jsonl", "labelled.jsonl"):
@@ -263,15 +263,17 @@ class IroLoop:
         return self._collect(self._dir(t), guided, seed=self.config.seed * 1000 + t)
 
     def distill_rollout(self) -> dict[str, Any]:
-        """Training prompts answered by the final policy pi_T (V_1..V_T with `distill_search`) into
-        `distill-data/rollouts.jsonl` (resumable): what distillation learns from. Seeded as iteration
-        T+1's rollouts would be."""
-        T = self.last
+        """Training prompts answered for distillation (`distill_from`) into `distill-data/rollouts.jsonl`
+        (resumable): by the base model, seeded as iteration 1's rollouts (a run from scratch gets the same
+        ones), or by the final policy pi_T (V_1..V_T with the search), seeded as iteration T+1's."""
+        source, seed = self.config.distill_from, self.config.seed * 1000
         d = self.run_dir / DISTILL_DATA
         d.mkdir(parents=True, exist_ok=True)
-        info = self._collect(d, dict(value=self._value(T), search=self.config.distill_search),
-                             seed=self.config.seed * 1000 + T + 1)
-        return {**info, "search": self.config.distill_search.model_dump()}
+        if source == "base":
+            info = self._collect(d, {}, seed=seed + 1)
+        else:
+            info = self._collect(d, dict(value=self._value(self.last), search=source), seed=seed + self.last + 1)
+        return {**info, "source": self.config.distill_source()}
 
     def _collect(self, d: Path, guided: dict[str, Any], *, seed: int) -> dict[str, Any]:
         """The training prompts, `samples_per_prompt` each, answered plainly or `guided` into `d/rollouts.jsonl`."""

@@ -99,10 +99,12 @@ class LoopConfig(BaseModel):
     distill_options: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the distillation preset (DistillConfig options); a method's name as the key
     holds overrides for that method alone (`distill_options.apa.lam=0.025`)."""
-    distill_search: SearchSettings | None = None
-    """The search of the rollouts distillation learns from: the training prompts answered afresh by the
-    final chain V_1..V_T with it, `samples_per_prompt` each (stages `distill-data/*`, into
-    `distill-data/`). None: iteration T's training rollouts (V_1..V_{T-1} with `rollout_search`)."""
+    distill_from: Literal["last", "base"] | SearchSettings = "last"
+    """The rollouts distillation learns from. `last`: iteration T's training rollouts (V_1..V_{T-1}
+    with `rollout_search`). `base`: plain samples of the training prompts by the base model, seeded as
+    iteration 1's. A search (`distill_from.mode=pf ...`): the training prompts answered afresh by the
+    final chain V_1..V_T with it, seeded as iteration T+1's. The last two are collected by the
+    stages `distill-data/*` into `distill-data/`, `samples_per_prompt` each."""
     distill_name: str | None = None
     """The distilled policies are published as `<distill_name>-<method>` (default: the value's name),
     so a copy of a run distilled again (another seed, other options) does not replace the first."""
@@ -134,6 +136,11 @@ class LoopConfig(BaseModel):
         for method in self.distill:
             self.distill_config(method)
         return self
+
+    def distill_source(self) -> str | dict[str, Any]:
+        """`distill_from` as stages record it (`last`, `base`, or the search's fields)."""
+        source = self.distill_from
+        return source.model_dump() if isinstance(source, SearchSettings) else source
 
     def distill_config(self, method: str, **overrides: Any):
         """The distillation config of `method`: `distill_preset` with `distill_options` over it. The
@@ -213,7 +220,7 @@ def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 RESUMABLE_OPTIONS = frozenset({"iterations", "progress", "publish_timeout", "concurrency", "distill"})
 """Options a run may be resumed with changed (more iterations, distillation added afterwards)."""
-DISTILL_OPTIONS = frozenset({"distill_preset", "distill_options", "distill_name", "distill_search"})
+DISTILL_OPTIONS = frozenset({"distill_preset", "distill_options", "distill_name", "distill_from"})
 """Options a run may be resumed with changed until its first distillation stage has finished."""
 
 

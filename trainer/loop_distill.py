@@ -1,6 +1,6 @@
 """The loop's distillation stages (after the last iteration, one set per method): train a LoRA
-policy on the final policy's own guided rollouts (`distill_search`: the loop's `distill-data/` stages)
-or else on iteration T's guided rollouts, publish it into the policy registry the server watches,
+policy on iteration T's guided rollouts (or, with `distill_from`, on the base model's samples or the
+final policy's own rollouts: the loop's `distill-data/` stages), publish it into the policy registry the server watches,
 wait until the server serves it, and evaluate it with plain sampling through its model name.
 
     distill/<method>/train   `iro distill` (APA advantages from the final chain V_1..V_T; IS-DPO pairs
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 DISTILL_LABELS = {"apa": "APA", "is-dpo": "IS-DPO", "is-ipo": "IS-IPO"}
 DISTILL_DATA = "distill-data"
-"""The run's folder of the rollouts distillation learns from when `distill_search` is set."""
+"""The run's folder of the rollouts distillation learns from when `distill_from` is not `last`."""
 
 
 def policy_name(config: LoopConfig, value_name: str, method: str) -> str:
@@ -91,9 +91,9 @@ class DistillStages:
                                 "not made by this run: choose another --name, or remove it from the registry")
 
     def data_path(self) -> Path:
-        """The labelled rollouts distillation learns from: the final policy's own (`distill-data/`) with
-        `distill_search`, else iteration T's training rollouts."""
-        if self.config.distill_search is not None:
+        """The labelled rollouts distillation learns from: iteration T's training rollouts (`distill_from`
+        last), else those the loop collected for it (`distill-data/`)."""
+        if self.config.distill_from != "last":
             return self.run_dir / DISTILL_DATA / "labelled.jsonl"
         return self.run_dir / f"it{self.state.last_iteration(self.config.iterations)}" / "labelled.jsonl"
 

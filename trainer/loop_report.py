@@ -114,14 +114,16 @@ def closing_note(iro: list[MethodResult], baselines: list[MethodResult], seconds
 def distill_data(config: LoopConfig, last: int) -> str:
     """What the distilled policies learned from, as the report says it.
 
-    >>> distill_data(LoopConfig(distill_search={"mode": "pf", "k": 16}), 3)
+    >>> distill_data(LoopConfig(distill_from={"mode": "pf", "k": 16}), 3)
     "the final policy's own rollouts of the training prompts (PF k=16 l=8 over V_1..V_3)"
-    >>> distill_data(LoopConfig(), 3)
-    "iteration 3's rollouts"
+    >>> distill_data(LoopConfig(), 3), distill_data(LoopConfig(distill_from="base"), 3)
+    ("iteration 3's rollouts", "the base model's samples of the training prompts")
     """
-    if config.distill_search is None:
+    if config.distill_from == "last":
         return f"iteration {last}'s rollouts"
-    return (f"the final policy's own rollouts of the training prompts ({search_text(config.distill_search)} over "
+    if config.distill_from == "base":
+        return "the base model's samples of the training prompts"
+    return (f"the final policy's own rollouts of the training prompts ({search_text(config.distill_from)} over "
             f"V_1..V_{last})")
 
 

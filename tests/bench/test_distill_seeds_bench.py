@@ -84,17 +84,17 @@ def test_seeds_share_the_final_policys_rollouts_collected_once(tmp_path):
     pf = {"mode": "pf", "k": 16}
     first, second = seed_run(run, 0), seed_run(run, 1)
     assert share_data(run, second, pf) is None  # no copy has them yet: the first seed collects them
-    state = RunState.open(first, seed_config(run, 0, ["apa"], {}, "full", distill_search=pf))
-    assert state.data["config"]["distill_search"]["k"] == 16
-    search = state.data["config"]["distill_search"]
-    state.finish("distill-data/rollout", {"search": search, "records": 2})
+    state = RunState.open(first, seed_config(run, 0, ["apa"], {}, "full", distill_from=pf))
+    assert state.data["config"]["distill_from"]["k"] == 16
+    state.finish("distill-data/rollout", {"source": state.data["config"]["distill_from"], "records": 2})
     (first / "distill-data").mkdir()
     (first / "distill-data" / "labelled.jsonl").write_text('{"prompt": "y"}\n')
     assert share_data(run, second, {"mode": "pf", "k": 16}) is None  # not labelled yet: nothing to share
     state.finish("distill-data/reward", {"records": 2})
     assert share_data(run, second, {"mode": "pf", "k": 8}) is None  # another search's rollouts are not these
+    assert share_data(run, second, "base") is None  # nor the base model's
     assert share_data(run, second, pf) == first
     assert (second / "distill-data" / "labelled.jsonl").read_text() == '{"prompt": "y"}\n'
-    shared = RunState.open(second, seed_config(run, 1, ["apa"], {}, "full", distill_search=pf))
+    shared = RunState.open(second, seed_config(run, 1, ["apa"], {}, "full", distill_from=pf))
     assert shared.stage("distill-data/rollout")["records"] == 2 and shared.stage("distill-data/reward")
     assert share_data(run, second, pf) is None  # it has them now

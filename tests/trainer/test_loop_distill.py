@@ -226,13 +226,11 @@ def test_plot_marks_each_distilled_policy(tmp_path, monkeypatch):
     assert marks["distilled (APA), 1x cost"] == ("D", [40]) and marks["distilled (IS-DPO), 1x cost"][0] == "P"
 
 
-def test_distill_search_collects_the_final_policys_own_rollouts_to_distil_from(tmp_path, monkeypatch):
-    import trainer.loop
+def recording_rollout(asked):
+    """`run_rollout` as the server would answer it (one record per prompt and sample), recording what was asked."""
     from trainer.rollout_records import RolloutStats
 
-    asked = []
-
-    def fake_rollout(prompts, path, config):  # what the server would answer: one record per (prompt, sample)
+    def fake_rollout(prompts, path, config):
         prompts = list(prompts)
         asked.append((path, config))
         with path.open("a") as f:
@@ -243,8 +241,15 @@ def test_distill_search_collects_the_final_policys_own_rollouts_to_distil_from(t
         n = len(prompts) * config.samples_per_prompt
         return RolloutStats(total=n, skipped=0, written=n, completion_tokens=16 * n)
 
-    monkeypatch.setattr(trainer.loop, "run_rollout", fake_rollout)
-    loop = make_loop(tmp_path, distill_search={"mode": "pf", "k": 16, "budget_tokens": 512})
+    return fake_rollout
+
+
+def test_distill_from_a_search_collects_the_final_policys_own_rollouts(tmp_path, monkeypatch):
+    import trainer.loop
+
+    asked = []
+    monkeypatch.setattr(trainer.loop, "run_rollout", recording_rollout(asked))
+    loop = make_loop(tmp_path, distill_from={"mode": "pf", "k": 16, "budget_tokens": 512})
     assert loop.distiller().data_path() == loop.run_dir / "distill-data" / "labelled.jsonl"
     assert make_loop(tmp_path / "plain").distiller().data_path().parts[-2:] == ("it1", "labelled.jsonl")
     loop.state.set_version(1, 3)
@@ -254,7 +259,7 @@ def test_distill_search_collects_the_final_policys_own_rollouts_to_distil_from(t
     # the final chain, every field of the search pinned except those pf has no use for (the server refuses w)
     assert config.guidance() == {"value": "rev@3", "mode": "pf", "k": 16, "l": 8, "budget_tokens": 512}
     assert config.seed == 2 and config.samples_per_prompt == loop.config.samples_per_prompt  # iteration T+1's seeds
-    assert info["policy"] == "rev@3" and info["search"]["mode"] == "pf"
+    assert info["policy"] == "rev@3" and info["source"]["mode"] == "pf"
     loop.state.finish("distill-data/rollout", info)
     labelled = loop._label(loop.run_dir / "distill-data")
     loop.state.finish("distill-data/reward", labelled)
@@ -263,19 +268,36 @@ def test_distill_search_collects_the_final_policys_own_rollouts_to_distil_from(t
 
     loop._forget_other_distill_data()  # the same search: kept
     assert loop.state.stage("distill-data/reward") is not None
-    loop.config = loop.config.model_copy(update={"distill_search": loop.config.distill_search.model_copy(
-        update={"k": 8})})
+    loop.config = loop.config.model_copy(update={"distill_from": loop.config.distill_from.model_copy(update={"k": 8})})
     loop._forget_other_distill_data()  # another search: collected again, not resumed onto the old file
     assert loop.state.stage("distill-data/rollout") is None and loop.state.stage("distill-data/reward") is None
     assert not (loop.run_dir / "distill-data" / "rollouts.jsonl").exists()
 
 
-def test_distill_search_may_change_until_the_first_distillation(tmp_path):
+def test_distill_from_base_collects_plain_samples_seeded_as_iteration_one(tmp_path, monkeypatch):
+    import trainer.loop
+
+    asked = []
+    monkeypatch.setattr(trainer.loop, "run_rollout", recording_rollout(asked))
+    loop = make_loop(tmp_path, distill_from="base")
+    loop.state.set_version(1, 3)
+    info = loop.distill_rollout()
+    _, config = asked[0]
+    assert config.guidance() is None and config.value is None  # plain sampling from the base model
+    first = loop._template(samples_per_prompt=loop.config.samples_per_prompt, seed=loop.config.seed * 1000 + 1)
+    assert config == first  # iteration 1's job: a run from scratch gets the very same samples
+    assert info["policy"] == "base" and info["source"] == "base"
+    assert loop.distiller().data_path() == loop.run_dir / "distill-data" / "labelled.jsonl"
+
+
+def test_distill_from_may_change_until_the_first_distillation(tmp_path):
     state = RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
-    state.finish("distill-data/rollout", {"search": {}})
-    pf = LoopConfig.from_preset("smoke", distill=["apa"], distill_search={"mode": "pf", "k": 8})
+    state.finish("distill-data/rollout", {"source": "last"})
+    pf = LoopConfig.from_preset("smoke", distill=["apa"], distill_from={"mode": "pf", "k": 8})
     again = RunState.open(tmp_path / "run", pf)
-    assert again.data["config"]["distill_search"]["mode"] == "pf"
+    assert again.data["config"]["distill_from"]["mode"] == "pf"
     again.finish("distill/apa/train", {"policy": "x"})
-    with pytest.raises(LoopError, match="distill_search"):
+    with pytest.raises(LoopError, match="distill_from"):
         RunState.open(tmp_path / "run", LoopConfig.from_preset("smoke", distill=["apa"]))
+    with pytest.raises(ValueError, match="distill_from"):
+        LoopConfig.from_preset("smoke", distill_from="bse")
