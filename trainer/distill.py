@@ -45,7 +45,7 @@ import torch
 
 from common.dtype import log_dtype
 
-from trainer.distill_checkpoints import Checkpoint, select_checkpoint
+from trainer.distill_checkpoints import STOP_SLACK, Checkpoint, select_checkpoint
 from trainer.distill_config import DistillConfig
 from trainer.distill_losses import apa_loss, apa_sequence_loss, is_daa_loss, sequence_logps, token_kl
 from trainer.optimization import Optimizer, total_steps
@@ -456,9 +456,10 @@ class DistillTrainer:
                 rule = "kl"
                 log.warning("distill %s: select=reward without a %s: the kl rule chooses the checkpoint", c.method,
                             "reward function" if reward_fn is None else "held-out sample (eval_prompts/eval_samples)")
-            bound = c.kl_budget if c.kl_rule == "bound" else None  # `stop`: the budget stopped training, no more
-            choice = select_checkpoint(checkpoints, rule, kl_budget=bound, max_distinct_drop=c.max_distinct_drop,
-                                       base_distinct_2=base_d2, on_none_eligible=c.on_none_eligible)
+            # `stop`: the budget stopped training; a checkpoint counts as inside it up to PPO's 1.5x
+            slack = 1.0 if c.kl_rule == "bound" else STOP_SLACK
+            choice = select_checkpoint(checkpoints, rule, kl_budget=c.kl_budget, max_distinct_drop=c.max_distinct_drop,
+                                       base_distinct_2=base_d2, on_none_eligible=c.on_none_eligible, kl_slack=slack)
             if not choice.eligible:
                 log.warning("distill %s: publishing step %d: %s", c.method, choice.step, choice.why)
             chosen = checkpoints[choice.index]

@@ -5,8 +5,11 @@ Every `eval_every` steps the trainer measures a checkpoint (per-token KL to the 
 held-out rollouts; the reward and distinct-2 of plain samples on held-out prompts) and keeps its
 adapter weights in memory. Training stops once the KL reaches `kl_budget`. A checkpoint is
 *eligible* when its distinct-2 is at most `max_distinct_drop` below the base model's (same prompts,
-same seeds) and, when a `kl_budget` is given here, its KL is within it (the trainer gives it only
-with `kl_rule: bound`; by default the budget only stops training, as PPO's target KL). The rules:
+same seeds) and, when a `kl_budget` is given here, its KL is within `kl_slack` times it. The trainer
+gives the budget with slack 1 under `kl_rule: bound`; under the default `kl_rule: stop` the budget
+stops training, as PPO's target KL does, and the checkpoint that reached it stays eligible up to
+`STOP_SLACK` (1.5) times the budget, PPO's own early-stop threshold: one that overshot further
+moved too far between two measurements to count as inside the budget. The rules:
 
 - `reward`: the eligible checkpoint with the highest held-out reward (without a reward function the
   trainer falls back to `kl`, and the selection record says so);
@@ -32,6 +35,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Rule = Literal["reward", "kl", "last"]
+
+STOP_SLACK = 1.5
+"""Under `kl_rule: stop`, a checkpoint stays eligible up to this multiple of the KL budget (PPO
+implementations stop an update once the KL passes 1.5 times the target)."""
 
 
 class NoEligibleCheckpoint(ValueError):
@@ -79,13 +86,20 @@ class Choice:
 
 
 def mark_eligible(checkpoints: Sequence[Checkpoint], *, kl_budget: float | None, max_distinct_drop: float,
-                  base_distinct_2: float | None) -> None:
-    """Set each checkpoint's `eligible` and `why_not` (the bounds it misses)."""
+                  base_distinct_2: float | None, kl_slack: float = 1.0) -> None:
+    """Set each checkpoint's `eligible` and `why_not` (the bounds it misses).
+
+    >>> cps = [Checkpoint(30, kl_to_base=0.17), Checkpoint(60, kl_to_base=1.1)]
+    >>> mark_eligible(cps, kl_budget=0.12, max_distinct_drop=0.1, base_distinct_2=None, kl_slack=STOP_SLACK)
+    >>> [(cp.eligible, cp.why_not) for cp in cps]
+    [(True, []), (False, ['KL 1.1000 > 1.5 x budget 0.12'])]
+    """
     floor = None if base_distinct_2 is None else (1 - max_distinct_drop) * base_distinct_2
     for cp in checkpoints:
         cp.why_not = []
-        if kl_budget is not None and cp.kl_to_base > kl_budget:
-            cp.why_not.append(f"KL {cp.kl_to_base:.4f} > budget {kl_budget:g}")
+        if kl_budget is not None and cp.kl_to_base > kl_budget * kl_slack:
+            limit = f"budget {kl_budget:g}" if kl_slack == 1 else f"{kl_slack:g} x budget {kl_budget:g}"
+            cp.why_not.append(f"KL {cp.kl_to_base:.4f} > {limit}")
         if floor is not None and cp.distinct_2 is not None and cp.distinct_2 < floor:
             cp.why_not.append(f"distinct-2 {cp.distinct_2:.4f} is more than {max_distinct_drop:.0%} below "
                               f"the base's {base_distinct_2:.4f}")
@@ -94,12 +108,12 @@ def mark_eligible(checkpoints: Sequence[Checkpoint], *, kl_budget: float | None,
 
 def select_checkpoint(checkpoints: Sequence[Checkpoint], rule: Rule, *, kl_budget: float | None,
                       max_distinct_drop: float, base_distinct_2: float | None,
-                      on_none_eligible: Literal["lowest_kl", "refuse"] = "lowest_kl") -> Choice:
+                      on_none_eligible: Literal["lowest_kl", "refuse"] = "lowest_kl", kl_slack: float = 1.0) -> Choice:
     """The checkpoint to publish under `rule` (see the module docstring); marks eligibility."""
     if not checkpoints:
         raise ValueError("no checkpoints to choose from (training ran no step)")
     mark_eligible(checkpoints, kl_budget=kl_budget, max_distinct_drop=max_distinct_drop,
-                  base_distinct_2=base_distinct_2)
+                  base_distinct_2=base_distinct_2, kl_slack=kl_slack)
     if rule == "reward" and any(cp.reward is None for cp in checkpoints):
         raise ValueError("select=reward needs the held-out reward of every checkpoint")
     if rule == "last":
@@ -126,4 +140,4 @@ def select_checkpoint(checkpoints: Sequence[Checkpoint], rule: Rule, *, kl_budge
     return Choice(i, checkpoints[i].step, rule, why, True)
 
 
-__all__ = ["Checkpoint", "Choice", "NoEligibleCheckpoint", "mark_eligible", "select_checkpoint"]
+__all__ = ["STOP_SLACK", "Checkpoint", "Choice", "NoEligibleCheckpoint", "mark_eligible", "select_checkpoint"]

@@ -84,8 +84,9 @@ class DistillConfig(BaseModel):
     """Per-token KL(policy || base) on the held-out rollouts at which training stops (PPO's target
     KL; null: no budget). Needs `eval_every`. `kl_rule` says whether it also bounds eligibility."""
     kl_rule: Literal["stop", "bound"] = "stop"
-    """`stop` (PPO's target KL): the budget only stops training, so the checkpoint that reached it can
-    still be published; `bound`: a checkpoint above the budget is also not eligible."""
+    """`stop` (PPO's target KL): the budget stops training, and the checkpoint that reached it can still
+    be published unless its KL passed 1.5 times the budget (PPO's early-stop threshold); `bound`: a
+    checkpoint above the budget is not eligible."""
     select: Literal["reward", "kl", "last"] = "reward"
     """Which checkpoint is published: `reward`, the highest held-out reward among the eligible ones
     (KL within the budget, distinct-2 within `max_distinct_drop` of the base's; without a reward

@@ -102,6 +102,23 @@ def test_the_checkpoint_that_reached_the_budget_is_published_under_the_stop_rule
     assert sel["checkpoints"][1]["why_not"] == ([] if kl_rule == "stop" else ["KL 0.0700 > budget 0.05"])
 
 
+def test_under_the_stop_rule_a_checkpoint_far_over_the_budget_is_not_eligible(tiny32, data, monkeypatch):
+    """A checkpoint that passed 1.5 times the budget (PPO's early-stop threshold) moved too far between
+    two measurements: the earlier one, inside the budget, is published instead, though its reward is lower."""
+    kls = iter([0.0, 0.02, 0.08])  # step 4 at 1.6 times the 0.05 budget
+    samples = iter([(0.3, 0.70), (0.6, 0.70)])
+    monkeypatch.setattr(DistillTrainer, "evaluate", lambda self, units, adv, rollouts: {
+        "loss": 1.0, "kl_to_base": next(kls) if rollouts else None})
+    monkeypatch.setattr(DistillTrainer, "sample_metrics", lambda self, prompts, reward_fn, *, adapter: (
+        dict(zip(("reward", "distinct_2"), next(samples))) if adapter else {"reward": 0.1, "distinct_2": 0.70}))
+    examples, texts = data
+    result = DistillTrainer(config("apa", eval_every=2, kl_budget=0.05, max_steps=20, eval_prompts=2),
+                            tiny32).train(examples, reward_fn=low_half_reward, prompt_texts=texts)
+    sel = result.metrics["selection"]
+    assert (sel["kl_rule"], sel["chosen_step"], sel["eligible"]) == ("stop", 2, True)
+    assert sel["checkpoints"][1]["why_not"] == ["KL 0.0800 > 1.5 x budget 0.05"]
+
+
 def test_a_budget_no_checkpoint_meets_falls_back_to_the_lowest_kl_or_refuses(tiny32, data):
     """Real KL: a budget below the first step's KL stops training at step 1; without a reward the
     `reward` rule falls back to `kl`, recorded; `on_none_eligible=refuse` publishes nothing."""
