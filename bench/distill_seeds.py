@@ -63,17 +63,17 @@ def share_data(run: Path, dest: Path, source: str | dict[str, Any]) -> Path | No
     dest_state = json.loads((dest / "state.json").read_text())
     if finished(dest_state):
         return None
-    for source in sorted(run.parent.glob(f"{run.name}-*seed*")):
-        if source == dest or not (source / "state.json").exists():
+    for copy in sorted(run.parent.glob(f"{run.name}-*seed*")):
+        if copy == dest or not (copy / "state.json").exists():
             continue
-        state = json.loads((source / "state.json").read_text())
+        state = json.loads((copy / "state.json").read_text())
         if state.get("run_id") != dest_state.get("run_id") or not finished(state):
             continue
         shutil.rmtree(dest / DISTILL_DATA, ignore_errors=True)
-        shutil.copytree(source / DISTILL_DATA, dest / DISTILL_DATA)
+        shutil.copytree(copy / DISTILL_DATA, dest / DISTILL_DATA)
         dest_state["stages"].update({k: state["stages"][k] for k in keys})
         (dest / "state.json").write_text(json.dumps(dest_state, indent=1))
-        return source
+        return copy
     return None
 
 

@@ -12,8 +12,9 @@ publish (the server hot-swaps) -> evaluate, then baselines and a report.
                   afresh by the base model or by the final policy (V_1..V_T with that search) into
                   distill-data/, labelled
     distil:       (with `distill`, per method) train a LoRA policy on those rollouts, or on iteration
-                  T's guided rollouts (`distill_from` last, the default) (`iro distill`: APA advantages from
-                  the final chain V_1..V_T; IS-DPO pairs by reward), publish it into the policy registry the server watches, wait until it
+                  T's guided rollouts with `distill_from` last, the default (`iro distill`: APA
+                  advantages from the final chain V_1..V_T; IS-DPO pairs by reward), publish it
+                  into the policy registry the server watches, wait until it
                   serves, evaluate it with plain sampling (N = 1) through its model name
                   report    report.md, reward_vs_tokens.png, reward_per_iteration.png
 
@@ -191,12 +192,15 @@ class IroLoop:
 
     def _forget_other_distill_data(self) -> None:
         """Drop the distillation rollouts (stages and files) when they came from another source than
-        `distill_from` now, so they are collected again rather than resumed."""
+        `distill_from` now, or from another final chain (a run resumed with more iterations), so they
+        are collected again rather than resumed."""
         done = self.state.stage("distill-data/rollout")
         wanted = self.config.distill_source()
-        if done is None or done.get("source") == wanted:
+        policy = "base" if wanted == "base" else self._value(self.last)
+        if done is None or (done.get("source"), done.get("policy")) == (wanted, policy):
             return
-        log.info("the distillation rollouts came from %s, not %s: collecting them again", done.get("source"), wanted)
+        log.info("the distillation rollouts came from %s (%s), not %s (%s): collecting them again",
+                 done.get("source"), done.get("policy"), wanted, policy)
         for key in ("distill-data/rollout", "distill-data/reward"):
             self.state.data["stages"].pop(key, None)
         for name in ("rollouts.jsonl", "labelled.jsonl"):

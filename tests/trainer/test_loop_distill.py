@@ -268,6 +268,12 @@ def test_distill_from_a_search_collects_the_final_policys_own_rollouts(tmp_path,
 
     loop._forget_other_distill_data()  # the same search: kept
     assert loop.state.stage("distill-data/reward") is not None
+    loop.state.set_version(2, 4)
+    loop.config = loop.config.model_copy(update={"iterations": 2})  # resumed with one more iteration
+    loop._forget_other_distill_data()  # rollouts of V_1..V_3 are not the final policy's any more
+    assert loop.state.stage("distill-data/rollout") is None
+    loop.config = loop.config.model_copy(update={"iterations": 1})
+    loop.state.data["stages"].update({"distill-data/rollout": info, "distill-data/reward": labelled})
     loop.config = loop.config.model_copy(update={"distill_from": loop.config.distill_from.model_copy(update={"k": 8})})
     loop._forget_other_distill_data()  # another search: collected again, not resumed onto the old file
     assert loop.state.stage("distill-data/rollout") is None and loop.state.stage("distill-data/reward") is None
