@@ -51,10 +51,10 @@ def share_data(run: Path, dest: Path, source: str | dict[str, Any]) -> Path | No
     copy of `run` collected already, so every seed learns from the same rollouts, collected once.
     Returns the copy they came from (None: `dest` has them already, or no copy has)."""
     from trainer.loop_config import LoopConfig
-    from trainer.loop_distill import DISTILL_DATA
+    from trainer.loop_distill import DISTILL_DATA, DISTILL_DATA_STAGES
 
     wanted = LoopConfig(distill_from=source).distill_source()
-    keys = ("distill-data/rollout", "distill-data/reward")
+    keys = DISTILL_DATA_STAGES
 
     def finished(state: dict[str, Any]) -> bool:
         stages = state["stages"]

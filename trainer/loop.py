@@ -56,7 +56,7 @@ from typing import Any
 from trainer.eval_results import MethodResult
 from trainer.evaluate import BASE, Method, best_of_n, evaluate_method
 from trainer.loop_config import LoopConfig
-from trainer.loop_distill import DISTILL_DATA, DistillStages, policy_name
+from trainer.loop_distill import DISTILL_DATA, DISTILL_DATA_STAGES, DistillStages, policy_name
 from trainer.loop_report import IterationRow, ReportData, render_report
 from trainer.loop_state import LoopError, RunState, ServerLink
 from trainer.rollout import DEFAULT_SERVER, RolloutConfig, run_rollout
@@ -125,8 +125,9 @@ class IroLoop:
         distiller = self.distiller()
         if self.config.distill and self.config.distill_from != "last":
             self._forget_other_distill_data()
-            self._stage("distill-data/rollout", self.distill_rollout)
-            self._stage("distill-data/reward", lambda: self._label(self.run_dir / DISTILL_DATA))
+            rollout, reward = DISTILL_DATA_STAGES
+            self._stage(rollout, self.distill_rollout)
+            self._stage(reward, lambda: self._label(self.run_dir / DISTILL_DATA))
         for method in self.config.distill:
             self._stage(f"distill/{method}/train", lambda: distiller.train(method))
             self._stage(f"distill/{method}/serve", lambda: distiller.serve(method))
@@ -194,14 +195,14 @@ class IroLoop:
         """Drop the distillation rollouts (stages and files) when they came from another source than
         `distill_from` now, or from another final chain (a run resumed with more iterations), so they
         are collected again rather than resumed."""
-        done = self.state.stage("distill-data/rollout")
+        done = self.state.stage(DISTILL_DATA_STAGES[0])
         wanted = self.config.distill_source()
         policy = "base" if wanted == "base" else self._value(self.last)
         if done is None or (done.get("source"), done.get("policy")) == (wanted, policy):
             return
         log.info("the distillation rollouts came from %s (%s), not %s (%s): collecting them again",
                  done.get("source"), done.get("policy"), wanted, policy)
-        for key in ("distill-data/rollout", "distill-data/reward"):
+        for key in DISTILL_DATA_STAGES:
             self.state.data["stages"].pop(key, None)
         for name in ("rollouts.jsonl", "labelled.jsonl"):
             (self.run_dir / DISTILL_DATA / name).unlink(missing_ok=True)

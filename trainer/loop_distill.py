@@ -1,7 +1,7 @@
 """The loop's distillation stages (after the last iteration, one set per method): train a LoRA
 policy on iteration T's guided rollouts (or, with `distill_from`, on the base model's samples or the
-final policy's own rollouts: the loop's `distill-data/` stages), publish it into the policy registry the server watches,
-wait until the server serves it, and evaluate it with plain sampling through its model name.
+final policy's own rollouts: the loop's `distill-data/` stages), publish it into the policy registry
+the server watches, wait until the server serves it, and evaluate it with plain sampling through its model name.
 
     distill/<method>/train   `iro distill` (APA advantages from the final chain V_1..V_T; IS-DPO pairs
                              by reward) -> `<value name>-<method>` in the policy registry
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 DISTILL_LABELS = {"apa": "APA", "is-dpo": "IS-DPO", "is-ipo": "IS-IPO"}
 DISTILL_DATA = "distill-data"
 """The run's folder of the rollouts distillation learns from when `distill_from` is not `last`."""
+DISTILL_DATA_STAGES = ("distill-data/rollout", "distill-data/reward")
+"""The loop's stages that collect and label them (in this order)."""
 
 
 def policy_name(config: LoopConfig, value_name: str, method: str) -> str:
@@ -197,4 +199,4 @@ class DistillStages:
         return results, {r.label: info.get("distill_seconds") for r, (_, info) in zip(results, done)}
 
 
-__all__ = ["DISTILL_DATA", "DISTILL_LABELS", "DistillStages", "policy_method", "policy_name"]
+__all__ = ["DISTILL_DATA", "DISTILL_DATA_STAGES", "DISTILL_LABELS", "DistillStages", "policy_method", "policy_name"]
