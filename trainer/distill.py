@@ -47,7 +47,7 @@ from common.dtype import log_dtype
 
 from trainer.distill_checkpoints import STOP_SLACK, Checkpoint, select_checkpoint
 from trainer.distill_config import DistillConfig
-from trainer.distill_losses import apa_loss, apa_sequence_loss, is_daa_loss, sequence_logps, token_kl
+from trainer.distill_losses import apa_loss, apa_sequence_loss, cover_kl, is_daa_loss, sequence_logps, token_kl
 from trainer.optimization import Optimizer, total_steps
 from trainer.value_trainer import Example, batches, collate, split_examples
 from valuefn.model import backbone_identity, default_device
@@ -233,27 +233,35 @@ class DistillTrainer:
         for i, a in enumerate(advantages):
             p, k = int(batch.prompt_lens[i]), int(batch.kept[i])
             adv[i, p: p + k] = torch.tensor(a[:k], dtype=adv.dtype)
-        ref_logp, ref_sum = sequence_logps(self._logits(batch, reference=True), batch.input_ids, mask)  # (B, L), (B,)
-        logp, logp_sum = sequence_logps(self._logits(batch, reference=False), batch.input_ids, mask)
+        ref_logits, logits = self._logits(batch, reference=True), self._logits(batch, reference=False)
+        ref_logp, ref_sum = sequence_logps(ref_logits, batch.input_ids, mask)  # (B, L), (B,)
+        logp, logp_sum = sequence_logps(logits, batch.input_ids, mask)
         if self.token_advantages:
             loss = apa_loss(logp, ref_logp, adv, mask, lam=self.config.lam)
         else:  # one advantage per response: adv holds it at every response token
             seq_adv = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
             loss = apa_sequence_loss(logp_sum, ref_sum, seq_adv, lam=self.config.lam)
-        return loss, {"tokens": batch.tokens}
+        return self._covered(loss, logits, ref_logits, mask), {"tokens": batch.tokens}
 
     def _pair_step(self, pairs: Sequence[tuple[Example, Example]]) -> tuple[torch.Tensor, dict]:
         seqs = [c for c, _ in pairs] + [r for _, r in pairs]  # chosen first, then rejected
         batch = collate(seqs, self.config.max_len).to(self.device)
         mask = self._response_mask(batch)
-        _, ref = sequence_logps(self._logits(batch, reference=True), batch.input_ids, mask)  # (2P,)
-        _, pol = sequence_logps(self._logits(batch, reference=False), batch.input_ids, mask)
+        ref_logits, logits = self._logits(batch, reference=True), self._logits(batch, reference=False)
+        _, ref = sequence_logps(ref_logits, batch.input_ids, mask)  # (2P,)
+        _, pol = sequence_logps(logits, batch.input_ids, mask)
         P = len(pairs)
         out = is_daa_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta=self.config.beta, clip_eps=self.config.clip_eps,
                           kind="ipo" if self.config.method == "is-ipo" else "dpo",
                           sft_weight=self.config.sft_weight, chosen_tokens=mask[:P].sum(-1))
-        return out.loss, {"tokens": batch.tokens, "weight": float(out.weights.mean()),
+        return self._covered(out.loss, logits, ref_logits, mask), {"tokens": batch.tokens, "weight": float(out.weights.mean()),
                           "accuracy": float((out.margins > 0).float().mean())}
+
+    def _covered(self, loss: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """`loss` plus `cover_weight` x KL(base || policy) over the batch's responses (when set)."""
+        w = self.config.cover_weight
+        return loss + w * cover_kl(logits, ref_logits, mask) if w else loss
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -392,19 +400,34 @@ class DistillTrainer:
                     prompts[e.group] = (e.prompt_ids, (prompt_texts or {}).get(e.group, ""))
         heldout_prompts = list(prompts.values())
         base_samples = self.sample_metrics(heldout_prompts, reward_fn, adapter=False) if heldout_prompts else None
+        base_d2 = base_samples["distinct_2"] if base_samples else None
+        if base_samples:
+            log.info("distill %s: base on %d held-out prompts x %d: reward %s, distinct-2 %.4f (a checkpoint is "
+                     "eligible down to %.4f)", c.method, len(heldout_prompts), c.eval_samples,
+                     "-" if base_samples["reward"] is None else f"{base_samples['reward']:+.4f}", base_d2,
+                     base_d2 * (1 - c.max_distinct_drop))
         checkpoints: list[Checkpoint] = []
         samples: list[dict | None] = []
 
-        def measure(step: int, epoch: int) -> Checkpoint:  # the KL only: the held-out loss of the chosen one at the end
+        kl_trace: list[tuple[int, float]] = []  # every KL measured: (step, KL)
+
+        def kl_now(step: int) -> float:
             kl = self.evaluate([], None, eval_set)["kl_to_base"]
+            kl_trace.append((step, kl))
+            return kl
+
+        def measure(step: int, epoch: int, kl: float | None = None) -> Checkpoint:
+            """A checkpoint: the KL (`kl` when just measured) and samples; the held-out loss only for the chosen one."""
+            kl = kl_now(step) if kl is None else kl
             sm = self.sample_metrics(heldout_prompts, reward_fn, adapter=True) if heldout_prompts else None
             cp = Checkpoint(step, kl, sm and sm["reward"], sm and sm["distinct_2"], None, epoch,
                             state=self._adapter_state())
             checkpoints.append(cp)
             samples.append(sm)
-            log.info("distill %s: checkpoint at step %d: KL %.4f, reward %s, distinct-2 %s", c.method, step,
+            change = f" ({cp.distinct_2 / base_d2 - 1:+.1%} vs base)" if cp.distinct_2 is not None and base_d2 else ""
+            log.info("distill %s: checkpoint at step %d: KL %.4f, reward %s, distinct-2 %s%s", c.method, step,
                      cp.kl_to_base, "-" if cp.reward is None else f"{cp.reward:+.4f}",
-                     "-" if cp.distinct_2 is None else f"{cp.distinct_2:.4f}")
+                     "-" if cp.distinct_2 is None else f"{cp.distinct_2:.4f}", change)
             return cp
 
         rng = random.Random(c.seed)
@@ -433,8 +456,14 @@ class DistillTrainer:
                 history.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}", tok_s=f"{tokens / seconds:.0f}")
-                if eval_set and c.eval_every is not None and step % c.eval_every == 0 and step < total:
+                cp = None
+                if eval_set and step < total and c.eval_every is not None and step % c.eval_every == 0:
                     cp = measure(step, epoch + 1)
+                elif eval_set and step < total and c.kl_every is not None and step % c.kl_every == 0:
+                    kl = kl_now(step)  # between checkpoints: one here only when the budget is reached
+                    if kl >= c.kl_budget:
+                        cp = measure(step, epoch + 1, kl)
+                if cp is not None:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}", kl=f"{cp.kl_to_base:.4f}")
                     if c.kl_budget is not None and cp.kl_to_base >= c.kl_budget:
                         stopped = f"KL {cp.kl_to_base:.4f} reached the budget {c.kl_budget:g} at step {step}"
@@ -450,7 +479,6 @@ class DistillTrainer:
         metrics["train_loss_first"] = float(np.mean(history[:window])) if history else None
         metrics["train_loss_last"] = float(np.mean(history[-window:])) if history else None
         if checkpoints:
-            base_d2 = base_samples["distinct_2"] if base_samples else None
             rule = c.select
             if rule == "reward" and (reward_fn is None or base_samples is None):
                 rule = "kl"
@@ -477,7 +505,7 @@ class DistillTrainer:
                 "rule": choice.rule, "requested": c.select, "chosen_step": choice.step, "why": choice.why,
                 "eligible": choice.eligible, "kl_budget": c.kl_budget, "kl_rule": c.kl_rule,
                 "max_distinct_drop": c.max_distinct_drop, "stopped": stopped, "base": base_samples,
-                "checkpoints": [cp.record(base_d2) for cp in checkpoints]}
+                "checkpoints": [cp.record(base_d2) for cp in checkpoints], "kl_trace": kl_trace}
         else:  # nothing held out: the end of training, unmeasured
             metrics["eval"] = {}
             metrics["selection"] = {"rule": "last", "requested": c.select, "chosen_step": step, "eligible": None,

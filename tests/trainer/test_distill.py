@@ -130,6 +130,10 @@ def test_pairs_need_different_rewards():
         DistillConfig(min_reward_gap=-0.1)
     assert DistillConfig(method="is-dpo", min_reward_gap=0.25).hyperparameters()["min_reward_gap"] == 0.25
     assert DistillConfig(method="is-ipo", sft_weight=1.0).hyperparameters()["sft_weight"] == 1.0
+    for method in ("apa", "is-dpo"):  # every method takes the cover term
+        assert DistillConfig(method=method, cover_weight=0.3).hyperparameters()["cover_weight"] == 0.3
+    with pytest.raises(ValueError, match="cover_weight"):
+        DistillConfig(cover_weight=-1)
     for option in ("min_reward_gap", "sft_weight"):  # pair options are refused for APA, not ignored
         with pytest.raises(ValueError, match=f"{option} apply to the pair methods"):
             DistillConfig(method="apa", **{option: 0.5})
@@ -158,6 +162,30 @@ def test_sft_weight_keeps_the_chosen_answers_likelier_than_dpo_alone(tiny32, dat
         return float((logp / mask.sum(-1)).mean())
 
     assert chosen_logp(5.0) > chosen_logp(0.0) + 0.01  # 20 steps: about +0.03 nats per token here
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["apa", "is-dpo"])
+def test_cover_weight_keeps_the_policy_closer_to_the_base(tiny32, data, method):
+    """The forward-KL term: after the same steps from the same seed, KL(base || policy) over the
+    training responses is smaller with it than without."""
+    from trainer.distill import collate
+    from trainer.distill_losses import cover_kl
+
+    examples, texts = data
+
+    def forward_kl(cover_weight: float) -> float:
+        trainer = DistillTrainer(config(method, max_steps=20, eval_every=None, eval_prompts=0,
+                                        cover_weight=cover_weight), tiny32)
+        trainer.train(examples, prompt_texts=texts)
+        batch = collate(examples[:64], trainer.config.max_len).to(trainer.device)
+        with torch.no_grad():
+            return float(cover_kl(trainer._logits(batch, reference=False), trainer._logits(batch, reference=True),
+                                  trainer._response_mask(batch)))
+
+    plain, covered = forward_kl(0.0), forward_kl(5.0)
+    assert plain > 0.01
+    assert covered < 0.7 * plain
 
 
 def test_a_reward_gap_no_pair_reaches_is_refused_by_name(tiny32, data):

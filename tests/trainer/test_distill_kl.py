@@ -102,6 +102,27 @@ def test_the_checkpoint_that_reached_the_budget_is_published_under_the_stop_rule
     assert sel["checkpoints"][1]["why_not"] == ([] if kl_rule == "stop" else ["KL 0.0700 > budget 0.05"])
 
 
+def test_the_kl_between_checkpoints_stops_training_near_the_budget(tiny32, data, monkeypatch):
+    """`kl_every`: the KL alone every step between checkpoints every 4; the step that reached the budget
+    becomes a checkpoint and training stops there, not at step 8; every KL measured is in the trace."""
+    kls = iter([0.0, 0.01, 0.02, 0.03, 0.04, 0.06])  # before training, then steps 1-5 (step 4: a checkpoint)
+    samples = iter([(0.3, 0.70), (0.5, 0.69)])  # the checkpoints at steps 4 and 5
+    monkeypatch.setattr(DistillTrainer, "evaluate", lambda self, units, adv, rollouts: {
+        "loss": 1.0, "kl_to_base": next(kls) if rollouts else None})
+    monkeypatch.setattr(DistillTrainer, "sample_metrics", lambda self, prompts, reward_fn, *, adapter: (
+        dict(zip(("reward", "distinct_2"), next(samples))) if adapter else {"reward": 0.1, "distinct_2": 0.70}))
+    examples, texts = data
+    result = DistillTrainer(config("apa", eval_every=4, kl_every=1, kl_budget=0.05, max_steps=20, eval_prompts=2),
+                            tiny32).train(examples, reward_fn=low_half_reward, prompt_texts=texts)
+    sel = result.metrics["selection"]
+    assert result.training["steps"] == 5 and sel["stopped"] == "KL 0.0600 reached the budget 0.05 at step 5"
+    assert [(r["step"], r["kl_to_base"], r["reward"]) for r in sel["checkpoints"]] == [(4, 0.04, 0.3), (5, 0.06, 0.5)]
+    assert sel["kl_trace"] == [(1, 0.01), (2, 0.02), (3, 0.03), (4, 0.04), (5, 0.06)]
+    assert (sel["chosen_step"], sel["eligible"]) == (5, True)  # 0.06 is inside 1.5 x the budget
+    with pytest.raises(ValueError, match="kl_every needs kl_budget"):
+        config("apa", eval_every=4, kl_every=1)
+
+
 def test_under_the_stop_rule_a_checkpoint_far_over_the_budget_is_not_eligible(tiny32, data, monkeypatch):
     """A checkpoint that passed 1.5 times the budget (PPO's early-stop threshold) moved too far between
     two measurements: the earlier one, inside the budget, is published instead, though its reward is lower."""

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.distill_losses import apa_loss, is_daa_loss, sequence_logps, token_kl
+from trainer.distill_losses import apa_loss, cover_kl, is_daa_loss, sequence_logps, token_kl
 
 
 def t(*rows):
@@ -102,3 +102,19 @@ def test_apa_sequence_hand_computed():
     # log-ratios [1, -0.5]; targets A/lambda = [0.5/0.5, 0.25/0.5] = [1, 0.5]: errors 0 and 1
     loss = apa_sequence_loss(torch.tensor([-2.0, -3.5]), torch.tensor([-3.0, -3.0]), torch.tensor([0.5, 0.25]), lam=0.5)
     assert loss.item() == pytest.approx(0.5)
+
+
+def test_cover_kl_is_the_forward_kl_summed_per_response():
+    uniform = torch.zeros(2, 3, 4)
+    peaked = uniform.clone()
+    peaked[..., 0] = math.log(3.0)  # p = [1/2, 1/6, 1/6, 1/6]
+    mask = t([0, 1, 1], [0, 0, 1])  # 2 response tokens, then 1
+    per_token = 0.25 * math.log(0.25 / 0.5) + 3 * 0.25 * math.log(0.25 / (1 / 6))  # KL(uniform || peaked)
+    assert cover_kl(peaked, uniform, mask).item() == pytest.approx((2 + 1) * per_token / 2, rel=1e-5)
+    reverse = 0.5 * math.log(2) + 3 * (1 / 6) * math.log(4 / 6)  # KL(peaked || uniform): not this
+    assert abs(per_token - reverse) > 0.01
+    assert cover_kl(peaked, uniform, mask).item() != pytest.approx((2 + 1) * reverse / 2, rel=1e-3)
+    policy = peaked.clone().requires_grad_(True)  # the gradient moves the policy back toward the base
+    cover_kl(policy, uniform, mask).backward()
+    assert policy.grad[0, 0, 0] > 0 and policy.grad[0, 0, 1] < 0  # position 0 predicts a response token
+    assert torch.all(policy.grad[1, 0] == 0)  # position 0 of row 2 predicts a prompt token
