@@ -233,8 +233,10 @@ class DistillTrainer:
         for i, a in enumerate(advantages):
             p, k = int(batch.prompt_lens[i]), int(batch.kept[i])
             adv[i, p: p + k] = torch.tensor(a[:k], dtype=adv.dtype)
-        ref_logits, logits = self._logits(batch, reference=True), self._logits(batch, reference=False)
+        ref_logits = self._logits(batch, reference=True)
         ref_logp, ref_sum = sequence_logps(ref_logits, batch.input_ids, mask)  # (B, L), (B,)
+        ref_logits = ref_logits if self.config.cover_weight else None  # (B, L, V) kept only for the cover term
+        logits = self._logits(batch, reference=False)
         logp, logp_sum = sequence_logps(logits, batch.input_ids, mask)
         if self.token_advantages:
             loss = apa_loss(logp, ref_logp, adv, mask, lam=self.config.lam)
@@ -247,17 +249,20 @@ class DistillTrainer:
         seqs = [c for c, _ in pairs] + [r for _, r in pairs]  # chosen first, then rejected
         batch = collate(seqs, self.config.max_len).to(self.device)
         mask = self._response_mask(batch)
-        ref_logits, logits = self._logits(batch, reference=True), self._logits(batch, reference=False)
+        ref_logits = self._logits(batch, reference=True)
         _, ref = sequence_logps(ref_logits, batch.input_ids, mask)  # (2P,)
+        ref_logits = ref_logits if self.config.cover_weight else None
+        logits = self._logits(batch, reference=False)
         _, pol = sequence_logps(logits, batch.input_ids, mask)
         P = len(pairs)
         out = is_daa_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta=self.config.beta, clip_eps=self.config.clip_eps,
                           kind="ipo" if self.config.method == "is-ipo" else "dpo",
                           sft_weight=self.config.sft_weight, chosen_tokens=mask[:P].sum(-1))
-        return self._covered(out.loss, logits, ref_logits, mask), {"tokens": batch.tokens, "weight": float(out.weights.mean()),
-                          "accuracy": float((out.margins > 0).float().mean())}
+        info = {"tokens": batch.tokens, "weight": float(out.weights.mean()),
+                "accuracy": float((out.margins > 0).float().mean())}
+        return self._covered(out.loss, logits, ref_logits, mask), info
 
-    def _covered(self, loss: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor,
+    def _covered(self, loss: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor | None,
                  mask: torch.Tensor) -> torch.Tensor:
         """`loss` plus `cover_weight` x KL(base || policy) over the batch's responses (when set)."""
         w = self.config.cover_weight

@@ -46,8 +46,9 @@ class DistillConfig(BaseModel):
     cover_weight: float = Field(0.0, ge=0)
     """Every method: weight of KL(base || policy) over each training response (summed over its tokens),
     added to the loss. The forward, mass-covering KL keeps the base model's other answers likely, where
-    the method's own loss sharpens the policy onto a few stock phrases (distinct-2 falls faster than
-    the reward rises; bench/results/distill-seeds). 0: off."""
+    the method's own loss sharpens the policy onto a few stock phrases. Measured with IS-DPO
+    (bench/results/distill-seeds): it bounds how far the policy moves (0.05 held it at KL 0.03-0.04,
+    0.3 at 0.004), not how fast distinct-2 falls per unit of reward. 0: off."""
 
     # --- optimisation
     lr: float = Field(2e-4, gt=0)
@@ -168,7 +169,8 @@ class DistillConfig(BaseModel):
                                                                      "pairs_per_prompt": self.pairs_per_prompt,
                                                                      "min_reward_gap": self.min_reward_gap,
                                                                      "sft_weight": self.sft_weight}
-        return {**method, "cover_weight": self.cover_weight, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules}
+        return {**method, "cover_weight": self.cover_weight, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+                "target_modules": self.target_modules}
 
 
 __all__ = ["DistillConfig", "METHODS"]

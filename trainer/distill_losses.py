@@ -123,6 +123,14 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Te
     return token_logps, (token_logps * mask).sum(-1)
 
 
+def position_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) KL(p || q) over the whole vocabulary at each position that predicts a next token.
+    p_logits, q_logits: (B, L, V)."""
+    lp = torch.log_softmax(p_logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
+    lq = torch.log_softmax(q_logits[:, :-1].float(), dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
 def cover_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(ref || pi) over the whole vocabulary at each response position, summed over each response and
     averaged over the responses: the forward, mass-covering direction, which grows when the policy
@@ -134,20 +142,14 @@ def cover_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor)
         >>> float(cover_kl(x, x, torch.ones(2, 3)))
         0.0
     """
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
-    lq = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    kl = (lq.exp() * (lq - lp)).sum(-1)  # (B, L-1)
-    return (kl * mask[:, 1:].float()).sum(-1).mean()
+    return (position_kl(ref_logits, logits) * mask[:, 1:].float()).sum(-1).mean()
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over `mask`ed positions of KL(pi || ref) over the whole vocabulary at each position
     (the positions that predicted those tokens). logits, ref_logits: (B, L, V); mask: (B, L)."""
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
-    lq = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)  # (B, L-1)
     m = mask[:, 1:].float()
-    return (kl * m).sum() / m.sum().clamp(min=1)
+    return (position_kl(logits, ref_logits) * m).sum() / m.sum().clamp(min=1)
 
 
-__all__ = ["APA_LAMBDA", "IS_BETA", "IS_CLIP_EPS", "PairLoss", "apa_loss", "apa_sequence_loss", "cover_kl", "is_daa_loss", "sequence_logps", "token_kl"]
+__all__ = ["APA_LAMBDA", "IS_BETA", "IS_CLIP_EPS", "PairLoss", "apa_loss", "apa_sequence_loss", "cover_kl", "is_daa_loss", "position_kl", "sequence_logps", "token_kl"]
