@@ -218,6 +218,20 @@ class DistillTrainer:
                 return self.model(**kw).logits  # (B, L, V)
         return self.model(**kw).logits
 
+    def _forward(self, batch, mask: torch.Tensor):
+        """The base's and the policy's log-probabilities of the batch's response tokens, per token (B, L)
+        and summed (B,): ref_logp, ref_sum, logp, logp_sum; and the cover term, `cover_weight` x
+        KL(base || policy) over the responses (0 when off: the base's (B, L, V) logits are then not
+        kept past their log-probabilities)."""
+        ref_logits = self._logits(batch, reference=True)
+        ref_logp, ref_sum = sequence_logps(ref_logits, batch.input_ids, mask)
+        if not self.config.cover_weight:
+            ref_logits = None
+        logits = self._logits(batch, reference=False)
+        logp, logp_sum = sequence_logps(logits, batch.input_ids, mask)
+        cover = 0.0 if ref_logits is None else self.config.cover_weight * cover_kl(logits, ref_logits, mask)
+        return ref_logp, ref_sum, logp, logp_sum, cover
+
     @staticmethod
     def _response_mask(batch) -> torch.Tensor:
         """(B, L) 1 at the response tokens kept inside max_len."""
@@ -233,40 +247,26 @@ class DistillTrainer:
         for i, a in enumerate(advantages):
             p, k = int(batch.prompt_lens[i]), int(batch.kept[i])
             adv[i, p: p + k] = torch.tensor(a[:k], dtype=adv.dtype)
-        ref_logits = self._logits(batch, reference=True)
-        ref_logp, ref_sum = sequence_logps(ref_logits, batch.input_ids, mask)  # (B, L), (B,)
-        ref_logits = ref_logits if self.config.cover_weight else None  # (B, L, V) kept only for the cover term
-        logits = self._logits(batch, reference=False)
-        logp, logp_sum = sequence_logps(logits, batch.input_ids, mask)
+        ref_logp, ref_sum, logp, logp_sum, cover = self._forward(batch, mask)  # (B, L), (B,), (B, L), (B,), scalar
         if self.token_advantages:
             loss = apa_loss(logp, ref_logp, adv, mask, lam=self.config.lam)
         else:  # one advantage per response: adv holds it at every response token
             seq_adv = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
             loss = apa_sequence_loss(logp_sum, ref_sum, seq_adv, lam=self.config.lam)
-        return self._covered(loss, logits, ref_logits, mask), {"tokens": batch.tokens}
+        return loss + cover, {"tokens": batch.tokens}
 
     def _pair_step(self, pairs: Sequence[tuple[Example, Example]]) -> tuple[torch.Tensor, dict]:
         seqs = [c for c, _ in pairs] + [r for _, r in pairs]  # chosen first, then rejected
         batch = collate(seqs, self.config.max_len).to(self.device)
         mask = self._response_mask(batch)
-        ref_logits = self._logits(batch, reference=True)
-        _, ref = sequence_logps(ref_logits, batch.input_ids, mask)  # (2P,)
-        ref_logits = ref_logits if self.config.cover_weight else None
-        logits = self._logits(batch, reference=False)
-        _, pol = sequence_logps(logits, batch.input_ids, mask)
+        _, ref, _, pol, cover = self._forward(batch, mask)  # ref, pol: (2P,)
         P = len(pairs)
         out = is_daa_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta=self.config.beta, clip_eps=self.config.clip_eps,
                           kind="ipo" if self.config.method == "is-ipo" else "dpo",
                           sft_weight=self.config.sft_weight, chosen_tokens=mask[:P].sum(-1))
         info = {"tokens": batch.tokens, "weight": float(out.weights.mean()),
                 "accuracy": float((out.margins > 0).float().mean())}
-        return self._covered(out.loss, logits, ref_logits, mask), info
-
-    def _covered(self, loss: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor | None,
-                 mask: torch.Tensor) -> torch.Tensor:
-        """`loss` plus `cover_weight` x KL(base || policy) over the batch's responses (when set)."""
-        w = self.config.cover_weight
-        return loss + w * cover_kl(logits, ref_logits, mask) if w else loss
+        return out.loss + cover, info
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -461,10 +461,10 @@ class DistillTrainer:
                 history.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}", tok_s=f"{tokens / seconds:.0f}")
-                cp = None
-                if eval_set and step < total and c.eval_every is not None and step % c.eval_every == 0:
+                cp, midway = None, bool(eval_set) and step < total  # the end of training is measured below
+                if midway and c.eval_every is not None and step % c.eval_every == 0:
                     cp = measure(step, epoch + 1)
-                elif eval_set and step < total and c.kl_every is not None and step % c.kl_every == 0:
+                elif midway and c.kl_every is not None and step % c.kl_every == 0:
                     kl = kl_now(step)  # between checkpoints: one here only when the budget is reached
                     if kl >= c.kl_budget:
                         cp = measure(step, epoch + 1, kl)
