@@ -34,7 +34,7 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +94,54 @@ def make_pairs(examples: Sequence[Example], pairs_per_prompt: int = 1,
             if chosen.reward > rejected.reward and chosen.reward - rejected.reward >= min_gap:
                 pairs.append((chosen, rejected))
     return pairs
+
+
+OVERUSE_MIN_SHARE = 0.01
+"""A token bigram counts as over-used only when at least this share of the training responses hold it
+(rare bigrams are the diverse ones; their ratios are noise)."""
+
+
+def bigram_overuse(examples: Sequence[Example], reference: Sequence[Example], *,
+                   min_share: float = OVERUSE_MIN_SHARE) -> dict[tuple[int, int], float]:
+    """{token bigram: log of how much more often the training responses hold it than the reference
+    responses (the base model's samples of the same prompts)}, for the bigrams held by at least
+    `min_share` of the training responses and over-used (ratio > 1). Frequencies are the share of
+    responses that hold the bigram, add-one smoothed: log((n_b + 1) / (m_b * N / M + 1)).
+
+    >>> e = lambda *ids: Example((0,), ids, 0.0, "p")
+    >>> table = bigram_overuse([e(1, 2, 3), e(1, 2, 4), e(5, 6)], [e(1, 2, 3), e(7, 8), e(7, 8)], min_share=0.5)
+    >>> {g: round(v, 3) for g, v in table.items()}  # (1, 2): 2 of 3 vs 1 of 3; (2, 3) too rare
+    {(1, 2): 0.405}
+    """
+    def held(xs: Sequence[Example]) -> Counter:
+        return Counter(g for e in xs for g in set(zip(e.response_ids[:-1], e.response_ids[1:])))
+
+    mine, theirs = held(examples), held(reference)
+    n, m = len(examples), max(1, len(reference))
+    floor = max(1.0, min_share * n)
+    table = {g: math.log((c + 1) / (theirs[g] * n / m + 1)) for g, c in mine.items() if c >= floor}
+    return {g: v for g, v in table.items() if v > 0}
+
+
+def overuse_penalties(examples: Sequence[Example], table: dict[tuple[int, int], float]) -> list[list[float]]:
+    """Per response token: the over-use (`bigram_overuse`) of the bigram it ends (0 for the first
+    token and for bigrams not in `table`).
+
+    >>> overuse_penalties([Example((0,), (1, 2, 1, 2), 0.0, "p")], {(1, 2): 0.5})
+    [[0.0, 0.5, 0.0, 0.5]]
+    """
+    return [[0.0] * min(1, len(e.response_ids)) + [table.get(g, 0.0) for g in zip(e.response_ids[:-1], e.response_ids[1:])]
+            for e in examples]
+
+
+def overuse_rewards(examples: Sequence[Example], table: dict[tuple[int, int], float], weight: float) -> list[Example]:
+    """The examples with `weight` x their summed `overuse_penalties` taken off their rewards.
+
+    >>> [e.reward for e in overuse_rewards([Example((0,), (1, 2, 1, 2), 1.0, "p")], {(1, 2): 0.5}, 0.1)]
+    [0.9]
+    """
+    return [dataclasses.replace(e, reward=e.reward - weight * sum(p))
+            for e, p in zip(examples, overuse_penalties(examples, table))]
 
 
 def value_advantages(chain, examples: Sequence[Example], chunk: int = 8, *, progress: bool = False,
@@ -268,6 +316,30 @@ class DistillTrainer:
                 "accuracy": float((out.margins > 0).float().mean())}
         return out.loss + cover, info
 
+    def _overuse(self, train_set: Sequence[Example], reference: Sequence[Example]) -> dict:
+        """The over-used bigram table of the training responses against `reference`, and what the
+        manifest records of it (the most over-used bigrams as text)."""
+        table = bigram_overuse(train_set, reference)
+        pen = [sum(row) for row in overuse_penalties(train_set, table)]
+        held = Counter(g for e in train_set for g in set(zip(e.response_ids[:-1], e.response_ids[1:])))
+        top = sorted(table, key=lambda g: -held[g] * (1 - math.exp(-table[g])))[:10]  # the most excess responses
+        tok = self._tokenizer_()
+        record = {"weight": self.config.overuse_weight, "bigrams": len(table), "reference_responses": len(reference),
+                  "mean_penalty": self.config.overuse_weight * float(np.mean(pen)) if pen else 0.0,
+                  "top": [{"text": tok.decode(list(g)), "responses": held[g], "log_ratio": round(table[g], 4)}
+                          for g in top]}
+        log.info("distill %s: %d over-used bigrams against %d base samples (each response loses %.4f on average); "
+                 "most: %s", self.config.method, len(table), len(reference), record["mean_penalty"],
+                 ", ".join(f"{t['text']!r} x{math.exp(t['log_ratio']):.1f}" for t in record["top"][:5]))
+        return {"table": table, "record": record}
+
+    def _tokenizer_(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, units: Sequence, advantages: Sequence | None, eval_examples: Sequence[Example]) -> dict:
@@ -302,12 +374,8 @@ class DistillTrainer:
         prompt [(prompt_ids, prompt_text)], from the policy or (adapter=False) the base model; the
         same seeds every call, so the policy's checkpoints and the base are compared on equal draws.
         Prompts are left-padded into batches of `eval_batch_size`."""
-        from transformers import AutoTokenizer
-
         c = self.config
-        if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        tok = self._tokenizer
+        tok = self._tokenizer_()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         was = self.model.training
         self.model.eval()
@@ -356,10 +424,11 @@ class DistillTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self, examples: Sequence[Example], *, value=None, reward_fn: Callable | None = None,
               prompt_texts: dict[str, str] | None = None, data: str | None = None,
-              extra: dict | None = None) -> DistillResult:
+              extra: dict | None = None, reference: Sequence[Example] | None = None) -> DistillResult:
         """Train on `examples` (minus `eval_fraction` of the prompts, held out for metrics), measuring
         a checkpoint every `eval_every` steps and at the end; stop once the KL to the base reaches
         `kl_budget`; keep the checkpoint `select` chooses (trainer/distill_checkpoints.py).
+        `reference`: the base model's samples of the training prompts, which `overuse_weight` needs.
 
         Raises `NoEligibleCheckpoint` (a ValueError) when no checkpoint is inside the bounds and
         `on_none_eligible="refuse"`."""
@@ -375,11 +444,23 @@ class DistillTrainer:
             raise ValueError("kl_budget needs held-out rollouts to measure the KL on (eval_fraction > 0 and "
                              "rollouts of at least two prompts)")
         self.token_advantages = value is not None
+        overuse = None
+        if c.overuse_weight:
+            if not reference:
+                raise ValueError("overuse_weight needs the base model's samples of the training prompts (reference "
+                                 "rollouts) to tell which bigrams the training responses over-use")
+            overuse = self._overuse(train_set, reference)
+            if not (c.method == "apa" and value is not None):  # the penalty comes off each response's reward
+                train_set, eval_set = (overuse_rewards(xs, overuse["table"], c.overuse_weight) for xs in (train_set, eval_set))
         if c.method == "apa":
             def advantages(xs):
-                if value is not None:
-                    return value_advantages(value, xs, progress=c.progress)
-                return [[a] * len(e.response_ids) for e, a in zip(xs, group_baseline_advantages(xs))]
+                if value is None:
+                    return [[a] * len(e.response_ids) for e, a in zip(xs, group_baseline_advantages(xs))]
+                adv = value_advantages(value, xs, progress=c.progress)
+                if overuse is None:
+                    return adv
+                return [[a - c.overuse_weight * p for a, p in zip(row, pen)]  # on the tokens that carry it
+                        for row, pen in zip(adv, overuse_penalties(xs, overuse["table"]))]
             train_units, eval_units = list(train_set), list(eval_set)
             train_adv, eval_adv = advantages(train_units), advantages(eval_units)
         else:
@@ -524,6 +605,7 @@ class DistillTrainer:
             "advantages": ("value" if value is not None else "group_baseline") if c.method == "apa" else None,
             "examples": {"train": len(train_set), "eval": len(eval_set), "units_train": len(train_units),
                          "units_eval": len(eval_units)},
+            "overuse": overuse and overuse["record"],
             "steps": step, "chosen_step": metrics["selection"]["chosen_step"], "tokens": tokens,
             "train_seconds": round(seconds, 3),
             "wall_seconds": round(time.perf_counter() - start_all, 3), "finished_at": time.time(), **(extra or {}),
@@ -539,5 +621,5 @@ class DistillTrainer:
             name, lambda d: write_adapter_files(result.model, d, result.identity.get("name", "")), manifest)
 
 
-__all__ = ["DistillResult", "DistillTrainer", "distill_examples", "group_baseline_advantages", "make_pairs", "prompt_texts",
-           "value_advantages", "value_labels"]
+__all__ = ["DistillResult", "DistillTrainer", "bigram_overuse", "distill_examples", "group_baseline_advantages",
+           "make_pairs", "overuse_penalties", "overuse_rewards", "prompt_texts", "value_advantages", "value_labels"]

@@ -39,6 +39,9 @@ def distill(
     model: Optional[str] = typer.Option(None, help="Base model folder (default: the embedded model)."),
     reward: Optional[str] = typer.Option(None, "--reward", help="Reward spec to score held-out samples (see `iro reward`)."),
     task: Optional[str] = typer.Option(None, help="Score held-out samples with this task's reward (a built-in name or a task file)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", exists=True, dir_okay=False,
+                                             help="Rollout JSONL of the base model's samples of the same prompts "
+                                             "(what `--set overuse_weight=W` measures over-used bigrams against)."),
 ):
     """Train a LoRA policy on the frozen base with APA or IS-DPO and publish it as NAME's next version."""
     from common.model_store import resolve_model
@@ -64,6 +67,11 @@ def distill(
         reward_fn = parse_reward(reward) if reward else None
         records = read_rollouts(rollouts)
         examples, skipped = examples_from_records(records)
+        if config.overuse_weight and reference is None:
+            raise ValueError("--set overuse_weight needs --reference (the base model's samples of the same prompts)")
+        base_samples = None
+        if reference is not None:  # only their tokens count: a reward is not needed
+            base_samples = examples_from_records([{**r, "reward": 0.0} for r in read_rollouts(reference)])[0]
     except (ValueError, RegistryError, RewardError) as exc:
         _fail(str(exc))
     if not examples and not (value is not None and config.method != "apa" and skipped.get("unlabelled")):
@@ -90,7 +98,8 @@ def distill(
         trainer = DistillTrainer(config, model_path)
         result = trainer.train(examples, value=chain if config.method == "apa" else None, reward_fn=reward_fn,
                                prompt_texts=texts, data=str(rollouts),
-                               extra={"value": value, "reward": reward, "ranked_by": ranked_by})
+                               extra={"value": value, "reward": reward, "ranked_by": ranked_by},
+                               reference=base_samples)
         result.training["command_seconds"] = round(time.perf_counter() - started, 3)
         version = trainer.publish(result, registry, name)
     except (CheckpointError, RegistryError, ValueError) as exc:

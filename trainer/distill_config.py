@@ -50,6 +50,14 @@ class DistillConfig(BaseModel):
     (bench/results/distill-seeds): it bounds how far the policy moves (0.05 held it at KL 0.03-0.04,
     0.3 at 0.004), not how fast distinct-2 falls per unit of reward. 0: off."""
 
+    overuse_weight: float = Field(0.0, ge=0)
+    """Every method: each token that ends a bigram the training responses hold more often than the base
+    model's samples of the same prompts (`reference`; `trainer.distill.bigram_overuse`) costs this times
+    the log of that ratio. APA with a value takes it off that token's advantage; otherwise it comes off
+    the response's reward, which ranks pairs (IS-DPO) and makes the advantage. The guided rollouts buy
+    reward with stock phrases ("I'm glad", "happy to"), which the policy then repeats across answers
+    (distinct-2). 0: off."""
+
     # --- optimisation
     lr: float = Field(2e-4, gt=0)
     epochs: int = Field(1, ge=1)
@@ -169,7 +177,7 @@ class DistillConfig(BaseModel):
                                                                      "pairs_per_prompt": self.pairs_per_prompt,
                                                                      "min_reward_gap": self.min_reward_gap,
                                                                      "sft_weight": self.sft_weight}
-        return {**method, "cover_weight": self.cover_weight, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+        return {**method, "cover_weight": self.cover_weight, "overuse_weight": self.overuse_weight, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
                 "target_modules": self.target_modules}
 
 

@@ -99,6 +99,18 @@ class DistillStages:
             return self.run_dir / DISTILL_DATA / "labelled.jsonl"
         return self.run_dir / f"it{self.state.last_iteration(self.config.iterations)}" / "labelled.jsonl"
 
+    def reference(self, config) -> list | None:
+        """The base model's samples of the training prompts, which `overuse_weight` measures the
+        training responses against: iteration 1's rollouts (None when the option is off)."""
+        from trainer.value_trainer import examples_from_records, read_rollouts
+
+        if not config.overuse_weight:
+            return None
+        if self.config.distill_from == "base":
+            raise LoopError("overuse_weight with distill_from base: the data is the base model's own samples, so "
+                            "no bigram is over-used against them")
+        return examples_from_records(read_rollouts(self.run_dir / "it1" / "labelled.jsonl"))[0]
+
     def train(self, method: str) -> dict[str, Any]:
         """Train a LoRA policy with `method` on iteration T's guided rollouts (APA advantages from
         the final chain) and publish it as `<name>-<method>` (adopting a version this run published
@@ -136,7 +148,7 @@ class DistillStages:
         result = trainer.train(examples, value=chain, reward_fn=parse_reward(self.reward),
                                prompt_texts=prompt_texts(records), data=str(data),
                                extra={"loop_run": self.state.run_id, "value": f"{self.name}@{final}",
-                                      "reward": self.reward})
+                                      "reward": self.reward}, reference=self.reference(config))
         result.training["command_seconds"] = round(time.perf_counter() - start, 3)
         version = trainer.publish(result, self.policies, name)
         del trainer, result, chain
