@@ -144,6 +144,18 @@ def overuse_rewards(examples: Sequence[Example], table: dict[tuple[int, int], fl
             for e, p in zip(examples, overuse_penalties(examples, table))]
 
 
+def overuse_advantages(advantages: Sequence[Sequence[float]], penalties: Sequence[Sequence[float]],
+                       weight: float) -> list[list[float]]:
+    """Per-token advantages less `weight` x the token's `overuse_penalties`, but never below 0 where
+    the advantage was positive: an over-used token loses its credit and is not pushed under the base
+    model (that would spend KL on saying it less often than the base does). Negative ones stay.
+
+    >>> overuse_advantages([[0.5, 0.1, -0.2, 0.3]], [[1.0, 1.0, 1.0, 0.0]], 0.25)
+    [[0.25, 0.0, -0.2, 0.3]]
+    """
+    return [[max(a - weight * p, min(a, 0.0)) for a, p in zip(row, pen)] for row, pen in zip(advantages, penalties)]
+
+
 def value_advantages(chain, examples: Sequence[Example], chunk: int = 8, *, progress: bool = False,
                      group: int = 64) -> list[list[float]]:
     """Per-token advantages from the newest value of `chain` (a `valuefn.scorer.ValueChain`):
@@ -254,6 +266,9 @@ class DistillTrainer:
         self.token_advantages = False
         """APA per token (advantages from a value) or per response (a final reward only)."""
         self._tokenizer = None
+        self._overuse_table: dict[tuple[int, int], float] | None = None
+        """`bigram_overuse` of the training responses (with `overuse_weight`): the pair step weighs the
+        chosen answers' tokens by it."""
         self.model.train()
 
     # ------------------------------------------------------------------ forward passes
@@ -307,8 +322,12 @@ class DistillTrainer:
         seqs = [c for c, _ in pairs] + [r for _, r in pairs]  # chosen first, then rejected
         batch = collate(seqs, self.config.max_len).to(self.device)
         mask = self._response_mask(batch)
-        _, ref, _, pol, cover = self._forward(batch, mask)  # ref, pol: (2P,)
+        ref_logp, ref, logp, pol, cover = self._forward(batch, mask)  # ref, pol: (2P,)
         P = len(pairs)
+        if self._overuse_table is not None:  # the chosen answers' over-used tokens count for less
+            weights = self._chosen_token_weights(pairs, batch, mask[:P])  # (P, L)
+            ref, pol = ref.clone(), pol.clone()
+            ref[:P], pol[:P] = (ref_logp[:P] * weights).sum(-1), (logp[:P] * weights).sum(-1)
         out = is_daa_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta=self.config.beta, clip_eps=self.config.clip_eps,
                           kind="ipo" if self.config.method == "is-ipo" else "dpo",
                           sft_weight=self.config.sft_weight, chosen_tokens=mask[:P].sum(-1))
@@ -328,7 +347,7 @@ class DistillTrainer:
                   "mean_penalty": self.config.overuse_weight * float(np.mean(pen)) if pen else 0.0,
                   "top": [{"text": tok.decode(list(g)), "responses": held[g], "log_ratio": round(table[g], 4)}
                           for g in top]}
-        log.info("distill %s: %d over-used bigrams against %d base samples (each response loses %.4f on average); "
+        log.info("distill %s: %d over-used bigrams against %d base samples (weight x over-use per response: %.4f on average); "
                  "most: %s", self.config.method, len(table), len(reference), record["mean_penalty"],
                  ", ".join(f"{t['text']!r} x{math.exp(t['log_ratio']):.1f}" for t in record["top"][:5]))
         return {"table": table, "record": record}
@@ -339,6 +358,19 @@ class DistillTrainer:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         return self._tokenizer
+
+    def _chosen_token_weights(self, pairs: Sequence[tuple[Example, Example]], batch, mask: torch.Tensor) -> torch.Tensor:
+        """(P, L) weights of the chosen answers' response tokens in their log-ratio: a token's credit is
+        its pair's reward gap per chosen token, g; `overuse_weight` x its over-use comes off it, down to
+        none: weight max(0, 1 - w * o_t / g), the pair methods' counterpart of `overuse_advantages`."""
+        weights = mask.clone()
+        for i, ((chosen, rejected), pen) in enumerate(zip(pairs, overuse_penalties([c for c, _ in pairs],
+                                                                                   self._overuse_table))):
+            p, k = int(batch.prompt_lens[i]), int(batch.kept[i])
+            gap = (chosen.reward - rejected.reward) / max(1, len(chosen.response_ids))
+            o = torch.tensor(pen[:k], dtype=weights.dtype, device=weights.device)
+            weights[i, p: p + k] = (1 - self.config.overuse_weight * o / gap).clamp(min=0)
+        return weights
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -450,6 +482,7 @@ class DistillTrainer:
                 raise ValueError("overuse_weight needs the base model's samples of the training prompts (reference "
                                  "rollouts) to tell which bigrams the training responses over-use")
             overuse = self._overuse(train_set, reference)
+            self._overuse_table = overuse["table"]
             if not (c.method == "apa" and value is not None):  # the penalty comes off each response's reward
                 train_set, eval_set = (overuse_rewards(xs, overuse["table"], c.overuse_weight) for xs in (train_set, eval_set))
         if c.method == "apa":
@@ -459,8 +492,7 @@ class DistillTrainer:
                 adv = value_advantages(value, xs, progress=c.progress)
                 if overuse is None:
                     return adv
-                return [[a - c.overuse_weight * p for a, p in zip(row, pen)]  # on the tokens that carry it
-                        for row, pen in zip(adv, overuse_penalties(xs, overuse["table"]))]
+                return overuse_advantages(adv, overuse_penalties(xs, overuse["table"]), c.overuse_weight)
             train_units, eval_units = list(train_set), list(eval_set)
             train_adv, eval_adv = advantages(train_units), advantages(eval_units)
         else:
@@ -622,4 +654,5 @@ class DistillTrainer:
 
 
 __all__ = ["DistillResult", "DistillTrainer", "bigram_overuse", "distill_examples", "group_baseline_advantages",
-           "make_pairs", "overuse_penalties", "overuse_rewards", "prompt_texts", "value_advantages", "value_labels"]
+           "make_pairs", "overuse_advantages", "overuse_penalties", "overuse_rewards", "prompt_texts",
+           "value_advantages", "value_labels"]

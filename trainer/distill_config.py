@@ -51,12 +51,13 @@ class DistillConfig(BaseModel):
     0.3 at 0.004), not how fast distinct-2 falls per unit of reward. 0: off."""
 
     overuse_weight: float = Field(0.0, ge=0)
-    """Every method: each token that ends a bigram the training responses hold more often than the base
-    model's samples of the same prompts (`reference`; `trainer.distill.bigram_overuse`) costs this times
-    the log of that ratio. APA with a value takes it off that token's advantage; otherwise it comes off
-    the response's reward, which ranks pairs (IS-DPO) and makes the advantage. The guided rollouts buy
-    reward with stock phrases ("I'm glad", "happy to"), which the policy then repeats across answers
-    (distinct-2). 0: off."""
+    """Every method: a token that ends a bigram the training responses hold more often than the base
+    model's samples of the same prompts (`reference`; `trainer.distill.bigram_overuse`) loses this times
+    the log of that ratio, in reward units. APA with a value: off the token's positive advantage, down
+    to 0 (`overuse_advantages`); IS-DPO/IS-IPO: summed off each response's reward, which ranks the pairs,
+    and off a chosen token's credit, its pair's reward gap per token (its weight in the log-ratio);
+    APA without a value: summed off the reward. The guided rollouts buy reward with stock phrases
+    ("I'm glad", "happy to"), which the policy then repeats across answers (distinct-2). 0: off."""
 
     # --- optimisation
     lr: float = Field(2e-4, gt=0)

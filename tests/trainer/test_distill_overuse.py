@@ -93,36 +93,41 @@ def test_the_loop_measures_against_iteration_1_and_refuses_base_data(tmp_path):
         make_stages(tmp_path / "b", (200, {}), distill_from="base").reference(on)
 
 
+STOCK = (20, 21)
+"""A stock phrase: two high-half words, which carry no reward (`low_half_reward` pays for low-half ones)."""
+
+
 @pytest.mark.slow
-def test_training_apa_with_it_makes_the_over_used_bigram_less_likely(tiny32, data):  # noqa: F811
-    """The training responses are the base's samples of high reward (what guidance keeps); against all
-    of the base's samples their most over-used bigram is then less likely under a policy trained with
-    the penalty than under one trained without it (same steps and seed). With IS-DPO the penalty only
-    reorders pairs (`test_the_penalty_can_turn_a_pair_round`)."""
+@pytest.mark.parametrize("method", ["apa", "is-dpo"])
+def test_training_with_it_makes_a_stock_phrase_less_likely(tiny32, data, method):  # noqa: F811
+    """Guided-like data: each prompt's four best base samples, the best two opening with a stock
+    phrase that carries no reward (as "I'm glad" rides along with good reviews). Against the base's
+    samples the phrase is over-used, and a policy trained with the penalty opens with it less often
+    than one trained without it (same steps and seed)."""
+    import dataclasses
+
     from trainer.distill import collate
 
     examples, texts = data
     by_group: dict[str, list[Example]] = {}
     for e in examples:
         by_group.setdefault(e.group, []).append(e)
-    guided = [e for xs in by_group.values() for e in sorted(xs, key=lambda e: -e.reward)[:4]]
-    table = bigram_overuse(guided, examples)
-    first, second = max(table, key=lambda g: table[g] * sum(g in set(zip(e.response_ids, e.response_ids[1:]))
-                                                              for e in guided))
-    holders = [e for e in guided if (first, second) in set(zip(e.response_ids, e.response_ids[1:]))][:32]
+    guided = []
+    for xs in by_group.values():
+        ranked = sorted(xs, key=lambda e: -e.reward)[:4]
+        guided += [dataclasses.replace(e, response_ids=STOCK + e.response_ids[2:]) for e in ranked[:2]] + ranked[2:]
+    assert STOCK in bigram_overuse(guided, examples)
 
-    def bigram_logp(w: float) -> float:
-        trainer = DistillTrainer(config("apa", max_steps=20, eval_every=None, eval_prompts=0, overuse_weight=w),
+    def stock_logp(weight: float) -> float:
+        """log p(21 | prompt, 20) on the training prompts."""
+        trainer = DistillTrainer(config(method, max_steps=20, eval_every=None, eval_prompts=0, overuse_weight=weight),
                                  tiny32)
         trainer.train(guided, prompt_texts=texts, reference=examples)
-        batch = collate(holders, trainer.config.max_len).to(trainer.device)
+        firsts = [e for e in guided if e.response_ids[:2] == STOCK][::2]  # one per prompt
+        batch = collate(firsts, trainer.config.max_len).to(trainer.device)
         with torch.no_grad():
             logp = torch.log_softmax(trainer._logits(batch, reference=False).float(), -1)  # (B, L, V)
-        ids, mask, total, n = batch.input_ids, trainer._response_mask(batch), 0.0, 0
-        for i in range(len(holders)):
-            for t in range(1, ids.shape[1]):
-                if mask[i, t - 1] and mask[i, t] and int(ids[i, t - 1]) == first and int(ids[i, t]) == second:
-                    total, n = total + float(logp[i, t - 1, second]), n + 1
-        return total / n
+        at = batch.prompt_lens  # the phrase's first word: its second is predicted there
+        return float(torch.stack([logp[i, int(at[i]), STOCK[1]] for i in range(len(firsts))]).mean())
 
-    assert bigram_logp(1.0) < bigram_logp(0.0) - 0.05  # 20 steps: -0.14 nats here
+    assert stock_logp(1.0) < stock_logp(0.0) - 0.3  # about 1 nat here, with either method
