@@ -130,8 +130,8 @@ def overuse_penalties(examples: Sequence[Example], table: dict[tuple[int, int], 
     >>> overuse_penalties([Example((0,), (1, 2, 1, 2), 0.0, "p")], {(1, 2): 0.5})
     [[0.0, 0.5, 0.0, 0.5]]
     """
-    return [[0.0] * min(1, len(e.response_ids)) + [table.get(g, 0.0) for g in zip(e.response_ids[:-1], e.response_ids[1:])]
-            for e in examples]
+    return [[0.0] * min(1, len(e.response_ids))
+            + [table.get(g, 0.0) for g in zip(e.response_ids[:-1], e.response_ids[1:])] for e in examples]
 
 
 def overuse_rewards(examples: Sequence[Example], table: dict[tuple[int, int], float], weight: float) -> list[Example]:
@@ -347,8 +347,8 @@ class DistillTrainer:
                   "mean_penalty": self.config.overuse_weight * float(np.mean(pen)) if pen else 0.0,
                   "top": [{"text": tok.decode(list(g)), "responses": held[g], "log_ratio": round(table[g], 4)}
                           for g in top]}
-        log.info("distill %s: %d over-used bigrams against %d base samples (weight x over-use per response: %.4f on average); "
-                 "most: %s", self.config.method, len(table), len(reference), record["mean_penalty"],
+        log.info("distill %s: %d over-used bigrams against %d base samples (weight x over-use per response: %.4f "
+                 "on average); most: %s", self.config.method, len(table), len(reference), record["mean_penalty"],
                  ", ".join(f"{t['text']!r} x{math.exp(t['log_ratio']):.1f}" for t in record["top"][:5]))
         return {"table": table, "record": record}
 
@@ -359,10 +359,12 @@ class DistillTrainer:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         return self._tokenizer
 
-    def _chosen_token_weights(self, pairs: Sequence[tuple[Example, Example]], batch, mask: torch.Tensor) -> torch.Tensor:
+    def _chosen_token_weights(self, pairs: Sequence[tuple[Example, Example]], batch,
+                              mask: torch.Tensor) -> torch.Tensor:
         """(P, L) weights of the chosen answers' response tokens in their log-ratio: a token's credit is
         its pair's reward gap per chosen token, g; `overuse_weight` x its over-use comes off it, down to
-        none: weight max(0, 1 - w * o_t / g), the pair methods' counterpart of `overuse_advantages`."""
+        none: weight max(0, 1 - w * o_t / g), the pair methods' counterpart of `overuse_advantages`. The
+        pair's importance weight then counts the same tokens of the chosen answer."""
         weights = mask.clone()
         for i, ((chosen, rejected), pen) in enumerate(zip(pairs, overuse_penalties([c for c, _ in pairs],
                                                                                    self._overuse_table))):
@@ -484,7 +486,8 @@ class DistillTrainer:
             overuse = self._overuse(train_set, reference)
             self._overuse_table = overuse["table"]
             if not (c.method == "apa" and value is not None):  # the penalty comes off each response's reward
-                train_set, eval_set = (overuse_rewards(xs, overuse["table"], c.overuse_weight) for xs in (train_set, eval_set))
+                train_set, eval_set = (overuse_rewards(xs, overuse["table"], c.overuse_weight)
+                                       for xs in (train_set, eval_set))
         if c.method == "apa":
             def advantages(xs):
                 if value is None:

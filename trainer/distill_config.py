@@ -178,8 +178,8 @@ class DistillConfig(BaseModel):
                                                                      "pairs_per_prompt": self.pairs_per_prompt,
                                                                      "min_reward_gap": self.min_reward_gap,
                                                                      "sft_weight": self.sft_weight}
-        return {**method, "cover_weight": self.cover_weight, "overuse_weight": self.overuse_weight, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
-                "target_modules": self.target_modules}
+        return {**method, "cover_weight": self.cover_weight, "overuse_weight": self.overuse_weight,
+                "lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": self.target_modules}
 
 
 __all__ = ["DistillConfig", "METHODS"]
