@@ -268,7 +268,7 @@ class DistillTrainer:
         self._tokenizer = None
         self._overuse_table: dict[tuple[int, int], float] | None = None
         """`bigram_overuse` of the training responses (with `overuse_weight`): the pair step weighs the
-        chosen answers' tokens by it."""
+        answers' tokens by it."""
         self.model.train()
 
     # ------------------------------------------------------------------ forward passes
@@ -324,10 +324,9 @@ class DistillTrainer:
         mask = self._response_mask(batch)
         ref_logp, ref, logp, pol, cover = self._forward(batch, mask)  # ref, pol: (2P,)
         P = len(pairs)
-        if self._overuse_table is not None:  # the chosen answers' over-used tokens count for less
-            weights = self._chosen_token_weights(pairs, batch, mask[:P])  # (P, L)
-            ref, pol = ref.clone(), pol.clone()
-            ref[:P], pol[:P] = (ref_logp[:P] * weights).sum(-1), (logp[:P] * weights).sum(-1)
+        if self._overuse_table is not None:  # over-used tokens count for less, in both answers
+            weights = self._pair_token_weights(pairs, batch, mask)  # (2P, L)
+            ref, pol = (ref_logp * weights).sum(-1), (logp * weights).sum(-1)
         out = is_daa_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta=self.config.beta, clip_eps=self.config.clip_eps,
                           kind="ipo" if self.config.method == "is-ipo" else "dpo",
                           sft_weight=self.config.sft_weight, chosen_tokens=mask[:P].sum(-1))
@@ -359,19 +358,20 @@ class DistillTrainer:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         return self._tokenizer
 
-    def _chosen_token_weights(self, pairs: Sequence[tuple[Example, Example]], batch,
-                              mask: torch.Tensor) -> torch.Tensor:
-        """(P, L) weights of the chosen answers' response tokens in their log-ratio: a token's credit is
-        its pair's reward gap per chosen token, g; `overuse_weight` x its over-use comes off it, down to
-        none: weight max(0, 1 - w * o_t / g), the pair methods' counterpart of `overuse_advantages`. The
-        pair's importance weight then counts the same tokens of the chosen answer."""
+    def _pair_token_weights(self, pairs: Sequence[tuple[Example, Example]], batch, mask: torch.Tensor) -> torch.Tensor:
+        """(2P, L) weights of the response tokens in the log-ratios of the pairs' answers (chosen first): a
+        token's credit is its pair's reward gap per token of its answer, g; `overuse_weight` x its over-use
+        comes off it, down to none: weight max(0, 1 - w * o_t / g), the pair methods' counterpart of
+        `overuse_advantages`. Both answers, because a stock phrase counted in the rejected answer alone
+        is a shortcut: the policy widens every margin by saying it less, whatever the answer. The pair's
+        importance weight counts the same tokens."""
         weights = mask.clone()
-        for i, ((chosen, rejected), pen) in enumerate(zip(pairs, overuse_penalties([c for c, _ in pairs],
-                                                                                   self._overuse_table))):
+        answers = [c for c, _ in pairs] + [r for _, r in pairs]
+        gaps = [c.reward - r.reward for c, r in pairs] * 2
+        for i, (e, gap, pen) in enumerate(zip(answers, gaps, overuse_penalties(answers, self._overuse_table))):
             p, k = int(batch.prompt_lens[i]), int(batch.kept[i])
-            gap = (chosen.reward - rejected.reward) / max(1, len(chosen.response_ids))
             o = torch.tensor(pen[:k], dtype=weights.dtype, device=weights.device)
-            weights[i, p: p + k] = (1 - self.config.overuse_weight * o / gap).clamp(min=0)
+            weights[i, p: p + k] = (1 - self.config.overuse_weight * o * max(1, len(e.response_ids)) / gap).clamp(min=0)
         return weights
 
     # ------------------------------------------------------------------ evaluation

@@ -55,7 +55,7 @@ class DistillConfig(BaseModel):
     model's samples of the same prompts (`reference`; `trainer.distill.bigram_overuse`) loses this times
     the log of that ratio, in reward units. APA with a value: off the token's positive advantage, down
     to 0 (`overuse_advantages`); IS-DPO/IS-IPO: summed off each response's reward, which ranks the pairs,
-    and off a chosen token's credit, its pair's reward gap per token (its weight in the log-ratio);
+    and off each answer's tokens' credit, its pair's reward gap per token (their weight in the log-ratios);
     APA without a value: summed off the reward. The guided rollouts buy reward with stock phrases
     ("I'm glad", "happy to"), which the policy then repeats across answers (distinct-2). 0: off."""
 

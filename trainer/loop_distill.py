@@ -106,9 +106,6 @@ class DistillStages:
 
         if not config.overuse_weight:
             return None
-        if self.config.distill_from == "base":
-            raise LoopError("overuse_weight with distill_from base: the data is the base model's own samples, so "
-                            "no bigram is over-used against them")
         return examples_from_records(read_rollouts(self.run_dir / "it1" / "labelled.jsonl"))[0]
 
     def train(self, method: str) -> dict[str, Any]:
