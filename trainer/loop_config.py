@@ -134,9 +134,7 @@ class LoopConfig(BaseModel):
     def _train_options_are_known(self) -> "LoopConfig":
         self.train_config()  # refuses a bad train.KEY now rather than after an hour of rollouts
         for method in self.distill:
-            if self.distill_config(method).overuse_weight and self.distill_from == "base":
-                raise ValueError(f"distill_from base learns from the base model's own samples, so no bigram is "
-                                 f"over-used against them: set distill_options.{method}.overuse_weight=0")
+            self.distill_config(method)
         return self
 
     def distill_source(self) -> str | dict[str, Any]:

@@ -101,7 +101,9 @@ class DistillStages:
 
     def reference(self, config) -> list | None:
         """The base model's samples of the training prompts, which `overuse_weight` measures the
-        training responses against: iteration 1's rollouts (None when the option is off)."""
+        training responses against: iteration 1's rollouts (None when the option is off). With
+        `distill_from` base the data are much the same samples, and the trainer logs that next to no
+        bigram is over-used."""
         from trainer.value_trainer import examples_from_records, read_rollouts
 
         if not config.overuse_weight:
