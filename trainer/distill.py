@@ -101,6 +101,11 @@ OVERUSE_MIN_SHARE = 0.01
 (rare bigrams are the diverse ones; their ratios are noise)."""
 
 
+def held_bigrams(examples: Sequence[Example]) -> Counter:
+    """{token bigram: how many of the responses hold it}."""
+    return Counter(g for e in examples for g in set(zip(e.response_ids[:-1], e.response_ids[1:])))
+
+
 def bigram_overuse(examples: Sequence[Example], reference: Sequence[Example], *,
                    min_share: float = OVERUSE_MIN_SHARE) -> dict[tuple[int, int], float]:
     """{token bigram: log of how much more often the training responses hold it than the reference
@@ -113,10 +118,7 @@ def bigram_overuse(examples: Sequence[Example], reference: Sequence[Example], *,
     >>> {g: round(v, 3) for g, v in table.items()}  # (1, 2): 2 of 3 vs 1 of 3; (2, 3) too rare
     {(1, 2): 0.405}
     """
-    def held(xs: Sequence[Example]) -> Counter:
-        return Counter(g for e in xs for g in set(zip(e.response_ids[:-1], e.response_ids[1:])))
-
-    mine, theirs = held(examples), held(reference)
+    mine, theirs = held_bigrams(examples), held_bigrams(reference)
     n, m = len(examples), max(1, len(reference))
     floor = max(1.0, min_share * n)
     table = {g: math.log((c + 1) / (theirs[g] * n / m + 1)) for g, c in mine.items() if c >= floor}
@@ -339,7 +341,7 @@ class DistillTrainer:
         manifest records of it (the most over-used bigrams as text)."""
         table = bigram_overuse(train_set, reference)
         pen = [sum(row) for row in overuse_penalties(train_set, table)]
-        held = Counter(g for e in train_set for g in set(zip(e.response_ids[:-1], e.response_ids[1:])))
+        held = held_bigrams(train_set)
         top = sorted(table, key=lambda g: -held[g] * (1 - math.exp(-table[g])))[:10]  # the most excess responses
         tok = self._tokenizer_()
         record = {"weight": self.config.overuse_weight, "bigrams": len(table), "reference_responses": len(reference),
