@@ -480,7 +480,7 @@ class DistillTrainer:
             raise ValueError("kl_budget needs held-out rollouts to measure the KL on (eval_fraction > 0 and "
                              "rollouts of at least two prompts)")
         self.token_advantages = value is not None
-        overuse = None
+        overuse, self._overuse_table = None, None
         if c.overuse_weight:
             if not reference:
                 raise ValueError("overuse_weight needs the base model's samples of the training prompts (reference "
