@@ -92,6 +92,7 @@ def test_distill_options_named_after_a_method_apply_to_it_alone():
     assert full.distill_config("is-dpo").kl_budget == DistillConfig.from_preset("full", method="is-dpo").kl_budget
     # APA's stock-phrase penalty keeps distinct-2 inside its bound for longer, so its own KL budget is larger
     assert (full.distill_config("apa").overuse_weight, full.distill_config("apa").kl_budget) == (0.05, 0.2)
+    assert full.distill_config("is-dpo").overuse_weight == 0.05
     mine = LoopConfig.from_preset("full", distill=["apa"], **{"distill_options.lam": "0.5"})
     assert mine.distill_config("apa").lam == 0.5  # the user's option for all methods beats the preset's per-method one
     with pytest.raises(ValueError, match="epoch"):  # misspelt inside a method's block: refused too
