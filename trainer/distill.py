@@ -336,7 +336,7 @@ class DistillTrainer:
                 "accuracy": float((out.margins > 0).float().mean())}
         return out.loss + cover, info
 
-    def _overuse(self, train_set: Sequence[Example], reference: Sequence[Example]) -> dict:
+    def _overuse(self, train_set: Sequence[Example], reference: Sequence[Example]) -> tuple[dict, dict]:
         """The over-used bigram table of the training responses against `reference`, and what the
         manifest records of it (the most over-used bigrams as text)."""
         table = bigram_overuse(train_set, reference)
@@ -351,7 +351,7 @@ class DistillTrainer:
         log.info("distill %s: %d over-used bigrams against %d base samples (weight x over-use per response: %.4f "
                  "on average); most: %s", self.config.method, len(table), len(reference), record["mean_penalty"],
                  ", ".join(f"{t['text']!r} x{math.exp(t['log_ratio']):.1f}" for t in record["top"][:5]))
-        return {"table": table, "record": record}
+        return table, record
 
     def _tokenizer_(self):
         if self._tokenizer is None:
@@ -480,24 +480,23 @@ class DistillTrainer:
             raise ValueError("kl_budget needs held-out rollouts to measure the KL on (eval_fraction > 0 and "
                              "rollouts of at least two prompts)")
         self.token_advantages = value is not None
-        overuse, self._overuse_table = None, None
+        table = self._overuse_table = overuse = None
         if c.overuse_weight:
             if not reference:
                 raise ValueError("overuse_weight needs the base model's samples of the training prompts (reference "
                                  "rollouts) to tell which bigrams the training responses over-use")
-            overuse = self._overuse(train_set, reference)
-            self._overuse_table = overuse["table"]
+            table, overuse = self._overuse(train_set, reference)
+            self._overuse_table = table
             if not (c.method == "apa" and value is not None):  # the penalty comes off each response's reward
-                train_set, eval_set = (overuse_rewards(xs, overuse["table"], c.overuse_weight)
-                                       for xs in (train_set, eval_set))
+                train_set, eval_set = (overuse_rewards(xs, table, c.overuse_weight) for xs in (train_set, eval_set))
         if c.method == "apa":
             def advantages(xs):
                 if value is None:
                     return [[a] * len(e.response_ids) for e, a in zip(xs, group_baseline_advantages(xs))]
                 adv = value_advantages(value, xs, progress=c.progress)
-                if overuse is None:
+                if table is None:
                     return adv
-                return overuse_advantages(adv, overuse_penalties(xs, overuse["table"]), c.overuse_weight)
+                return overuse_advantages(adv, overuse_penalties(xs, table), c.overuse_weight)
             train_units, eval_units = list(train_set), list(eval_set)
             train_adv, eval_adv = advantages(train_units), advantages(eval_units)
         else:
@@ -642,7 +641,7 @@ class DistillTrainer:
             "advantages": ("value" if value is not None else "group_baseline") if c.method == "apa" else None,
             "examples": {"train": len(train_set), "eval": len(eval_set), "units_train": len(train_units),
                          "units_eval": len(eval_units)},
-            "overuse": overuse and overuse["record"],
+            "overuse": overuse,
             "steps": step, "chosen_step": metrics["selection"]["chosen_step"], "tokens": tokens,
             "train_seconds": round(seconds, 3),
             "wall_seconds": round(time.perf_counter() - start_all, 3), "finished_at": time.time(), **(extra or {}),
